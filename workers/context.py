@@ -1,0 +1,99 @@
+"""The contract between a job's code and the runtime that runs it.
+
+Job code (synthesis, training, evaluation, inference) receives a `JobContext` and never talks to
+Redis, the event store or the clock of the orchestrator directly. The RQ runtime implements it with
+signed reports; `LocalContext` implements it for library use, tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class JobCancelled(Exception):
+    """Raised by `JobContext.raise_if_cancelled` when the orchestrator asked the job to stop."""
+
+
+class JobContext(Protocol):
+    """What every job may use. Paths handed out live in the job's private work directory."""
+
+    ticket: str
+    task: str
+    attempt: int
+    workdir: Path
+    resume_from: Path | None  # the last checkpoint of an earlier attempt, if any
+
+    def progress(self, step: int, total: int | None = None, **metrics: float) -> None:
+        """Report progress; rate-limited by the runtime, so calling it every step is fine."""
+
+    def checkpoint(self, path: Path, step: int) -> None:
+        """Record `path` (already written atomically) as the latest resumable checkpoint."""
+
+    def artifact(self, path: Path, kind: str, meta: dict[str, Any] | None = None) -> str:
+        """Store `path` as a content-addressed artifact; returns its id (sha256)."""
+
+    def log(self, message: str) -> None:
+        """A human-readable line for the job's log."""
+
+    def cancelled(self) -> bool:
+        """True once the orchestrator asked this job to stop."""
+
+    def raise_if_cancelled(self) -> None:
+        """Raise JobCancelled if the job should stop."""
+
+
+@dataclass
+class LocalContext:
+    """An in-process context: progress goes to a list (and optionally stderr), artifacts to a folder."""
+
+    workdir: Path
+    ticket: str = "LOCAL"
+    task: str = "local"
+    attempt: int = 1
+    resume_from: Path | None = None
+    verbose: bool = False
+    progress_log: list[dict[str, Any]] = field(default_factory=list)
+    checkpoints: list[tuple[Path, int]] = field(default_factory=list)
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
+    stop_requested: bool = False
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
+    def progress(self, step: int, total: int | None = None, **metrics: float) -> None:
+        entry = {"step": step, "total": total, "time": time.monotonic(), **metrics}
+        self.progress_log.append(entry)
+        if self.verbose:
+            print(json.dumps(entry), file=sys.stderr)
+
+    def checkpoint(self, path: Path, step: int) -> None:
+        self.checkpoints.append((Path(path), step))
+
+    def artifact(self, path: Path, kind: str, meta: dict[str, Any] | None = None) -> str:
+        import hashlib
+
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        dest = self.workdir / "artifacts" / digest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not dest.exists():
+            shutil.copyfile(path, dest)
+        self.artifacts.append({"id": digest, "kind": kind, "meta": meta or {}, "path": str(dest)})
+        return digest
+
+    def log(self, message: str) -> None:
+        if self.verbose:
+            print(message, file=sys.stderr)
+
+    def cancelled(self) -> bool:
+        return self.stop_requested
+
+    def raise_if_cancelled(self) -> None:
+        if self.stop_requested:
+            raise JobCancelled(f"{self.ticket}/{self.task} attempt {self.attempt} cancelled")
