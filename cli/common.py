@@ -1,0 +1,37 @@
+"""Helpers shared by jbctl subcommands: settings from arguments, output formats, colour."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from schema.settings import Settings, load_settings
+
+
+def settings_from(args: Any) -> Settings:
+    """Settings with `--home` applied."""
+    return load_settings(home=getattr(args, "home", None))
+
+
+def use_colour(stream: Any = sys.stdout) -> bool:
+    """Colour only on a TTY and never with NO_COLOR set."""
+    return "NO_COLOR" not in os.environ and hasattr(stream, "isatty") and stream.isatty()
+
+
+def colour(text: str, code: str, stream: Any = sys.stdout) -> str:
+    return f"\033[{code}m{text}\033[0m" if use_colour(stream) else text
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str, sort_keys=False))
+
+
+def print_table(headers: list[str], rows: list[list[Any]]) -> None:
+    """A plain aligned table; empty input prints the headers only."""
+    cells = [[str(c) for c in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        line = "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        print(colour(line, "1") if n == 0 else line)
