@@ -1,0 +1,244 @@
+"""Event types: the facts Jetbox records. Their JSON bodies are a public interface (docs/EVENTS.md).
+
+Each event class is a frozen pydantic model; its `type` column value is the class name. Events only
+ever gain optional fields; a breaking change gets a new class.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SYSTEM_STREAM = "system"
+INTAKE_STREAM = "intake"
+CORE_STREAM = "core"
+
+
+class Event(BaseModel):
+    """Base of every event. `at` is the decider's notion of now, passed in by the command."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    registry: ClassVar[dict[str, type[Event]]] = {}
+
+    at: datetime
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        Event.registry[cls.__name__] = cls
+
+    @property
+    def type(self) -> str:
+        return type(self).__name__
+
+
+class TicketEvent(Event):
+    ticket: str
+
+
+class TaskEvent(TicketEvent):
+    task: str
+
+
+class AttemptEvent(TaskEvent):
+    attempt: int = Field(ge=1)
+
+
+# --- intake ---------------------------------------------------------------------------------
+
+
+class TicketSubmitted(TicketEvent):
+    """A valid ticket file was accepted: a new ticket or a new revision of a finished one."""
+
+    path: str
+    content_hash: str
+    revision: int = Field(ge=1)
+    spec: dict[str, Any]  # the validated Ticket, as JSON
+
+
+class TicketRejected(Event):
+    """An invalid ticket file; `errors` are `FILE:LINE:COL: message` lines."""
+
+    path: str
+    content_hash: str
+    ticket: str | None = None
+    errors: list[str]
+
+
+class TicketRevisionRefused(TicketEvent):
+    """A changed file for a ticket that is still running: recorded, not applied."""
+
+    path: str
+    content_hash: str
+    reason: str
+
+
+class TicketCancelled(TicketEvent):
+    reason: str
+    actor: str | None = None
+
+
+# --- tasks and attempts ------------------------------------------------------------------------
+
+
+class AttemptScheduled(AttemptEvent):
+    """A task's attempt is ready to run: the dispatcher enqueues it."""
+
+    kind: str
+    queue: str
+    params: dict[str, Any]
+    timeout: float
+    resume_checkpoint: str | None = None
+    network: Literal["deny", "allow"] = "deny"
+    device: str = "auto"
+
+
+class AttemptStarted(AttemptEvent):
+    worker: str
+    report_seq: int = 0
+
+
+class ProgressRecorded(AttemptEvent):
+    step: int
+    total: int | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    report_seq: int = 0
+
+
+class CheckpointSaved(AttemptEvent):
+    path: str
+    step: int
+    report_seq: int = 0
+
+
+class ArtifactRecorded(AttemptEvent):
+    artifact: str  # sha256
+    kind: str
+    meta: dict[str, Any] = Field(default_factory=dict)
+    report_seq: int = 0
+
+
+class AttemptSucceeded(AttemptEvent):
+    metrics: dict[str, float] = Field(default_factory=dict)
+    outputs: dict[str, Any] = Field(default_factory=dict)
+    report_seq: int = 0
+
+
+class AttemptFailed(AttemptEvent):
+    """An attempt ended badly. `retry_at` set: another attempt follows then; unset: the task failed."""
+
+    error: str
+    fingerprint: str
+    retry_at: datetime | None = None
+    retryable: bool = True
+    report_seq: int = 0
+
+
+class TaskFailed(TaskEvent):
+    reason: str
+
+
+class TaskBlocked(TaskEvent):
+    """Loop detection stopped the retries; a human `jbctl retry` is the way out."""
+
+    reason: str
+
+
+class TaskRetried(TaskEvent):
+    """A human asked for another go at a failed or blocked task."""
+
+    actor: str | None = None
+
+
+class AcceptanceEvaluated(TicketEvent):
+    results: list[dict[str, Any]]  # {check, ok, observed}
+    passed: bool
+
+
+class TicketCompleted(TicketEvent):
+    pass
+
+
+class TicketFailed(TicketEvent):
+    reason: str
+
+
+# --- proposals and the core --------------------------------------------------------------------
+
+
+class ProposalOpened(TicketEvent):
+    proposal: str  # P-<n>
+    kind: Literal["core", "policy"] = "core"
+    base_core_version: int = 0
+    candidate: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    expires_at: datetime | None = None
+    approvers: list[str] | None = None
+
+
+class ProposalApproved(TicketEvent):
+    proposal: str
+    actor: str
+    note: str | None = None
+
+
+class ProposalRejected(TicketEvent):
+    proposal: str
+    actor: str
+    reason: str
+
+
+class ProposalExpired(TicketEvent):
+    proposal: str
+
+
+class CorePromoted(Event):
+    version: int
+    components: dict[str, str]
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    proposal: str | None = None
+    actor: str
+
+
+# --- safety ------------------------------------------------------------------------------------
+
+
+class SafetyViolation(Event):
+    """Something tried what it must not: a forged report, a denied connection, a refused job."""
+
+    what: str
+    detail: str
+    ticket: str | None = None
+    task: str | None = None
+    attempt: int | None = None
+
+
+class LoopDetected(TaskEvent):
+    fingerprint: str
+    pattern: Literal["repeat", "alternate"]
+    count: int
+
+
+def event_from(type_name: str, data: dict[str, Any]) -> Event:
+    """Rebuild an event from its stored type and JSON body."""
+    try:
+        cls = Event.registry[type_name]
+    except KeyError:
+        raise ValueError(f"unknown event type {type_name!r}") from None
+    return cls.model_validate(data)
+
+
+def event_to_data(event: Event) -> dict[str, Any]:
+    """The JSON body stored for an event."""
+    return event.model_dump(mode="json")
+
+
+def stream_of(event: Event) -> str:
+    """The stream an event belongs to: its ticket's, or a system stream."""
+    if isinstance(event, CorePromoted):
+        return CORE_STREAM
+    if isinstance(event, TicketRejected):
+        return INTAKE_STREAM
+    ticket = getattr(event, "ticket", None)
+    return ticket if isinstance(ticket, str) else SYSTEM_STREAM
