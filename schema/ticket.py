@@ -366,11 +366,7 @@ def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
             return model
         ann = field.annotation
         model = next(
-            (
-                c
-                for c in (ann, *getattr(ann, "__args__", ()))
-                if isinstance(c, type) and issubclass(c, BaseModel)
-            ),
+            (c for c in (ann, *getattr(ann, "__args__", ())) if isinstance(c, type) and issubclass(c, BaseModel)),
             None,
         )
     return model

@@ -1,0 +1,103 @@
+"""Commands: what may be asked of the decider. Each carries `now`, so the decider needs no clock."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schema.ticket import Ticket
+
+
+class Command(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    now: datetime
+    actor: str | None = None
+
+
+class SubmitTicket(Command):
+    """A ticket file appeared or changed. `ticket` is None when it failed validation (`errors`)."""
+
+    path: str
+    content_hash: str
+    ticket: Ticket | None = None
+    ticket_id: str | None = None  # best guess from the file name, for rejected files
+    errors: list[str] = Field(default_factory=list)
+
+
+class TicketFileRemoved(Command):
+    path: str
+
+
+class CancelTicket(Command):
+    ticket: str
+    reason: str = "cancelled by a user"
+
+
+class Tick(Command):
+    """Time passed: due retries, deadlines and proposal expiries."""
+
+
+class ScheduleTask(Command):
+    """Schedule a task's next attempt if it is runnable and not yet scheduled (idempotent)."""
+
+    ticket: str
+    task: str
+
+
+class RetryTask(Command):
+    """A human's way out of a failed or blocked task."""
+
+    ticket: str
+    task: str
+
+
+class _Report(Command):
+    ticket: str
+    task: str
+    attempt: int
+    report_seq: int = 0
+
+
+class RecordJobStarted(_Report):
+    worker: str
+
+
+class RecordProgress(_Report):
+    step: int
+    total: int | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class RecordCheckpoint(_Report):
+    path: str
+    step: int
+
+
+class RecordArtifact(_Report):
+    artifact: str
+    kind: str
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class RecordJobSucceeded(_Report):
+    metrics: dict[str, float] = Field(default_factory=dict)
+    outputs: dict[str, Any] = Field(default_factory=dict)
+
+
+class RecordJobFailed(_Report):
+    error: str
+    retryable: bool = True
+    violation: str | None = None  # set when the failure is a safety violation
+
+
+class RecordViolation(Command):
+    """Something untrustworthy arrived (a forged report, a refused job)."""
+
+    what: str
+    detail: str
+    ticket: str | None = None
+    task: str | None = None
+    attempt: int | None = None

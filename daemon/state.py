@@ -1,0 +1,289 @@
+"""The decider's state and `evolve`: how each event changes it.
+
+`evolve` applies an event to a state it owns and returns it. Mutating in place keeps replaying a
+million events linear; `decide` never mutates the state it is given (it works on a scratch copy).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from schema import events as ev
+from schema.ticket import RunCheck, Ticket
+
+TaskStatus = Literal["pending", "scheduled", "running", "waiting_retry", "succeeded", "failed", "blocked", "cancelled"]
+TicketStatus = Literal["running", "completed", "failed", "cancelled"]
+
+LIVE: frozenset[str] = frozenset({"scheduled", "running"})
+ACCEPT_PREFIX = "accept-"
+
+
+@dataclass
+class TaskState:
+    id: str
+    kind: str
+    needs: list[str]
+    queue: str
+    params: dict
+    timeout: float
+    retries: int
+    status: TaskStatus = "pending"
+    attempt: int = 0  # the current (or last) attempt number; the fencing token
+    last_report_seq: int = 0
+    retry_at: datetime | None = None
+    checkpoint: str | None = None
+    worker: str | None = None
+    scheduled_at: datetime | None = None
+    started_at: datetime | None = None
+    progress: tuple[int, int | None] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)  # error fingerprints, oldest first
+    last_error: str | None = None
+    reason: str | None = None
+
+
+@dataclass
+class TicketState:
+    id: str
+    spec: Ticket
+    path: str
+    content_hash: str
+    revision: int
+    submitted_at: datetime
+    tasks: dict[str, TaskState]
+    status: TicketStatus = "running"
+    reason: str | None = None
+    ended_at: datetime | None = None
+    acceptance: list[dict] = field(default_factory=list)
+    violations: int = 0
+    loops: int = 0
+    forged: int = 0
+
+
+@dataclass
+class State:
+    tickets: dict[str, TicketState] = field(default_factory=dict)
+    versions: dict[str, int] = field(default_factory=dict)  # stream -> last version
+    files: dict[str, str] = field(default_factory=dict)  # ticket file path -> last content hash seen
+    file_tickets: dict[str, str] = field(default_factory=dict)  # path -> ticket id
+    violations: int = 0
+    last_seq: int = 0
+
+    def scratch(self, ticket_ids: list[str]) -> State:
+        """A copy that `evolve` may change, sharing every ticket except those named."""
+        out = State(
+            tickets=dict(self.tickets),
+            versions=dict(self.versions),
+            files=dict(self.files),
+            file_tickets=dict(self.file_tickets),
+            violations=self.violations,
+            last_seq=self.last_seq,
+        )
+        for tid in ticket_ids:
+            if tid in out.tickets:
+                out.tickets[tid] = copy.deepcopy(out.tickets[tid])
+        return out
+
+
+def tasks_for(ticket: Ticket) -> dict[str, TaskState]:
+    """The task states of a fresh run: the steps plus one `check` task per `run:` acceptance check."""
+    tasks = {
+        s.id: TaskState(
+            id=s.id,
+            kind=s.kind,
+            needs=list(s.needs),
+            queue=s.effective_queue,
+            params=dict(s.with_),
+            timeout=s.timeout,
+            retries=s.retries,
+        )
+        for s in ticket.steps
+    }
+    step_ids = [s.id for s in ticket.steps]
+    for n, check in enumerate(ticket.acceptance, start=1):
+        if isinstance(check, RunCheck):
+            tid = f"{ACCEPT_PREFIX}{n}"
+            tasks[tid] = TaskState(
+                id=tid,
+                kind="check",
+                needs=step_ids,
+                queue="cpu",
+                params={"run": list(check.run)},
+                timeout=check.timeout,
+                retries=0,
+            )
+    return tasks
+
+
+def evolve(state: State, event: ev.Event) -> State:
+    """Apply one event to `state` (in place) and return it."""
+    stream = ev.stream_of(event)
+    state.versions[stream] = state.versions.get(stream, 0) + 1
+    handler = _HANDLERS.get(type(event))
+    if handler is not None:
+        handler(state, event)
+    return state
+
+
+def _task(state: State, event: ev.TaskEvent) -> TaskState:
+    return state.tickets[event.ticket].tasks[event.task]
+
+
+def _submitted(state: State, e: ev.TicketSubmitted) -> None:
+    spec = Ticket.model_validate(e.spec)
+    previous = state.tickets.get(e.ticket)
+    tasks = tasks_for(spec)
+    if previous is not None:
+        # Attempt numbers keep counting across revisions, so (ticket, task, attempt) stays unique.
+        for tid, task in tasks.items():
+            if tid in previous.tasks:
+                task.attempt = previous.tasks[tid].attempt
+    state.tickets[e.ticket] = TicketState(
+        id=e.ticket,
+        spec=spec,
+        path=e.path,
+        content_hash=e.content_hash,
+        revision=e.revision,
+        submitted_at=e.at,
+        tasks=tasks,
+    )
+    state.files[e.path] = e.content_hash
+    state.file_tickets[e.path] = e.ticket
+
+
+def _rejected(state: State, e: ev.TicketRejected) -> None:
+    state.files[e.path] = e.content_hash
+
+
+def _refused(state: State, e: ev.TicketRevisionRefused) -> None:
+    state.files[e.path] = e.content_hash
+
+
+def _end_live_tasks(ticket: TicketState) -> None:
+    for task in ticket.tasks.values():
+        if task.status in LIVE or task.status in ("pending", "waiting_retry"):
+            task.status = "cancelled"
+
+
+def _cancelled(state: State, e: ev.TicketCancelled) -> None:
+    ticket = state.tickets[e.ticket]
+    ticket.status, ticket.reason, ticket.ended_at = "cancelled", e.reason, e.at
+    _end_live_tasks(ticket)
+
+
+def _scheduled(state: State, e: ev.AttemptScheduled) -> None:
+    task = _task(state, e)
+    task.status, task.attempt, task.last_report_seq = "scheduled", e.attempt, 0
+    task.scheduled_at, task.started_at, task.worker, task.retry_at = e.at, None, None, None
+    task.progress = None
+
+
+def _started(state: State, e: ev.AttemptStarted) -> None:
+    task = _task(state, e)
+    task.status, task.worker, task.started_at = "running", e.worker, e.at
+    task.last_report_seq = max(task.last_report_seq, e.report_seq)
+
+
+def _progress(state: State, e: ev.ProgressRecorded) -> None:
+    task = _task(state, e)
+    task.progress = (e.step, e.total)
+    task.last_report_seq = max(task.last_report_seq, e.report_seq)
+
+
+def _checkpoint(state: State, e: ev.CheckpointSaved) -> None:
+    task = _task(state, e)
+    task.checkpoint = e.path
+    task.last_report_seq = max(task.last_report_seq, e.report_seq)
+
+
+def _artifact(state: State, e: ev.ArtifactRecorded) -> None:
+    task = _task(state, e)
+    task.last_report_seq = max(task.last_report_seq, e.report_seq)
+
+
+def _succeeded(state: State, e: ev.AttemptSucceeded) -> None:
+    task = _task(state, e)
+    task.status, task.metrics, task.outputs = "succeeded", dict(e.metrics), dict(e.outputs)
+    task.last_report_seq = max(task.last_report_seq, e.report_seq)
+
+
+def _failed(state: State, e: ev.AttemptFailed) -> None:
+    task = _task(state, e)
+    task.failures.append(e.fingerprint)
+    task.last_error = e.error
+    task.last_report_seq = max(task.last_report_seq, e.report_seq)
+    if e.retry_at is not None:
+        task.status, task.retry_at = "waiting_retry", e.retry_at
+    else:
+        task.status = "failed"
+
+
+def _task_failed(state: State, e: ev.TaskFailed) -> None:
+    task = _task(state, e)
+    task.status, task.reason = "failed", e.reason
+
+
+def _blocked(state: State, e: ev.TaskBlocked) -> None:
+    task = _task(state, e)
+    task.status, task.reason, task.retry_at = "blocked", e.reason, None
+
+
+def _retried(state: State, e: ev.TaskRetried) -> None:
+    task = _task(state, e)
+    task.status, task.reason, task.failures = "pending", None, []
+
+
+def _loop(state: State, e: ev.LoopDetected) -> None:
+    state.tickets[e.ticket].loops += 1
+
+
+def _accepted(state: State, e: ev.AcceptanceEvaluated) -> None:
+    state.tickets[e.ticket].acceptance = list(e.results)
+
+
+def _completed(state: State, e: ev.TicketCompleted) -> None:
+    ticket = state.tickets[e.ticket]
+    ticket.status, ticket.ended_at, ticket.reason = "completed", e.at, None
+
+
+def _ticket_failed(state: State, e: ev.TicketFailed) -> None:
+    ticket = state.tickets[e.ticket]
+    ticket.status, ticket.reason, ticket.ended_at = "failed", e.reason, e.at
+    _end_live_tasks(ticket)
+
+
+def _violation(state: State, e: ev.SafetyViolation) -> None:
+    state.violations += 1
+    if e.ticket and e.ticket in state.tickets:
+        ticket = state.tickets[e.ticket]
+        ticket.violations += 1
+        if e.what == "forged_report":
+            ticket.forged += 1
+
+
+_HANDLERS: dict[type, Callable[[State, Any], None]] = {
+    ev.TicketSubmitted: _submitted,
+    ev.TicketRejected: _rejected,
+    ev.TicketRevisionRefused: _refused,
+    ev.TicketCancelled: _cancelled,
+    ev.AttemptScheduled: _scheduled,
+    ev.AttemptStarted: _started,
+    ev.ProgressRecorded: _progress,
+    ev.CheckpointSaved: _checkpoint,
+    ev.ArtifactRecorded: _artifact,
+    ev.AttemptSucceeded: _succeeded,
+    ev.AttemptFailed: _failed,
+    ev.TaskFailed: _task_failed,
+    ev.TaskBlocked: _blocked,
+    ev.TaskRetried: _retried,
+    ev.LoopDetected: _loop,
+    ev.AcceptanceEvaluated: _accepted,
+    ev.TicketCompleted: _completed,
+    ev.TicketFailed: _ticket_failed,
+    ev.SafetyViolation: _violation,
+}
