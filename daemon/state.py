@@ -6,9 +6,8 @@ million events linear; `decide` never mutates the state it is given (it works on
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -64,6 +63,21 @@ class TicketState:
     loops: int = 0
     forged: int = 0
 
+    def copy(self) -> TicketState:
+        """A copy that can be evolved independently; the frozen spec is shared."""
+        tasks = {
+            k: replace(
+                t,
+                needs=list(t.needs),
+                params=dict(t.params),
+                metrics=dict(t.metrics),
+                outputs=dict(t.outputs),
+                failures=list(t.failures),
+            )
+            for k, t in self.tasks.items()
+        }
+        return replace(self, tasks=tasks, acceptance=list(self.acceptance))
+
 
 @dataclass
 class State:
@@ -86,7 +100,7 @@ class State:
         )
         for tid in ticket_ids:
             if tid in out.tickets:
-                out.tickets[tid] = copy.deepcopy(out.tickets[tid])
+                out.tickets[tid] = out.tickets[tid].copy()
         return out
 
 

@@ -20,7 +20,7 @@ class Event(BaseModel):
     """Base of every event. `at` is the decider's notion of now, passed in by the command."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    registry: ClassVar[dict[str, type[Event]]] = {}
+    registry: ClassVar[dict[str, Any]] = {}
 
     at: datetime
 

@@ -1,0 +1,94 @@
+"""Runs commands: replay the log into state, decide, append with optimistic concurrency, evolve.
+
+Every writer (the daemon, `jbctl approve`, `jbctl cancel`) goes through a `CommandHandler`; a
+version conflict means another writer got there first, so the handler catches up and decides again.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from daemon.commands import Command
+from daemon.decider import decide
+from daemon.state import State, evolve
+from schema import events as ev
+from schema.store import ConcurrencyError, EventStore, Recorded
+
+MAX_CONFLICT_RETRIES = 20
+
+
+def local_actor() -> dict[str, Any]:
+    """Who is acting: OS user name, uid and host (recorded in event metadata)."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        user = str(os.getuid())
+    return {"user": user, "uid": os.getuid(), "host": socket.gethostname()}
+
+
+def load_state(store: EventStore, state: State | None = None) -> State:
+    """Fold every event after `state.last_seq` into `state` (a fresh one by default)."""
+    state = state or State()
+    for rec in store.read(state.last_seq, page=20000):
+        evolve(state, rec.event)
+        state.last_seq = rec.seq
+    return state
+
+
+class CommandHandler:
+    """Decide-and-append for one process; keeps its in-memory state in step with the log."""
+
+    def __init__(self, store: EventStore, state: State | None = None) -> None:
+        self.store = store
+        self.state = load_state(store, state)
+
+    def refresh(self) -> None:
+        """Catch up with events other writers appended."""
+        load_state(self.store, self.state)
+
+    def handle(self, command: Command, meta: Mapping[str, Any] | None = None) -> list[Recorded]:
+        """Decide on `command` and record the events (none is a valid answer)."""
+        return self.handle_many([command], meta)
+
+    def handle_many(self, commands: Sequence[Command], meta: Mapping[str, Any] | None = None) -> list[Recorded]:
+        """Decide on several commands and record them in one transaction (group commit)."""
+        for _ in range(MAX_CONFLICT_RETRIES):
+            scratch = self.state.scratch([])
+            copied: set[str] = set()
+            batches: list[tuple[list[ev.Event], dict[str, int], Mapping[str, Any] | None]] = []
+            for n, command in enumerate(commands):
+                events = decide(scratch, command)
+                expected = {ev.stream_of(e): scratch.versions.get(ev.stream_of(e), 0) for e in events}
+                if events:
+                    batches.append((events, expected, _meta(command, meta)))
+                if n + 1 < len(commands):  # later commands must see this one's effect
+                    for event in events:
+                        tid = getattr(event, "ticket", None)
+                        if isinstance(tid, str) and tid not in copied and tid in scratch.tickets:
+                            scratch.tickets[tid] = scratch.tickets[tid].copy()
+                            copied.add(tid)
+                        evolve(scratch, event)
+            if not batches:
+                return []
+            try:
+                recorded = self.store.append_batches(batches)
+            except ConcurrencyError:
+                self.refresh()
+                continue
+            for rec in recorded:
+                evolve(self.state, rec.event)
+                self.state.last_seq = rec.seq
+            return recorded
+        raise ConcurrencyError(f"gave up after {MAX_CONFLICT_RETRIES} version conflicts")
+
+
+def _meta(command: Command, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"command": type(command).__name__}
+    if command.actor:
+        meta["actor"] = command.actor
+    meta.update(extra or {})
+    return meta

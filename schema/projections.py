@@ -1,0 +1,399 @@
+"""Projections: how each event changes the query tables (tickets, tasks, jobs, ...).
+
+The projector writes through a small `Rows` interface, so the same rules update the live tables
+inside the append transaction (`SqlRows`) and rebuild them from the log in memory (`MemoryRows`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+
+from schema import events as ev
+from schema.tables import PROJECTION_TABLES, SQLModel
+
+Key = tuple[Any, ...]
+
+
+def _table(name: str) -> sa.Table:
+    return SQLModel.metadata.tables[name]
+
+
+def _pk(name: str) -> list[str]:
+    return [c.name for c in _table(name).primary_key.columns]
+
+
+class Rows(Protocol):
+    def get(self, table: str, key: Key) -> dict[str, Any] | None: ...
+
+    def put(self, table: str, key: Key, row: dict[str, Any]) -> None: ...
+
+    def delete(self, table: str, key: Key) -> None: ...
+
+
+class MemoryRows:
+    """Projection rows held in dicts; `flush` bulk-inserts them."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, dict[Key, dict[str, Any]]] = {t: {} for t in PROJECTION_TABLES}
+
+    def get(self, table: str, key: Key) -> dict[str, Any] | None:
+        return self.data[table].get(key)
+
+    def put(self, table: str, key: Key, row: dict[str, Any]) -> None:
+        self.data[table][key] = row
+
+    def delete(self, table: str, key: Key) -> None:
+        self.data[table].pop(key, None)
+
+    def flush(self, conn: sa.Connection) -> None:
+        for name in PROJECTION_TABLES:
+            rows = list(self.data[name].values())
+            for start in range(0, len(rows), 5000):
+                conn.execute(_table(name).insert(), rows[start : start + 5000])
+
+
+class SqlRows:
+    """Projection rows read and written on a live connection (inside the append transaction)."""
+
+    def __init__(self, conn: sa.Connection) -> None:
+        self.conn = conn
+        self.cache: dict[tuple[str, Key], dict[str, Any] | None] = {}
+
+    def _where(self, table: str, key: Key) -> Any:
+        t = _table(table)
+        return sa.and_(*(t.c[c] == v for c, v in zip(_pk(table), key, strict=True)))
+
+    def get(self, table: str, key: Key) -> dict[str, Any] | None:
+        if (table, key) in self.cache:
+            row = self.cache[(table, key)]
+            return dict(row) if row is not None else None
+        found = self.conn.execute(sa.select(_table(table)).where(self._where(table, key))).mappings().first()
+        row = dict(found) if found is not None else None
+        self.cache[(table, key)] = row
+        return dict(row) if row is not None else None
+
+    def put(self, table: str, key: Key, row: dict[str, Any]) -> None:
+        existed = self.get(table, key) is not None
+        if existed:
+            self.conn.execute(_table(table).update().where(self._where(table, key)).values(**row))
+        else:
+            self.conn.execute(_table(table).insert().values(**row))
+        self.cache[(table, key)] = dict(row)
+
+    def delete(self, table: str, key: Key) -> None:
+        self.conn.execute(_table(table).delete().where(self._where(table, key)))
+        self.cache[(table, key)] = None
+
+
+def _naive(ts: datetime | None) -> datetime | None:
+    """Projections store UTC without tzinfo, the same on SQLite and PostgreSQL."""
+    if ts is None:
+        return None
+    return ts.astimezone(UTC).replace(tzinfo=None) if ts.tzinfo else ts
+
+
+def _update(rows: Rows, table: str, key: Key, **fields: Any) -> None:
+    row = rows.get(table, key)
+    if row is None:
+        return
+    row.update(fields)
+    rows.put(table, key, row)
+
+
+def _touch_ticket(rows: Rows, seq: int, ticket: str, at: datetime, **fields: Any) -> None:
+    _update(rows, "tickets", (ticket,), updated_at=_naive(at), last_seq=seq, **fields)
+
+
+def _submitted(rows: Rows, seq: int, e: ev.TicketSubmitted) -> None:
+    spec = e.spec
+    steps = spec.get("steps", [])
+    n_run_checks = sum(1 for c in spec.get("acceptance", []) if "run" in c)
+    rows.put(
+        "tickets",
+        (e.ticket,),
+        {
+            "id": e.ticket,
+            "title": spec.get("title", ""),
+            "owner": spec.get("owner"),
+            "state": "running",
+            "revision": e.revision,
+            "path": e.path,
+            "content_hash": e.content_hash,
+            "update_kind": spec.get("update", "none"),
+            "tasks_total": len(steps) + n_run_checks,
+            "tasks_done": 0,
+            "reason": None,
+            "submitted_at": _naive(e.at),
+            "updated_at": _naive(e.at),
+            "ended_at": None,
+            "last_seq": seq,
+        },
+    )
+    all_tasks = [(s["id"], s["kind"], s.get("queue") or _default_queue(s["kind"]), s.get("needs", [])) for s in steps]
+    all_tasks += [(f"accept-{n}", "check", "cpu", [s["id"] for s in steps]) for n in _run_check_numbers(spec)]
+    keep = {t[0] for t in all_tasks}
+    for key in _task_keys(rows, e.ticket):
+        if key[1] not in keep:  # a revision dropped this step
+            rows.delete("tasks", key)
+    for tid, kind, queue, needs in all_tasks:
+        old = rows.get("tasks", (e.ticket, tid))
+        rows.put(
+            "tasks",
+            (e.ticket, tid),
+            {
+                "ticket": e.ticket,
+                "task": tid,
+                "kind": kind,
+                "queue": queue,
+                "state": "pending",
+                "attempt": old["attempt"] if old else 0,
+                "needs": list(needs),
+                "progress_step": None,
+                "progress_total": None,
+                "worker": None,
+                "last_error": None,
+                "retry_at": None,
+                "updated_at": _naive(e.at),
+            },
+        )
+
+
+def _run_check_numbers(spec: dict[str, Any]) -> list[int]:
+    return [n for n, c in enumerate(spec.get("acceptance", []), start=1) if "run" in c]
+
+
+def _default_queue(kind: str) -> str:
+    from schema.ticket import DEFAULT_QUEUE
+
+    return DEFAULT_QUEUE.get(kind, "cpu")  # type: ignore[call-overload]
+
+
+def _cancelled(rows: Rows, seq: int, e: ev.TicketCancelled | ev.TicketFailed) -> None:
+    state = "cancelled" if isinstance(e, ev.TicketCancelled) else "failed"
+    _touch_ticket(rows, seq, e.ticket, e.at, state=state, reason=e.reason, ended_at=_naive(e.at))
+    ticket = rows.get("tickets", (e.ticket,))
+    if ticket is None:
+        return
+    for task in _tasks_of(rows, e.ticket):
+        if task["state"] in ("pending", "scheduled", "running", "waiting_retry"):
+            _update(rows, "tasks", (e.ticket, task["task"]), state="cancelled", updated_at=_naive(e.at))
+            job = rows.get("jobs", (e.ticket, task["task"], task["attempt"]))
+            if job is not None and job["state"] in ("scheduled", "running"):
+                _update(
+                    rows, "jobs", (e.ticket, task["task"], task["attempt"]), state="cancelled", ended_at=_naive(e.at)
+                )
+
+
+def _tasks_of(rows: Rows, ticket: str) -> list[dict[str, Any]]:
+    row = rows.get("tickets", (ticket,))
+    if row is None:
+        return []
+    # The task list is not stored on the ticket row; walk the spec-derived keys we know.
+    out = []
+    for key in _task_keys(rows, ticket):
+        task = rows.get("tasks", key)
+        if task is not None:
+            out.append(task)
+    return out
+
+
+def _task_keys(rows: Rows, ticket: str) -> list[Key]:
+    if isinstance(rows, MemoryRows):
+        return [k for k in rows.data["tasks"] if k[0] == ticket]
+    if isinstance(rows, SqlRows):
+        t = _table("tasks")
+        return [
+            (r.ticket, r.task) for r in rows.conn.execute(sa.select(t.c.ticket, t.c.task).where(t.c.ticket == ticket))
+        ]
+    raise TypeError(type(rows))
+
+
+def _scheduled(rows: Rows, seq: int, e: ev.AttemptScheduled) -> None:
+    _update(
+        rows,
+        "tasks",
+        (e.ticket, e.task),
+        state="scheduled",
+        attempt=e.attempt,
+        retry_at=None,
+        progress_step=None,
+        progress_total=None,
+        worker=None,
+        updated_at=_naive(e.at),
+    )
+    rows.put(
+        "jobs",
+        (e.ticket, e.task, e.attempt),
+        {
+            "ticket": e.ticket,
+            "task": e.task,
+            "attempt": e.attempt,
+            "kind": e.kind,
+            "queue": e.queue,
+            "state": "scheduled",
+            "worker": None,
+            "error": None,
+            "scheduled_at": _naive(e.at),
+            "started_at": None,
+            "ended_at": None,
+        },
+    )
+    _touch_ticket(rows, seq, e.ticket, e.at)
+
+
+def _started(rows: Rows, seq: int, e: ev.AttemptStarted) -> None:
+    _update(rows, "tasks", (e.ticket, e.task), state="running", worker=e.worker, updated_at=_naive(e.at))
+    _update(rows, "jobs", (e.ticket, e.task, e.attempt), state="running", worker=e.worker, started_at=_naive(e.at))
+    _touch_ticket(rows, seq, e.ticket, e.at)
+
+
+def _progress(rows: Rows, seq: int, e: ev.ProgressRecorded) -> None:
+    _update(rows, "tasks", (e.ticket, e.task), progress_step=e.step, progress_total=e.total, updated_at=_naive(e.at))
+
+
+def _artifact(rows: Rows, seq: int, e: ev.ArtifactRecorded) -> None:
+    if rows.get("artifacts", (e.artifact,)) is None:
+        rows.put(
+            "artifacts",
+            (e.artifact,),
+            {
+                "id": e.artifact,
+                "kind": e.kind,
+                "ticket": e.ticket,
+                "task": e.task,
+                "attempt": e.attempt,
+                "meta": dict(e.meta),
+                "recorded_at": _naive(e.at),
+            },
+        )
+
+
+def _succeeded(rows: Rows, seq: int, e: ev.AttemptSucceeded) -> None:
+    _update(rows, "tasks", (e.ticket, e.task), state="succeeded", updated_at=_naive(e.at))
+    _update(rows, "jobs", (e.ticket, e.task, e.attempt), state="succeeded", ended_at=_naive(e.at))
+    for name, value in e.metrics.items():
+        rows.put(
+            "metrics",
+            (e.ticket, e.task, name),
+            {
+                "ticket": e.ticket,
+                "task": e.task,
+                "name": name,
+                "attempt": e.attempt,
+                "value": float(value),
+                "recorded_at": _naive(e.at),
+            },
+        )
+    ticket = rows.get("tickets", (e.ticket,))
+    if ticket is not None:
+        _touch_ticket(rows, seq, e.ticket, e.at, tasks_done=ticket["tasks_done"] + 1)
+
+
+def _failed(rows: Rows, seq: int, e: ev.AttemptFailed) -> None:
+    state = "waiting_retry" if e.retry_at is not None else "failed"
+    _update(
+        rows,
+        "tasks",
+        (e.ticket, e.task),
+        state=state,
+        last_error=e.error[-1000:],
+        retry_at=_naive(e.retry_at),
+        updated_at=_naive(e.at),
+    )
+    _update(rows, "jobs", (e.ticket, e.task, e.attempt), state="failed", error=e.error[-1000:], ended_at=_naive(e.at))
+    _touch_ticket(rows, seq, e.ticket, e.at)
+
+
+def _task_state(state: str) -> Callable[[Rows, int, Any], None]:
+    def apply(rows: Rows, seq: int, e: Any) -> None:
+        fields: dict[str, Any] = {"state": state, "updated_at": _naive(e.at)}
+        if state == "pending":
+            fields["last_error"] = None
+        else:
+            fields["retry_at"] = None
+        _update(rows, "tasks", (e.ticket, e.task), **fields)
+        _touch_ticket(rows, seq, e.ticket, e.at)
+
+    return apply
+
+
+def _completed(rows: Rows, seq: int, e: ev.TicketCompleted) -> None:
+    _touch_ticket(rows, seq, e.ticket, e.at, state="completed", reason=None, ended_at=_naive(e.at))
+
+
+def _proposal_opened(rows: Rows, seq: int, e: ev.ProposalOpened) -> None:
+    rows.put(
+        "proposals",
+        (e.proposal,),
+        {
+            "id": e.proposal,
+            "ticket": e.ticket,
+            "kind": e.kind,
+            "state": "open",
+            "base_core_version": e.base_core_version,
+            "candidate": dict(e.candidate),
+            "metrics": dict(e.metrics),
+            "opened_at": _naive(e.at),
+            "expires_at": _naive(e.expires_at),
+            "decided_at": None,
+            "actor": None,
+            "note": None,
+        },
+    )
+    _touch_ticket(rows, seq, e.ticket, e.at)
+
+
+def _proposal_decided(rows: Rows, seq: int, e: Any) -> None:
+    state = {"ProposalApproved": "approved", "ProposalRejected": "rejected", "ProposalExpired": "expired"}[e.type]
+    note = getattr(e, "note", None) or getattr(e, "reason", None)
+    _update(
+        rows,
+        "proposals",
+        (e.proposal,),
+        state=state,
+        decided_at=_naive(e.at),
+        actor=getattr(e, "actor", None),
+        note=note,
+    )
+    _touch_ticket(rows, seq, e.ticket, e.at)
+
+
+def _other(rows: Rows, seq: int, e: Any) -> None:
+    ticket = getattr(e, "ticket", None)
+    if isinstance(ticket, str):
+        _touch_ticket(rows, seq, ticket, e.at)
+
+
+_PROJECTORS: dict[type, Callable[[Rows, int, Any], None]] = {
+    ev.TicketSubmitted: _submitted,
+    ev.TicketCancelled: _cancelled,
+    ev.TicketFailed: _cancelled,
+    ev.AttemptScheduled: _scheduled,
+    ev.AttemptStarted: _started,
+    ev.ProgressRecorded: _progress,
+    ev.ArtifactRecorded: _artifact,
+    ev.AttemptSucceeded: _succeeded,
+    ev.AttemptFailed: _failed,
+    ev.TaskFailed: _task_state("failed"),
+    ev.TaskBlocked: _task_state("blocked"),
+    ev.TaskRetried: _task_state("pending"),
+    ev.TicketCompleted: _completed,
+    ev.ProposalOpened: _proposal_opened,
+    ev.ProposalApproved: _proposal_decided,
+    ev.ProposalRejected: _proposal_decided,
+    ev.ProposalExpired: _proposal_decided,
+}
+
+
+def project(rows: Rows, seq: int, event: ev.Event) -> None:
+    """Apply one recorded event to the projection tables."""
+    _PROJECTORS.get(type(event), _other)(rows, seq, event)
+
+
+def project_all(rows: Rows, recorded: Iterable[tuple[int, ev.Event]]) -> None:
+    for seq, event in recorded:
+        project(rows, seq, event)

@@ -1,0 +1,329 @@
+"""The event store: an append-only, hash-chained log with projections updated in the same transaction.
+
+SQLite (WAL, `BEGIN IMMEDIATE`) is the embedded default; PostgreSQL runs through the same code. The
+dialect switch is confined to `_engine` and `_lock_head`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+
+from schema import events as ev
+from schema.projections import MemoryRows, SqlRows, project
+from schema.tables import PROJECTION_TABLES, SQLModel
+
+GENESIS = "0" * 64
+_events = SQLModel.metadata.tables["events"]
+_head = SQLModel.metadata.tables["event_head"]
+_checkpoints = SQLModel.metadata.tables["checkpoints"]
+
+
+class ConcurrencyError(Exception):
+    """Another writer appended to a stream first: reload and decide again."""
+
+
+class StoreError(Exception):
+    """The database is unusable (missing, not migrated, locked for too long)."""
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """An event as stored: its place in the log, its body, and its chained hash."""
+
+    seq: int
+    stream: str
+    version: int
+    type: str
+    data: dict[str, Any]
+    meta: dict[str, Any]
+    recorded_at: datetime
+    hash: str
+
+    @property
+    def event(self) -> ev.Event:
+        return ev.event_from(self.type, self.data)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "stream": self.stream,
+            "version": self.version,
+            "type": self.type,
+            "data": self.data,
+            "meta": self.meta,
+            "recorded_at": _iso(self.recorded_at),
+            "hash": self.hash,
+        }
+
+
+def _iso(ts: datetime) -> str:
+    if ts.tzinfo is not None:
+        ts = ts.astimezone(UTC).replace(tzinfo=None)
+    return ts.isoformat(timespec="microseconds")
+
+
+def chain_hash(prev: str, seq: int, stream: str, version: int, type_: str, data: Any, meta: Any, at: datetime) -> str:
+    """sha256 over the previous hash and this row's canonical JSON."""
+    body = json.dumps(
+        [seq, stream, version, type_, data, meta, _iso(at)], sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    return hashlib.sha256((prev + body).encode()).hexdigest()
+
+
+def _engine(url: str, synchronous: str = "FULL", readonly: bool = False) -> sa.Engine:
+    if url.startswith("sqlite"):
+        if readonly:
+            path = url.split("///", 1)[1]
+            engine = sa.create_engine("sqlite://", creator=lambda: _sqlite_ro(path), poolclass=sa.pool.NullPool)
+        else:
+            engine = sa.create_engine(url, connect_args={"timeout": 30}, poolclass=sa.pool.NullPool)
+
+        @sa_event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _rec: Any) -> None:
+            # Let SQLAlchemy's "begin" hook issue BEGIN itself (pysqlite would defer it).
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            if not readonly:
+                cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA synchronous={synchronous}")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @sa_event.listens_for(engine, "begin")
+        def _begin(conn: sa.Connection) -> None:
+            # IMMEDIATE takes the write lock up front, so two writers never deadlock on upgrade.
+            conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+        return engine
+    if url.startswith("postgresql") and "+" not in url.split("://", 1)[0]:
+        url = url.replace("postgresql://", "postgresql+psycopg://", 1)
+    options = {"postgresql_readonly": True} if readonly else {}
+    engine = sa.create_engine(url, pool_pre_ping=True)
+    if options:
+        engine = engine.execution_options(**options)
+    return engine
+
+
+def _sqlite_ro(path: str) -> Any:
+    import sqlite3
+
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, check_same_thread=False)
+
+
+class EventStore:
+    """Append, read and verify events; keep the projections in step."""
+
+    def __init__(self, url: str, synchronous: str = "FULL") -> None:
+        self.url = url
+        self.engine = _engine(url, synchronous)
+        self.is_sqlite = url.startswith("sqlite")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def append(
+        self,
+        events: Sequence[ev.Event],
+        expected: Mapping[str, int] | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> list[Recorded]:
+        """Append events atomically. `expected` maps stream -> the version the writer last saw."""
+        return self.append_batches([(events, expected, meta)])
+
+    def append_batches(
+        self,
+        batches: Sequence[tuple[Sequence[ev.Event], Mapping[str, int] | None, Mapping[str, Any] | None]],
+    ) -> list[Recorded]:
+        """Group commit: several decisions in one transaction (all or nothing)."""
+        out: list[Recorded] = []
+        if not any(events for events, _, _ in batches):
+            return out
+        now = datetime.now(UTC).replace(tzinfo=None)
+        with self.engine.begin() as conn:
+            seq, prev = self._lock_head(conn)
+            versions: dict[str, int] = {}
+            rows = SqlRows(conn)
+            for events, expected, meta in batches:
+                for stream, want in (expected or {}).items():
+                    have = versions[stream] if stream in versions else self._version(conn, stream)
+                    versions[stream] = have
+                    if have != want:
+                        raise ConcurrencyError(f"stream {stream!r} is at version {have}, expected {want}")
+                for event in events:
+                    stream = ev.stream_of(event)
+                    version = (versions[stream] if stream in versions else self._version(conn, stream)) + 1
+                    versions[stream] = version
+                    seq += 1
+                    data = ev.event_to_data(event)
+                    meta_json = dict(meta or {})
+                    digest = chain_hash(prev, seq, stream, version, event.type, data, meta_json, now)
+                    rec = Recorded(seq, stream, version, event.type, data, meta_json, now, digest)
+                    out.append(rec)
+                    prev = digest
+                    project(rows, seq, event)
+            conn.execute(
+                _events.insert(),
+                [
+                    {
+                        "seq": r.seq,
+                        "stream": r.stream,
+                        "version": r.version,
+                        "type": r.type,
+                        "data": r.data,
+                        "meta": r.meta,
+                        "recorded_at": r.recorded_at,
+                        "hash": r.hash,
+                    }
+                    for r in out
+                ],
+            )
+            conn.execute(_head.update().where(_head.c.id == 1).values(seq=seq, hash=prev))
+        return out
+
+    def _lock_head(self, conn: sa.Connection) -> tuple[int, str]:
+        query = sa.select(_head.c.seq, _head.c.hash).where(_head.c.id == 1)
+        if not self.is_sqlite:
+            query = query.with_for_update()  # SQLite's BEGIN IMMEDIATE already serialises writers
+        row = conn.execute(query).first()
+        if row is None:
+            conn.execute(_head.insert().values(id=1, seq=0, hash=GENESIS))
+            return 0, GENESIS
+        return int(row.seq), str(row.hash)
+
+    def _version(self, conn: sa.Connection, stream: str) -> int:
+        found = conn.execute(sa.select(sa.func.max(_events.c.version)).where(_events.c.stream == stream)).scalar()
+        return int(found or 0)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def read(
+        self,
+        since: int = 0,
+        *,
+        stream: str | None = None,
+        types: Sequence[str] | None = None,
+        limit: int | None = None,
+        page: int = 5000,
+    ) -> Iterator[Recorded]:
+        """Events with seq > since, in order, fetched a page at a time."""
+        last, left = since, limit
+        while left is None or left > 0:
+            n = page if left is None else min(page, left)
+            query = sa.select(_events).where(_events.c.seq > last).order_by(_events.c.seq).limit(n)
+            if stream is not None:
+                query = query.where(_events.c.stream == stream)
+            if types:
+                query = query.where(_events.c.type.in_(list(types)))
+            with self.engine.connect() as conn:
+                batch = conn.execute(query).all()
+            for row in batch:
+                yield _recorded(row)
+            if len(batch) < n:
+                return
+            last = batch[-1].seq
+            if left is not None:
+                left -= len(batch)
+
+    def head(self) -> int:
+        """The last seq (0 for an empty log)."""
+        with self.engine.connect() as conn:
+            found = conn.execute(sa.select(_head.c.seq).where(_head.c.id == 1)).scalar()
+        return int(found or 0)
+
+    def stream_version(self, stream: str) -> int:
+        with self.engine.connect() as conn:
+            return self._version(conn, stream)
+
+    # --- reactor checkpoints -------------------------------------------------------------------
+
+    def checkpoint(self, name: str) -> int:
+        with self.engine.connect() as conn:
+            found = conn.execute(sa.select(_checkpoints.c.seq).where(_checkpoints.c.name == name)).scalar()
+        return int(found or 0)
+
+    def set_checkpoint(self, name: str, seq: int) -> None:
+        now = datetime.now(UTC).replace(tzinfo=None)
+        with self.engine.begin() as conn:
+            updated = conn.execute(
+                _checkpoints.update().where(_checkpoints.c.name == name).values(seq=seq, updated_at=now)
+            ).rowcount
+            if not updated:
+                conn.execute(_checkpoints.insert().values(name=name, seq=seq, updated_at=now))
+
+    # --- integrity and rebuilding ----------------------------------------------------------------
+
+    def verify(self) -> tuple[int, int | None, str]:
+        """Recompute the chain: (rows checked, first bad seq or None, reason)."""
+        prev, expected_seq, count = GENESIS, 1, 0
+        for rec in self.read(0):
+            if rec.seq != expected_seq:
+                return count, expected_seq, f"seq {expected_seq} is missing (next row is {rec.seq})"
+            digest = chain_hash(prev, rec.seq, rec.stream, rec.version, rec.type, rec.data, rec.meta, rec.recorded_at)
+            if digest != rec.hash:
+                return count, rec.seq, "hash does not match the row's content and its predecessor"
+            prev, expected_seq, count = rec.hash, expected_seq + 1, count + 1
+        with self.engine.connect() as conn:
+            head = conn.execute(sa.select(_head.c.seq, _head.c.hash).where(_head.c.id == 1)).first()
+        if head is not None and (int(head.seq) != count or (count and head.hash != prev)):
+            return count, count + 1, f"the log ends at seq {count} but its head says {head.seq}"
+        return count, None, "ok"
+
+    def rebuild_rows(self) -> MemoryRows:
+        """Every projection row, computed from the events alone."""
+        rows = MemoryRows()
+        for rec in self.read(0, page=20000):
+            project(rows, rec.seq, rec.event)
+        return rows
+
+    def replay(self) -> int:
+        """Replace the live projections with ones rebuilt from the log; returns events read."""
+        rows = self.rebuild_rows()
+        with self.engine.begin() as conn:
+            for name in reversed(PROJECTION_TABLES):
+                conn.execute(SQLModel.metadata.tables[name].delete())
+            rows.flush(conn)
+        return self.head()
+
+
+def _recorded(row: Any) -> Recorded:
+    data = row.data if isinstance(row.data, dict) else json.loads(row.data)
+    meta = row.meta if isinstance(row.meta, dict) else json.loads(row.meta)
+    return Recorded(row.seq, row.stream, row.version, row.type, data, meta, row.recorded_at, row.hash)
+
+
+def projection_snapshot(engine: sa.Engine) -> dict[str, list[tuple[Any, ...]]]:
+    """Every projection row, normalised for comparison (JSON canonical, times as ISO strings)."""
+    out: dict[str, list[tuple[Any, ...]]] = {}
+    with engine.connect() as conn:
+        for name in PROJECTION_TABLES:
+            table = SQLModel.metadata.tables[name]
+            pk = list(table.primary_key.columns)
+            rows = conn.execute(sa.select(table).order_by(*pk)).all()
+            out[name] = [tuple(_normal(v) for v in row) for row in rows]
+    return out
+
+
+def _normal(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return _iso(value)
+    if isinstance(value, dict | list):
+        return json.dumps(value, sort_keys=True)
+    if isinstance(value, float):
+        return repr(value)
+    return value
+
+
+def open_readonly(url: str) -> sa.Engine:
+    """An engine whose connections refuse writes (SQLite mode=ro; PostgreSQL read-only transactions)."""
+    return _engine(url, readonly=True)

@@ -1,0 +1,174 @@
+"""SQL tables: the event log, its head, reactor checkpoints, and the projections built from the log.
+
+The projections are a cache: `jbctl replay` rebuilds them from `events` alone. Column names are a
+public interface (docs/EVENTS.md): users query them with plain SQL.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+
+def _json(nullable: bool = True) -> Any:
+    return Field(default=None, sa_column=sa.Column(sa.JSON, nullable=nullable))
+
+
+def _ts(nullable: bool = True, index: bool = False) -> Any:
+    return Field(default=None, sa_column=sa.Column(sa.DateTime(), nullable=nullable, index=index))
+
+
+class EventRow(SQLModel, table=True):
+    __tablename__ = "events"
+    __table_args__ = (sa.UniqueConstraint("stream", "version", name="uq_events_stream_version"),)
+
+    seq: int = Field(sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=False))
+    stream: str = Field(max_length=200, index=True)
+    version: int
+    type: str = Field(max_length=100, index=True)
+    data: dict = Field(sa_column=sa.Column(sa.JSON, nullable=False))
+    meta: dict = Field(sa_column=sa.Column(sa.JSON, nullable=False))
+    recorded_at: datetime = Field(sa_column=sa.Column(sa.DateTime(), nullable=False))
+    hash: str = Field(max_length=64)
+
+
+class EventHead(SQLModel, table=True):
+    """One row: the last seq and hash. Writers lock it, which serialises appends on every backend."""
+
+    __tablename__ = "event_head"
+
+    id: int = Field(default=1, primary_key=True)
+    seq: int = Field(default=0, sa_column=sa.Column(sa.BigInteger, nullable=False, default=0))
+    hash: str = Field(default="0" * 64, max_length=64)
+
+
+class Checkpoint(SQLModel, table=True):
+    """How far each reactor (dispatcher, notifier, ...) has read the log."""
+
+    __tablename__ = "checkpoints"
+
+    name: str = Field(primary_key=True, max_length=100)
+    seq: int = Field(sa_column=sa.Column(sa.BigInteger, nullable=False))
+    updated_at: datetime | None = _ts()
+
+
+# --- projections -------------------------------------------------------------------------------
+
+
+class TicketRow(SQLModel, table=True):
+    __tablename__ = "tickets"
+
+    id: str = Field(primary_key=True, max_length=100)
+    title: str
+    owner: str | None = None
+    state: str = Field(max_length=20, index=True)
+    revision: int
+    path: str
+    content_hash: str = Field(max_length=64)
+    update_kind: str = Field(max_length=20)
+    tasks_total: int
+    tasks_done: int
+    reason: str | None = None
+    submitted_at: datetime | None = _ts()
+    updated_at: datetime | None = _ts()
+    ended_at: datetime | None = _ts()
+    last_seq: int = Field(sa_column=sa.Column(sa.BigInteger, nullable=False))
+
+
+class TaskRow(SQLModel, table=True):
+    __tablename__ = "tasks"
+
+    ticket: str = Field(primary_key=True, max_length=100)
+    task: str = Field(primary_key=True, max_length=100)
+    kind: str = Field(max_length=20)
+    queue: str = Field(max_length=20)
+    state: str = Field(max_length=20, index=True)
+    attempt: int
+    needs: list | None = _json()
+    progress_step: int | None = None
+    progress_total: int | None = None
+    worker: str | None = None
+    last_error: str | None = None
+    retry_at: datetime | None = _ts()
+    updated_at: datetime | None = _ts()
+
+
+class JobRow(SQLModel, table=True):
+    """One row per attempt (an action: one job on one worker)."""
+
+    __tablename__ = "jobs"
+
+    ticket: str = Field(primary_key=True, max_length=100)
+    task: str = Field(primary_key=True, max_length=100)
+    attempt: int = Field(primary_key=True)
+    kind: str = Field(max_length=20)
+    queue: str = Field(max_length=20)
+    state: str = Field(max_length=20, index=True)
+    worker: str | None = None
+    error: str | None = None
+    scheduled_at: datetime | None = _ts()
+    started_at: datetime | None = _ts()
+    ended_at: datetime | None = _ts()
+
+
+class ProposalRow(SQLModel, table=True):
+    __tablename__ = "proposals"
+
+    id: str = Field(primary_key=True, max_length=20)
+    ticket: str = Field(max_length=100, index=True)
+    kind: str = Field(max_length=20)
+    state: str = Field(max_length=20, index=True)
+    base_core_version: int
+    candidate: dict | None = _json()
+    metrics: dict | None = _json()
+    opened_at: datetime | None = _ts()
+    expires_at: datetime | None = _ts()
+    decided_at: datetime | None = _ts()
+    actor: str | None = None
+    note: str | None = None
+
+
+class ArtifactRow(SQLModel, table=True):
+    __tablename__ = "artifacts"
+
+    id: str = Field(primary_key=True, max_length=64)
+    kind: str = Field(max_length=40, index=True)
+    ticket: str = Field(max_length=100, index=True)
+    task: str = Field(max_length=100)
+    attempt: int
+    meta: dict | None = _json()
+    recorded_at: datetime | None = _ts()
+
+
+class MetricRow(SQLModel, table=True):
+    """The final metrics of each task's successful attempt: `<task>.<name>` in acceptance checks."""
+
+    __tablename__ = "metrics"
+
+    ticket: str = Field(primary_key=True, max_length=100)
+    task: str = Field(primary_key=True, max_length=100)
+    name: str = Field(primary_key=True, max_length=100)
+    attempt: int
+    value: float
+    recorded_at: datetime | None = _ts()
+
+
+PROJECTION_TABLES: list[str] = ["tickets", "tasks", "jobs", "proposals", "artifacts", "metrics"]
+
+# Plain SQL views (dialect-neutral) for the questions users ask most.
+VIEWS: dict[str, str] = {
+    "timeline": (
+        "SELECT e.seq, e.recorded_at, e.stream, e.type, e.version, e.data, e.meta FROM events e ORDER BY e.seq"
+    ),
+    "pending_approvals": (
+        "SELECT p.id, p.ticket, p.kind, p.base_core_version, p.opened_at, p.expires_at, p.metrics "
+        "FROM proposals p WHERE p.state = 'open'"
+    ),
+}
+
+
+def metadata() -> sa.MetaData:
+    return SQLModel.metadata
