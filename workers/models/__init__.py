@@ -1,0 +1,1 @@
+"""Models trained by Jetbox workers (JEPA encoders, text encoder, HRM)."""
