@@ -35,3 +35,43 @@ def print_table(headers: list[str], rows: list[list[Any]]) -> None:
     for n, row in enumerate(cells):
         line = "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
         print(colour(line, "1") if n == 0 else line)
+
+
+def open_store(settings: Settings, migrate: bool = False) -> Any:
+    """The event store for these settings; a clear error when there is no migrated database yet."""
+    from cli.main import CliError
+    from schema import migrations
+    from schema.store import EventStore
+
+    url = settings.db_url
+    if migrate:
+        migrations.upgrade(url)
+    elif url.startswith("sqlite:///") and not os.path.exists(url.split("///", 1)[1]):
+        raise CliError(f"no database at {url.split('///', 1)[1]}: run `jbctl migrate` (or start `jbctl daemon`)")
+    elif migrations.current(url) is None:
+        raise CliError(f"database {_safe(url)} is not initialised: run `jbctl migrate`")
+    return EventStore(url, settings.sqlite_synchronous)
+
+
+def _safe(url: str) -> str:
+    """A database URL without its password."""
+    import re
+
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def now_utc() -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
+
+
+def human_age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"

@@ -327,3 +327,28 @@ def _normal(value: Any) -> Any:
 def open_readonly(url: str) -> sa.Engine:
     """An engine whose connections refuse writes (SQLite mode=ro; PostgreSQL read-only transactions)."""
     return _engine(url, readonly=True)
+
+
+def replay_differences(store: EventStore, limit: int = 20) -> list[str]:
+    """Rebuild the projections into a scratch database and list how they differ from the live ones."""
+    import tempfile
+    from pathlib import Path
+
+    rows = store.rebuild_rows()
+    with tempfile.TemporaryDirectory(prefix="jetbox-replay-") as tmp:
+        scratch = sa.create_engine(f"sqlite:///{Path(tmp) / 'scratch.db'}")
+        tables = [SQLModel.metadata.tables[n] for n in PROJECTION_TABLES]
+        SQLModel.metadata.create_all(scratch, tables=tables)
+        with scratch.begin() as conn:
+            rows.flush(conn)
+        fresh = projection_snapshot(scratch)
+        scratch.dispose()
+    live = projection_snapshot(store.engine)
+    diffs: list[str] = []
+    for name in PROJECTION_TABLES:
+        a, b = set(live[name]), set(fresh[name])
+        for row in sorted(a - b, key=repr)[:limit]:
+            diffs.append(f"{name}: live row not produced by replay: {row}")
+        for row in sorted(b - a, key=repr)[:limit]:
+            diffs.append(f"{name}: replay produced a row missing from live: {row}")
+    return diffs[:limit]

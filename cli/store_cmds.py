@@ -1,0 +1,175 @@
+"""jbctl events | sql | replay | verify | migrate: the event log as users see it."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from typing import Any
+
+from cli.common import colour, open_store, print_json, print_table, settings_from
+from cli.main import CliError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("events", help="the event log, filtered; --follow streams new events")
+    p.add_argument("--ticket", help="only this ticket's stream")
+    p.add_argument("--stream", help="any stream (intake, core, system, or a ticket id)")
+    p.add_argument("--type", action="append", dest="types", help="only this event type (repeatable)")
+    p.add_argument("--since", type=int, default=0, help="only events after this seq")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new events (Ctrl-C stops)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser("sql", help="run a read-only SQL query over the events and projections")
+    p.add_argument("query")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--csv", action="store_true")
+    p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("replay", help="rebuild every projection from the events alone")
+    p.add_argument("--check", action="store_true", help="rebuild into a scratch copy; exit 1 on any difference")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("verify", help="recompute the hash chain; exit 1 naming the first bad seq")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("migrate", help="create or upgrade the database schema")
+    p.set_defaults(func=cmd_migrate)
+
+
+def _summary(data: dict[str, Any]) -> str:
+    keys = ("task", "attempt", "worker", "step", "reason", "error", "proposal", "what", "path")
+    parts = []
+    for k in keys:
+        if data.get(k) not in (None, ""):
+            value = str(data[k]).strip().splitlines()[-1] if k == "error" else str(data[k])
+            parts.append(f"{k}={value[:80]}")
+    if data.get("metrics"):
+        parts.append("metrics=" + ",".join(f"{k}:{v:.4g}" for k, v in list(data["metrics"].items())[:4]))
+    if data.get("errors"):
+        parts.append(f"errors={len(data['errors'])}: {data['errors'][0][:100]}")
+    return " ".join(parts)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise CliError("--limit must be a positive number")
+    if args.since < 0:
+        raise CliError("--since must be 0 or a positive seq")
+    store = open_store(settings_from(args))
+    stream = args.ticket or args.stream
+    last = args.since
+    shown = 0
+    while True:
+        for rec in store.read(last, stream=stream, types=args.types, limit=args.limit):
+            last = rec.seq
+            shown += 1
+            if args.json:
+                print(json.dumps(rec.as_json(), default=str), flush=args.follow)
+            else:
+                at = rec.recorded_at.strftime("%Y-%m-%d %H:%M:%S")
+                print(
+                    f"{rec.seq:>7} {at} {rec.stream:<14} {colour(rec.type, '1'):<22} {_summary(rec.data)}",
+                    flush=args.follow,
+                )
+            if args.limit is not None and shown >= args.limit:
+                return 0
+        if not args.follow:
+            return 0
+        try:
+            time.sleep(0.3)
+        except KeyboardInterrupt:
+            return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+
+    from schema.store import open_readonly
+
+    settings = settings_from(args)
+    open_store(settings).close()  # a clear error when there is no database
+    engine = open_readonly(settings.db_url)
+    try:
+        with engine.connect() as conn:
+            result = conn.execute(sa.text(args.query))
+            if not result.returns_rows:
+                raise CliError("jbctl sql is read-only: the statement returned no rows (write statements are refused)")
+            headers = list(result.keys())
+            rows = [list(r) for r in result]
+    except sa.exc.OperationalError as exc:
+        message = str(exc.orig) if exc.orig else str(exc)
+        if "readonly" in message or "read-only" in message or "read only" in message:
+            raise CliError("jbctl sql is read-only: write statements are refused") from None
+        raise CliError(f"SQL error: {message}") from None
+    except sa.exc.InternalError as exc:
+        message = str(exc.orig) if exc.orig else str(exc)
+        if "read-only" in message:
+            raise CliError("jbctl sql is read-only: write statements are refused") from None
+        raise CliError(f"SQL error: {message}") from None
+    except sa.exc.SQLAlchemyError as exc:
+        raise CliError(f"SQL error: {getattr(exc, 'orig', None) or exc}") from None
+    finally:
+        engine.dispose()
+    if args.json:
+        print_json([dict(zip(headers, r, strict=True)) for r in rows])
+    elif args.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(headers)
+        writer.writerows(rows)
+    else:
+        print_table(headers, rows)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from schema.store import replay_differences
+
+    store = open_store(settings_from(args))
+    started = time.perf_counter()
+    if args.check:
+        diffs = replay_differences(store)
+        if diffs:
+            for d in diffs:
+                print(d, file=sys.stderr)
+            print(f"replay --check: projections differ from the log ({len(diffs)} shown)", file=sys.stderr)
+            return 1
+        print(
+            f"replay --check: projections match the log ({store.head()} events, {time.perf_counter() - started:.2f}s)"
+        )
+        return 0
+    n = store.replay()
+    print(f"replayed {n} events into the projections in {time.perf_counter() - started:.2f}s")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    store = open_store(settings_from(args))
+    count, bad, reason = store.verify()
+    if args.json:
+        print_json({"checked": count, "first_bad_seq": bad, "reason": reason, "ok": bad is None})
+    elif bad is None:
+        print(f"verify: hash chain intact ({count} events)")
+    else:
+        print(f"verify: chain broken at seq {bad}: {reason} ({count} events verified before it)", file=sys.stderr)
+    return 0 if bad is None else 1
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from schema import migrations
+
+    settings = settings_from(args)
+    before = migrations.current(settings.db_url)
+    migrations.upgrade(settings.db_url)
+    after = migrations.current(settings.db_url)
+    if before == after:
+        print(f"database already at revision {after}")
+    else:
+        print(f"migrated database from {before or 'empty'} to {after}")
+    return 0

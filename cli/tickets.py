@@ -1,0 +1,343 @@
+"""jbctl validate | schema | submit | status | describe | cancel."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from cli.common import colour, human_age, open_store, print_json, print_table, settings_from
+from cli.main import CliError
+
+STATE_COLOURS = {"running": "36", "completed": "32", "failed": "31", "cancelled": "33", "blocked": "35"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("validate", help="check ticket files; prints FILE:LINE:COL: message per error")
+    p.add_argument("files", nargs="+", type=Path)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("schema", help="print the ticket JSON Schema")
+    p.add_argument("--output", "-o", type=Path, help="write to a file instead of stdout")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("submit", help="validate a ticket and copy it atomically into the tickets folder")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="tickets at a glance, or one ticket's task tree")
+    p.add_argument("ticket", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--all", action="store_true", help="include finished tickets older than a day")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("describe", help="everything about one ticket: spec, tasks, attempts, metrics, events")
+    p.add_argument("ticket")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_describe)
+
+    p = sub.add_parser("cancel", help="cancel a running ticket (its jobs are told to stop)")
+    p.add_argument("ticket")
+    p.add_argument("-m", "--reason", default="cancelled by a user")
+    p.set_defaults(func=cmd_cancel)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from schema.ticket import TicketInvalid, load_ticket
+
+    bad = 0
+    for path in args.files:
+        try:
+            load_ticket(path)
+        except TicketInvalid as exc:
+            bad += 1
+            for err in exc.errors:
+                print(err, file=sys.stderr)
+        else:
+            print(f"{path}: {colour('ok', '32')}")
+    return 1 if bad else 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from schema.ticket import ticket_json_schema
+
+    text = json.dumps(ticket_json_schema(), indent=2) + "\n"
+    if args.output:
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def atomic_copy(data: bytes, dest: Path) -> None:
+    """Write `data` to `dest` via a temp file in the same folder and a rename (never half a file)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from schema.ticket import TicketInvalid, load_ticket
+
+    settings = settings_from(args)
+    try:
+        ticket = load_ticket(args.file)
+    except TicketInvalid as exc:
+        for err in exc.errors:
+            print(err, file=sys.stderr)
+        return 1
+    dest = settings.tickets_path / f"{ticket.id}.yaml"
+    atomic_copy(args.file.read_bytes(), dest)
+    print(f"submitted {ticket.id} -> {dest}")
+    return 0
+
+
+def _rows(conn: sa.Connection, sql: str, **params: Any) -> list[dict[str, Any]]:
+    return [dict(r) for r in conn.execute(sa.text(sql), params).mappings()]
+
+
+def _age(ts: datetime | None, now: datetime) -> str:
+    if ts is None:
+        return ""
+    if isinstance(ts, str):
+        ts = datetime.fromisoformat(ts)
+    return human_age((now - ts).total_seconds())
+
+
+def _waiting_on(task_rows: list[dict[str, Any]], now: datetime) -> str:
+    by_id = {t["task"]: t for t in task_rows}
+    for t in task_rows:
+        if t["state"] == "blocked":
+            return f"human: jbctl retry --task {t['task']}"
+        if t["state"] == "waiting_retry" and t["retry_at"] is not None:
+            return f"retry of {t['task']} in {_age(now, _naive_dt(t['retry_at']))}".replace(" in -", " in ")
+        if t["state"] == "scheduled":
+            return f"a {t['queue']} worker for {t['task']}"
+    pending = [t for t in task_rows if t["state"] == "pending"]
+    for t in pending:
+        missing = [n for n in (t["needs"] or []) if by_id.get(n, {}).get("state") != "succeeded"]
+        if missing:
+            return f"{t['task']} needs {', '.join(missing)}"
+    return ""
+
+
+def _naive_dt(value: Any) -> datetime:
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+def _current_step(task_rows: list[dict[str, Any]]) -> tuple[str, str]:
+    live = [t for t in task_rows if t["state"] in ("running", "scheduled", "waiting_retry", "blocked")]
+    if not live:
+        return "", ""
+    t = live[0]
+    progress = ""
+    if t["progress_step"] is not None:
+        total = t["progress_total"]
+        progress = f"{t['progress_step']}/{total}" if total else str(t["progress_step"])
+        if total:
+            progress += f" ({100 * t['progress_step'] / total:.0f}%)"
+    return f"{t['task']} (attempt {t['attempt']}, {t['state']})", progress
+
+
+def status_data(engine: sa.Engine, ticket: str | None = None, include_old: bool = True) -> list[dict[str, Any]]:
+    """Tickets with their tasks and attempts, as plain dicts (what `status --json` prints)."""
+    now = datetime.now(UTC).replace(tzinfo=None)
+    with engine.connect() as conn:
+        if ticket:
+            tickets = _rows(conn, "SELECT * FROM tickets WHERE id = :t", t=ticket)
+        else:
+            tickets = _rows(conn, "SELECT * FROM tickets ORDER BY submitted_at, id")
+        tasks = (
+            _rows(conn, "SELECT * FROM tasks ORDER BY ticket")
+            if not ticket
+            else _rows(conn, "SELECT * FROM tasks WHERE ticket = :t", t=ticket)
+        )
+        jobs = (
+            _rows(conn, "SELECT * FROM jobs ORDER BY ticket, task, attempt")
+            if not ticket
+            else _rows(conn, "SELECT * FROM jobs WHERE ticket = :t ORDER BY task, attempt", t=ticket)
+        )
+    out = []
+    for t in tickets:
+        ended = _naive_dt(t["ended_at"]) if t["ended_at"] else None
+        if not include_old and ended is not None and (now - ended).total_seconds() > 86400:
+            continue
+        mine = [k for k in tasks if k["ticket"] == t["id"]]
+        order = {k["task"]: n for n, k in enumerate(_topo(mine))}
+        mine.sort(key=lambda k: order.get(k["task"], 0))
+        step, progress = _current_step(mine)
+        out.append(
+            {
+                "ticket": t["id"],
+                "title": t["title"],
+                "state": t["state"],
+                "revision": t["revision"],
+                "current_step": step,
+                "progress": progress,
+                "tasks_done": t["tasks_done"],
+                "tasks_total": t["tasks_total"],
+                "age": _age(_naive_dt(t["submitted_at"]), now),
+                "waiting_on": _waiting_on(mine, now) if t["state"] == "running" else "",
+                "reason": t["reason"],
+                "tasks": [
+                    {
+                        **{k: v for k, v in task.items() if k != "ticket"},
+                        "attempts": [
+                            {k: v for k, v in j.items() if k not in ("ticket", "task")}
+                            for j in jobs
+                            if j["ticket"] == t["id"] and j["task"] == task["task"]
+                        ],
+                    }
+                    for task in mine
+                ],
+            }
+        )
+    return out
+
+
+def _topo(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_id = {t["task"]: t for t in tasks}
+    seen: set[str] = set()
+    out: list[dict[str, Any]] = []
+
+    def visit(tid: str) -> None:
+        if tid in seen or tid not in by_id:
+            return
+        seen.add(tid)
+        for need in by_id[tid]["needs"] or []:
+            visit(need)
+        out.append(by_id[tid])
+
+    for t in tasks:
+        visit(t["task"])
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    store = open_store(settings_from(args))
+    data = status_data(store.engine, args.ticket, include_old=args.all or bool(args.ticket))
+    if args.ticket and not data:
+        raise CliError(f"no ticket {args.ticket!r} (see `jbctl status`)")
+    if args.json:
+        print_json(data)
+        return 0
+    if args.ticket:
+        _print_tree(data[0])
+        return 0
+    if not data:
+        print("no tickets yet: drop a ticket into the tickets folder or run `jbctl submit FILE`")
+        return 0
+    rows = [
+        [
+            d["ticket"],
+            colour(d["state"], STATE_COLOURS.get(d["state"], "0")),
+            d["current_step"] or ("—" if d["state"] != "running" else ""),
+            f"{d['tasks_done']}/{d['tasks_total']} tasks" + (f", {d['progress']}" if d["progress"] else ""),
+            d["age"],
+            d["waiting_on"] or (d["reason"] or "")[:60],
+        ]
+        for d in data
+    ]
+    print_table(["TICKET", "STATE", "CURRENT STEP", "PROGRESS", "AGE", "WAITING ON / REASON"], rows)
+    return 0
+
+
+def _print_tree(d: dict[str, Any]) -> None:
+    print(f"{d['ticket']}  {colour(d['state'], STATE_COLOURS.get(d['state'], '0'))}  {d['title']}  (age {d['age']})")
+    if d["reason"]:
+        print(f"  reason: {d['reason']}")
+    if d["waiting_on"]:
+        print(f"  waiting on: {d['waiting_on']}")
+    for n, task in enumerate(d["tasks"]):
+        last = n == len(d["tasks"]) - 1
+        branch = "└─" if last else "├─"
+        progress = ""
+        if task["progress_step"] is not None:
+            progress = f"  {task['progress_step']}/{task['progress_total'] or '?'}"
+        needs = f"  needs {', '.join(task['needs'])}" if task["needs"] else ""
+        state = colour(task["state"], STATE_COLOURS.get(task["state"], "0"))
+        print(f"  {branch} {task['task']} [{task['kind']}/{task['queue']}] {state}{progress}{needs}")
+        for k, job in enumerate(task["attempts"]):
+            pipe = "   " if last else "│  "
+            twig = "└─" if k == len(task["attempts"]) - 1 else "├─"
+            err = f"  {str(job['error']).splitlines()[-1][:80]}" if job["error"] else ""
+            worker = f" on {job['worker']}" if job["worker"] else ""
+            print(f"  {pipe} {twig} attempt {job['attempt']}: {job['state']}{worker}{err}")
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    store = open_store(settings_from(args))
+    data = status_data(store.engine, args.ticket)
+    if not data:
+        raise CliError(f"no ticket {args.ticket!r} (see `jbctl status`)")
+    with store.engine.connect() as conn:
+        metrics = _rows(conn, "SELECT task, name, value, attempt FROM metrics WHERE ticket = :t", t=args.ticket)
+        artifacts = _rows(conn, "SELECT id, kind, task, attempt FROM artifacts WHERE ticket = :t", t=args.ticket)
+    events = [r.as_json() for r in store.read(0, stream=args.ticket)]
+    spec = next((e["data"]["spec"] for e in reversed(events) if e["type"] == "TicketSubmitted"), None)
+    acceptance = next((e["data"] for e in reversed(events) if e["type"] == "AcceptanceEvaluated"), None)
+    info = {
+        **data[0],
+        "spec": spec,
+        "metrics": metrics,
+        "artifacts": artifacts,
+        "acceptance": acceptance,
+        "events": len(events),
+    }
+    if args.json:
+        print_json(info)
+        return 0
+    _print_tree(data[0])
+    if spec:
+        print(f"\ngoal: {spec['goal'].strip()}")
+    if metrics:
+        print("\nmetrics:")
+        for m in metrics:
+            print(f"  {m['task']}.{m['name']} = {m['value']:g}  (attempt {m['attempt']})")
+    if acceptance:
+        print("\nacceptance:")
+        for r in acceptance["results"]:
+            mark = colour("pass", "32") if r["ok"] else colour("FAIL", "31")
+            seen = "" if r["observed"] is None else f"  (observed {r['observed']:g})"
+            print(f"  {mark}  {r['check']}{seen}")
+    if artifacts:
+        print("\nartifacts:")
+        for a in artifacts:
+            print(f"  {a['id'][:16]}  {a['kind']}  from {a['task']} attempt {a['attempt']}")
+    print(f"\n{len(events)} events: jbctl events --ticket {args.ticket}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from daemon.commands import CancelTicket
+    from daemon.handler import CommandHandler, local_actor
+
+    store = open_store(settings_from(args))
+    handler = CommandHandler(store)
+    if args.ticket not in handler.state.tickets:
+        raise CliError(f"no ticket {args.ticket!r} (see `jbctl status`)")
+    actor = local_actor()
+    recorded = handler.handle(
+        CancelTicket(now=datetime.now(UTC), ticket=args.ticket, reason=args.reason, actor=actor["user"]),
+        meta={"actor": actor},
+    )
+    if not recorded:
+        state = handler.state.tickets[args.ticket].status
+        raise CliError(f"{args.ticket} is {state}; only a running ticket can be cancelled")
+    print(f"cancelled {args.ticket}")
+    return 0
