@@ -12,7 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 MAX_TICKET_BYTES = 1_000_000
 TICKET_ID = re.compile(r"^TICKET-[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -169,6 +178,19 @@ class RunCheck(_Strict):
         return parse_duration(value)
 
 
+def _check_kind(value: Any) -> str:
+    """`run:` checks are commands; everything else is read as a metric check (for precise errors)."""
+    if isinstance(value, dict):
+        return "run" if "run" in value else "metric"
+    return "run" if isinstance(value, RunCheck) else "metric"
+
+
+AcceptanceCheck = Annotated[
+    Annotated[MetricCheck, Tag("metric")] | Annotated[RunCheck, Tag("run")],
+    Discriminator(_check_kind),
+]
+
+
 class Ticket(_Strict):
     """A goal with the steps to reach it and how to check it."""
 
@@ -178,7 +200,7 @@ class Ticket(_Strict):
     owner: str | None = None
     steps: list[Step] = Field(min_length=1)
     constraints: Constraints = Field(default_factory=Constraints)
-    acceptance: list[MetricCheck | RunCheck] = Field(default_factory=list)
+    acceptance: list[AcceptanceCheck] = Field(default_factory=list)
     update: Literal["none", "adapter", "core"] = "none"
     approvers: list[str] | None = None
     expires: Duration | None = Field(default=None, description="how long a proposal stays open, e.g. 7d")
@@ -381,8 +403,8 @@ def _message(err: dict[str, Any], doc: Any) -> tuple[tuple[str | int, ...], str]
     ctx_error = (err.get("ctx") or {}).get("error")
     if isinstance(ctx_error, LocatedError):
         return ctx_error.loc, ctx_error.message
-    # Drop pydantic's union-member tags such as 'MetricCheck' from the location.
-    loc = tuple(p for p in loc if not (isinstance(p, str) and p[:1].isupper()))
+    # Drop pydantic's union tags ('metric', 'run' for acceptance checks) from the location.
+    loc = tuple(p for n, p in enumerate(loc) if not (n == 2 and loc[0] == "acceptance" and p in ("metric", "run")))
     where = ".".join(str(p) for p in loc) or "ticket"
     kind = err.get("type", "")
     if kind == "extra_forbidden":

@@ -1,0 +1,71 @@
+"""Shared fixtures: a private Jetbox home, a migrated store, a command handler, a clock."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+# One torch thread: on 2 cores it is several times faster than the default.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+if "torch" in sys.modules:
+    sys.modules["torch"].set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "tickets" / "examples"
+JBCTL = str(Path(sys.executable).parent / "jbctl")
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> None:
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An isolated JETBOX_HOME (and no stray settings from the environment)."""
+    for key in list(os.environ):
+        if key.startswith("JETBOX_"):
+            monkeypatch.delenv(key)
+    path = tmp_path / "home"
+    path.mkdir()
+    monkeypatch.setenv("JETBOX_HOME", str(path))
+    return path
+
+
+@pytest.fixture
+def store(home: Path) -> Iterator[object]:
+    from schema.migrations import upgrade
+    from schema.settings import load_settings
+    from schema.store import EventStore
+
+    url = load_settings().db_url
+    upgrade(url)
+    s = EventStore(url)
+    yield s
+    s.close()
+
+
+class Clock:
+    """A controllable `now` for commands."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> datetime:
+        self.now += timedelta(seconds=seconds)
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()

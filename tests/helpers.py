@@ -1,0 +1,28 @@
+"""Small builders shared by tests."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from schema.ticket import Ticket, parse_ticket
+
+
+def ticket_yaml(tid: str = "TICKET-1", steps: str | None = None, extra: str = "") -> str:
+    steps = steps or "  - {id: a, kind: diag}\n  - {id: b, kind: diag, needs: [a]}\n"
+    return f"id: {tid}\ntitle: test ticket\ngoal: test the pipeline\nsteps:\n{steps}{extra}"
+
+
+def make_ticket(tid: str = "TICKET-1", steps: str | None = None, extra: str = "") -> Ticket:
+    return parse_ticket(ticket_yaml(tid, steps, extra).encode(), f"{tid}.yaml")
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def submit(ticket: Ticket, now: Any, path: str | None = None) -> Any:
+    from daemon.commands import SubmitTicket
+
+    text = ticket.model_dump_json()
+    return SubmitTicket(now=now, path=path or f"/t/{ticket.id}.yaml", content_hash=content_hash(text), ticket=ticket)
