@@ -1,0 +1,580 @@
+"""Training and evaluation of the grid reasoners (``hrm``, ``trm``, ``direct``) on sudoku.
+
+Training follows the papers' carried-batch scheme: a batch of ``batch_size`` slots, each holding one puzzle
+and its latent state. Every optimiser step runs one deep-supervision segment on all slots; a slot whose
+puzzle halted (ACT, or the maximum number of segments) takes the next puzzle of the stream and a fresh
+state. So the checkpoint must hold the carried state, the slots' puzzles and step counts, the halting
+statistics, the optimiser, every RNG and the data position, which makes resume bit-exact on CPU.
+
+Entry points for the dispatcher: :func:`train_reasoner` and :func:`evaluate_reasoner`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+
+from workers.context import JobCancelled, JobContext
+from workers.models.hrm import Reasoner, ReasonerConfig, SegmentOut, build_reasoner, count_params
+
+Grids = tuple[np.ndarray, np.ndarray]  # (puzzles int [N, n, n] with 0 = blank, solutions [N, n, n])
+# (puzzles, solutions, rng) -> the same puzzles under random validity-preserving transforms
+Augment = Callable[[np.ndarray, np.ndarray, np.random.Generator], Grids]
+# (puzzles [k, n, n], rng) -> cell images [k, n*n, C, H, W] (visual sudoku)
+Render = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+class ReasonerTrainParams(BaseModel):
+    """Parameters of a ``train`` step with ``model: hrm | trm | direct`` (a ticket's ``with:``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Literal["hrm", "trm", "direct"] = "trm"
+    # architecture (see ReasonerConfig); hrm splits n_layers into its H and L modules
+    d_model: int = Field(64, ge=8, le=4096)
+    n_heads: int = Field(4, ge=1)
+    n_layers: int = Field(2, ge=1, le=64)
+    expansion: float = Field(4.0, gt=0)
+    pos: Literal["rope", "learned"] = "rope"
+    h_cycles: int = Field(2, ge=1, le=64, description="hrm: H cycles; trm: recursions T per segment")
+    l_cycles: int = Field(2, ge=1, le=64, description="hrm: L steps per cycle; trm: latent updates n")
+    max_segments: int = Field(8, ge=1, le=64, description="deep-supervision segments (ACT maximum)")
+    halt_explore: float = Field(0.1, ge=0, le=1)
+    q_continue: bool = True
+    # optimisation
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0, le=1)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta2: float = Field(0.95, gt=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    ema: float | None = Field(None, ge=0, lt=1, description="EMA decay of weights; default 0.999 for trm")
+    loss_on: Literal["all", "blanks"] = Field(
+        "blanks", description="blanks: loss on blank cells only, givens are copied into the answer"
+    )
+    augment: bool = True
+    # budget and bookkeeping
+    max_steps: int = Field(2000, ge=1)
+    max_seconds: float | None = Field(None, gt=0, description="wall-clock budget of the training loop")
+    seed: int = 0
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(10, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> ReasonerTrainParams:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
+        if self.pos == "rope" and (self.d_model // self.n_heads) % 2:
+            raise ValueError("pos 'rope' needs an even head dimension d_model / n_heads")
+        if self.model == "hrm" and self.n_layers % 2:
+            raise ValueError("model 'hrm' splits n_layers between its H and L modules: use an even n_layers")
+        return self
+
+    @property
+    def ema_decay(self) -> float | None:
+        return self.ema if self.ema is not None else (0.999 if self.model == "trm" else None)
+
+    def model_config_for(self, n: int, input_dim: int | None = None) -> ReasonerConfig:
+        return ReasonerConfig(
+            kind=self.model, seq_len=n * n, vocab_size=n + 1, n_classes=n, input_dim=input_dim,
+            d_model=self.d_model, n_heads=self.n_heads, n_layers=self.n_layers, expansion=self.expansion,
+            pos=self.pos, h_cycles=self.h_cycles, l_cycles=self.l_cycles, max_segments=self.max_segments,
+            halt_explore=self.halt_explore, q_continue=self.q_continue,
+        )  # fmt: skip
+
+
+@dataclass
+class Visual:
+    """Visual sudoku: cells are glyph images; a frozen encoder [B,C,H,W] -> [B,D] turns them into latents."""
+
+    encoder: nn.Module
+    render: Render
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def as_grids(data: Any) -> Grids:
+    """Accept (puzzles, solutions), a dict or an object with ``puzzles``/``solutions``."""
+    if isinstance(data, dict):
+        p, s = data["puzzles"], data["solutions"]
+    elif hasattr(data, "puzzles"):
+        p, s = data.puzzles, data.solutions
+    else:
+        p, s = data
+    p, s = np.asarray(p), np.asarray(s)
+    if p.ndim != 3 or p.shape != s.shape or p.shape[1] != p.shape[2]:
+        raise ValueError(f"expected puzzles and solutions of shape [N, n, n], got {p.shape} and {s.shape}")
+    return p.astype(np.int64), s.astype(np.int64)
+
+
+def default_augment() -> Augment:
+    """The sudoku fabric's validity-preserving symmetries (digit relabelling, band/stack and row/column
+    permutations, transposition for square boxes), one random symmetry per puzzle."""
+    from workers.synth.sudoku import augment
+
+    def batch(puzzles: np.ndarray, solutions: np.ndarray, rng: np.random.Generator) -> Grids:
+        pairs = [augment(p, s, rng) for p, s in zip(puzzles, solutions, strict=True)]
+        return np.stack([p for p, _ in pairs]), np.stack([s for _, s in pairs])
+
+    return batch
+
+
+class PuzzleStream:
+    """Shuffled epochs over the training set, each drawn puzzle augmented; fully resumable."""
+
+    def __init__(self, grids: Grids, seed: int, augment: Augment | None) -> None:
+        self.puzzles, self.solutions = grids
+        self.augment = augment
+        self.rng = np.random.default_rng(seed)
+        self.epoch, self.cursor = 0, 0
+        self.order = self.rng.permutation(len(self.puzzles))
+        self.seen = 0
+
+    def take(self, k: int) -> Grids:
+        idx: list[int] = []
+        while len(idx) < k:
+            if self.cursor == len(self.order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self.order = self.rng.permutation(len(self.puzzles))
+            j = min(len(self.order), self.cursor + k - len(idx))
+            idx.extend(self.order[self.cursor : j].tolist())
+            self.cursor = j
+        p, s = self.puzzles[idx], self.solutions[idx]
+        if self.augment is not None:
+            p, s = self.augment(p, s, self.rng)
+        self.seen += k
+        return np.asarray(p, dtype=np.int64), np.asarray(s, dtype=np.int64)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state, "epoch": self.epoch, "cursor": self.cursor,
+                "order": self.order.copy(), "seen": self.seen}  # fmt: skip
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = sd["rng"]
+        self.epoch, self.cursor, self.order, self.seen = sd["epoch"], sd["cursor"], sd["order"], sd["seen"]
+
+
+class Inputs:
+    """Turns puzzles into model inputs: digit tokens, or latents of rendered glyphs through the encoder."""
+
+    def __init__(self, visual: Visual | None, device: torch.device, seed: int, n: int) -> None:
+        self.visual = visual
+        self.device = device
+        self.rng = np.random.default_rng(seed + 7919)  # glyph style draws, separate from the data stream
+        self.input_dim: int | None = None
+        if visual is not None:
+            visual.encoder.to(device).eval().requires_grad_(False)  # frozen: it is the core's encoder
+            self.input_dim = int(self(np.zeros((1, n, n), dtype=np.int64)).shape[-1])
+
+    @torch.no_grad()
+    def __call__(self, puzzles: np.ndarray) -> Tensor:
+        if self.visual is None:
+            return torch.from_numpy(puzzles.reshape(len(puzzles), -1)).to(self.device)
+        images = torch.as_tensor(np.asarray(self.visual.render(puzzles, self.rng)), dtype=torch.float32)
+        k, cells = images.shape[:2]
+        z = self.visual.encoder(images.flatten(0, 1).to(self.device))
+        return z.reshape(k, cells, -1).float()
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def predict(logits: Tensor, puzzles: Tensor, copy_givens: bool) -> Tensor:
+    """Digits [B, L] (1..n) from logits; with ``copy_givens`` the givens are written in unchanged."""
+    pred = logits.argmax(-1) + 1
+    return torch.where(puzzles > 0, puzzles, pred) if copy_givens else pred
+
+
+def grid_metrics(pred: Tensor, puzzles: Tensor, solutions: Tensor) -> dict[str, float]:
+    """Exact full-grid accuracy and accuracy on blank cells only (givens never count), pooled over cells."""
+    pred, puzzles, solutions = (t.reshape(t.shape[0], -1) for t in (pred, puzzles, solutions))
+    blank = puzzles == 0
+    right = pred == solutions
+    n_blank = int(blank.sum())
+    return {
+        "exact_acc": float(right.all(-1).float().mean()),
+        "blank_acc": float((right & blank).sum()) / max(n_blank, 1),
+    }
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+class EMA:
+    """Exponential moving average of the weights (TRM: stabilises training on small data)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
+            e.lerp_(p, 1 - self.decay)
+
+
+def lr_at(step: int, p: ReasonerTrainParams) -> float:
+    if step < p.warmup_steps:
+        return p.lr * (step + 1) / p.warmup_steps
+    if p.lr_schedule == "cosine":
+        t = (step - p.warmup_steps) / max(1, p.max_steps - p.warmup_steps)
+        return p.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+    return p.lr
+
+
+def _device(p: ReasonerTrainParams) -> torch.device:
+    if p.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(p.device)
+
+
+class Trainer:
+    """One training run: model, optimiser, carried batch, stream, statistics; checkpointable as a whole."""
+
+    def __init__(
+        self, p: ReasonerTrainParams, train: Grids, augment: Augment | None, visual: Visual | None = None
+    ) -> None:
+        self.p = p
+        self.device = _device(p)
+        torch.manual_seed(p.seed)
+        self.n = int(train[0].shape[1])
+        self.inputs = Inputs(visual, self.device, p.seed, self.n)
+        if visual is not None and p.loss_on == "blanks":
+            raise ValueError("visual sudoku reads the givens from images: use loss_on 'all'")
+        self.cfg = p.model_config_for(self.n, self.inputs.input_dim)
+        self.model: Reasoner = build_reasoner(self.cfg).to(self.device)
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
+        for name, w in self.model.named_parameters():
+            (decay if w.ndim >= 2 and "embed" not in name and "pos" not in name else no_decay).append(w)
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=p.lr, betas=(0.9, p.beta2),
+        )  # fmt: skip
+        self.ema = EMA(self.model, p.ema_decay) if p.ema_decay else None
+        self.stream = PuzzleStream(train, p.seed, augment if p.augment else None)
+        self.gen = torch.Generator(device=self.device).manual_seed(p.seed + 1)  # ACT exploration
+        b, t = p.batch_size, self.n * self.n
+        self.state = self.model.initial_state(b)
+        self.steps = torch.zeros(b, dtype=torch.long, device=self.device)
+        self.halted = torch.ones(b, dtype=torch.bool, device=self.device)  # all slots take a puzzle first
+        self.puzzles = torch.zeros(b, t, dtype=torch.long, device=self.device)
+        self.solutions = torch.zeros(b, t, dtype=torch.long, device=self.device)
+        x0 = self.inputs(np.zeros((1, self.n, self.n), dtype=np.int64))
+        self.x = x0.new_zeros((b, *x0.shape[1:]))  # the slots' model inputs (tokens or latents)
+        self.step = 0
+        self.elapsed = 0.0  # training seconds, summed over attempts
+        self.halt_hist = torch.zeros(self.cfg.segments + 1, dtype=torch.long)  # segments used per puzzle
+        self.history: list[tuple[int, float, float]] = []  # (step, loss, lr) every log_every steps
+
+    # -- one optimiser step on the carried batch
+
+    def _refill(self) -> None:
+        """Slots that halted take the next puzzles of the stream and a fresh state."""
+        h = self.halted
+        k = int(h.sum())
+        if k == 0:
+            return
+        used = self.steps[h & (self.steps > 0)].cpu()  # steps 0: the empty slots of the first step
+        self.halt_hist += torch.bincount(used, minlength=len(self.halt_hist))
+        pz, sol = self.stream.take(k)
+        self.puzzles[h] = torch.from_numpy(pz.reshape(k, -1)).to(self.device)
+        self.solutions[h] = torch.from_numpy(sol.reshape(k, -1)).to(self.device)
+        self.x[h] = self.inputs(pz)
+        self.state = self.model.reset_state(self.state, h)
+        self.steps = torch.where(h, 0, self.steps)
+
+    def losses(self, out: SegmentOut, target_q: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+        p = self.p
+        targets = self.solutions - 1
+        ce = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+        mask = (self.puzzles == 0) if p.loss_on == "blanks" else torch.ones_like(self.puzzles, dtype=torch.bool)
+        ce = ce.view_as(targets) * mask
+        lm = (ce.sum(-1) / mask.sum(-1).clamp(min=1)).mean()  # each puzzle weighs the same
+        with torch.no_grad():
+            pred = predict(out.logits, self.puzzles, p.loss_on == "blanks")
+            correct = (pred == self.solutions).all(-1)
+        loss = lm
+        stats = {"lm_loss": float(lm.detach()), "train_exact": float(correct.float().mean())}
+        if self.cfg.kind != "direct":
+            q = F.binary_cross_entropy_with_logits(out.q_halt, correct.float())
+            loss = loss + 0.5 * q
+            stats["q_halt_loss"] = float(q.detach())
+            if target_q is not None and out.q_continue is not None:
+                qc = F.binary_cross_entropy_with_logits(out.q_continue, target_q)
+                loss = loss + 0.5 * qc
+                stats["q_cont_loss"] = float(qc.detach())
+        return loss, stats
+
+    def train_step(self) -> dict[str, float]:
+        self.model.train()
+        self._refill()
+        lr = lr_at(self.step, self.p)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        x_emb = self.model.embed_input(self.x)
+        self.state, out = self.model.segment(self.state, x_emb)
+        self.steps = self.steps + 1
+        self.halted = self.model.halt(self.steps, out, self.gen)
+        target_q = self.model.q_target(self.state, x_emb.detach(), self.steps)
+        loss, stats = self.losses(out, target_q)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.p.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.p.grad_clip)
+        self.opt.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        return {"loss": float(loss.detach()), "lr": lr, **stats}
+
+    @property
+    def eval_model(self) -> Reasoner:
+        return self.ema.model if self.ema is not None else self.model  # type: ignore[return-value]
+
+    # -- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": "jetbox-reasoner/1",
+            "params": self.p.model_dump(),
+            "model_config": self.cfg.__dict__,
+            "model": self.model.state_dict(),
+            "ema": self.ema.model.state_dict() if self.ema is not None else None,
+            "optimizer": self.opt.state_dict(),
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "carry": {"state": self.state, "steps": self.steps, "halted": self.halted,
+                      "puzzles": self.puzzles, "solutions": self.solutions, "x": self.x},
+            "halt_hist": self.halt_hist,
+            "history": list(self.history),
+            "stream": self.stream.state_dict(),
+            "rng": {"exploration": self.gen.get_state(), "torch": torch.get_rng_state(),
+                    "inputs": self.inputs.rng.bit_generator.state},
+        }  # fmt: skip
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if sd.get("format") != "jetbox-reasoner/1":
+            raise ValueError("not a jetbox reasoner checkpoint")
+        if sd["model_config"] != self.cfg.__dict__:
+            raise ValueError("checkpoint was trained with a different model configuration")
+        self.model.load_state_dict(sd["model"])
+        if self.ema is not None and sd["ema"] is not None:
+            self.ema.model.load_state_dict(sd["ema"])
+        self.opt.load_state_dict(sd["optimizer"])
+        self.step, self.elapsed = sd["step"], sd["elapsed"]
+        c = sd["carry"]
+        self.state = {k: v.to(self.device) for k, v in c["state"].items()}
+        self.steps, self.halted = c["steps"].to(self.device), c["halted"].to(self.device)
+        self.puzzles, self.solutions = c["puzzles"].to(self.device), c["solutions"].to(self.device)
+        self.x = c["x"].to(self.device)
+        self.halt_hist = sd["halt_hist"]
+        self.history = [tuple(h) for h in sd["history"]]  # type: ignore[misc]
+        self.stream.load_state_dict(sd["stream"])
+        self.gen.set_state(sd["rng"]["exploration"])
+        torch.set_rng_state(sd["rng"]["torch"])
+        self.inputs.rng.bit_generator.state = sd["rng"]["inputs"]
+
+    def save(self, path: Path) -> Path:
+        """Write atomically: a reader (or a crash) never sees a half-written checkpoint."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=False)  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: Reasoner, test: Grids, inputs: Inputs, copy_givens: bool, batch_size: int = 256
+) -> dict[str, Any]:
+    """Run every test puzzle for the maximum number of segments, reading off the answer after each one.
+
+    Returns headline metrics at the maximum (as the papers report), metrics when each puzzle stops where
+    its halting head first says so (ACT), the mean segments ACT uses, and per-segment accuracy curves.
+    """
+    model.eval()
+    puzzles, solutions = test
+    device = next(model.parameters()).device
+    segs = model.cfg.segments
+    right_exact = torch.zeros(segs)
+    right_blank = torch.zeros(segs)
+    act_exact = act_blank = 0.0
+    steps_used = 0.0
+    n_blank = int((puzzles == 0).sum())
+    for i in range(0, len(puzzles), batch_size):
+        pz = torch.from_numpy(puzzles[i : i + batch_size].reshape(-1, puzzles[0].size)).to(device)
+        sol = torch.from_numpy(solutions[i : i + batch_size].reshape(pz.shape)).to(device)
+        x_emb = model.embed_input(inputs(puzzles[i : i + batch_size]))
+        state = model.initial_state(len(pz))
+        stop = torch.full((len(pz),), segs, dtype=torch.long, device=device)
+        act_pred = torch.zeros_like(pz)
+        for k in range(segs):
+            state, out = model.segment(state, x_emb)
+            pred = predict(out.logits, pz, copy_givens)
+            right = pred == sol
+            right_exact[k] += float(right.all(-1).sum())
+            right_blank[k] += float((right & (pz == 0)).sum())
+            wants = out.q_halt > (out.q_continue if out.q_continue is not None else 0.0)
+            first = (stop == segs) & (wants | (k == segs - 1))
+            act_pred[first] = pred[first]
+            stop = torch.where(first & (stop == segs), torch.full_like(stop, k + 1), stop)
+        act_right = act_pred == sol
+        act_exact += float(act_right.all(-1).sum())
+        act_blank += float((act_right & (pz == 0)).sum())
+        steps_used += float(stop.sum())
+    n = len(puzzles)
+    return {
+        "exact_acc": float(right_exact[-1]) / n,
+        "blank_acc": float(right_blank[-1]) / max(n_blank, 1),
+        "exact_acc_act": act_exact / n,
+        "blank_acc_act": act_blank / max(n_blank, 1),
+        "mean_steps": steps_used / n,
+        "exact_by_steps": (right_exact / n).tolist(),
+        "blank_by_steps": (right_blank / max(n_blank, 1)).tolist(),
+    }
+
+
+def _plot(path: Path, title: str, xlabel: str, curves: dict[str, tuple[list[float], list[float]]]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (xs, ys) in curves.items():
+        ax.plot(xs, ys, marker="o" if len(xs) <= 32 else None, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _report(ctx: JobContext, kind: str, ev: dict[str, Any], extra: dict[str, float]) -> dict[str, float]:
+    """Accuracy-vs-steps PNG artifact and the flat float metrics a job returns."""
+    ks = [float(k) for k in range(1, len(ev["exact_by_steps"]) + 1)]
+    png = _plot(
+        ctx.workdir / "reasoner_accuracy_vs_steps.png", f"{kind}: accuracy vs test-time supervision steps",
+        "supervision steps (segments)",
+        {"exact grid": (ks, ev["exact_by_steps"]), "blank cells": (ks, ev["blank_by_steps"])},
+    )  # fmt: skip
+    ctx.artifact(png, "plot", {"what": "accuracy_vs_steps", "model": kind})
+    metrics = {k: float(v) for k, v in ev.items() if not isinstance(v, list)}
+    return {**metrics, **extra}
+
+
+# --------------------------------------------------------------------------------------------- job entry points
+
+
+def train_reasoner(
+    ctx: JobContext,
+    params: ReasonerTrainParams,
+    train_data: Any,
+    test_data: Any,
+    *,
+    augment: Augment | None = None,
+    visual: Visual | None = None,
+) -> dict[str, float]:
+    """Train, checkpoint, evaluate. Resumes exactly from ``ctx.resume_from``. Returns float metrics."""
+    train, test = as_grids(train_data), as_grids(test_data)
+    if params.augment and augment is None:
+        augment = default_augment()
+    tr = Trainer(params, train, augment, visual)
+    ckpt = ctx.workdir / "checkpoints" / "reasoner-last.pt"
+    if ctx.resume_from is not None:
+        tr.load_state_dict(load_checkpoint(Path(ctx.resume_from)))
+        ctx.log(f"resumed from {ctx.resume_from} at step {tr.step}")
+    ctx.log(f"{params.model}: {count_params(tr.model):,} parameters on {tr.device}")
+    start_step, start_seen, t0 = tr.step, tr.stream.seen, time.monotonic()
+    elapsed0 = tr.elapsed
+    loss_sum, loss_n = 0.0, 0
+    while tr.step < params.max_steps and (params.max_seconds is None or tr.elapsed < params.max_seconds):
+        if ctx.cancelled():
+            ctx.checkpoint(tr.save(ckpt), tr.step)
+            raise JobCancelled(f"cancelled at step {tr.step}")
+        stats = tr.train_step()
+        tr.elapsed = elapsed0 + time.monotonic() - t0
+        loss_sum, loss_n = loss_sum + stats["loss"], loss_n + 1
+        if tr.step % params.log_every == 0 or tr.step == params.max_steps:
+            tr.history.append((tr.step, loss_sum / loss_n, stats["lr"]))
+            loss_sum, loss_n = 0.0, 0
+            run = time.monotonic() - t0
+            rate = (tr.step - start_step) / max(run, 1e-9)
+            eta = (params.max_steps - tr.step) / max(rate, 1e-9)
+            if params.max_seconds is not None:
+                eta = min(eta, max(0.0, params.max_seconds - tr.elapsed))
+            ctx.progress(
+                tr.step, params.max_steps, loss=stats["loss"], lr=stats["lr"], train_exact=stats["train_exact"],
+                puzzles_per_s=(tr.stream.seen - start_seen) / max(run, 1e-9), eta_s=eta,
+            )  # fmt: skip
+        if tr.step % params.checkpoint_every == 0:
+            ctx.checkpoint(tr.save(ckpt), tr.step)
+    final = tr.save(ctx.workdir / "checkpoints" / "reasoner-final.pt")
+    ctx.checkpoint(final, tr.step)
+    if tr.history:
+        steps, losses, _ = zip(*tr.history, strict=True)
+        png = _plot(ctx.workdir / "reasoner_loss.png", f"{params.model}: training loss", "step",
+                    {"loss": (list(steps), list(losses))})  # fmt: skip
+        ctx.artifact(png, "plot", {"what": "loss_curve", "model": params.model})
+    ev = evaluate_model(tr.eval_model, test, tr.inputs, params.loss_on == "blanks", params.eval_batch_size)
+    hist = tr.halt_hist.float()
+    extra = {
+        "steps": float(tr.step),
+        "puzzles_seen": float(tr.stream.seen),
+        "train_seconds": tr.elapsed,
+        "params": float(count_params(tr.model)),
+        "train_mean_segments": float((hist * torch.arange(len(hist))).sum() / hist.sum().clamp(min=1)),
+    }
+    return _report(ctx, params.model, ev, extra)
+
+
+def evaluate_reasoner(
+    ctx: JobContext,
+    params: ReasonerTrainParams,
+    checkpoint_path: Path | str,
+    test_data: Any,
+    *,
+    visual: Visual | None = None,
+) -> dict[str, float]:
+    """Evaluate a checkpoint (its EMA weights when present) on ``test_data``; the model is rebuilt from the
+    configuration stored in the checkpoint, so ``params`` only supplies evaluation settings."""
+    sd = load_checkpoint(Path(checkpoint_path))
+    cfg = ReasonerConfig(**sd["model_config"])
+    test = as_grids(test_data)
+    device = _device(params)
+    inputs = Inputs(visual, device, params.seed, int(test[0].shape[1]))
+    model = build_reasoner(replace(cfg)).to(device)
+    model.load_state_dict(sd["ema"] if sd.get("ema") is not None else sd["model"])
+    copy_givens = sd["params"].get("loss_on", "blanks") == "blanks"
+    ev = evaluate_model(model, test, inputs, copy_givens, params.eval_batch_size)
+    return _report(ctx, cfg.kind, ev, {"params": float(count_params(model))})
