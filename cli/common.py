@@ -15,12 +15,13 @@ def settings_from(args: Any) -> Settings:
     return load_settings(home=getattr(args, "home", None))
 
 
-def use_colour(stream: Any = sys.stdout) -> bool:
+def use_colour(stream: Any = None) -> bool:
     """Colour only on a TTY and never with NO_COLOR set."""
+    stream = stream if stream is not None else sys.stdout
     return "NO_COLOR" not in os.environ and hasattr(stream, "isatty") and stream.isatty()
 
 
-def colour(text: str, code: str, stream: Any = sys.stdout) -> str:
+def colour(text: str, code: str, stream: Any = None) -> str:
     return f"\033[{code}m{text}\033[0m" if use_colour(stream) else text
 
 

@@ -56,6 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        from schema.store import ConcurrencyError, StoreError
+
+        if isinstance(exc, StoreError | ConcurrencyError):
+            print(f"jbctl: {exc}", file=sys.stderr)
+            return 1
+        raise
     except BrokenPipeError:
         return 0
 

@@ -111,6 +111,17 @@ def _rows(conn: sa.Connection, sql: str, **params: Any) -> list[dict[str, Any]]:
     return [dict(r) for r in conn.execute(sa.text(sql), params).mappings()]
 
 
+def _select(conn: sa.Connection, name: str, order: tuple[str, ...] = (), **equal: Any) -> list[dict[str, Any]]:
+    """Rows of a projection table through its model (so JSON columns come back decoded)."""
+    from schema.tables import SQLModel
+
+    table = SQLModel.metadata.tables[name]
+    query = sa.select(table).order_by(*(table.c[o] for o in order))
+    for column, value in equal.items():
+        query = query.where(table.c[column] == value)
+    return [dict(r) for r in conn.execute(query).mappings()]
+
+
 def _age(ts: datetime | None, now: datetime) -> str:
     if ts is None:
         return ""
@@ -157,21 +168,11 @@ def _current_step(task_rows: list[dict[str, Any]]) -> tuple[str, str]:
 def status_data(engine: sa.Engine, ticket: str | None = None, include_old: bool = True) -> list[dict[str, Any]]:
     """Tickets with their tasks and attempts, as plain dicts (what `status --json` prints)."""
     now = datetime.now(UTC).replace(tzinfo=None)
+    where = {"ticket": ticket} if ticket else {}
     with engine.connect() as conn:
-        if ticket:
-            tickets = _rows(conn, "SELECT * FROM tickets WHERE id = :t", t=ticket)
-        else:
-            tickets = _rows(conn, "SELECT * FROM tickets ORDER BY submitted_at, id")
-        tasks = (
-            _rows(conn, "SELECT * FROM tasks ORDER BY ticket")
-            if not ticket
-            else _rows(conn, "SELECT * FROM tasks WHERE ticket = :t", t=ticket)
-        )
-        jobs = (
-            _rows(conn, "SELECT * FROM jobs ORDER BY ticket, task, attempt")
-            if not ticket
-            else _rows(conn, "SELECT * FROM jobs WHERE ticket = :t ORDER BY task, attempt", t=ticket)
-        )
+        tickets = _select(conn, "tickets", ("submitted_at", "id"), **({"id": ticket} if ticket else {}))
+        tasks = _select(conn, "tasks", ("ticket",), **where)
+        jobs = _select(conn, "jobs", ("ticket", "task", "attempt"), **where)
     out = []
     for t in tickets:
         ended = _naive_dt(t["ended_at"]) if t["ended_at"] else None

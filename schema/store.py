@@ -49,7 +49,11 @@ class Recorded:
 
     @property
     def event(self) -> ev.Event:
-        return ev.event_from(self.type, self.data)
+        try:
+            return ev.event_from(self.type, self.data)
+        except ValueError as exc:  # includes pydantic's ValidationError
+            first = str(exc).splitlines()[:3]
+            raise StoreError(f"seq {self.seq}: stored {self.type} event is unreadable: {' '.join(first)}") from None
 
     def as_json(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,147 @@
+"""jbctl's read side over a real store: status, describe, events, sql, replay, verify; and its start-up."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cli.main import main as jbctl
+from daemon.handler import CommandHandler
+from schema.store import EventStore
+from tests.conftest import JBCTL
+from tests.test_store import run_pipeline
+
+
+@pytest.fixture
+def filled(store: EventStore) -> EventStore:
+    handler = CommandHandler(store)
+    run_pipeline(handler, "TICKET-1")
+    handler.handle(
+        __import__("tests.helpers", fromlist=["submit"]).submit(
+            __import__("tests.helpers", fromlist=["make_ticket"]).make_ticket("TICKET-2"),
+            run_pipeline.__globals__["T0"],
+        )
+    )
+    return store
+
+
+def test_status_table_tree_and_json(filled: EventStore, capsys: pytest.CaptureFixture[str]) -> None:
+    assert jbctl(["status"]) == 0
+    assert "TICKET-1" not in capsys.readouterr().out  # finished more than a day ago
+    assert jbctl(["status", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "TICKET-1" in out and "completed" in out and "TICKET-2" in out and "a (attempt 1, scheduled)" in out
+    assert "\033[" not in out  # no colour when not a TTY
+    assert jbctl(["status", "TICKET-1"]) == 0
+    tree = capsys.readouterr().out
+    assert "attempt 1: failed" in tree and "attempt 2: succeeded" in tree and "needs a" in tree
+    assert jbctl(["status", "--json", "--all"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [d["ticket"] for d in data] == ["TICKET-1", "TICKET-2"]
+    assert data[1]["waiting_on"] == "a cpu worker for a"
+    assert jbctl(["status", "TICKET-404"]) == 1
+    assert "no ticket 'TICKET-404'" in capsys.readouterr().err
+
+
+def test_describe(filled: EventStore, capsys: pytest.CaptureFixture[str]) -> None:
+    assert jbctl(["describe", "TICKET-1", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["metrics"] == [{"task": "a", "name": "acc", "value": 0.7, "attempt": 2}]
+    assert info["spec"]["id"] == "TICKET-1"
+    assert jbctl(["describe", "TICKET-1"]) == 0
+    assert "a.acc = 0.7" in capsys.readouterr().out
+
+
+def test_events_filters(filled: EventStore, capsys: pytest.CaptureFixture[str]) -> None:
+    assert jbctl(["events", "--json", "--ticket", "TICKET-2"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert {x["stream"] for x in lines} == {"TICKET-2"}
+    assert jbctl(["events", "--json", "--type", "AttemptFailed"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["type"] for x in lines] == ["AttemptFailed"]
+    assert jbctl(["events", "--since", "5", "--limit", "2", "--json"]) == 0
+    assert [json.loads(x)["seq"] for x in capsys.readouterr().out.splitlines()] == [6, 7]
+    assert jbctl(["events", "--limit", "0"]) == 1
+
+
+def test_sql_read_only_and_formats(filled: EventStore, capsys: pytest.CaptureFixture[str]) -> None:
+    assert jbctl(["sql", "SELECT id, state FROM tickets ORDER BY id", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"id": "TICKET-1", "state": "completed"},
+        {"id": "TICKET-2", "state": "running"},
+    ]
+    assert jbctl(["sql", "SELECT id FROM tickets ORDER BY id", "--csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["id", "TICKET-1", "TICKET-2"]
+    before = filled.head()
+    for stmt in [
+        "DELETE FROM events",
+        "UPDATE tickets SET state='x'",
+        "DROP TABLE events",
+        "INSERT INTO checkpoints (name, seq) VALUES ('x', 1)",
+    ]:
+        assert jbctl(["sql", stmt]) == 1
+        assert "read-only" in capsys.readouterr().err
+    assert filled.head() == before
+    assert jbctl(["sql", "SELECT nope FROM nowhere"]) == 1
+    assert "SQL error" in capsys.readouterr().err
+
+
+def test_replay_verify_commands(filled: EventStore, capsys: pytest.CaptureFixture[str]) -> None:
+    assert jbctl(["replay", "--check"]) == 0
+    assert jbctl(["verify"]) == 0
+    assert "hash chain intact" in capsys.readouterr().out
+    import sqlite3
+
+    conn = sqlite3.connect(filled.url.split("///", 1)[1])
+    conn.execute("UPDATE tasks SET state = 'running'")
+    conn.execute("UPDATE events SET hash = 'x' WHERE seq = 2")
+    conn.commit()
+    conn.close()
+    assert jbctl(["replay", "--check"]) == 1
+    assert jbctl(["verify"]) == 1
+    assert "chain broken at seq 2" in capsys.readouterr().err
+    assert jbctl(["replay"]) == 0
+    conn = sqlite3.connect(filled.url.split("///", 1)[1])
+    conn.execute("UPDATE events SET type = 'TicketCompleted' WHERE seq = 2")
+    conn.commit()
+    conn.close()
+    capsys.readouterr()
+    assert jbctl(["replay", "--check"]) == 1
+    assert "seq 2: stored TicketCompleted event is unreadable" in capsys.readouterr().err
+
+
+def test_commands_without_database_say_so(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert jbctl(["status"]) == 1
+    assert "run `jbctl migrate`" in capsys.readouterr().err
+
+
+def test_cancel(filled: EventStore, capsys: pytest.CaptureFixture[str]) -> None:
+    assert jbctl(["cancel", "TICKET-2", "-m", "not needed"]) == 0
+    assert jbctl(["cancel", "TICKET-2"]) == 1
+    assert "only a running ticket" in capsys.readouterr().err
+    rec = list(filled.read(0, types=["TicketCancelled"]))[0]
+    assert rec.data["reason"] == "not needed" and "user" in rec.meta["actor"]
+
+
+def test_jbctl_and_daemon_never_import_torch() -> None:
+    code = (
+        "import sys, cli.main as m; m.build_parser();"
+        "import daemon.handler, daemon.decider, schema.store;"
+        "import importlib, pkgutil, daemon;"
+        "[importlib.import_module('daemon.' + x.name) for x in pkgutil.iter_modules(daemon.__path__)];"
+        "bad = [k for k in sys.modules if k.split('.')[0] in ('torch', 'numpy', 'workers', 'timm')];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_jbctl_help_via_process() -> None:
+    proc = subprocess.run([JBCTL, "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "status" in proc.stdout and "sql" in proc.stdout
