@@ -123,7 +123,7 @@ def test_cancel(filled: EventStore, capsys: pytest.CaptureFixture[str]) -> None:
     assert jbctl(["cancel", "TICKET-2", "-m", "not needed"]) == 0
     assert jbctl(["cancel", "TICKET-2"]) == 1
     assert "only a running ticket" in capsys.readouterr().err
-    rec = list(filled.read(0, types=["TicketCancelled"]))[0]
+    rec = next(iter(filled.read(0, types=["TicketCancelled"])))
     assert rec.data["reason"] == "not needed" and "user" in rec.meta["actor"]
 
 

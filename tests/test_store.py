@@ -113,7 +113,7 @@ def test_verify_names_first_bad_seq(store: EventStore, sql: str, bad_seq: int | 
         _tamper(store.url, "UPDATE events SET seq = 3 WHERE seq = -1")
     else:
         _tamper(store.url, sql)
-    checked, bad, reason = store.verify()
+    _checked, bad, reason = store.verify()
     assert bad == (bad_seq if bad_seq is not None else total)
     assert reason != "ok"
 
