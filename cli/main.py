@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "cli.tickets",
     "cli.store_cmds",
     "cli.artifacts",
+    "cli.daemon_cmds",
 ]
 
 
