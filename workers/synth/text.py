@@ -29,7 +29,7 @@ NAMES = ("Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Iv
 ITEMS = ("apple", "pencil", "marble", "coin", "book", "sticker", "card", "shell", "stamp", "button",
          "orange", "brick", "ribbon", "candle", "cookie")
 OBJECTS = ("box", "ball", "lamp", "chair", "rock", "kettle", "drum", "vase", "bucket", "clock",
-           "table", "bottle", "anvil", "pillow", "helmet", "basket", "guitar", "crate", "brick", "barrel")
+           "table", "bottle", "anvil", "pillow", "helmet", "basket", "guitar", "crate", "statue", "barrel")
 # Smallest pools a split may leave: questions draw up to three distinct numbers, names or objects.
 MIN_POOL = {"numbers": 4, "names": 3, "items": 1, "objects": 3}
 QUESTION_WIDTH = 256
