@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "cli.store_cmds",
     "cli.artifacts",
     "cli.daemon_cmds",
+    "cli.run_cmds",
 ]
 
 

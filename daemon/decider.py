@@ -151,7 +151,7 @@ def _schedule(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime
             attempt=task.attempt + 1,
             kind=task.kind,
             queue=task.queue,
-            params=_resolved_params(ticket, task),
+            params=resolved_params(ticket, task),
             timeout=task.timeout,
             resume_checkpoint=task.checkpoint,
             network=spec.constraints.network,
@@ -160,7 +160,7 @@ def _schedule(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime
     )
 
 
-def _resolved_params(ticket: TicketState, task: TaskState) -> dict[str, Any]:
+def resolved_params(ticket: TicketState, task: TaskState) -> dict[str, Any]:
     """Parameters with references to needed steps replaced by those steps' outputs."""
     params = dict(task.params)
     inputs = {n: ticket.tasks[n].outputs for n in task.needs if ticket.tasks[n].outputs}

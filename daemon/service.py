@@ -128,7 +128,11 @@ class Daemon:
         settle: float | None = None,
     ) -> None:
         self.settings = settings
-        self.factories = list(DEFAULT_REACTORS if reactor_factories is None else reactor_factories)
+        if reactor_factories is None:
+            from daemon.reactors import default_factories
+
+            reactor_factories = [*DEFAULT_REACTORS, *default_factories(settings)]
+        self.factories = list(reactor_factories)
         self.notifier = notifier or Notifier()
         self.overrides = dict(overrides or {})  # command-line settings that survive a reload
         self.install_signals = install_signals

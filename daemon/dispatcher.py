@@ -1,0 +1,131 @@
+"""The dispatcher: a reactor that turns AttemptScheduled events into RQ jobs, and cancellations into stop flags.
+
+It reads the log after its own checkpoint. Enqueueing is idempotent (the RQ job id is derived from
+ticket, task and attempt), so a crash between acting and checkpointing only repeats harmless work.
+The daemon never imports `workers`: jobs name the entry point as a string.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+import redis
+from rq import Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from daemon.handler import CommandHandler
+from schema import events as ev
+from schema.settings import Settings
+from schema.wire import ENTRY_POINT, Envelope, cancel_key, job_id, load_secret
+
+log = logging.getLogger("jetbox.dispatcher")
+CHECKPOINT = "dispatcher"
+_WATCHED = ["AttemptScheduled", "TicketCancelled", "TicketFailed"]
+PAGE = 1000
+KEEP_S = 7 * 86400  # how long RQ keeps a finished job (and so remembers its id)
+
+
+def redis_connection(settings: Settings) -> redis.Redis:
+    if not settings.redis_url:
+        raise RuntimeError("no Redis configured (JETBOX_REDIS_URL); `jbctl up` starts a private one")
+    return redis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=30)
+
+
+def queue(conn: redis.Redis, name: str) -> Queue:
+    return Queue(name, connection=conn, serializer=JSONSerializer)
+
+
+def enqueue(conn: redis.Redis, key: bytes, envelope: Envelope, queue_name: str) -> bool:
+    """Put one attempt on its queue unless RQ already knows its job id; True if enqueued now."""
+    jid = envelope.job_id
+    if Job.exists(jid, connection=conn):
+        return False
+    queue(conn, queue_name).enqueue_call(
+        func=ENTRY_POINT,
+        args=(envelope.signed(key),),
+        job_id=jid,
+        timeout=int(envelope.timeout) + 60,  # our own timeout fires first; RQ's is the backstop
+        result_ttl=KEEP_S,
+        failure_ttl=KEEP_S,
+        description=f"{envelope.ticket}/{envelope.task} attempt {envelope.attempt} ({envelope.kind})",
+    )
+    return True
+
+
+def envelope_from(e: ev.AttemptScheduled) -> Envelope:
+    return Envelope(
+        kind=e.kind,
+        ticket=e.ticket,
+        task=e.task,
+        attempt=e.attempt,
+        params=e.params,
+        resume_checkpoint=e.resume_checkpoint,
+        timeout=e.timeout,
+        network=e.network,
+        device=e.device,
+    )
+
+
+class Dispatcher:
+    """Reactor: AttemptScheduled → RQ job; TicketCancelled/TicketFailed → stop flags for live attempts."""
+
+    name = "dispatcher"
+
+    def __init__(self, handler: CommandHandler, settings: Settings, conn: redis.Redis | None = None) -> None:
+        self.handler = handler
+        self.store = handler.store
+        self.conn = conn or redis_connection(settings)
+        self.key = load_secret(settings.secret_path, create=True)
+        self.enqueued = 0
+
+    def poll(self, now: datetime) -> bool:
+        since = self.store.checkpoint(CHECKPOINT)
+        head = self.store.head()
+        if head <= since:
+            return False
+        recs = list(self.store.read(since, types=_WATCHED, limit=PAGE))
+        for rec in recs:
+            self.act(rec.event)
+        # A short page means every event up to `head` has been seen.
+        done = recs[-1].seq if len(recs) == PAGE else max(head, recs[-1].seq if recs else since)
+        self.store.set_checkpoint(CHECKPOINT, done)
+        return bool(recs)
+
+    def act(self, event: ev.Event) -> None:
+        if isinstance(event, ev.AttemptScheduled):
+            state = self.handler.state.tickets.get(event.ticket)
+            task = state.tasks.get(event.task) if state else None
+            # A later attempt or an ended ticket makes this one moot.
+            live = task is not None and task.attempt == event.attempt and task.status in ("scheduled", "running")
+            if live and enqueue(self.conn, self.key, envelope_from(event), event.queue):
+                self.enqueued += 1
+        elif isinstance(event, ev.TicketCancelled | ev.TicketFailed):
+            self.stop_ticket(event.ticket)
+
+    def stop_ticket(self, ticket: str) -> None:
+        """Ask every attempt of the ticket to stop, and drop the ones still waiting in a queue."""
+        state = self.handler.state.tickets.get(ticket)
+        if state is None:
+            return
+        for task in state.tasks.values():
+            if task.attempt < 1:
+                continue
+            jid = job_id(ticket, task.id, task.attempt)
+            self.conn.set(cancel_key(jid), "1", ex=KEEP_S)
+            try:
+                job = Job.fetch(jid, connection=self.conn, serializer=JSONSerializer)
+            except Exception:  # NoSuchJobError and friends
+                continue
+            if job.get_status(refresh=False) in ("queued", "deferred", "scheduled"):
+                job.cancel()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def summary(conn: Any) -> dict[str, int]:
+    """Queue depths, for STATUS lines."""
+    return {name: queue(conn, name).count for name in ("gpu", "cpu")}

@@ -1,0 +1,133 @@
+"""The report inbox: a reactor that reads workers' signed reports and turns them into commands.
+
+Reports arrive on a Redis stream read through a consumer group. A message is acknowledged only after
+the events it produced are committed, so delivery is at-least-once; the decider drops duplicates by
+the attempt's report sequence number. A report whose signature fails becomes a SafetyViolation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+from typing import Any
+
+import redis
+from pydantic import ValidationError
+
+from daemon import commands as cmd
+from daemon.dispatcher import redis_connection
+from daemon.handler import CommandHandler
+from schema.settings import Settings
+from schema.wire import REPORT_GROUP, REPORT_STREAM, Report, load_secret, verify
+
+log = logging.getLogger("jetbox.inbox")
+BATCH = 500
+STREAM_MAXLEN = 100_000
+
+
+def ensure_group(conn: redis.Redis) -> None:
+    """Create the stream and its consumer group (again, after Redis lost them)."""
+    try:
+        conn.xgroup_create(REPORT_STREAM, REPORT_GROUP, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def to_command(report: Report, now: datetime) -> cmd.Command:
+    """The decider command a verified report stands for."""
+    base: dict[str, Any] = {
+        "now": now,
+        "ticket": report.ticket,
+        "task": report.task,
+        "attempt": report.attempt,
+        "report_seq": report.seq,
+    }
+    b = report.body
+    if report.kind == "started":
+        return cmd.RecordJobStarted(**base, worker=report.worker)
+    if report.kind == "progress":
+        return cmd.RecordProgress(**base, step=b.get("step", 0), total=b.get("total"), metrics=b.get("metrics", {}))
+    if report.kind == "checkpoint":
+        return cmd.RecordCheckpoint(**base, path=b["path"], step=b.get("step", 0))
+    if report.kind == "artifact":
+        return cmd.RecordArtifact(**base, artifact=b["artifact"], kind=b["kind"], meta=b.get("meta", {}))
+    if report.kind == "succeeded":
+        return cmd.RecordJobSucceeded(**base, metrics=b.get("metrics", {}), outputs=b.get("outputs", {}))
+    if report.kind == "failed":
+        return cmd.RecordJobFailed(
+            **base,
+            error=str(b.get("error", "unknown error")),
+            retryable=bool(b.get("retryable", True)),
+            violation=b.get("violation"),
+        )
+    return cmd.RecordViolation(now=now, what=str(b.get("what", "violation")), detail=str(b.get("detail", "")))
+
+
+class Inbox:
+    """Reactor: stream of signed reports → commands → events, then XACK."""
+
+    name = "inbox"
+
+    def __init__(
+        self, handler: CommandHandler, settings: Settings, conn: redis.Redis | None = None, consumer: str = "daemon"
+    ) -> None:
+        self.handler = handler
+        self.conn = conn or redis_connection(settings)
+        self.key = load_secret(settings.secret_path, create=True)
+        self.consumer = consumer
+        self.applied = 0
+        ensure_group(self.conn)
+
+    def parse(self, fields: dict[bytes, bytes], now: datetime) -> cmd.Command:
+        raw = fields.get(b"report", b"")
+        sig = fields.get(b"sig", b"").decode(errors="replace")
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return cmd.RecordViolation(now=now, what="forged_report", detail=f"unreadable report: {raw[:200]!r}")
+        if not isinstance(data, dict) or not verify(data, sig, self.key):
+            claimed = data.get("ticket") if isinstance(data, dict) else None
+            return cmd.RecordViolation(
+                now=now,
+                what="forged_report",
+                detail=f"bad signature on report {str(data)[:300]}",
+                ticket=claimed if isinstance(claimed, str) and claimed in self.handler.state.tickets else None,
+            )
+        try:
+            return to_command(Report.model_validate(data), now)
+        except (ValidationError, KeyError, TypeError) as exc:
+            return cmd.RecordViolation(
+                now=now, what="malformed_report", detail=f"signed report does not parse: {str(exc)[:300]}"
+            )
+
+    def _read(self, start: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        found = self.conn.xreadgroup(REPORT_GROUP, self.consumer, {REPORT_STREAM: start}, count=BATCH)
+        return list(found[0][1]) if found else []
+
+    def poll(self, now: datetime) -> bool:
+        try:
+            # Our own unacknowledged messages first (left by a crash), then new ones.
+            pending = self._read("0")
+            trimmed = [mid for mid, fields in pending if not fields]
+            if trimmed:  # trimmed away before we acknowledged them: nothing left to apply
+                self.conn.xack(REPORT_STREAM, REPORT_GROUP, *trimmed)
+            messages = [m for m in pending if m[1]] or self._read(">")
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):  # Redis was flushed or restarted empty
+                ensure_group(self.conn)
+                return False
+            raise
+        if not messages:
+            return False
+        commands = [self.parse(fields, now) for _, fields in messages]
+        self.handler.handle_many(commands, meta={"source": "worker-report"})
+        self.conn.xack(REPORT_STREAM, REPORT_GROUP, *[mid for mid, _ in messages])
+        self.applied += len(messages)
+        if self.applied % 5000 < len(messages):
+            self.conn.xtrim(REPORT_STREAM, maxlen=STREAM_MAXLEN, approximate=True)
+        return True
+
+    def close(self) -> None:
+        self.conn.close()

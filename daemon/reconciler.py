@@ -1,0 +1,127 @@
+"""The reconciler: compares what the log says is running with what RQ and the heartbeats say.
+
+Redis is a transport, never the source of truth. An attempt still waiting whose RQ job vanished
+(Redis flushed or restarted empty) is enqueued again under the same id; an attempt whose worker
+stopped beating, whose RQ job died, or that ran past its timeout is failed, and the decider's retry
+policy takes it from there (resuming from the last checkpoint).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Any
+
+import redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from daemon import commands as cmd
+from daemon.dispatcher import enqueue, redis_connection
+from daemon.handler import CommandHandler
+from daemon.state import TaskState, TicketState
+from schema.settings import Settings
+from schema.wire import Envelope, cancel_key, heartbeat_key, job_id, load_secret
+
+DEAD_JOB_STATES = {"failed", "stopped", "canceled"}
+
+
+class Reconciler:
+    """Reactor that runs every `heartbeat_seconds` (and once at start-up)."""
+
+    name = "reconciler"
+
+    def __init__(self, handler: CommandHandler, settings: Settings, conn: redis.Redis | None = None) -> None:
+        self.handler = handler
+        self.conn = conn or redis_connection(settings)
+        self.key = load_secret(settings.secret_path, create=True)
+        self.every = settings.heartbeat_seconds
+        self.grace = settings.heartbeat_timeout_seconds
+        self.last_run = 0.0
+        self.missing_since: dict[str, float] = {}
+        self.redispatched = 0
+
+    def poll(self, now: datetime) -> bool:
+        mono = time.monotonic()
+        if mono - self.last_run < self.every:
+            return False
+        self.last_run = mono
+        commands: list[cmd.Command] = []
+        live: set[str] = set()
+        for ticket in list(self.handler.state.tickets.values()):
+            if ticket.status != "running":
+                continue
+            for task in ticket.tasks.values():
+                if task.status in ("scheduled", "running"):
+                    jid = job_id(ticket.id, task.id, task.attempt)
+                    live.add(jid)
+                    found = self.check(ticket, task, jid, now, mono)
+                    if found is not None:
+                        commands.append(found)
+        self.missing_since = {k: v for k, v in self.missing_since.items() if k in live}
+        if commands:
+            self.handler.handle_many(commands, meta={"source": "reconciler"})
+        return bool(commands)
+
+    def check(self, ticket: TicketState, task: TaskState, jid: str, now: datetime, mono: float) -> cmd.Command | None:
+        started = task.started_at or task.scheduled_at
+        if task.status == "running" and started is not None and (now - started).total_seconds() > task.timeout:
+            self.conn.set(cancel_key(jid), "1", ex=86400)
+            return self._fail(ticket, task, f"timed out: ran longer than {task.timeout:g}s", retryable=True, now=now)
+        job = self._job(jid)
+        if job is None:
+            if task.status == "scheduled":
+                # Lost before any worker took it (Redis flushed or restarted empty): send it again.
+                enqueue(self.conn, self.key, self._envelope(ticket, task), task.queue)
+                self.redispatched += 1
+                return None
+            return self._missing_beat(ticket, task, jid, now, mono, "its RQ job vanished")
+        status = job.get_status(refresh=False)
+        if status in DEAD_JOB_STATES:
+            info = (job.latest_result().exc_string if job.latest_result() else None) or status
+            return self._fail(ticket, task, f"worker lost the job ({status}): {str(info)[-500:]}", True, now)
+        if status == "started" or task.status == "running":
+            return self._missing_beat(ticket, task, jid, now, mono, "no heartbeat")
+        return None
+
+    def _missing_beat(
+        self, ticket: TicketState, task: TaskState, jid: str, now: datetime, mono: float, why: str
+    ) -> cmd.Command | None:
+        if self.conn.exists(heartbeat_key(jid)):
+            self.missing_since.pop(jid, None)
+            return None
+        first = self.missing_since.setdefault(jid, mono)
+        if mono - first < self.grace:
+            return None  # a restarted Redis lost the key; a live worker sets it again within a beat
+        self.missing_since.pop(jid, None)
+        worker = f" on {task.worker}" if task.worker else ""
+        return self._fail(ticket, task, f"worker lost{worker}: {why} for {self.grace:g}s", True, now)
+
+    def _job(self, jid: str) -> Any:
+        try:
+            return Job.fetch(jid, connection=self.conn, serializer=JSONSerializer)
+        except Exception:  # NoSuchJobError, or a job hash Redis half-lost
+            return None
+
+    def _envelope(self, ticket: TicketState, task: TaskState) -> Envelope:
+        from daemon.decider import resolved_params
+
+        return Envelope(
+            kind=task.kind,
+            ticket=ticket.id,
+            task=task.id,
+            attempt=task.attempt,
+            params=resolved_params(ticket, task),
+            resume_checkpoint=task.checkpoint,
+            timeout=task.timeout,
+            network=ticket.spec.constraints.network,
+            device=ticket.spec.constraints.device,
+        )
+
+    def _fail(self, ticket: TicketState, task: TaskState, error: str, retryable: bool, now: datetime) -> cmd.Command:
+        return cmd.RecordJobFailed(
+            now=now, ticket=ticket.id, task=task.id, attempt=task.attempt, error=error, retryable=retryable
+        )
+
+    def close(self) -> None:
+        self.conn.close()

@@ -1,0 +1,123 @@
+"""What crosses Redis: signed job envelopes (daemon → worker) and signed reports (worker → daemon).
+
+Both are JSON (never pickle) and carry an HMAC-SHA256 over their canonical JSON, keyed by a secret
+that only the daemon and the workers hold. Redis is a transport: whoever can write to it can
+neither run code on a worker nor forge a result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import stat
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+REPORT_STREAM = "jetbox:reports"
+REPORT_GROUP = "jetbox-daemon"
+ENTRY_POINT = "workers.entry.run_job"
+QUEUES = ("gpu", "cpu")
+
+
+class SecretError(Exception):
+    """The key file is missing, unreadable or too open."""
+
+
+def load_secret(path: Path, create: bool = True) -> bytes:
+    """The HMAC key; created 0600 on first use. A key readable by others is refused."""
+    path = Path(path)
+    if not path.exists():
+        if not create:
+            raise SecretError(f"no secret key at {path}: start the daemon once, or set JETBOX_SECRET_FILE")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32) + "\n")
+    info = path.stat()
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise SecretError(
+            f"secret key {path} is readable by others (mode {stat.S_IMODE(info.st_mode):o}); fix: chmod 600 {path}"
+        )
+    if info.st_uid != os.getuid():
+        raise SecretError(f"secret key {path} is owned by uid {info.st_uid}, not by this user ({os.getuid()})")
+    key = path.read_text().strip()
+    if len(key) < 32:
+        raise SecretError(f"secret key {path} is too short (need at least 32 hex characters)")
+    return key.encode()
+
+
+def _canonical(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sign(body: dict[str, Any], key: bytes) -> str:
+    return hmac.new(key, _canonical(body), hashlib.sha256).hexdigest()
+
+
+def verify(body: dict[str, Any], signature: str, key: bytes) -> bool:
+    return hmac.compare_digest(sign(body, key), signature or "")
+
+
+def job_id(ticket: str, task: str, attempt: int) -> str:
+    """The RQ job id of an attempt: the same attempt always maps to the same job (idempotent dispatch)."""
+    # RQ allows letters, digits, - and _ only; ids never contain "__" next to each other.
+    return f"jetbox__{ticket}__{task}__{attempt}"
+
+
+class Envelope(BaseModel):
+    """Everything a worker needs to run one attempt."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str
+    ticket: str
+    task: str
+    attempt: int = Field(ge=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+    resume_checkpoint: str | None = None
+    timeout: float = 3600.0
+    network: Literal["deny", "allow"] = "deny"
+    device: str = "auto"
+
+    @property
+    def job_id(self) -> str:
+        return job_id(self.ticket, self.task, self.attempt)
+
+    def signed(self, key: bytes) -> dict[str, Any]:
+        body = self.model_dump(mode="json")
+        return {"body": body, "sig": sign(body, key)}
+
+
+ReportKind = Literal["started", "progress", "checkpoint", "artifact", "succeeded", "failed", "violation"]
+
+
+class Report(BaseModel):
+    """One message from a running job; `seq` orders a single attempt's reports."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: ReportKind
+    ticket: str
+    task: str
+    attempt: int = Field(ge=1)
+    seq: int = Field(ge=1)
+    worker: str
+    body: dict[str, Any] = Field(default_factory=dict)
+
+    def signed(self, key: bytes) -> dict[str, str]:
+        """Fields for XADD: the JSON report and its signature."""
+        data = self.model_dump(mode="json")
+        return {"report": json.dumps(data, sort_keys=True), "sig": sign(data, key)}
+
+
+def heartbeat_key(jid: str) -> str:
+    return f"jetbox:hb:{jid}"
+
+
+def cancel_key(jid: str) -> str:
+    return f"jetbox:cancel:{jid}"

@@ -1,0 +1,101 @@
+"""The one function an RQ job may call: verify the envelope, look the kind up, run it, report.
+
+Every outcome is a signed report on the stream; the RQ job itself never fails for an expected
+reason (the event log, not RQ, says whether an attempt failed).
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+import redis
+from pydantic import ValidationError
+
+from schema.settings import load_settings
+from schema.wire import Envelope, Report, load_secret, verify
+from workers.context import JobCancelled
+from workers.jobs import ALLOWED, JobFailed, JobResult
+from workers.runtime import Heartbeat, Reporter, RuntimeContext, worker_name
+
+
+def _connection() -> redis.Redis:
+    from rq import get_current_job
+
+    job = get_current_job()
+    if job is not None:
+        return job.connection
+    settings = load_settings()
+    if not settings.redis_url:
+        raise RuntimeError("JETBOX_REDIS_URL is not set")
+    return redis.Redis.from_url(settings.redis_url)
+
+
+def report_violation(conn: redis.Redis, key: bytes, what: str, detail: str) -> None:
+    """Tell the daemon something untrustworthy reached this worker."""
+    from schema.wire import REPORT_STREAM
+
+    report = Report(
+        kind="violation",
+        ticket="-",
+        task="-",
+        attempt=1,
+        seq=1,
+        worker=worker_name(),
+        body={"what": what, "detail": detail[:2000]},
+    )
+    conn.xadd(REPORT_STREAM, report.signed(key))  # type: ignore[arg-type]
+
+
+def run_job(signed: dict[str, Any]) -> str:
+    """RQ entry point (see schema.wire.ENTRY_POINT)."""
+    settings = load_settings()
+    key = load_secret(settings.secret_path, create=False)
+    conn = _connection()
+    body = signed.get("body") if isinstance(signed, dict) else None
+    if not isinstance(body, dict) or not verify(body, str(signed.get("sig", "")), key):
+        report_violation(conn, key, "forged_envelope", f"envelope signature does not verify: {str(signed)[:300]}")
+        return "refused: bad signature"
+    envelope = Envelope.model_validate(body)
+    reporter = Reporter(conn, key, envelope, worker_name())
+    fn = ALLOWED.get(envelope.kind)
+    if fn is None:
+        reporter.send(
+            "failed",
+            error=f"job kind {envelope.kind!r} is not in the worker's allowlist",
+            retryable=False,
+            violation="job_not_allowed",
+        )
+        return "refused: kind not allowed"
+    workdir = settings.home / "work" / envelope.ticket / envelope.task / f"attempt-{envelope.attempt}"
+    heartbeat = Heartbeat(conn, envelope.job_id, settings.heartbeat_seconds, settings.heartbeat_timeout_seconds)
+    heartbeat.beat()
+    heartbeat.start()
+    ctx = RuntimeContext(envelope, reporter, conn, workdir, settings.artifacts_path)
+    reporter.send("started")
+    try:
+        result = fn(ctx, envelope.params)
+        if not isinstance(result, JobResult):
+            result = JobResult.model_validate(result)
+        reporter.send("succeeded", metrics=result.metrics, outputs=result.outputs)
+        return "succeeded"
+    except JobCancelled as exc:
+        reporter.send("failed", error=str(exc), retryable=False)
+        return "cancelled"
+    except JobFailed as exc:
+        reporter.send("failed", error=f"{type(exc).__name__}: {exc}", retryable=False)
+        return "failed"
+    except ValidationError as exc:  # bad `with:` parameters: retrying cannot help
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'with'}: {e['msg']}" for e in exc.errors())
+        reporter.send("failed", error=f"invalid parameters for {envelope.kind}: {problems}", retryable=False)
+        return "failed"
+    except Exception as exc:
+        violation = getattr(exc, "violation", None)
+        reporter.send(
+            "failed", error=traceback.format_exc(limit=20)[-4000:], retryable=violation is None, violation=violation
+        )
+        del exc
+        return "failed"
+    finally:
+        heartbeat.stop()
+        ctx.close()

@@ -1,0 +1,59 @@
+"""The RQ worker Jetbox runs: JSON only, one entry point, no fork.
+
+`SimpleWorker` runs jobs in its own process: CUDA is never initialised in a process that then
+forks, and loaded models stay warm between jobs. A worker that dies stops refreshing its job's
+heartbeat key; the reconciler fails the attempt once the key expires (heartbeat_timeout_seconds).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rq import Queue, SimpleWorker
+from rq.serializers import JSONSerializer
+
+from schema.wire import ENTRY_POINT
+
+
+class ForeignJobError(Exception):
+    """A job in our queue names a function other than Jetbox's entry point."""
+
+
+class JetboxWorker(SimpleWorker):
+    """Refuses any job that does not call `workers.entry.run_job`."""
+
+    def perform_job(self, job: Any, queue: Queue, execution: Any) -> bool:  # type: ignore[override]
+        if job.func_name != ENTRY_POINT:
+            self._refuse(job, queue, execution)
+            return False
+        return bool(super().perform_job(job, queue, execution))
+
+    def _refuse(self, job: Any, queue: Queue, execution: Any) -> None:
+        import sys
+
+        from schema.settings import load_settings
+        from schema.wire import load_secret
+        from workers.entry import report_violation
+
+        detail = f"job {job.id} in queue {queue.name} names {job.func_name!r}; only {ENTRY_POINT} may run"
+        try:
+            report_violation(
+                self.connection, load_secret(load_settings().secret_path, create=False), "foreign_job", detail
+            )
+        finally:
+            try:
+                raise ForeignJobError(detail)
+            except ForeignJobError:
+                self.handle_job_failure(job, queue=queue, exc_string=detail, execution=execution)
+            print(f"jetbox worker: refused {detail}", file=sys.stderr)
+
+
+def run_worker(redis_url: str, queues: list[str], burst: bool = False, name: str | None = None) -> int:
+    """Work the named queues until stopped (or until empty with burst)."""
+    import redis
+
+    conn = redis.Redis.from_url(redis_url)
+    qs = [Queue(q, connection=conn, serializer=JSONSerializer) for q in queues]
+    worker = JetboxWorker(qs, connection=conn, serializer=JSONSerializer, name=name)
+    worker.work(burst=burst, logging_level="WARNING", with_scheduler=False)
+    return 0
