@@ -104,7 +104,8 @@ def test_same_seed_same_pixels() -> None:
 
 
 @pytest.mark.parametrize(("generator", "params", "field"), [
-    ("glyphs", {"size": 0}, "size"), ("glyphs", {"digits": [0, 1]}, "digits"), ("glyphs", {"styles": ["gothic"]}, "styles"),
+    ("glyphs", {"size": 0}, "size"), ("glyphs", {"digits": [0, 1]}, "digits"),
+    ("glyphs", {"styles": ["gothic"]}, "styles"),
     ("glyphs", {"noise": 3}, "noise"), ("visual_sudoku", {"n": 9, "givens": 10}, "givens"),
     ("visual_sudoku", {"cell_size": -1}, "cell_size"), ("visual_sudoku", {"styles": ["x"]}, "styles"),
 ])

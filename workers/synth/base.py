@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from schema.artifacts import ArtifactStore, CorruptArtifactError, FieldSpec, Lineage, Manifest, ShardInfo
 
@@ -128,9 +128,9 @@ def get_generator(name: str | Generator) -> Generator:
 def _format_errors(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "params"
+        loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}")
+        parts.append(f"{loc}: {msg}" if loc else msg)  # whole-model checks name their fields themselves
     return "; ".join(parts)
 
 
@@ -170,14 +170,17 @@ class SynthesisRequest(BaseModel):
             raise ValueError(str(exc)) from None
         return value
 
-    @model_validator(mode="after")
-    def _params(self) -> SynthesisRequest:
+    @field_validator("params")
+    @classmethod
+    def _params(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        generator = info.data.get("generator")
+        if generator is None:  # already reported as an unknown generator
+            return value
         try:
-            normal = validate_params(self.generator, self.params)
+            normal = validate_params(generator, value)
         except SynthError as exc:
             raise ValueError(str(exc)) from None
-        self.params = normal.model_dump(mode="json")
-        return self
+        return dict(normal.model_dump(mode="json"))
 
 
 # ---------------------------------------------------------------------------------------------
