@@ -9,7 +9,6 @@ bit-for-bit (tests/test_jepa.py checks it).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -25,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from workers.context import JobCancelled, JobContext
-from workers.models.jepa import JEPA, PRESETS, JepaConfig, make_config, preprocess, sample_masks
+from workers.models.jepa import JEPA, JepaConfig, make_config, preprocess, sample_masks
 from workers.models.text import TEXT_PRESETS, CrossModalJEPA, TextConfig, tokenize, train_tokenizer
 
 LABELS = ("shape", "colour", "count", "position")
@@ -89,37 +88,46 @@ class Dataset:
         return Dataset(self.images[idx], {k: v[idx] for k, v in self.labels.items()}, caps)
 
 
-def load_data(data: Any) -> Dataset:
-    """Accept a `Dataset`, a mapping of arrays, an `.npz` path, or a dataset manifest (JSON) path.
+def load_data(data: Any, store: Any = None) -> Dataset:
+    """Accept a `Dataset`, a mapping of arrays (what the synth generators return), a shard file
+    (`.npz`/`.safetensors`), or a dataset manifest (`Manifest` or its JSON path) with its artifact store.
 
-    Arrays: `images`, labels as `label_<name>` or `<name>` for the names in LABELS, optional `captions`.
-    A manifest lists its shard files (`shards: [{path: ...}]`, relative to the manifest); shards are
-    concatenated in order.
+    Arrays: `images` uint8 [N, H, W, 3]; labels named as in LABELS (`color` is accepted for `colour`);
+    optional `caption` or `captions`. Without `store`, a manifest's store is the nearest folder above the
+    manifest that has an `objects/` folder (the artifact store's layout).
     """
     if isinstance(data, Dataset):
         return data
-    if hasattr(data, "images") and not isinstance(data, Mapping):  # a generator's dataclass
-        data = {k: getattr(data, k) for k in dir(data) if not k.startswith("_")}
-    if isinstance(data, str | os.PathLike):
-        path = Path(data)
-        if path.suffix == ".json":
-            manifest = json.loads(path.read_text())
-            parts = [load_data(path.parent / s["path"]) for s in manifest["shards"]]
-            return Dataset(np.concatenate([p.images for p in parts]),
-                           {k: np.concatenate([p.labels[k] for p in parts]) for k in parts[0].labels},
-                           [c for p in parts for c in p.captions])
-        with np.load(path, allow_pickle=False) as npz:
-            data = {k: npz[k] for k in npz.files}
+    if isinstance(data, str | os.PathLike) and Path(data).suffix in (".npz", ".safetensors"):
+        from workers.synth.base import read_shard
+
+        data = read_shard(Path(data), "npz" if Path(data).suffix == ".npz" else "safetensors", mmap=False)
+    elif isinstance(data, str | os.PathLike) or type(data).__name__ == "Manifest":
+        from schema.artifacts import ArtifactStore, Manifest
+        from workers.synth.base import load_arrays
+
+        if not isinstance(data, Manifest):
+            path = Path(data).resolve()
+            manifest = Manifest.model_validate_json(path.read_text())
+            if store is None:
+                root = next((p for p in path.parents if (p / "objects").is_dir()), None)
+                if root is None:
+                    raise ValueError(f"cannot find the artifact store of manifest {path}; pass store=")
+                store = ArtifactStore(root)
+            data = manifest
+        if store is None:
+            raise ValueError("loading a Manifest needs its artifact store")
+        data = load_arrays(data, store)
     if not isinstance(data, Mapping) or "images" not in data:
         raise ValueError("data must provide `images` (uint8 [N, H, W, 3]) and labels")
-    labels_src = data.get("labels", data)
     labels = {}
     for name in LABELS:
-        for key in (name, f"label_{name}", "color" if name == "colour" else name):
-            if isinstance(labels_src, Mapping) and key in labels_src:
-                labels[name] = np.asarray(labels_src[key]).astype(np.int64)
+        for key in (name, "color" if name == "colour" else name):
+            if key in data:
+                labels[name] = np.asarray(data[key]).astype(np.int64)
                 break
-    captions = [str(c) for c in data["captions"]] if "captions" in data else []
+    cap_key = "captions" if "captions" in data else "caption" if "caption" in data else None
+    captions = [str(c) for c in data[cap_key]] if cap_key else []
     images = np.asarray(data["images"])
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
@@ -161,7 +169,8 @@ def lr_at(step: int, params: JepaTrainParams) -> float:
 
 def make_optimizer(model: nn.Module, params: JepaTrainParams) -> torch.optim.AdamW:
     """AdamW; no weight decay on biases, norms and learned tokens (1-D parameters)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)

@@ -143,6 +143,7 @@ class ImageEncoder(nn.Module):
             num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, num_classes=0, global_pool="",
             class_token=False, pos_embed="none",
         )
+        self.pos: Tensor
         self.register_buffer("pos", sincos_pos_embed(cfg.embed_dim, cfg.grid), persistent=False)
 
     def forward(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
@@ -163,6 +164,7 @@ class Predictor(nn.Module):
         self.embed = nn.Linear(cfg.embed_dim, cfg.pred_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.pred_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.pos: Tensor
         self.register_buffer("pos", sincos_pos_embed(cfg.pred_dim, cfg.grid), persistent=False)
         self.blocks = nn.Sequential(*[
             Block(cfg.pred_dim, cfg.pred_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True)
@@ -211,8 +213,9 @@ def sample_masks(cfg: JepaConfig, batch: int, gen: torch.Generator) -> tuple[Ten
     """Multi-block masks for one batch: (context indices [B, Nc], target indices [T, B, Nt]).
 
     Block shapes are drawn once per batch, one shape for all target blocks (as I-JEPA's collator does:
-    every sample then has the same number of target patches, which keeps tensors rectangular), and placed independently per sample. The context is one large block with
-    every target patch removed; samples are trimmed to the batch's smallest context by a random subset.
+    every sample then has the same number of target patches, which keeps tensors rectangular), and
+    placed independently per sample. The context is one large block with every target patch removed;
+    samples are trimmed to the batch's smallest context by a random subset.
     Indices are sorted raster positions in [0, grid*grid).
     """
     grid = cfg.grid

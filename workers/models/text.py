@@ -1,6 +1,6 @@
 """A small text encoder for synthetic captions, and the cross-modal JEPA that ties it to images.
 
-The tokenizer (WordPiece) is trained locally on the dataset's captions with `tokenizers`; the encoder is a
+The tokenizer (WordPiece, `tokenizers`) is fitted locally to the dataset's captions; the encoder is a
 `transformers` BERT built from a config, never from downloaded weights. `CrossModalJEPA` adds two small
 predictors, image latent -> caption latent and back, so the two encoders share a latent space; both
 latents are kept from collapsing by SIGReg (there is no EMA teacher on the text side).
@@ -8,13 +8,14 @@ latents are kept from collapsing by SIGReg (there is no EMA teacher on the text 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from torch import Tensor, nn
 from transformers import BertConfig, BertModel
 
@@ -45,15 +46,29 @@ TEXT_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def train_tokenizer(captions: Sequence[str], vocab_size: int = 256) -> Tokenizer:
-    """A lower-casing WordPiece tokenizer trained on `captions`; adds [CLS] ... [SEP] when encoding."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    """A lower-casing WordPiece tokenizer fitted to `captions`; adds [CLS] ... [SEP] when encoding.
+
+    The vocabulary is counted here rather than by `trainers.WordPieceTrainer`, whose result changes from
+    process to process (ties are broken in hash order), which would break exact resume and
+    reproducibility: specials, then every character (as a word start and as a `##` continuation, so any
+    word of the captions' alphabet can be spelled), then whole words by descending count, ties in
+    alphabetical order, until `vocab_size`.
+    """
+    tok = Tokenizer(models.WordPiece(vocab={s: i for i, s in enumerate(SPECIALS)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(),
                                            normalizers.StripAccents()])
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in captions:
+        normalised = tok.normalizer.normalize_str(text)
+        counts.update(word for word, _ in tok.pre_tokenizer.pre_tokenize_str(normalised))
+    chars = sorted({ch for word in counts for ch in word})
+    vocab = [*SPECIALS, *chars, *(f"##{ch}" for ch in chars)]
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    vocab += words[:max(0, vocab_size - len(vocab))]
+    tok.model = models.WordPiece(vocab={t: i for i, t in enumerate(vocab)}, unk_token="[UNK]")
+    tok.add_special_tokens(SPECIALS)  # so decode() skips them
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, min_frequency=1,
-                                        show_progress=False)
-    tok.train_from_iterator(list(captions), trainer=trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
                                                        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])

@@ -1,0 +1,255 @@
+"""JEPA models, training job and evaluation harness (CPU, one thread, real synthetic shapes)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from workers.context import JobCancelled, LocalContext
+from workers.evaluate import EvalParams, collapse_stats, evaluate_encoder, recall_chance
+from workers.models.jepa import JEPA, make_config, sample_masks, sigreg
+from workers.models.text import TextConfig, TextEncoder, tokenize, train_tokenizer
+from workers.synth.shapes import ShapesGenerator, ShapesParams
+from workers.train_jepa import JepaTrainParams, load_checkpoint, load_data, train_jepa
+
+ROOT = Path(__file__).resolve().parent.parent
+# a model small enough that a few steps take well under a second
+MICRO = {"embed_dim": 32, "depth": 1, "num_heads": 2, "pred_dim": 16, "pred_depth": 1, "pred_heads": 2,
+         "sigreg_slices": 32}
+MICRO_TEXT = {"hidden": 32, "layers": 1, "heads": 2, "pred_hidden": 32, "vocab_size": 128}
+
+
+@pytest.fixture(autouse=True)
+def _threads() -> None:
+    torch.set_num_threads(1)
+
+
+def shapes(n: int, seed: int) -> dict[str, np.ndarray]:
+    return ShapesGenerator().generate(ShapesParams(), seed, 0, n)
+
+
+@pytest.fixture(scope="module")
+def small_data() -> dict[str, np.ndarray]:
+    return shapes(256, seed=3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# model pieces
+
+
+@pytest.mark.parametrize("preset", ["tiny", "rtx3090"])
+def test_masks_disjoint_in_bounds(preset: str) -> None:
+    cfg = make_config(preset)
+    for seed in range(5):
+        ctx_idx, tgt_idx = sample_masks(cfg, 16, torch.Generator().manual_seed(seed))
+        assert tgt_idx.shape[:2] == (cfg.num_targets, 16)
+        assert ctx_idx.min() >= 0 and ctx_idx.max() < cfg.num_patches
+        assert tgt_idx.min() >= 0 and tgt_idx.max() < cfg.num_patches
+        assert ctx_idx.shape[1] >= cfg.min_context
+        for b in range(16):
+            ctx = set(ctx_idx[b].tolist())
+            assert len(ctx) == ctx_idx.shape[1], "context indices repeat"
+            assert torch.equal(ctx_idx[b], ctx_idx[b].sort().values)
+            for t in range(cfg.num_targets):
+                block = tgt_idx[t, b].tolist()
+                assert not ctx & set(block), "a target patch leaked into the context"
+                rows, cols = {i // cfg.grid for i in block}, {i % cfg.grid for i in block}
+                assert len(rows) * len(cols) == len(block), "a target is not a rectangle"
+
+
+def test_model_output_shapes() -> None:
+    cfg = make_config(**MICRO)
+    model = JEPA(cfg)
+    images = torch.randn(4, 3, 32, 32)
+    ctx_idx, tgt_idx = sample_masks(cfg, 4, torch.Generator().manual_seed(0))
+    assert model.encoder(images).shape == (4, 64, 32)
+    assert model.encoder(images, keep=ctx_idx).shape == (4, ctx_idx.shape[1], 32)
+    pred = model.predictor(model.encoder(images, keep=ctx_idx), ctx_idx, tgt_idx)
+    assert pred.shape == (*tgt_idx.shape, 32)
+    loss, out = model(images, ctx_idx, tgt_idx)
+    assert loss.ndim == 0 and torch.isfinite(loss) and "sigreg" in out
+    assert model.embed(images).shape == (4, 32)
+    ema = JEPA(make_config(**{**MICRO, "regularizer": "ema"}))
+    assert ema.target_encoder is not None
+    assert not any(p.requires_grad for p in ema.target_encoder.parameters())
+    before = next(iter(ema.target_encoder.parameters())).clone()
+    with torch.no_grad():
+        for p in ema.encoder.parameters():
+            p.add_(1.0)
+    ema.update_target(0.5)
+    assert torch.allclose(next(iter(ema.target_encoder.parameters())), before + 0.5)
+
+
+def test_sigreg_gaussian_vs_collapsed() -> None:
+    gen = torch.Generator().manual_seed(0)
+    gauss = sigreg(torch.randn(2048, 64, generator=gen), generator=gen)
+    collapsed = sigreg(torch.zeros(2048, 64) + 0.3, generator=gen)
+    shrunk = sigreg(0.05 * torch.randn(2048, 64, generator=gen), generator=gen)
+    low_rank = sigreg(torch.randn(2048, 1, generator=gen).repeat(1, 64) / 8, generator=gen)
+    assert gauss < 0.005
+    assert collapsed > 0.2 and shrunk > 0.2 and low_rank > 0.05
+    z = torch.zeros(256, 8, requires_grad=True)
+    sigreg(z + 0.01 * torch.randn(256, 8, generator=gen), generator=gen).backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+
+
+def test_collapse_stats_centre_first() -> None:
+    rng = np.random.default_rng(0)
+    healthy = rng.normal(size=(500, 32))
+    collapsed = 5.0 + 1e-3 * rng.normal(size=(500, 1)) * np.ones((1, 32))  # offset + one direction
+    h, c = collapse_stats(healthy), collapse_stats(collapsed)
+    assert h["rankme"] > 25 and c["rankme"] < 2
+    assert h["std"] > 0.9
+
+
+def test_bad_params_are_clear() -> None:
+    with pytest.raises(ValidationError, match="bogus"):
+        JepaTrainParams(arch={"bogus": 1})
+    with pytest.raises(ValidationError, match="not a multiple of patch_size"):
+        JepaTrainParams(arch={"patch_size": 5})
+    with pytest.raises(ValidationError, match="preset"):
+        JepaTrainParams.model_validate({"preset": "huge"})
+    with pytest.raises(ValidationError, match="steps"):
+        JepaTrainParams(steps=0)
+    with pytest.raises(ValidationError, match=r"(?s)learning_rate.*Extra inputs"):
+        JepaTrainParams.model_validate({"learning_rate": 0.1})
+    with pytest.raises(ValidationError, match="regularizer"):
+        JepaTrainParams(arch={"regularizer": "vicreg"})
+    with pytest.raises(ValidationError, match="labels"):
+        EvalParams.model_validate({"labels": ["size"]})
+    assert JepaTrainParams(preset="rtx3090", arch={"depth": 6}).image_config().depth == 6
+
+
+# ----------------------------------------------------------------------------------------------------
+# training job: checkpoints, exact resume, cancellation
+
+
+def _params(**extra: Any) -> dict[str, Any]:
+    return {"steps": 8, "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 4, "arch": MICRO, **extra}
+
+
+RESUME_SCRIPT = """
+import sys, torch
+from pathlib import Path
+from workers.context import LocalContext
+from workers.synth.shapes import ShapesGenerator, ShapesParams
+from workers.train_jepa import train_jepa
+import json
+torch.set_num_threads(1)
+params = json.loads(sys.argv[1])
+ctx = LocalContext(Path(sys.argv[2]), resume_from=Path(sys.argv[3]))
+train_jepa(ctx, params, ShapesGenerator().generate(ShapesParams(), 3, 0, 256))
+"""
+
+
+@pytest.mark.parametrize("extra", [
+    {"model": "jepa"},
+    {"model": "jepa-text", "arch": {**MICRO, "regularizer": "ema"}, "text": MICRO_TEXT},
+], ids=["jepa-sigreg", "jepa-text-ema"])
+def test_resume_is_bit_exact(tmp_path: Path, small_data: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
+    import json
+
+    params = _params(**extra)
+    straight = LocalContext(tmp_path / "straight")
+    train_jepa(straight, params, small_data)
+    first = LocalContext(tmp_path / "first")
+    train_jepa(first, {**params, "stop_at_step": 4}, small_data)
+    assert first.checkpoints[-1][1] == 4
+    # resume in a fresh process, as a retried attempt on another worker would
+    subprocess.run([sys.executable, "-c", RESUME_SCRIPT, json.dumps(params), str(tmp_path / "resumed"),
+                    str(first.checkpoints[-1][0])], check=True, cwd=ROOT)
+    a = load_checkpoint(straight.checkpoints[-1][0])
+    b = load_checkpoint(sorted((tmp_path / "resumed" / "checkpoints").glob("*.pt"))[-1])
+    assert a["step"] == b["step"] == 8
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), f"{key} differs after resume"
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+    assert a["history"] == b["history"]
+
+
+def test_progress_checkpoints_plot_and_cancel(tmp_path: Path, small_data: dict[str, np.ndarray]) -> None:
+    class StopAfter(LocalContext):
+        def cancelled(self) -> bool:
+            return len(self.progress_log) >= 3
+
+        def raise_if_cancelled(self) -> None:
+            if self.cancelled():
+                raise JobCancelled("stop")
+
+    ctx = StopAfter(tmp_path / "a")
+    with pytest.raises(JobCancelled):
+        train_jepa(ctx, _params(), small_data)
+    path, step = ctx.checkpoints[-1]
+    assert step == 3 and path.exists()
+    assert not list(path.parent.glob(".*tmp*")), "temporary checkpoint file left behind"
+    entry = ctx.progress_log[-1]
+    assert {"loss", "lr", "images_s", "eta_s"} <= set(entry) and entry["step"] == 3
+    ckpt = load_checkpoint(path)
+    assert {"model", "optimizer", "scheduler", "rng", "data_position"} <= set(ckpt)
+    done = LocalContext(tmp_path / "b", resume_from=path)
+    metrics = train_jepa(done, _params(), small_data)
+    assert metrics["step"] == 8 and done.progress_log[0]["step"] == 4
+    plots = [a for a in done.artifacts if a["kind"] == "plot"]
+    assert plots and Path(plots[0]["path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wrong_image_size_is_clear(tmp_path: Path) -> None:
+    data = ShapesGenerator().generate(ShapesParams(size=64), 0, 0, 8)
+    with pytest.raises(ValueError, match="img_size 32"):
+        train_jepa(LocalContext(tmp_path), _params(), data)
+
+
+# ----------------------------------------------------------------------------------------------------
+# text
+
+
+def test_tokenizer_and_text_encoder(small_data: dict[str, np.ndarray]) -> None:
+    captions = [str(c) for c in small_data["caption"]]
+    tok = train_tokenizer(captions, vocab_size=128)
+    ids, mask = tokenize(tok, captions[:8], max_len=32)
+    assert ids.shape == mask.shape == (8, 32)
+    assert tok.token_to_id("[UNK]") not in ids[mask.bool()].tolist(), "caption words should be in vocabulary"
+    assert tok.decode(ids[0].tolist()) == captions[0].lower()
+    enc = TextEncoder(TextConfig(**MICRO_TEXT), tok.get_vocab_size())
+    assert enc(ids, mask).shape == (8, 32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# learning: measured margins on real synthetic shapes (fixed seeds)
+
+
+def test_training_learns_and_beats_random_init(tmp_path: Path) -> None:
+    train, held_out = shapes(3000, seed=0), shapes(1200, seed=1)
+    ctx = LocalContext(tmp_path)
+    params = {"steps": 300, "batch_size": 64, "warmup_steps": 30, "checkpoint_every": 1000,
+              "arch": {"sigreg_slices": 64, "sigreg_weight": 0.5}}
+    train_jepa(ctx, params, train)
+    losses = [e["loss"] for e in ctx.progress_log]
+    assert np.mean(losses[-30:]) < 0.8 * np.mean(losses[:30])
+    report = evaluate_encoder(ctx, {"labels": ["shape", "count"]}, ctx.checkpoints[-1][0], held_out)
+    assert report["shape_linear_gain"] == report["shape_linear"] - report["shape_linear_random"]
+    assert report["shape_linear"] >= report["shape_linear_random"] + 0.05, report
+    assert report["shape_linear"] >= report["shape_linear_pixels"] + 0.05, report
+    kinds = sorted(a["kind"] for a in ctx.artifacts)
+    assert kinds == ["plot", "plot", "report"]
+
+
+def test_cross_modal_retrieval_beats_chance(tmp_path: Path) -> None:
+    train, held_out = shapes(2000, seed=0), shapes(500, seed=1)
+    ctx = LocalContext(tmp_path)
+    params = {"model": "jepa-text", "steps": 150, "batch_size": 64, "warmup_steps": 20,
+              "checkpoint_every": 1000, "arch": {**MICRO, "embed_dim": 64, "num_heads": 4}, "text": MICRO_TEXT}
+    train_jepa(ctx, params, train)
+    report = evaluate_encoder(ctx, {"labels": ["shape"]}, ctx.checkpoints[-1][0], held_out)
+    chance = recall_chance(list(load_data(held_out).captions), list(load_data(held_out).captions))
+    assert report["i2t_r5_chance"] == pytest.approx(chance[5])
+    assert report["i2t_r5"] > 4 * chance[5], report
+    assert report["t2i_r5"] > 4 * chance[5], report
