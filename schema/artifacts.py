@@ -254,7 +254,7 @@ class ArtifactStore:
         for sub in sorted(self.objects.iterdir()):
             if sub.is_dir():
                 for item in sorted(sub.iterdir()):
-                    if _HEX64.match(item.name) and item.is_file():
+                    if _HEX64.match(item.name) and item.name[:2] == sub.name and item.is_file():
                         yield item.name
 
     def resolve(self, prefix: str) -> str:
@@ -546,7 +546,7 @@ class ArtifactStore:
         if self.objects.is_dir():
             for sub in self.objects.iterdir():
                 for item in sub.iterdir() if sub.is_dir() else [sub]:
-                    if not _HEX64.match(item.name):
+                    if not (_HEX64.match(item.name) and item.name[:2] == sub.name):
                         problems.append(
                             Problem(id=item.name, problem="stray", detail="not an object file", path=str(item))
                         )

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -230,6 +231,17 @@ def test_verify_detects_truncated_altered_and_missing(store: ArtifactStore) -> N
     assert found == {(truncated, "truncated"), (altered, "corrupt"), (missing, "missing")}
 
 
+def test_verify_reports_stray_files(store: ArtifactStore) -> None:
+    good = store.put_bytes(b"fine")
+    misplaced = store.objects / "zz" / good
+    misplaced.parent.mkdir(parents=True)
+    misplaced.write_bytes(b"fine")
+    (store.objects / good[:2] / "notes.txt").write_text("hello")
+    problems = {(p.problem, Path(p.path).name) for p in store.verify()}
+    assert problems == {("stray", good), ("stray", "notes.txt")}
+    assert list(store.ids()) == [good]
+
+
 def test_gc_keeps_referenced_and_is_a_dry_run_by_default(store: ArtifactStore, tmp_path: Path) -> None:
     manifest_id, manifest = _dataset(store, ticket=None)
     orphan = store.put_bytes(b"nobody refers to me")
@@ -304,6 +316,8 @@ def test_dataset_reads_every_example_memory_mapped(store: ArtifactStore) -> None
     assert isinstance(ds.shard_arrays(0)["family"], np.memmap)
     with pytest.raises(IndexError):
         ds[11]
+    clone = pickle.loads(pickle.dumps(ds))  # what a DataLoader worker receives
+    assert clone._open == {} and clone[3]["question"] == ds[3]["question"]
     tensors = load_tensors(manifest, store, ["family"])
     fam = tensors["family"]
     assert isinstance(fam, torch.Tensor)

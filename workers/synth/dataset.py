@@ -37,13 +37,19 @@ class ShardDataset(Dataset[dict[str, Any]]):
         self.verify = verify
         self.mmap = mmap
         self.transform = transform
-        self._starts = []
+        self._starts: list[int] = []
         total = 0
         for shard in self.manifest.shards:
             self._starts.append(total)
             total += shard.count
         self._len = total
         self._open: dict[int, Arrays] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers re-open their own maps instead of receiving pickled copies of the data.
+        state = dict(self.__dict__)
+        state["_open"] = {}
+        return state
 
     def __len__(self) -> int:
         return self._len
