@@ -73,6 +73,10 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler], force=True)
     for noisy in ("watchdog", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack to the log
     overrides = {"home": args.home, "tickets_dir": args.tickets}
     try:
         settings = load_settings(**overrides)
@@ -147,7 +151,7 @@ def render_units(
                 if not wants:
                     continue
                 line = f"Wants={wants}"
-            if line.startswith("#") and "@PLACEHOLDERS@" in line:
+            if line.startswith("##"):
                 continue  # the template's own instructions
             for key, value in values.items():
                 line = line.replace(key, value)

@@ -5,7 +5,7 @@ decider. The flow:
 
 * a watchdog observer thread marks paths dirty and wakes the service loop;
 * `poll()` reads each dirty path once it is *ready* (an atomic rename or a closed write is ready at
-  once; a bare create/modify waits until the file has been quiet for `settle` seconds) and only
+  once; a bare create/modify/delete waits until the path has been quiet for `settle` seconds) and only
   when its size and mtime did not change while it was read; it hashes the bytes and, when the hash
   differs from the last one seen for that path, parses the file into a `SubmitTicket`;
 * a path that vanished becomes `TicketFileRemoved`;
@@ -104,6 +104,7 @@ class Intake:
         # path -> (content hash, note text or None): the last decision recorded about the file.
         self._verdicts: dict[str, tuple[str, str | None]] = {}
         self._observer: Any = None
+        self._watching = False  # started and not stopped: a rescan repairs a lost watch
         self._dir_ino: int | None = None
         self._rescan_requested = False
         self.events_seen = 0  # file-system events, for STATUS and tests
@@ -146,10 +147,16 @@ class Intake:
         observer.daemon = True
         observer.start()
         self._observer = observer
+        self._watching = True
         self._dir_ino = os.stat(self.dir).st_ino
         _watch_overflows(self)
 
     def stop(self) -> None:
+        """Stop watching (for good: a rescan will not start the watch again)."""
+        self._watching = False
+        self._stop_observer()
+
+    def _stop_observer(self) -> None:
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=2)
@@ -160,17 +167,19 @@ class Intake:
     def _on_event(self, event: Any) -> None:
         now = time.monotonic()
         kind = event.event_type
-        paths = [os.fsdecode(event.src_path)]
-        if kind == "moved":
-            paths.append(os.fsdecode(event.dest_path))
+        src = os.fsdecode(event.src_path)
         if event.is_directory:
-            if kind == "deleted" and paths[0] == self.dir:
+            if kind == "deleted" and src == self.dir:
                 self.request_rescan()  # our folder is gone: the rescan re-creates and re-watches it
             return
-        # A rename or a closed write means the writer is done; anything else may be mid-write.
-        delay = 0.0 if kind in ("moved", "closed", "deleted") else self.settle
+        # A rename into place or a closed write means the writer is done: read at once. A bare
+        # create/modify may be mid-write, and a file renamed away or deleted may be an editor's
+        # save in progress (rename to backup, write anew), so those wait until quiet for `settle`.
+        marks = [(src, 0.0 if kind == "closed" else self.settle)]
+        if kind == "moved":
+            marks.append((os.fsdecode(event.dest_path), 0.0))
         with self._lock:
-            for path in paths:
+            for path, delay in marks:
                 if path and self._ours(path) and is_ticket_name(os.path.basename(path)):
                     self._mark(path, now + delay)
                     self.events_seen += 1
@@ -246,6 +255,8 @@ class Intake:
 
     def _ensure_watch(self) -> None:
         """Re-create and re-watch the folder if it was deleted, replaced or the observer died."""
+        if not self._watching:
+            return
         try:
             ino: int | None = os.stat(self.dir).st_ino
         except OSError:
@@ -253,7 +264,7 @@ class Intake:
         alive = self._observer is not None and self._observer.is_alive()
         if self._observer is not None and (ino != self._dir_ino or not alive):
             log.warning("tickets folder %s was replaced or its watch died: watching it again", self.dir)
-            self.stop()
+            self._stop_observer()
         if self._observer is None:
             try:
                 self.start()
@@ -443,10 +454,16 @@ def _write_note(note: str, text: str) -> None:
     """Write the note atomically (dot-named temp + rename), unless it already says exactly this."""
     try:
         with open(note, encoding="utf-8") as fh:
-            if fh.read() == text:
-                return
+            current = fh.read()
+    except FileNotFoundError:
+        current = None
     except (OSError, UnicodeDecodeError):
-        pass
+        current = ""
+    if current == text:
+        return
+    if current is not None and not current.startswith(NOTE_MARKER):
+        log.warning("%s exists and is not a Jetbox note: leaving it alone", note)
+        return
     folder, name = os.path.split(note)
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
     try:

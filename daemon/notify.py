@@ -43,8 +43,12 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._sock.sendto("\n".join(lines).encode(), self.address)
+            # Never block the main loop on a manager that does not read: drop the datagram instead.
+            self._sock.sendto("\n".join(lines).encode(), socket.MSG_DONTWAIT, self.address)
             return True
+        except BlockingIOError:
+            log.debug("sd_notify socket full; dropped %s", lines)
+            return False
         except OSError as exc:
             if not self._warned:  # the manager went away: say so once, keep running
                 log.warning("sd_notify to %r failed: %s", self.address, exc)
