@@ -52,13 +52,15 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 15.0, every: 
 class Daemon:
     """A `jbctl daemon` subprocess on `home`, with its own notify socket to learn when it is ready."""
 
-    def __init__(self, home: Path, rescan: float = 1.0, env: dict[str, str] | None = None) -> None:
+    def __init__(self, home: Path, rescan: float | None = 1.0, env: dict[str, str] | None = None) -> None:
         self.home = home
         self.tickets = home / "tickets"
         self.log = home / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("JETBOX_", "NOTIFY_", "WATCHDOG_"))}
-        self.env.update(JETBOX_HOME=str(home), JETBOX_RESCAN_SECONDS=str(rescan), NO_COLOR="1")
+        self.env.update(JETBOX_HOME=str(home), NO_COLOR="1")
+        if rescan is not None:
+            self.env["JETBOX_RESCAN_SECONDS"] = str(rescan)
         self.env.update(env or {})
         self.messages: list[str] = []
         self.sock: socket.socket | None = None
@@ -86,6 +88,8 @@ class Daemon:
             try:
                 data = sock.recv(4096)
             except OSError:
+                return
+            if not data:  # the socket was shut down
                 return
             inbox.put((time.monotonic(), data.decode()))
 
@@ -126,6 +130,8 @@ class Daemon:
             self.sock.shutdown(socket.SHUT_RDWR)
             self.sock.close()
             self.sock = None
+            while self.recv(0.01) is not None:  # keep every datagram in `messages`
+                pass
         return rc
 
     def kill9(self) -> None:

@@ -1,0 +1,203 @@
+"""The service loop as a real process: lock, signals, restart catch-up, kill -9 in a burst; reactors."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.handler import CommandHandler
+from daemon.intake import note_path
+from daemon.notify import Notifier
+from daemon.service import DEFAULT_REACTORS, Daemon, Reactor
+from schema.settings import Settings, load_settings
+from tests.jbdaemon import JBCTL, atomic_write, invalid_ticket, valid_ticket, wait_for
+from tests.jbdaemon import Daemon as DaemonProc
+
+
+def test_second_daemon_on_the_same_home_is_refused(tmp_path: Path) -> None:
+    first = DaemonProc(tmp_path).start()
+    try:
+        assert first.proc is not None
+        out = subprocess.run([JBCTL, "daemon"], env=first.env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1
+        assert f"another jbctl daemon (pid {first.proc.pid}) is running" in out.stderr
+        assert str(tmp_path / "daemon.lock") in out.stderr
+    finally:
+        assert first.stop() == 0
+    assert (tmp_path / "daemon.lock").read_text() == ""  # released: no stale pid left behind
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly(tmp_path: Path, sig: int) -> None:
+    d = DaemonProc(tmp_path).start()
+    atomic_write(d.tickets / "TICKET-1.yaml", valid_ticket("TICKET-1"))
+    d.wait_event("TicketSubmitted", ticket="TICKET-1")
+    assert d.stop(sig) == 0
+    assert any("STOPPING=1" in m for m in d.messages)
+    log = d.log_text()
+    assert "stopped" in log and "Traceback" not in log
+    out = subprocess.run([JBCTL, "verify"], env=d.env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_sighup_reloads_settings(tmp_path: Path) -> None:
+    config = tmp_path / "jetbox.toml"
+    config.write_text("rescan_seconds = 1.0\n")
+    d = DaemonProc(tmp_path, rescan=None).start()
+    assert "rescan every 1s" in d.log_text()
+    config.write_text("rescan_seconds = 7.5\n")
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_message("RELOADING=1")
+    d.wait_message("READY=1")
+    wait_for("the reload in the log", lambda: "reloaded settings" in d.log_text())
+    assert "rescan every 7.5s" in d.log_text()
+    atomic_write(d.tickets / "TICKET-1.yaml", valid_ticket("TICKET-1"))  # still serving
+    d.wait_event("TicketSubmitted", ticket="TICKET-1")
+    assert d.stop() == 0
+
+
+def test_restart_catches_up_with_changes_made_while_down(tmp_path: Path) -> None:
+    d = DaemonProc(tmp_path).start()
+    for n in (1, 2, 3):
+        atomic_write(d.tickets / f"TICKET-{n}.yaml", valid_ticket(f"TICKET-{n}"))
+    d.wait_event("TicketSubmitted", ticket="TICKET-3")
+    d.wait_event("TicketSubmitted", ticket="TICKET-2")
+    d.wait_event("TicketSubmitted", ticket="TICKET-1")
+    assert d.stop() == 0
+    before = len(d.rows())
+
+    (d.tickets / "TICKET-1.yaml").unlink()  # deleted while down
+    atomic_write(d.tickets / "TICKET-2.yaml", valid_ticket("TICKET-2", title="changed"))  # changed while down
+    atomic_write(d.tickets / "TICKET-4.yaml", valid_ticket("TICKET-4"))  # new while down
+    (d.tickets / "TICKET-5.yaml").write_text(invalid_ticket("TICKET-5"))
+    d.start()  # READY comes after the start-up rescan has been committed
+    types = {(r["type"], r["data"].get("ticket")) for r in d.rows()[before:]}
+    assert ("TicketCancelled", "TICKET-1") in types
+    assert ("TicketRevisionRefused", "TICKET-2") in types
+    assert ("TicketSubmitted", "TICKET-4") in types
+    assert ("TicketRejected", "TICKET-5") in types
+    assert not any(t == "TICKET-3" for _, t in types)  # unchanged: nothing recorded
+    assert Path(note_path(str(d.tickets / "TICKET-5.yaml"))).exists()
+    assert d.stop() == 0
+
+
+def test_kill9_in_a_burst_loses_nothing_and_records_nothing_twice(tmp_path: Path) -> None:
+    d = DaemonProc(tmp_path).start()
+    rng = random.Random(7)
+    drops = [(n, n % 4 == 0) for n in range(1, 51)]  # every fourth is invalid
+    rng.shuffle(drops)
+    done = threading.Event()
+
+    def dropper() -> None:
+        for n, bad in drops:
+            text = invalid_ticket(f"TICKET-{n}") if bad else valid_ticket(f"TICKET-{n}")
+            atomic_write(d.tickets / f"TICKET-{n}.yaml", text)
+            time.sleep(rng.uniform(0, 0.03))
+        done.set()
+
+    thread = threading.Thread(target=dropper)
+    thread.start()
+    wait_for("some drops recorded", lambda: sum(r["type"] == "TicketSubmitted" for r in d.rows()) >= 10)
+    d.kill9()  # in the middle of the burst
+    assert not done.is_set(), "the burst ended before the kill: nothing was tested"
+    thread.join()
+    assert done.is_set()
+    d.start()
+
+    valid = {f"TICKET-{n}" for n, bad in drops if not bad}
+    invalid = {str(d.tickets / f"TICKET-{n}.yaml") for n, bad in drops if bad}
+
+    def settled() -> bool:
+        rows = d.rows()
+        subs = {r["data"]["ticket"] for r in rows if r["type"] == "TicketSubmitted"}
+        rejs = {r["data"]["path"] for r in rows if r["type"] == "TicketRejected"}
+        return subs >= valid and rejs >= invalid
+
+    wait_for("every drop recorded", settled, timeout=30)
+    time.sleep(1.5)  # a periodic rescan must not add anything either
+    events = d.jbctl_events()
+    submitted = [e["data"]["ticket"] for e in events if e["type"] == "TicketSubmitted"]
+    rejected = [e["data"]["path"] for e in events if e["type"] == "TicketRejected"]
+    assert sorted(submitted) == sorted(valid)  # each exactly once
+    assert sorted(rejected) == sorted(invalid)  # each exactly once
+    for n, bad in drops:
+        assert Path(note_path(str(d.tickets / f"TICKET-{n}.yaml"))).exists() == bad
+    assert d.stop() == 0
+    out = subprocess.run([JBCTL, "verify"], env=d.env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_daemon_never_imports_torch_or_workers() -> None:
+    code = (
+        "import sys, cli.main, cli.daemon_cmds, daemon.service, daemon.intake, daemon.notify\n"
+        "cli.main.build_parser()\n"
+        "bad = [m for m in sys.modules if m == 'torch' or m == 'workers' or m.startswith(('torch.', 'workers.'))]\n"
+        "assert not bad, bad\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+# --- the reactor interface, in-process ----------------------------------------------------------
+
+
+class _Recorder:
+    """A reactor that counts its polls and fails on demand."""
+
+    def __init__(self, name: str, handler: CommandHandler, settings: Settings, fail: bool = False) -> None:
+        self.name, self.handler, self.settings, self.fail = name, handler, settings, fail
+        self.polls: list[datetime] = []
+        self.closed = False
+
+    def poll(self, now: datetime) -> bool:
+        self.polls.append(now)
+        if self.fail:
+            raise RuntimeError("boom")
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_reactors_are_built_with_the_handler_polled_and_closed(home: Path) -> None:
+    assert DEFAULT_REACTORS is not None  # the list other areas append their factories to
+    built: list[_Recorder] = []
+
+    def factory(fail: bool) -> Any:
+        def make(handler: CommandHandler, settings: Settings) -> Reactor:
+            r = _Recorder("failing" if fail else "ok", handler, settings, fail)
+            built.append(r)
+            return r
+
+        return make
+
+    settings = load_settings()
+    daemon = Daemon(settings, [factory(False), factory(True)], notifier=Notifier({}), install_signals=False)
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    try:
+        assert daemon.ready.wait(30)
+        ok, failing = built
+        assert isinstance(ok, Reactor)
+        assert ok.handler is daemon.handler and ok.settings is settings
+        wait_for("several polls", lambda: len(ok.polls) >= 5, timeout=10)
+        # A failing reactor is retried with back-off and does not stop the loop (intake still works).
+        atomic_write(settings.tickets_path / "TICKET-1.yaml", valid_ticket("TICKET-1"))
+        wait_for("the ticket", lambda: "TICKET-1" in daemon.handler.state.tickets if daemon.handler else False)
+        assert 1 <= len(failing.polls) < len(ok.polls)
+        assert "failing: failing" in daemon._status_text()
+    finally:
+        daemon.stop()
+        thread.join(15)
+    assert not thread.is_alive()
+    assert ok.closed and failing.closed
