@@ -347,7 +347,7 @@ def canonical_form(puzzle: np.ndarray) -> np.ndarray:
     out = np.zeros((n, n), dtype=np.int64)
     for k in range(n):
         if k % br == 0:  # start a new band: any row of a band not used yet
-            band_used: np.ndarray = used.reshape(len(orient), n // br, br).any(axis=2)
+            band_used = np.asarray(used.reshape(len(orient), n // br, br).any(axis=2))
             allowed = ~band_used[:, row_band]
         else:  # continue the current band
             allowed = (row_band[None, :] == band[:, None]) & ~used
