@@ -47,10 +47,14 @@ class ReasonerTrainParams(BaseModel):
     n_heads: int = Field(4, ge=1)
     n_layers: int = Field(2, ge=1, le=64)
     expansion: float = Field(4.0, gt=0)
-    pos: Literal["rope", "learned"] = "rope"
+    pos: Literal["rope", "learned"] = "learned"
     h_cycles: int = Field(2, ge=1, le=64, description="hrm: H cycles; trm: recursions T per segment")
     l_cycles: int = Field(2, ge=1, le=64, description="hrm: L steps per cycle; trm: latent updates n")
     max_segments: int = Field(8, ge=1, le=64, description="deep-supervision segments (ACT maximum)")
+    segment_ramp: int = Field(
+        0, ge=0, description="stagger: train with 1 segment, one more every this many steps (0 = off)"
+    )
+    eval_segments: int | None = Field(None, ge=1, le=256, description="test-time segments (default: max)")
     halt_explore: float = Field(0.1, ge=0, le=1)
     q_continue: bool = True
     # optimisation
@@ -224,9 +228,12 @@ class EMA:
         self.model = copy.deepcopy(model).requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int) -> None:
+        # Warm-up of the decay: a fixed 0.999 would keep most of the random init for the first ~1,000
+        # steps, which is the whole run in a CPU budget.
+        decay = min(self.decay, (1 + step) / (10 + step))
         for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            e.lerp_(p, 1 - self.decay)
+            e.lerp_(p, 1 - decay)
 
 
 def lr_at(step: int, p: ReasonerTrainParams) -> float:
@@ -322,6 +329,13 @@ class Trainer:
                 stats["q_cont_loss"] = float(qc.detach())
         return loss, stats
 
+    def segment_cap(self) -> int:
+        """Segments a puzzle may use now: all of them, or (stagger) 1 at first and one more every
+        ``segment_ramp`` steps, so the early steps are spent on many puzzles rather than long ones."""
+        if not self.p.segment_ramp:
+            return self.cfg.segments
+        return min(self.cfg.segments, 1 + self.step // self.p.segment_ramp)
+
     def train_step(self) -> dict[str, float]:
         self.model.train()
         self._refill()
@@ -331,8 +345,9 @@ class Trainer:
         x_emb = self.model.embed_input(self.x)
         self.state, out = self.model.segment(self.state, x_emb)
         self.steps = self.steps + 1
-        self.halted = self.model.halt(self.steps, out, self.gen)
-        target_q = self.model.q_target(self.state, x_emb.detach(), self.steps)
+        cap = self.segment_cap()
+        self.halted = self.model.halt(self.steps, out, self.gen, cap)
+        target_q = self.model.q_target(self.state, x_emb.detach(), self.steps, cap)
         loss, stats = self.losses(out, target_q)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -340,7 +355,7 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.p.grad_clip)
         self.opt.step()
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update(self.model, self.step)
         self.step += 1
         return {"loss": float(loss.detach()), "lr": lr, **stats}
 
@@ -411,7 +426,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate_model(
-    model: Reasoner, test: Grids, inputs: Inputs, copy_givens: bool, batch_size: int = 256
+    model: Reasoner,
+    test: Grids,
+    inputs: Inputs,
+    copy_givens: bool,
+    batch_size: int = 256,
+    segments: int | None = None,
 ) -> dict[str, Any]:
     """Run every test puzzle for the maximum number of segments, reading off the answer after each one.
 
@@ -421,7 +441,7 @@ def evaluate_model(
     model.eval()
     puzzles, solutions = test
     device = next(model.parameters()).device
-    segs = model.cfg.segments
+    segs = 1 if model.cfg.kind == "direct" else (segments or model.cfg.segments)
     right_exact = torch.zeros(segs)
     right_blank = torch.zeros(segs)
     act_exact = act_blank = 0.0
@@ -546,7 +566,9 @@ def train_reasoner(
         png = _plot(ctx.workdir / "reasoner_loss.png", f"{params.model}: training loss", "step",
                     {"loss": (list(steps), list(losses))})  # fmt: skip
         ctx.artifact(png, "plot", {"what": "loss_curve", "model": params.model})
-    ev = evaluate_model(tr.eval_model, test, tr.inputs, params.loss_on == "blanks", params.eval_batch_size)
+    ev = evaluate_model(
+        tr.eval_model, test, tr.inputs, params.loss_on == "blanks", params.eval_batch_size, params.eval_segments
+    )
     hist = tr.halt_hist.float()
     extra = {
         "steps": float(tr.step),
@@ -576,5 +598,5 @@ def evaluate_reasoner(
     model = build_reasoner(replace(cfg)).to(device)
     model.load_state_dict(sd["ema"] if sd.get("ema") is not None else sd["model"])
     copy_givens = sd["params"].get("loss_on", "blanks") == "blanks"
-    ev = evaluate_model(model, test, inputs, copy_givens, params.eval_batch_size)
+    ev = evaluate_model(model, test, inputs, copy_givens, params.eval_batch_size, params.eval_segments)
     return _report(ctx, cfg.kind, ev, {"params": float(count_params(model))})

@@ -51,7 +51,7 @@ class ReasonerConfig:
     # so all three kinds hold the same block parameters at the same d_model.
     n_layers: int = 2
     expansion: float = 4.0  # SwiGLU hidden = expansion * d * 2/3 (same parameter count as a 4x MLP)
-    pos: Literal["rope", "learned"] = "rope"
+    pos: Literal["rope", "learned"] = "learned"
     rope_theta: float = 10000.0
     h_cycles: int = 2  # hrm: high-level cycles per segment; trm: recursions T per segment
     l_cycles: int = 2  # hrm: low-level updates per cycle; trm: latent updates n per recursion
@@ -230,29 +230,33 @@ class Reasoner(nn.Module):
     # -- ACT: one training/eval step of the carried batch
 
     @torch.no_grad()
-    def halt(self, steps: Tensor, out: SegmentOut, generator: torch.Generator | None = None) -> Tensor:
-        """Which rows stop after this segment. ``steps`` already counts it. Eval: always run max_segments,
-        so a batch stays aligned (halting decisions are read off ``out.q_halt`` by the evaluator)."""
+    def halt(
+        self, steps: Tensor, out: SegmentOut, generator: torch.Generator | None = None, limit: int | None = None
+    ) -> Tensor:
+        """Which rows stop after this segment. ``steps`` already counts it; ``limit`` (default: the maximum
+        number of segments) caps them. Eval: always run to the cap, so a batch stays aligned (the evaluator
+        reads the halting decisions off ``out.q_halt``)."""
         cfg = self.cfg
-        halted = steps >= cfg.segments
-        if not self.training or cfg.segments == 1:
+        limit = cfg.segments if limit is None else min(limit, cfg.segments)
+        halted = steps >= limit
+        if not self.training or limit == 1:
             return halted
         wants = out.q_halt > (out.q_continue if out.q_continue is not None else 0.0)
         # Exploration: with probability halt_explore a row must run at least U{2..max} segments, so the
         # Q-head sees (and learns values for) longer computations than it would currently choose.
         r = torch.rand(steps.shape, generator=generator, device=steps.device)
-        m = torch.randint(2, cfg.segments + 1, steps.shape, generator=generator, device=steps.device)
+        m = torch.randint(2, limit + 1, steps.shape, generator=generator, device=steps.device)
         min_steps = torch.where(r < cfg.halt_explore, m, torch.zeros_like(m))
         return halted | (wants & (steps >= min_steps))
 
     @torch.no_grad()
-    def q_target(self, state: State, x_emb: Tensor, steps: Tensor) -> Tensor | None:
+    def q_target(self, state: State, x_emb: Tensor, steps: Tensor, limit: int | None = None) -> Tensor | None:
         """HRM's Q(continue) target: sigmoid of the best next-segment value (halt value at the last step)."""
         if self.cfg.kind != "hrm" or not self.cfg.q_continue:
             return None
         _, nxt = self.segment(state, x_emb)
         assert nxt.q_continue is not None
-        last = steps >= self.cfg.segments
+        last = steps >= (self.cfg.segments if limit is None else min(limit, self.cfg.segments))
         return torch.sigmoid(torch.where(last, nxt.q_halt, torch.maximum(nxt.q_halt, nxt.q_continue)))
 
 
