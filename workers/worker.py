@@ -49,11 +49,25 @@ class JetboxWorker(SimpleWorker):
 
 
 def run_worker(redis_url: str, queues: list[str], burst: bool = False, name: str | None = None) -> int:
-    """Work the named queues until stopped (or until empty with burst)."""
+    """Work the named queues until stopped (or until empty with burst).
+
+    Redis going away (a restart, a failover) is survived: the worker reconnects with back-off
+    rather than exiting, since a fresh empty Redis is a case the reconciler repairs.
+    """
+    import sys
+    import time
+
     import redis
 
-    conn = redis.Redis.from_url(redis_url)
-    qs = [Queue(q, connection=conn, serializer=JSONSerializer) for q in queues]
-    worker = JetboxWorker(qs, connection=conn, serializer=JSONSerializer, name=name)
-    worker.work(burst=burst, logging_level="WARNING", with_scheduler=False)
-    return 0
+    delay = 0.5
+    while True:
+        conn = redis.Redis.from_url(redis_url, health_check_interval=30)
+        qs = [Queue(q, connection=conn, serializer=JSONSerializer) for q in queues]
+        worker = JetboxWorker(qs, connection=conn, serializer=JSONSerializer, name=name)
+        try:
+            worker.work(burst=burst, logging_level="WARNING", with_scheduler=False)
+            return 0
+        except redis.ConnectionError as exc:
+            print(f"jetbox worker: Redis unavailable ({exc}); retrying in {delay:.1f}s", file=sys.stderr, flush=True)
+            time.sleep(delay)
+            delay = min(10.0, delay * 2)
