@@ -411,6 +411,23 @@ def test_cli_show_renders_text_for_puzzles(tmp_path: Path, capsys: pytest.Captur
     assert "no artifact" in capsys.readouterr().err
 
 
+def test_cli_show_a_plain_object(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = ArtifactStore(tmp_path / "artifacts")
+    manifest_id, manifest = _dataset(store, count=5)
+    src = tmp_path / "w.bin"
+    src.write_bytes(b"weights")
+    ckpt = store.put_artifact(src, kind="checkpoint", name="jepa", lineage=Lineage(ticket="T-3"), created_at=WHEN)
+    capsys.readouterr()
+    assert _jb(tmp_path, "show", manifest.shards[0].id[:10], "--json") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["listed_by"] == [f"{manifest_id} shard 0"]
+    assert _jb(tmp_path, "show", ckpt[:10]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint" in out and "T-3" in out
+    assert _jb(tmp_path, "--kind", "checkpoint", "--json") == 0
+    assert [e["id"] for e in json.loads(capsys.readouterr().out)] == [ckpt]
+
+
 def test_cli_verify_names_each_bad_object(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = ArtifactStore(tmp_path / "artifacts")
     _, manifest = _dataset(store)
