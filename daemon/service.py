@@ -19,6 +19,7 @@ import fcntl
 import logging
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -149,6 +150,7 @@ class Daemon:
         self._status_at = 0.0
         self._db_failures = 0
         self._reactor_errors: dict[str, _Failing] = {}
+        self._keeper: sqlite3.Connection | None = None
 
     # --- control -------------------------------------------------------------------------------
 
@@ -199,6 +201,7 @@ class Daemon:
         s = self.settings
         migrations.upgrade(s.db_url)
         self.store = EventStore(s.db_url, s.sqlite_synchronous)
+        self._keeper = _wal_keeper(s.db_url)
         self.handler = CommandHandler(self.store)
         self.notifier.watchdog()
         self.reactors = [factory(self.handler, s) for factory in self.factories]
@@ -398,6 +401,27 @@ class Daemon:
                 log.exception("reactor %s failed to close", reactor.name)
         if self.store is not None:
             self.store.close()
+        if self._keeper is not None:
+            self._keeper.close()
         self.lock.release()
         self.notifier.close()
         log.info("stopped")
+
+
+def _wal_keeper(url: str) -> sqlite3.Connection | None:
+    """An idle read connection held for the daemon's life (SQLite only).
+
+    The store opens a connection per transaction; when the last connection to a WAL database
+    closes, SQLite checkpoints the WAL into the database (more fsyncs). Holding one open keeps
+    every commit's close cheap: it halves intake latency (bench/intake.py). Checkpoints still run
+    automatically as the WAL grows.
+    """
+    if not url.startswith("sqlite:///"):
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{url.split('///', 1)[1]}?mode=ro", uri=True, check_same_thread=False)
+        conn.execute("SELECT 1 FROM events LIMIT 1").fetchall()
+    except sqlite3.Error as exc:
+        log.debug("no WAL keeper: %s", exc)
+        return None
+    return conn
