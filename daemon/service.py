@@ -41,6 +41,7 @@ log = logging.getLogger("jetbox.daemon")
 TICK_S = 1.0  # how often the decider hears the time (retries due, deadlines, expiries)
 IDLE_WAIT_S = 0.1  # longest sleep when nothing happened: reactors are polled at least this often
 STATUS_EVERY_S = 5.0  # a STATUS= line is sent on change, and at least this often
+STATUS_CHECK_S = 0.25  # how often the loop looks for a change
 MAX_DB_FAILURES = 30  # consecutive failed commits before the daemon gives up (systemd restarts it)
 
 
@@ -148,6 +149,7 @@ class Daemon:
         self._reload = False
         self._last_status = ""
         self._status_at = 0.0
+        self._status_checked = 0.0
         self._db_failures = 0
         self._reactor_errors: dict[str, _Failing] = {}
         self._keeper: sqlite3.Connection | None = None
@@ -381,8 +383,10 @@ class Daemon:
         return text
 
     def _maybe_status(self, mono: float) -> None:
-        if not self.notifier.enabled:
+        # At most a few times a second: the text walks every running ticket's tasks.
+        if not self.notifier.enabled or mono - self._status_checked < STATUS_CHECK_S:
             return
+        self._status_checked = mono
         text = self._status_text()
         if text != self._last_status or mono - self._status_at >= STATUS_EVERY_S:
             self._last_status, self._status_at = text, mono
