@@ -201,3 +201,18 @@ def test_reactors_are_built_with_the_handler_polled_and_closed(home: Path) -> No
         thread.join(15)
     assert not thread.is_alive()
     assert ok.closed and failing.closed
+
+
+def test_deleted_tickets_folder_is_recreated_and_watched_again(tmp_path: Path) -> None:
+    import shutil
+
+    d = DaemonProc(tmp_path, rescan=600).start()  # no periodic rescan: the new watch must see TICKET-2
+    atomic_write(d.tickets / "TICKET-1.yaml", valid_ticket("TICKET-1"))
+    d.wait_event("TicketSubmitted", ticket="TICKET-1")
+    shutil.rmtree(d.tickets)
+    d.wait_event("TicketCancelled", ticket="TICKET-1")
+    wait_for("the folder to be re-created", d.tickets.is_dir)
+    time.sleep(0.3)  # the new watch is set up right after the folder is made
+    atomic_write(d.tickets / "TICKET-2.yaml", valid_ticket("TICKET-2"))
+    d.wait_event("TicketSubmitted", ticket="TICKET-2")
+    assert d.stop() == 0
