@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,6 +25,7 @@ class SubmitTicket(Command):
     ticket: Ticket | None = None
     ticket_id: str | None = None  # best guess from the file name, for rejected files
     errors: list[str] = Field(default_factory=list)
+    allowed_binaries: list[str] = Field(default_factory=list)  # the installation's extra check allowlist
 
 
 class TicketFileRemoved(Command):
@@ -101,3 +102,30 @@ class RecordViolation(Command):
     ticket: str | None = None
     task: str | None = None
     attempt: int | None = None
+
+
+class ApproveProposal(Command):
+    """A human approves; `approvers` is the installation-wide list (the ticket's own list wins)."""
+
+    proposal: str
+    note: str | None = None
+    scope: Literal["ticket", "all"] = "ticket"
+    approvers: list[str] = Field(default_factory=list)
+
+
+class RejectProposal(Command):
+    proposal: str
+    reason: str
+
+
+class ReevaluateProposal(Command):
+    """Set a stale core proposal aside and run its evaluation again against the current core."""
+
+    proposal: str
+
+
+class RollbackCore(Command):
+    """Make an earlier core version current again (a new version with its components)."""
+
+    version: int
+    note: str | None = None

@@ -16,6 +16,7 @@ from typing import Any
 from daemon import commands as cmd
 from daemon.state import ACCEPT_PREFIX, LIVE, State, TaskState, TicketState, evolve
 from schema import events as ev
+from schema.policy import DEFAULT_CHECK_BINARIES, binary_of
 from schema.ticket import MetricCheck
 
 BACKOFF_BASE_S = 2.0
@@ -28,9 +29,15 @@ class _Emitter:
 
     def __init__(self, state: State, touched: list[str]) -> None:
         self.state = state.scratch(touched)
+        self.copied = set(touched)
         self.events: list[ev.Event] = []
 
     def emit(self, event: ev.Event) -> None:
+        tid = getattr(event, "ticket", None)
+        if isinstance(tid, str) and tid not in self.copied and tid in self.state.tickets:
+            # Safety net: never let evolve touch a ticket shared with the caller's state.
+            self.state.tickets[tid] = self.state.tickets[tid].copy()
+            self.copied.add(tid)
         self.events.append(event)
         evolve(self.state, event)
 
@@ -46,6 +53,8 @@ def decide(state: State, command: cmd.Command) -> list[ev.Event]:
         touched = [tid] if tid else []
     elif isinstance(command, cmd.Tick):
         touched = [t.id for t in state.tickets.values() if t.status == "running"]
+    elif isinstance(getattr(command, "proposal", None), str) and command.proposal in state.proposals:  # type: ignore[attr-defined]
+        touched = [state.proposals[command.proposal].ticket]  # type: ignore[attr-defined]
     out = _Emitter(state, touched)
     handler(out, command)
     return out.events
@@ -116,6 +125,7 @@ def _submit(out: _Emitter, c: cmd.SubmitTicket) -> None:
             content_hash=c.content_hash,
             revision=revision,
             spec=c.ticket.model_dump(mode="json", by_alias=True),
+            allowed_binaries=sorted(set(c.allowed_binaries)),
         )
     )
     _advance(out, out.state.tickets[c.ticket.id], c.now)
@@ -151,7 +161,7 @@ def _schedule(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime
             attempt=task.attempt + 1,
             kind=task.kind,
             queue=task.queue,
-            params=resolved_params(ticket, task),
+            params=resolved_params(ticket, task, out.state),
             timeout=task.timeout,
             resume_checkpoint=task.checkpoint,
             network=spec.constraints.network,
@@ -160,22 +170,28 @@ def _schedule(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime
     )
 
 
-def resolved_params(ticket: TicketState, task: TaskState) -> dict[str, Any]:
-    """Parameters with references to needed steps replaced by those steps' outputs."""
+def resolved_params(ticket: TicketState, task: TaskState, state: State | None = None) -> dict[str, Any]:
+    """The step's parameters plus what the orchestrator adds: needed steps' outputs (`_inputs`),
+    the binaries a check may run (`_allowed_binaries`), and the current core (`_core`)."""
     params = dict(task.params)
     inputs = {n: ticket.tasks[n].outputs for n in task.needs if ticket.tasks[n].outputs}
     if inputs:
         params["_inputs"] = inputs
+    if task.kind == "check":
+        granted = state.granted_binaries if state is not None else set()
+        params["_allowed_binaries"] = sorted(ticket.allowed_binaries | granted)
+    if state is not None and task.kind in ("train", "evaluate", "infer") and state.core_version:
+        params["_core"] = {"version": state.core_version, "components": dict(state.core_components)}
     return params
 
 
 def _advance(out: _Emitter, ticket: TicketState, now: datetime) -> None:
     """Schedule what became runnable; end the ticket when nothing more can happen."""
     ticket = out.state.tickets[ticket.id]
-    if ticket.status != "running":
+    if ticket.status != "running" or ticket.awaiting:
         return
     for task in ticket.tasks.values():
-        if _runnable(ticket, task):
+        if _runnable(ticket, task) and _policy_allows(out, ticket, task, now):
             _schedule(out, ticket, task, now)
     ticket = out.state.tickets[ticket.id]
     failed = [t for t in ticket.tasks.values() if t.status == "failed"]
@@ -194,6 +210,87 @@ def _advance(out: _Emitter, ticket: TicketState, now: datetime) -> None:
         _accept(out, ticket, now)
 
 
+def _binary_allowed(state: State, ticket: TicketState, binary: str) -> bool:
+    return binary in DEFAULT_CHECK_BINARIES or binary in ticket.allowed_binaries or binary in state.granted_binaries
+
+
+def _policy_allows(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime) -> bool:
+    """A check whose binary is outside the allowlist waits on a policy proposal instead of running."""
+    if task.kind != "check":
+        return True
+    binary = binary_of(list(task.params.get("run") or []))
+    if _binary_allowed(out.state, ticket, binary):
+        return True
+    asked = [
+        p
+        for p in out.state.proposals.values()
+        if p.ticket == ticket.id and p.kind == "policy" and p.candidate.get("binary") == binary
+    ]
+    if any(p.status == "open" for p in asked):
+        return False
+    refused = [p for p in asked if p.status in ("rejected", "expired")]
+    if refused:
+        out.emit(
+            ev.TaskFailed(
+                at=now,
+                ticket=ticket.id,
+                task=task.id,
+                reason=f"binary {binary!r} was not allowed (policy proposal {refused[-1].id} {refused[-1].status})",
+            )
+        )
+        return False
+    out.emit(
+        ev.ProposalOpened(
+            at=now,
+            ticket=ticket.id,
+            proposal=_next_proposal(out.state),
+            kind="policy",
+            base_core_version=out.state.core_version,
+            candidate={"binary": binary, "argv": list(task.params.get("run") or []), "task": task.id},
+            expires_at=now + timedelta(seconds=ticket.spec.expires) if ticket.spec.expires else None,
+            approvers=ticket.spec.approvers,
+        )
+    )
+    return False
+
+
+def _next_proposal(state: State) -> str:
+    return f"P-{len(state.proposals) + 1}"
+
+
+def _open_core_proposal(out: _Emitter, ticket: TicketState, now: datetime) -> None:
+    """Training and evaluation are done and the checks hold: ask a human to promote the candidate."""
+    candidate: dict[str, Any] = {}
+    for task in ticket.tasks.values():
+        component = task.outputs.get("component")
+        if task.kind == "train" and component:
+            candidate[str(component)] = {k: v for k, v in task.outputs.items() if k != "component"} | {
+                "ticket": ticket.id,
+                "task": task.id,
+                "attempt": task.attempt,
+            }
+    cand: dict[str, float] = {}
+    current: dict[str, float] = {}
+    for task in ticket.tasks.values():
+        if task.kind == "evaluate":
+            cand.update({f"{task.id}.{k}": v for k, v in task.metrics.items()})
+            current.update({f"{task.id}.{k}": float(v) for k, v in (task.outputs.get("core_metrics") or {}).items()})
+    delta = {k: cand[k] - current[k] for k in cand if k in current}
+    out.emit(
+        ev.ProposalOpened(
+            at=now,
+            ticket=ticket.id,
+            proposal=_next_proposal(out.state),
+            kind="core",
+            base_core_version=out.state.core_version,
+            candidate=candidate,
+            metrics={"candidate": cand, "current": current, "delta": delta},
+            expires_at=now + timedelta(seconds=ticket.spec.expires) if ticket.spec.expires else None,
+            approvers=ticket.spec.approvers,
+        )
+    )
+
+
 def _accept(out: _Emitter, ticket: TicketState, now: datetime) -> None:
     results: list[dict[str, Any]] = []
     run_n = 0
@@ -209,7 +306,18 @@ def _accept(out: _Emitter, ticket: TicketState, now: datetime) -> None:
             results.append({"check": "run: " + " ".join(check.run), "ok": task.status == "succeeded", "observed": None})
     passed = all(r["ok"] for r in results)
     out.emit(ev.AcceptanceEvaluated(at=now, ticket=ticket.id, results=results, passed=passed))
-    if passed:
+    if passed and ticket.spec.update == "core":
+        _open_core_proposal(out, ticket, now)
+    elif passed:
+        adapters = {
+            str(t.outputs["adapter"]): {k: v for k, v in t.outputs.items()} | {"task": t.id}
+            for t in ticket.tasks.values()
+            if t.kind == "train" and t.outputs.get("adapter")
+        }
+        if ticket.spec.update == "adapter" and adapters:
+            out.emit(
+                ev.AdapterActivated(at=now, ticket=ticket.id, adapters=adapters, core_version=out.state.core_version)
+            )
         out.emit(ev.TicketCompleted(at=now, ticket=ticket.id))
     else:
         bad = next(r for r in results if not r["ok"])
@@ -238,6 +346,10 @@ def _retry(out: _Emitter, c: cmd.RetryTask) -> None:
 
 
 def _tick(out: _Emitter, c: cmd.Tick) -> None:
+    for proposal in list(out.state.proposals.values()):
+        if proposal.status == "open" and proposal.expires_at is not None and proposal.expires_at <= c.now:
+            out.emit(ev.ProposalExpired(at=c.now, ticket=proposal.ticket, proposal=proposal.id))
+            _after_decision(out, proposal.id, c.now, f"proposal {proposal.id} expired undecided")
     for ticket in list(out.state.tickets.values()):
         if ticket.status != "running":
             continue
@@ -416,6 +528,121 @@ def _last_line(text: str) -> str:
     return (text.strip().splitlines() or [""])[-1][:300]
 
 
+def _may_approve(state: State, proposal: Any, actor: str, global_approvers: list[str]) -> str | None:
+    """Why `actor` may not approve `proposal`, or None."""
+    allowed = proposal.approvers if proposal.approvers is not None else global_approvers
+    if allowed and actor not in allowed:
+        return f"{actor} is not an approver of {proposal.id} (approvers: {', '.join(allowed)})"
+    if proposal.kind == "core" and proposal.base_core_version != state.core_version:
+        return (
+            f"{proposal.id} was evaluated against core v{proposal.base_core_version}, but the core is now "
+            f"v{state.core_version}; re-evaluate with `jbctl retry --reevaluate {proposal.id}`"
+        )
+    return None
+
+
+def _approve(out: _Emitter, c: cmd.ApproveProposal) -> None:
+    proposal = out.state.proposals.get(c.proposal)
+    if proposal is None or proposal.status != "open":
+        return
+    actor = c.actor or "unknown"
+    why_not = _may_approve(out.state, proposal, actor, c.approvers)
+    if why_not:
+        out.emit(
+            ev.ApprovalRefused(at=c.now, ticket=proposal.ticket, proposal=proposal.id, actor=actor, reason=why_not)
+        )
+        return
+    scope = c.scope if proposal.kind == "policy" else None
+    out.emit(
+        ev.ProposalApproved(
+            at=c.now, ticket=proposal.ticket, proposal=proposal.id, actor=actor, note=c.note, scope=scope
+        )
+    )
+    if proposal.kind == "core":
+        components = dict(out.state.core_components) | dict(proposal.candidate)
+        out.emit(
+            ev.CorePromoted(
+                at=c.now,
+                version=out.state.core_version + 1,
+                components=components,
+                metrics=dict(proposal.metrics.get("candidate", {})),
+                proposal=proposal.id,
+                actor=actor,
+                note=c.note,
+            )
+        )
+        ticket = out.state.tickets[proposal.ticket]
+        if ticket.status == "running":
+            out.emit(ev.TicketCompleted(at=c.now, ticket=ticket.id))
+    else:
+        _advance(out, out.state.tickets[proposal.ticket], c.now)
+
+
+def _reject(out: _Emitter, c: cmd.RejectProposal) -> None:
+    proposal = out.state.proposals.get(c.proposal)
+    if proposal is None or proposal.status != "open":
+        return
+    actor = c.actor or "unknown"
+    out.emit(ev.ProposalRejected(at=c.now, ticket=proposal.ticket, proposal=proposal.id, actor=actor, reason=c.reason))
+    _after_decision(out, proposal.id, c.now, f"proposal {proposal.id} rejected by {actor}: {c.reason}")
+
+
+def _after_decision(out: _Emitter, proposal_id: str, now: datetime, reason: str) -> None:
+    """A core proposal that will not be approved ends its ticket; a refused policy fails its check."""
+    proposal = out.state.proposals[proposal_id]
+    ticket = out.state.tickets[proposal.ticket]
+    if ticket.status != "running":
+        return
+    if proposal.kind == "core":
+        out.emit(ev.TicketFailed(at=now, ticket=ticket.id, reason=reason))
+    else:
+        _advance(out, ticket, now)
+
+
+def _reevaluate(out: _Emitter, c: cmd.ReevaluateProposal) -> None:
+    proposal = out.state.proposals.get(c.proposal)
+    if proposal is None or proposal.status != "open" or proposal.kind != "core":
+        return
+    ticket = out.state.tickets[proposal.ticket]
+    out.emit(
+        ev.ProposalWithdrawn(
+            at=c.now,
+            ticket=ticket.id,
+            proposal=proposal.id,
+            actor=c.actor,
+            reason=f"re-evaluating against core v{out.state.core_version}",
+        )
+    )
+    # Evaluations, and whatever depends on them, run again; training is kept.
+    again = {t.id for t in ticket.tasks.values() if t.kind == "evaluate"}
+    grew = True
+    while grew:
+        more = {t.id for t in ticket.tasks.values() if t.id not in again and again & set(t.needs)}
+        again |= more
+        grew = bool(more)
+    for tid in sorted(again):
+        out.emit(ev.TaskRetried(at=c.now, ticket=ticket.id, task=tid, actor=c.actor))
+    _advance(out, out.state.tickets[ticket.id], c.now)
+
+
+def _rollback(out: _Emitter, c: cmd.RollbackCore) -> None:
+    target = next((h for h in out.state.core_history if h["version"] == c.version), None)
+    if target is None or c.version == out.state.core_version:
+        return
+    out.emit(
+        ev.CorePromoted(
+            at=c.now,
+            version=out.state.core_version + 1,
+            components=dict(target["components"]),
+            metrics=dict(target["metrics"]),
+            proposal=None,
+            actor=c.actor or "unknown",
+            rollback_to=c.version,
+            note=c.note,
+        )
+    )
+
+
 def _violation(out: _Emitter, c: cmd.RecordViolation) -> None:
     out.emit(
         ev.SafetyViolation(at=c.now, what=c.what, detail=c.detail, ticket=c.ticket, task=c.task, attempt=c.attempt)
@@ -436,4 +663,8 @@ _DECIDERS: dict[type, Callable[[_Emitter, Any], None]] = {
     cmd.RecordJobSucceeded: _succeeded,
     cmd.RecordJobFailed: _failed,
     cmd.RecordViolation: _violation,
+    cmd.ApproveProposal: _approve,
+    cmd.RejectProposal: _reject,
+    cmd.ReevaluateProposal: _reevaluate,
+    cmd.RollbackCore: _rollback,
 }

@@ -16,6 +16,7 @@ from schema.ticket import RunCheck, Ticket
 
 TaskStatus = Literal["pending", "scheduled", "running", "waiting_retry", "succeeded", "failed", "blocked", "cancelled"]
 TicketStatus = Literal["running", "completed", "failed", "cancelled"]
+ProposalStatus = Literal["open", "approved", "rejected", "expired", "withdrawn"]
 
 LIVE: frozenset[str] = frozenset({"scheduled", "running"})
 ACCEPT_PREFIX = "accept-"
@@ -62,6 +63,8 @@ class TicketState:
     violations: int = 0
     loops: int = 0
     forged: int = 0
+    allowed_binaries: set[str] = field(default_factory=set)  # installation extras + grants for this ticket
+    awaiting: str | None = None  # the open core proposal this ticket waits on
 
     def copy(self) -> TicketState:
         """A copy that can be evolved independently; the frozen spec is shared."""
@@ -76,12 +79,31 @@ class TicketState:
             )
             for k, t in self.tasks.items()
         }
-        return replace(self, tasks=tasks, acceptance=list(self.acceptance))
+        return replace(self, tasks=tasks, acceptance=list(self.acceptance), allowed_binaries=set(self.allowed_binaries))
+
+
+@dataclass
+class ProposalState:
+    id: str
+    ticket: str
+    kind: str
+    status: ProposalStatus
+    base_core_version: int
+    candidate: dict
+    metrics: dict
+    opened_at: datetime
+    expires_at: datetime | None
+    approvers: list[str] | None
 
 
 @dataclass
 class State:
     tickets: dict[str, TicketState] = field(default_factory=dict)
+    proposals: dict[str, ProposalState] = field(default_factory=dict)
+    core_version: int = 0
+    core_components: dict = field(default_factory=dict)
+    core_history: list[dict] = field(default_factory=list)
+    granted_binaries: set[str] = field(default_factory=set)  # policy approvals for every ticket
     versions: dict[str, int] = field(default_factory=dict)  # stream -> last version
     files: dict[str, str] = field(default_factory=dict)  # ticket file path -> last content hash seen
     file_tickets: dict[str, str] = field(default_factory=dict)  # path -> ticket id
@@ -92,6 +114,11 @@ class State:
         """A copy that `evolve` may change, sharing every ticket except those named."""
         out = State(
             tickets=dict(self.tickets),
+            proposals={k: replace(v) for k, v in self.proposals.items()},
+            core_version=self.core_version,
+            core_components=dict(self.core_components),
+            core_history=list(self.core_history),
+            granted_binaries=set(self.granted_binaries),
             versions=dict(self.versions),
             files=dict(self.files),
             file_tickets=dict(self.file_tickets),
@@ -165,6 +192,7 @@ def _submitted(state: State, e: ev.TicketSubmitted) -> None:
         revision=e.revision,
         submitted_at=e.at,
         tasks=tasks,
+        allowed_binaries=set(e.allowed_binaries),
     )
     state.files[e.path] = e.content_hash
     state.file_tickets[e.path] = e.ticket
@@ -271,6 +299,56 @@ def _ticket_failed(state: State, e: ev.TicketFailed) -> None:
     _end_live_tasks(ticket)
 
 
+def _opened(state: State, e: ev.ProposalOpened) -> None:
+    state.proposals[e.proposal] = ProposalState(
+        id=e.proposal,
+        ticket=e.ticket,
+        kind=e.kind,
+        status="open",
+        base_core_version=e.base_core_version,
+        candidate=dict(e.candidate),
+        metrics=dict(e.metrics),
+        opened_at=e.at,
+        expires_at=e.expires_at,
+        approvers=list(e.approvers) if e.approvers is not None else None,
+    )
+    if e.kind == "core":
+        state.tickets[e.ticket].awaiting = e.proposal
+
+
+def _decided(status: ProposalStatus) -> Callable[[State, Any], None]:
+    def apply(state: State, e: Any) -> None:
+        proposal = state.proposals[e.proposal]
+        proposal.status = status
+        ticket = state.tickets[e.ticket]
+        if ticket.awaiting == e.proposal:
+            ticket.awaiting = None
+        if status == "approved" and proposal.kind == "policy":
+            binary = str(proposal.candidate.get("binary"))
+            if e.scope == "all":
+                state.granted_binaries.add(binary)
+            else:
+                ticket.allowed_binaries.add(binary)
+
+    return apply
+
+
+def _promoted(state: State, e: ev.CorePromoted) -> None:
+    state.core_version = e.version
+    state.core_components = dict(e.components)
+    state.core_history.append(
+        {
+            "version": e.version,
+            "components": dict(e.components),
+            "metrics": dict(e.metrics),
+            "proposal": e.proposal,
+            "actor": e.actor,
+            "at": e.at,
+            "rollback_to": e.rollback_to,
+        }
+    )
+
+
 def _violation(state: State, e: ev.SafetyViolation) -> None:
     state.violations += 1
     if e.ticket and e.ticket in state.tickets:
@@ -300,4 +378,10 @@ _HANDLERS: dict[type, Callable[[State, Any], None]] = {
     ev.TicketCompleted: _completed,
     ev.TicketFailed: _ticket_failed,
     ev.SafetyViolation: _violation,
+    ev.ProposalOpened: _opened,
+    ev.ProposalApproved: _decided("approved"),
+    ev.ProposalRejected: _decided("rejected"),
+    ev.ProposalExpired: _decided("expired"),
+    ev.ProposalWithdrawn: _decided("withdrawn"),
+    ev.CorePromoted: _promoted,
 }

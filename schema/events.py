@@ -55,6 +55,7 @@ class TicketSubmitted(TicketEvent):
     content_hash: str
     revision: int = Field(ge=1)
     spec: dict[str, Any]  # the validated Ticket, as JSON
+    allowed_binaries: list[str] = Field(default_factory=list)  # the installation's extra check allowlist
 
 
 class TicketRejected(Event):
@@ -181,6 +182,23 @@ class ProposalApproved(TicketEvent):
     proposal: str
     actor: str
     note: str | None = None
+    scope: Literal["ticket", "all"] | None = None  # policy proposals: this ticket only, or every ticket
+
+
+class ApprovalRefused(TicketEvent):
+    """Someone tried to approve and was refused (not an approver, a stale core): recorded for audit."""
+
+    proposal: str
+    actor: str
+    reason: str
+
+
+class ProposalWithdrawn(TicketEvent):
+    """A stale proposal set aside so its evaluation can run again against the current core."""
+
+    proposal: str
+    actor: str | None = None
+    reason: str
 
 
 class ProposalRejected(TicketEvent):
@@ -194,11 +212,22 @@ class ProposalExpired(TicketEvent):
 
 
 class CorePromoted(Event):
+    """The only way weights enter the abstract core: an approved proposal, or a human rollback."""
+
     version: int
-    components: dict[str, str]
+    components: dict[str, Any]
     metrics: dict[str, Any] = Field(default_factory=dict)
     proposal: str | None = None
     actor: str
+    rollback_to: int | None = None
+    note: str | None = None
+
+
+class AdapterActivated(TicketEvent):
+    """Working memory: a ticket's adapters apply on top of the core version they were trained on."""
+
+    adapters: dict[str, Any]
+    core_version: int
 
 
 # --- safety ------------------------------------------------------------------------------------

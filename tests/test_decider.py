@@ -6,6 +6,7 @@ import copy
 from datetime import UTC, datetime, timedelta
 
 from hypothesis import HealthCheck, given, settings
+from hypothesis import event as hyp_event
 from hypothesis import strategies as st
 
 from daemon import commands as c
@@ -28,8 +29,15 @@ def types(events: list[ev.Event]) -> list[str]:
     return [e.type for e in events]
 
 
-def report(kind: type, task: str, attempt: int, seq: int = 0, ticket: str = "TICKET-1", **kw: object) -> c.Command:
-    return kind(now=kw.pop("now", T0), ticket=ticket, task=task, attempt=attempt, report_seq=seq, **kw)
+def report(cls: type, task: str, attempt: int, seq: int = 0, ticket: str = "TICKET-1", /, **kw: object) -> c.Command:
+    return cls(
+        now=kw.pop("now", T0),
+        ticket=kw.pop("ticket", ticket),
+        task=task,
+        attempt=attempt,
+        report_seq=kw.pop("seq", seq),
+        **kw,
+    )
 
 
 def test_submit_schedules_roots_and_needs_order_the_rest() -> None:
@@ -196,6 +204,12 @@ TICKETS = [
         "  - {id: c, kind: diag, needs: [a, b], retries: 3}\n",
         extra="acceptance: [{metric: c.m, op: '>=', value: 0.5}, {run: ['true']}]\n",
     ),
+    make_ticket(
+        "TICKET-3",
+        steps="  - {id: t, kind: train}\n  - {id: e, kind: evaluate, needs: [t]}\n"
+        "  - {id: k, kind: check, needs: [t], with: {run: [shellcheck]}}\n",
+        extra="update: core\nexpires: 1m\n",
+    ),
 ]
 
 op = st.tuples(st.integers(0, 9), st.integers(0, 5), st.integers(0, 3), st.floats(0, 1))
@@ -208,9 +222,11 @@ def interpret(state: State, n: int, code: tuple[int, int, int, float], now: date
         return c.SubmitTicket(now=now, path=f"/t/{t.id}.yaml", content_hash=content_hash(f"{t.id}{pick % 2}"), ticket=t)
     tickets = sorted(state.tickets)
     ticket = state.tickets[tickets[pick % len(tickets)]]
-    tasks = sorted(ticket.tasks)
+    live = sorted(t for t, v in ticket.tasks.items() if v.status in LIVE)
+    tasks = live if live and x < 0.85 else sorted(ticket.tasks)
     task = ticket.tasks[tasks[(pick + n) % len(tasks)]]
-    attempt = max(1, task.attempt - attempt_delta) if attempt_delta < 3 else task.attempt + 1
+    # Mostly the live attempt; sometimes an old one (fenced) or one from the future.
+    attempt = {0: task.attempt, 1: task.attempt, 2: max(1, task.attempt - 1), 3: task.attempt + 1}[attempt_delta]
     seq = n + 1 if x < 0.8 else 1
     if kind == 1:
         return c.Tick(now=now)
@@ -218,11 +234,11 @@ def interpret(state: State, n: int, code: tuple[int, int, int, float], now: date
         return c.RecordJobStarted(now=now, ticket=ticket.id, task=task.id, attempt=attempt, report_seq=seq, worker="w")
     if kind == 3:
         return c.RecordProgress(now=now, ticket=ticket.id, task=task.id, attempt=attempt, report_seq=seq, step=n)
-    if kind in (4, 5):
+    if kind in (4, 5, 6):
         return c.RecordJobSucceeded(
             now=now, ticket=ticket.id, task=task.id, attempt=attempt, report_seq=seq, metrics={"m": x}
         )
-    if kind in (6, 7):
+    if kind == 7:
         return c.RecordJobFailed(
             now=now,
             ticket=ticket.id,
@@ -232,6 +248,11 @@ def interpret(state: State, n: int, code: tuple[int, int, int, float], now: date
             error=f"E{pick % 2}",
             retryable=x < 0.9,
         )
+    if kind in (1, 8) and state.proposals and x < 0.5:
+        proposal = sorted(state.proposals)[pick % len(state.proposals)]
+        if x < 0.35:
+            return c.ApproveProposal(now=now, proposal=proposal, actor="a", scope="ticket" if pick % 2 else "all")
+        return c.RejectProposal(now=now, proposal=proposal, actor="a", reason="no")
     if kind == 8:
         return c.RetryTask(now=now, ticket=ticket.id, task=task.id)
     return c.CancelTicket(now=now, ticket=ticket.id) if x < 0.3 else c.Tick(now=now)
@@ -248,8 +269,8 @@ def check_invariants(state: State) -> None:
             assert all(r["ok"] for r in ticket.acceptance)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(op, min_size=1, max_size=60))
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(op, min_size=15, max_size=80))
 def test_properties_over_random_command_sequences(ops: list[tuple[int, int, int, float]]) -> None:
     state = State()
     log: list[ev.Event] = []
@@ -271,9 +292,186 @@ def test_properties_over_random_command_sequences(ops: list[tuple[int, int, int,
             elif isinstance(e, ev.TicketCancelled | ev.TicketFailed | ev.TicketSubmitted):
                 live = {k for k in live if k[0] != e.ticket}
             evolve(state, e)
+        names = types(events)
+        if "CorePromoted" in names:  # only ever right after a human approval
+            assert names[names.index("CorePromoted") - 1] == "ProposalApproved"
         log.extend(events)
         check_invariants(state)
+    hyp_event(f"proposals opened: {min(len(state.proposals), 2)}")
+    hyp_event(f"tickets completed: {min(sum(t.status == 'completed' for t in state.tickets.values()), 2)}")
     replayed = State()
     for e in log:
         evolve(replayed, e)
     assert replayed == state
+
+
+# --- proposals, policy, core, adapters ----------------------------------------------------------
+
+CORE_STEPS = (
+    "  - {id: train, kind: train, with: {model: jepa}}\n"
+    "  - {id: eval, kind: evaluate, needs: [train], with: {model: jepa}}\n"
+)
+
+
+def _run_core_ticket(s: State, tid: str, approvers: str = "", now: datetime = T0) -> ev.ProposalOpened:
+    apply(s, submit(make_ticket(tid, steps=CORE_STEPS, extra=f"update: core\nexpires: 1h\n{approvers}"), now))
+    apply(
+        s,
+        report(
+            c.RecordJobSucceeded,
+            "train",
+            s.tickets[tid].tasks["train"].attempt,
+            ticket=tid,
+            now=now,
+            outputs={"component": "image-encoder", "checkpoint": "sha256:" + "a" * 64},
+        ),
+    )
+    events = apply(
+        s,
+        report(
+            c.RecordJobSucceeded,
+            "eval",
+            s.tickets[tid].tasks["eval"].attempt,
+            ticket=tid,
+            now=now,
+            metrics={"acc": 0.6},
+            outputs={"core_metrics": {"acc": 0.4}},
+        ),
+    )
+    assert types(events) == ["AttemptSucceeded", "AcceptanceEvaluated", "ProposalOpened"]
+    return events[-1]  # type: ignore[return-value]
+
+
+def test_core_proposal_side_by_side_then_approved() -> None:
+    s = State()
+    opened = _run_core_ticket(s, "TICKET-1", "approvers: [alice]\n")
+    assert opened.proposal == "P-1" and opened.kind == "core" and opened.base_core_version == 0
+    assert opened.metrics["candidate"] == {"eval.acc": 0.6} and opened.metrics["current"] == {"eval.acc": 0.4}
+    assert abs(opened.metrics["delta"]["eval.acc"] - 0.2) < 1e-9
+    assert opened.candidate["image-encoder"]["checkpoint"] == "sha256:" + "a" * 64
+    assert s.tickets["TICKET-1"].status == "running"
+    refused = apply(s, c.ApproveProposal(now=T0, proposal="P-1", actor="mallory"))
+    assert types(refused) == ["ApprovalRefused"] and "not an approver" in refused[0].reason
+    events = apply(s, c.ApproveProposal(now=T0, proposal="P-1", actor="alice", note="looks good"))
+    assert types(events) == ["ProposalApproved", "CorePromoted", "TicketCompleted"]
+    assert s.core_version == 1 and "image-encoder" in s.core_components
+    assert apply(s, c.ApproveProposal(now=T0, proposal="P-1", actor="alice")) == []  # decided already
+
+
+def test_stale_core_proposal_is_refused_then_reevaluated() -> None:
+    s = State()
+    _run_core_ticket(s, "TICKET-1")
+    _run_core_ticket(s, "TICKET-2")
+    apply(s, c.ApproveProposal(now=T0, proposal="P-1", actor="bob"))
+    refused = apply(s, c.ApproveProposal(now=T0, proposal="P-2", actor="bob"))
+    assert types(refused) == ["ApprovalRefused"] and "jbctl retry --reevaluate P-2" in refused[0].reason
+    events = apply(s, c.ReevaluateProposal(now=T0, proposal="P-2", actor="bob"))
+    assert types(events) == ["ProposalWithdrawn", "TaskRetried", "AttemptScheduled"]
+    assert events[-1].task == "eval" and events[-1].params["_core"]["version"] == 1
+    events = apply(
+        s,
+        report(
+            c.RecordJobSucceeded,
+            "eval",
+            events[-1].attempt,
+            ticket="TICKET-2",
+            metrics={"acc": 0.7},
+            outputs={"core_metrics": {"acc": 0.6}},
+        ),
+    )
+    assert types(events)[-1] == "ProposalOpened" and events[-1].base_core_version == 1
+    assert types(apply(s, c.ApproveProposal(now=T0, proposal="P-3", actor="bob")))[1] == "CorePromoted"
+    assert s.core_version == 2
+
+
+def test_rejected_and_expired_core_proposals_leave_the_core_alone() -> None:
+    s = State()
+    _run_core_ticket(s, "TICKET-1")
+    events = apply(s, c.RejectProposal(now=T0, proposal="P-1", actor="bob", reason="probe gain too small"))
+    assert types(events) == ["ProposalRejected", "TicketFailed"] and "probe gain too small" in events[1].reason
+    _run_core_ticket(s, "TICKET-2")
+    assert apply(s, c.Tick(now=T0 + timedelta(minutes=59))) == []
+    events = apply(s, c.Tick(now=T0 + timedelta(minutes=61)))
+    assert types(events) == ["ProposalExpired", "TicketFailed"]
+    assert s.core_version == 0
+
+
+def test_rollback_is_a_new_core_version() -> None:
+    s = State()
+    _run_core_ticket(s, "TICKET-1")
+    apply(s, c.ApproveProposal(now=T0, proposal="P-1", actor="bob"))
+    first = dict(s.core_components)
+    _run_core_ticket(s, "TICKET-2")
+    apply(s, c.ApproveProposal(now=T0, proposal="P-2", actor="bob"))
+    events = apply(s, c.RollbackCore(now=T0, version=1, actor="bob", note="v2 regressed"))
+    assert types(events) == ["CorePromoted"] and events[0].rollback_to == 1 and events[0].version == 3
+    assert s.core_components == first
+
+
+def test_check_outside_allowlist_waits_for_a_policy_proposal() -> None:
+    s = State()
+    steps = "  - {id: a, kind: diag}\n  - {id: lint, kind: check, needs: [a], with: {run: [shellcheck, x.sh]}}\n"
+    apply(s, submit(make_ticket("TICKET-1", steps=steps), T0))
+    events = apply(s, report(c.RecordJobSucceeded, "a", 1))
+    assert types(events) == ["AttemptSucceeded", "ProposalOpened"]
+    assert events[1].kind == "policy" and events[1].candidate["binary"] == "shellcheck"
+    assert apply(s, c.Tick(now=T0)) == []  # nothing runs meanwhile
+    events = apply(s, c.ApproveProposal(now=T0, proposal="P-1", actor="ops", scope="ticket"))
+    assert types(events) == ["ProposalApproved", "AttemptScheduled"]
+    assert "shellcheck" in events[1].params["_allowed_binaries"]
+    # Another ticket still has to ask; a global grant covers everyone after.
+    apply(s, submit(make_ticket("TICKET-2", steps=steps), T0))
+    events = apply(s, report(c.RecordJobSucceeded, "a", 1, ticket="TICKET-2"))
+    assert types(events)[-1] == "ProposalOpened"
+    apply(s, c.ApproveProposal(now=T0, proposal="P-2", actor="ops", scope="all"))
+    assert "shellcheck" in s.granted_binaries
+
+
+def test_rejected_policy_fails_the_check() -> None:
+    s = State()
+    steps = "  - {id: lint, kind: check, with: {run: [curl, example.org]}}\n"
+    events = apply(s, submit(make_ticket("TICKET-1", steps=steps), T0))
+    assert types(events) == ["TicketSubmitted", "ProposalOpened"]
+    events = apply(s, c.RejectProposal(now=T0, proposal="P-1", actor="ops", reason="no network tools"))
+    assert types(events) == ["ProposalRejected", "TaskFailed", "TicketFailed"]
+    assert "not allowed" in events[-1].reason
+
+
+def test_installation_allowlist_comes_with_the_submission() -> None:
+    s = State()
+    t = make_ticket("TICKET-1", steps="  - {id: lint, kind: check, with: {run: [shellcheck, x.sh]}}\n")
+    cmd_ = c.SubmitTicket(now=T0, path="/t/TICKET-1.yaml", content_hash="h", ticket=t, allowed_binaries=["shellcheck"])
+    assert types(apply(s, cmd_)) == ["TicketSubmitted", "AttemptScheduled"]
+
+
+def test_adapter_ticket_activates_working_memory_without_approval() -> None:
+    s = State()
+    apply(s, submit(make_ticket("TICKET-1", steps="  - {id: tune, kind: train}\n", extra="update: adapter\n"), T0))
+    events = apply(s, report(c.RecordJobSucceeded, "tune", 1, outputs={"adapter": "image-encoder", "rank": 4}))
+    assert types(events) == ["AttemptSucceeded", "AcceptanceEvaluated", "AdapterActivated", "TicketCompleted"]
+    assert events[2].adapters["image-encoder"]["rank"] == 4
+
+
+def test_no_worker_report_can_promote_the_core() -> None:
+    """Every report kind, with forged content, through the decider: nothing produces CorePromoted."""
+    s = State()
+    _run_core_ticket(s, "TICKET-1")
+    hostile: list[c.Command] = [
+        report(
+            c.RecordJobSucceeded,
+            "eval",
+            1,
+            seq=50,
+            metrics={"approved": 1.0},
+            outputs={"proposal": "P-1", "approve": True, "core_version": 99},
+        ),
+        report(c.RecordJobFailed, "eval", 1, seq=51, error="CorePromoted P-1", violation="x"),
+        report(c.RecordProgress, "train", 1, seq=52, step=1, metrics={"core": 1.0}),
+        report(c.RecordArtifact, "train", 1, seq=53, artifact="a" * 64, kind="core", meta={"promote": True}),
+        report(c.RecordCheckpoint, "train", 1, seq=54, path="/core", step=1),
+        report(c.RecordJobStarted, "eval", 2, seq=1, worker="evil"),
+        c.RecordViolation(now=T0, what="CorePromoted", detail="P-1"),
+    ]
+    for command in hostile:
+        assert "CorePromoted" not in types(apply(s, command))
+    assert s.core_version == 0 and s.proposals["P-1"].status == "open"
