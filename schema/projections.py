@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 
 from schema import events as ev
+from schema.consistency import consistency_score
 from schema.tables import PROJECTION_TABLES, SQLModel
 
 Key = tuple[Any, ...]
@@ -131,6 +132,8 @@ def _submitted(rows: Rows, seq: int, e: ev.TicketSubmitted) -> None:
             "updated_at": _naive(e.at),
             "ended_at": None,
             "last_seq": seq,
+            "awaiting": None,
+            **_FRESH_COUNTS,
         },
     )
     all_tasks = [(s["id"], s["kind"], s.get("queue") or _default_queue(s["kind"]), s.get("needs", [])) for s in steps]
@@ -160,6 +163,23 @@ def _submitted(rows: Rows, seq: int, e: ev.TicketSubmitted) -> None:
                 "updated_at": _naive(e.at),
             },
         )
+
+
+_FRESH_COUNTS = {"retries": 0, "loops": 0, "forged": 0, "violations": 0, "contradictions": 0, "consistency": 1.0}
+
+
+def _count(rows: Rows, seq: int, ticket: str, at: datetime, **more: int) -> None:
+    """Bump trouble counters and recompute the consistency score."""
+    row = rows.get("tickets", (ticket,))
+    if row is None:
+        return
+    for key, n in more.items():
+        row[key] = row[key] + n
+    row["consistency"] = consistency_score(
+        row["retries"], row["loops"], row["forged"], row["violations"], row["contradictions"]
+    )
+    row["updated_at"], row["last_seq"] = _naive(at), seq
+    rows.put("tickets", (ticket,), row)
 
 
 def _run_check_numbers(spec: dict[str, Any]) -> list[int]:
@@ -305,7 +325,7 @@ def _failed(rows: Rows, seq: int, e: ev.AttemptFailed) -> None:
         updated_at=_naive(e.at),
     )
     _update(rows, "jobs", (e.ticket, e.task, e.attempt), state="failed", error=e.error[-1000:], ended_at=_naive(e.at))
-    _touch_ticket(rows, seq, e.ticket, e.at)
+    _count(rows, seq, e.ticket, e.at, retries=1)
 
 
 def _task_state(state: str) -> Callable[[Rows, int, Any], None]:
@@ -323,6 +343,38 @@ def _task_state(state: str) -> Callable[[Rows, int, Any], None]:
 
 def _completed(rows: Rows, seq: int, e: ev.TicketCompleted) -> None:
     _touch_ticket(rows, seq, e.ticket, e.at, state="completed", reason=None, ended_at=_naive(e.at))
+
+
+def _loop(rows: Rows, seq: int, e: ev.LoopDetected) -> None:
+    _count(rows, seq, e.ticket, e.at, loops=1)
+
+
+def _violation(rows: Rows, seq: int, e: ev.SafetyViolation) -> None:
+    if e.ticket is not None:
+        key = "forged" if e.what == "forged_report" else "violations"
+        _count(rows, seq, e.ticket, e.at, **{key: 1})
+
+
+def _acceptance(rows: Rows, seq: int, e: ev.AcceptanceEvaluated) -> None:
+    bad = sum(1 for r in e.results if not r.get("ok") and not str(r.get("check", "")).startswith("run:"))
+    _count(rows, seq, e.ticket, e.at, contradictions=bad)
+
+
+def _promoted(rows: Rows, seq: int, e: ev.CorePromoted) -> None:
+    rows.put(
+        "core_versions",
+        (e.version,),
+        {
+            "version": e.version,
+            "components": dict(e.components),
+            "metrics": dict(e.metrics),
+            "proposal": e.proposal,
+            "actor": e.actor,
+            "rollback_to": e.rollback_to,
+            "note": e.note,
+            "promoted_at": _naive(e.at),
+        },
+    )
 
 
 def _proposal_opened(rows: Rows, seq: int, e: ev.ProposalOpened) -> None:
@@ -344,7 +396,7 @@ def _proposal_opened(rows: Rows, seq: int, e: ev.ProposalOpened) -> None:
             "note": None,
         },
     )
-    _touch_ticket(rows, seq, e.ticket, e.at)
+    _touch_ticket(rows, seq, e.ticket, e.at, **({"awaiting": e.proposal} if e.kind == "core" else {}))
 
 
 def _proposal_decided(rows: Rows, seq: int, e: Any) -> None:
@@ -386,6 +438,11 @@ _PROJECTORS: dict[type, Callable[[Rows, int, Any], None]] = {
     ev.ProposalApproved: _proposal_decided,
     ev.ProposalRejected: _proposal_decided,
     ev.ProposalExpired: _proposal_decided,
+    ev.ProposalWithdrawn: _proposal_decided,
+    ev.LoopDetected: _loop,
+    ev.SafetyViolation: _violation,
+    ev.AcceptanceEvaluated: _acceptance,
+    ev.CorePromoted: _promoted,
 }
 
 

@@ -76,6 +76,13 @@ class TicketRow(SQLModel, table=True):
     updated_at: datetime | None = _ts()
     ended_at: datetime | None = _ts()
     last_seq: int = Field(sa_column=sa.Column(sa.BigInteger, nullable=False))
+    awaiting: str | None = Field(default=None, max_length=20)
+    retries: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
+    loops: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
+    forged: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
+    violations: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
+    contradictions: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
+    consistency: float = Field(default=1.0, sa_column=sa.Column(sa.Float, nullable=False, server_default="1.0"))
 
 
 class TaskRow(SQLModel, table=True):
@@ -156,7 +163,22 @@ class MetricRow(SQLModel, table=True):
     recorded_at: datetime | None = _ts()
 
 
-PROJECTION_TABLES: list[str] = ["tickets", "tasks", "jobs", "proposals", "artifacts", "metrics"]
+class CoreVersionRow(SQLModel, table=True):
+    """The abstract core's history: one row per version (promotions and rollbacks)."""
+
+    __tablename__ = "core_versions"
+
+    version: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    components: dict | None = _json()
+    metrics: dict | None = _json()
+    proposal: str | None = Field(default=None, max_length=20)
+    actor: str
+    rollback_to: int | None = None
+    note: str | None = None
+    promoted_at: datetime | None = _ts()
+
+
+PROJECTION_TABLES: list[str] = ["tickets", "tasks", "jobs", "proposals", "artifacts", "metrics", "core_versions"]
 
 # Plain SQL views (dialect-neutral) for the questions users ask most.
 VIEWS: dict[str, str] = {
