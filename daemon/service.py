@@ -18,6 +18,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import signal
 import sqlite3
 import threading
@@ -201,8 +202,10 @@ class Daemon:
         from schema import migrations
 
         s = self.settings
-        migrations.upgrade(s.db_url)
         self.store = EventStore(s.db_url, s.sqlite_synchronous)
+        if not _at_head(self.store):  # importing alembic alone costs more than the rest of start-up
+            log.info("migrating %s", s.db_url.split("@")[-1])
+            migrations.upgrade(s.db_url)
         self._keeper = _wal_keeper(s.db_url)
         self.handler = CommandHandler(self.store)
         self.notifier.watchdog()
@@ -429,3 +432,35 @@ def _wal_keeper(url: str) -> sqlite3.Connection | None:
         log.debug("no WAL keeper: %s", exc)
         return None
     return conn
+
+
+def _at_head(store: EventStore) -> bool:
+    """True when the database is at the newest migration, found without importing alembic.
+
+    The heads are the revisions in alembic/versions that no other revision names as its
+    `down_revision`; anything unexpected (no scripts, no version table) answers False, and the
+    caller runs the real `alembic upgrade`.
+    """
+    from schema.migrations import ROOT
+
+    revisions: set[str] = set()
+    downs: set[str] = set()
+    for script in (ROOT / "alembic" / "versions").glob("*.py"):
+        text = script.read_text(encoding="utf-8")
+        rev = re.search(r"^revision\b[^=\n]*=\s*['\"]([^'\"]+)['\"]", text, re.M)
+        down = re.search(r"^down_revision\b[^=\n]*=(.*)$", text, re.M)
+        if rev is None or down is None:
+            return False
+        revisions.add(rev.group(1))
+        downs.update(re.findall(r"['\"]([^'\"]+)['\"]", down.group(1)))
+    heads = revisions - downs
+    if not heads:
+        return False
+    import sqlalchemy as sa
+
+    try:
+        with store.engine.connect() as conn:
+            have = {row[0] for row in conn.execute(sa.text("SELECT version_num FROM alembic_version"))}
+    except sa.exc.DBAPIError:
+        return False
+    return have == heads
