@@ -29,8 +29,11 @@ PREVIEW_TEXT = 3
 
 def register(subparsers: Any) -> None:
     """Add `artifacts` and its actions to jbctl."""
-    p = subparsers.add_parser("artifacts", help="list, show, verify, regenerate and gc stored artifacts",
-                              description="Without an action: list artifacts.")
+    p = subparsers.add_parser(
+        "artifacts",
+        help="list, show, verify, regenerate and gc stored artifacts",
+        description="Without an action: list artifacts.",
+    )
     _list_options(p, argparse.SUPPRESS)
     p.set_defaults(func=cmd_list, ticket=None, kind=None, json=False)
     sub = p.add_subparsers(dest="artifacts_action", metavar="ACTION")
@@ -92,8 +95,19 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print_json([e.model_dump(mode="json") for e in entries])
         return 0
-    rows = [[e.id[:12], e.kind, e.name, e.count, _size(e.size), e.split or "", e.lineage.ticket or "",
-             e.created_at.isoformat(timespec="seconds") if e.created_at else ""] for e in entries]
+    rows = [
+        [
+            e.id[:12],
+            e.kind,
+            e.name,
+            e.count,
+            _size(e.size),
+            e.split or "",
+            e.lineage.ticket or "",
+            e.created_at.isoformat(timespec="seconds") if e.created_at else "",
+        ]
+        for e in entries
+    ]
     print_table(["ID", "KIND", "NAME", "COUNT", "SIZE", "SPLIT", "TICKET", "CREATED"], rows)
     return 0
 
@@ -122,8 +136,14 @@ def cmd_show(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     preview, sheet = _preview(manifest, store, settings.home, full, args.limit)
     if as_json:
-        print_json({"id": full, "manifest": manifest.model_dump(mode="json"), "preview": preview,
-                    "contact_sheet": str(sheet) if sheet else None})
+        print_json(
+            {
+                "id": full,
+                "manifest": manifest.model_dump(mode="json"),
+                "preview": preview,
+                "contact_sheet": str(sheet) if sheet else None,
+            }
+        )
         return 0
     print(f"dataset {full}")
     print_json(manifest.model_dump(mode="json"))
@@ -134,8 +154,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _preview(manifest: Manifest, store: ArtifactStore, home: Path, full: str,
-             limit: int | None) -> tuple[str, Path | None]:
+def _preview(
+    manifest: Manifest, store: ArtifactStore, home: Path, full: str, limit: int | None
+) -> tuple[str, Path | None]:
     from workers.synth.base import UnknownGeneratorError, get_generator, load_arrays
 
     try:
@@ -171,7 +192,7 @@ def contact_sheet(images: Any, gap: int = 2) -> Any:
     for i in range(k):
         r, c = divmod(i, cols)
         y, x = gap + r * (h + gap), gap + c * (w + gap)
-        sheet[y:y + h, x:x + w] = imgs[i]
+        sheet[y : y + h, x : x + w] = imgs[i]
     return sheet
 
 
@@ -189,8 +210,7 @@ def png_bytes(image: Any) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6))
-            + chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

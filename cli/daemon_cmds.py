@@ -176,9 +176,11 @@ def cmd_install_units(args: argparse.Namespace) -> int:
     import pwd
 
     settings = settings_from(args)
-    run_as = args.run_as or (os.environ.get("SUDO_USER") if os.geteuid() == 0 else None) or pwd.getpwuid(
-        os.geteuid()
-    ).pw_name
+    run_as = (
+        args.run_as
+        or (os.environ.get("SUDO_USER") if os.geteuid() == 0 else None)
+        or pwd.getpwuid(os.geteuid()).pw_name
+    )
     try:
         account = pwd.getpwnam(run_as)
     except KeyError:

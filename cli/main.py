@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "cli.artifacts",
     "cli.daemon_cmds",
     "cli.run_cmds",
+    "cli.gate_cmds",
 ]
 
 

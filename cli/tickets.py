@@ -130,7 +130,9 @@ def _age(ts: datetime | None, now: datetime) -> str:
     return human_age((now - ts).total_seconds())
 
 
-def _waiting_on(task_rows: list[dict[str, Any]], now: datetime) -> str:
+def _waiting_on(task_rows: list[dict[str, Any]], now: datetime, awaiting: str | None = None) -> str:
+    if awaiting:
+        return f"approval: jbctl approve {awaiting}"
     by_id = {t["task"]: t for t in task_rows}
     for t in task_rows:
         if t["state"] == "blocked":
@@ -193,8 +195,11 @@ def status_data(engine: sa.Engine, ticket: str | None = None, include_old: bool 
                 "tasks_done": t["tasks_done"],
                 "tasks_total": t["tasks_total"],
                 "age": _age(_naive_dt(t["submitted_at"]), now),
-                "waiting_on": _waiting_on(mine, now) if t["state"] == "running" else "",
+                "waiting_on": _waiting_on(mine, now, t["awaiting"]) if t["state"] == "running" else "",
                 "reason": t["reason"],
+                "awaiting_approval": t["awaiting"],
+                "consistency": t["consistency"],
+                "trouble": {k: t[k] for k in ("retries", "loops", "forged", "violations", "contradictions")},
                 "tasks": [
                     {
                         **{k: v for k, v in task.items() if k != "ticket"},
@@ -264,6 +269,8 @@ def _print_tree(d: dict[str, Any]) -> None:
         print(f"  reason: {d['reason']}")
     if d["waiting_on"]:
         print(f"  waiting on: {d['waiting_on']}")
+    trouble = ", ".join(f"{k} {v}" for k, v in d["trouble"].items() if v)
+    print(f"  consistency: {d['consistency']:.2f}" + (f" ({trouble})" if trouble else ""))
     for n, task in enumerate(d["tasks"]):
         last = n == len(d["tasks"]) - 1
         branch = "└─" if last else "├─"

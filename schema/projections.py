@@ -400,7 +400,12 @@ def _proposal_opened(rows: Rows, seq: int, e: ev.ProposalOpened) -> None:
 
 
 def _proposal_decided(rows: Rows, seq: int, e: Any) -> None:
-    state = {"ProposalApproved": "approved", "ProposalRejected": "rejected", "ProposalExpired": "expired"}[e.type]
+    state = {
+        "ProposalApproved": "approved",
+        "ProposalRejected": "rejected",
+        "ProposalExpired": "expired",
+        "ProposalWithdrawn": "withdrawn",
+    }[e.type]
     note = getattr(e, "note", None) or getattr(e, "reason", None)
     _update(
         rows,
@@ -411,7 +416,9 @@ def _proposal_decided(rows: Rows, seq: int, e: Any) -> None:
         actor=getattr(e, "actor", None),
         note=note,
     )
-    _touch_ticket(rows, seq, e.ticket, e.at)
+    ticket = rows.get("tickets", (e.ticket,))
+    cleared = {"awaiting": None} if ticket is not None and ticket["awaiting"] == e.proposal else {}
+    _touch_ticket(rows, seq, e.ticket, e.at, **cleared)
 
 
 def _other(rows: Rows, seq: int, e: Any) -> None:

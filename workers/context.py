@@ -38,6 +38,9 @@ class JobContext(Protocol):
     def artifact(self, path: Path, kind: str, meta: dict[str, Any] | None = None) -> str:
         """Store `path` as a content-addressed artifact; returns its id (sha256)."""
 
+    def record(self, artifact_id: str, kind: str, meta: dict[str, Any] | None = None) -> None:
+        """Report an artifact that is already in the store (e.g. a dataset manifest)."""
+
     def log(self, message: str) -> None:
         """A human-readable line for the job's log."""
 
@@ -86,6 +89,9 @@ class LocalContext:
             shutil.copyfile(path, dest)
         self.artifacts.append({"id": digest, "kind": kind, "meta": meta or {}, "path": str(dest)})
         return digest
+
+    def record(self, artifact_id: str, kind: str, meta: dict[str, Any] | None = None) -> None:
+        self.artifacts.append({"id": artifact_id, "kind": kind, "meta": meta or {}, "path": None})
 
     def log(self, message: str) -> None:
         if self.verbose:

@@ -171,12 +171,7 @@ def run_synthesize(ctx: JobContext, params: dict[str, Any]) -> JobResult:
         progress=lambda done, total: ctx.progress(done, total),
     )
     manifest_id = manifest.manifest_id()
-    ctx.reporter.send(
-        "artifact",
-        artifact=manifest_id,
-        kind="dataset",  # type: ignore[attr-defined]
-        meta={"generator": req.generator, "count": req.count},
-    )
+    ctx.record(manifest_id, "dataset", {"generator": req.generator, "count": req.count})
     seconds = time.monotonic() - started
     return JobResult(
         metrics={"count": float(req.count), "seconds": seconds},

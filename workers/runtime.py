@@ -121,6 +121,9 @@ class RuntimeContext:
         self.reporter.send("artifact", artifact=artifact_id, kind=kind, meta=meta or {})
         return artifact_id
 
+    def record(self, artifact_id: str, kind: str, meta: dict[str, Any] | None = None) -> None:
+        self.reporter.send("artifact", artifact=artifact_id, kind=kind, meta=meta or {})
+
     def log(self, message: str) -> None:
         line = f"{time.strftime('%H:%M:%S')} {message}"
         self._log.write(line + "\n")

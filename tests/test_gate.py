@@ -1,0 +1,131 @@
+"""The approval gate from the command line: proposals, approve, reject, core, retry, audit."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import subprocess
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from cli.main import main as jbctl
+from daemon import commands as c
+from daemon.handler import CommandHandler
+from schema.store import EventStore, replay_differences
+from tests.conftest import JBCTL
+from tests.helpers import make_ticket, submit
+
+NOW = datetime.now(UTC)
+ME = getpass.getuser()
+STEPS = "  - {id: train, kind: train}\n  - {id: eval, kind: evaluate, needs: [train]}\n"
+
+
+def core_ticket(handler: CommandHandler, tid: str, approvers: list[str] | None = None) -> str:
+    extra = "update: core\nexpires: 1d\n" + (f"approvers: [{', '.join(approvers)}]\n" if approvers else "")
+    handler.handle(submit(make_ticket(tid, steps=STEPS, extra=extra), NOW))
+    t = handler.state.tickets[tid].tasks
+    handler.handle(c.RecordJobSucceeded(now=NOW, ticket=tid, task="train", attempt=t["train"].attempt,
+                                        outputs={"component": "reasoner", "checkpoint": f"ckpt-{tid}"}))
+    handler.handle(c.RecordJobSucceeded(now=NOW, ticket=tid, task="eval", attempt=t["eval"].attempt,
+                                        metrics={"exact": 0.5, "blank": 0.8},
+                                        outputs={"core_metrics": {"exact": 0.25, "blank": 0.7}}))
+    return handler.state.tickets[tid].awaiting or ""
+
+
+def test_proposal_listing_and_side_by_side(store: EventStore, capsys: pytest.CaptureFixture[str]) -> None:
+    handler = CommandHandler(store)
+    assert core_ticket(handler, "TICKET-1") == "P-1"
+    assert jbctl(["proposals", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["proposal"] == "P-1" and rows[0]["metrics"]["delta"]["eval.exact"] == 0.25
+    assert jbctl(["status", "TICKET-1"]) == 0
+    assert "approval: jbctl approve P-1" in capsys.readouterr().out
+    assert jbctl(["approve", "P-1", "--yes", "-m", "better on exact"]) == 0
+    out = capsys.readouterr().out
+    assert "eval.exact" in out and "+0.2500" in out and "core is now v1" in out
+    assert jbctl(["core", "--json"]) == 0
+    core = json.loads(capsys.readouterr().out)
+    assert core["version"] == 1 and core["components"]["reasoner"]["checkpoint"] == "ckpt-TICKET-1"
+    assert jbctl(["approve", "P-1", "--yes"]) == 1
+    assert "is approved" in capsys.readouterr().err
+    assert replay_differences(store) == []
+
+
+def test_unlisted_user_is_refused_and_recorded(store: EventStore, capsys: pytest.CaptureFixture[str]) -> None:
+    handler = CommandHandler(store)
+    core_ticket(handler, "TICKET-1", approvers=["someone-else"])
+    assert jbctl(["approve", "P-1", "--yes"]) == 1
+    assert f"{ME} is not an approver of P-1" in capsys.readouterr().err
+    refused = list(store.read(0, types=["ApprovalRefused"]))
+    assert len(refused) == 1 and refused[0].meta["actor"]["user"] == ME
+    assert jbctl(["audit", "--json"]) == 0
+    assert "ApprovalRefused" in [r["type"] for r in json.loads(capsys.readouterr().out)]
+
+
+def test_stale_core_refused_then_reevaluated(store: EventStore, capsys: pytest.CaptureFixture[str]) -> None:
+    handler = CommandHandler(store)
+    core_ticket(handler, "TICKET-1")
+    core_ticket(handler, "TICKET-2")
+    assert jbctl(["approve", "P-1", "--yes"]) == 0
+    assert jbctl(["approve", "P-2", "--yes"]) == 1
+    assert "jbctl retry --reevaluate P-2" in capsys.readouterr().err
+    assert jbctl(["retry", "P-2", "--reevaluate"]) == 0
+    scheduled = list(store.read(0, types=["AttemptScheduled"]))[-1]
+    assert scheduled.data["task"] == "eval" and scheduled.data["params"]["_core"]["version"] == 1
+
+
+def test_reject_needs_a_reason_and_leaves_core(store: EventStore, capsys: pytest.CaptureFixture[str]) -> None:
+    handler = CommandHandler(store)
+    core_ticket(handler, "TICKET-1")
+    with pytest.raises(SystemExit):
+        jbctl(["reject", "P-1"])
+    assert jbctl(["reject", "P-1", "-m", "  "]) == 1
+    assert jbctl(["reject", "P-1", "-m", "not convincing"]) == 0
+    assert jbctl(["core", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["version"] == 0
+    assert jbctl(["status", "TICKET-1", "--json"]) == 0
+    assert "not convincing" in json.loads(capsys.readouterr().out)[0]["reason"]
+
+
+def test_rollback(store: EventStore, capsys: pytest.CaptureFixture[str]) -> None:
+    handler = CommandHandler(store)
+    core_ticket(handler, "TICKET-1")
+    assert jbctl(["approve", "P-1", "--yes"]) == 0
+    core_ticket(CommandHandler(store), "TICKET-2")
+    assert jbctl(["approve", "P-2", "--yes"]) == 0
+    assert jbctl(["core", "rollback", "7", "--yes"]) == 1
+    assert jbctl(["core", "rollback", "1", "--yes", "-m", "v2 regressed"]) == 0
+    capsys.readouterr()
+    assert jbctl(["core", "--json"]) == 0
+    core = json.loads(capsys.readouterr().out)
+    assert core["version"] == 3 and core["components"]["reasoner"]["checkpoint"] == "ckpt-TICKET-1"
+    assert core["history"][-1]["rollback_to"] == 1
+
+
+def test_retry_blocked_task_and_consistency(store: EventStore, capsys: pytest.CaptureFixture[str]) -> None:
+    handler = CommandHandler(store)
+    handler.handle(submit(make_ticket("TICKET-1", steps="  - {id: a, kind: diag, retries: 9}\n"), NOW))
+    now = NOW
+    for attempt in (1, 2, 3):
+        rec = handler.handle(c.RecordJobFailed(now=now, ticket="TICKET-1", task="a", attempt=attempt,
+                                               error="OSError: same every time"))
+        if attempt < 3:
+            now = datetime.fromisoformat(rec[0].data["retry_at"]) + timedelta(seconds=1)
+            handler.handle(c.Tick(now=now))
+    assert jbctl(["status", "TICKET-1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)[0]
+    assert data["tasks"][0]["state"] == "blocked"
+    assert data["trouble"]["retries"] == 3 and data["trouble"]["loops"] == 1
+    assert data["consistency"] == pytest.approx(1 - 3 * 0.05 - 0.2)
+    assert jbctl(["retry", "TICKET-1", "--task", "a"]) == 0
+    assert jbctl(["retry", "TICKET-1", "--task", "a"]) == 1
+    assert "only a blocked task" in capsys.readouterr().err
+    assert jbctl(["retry", "TICKET-1", "--task", "zz"]) == 1
+
+
+def test_approve_asks_on_a_terminal_only(store: EventStore) -> None:
+    core_ticket(CommandHandler(store), "TICKET-1")
+    proc = subprocess.run([JBCTL, "approve", "P-1"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1 and "pass --yes" in proc.stderr
+    assert list(store.read(0, types=["ProposalApproved"])) == []
