@@ -1,0 +1,40 @@
+"""bench/store.py runs end to end in its smoke mode and prints its ratio lines (figures are not checked)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_store_quick(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "store.py"),
+            "--quick",
+            "--events",
+            "3000",
+            "--single",
+            "10",
+            "--batches",
+            "2",
+            "--dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "single ratio (store/raw):" in out
+    assert "batch ratio (append/raw):" in out
+    assert "group ratio (append_batches/raw):" in out
+    for phase in ("load_state", "rebuild_rows", "verify"):
+        assert phase in out
+    assert "chain verified" in out
+    assert not any(tmp_path.iterdir()), "the benchmark left its databases behind"
