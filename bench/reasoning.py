@@ -35,8 +35,8 @@ COMMON: dict[str, Any] = {"d_model": 64, "n_heads": 4, "n_layers": 2, "batch_siz
                           "warmup_steps": 100, "loss_on": "blanks", "pos": "learned"}  # fmt: skip
 PRESETS: dict[str, dict[str, Any]] = {
     "direct": {},
-    "hrm": {"max_segments": 2, "h_cycles": 2, "l_cycles": 2},
-    "trm": {"max_segments": 2, "h_cycles": 1, "l_cycles": 2},
+    "hrm": {"max_segments": 4, "segment_ramp": 400, "h_cycles": 2, "l_cycles": 2},
+    "trm": {"max_segments": 4, "segment_ramp": 400, "h_cycles": 1, "l_cycles": 2},
 }
 
 
@@ -59,6 +59,11 @@ def make_data(n: int, n_train: int, n_test: int, workers: int) -> tuple[tuple[np
     train = tuple(np.concatenate([p[j] for p in parts[:k]]) for j in range(2))
     test = tuple(np.concatenate([p[j] for p in parts[k:]]) for j in range(2))
     return train, test
+
+
+def per_segment(m: dict[str, float]) -> str:
+    keys = sorted((k for k in m if k.startswith("blank_acc_seg")), key=lambda k: int(k[len("blank_acc_seg") :]))
+    return " ".join(f"{m[k]:.3f}" for k in keys)
 
 
 def _value(text: str) -> Any:
@@ -104,8 +109,8 @@ def main(argv: list[str] | None = None) -> None:
             row = {"model": model, "seed": seed, **m}
             rows.append(row)
             print(f"  {model:6s} seed {seed}: exact {m['exact_acc']:.3f}  blank {m['blank_acc']:.3f}  "
-                  f"steps {m['steps']:.0f}  puzzles {m['puzzles_seen']:.0f}  segments {m['mean_steps']:.1f}",
-                  flush=True)  # fmt: skip
+                  f"steps {m['steps']:.0f}  puzzles {m['puzzles_seen']:.0f}  segments {m['mean_steps']:.1f}  "
+                  f"blank by test-time segments {per_segment(m)}", flush=True)  # fmt: skip
 
     print()
     print("| model | params | exact acc | blank-cell acc | sup. steps (ACT) | optimiser steps | puzzles seen |")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
@@ -25,12 +26,17 @@ from workers.models.hrm import (
     matched_configs,
 )
 from workers.train_reasoning import (
+    Inputs,
     ReasonerTrainParams,
+    Task,
     Trainer,
     Visual,
     default_augment,
+    evaluate_model,
     evaluate_reasoner,
+    glyph_render,
     grid_metrics,
+    maze_augment,
     predict,
     train_reasoner,
 )
@@ -219,20 +225,45 @@ def test_trainer_halting_statistics_and_refill() -> None:
 
 
 def test_metrics_never_count_givens() -> None:
+    sudoku4 = Task("sudoku", 4, 4)
     puzzles = torch.tensor([[1, 0, 0, 2], [0, 3, 4, 0]])
-    solutions = torch.tensor([[1, 3, 4, 2], [2, 3, 4, 1]])
-    wrong_givens = torch.tensor([[4, 3, 4, 1], [2, 1, 1, 1]])  # every blank right, every given wrong
-    m = grid_metrics(wrong_givens, puzzles, solutions)
+    target = sudoku4.target(torch.tensor([[1, 3, 4, 2], [2, 3, 4, 1]]))
+    given = sudoku4.given(puzzles)
+    wrong_givens = torch.tensor([[4, 3, 4, 1], [2, 1, 1, 1]]) - 1  # every blank right, every given wrong
+    m = grid_metrics(wrong_givens, target, given)
     assert m["blank_acc"] == 1.0
     assert m["exact_acc"] == 0.0  # but the grid is not solved
-    right_givens = torch.tensor([[1, 1, 1, 2], [1, 3, 4, 2]])  # every given right, every blank wrong
-    assert grid_metrics(right_givens, puzzles, solutions)["blank_acc"] == 0.0
-    half = torch.tensor([[1, 3, 1, 2], [2, 3, 4, 1]])
-    assert grid_metrics(half, puzzles, solutions) == {"exact_acc": 0.5, "blank_acc": 0.75}
+    right_givens = torch.tensor([[1, 1, 1, 2], [1, 3, 4, 2]]) - 1  # every given right, every blank wrong
+    assert grid_metrics(right_givens, target, given)["blank_acc"] == 0.0
+    half = torch.tensor([[1, 3, 1, 2], [2, 3, 4, 1]]) - 1
+    assert grid_metrics(half, target, given) == {"exact_acc": 0.5, "blank_acc": 0.75}
     # copying givens writes them in over whatever the model says
     logits = torch.zeros(2, 4, 4)
     logits[..., 0] = 1.0  # "1" everywhere
-    assert predict(logits, puzzles, copy_givens=True).tolist() == [[1, 1, 1, 2], [1, 3, 4, 1]]
+    assert (predict(logits, puzzles, sudoku4, copy_givens=True) + 1).tolist() == [[1, 1, 1, 2], [1, 3, 4, 1]]
+    assert (predict(logits, puzzles, sudoku4, copy_givens=False) + 1).tolist() == [[1] * 4] * 2
+
+
+@pytest.mark.parametrize("copy_givens", [False, True])
+def test_evaluation_counts_only_blank_cells(copy_givens: bool) -> None:
+    """End to end through evaluate_model with a rigged model: right on every blank, wrong on every given."""
+    _, (puzzles, solutions) = sudoku(4, 8, 16)
+    task = Task("sudoku", 4, 4)
+    target = task.target(torch.from_numpy(solutions.astype(np.int64)).view(16, -1))
+    given = task.given(torch.from_numpy(puzzles.astype(np.int64)).view(16, -1))
+    answer = torch.where(given, (target + 1) % 4, target)  # wrong exactly on the givens
+    model = build_reasoner(replace(SMALL, kind="trm", max_segments=3))
+
+    def rigged(state: dict[str, torch.Tensor], x_emb: torch.Tensor) -> tuple[dict[str, torch.Tensor], SegmentOut]:
+        logits = F.one_hot(answer[: len(x_emb)], 4).float()
+        return state, SegmentOut(logits, torch.full((len(x_emb),), 1.0), None)  # halts after one segment
+
+    model.segment = rigged  # type: ignore[method-assign]
+    inputs = Inputs(None, torch.device("cpu"), 0, task)
+    ev = evaluate_model(model, task, (puzzles.astype(np.int64), solutions.astype(np.int64)), inputs, copy_givens)
+    assert ev["blank_acc"] == 1.0 and ev["blank_acc_act"] == 1.0
+    assert ev["exact_acc"] == (1.0 if copy_givens else 0.0)  # a wrong given spoils the grid unless copied
+    assert ev["mean_steps"] == 1.0 and ev["blank_by_steps"] == [1.0, 1.0, 1.0]
 
 
 # ------------------------------------------------------------------------------------------------ params
@@ -304,20 +335,22 @@ def test_checkpoint_refuses_other_config(tmp_path: Path) -> None:
         train_reasoner(other, _tiny("trm", max_steps=4, d_model=32), train, test)
 
 
-def test_training_learns_4x4(tmp_path: Path) -> None:
+def test_training_learns_4x4(tmp_path: Path, seed: int = 0) -> None:
     """A short TRM run on real minimal 4x4 sudoku: loss falls and blank-cell accuracy clears chance.
 
-    Chance on a blank cell is 1/4. Measured with these seeds (2-core CPU): see MARGIN below.
+    Chance on a blank cell is 1/4. Measured with this recipe (300 steps, CPU, 1 thread), blank-cell
+    accuracy / final-to-initial loss ratio for seeds 0..4: 0.655/0.59, 0.524/0.79, 0.643/0.62,
+    0.655/0.53, 0.658/0.61. The test runs seed 0 and asks for chance + 0.15 and a 15% loss drop.
     """
     train, test = sudoku(4, 300, 100)
     p = ReasonerTrainParams(
         model="trm", d_model=32, n_heads=2, n_layers=2, batch_size=32, max_segments=2, h_cycles=1,
-        l_cycles=2, lr=3e-3, warmup_steps=20, max_steps=TRAIN_STEPS, log_every=10, seed=0,
+        l_cycles=1, lr=3e-3, warmup_steps=20, max_steps=TRAIN_STEPS, log_every=10, seed=seed,
     )  # fmt: skip
     ctx = LocalContext(tmp_path)
     m = train_reasoner(ctx, p, train, test)
     losses = [e["loss"] for e in ctx.progress_log]
-    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+    assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3])
     assert m["blank_acc"] > 0.25 + MARGIN, m
     # the job's contract: progress fields, checkpoints, both PNG artifacts
     assert {"loss", "lr", "puzzles_per_s", "eta_s"} <= set(ctx.progress_log[-1])
@@ -348,18 +381,10 @@ def test_augmentation_preserves_validity() -> None:
 # ------------------------------------------------------------------------------------------------ visual
 
 
-def _render(puzzles: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Stand-in glyphs: a fixed 8x8 pattern per digit (blank = zeros) plus a little noise."""
-    glyphs = np.random.default_rng(42).normal(size=(10, 1, 8, 8)).astype(np.float32)
-    glyphs[0] = 0
-    flat = puzzles.reshape(len(puzzles), -1)
-    return glyphs[flat] + 0.05 * rng.normal(size=(*flat.shape, 1, 8, 8)).astype(np.float32)
-
-
 def test_visual_reasoner_reads_latents(tmp_path: Path) -> None:
     train, test = sudoku(4, 64, 16)
-    encoder = nn.Sequential(nn.Flatten(), nn.Linear(64, 24))  # any [B,C,H,W] -> [B,D] module
-    visual = Visual(encoder=encoder, render=_render)
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, 24))  # any [B,C,H,W] -> [B,D] module
+    visual = Visual(encoder=encoder, render=glyph_render(cell_size=16))  # the fabric's glyphs
     with pytest.raises(ValueError, match="loss_on 'all'"):
         train_reasoner(LocalContext(tmp_path / "x"), _tiny("trm", max_steps=2), train, test, visual=visual)
     p = _tiny("trm", max_steps=4, loss_on="all")
@@ -372,3 +397,47 @@ def test_visual_reasoner_reads_latents(tmp_path: Path) -> None:
     assert ckpt["carry"]["x"].shape == (8, 16, 24)  # slots hold latents, not tokens
     again = evaluate_reasoner(LocalContext(tmp_path / "e"), p, ctx.checkpoints[-1][0], test, visual=visual)
     assert set(again) >= {"exact_acc", "blank_acc", "mean_steps"}
+
+
+def test_segment_stagger_ramps_the_cap() -> None:
+    """segment_ramp=2: one segment per puzzle for steps 0-1, two for steps 2-3, then the maximum (3)."""
+    train, _ = sudoku(4, 64, 8)
+    p = ReasonerTrainParams(
+        model="hrm", d_model=16, n_heads=2, batch_size=8, max_segments=3, segment_ramp=2, halt_explore=0.0,
+        h_cycles=1, l_cycles=1, warmup_steps=0, lr=1e-9,
+    )  # fmt: skip
+    tr = Trainer(p, train, augment=None)
+    caps = []
+    for _ in range(6):
+        caps.append(tr.segment_cap())
+        tr.train_step()
+    assert caps == [1, 1, 2, 2, 3, 3]
+    assert tr.halt_hist.tolist() == [0, 16, 8, 0]
+    assert tr.stream.seen == 32
+
+
+# ------------------------------------------------------------------------------------------------ mazes
+
+
+def test_maze_task_trains_and_never_scores_walls(tmp_path: Path) -> None:
+    from workers.synth.maze import GENERATOR, MazeParams, shortest_path
+
+    mp = MazeParams(height=7, width=7)
+    train = GENERATOR.generate(mp, seed=0, shard=0, count=32)
+    test = GENERATOR.generate(mp, seed=0, shard=1, count=8)
+    # flips/transposition keep the shortest path a shortest path
+    m, path = maze_augment(train["maze"], train["path"], np.random.default_rng(0))
+    for mi, pi in zip(m, path, strict=True):
+        start = tuple(int(v) for v in np.argwhere(mi == 2)[0])
+        goal = tuple(int(v) for v in np.argwhere(mi == 3)[0])
+        assert len(shortest_path(mi == 1, start, goal)) == int(pi.sum())  # type: ignore[arg-type]
+        assert not (pi.astype(bool) & (mi == 1)).any()
+    ctx = LocalContext(tmp_path)
+    metrics = train_reasoner(ctx, _tiny("trm", max_steps=4), train, test)
+    ckpt = torch.load(ctx.checkpoints[-1][0], weights_only=False)
+    assert ckpt["model_config"]["seq_len"] == 49 and ckpt["model_config"]["n_classes"] == 2
+    assert 0.0 <= metrics["blank_acc"] <= 1.0
+    again = evaluate_reasoner(LocalContext(tmp_path / "e"), _tiny("trm"), ctx.checkpoints[-1][0], test)
+    assert again["blank_acc"] == metrics["blank_acc"]
+    with pytest.raises(ValueError, match="checkpoint is for"):
+        evaluate_reasoner(LocalContext(tmp_path / "x"), _tiny("trm"), ctx.checkpoints[-1][0], sudoku(4, 8, 8)[1])

@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,8 +29,10 @@ from torch import Tensor, nn
 from workers.context import JobCancelled, JobContext
 from workers.models.hrm import Reasoner, ReasonerConfig, SegmentOut, build_reasoner, count_params
 
-Grids = tuple[np.ndarray, np.ndarray]  # (puzzles int [N, n, n] with 0 = blank, solutions [N, n, n])
-# (puzzles, solutions, rng) -> the same puzzles under random validity-preserving transforms
+# (inputs, answers): sudoku (puzzles [N, n, n] 0 = blank, solutions [N, n, n]) or maze (maze [N, H, W] with
+# 0 free / 1 wall / 2 start / 3 goal, path [N, H, W] 1 on the shortest path)
+Grids = tuple[np.ndarray, np.ndarray]
+# (inputs, answers, rng) -> the same puzzles under random validity-preserving transforms
 Augment = Callable[[np.ndarray, np.ndarray, np.random.Generator], Grids]
 # (puzzles [k, n, n], rng) -> cell images [k, n*n, C, H, W] (visual sudoku)
 Render = Callable[[np.ndarray, np.random.Generator], np.ndarray]
@@ -93,41 +95,124 @@ class ReasonerTrainParams(BaseModel):
     def ema_decay(self) -> float | None:
         return self.ema if self.ema is not None else (0.999 if self.model == "trm" else None)
 
-    def model_config_for(self, n: int, input_dim: int | None = None) -> ReasonerConfig:
+    def model_config_for(self, task: Task, input_dim: int | None = None) -> ReasonerConfig:
         return ReasonerConfig(
-            kind=self.model, seq_len=n * n, vocab_size=n + 1, n_classes=n, input_dim=input_dim,
+            kind=self.model, seq_len=task.cells, vocab_size=task.vocab_size, n_classes=task.n_classes,
+            input_dim=input_dim,
             d_model=self.d_model, n_heads=self.n_heads, n_layers=self.n_layers, expansion=self.expansion,
             pos=self.pos, h_cycles=self.h_cycles, l_cycles=self.l_cycles, max_segments=self.max_segments,
             halt_explore=self.halt_explore, q_continue=self.q_continue,
         )  # fmt: skip
 
 
+def glyph_render(cell_size: int = 28) -> Render:
+    """The fabric's glyph renderer: puzzles [k, n, n] -> float cell images [k, n*n, 1, S, S] in [0, 1]."""
+    from workers.synth.glyphs import visual_sudoku
+
+    def render(puzzles: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        cells = visual_sudoku(puzzles, rng, cell_size)
+        k, n = cells.shape[:2]
+        return cells.reshape(k, n * n, 1, cell_size, cell_size).astype(np.float32) / 255.0
+
+    return render
+
+
 @dataclass
 class Visual:
-    """Visual sudoku: cells are glyph images; a frozen encoder [B,C,H,W] -> [B,D] turns them into latents."""
+    """Visual sudoku: each cell is a glyph image (a fresh random rendering whenever a puzzle enters the
+    batch) and a frozen encoder, any module [B,C,H,W] -> [B,D] (the core's JEPA encoder), turns it into a
+    latent; the reasoner reads those latents instead of digit tokens."""
 
     encoder: nn.Module
-    render: Render
+    render: Render = field(default_factory=glyph_render)
 
 
 # --------------------------------------------------------------------------------------------- data
 
 
-def as_grids(data: Any) -> Grids:
-    """Accept (puzzles, solutions), a dict or an object with ``puzzles``/``solutions``."""
+MAZE_WALL = 1
+
+
+@dataclass(frozen=True)
+class Task:
+    """How a grid puzzle becomes tokens and answer classes, and which cells its input already gives away.
+
+    sudoku: tokens 0..n (0 = blank), classes digit - 1, givens = the filled cells.
+    maze: tokens 0 free / 1 wall / 2 start / 3 goal, classes "on the shortest path" 0/1, givens = walls
+    (never on a path); the path through the free cells is what the model must find.
+    """
+
+    name: Literal["sudoku", "maze"]
+    height: int
+    width: int
+
+    @property
+    def cells(self) -> int:
+        return self.height * self.width
+
+    @property
+    def vocab_size(self) -> int:
+        return self.height + 1 if self.name == "sudoku" else 4
+
+    @property
+    def n_classes(self) -> int:
+        return self.height if self.name == "sudoku" else 2
+
+    def target(self, answers: Tensor) -> Tensor:
+        return answers - 1 if self.name == "sudoku" else answers
+
+    def given(self, inputs: Tensor) -> Tensor:
+        return inputs > 0 if self.name == "sudoku" else inputs == MAZE_WALL
+
+    def given_class(self, inputs: Tensor) -> Tensor:
+        return (inputs - 1).clamp(min=0) if self.name == "sudoku" else torch.zeros_like(inputs)
+
+
+def as_grids(data: Any) -> tuple[Task, Grids]:
+    """Accept sudoku as (puzzles, solutions), a dict or an object with ``puzzles``/``solutions``, or mazes
+    as a dict or object with ``maze``/``path`` (what the fabric's generators return)."""
+    keys = ("maze", "path") if (isinstance(data, dict) and "maze" in data) or hasattr(data, "maze") else None
+    if keys is None:
+        keys = ("puzzles", "solutions")
     if isinstance(data, dict):
-        p, s = data["puzzles"], data["solutions"]
-    elif hasattr(data, "puzzles"):
-        p, s = data.puzzles, data.solutions
+        a, b = data[keys[0]], data[keys[1]]
+    elif hasattr(data, keys[0]):
+        a, b = getattr(data, keys[0]), getattr(data, keys[1])
     else:
-        p, s = data
-    p, s = np.asarray(p), np.asarray(s)
-    if p.ndim != 3 or p.shape != s.shape or p.shape[1] != p.shape[2]:
-        raise ValueError(f"expected puzzles and solutions of shape [N, n, n], got {p.shape} and {s.shape}")
-    return p.astype(np.int64), s.astype(np.int64)
+        a, b = data
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim != 3 or a.shape != b.shape:
+        raise ValueError(f"expected {keys[0]} and {keys[1]} of the same shape [N, H, W], got {a.shape} and {b.shape}")
+    if keys[0] == "puzzles" and a.shape[1] != a.shape[2]:
+        raise ValueError(f"sudoku grids are square, got {a.shape[1]}x{a.shape[2]}")
+    task = Task("maze" if keys[0] == "maze" else "sudoku", int(a.shape[1]), int(a.shape[2]))
+    return task, (a.astype(np.int64), b.astype(np.int64))
 
 
-def default_augment() -> Augment:
+def maze_augment(mazes: np.ndarray, paths: np.ndarray, rng: np.random.Generator) -> Grids:
+    """Flips of the grid (and transposition when square): they keep walls, start, goal and shortest path."""
+    out_m, out_p = [], []
+    square = mazes.shape[1] == mazes.shape[2]
+    for m, p in zip(mazes, paths, strict=True):
+        flip = rng.integers(0, 2, size=3)
+        if flip[0]:
+            m, p = m[::-1], p[::-1]
+        if flip[1]:
+            m, p = m[:, ::-1], p[:, ::-1]
+        if flip[2] and square:
+            m, p = m.T, p.T
+        out_m.append(m)
+        out_p.append(p)
+    return np.stack(out_m), np.stack(out_p)
+
+
+def default_augment(task: Task | None = None) -> Augment:
+    if task is not None and task.name == "maze":
+        return maze_augment
+    return sudoku_augment()
+
+
+def sudoku_augment() -> Augment:
     """The sudoku fabric's validity-preserving symmetries (digit relabelling, band/stack and row/column
     permutations, transposition for square boxes), one random symmetry per puzzle."""
     from workers.synth.sudoku import augment
@@ -177,14 +262,14 @@ class PuzzleStream:
 class Inputs:
     """Turns puzzles into model inputs: digit tokens, or latents of rendered glyphs through the encoder."""
 
-    def __init__(self, visual: Visual | None, device: torch.device, seed: int, n: int) -> None:
+    def __init__(self, visual: Visual | None, device: torch.device, seed: int, task: Task) -> None:
         self.visual = visual
         self.device = device
         self.rng = np.random.default_rng(seed + 7919)  # glyph style draws, separate from the data stream
         self.input_dim: int | None = None
         if visual is not None:
             visual.encoder.to(device).eval().requires_grad_(False)  # frozen: it is the core's encoder
-            self.input_dim = int(self(np.zeros((1, n, n), dtype=np.int64)).shape[-1])
+            self.input_dim = int(self(np.zeros((1, task.height, task.width), dtype=np.int64)).shape[-1])
 
     @torch.no_grad()
     def __call__(self, puzzles: np.ndarray) -> Tensor:
@@ -199,17 +284,17 @@ class Inputs:
 # --------------------------------------------------------------------------------------------- metrics
 
 
-def predict(logits: Tensor, puzzles: Tensor, copy_givens: bool) -> Tensor:
-    """Digits [B, L] (1..n) from logits; with ``copy_givens`` the givens are written in unchanged."""
-    pred = logits.argmax(-1) + 1
-    return torch.where(puzzles > 0, puzzles, pred) if copy_givens else pred
+def predict(logits: Tensor, inputs: Tensor, task: Task, copy_givens: bool) -> Tensor:
+    """Answer classes [B, L] from logits; with ``copy_givens`` the givens' answers are written in as given."""
+    pred = logits.argmax(-1)
+    return torch.where(task.given(inputs), task.given_class(inputs), pred) if copy_givens else pred
 
 
-def grid_metrics(pred: Tensor, puzzles: Tensor, solutions: Tensor) -> dict[str, float]:
+def grid_metrics(pred: Tensor, target: Tensor, given: Tensor) -> dict[str, float]:
     """Exact full-grid accuracy and accuracy on blank cells only (givens never count), pooled over cells."""
-    pred, puzzles, solutions = (t.reshape(t.shape[0], -1) for t in (pred, puzzles, solutions))
-    blank = puzzles == 0
-    right = pred == solutions
+    pred, target, given = (t.reshape(t.shape[0], -1) for t in (pred, target, given))
+    blank = ~given
+    right = pred == target
     n_blank = int(blank.sum())
     return {
         "exact_acc": float(right.all(-1).float().mean()),
@@ -255,16 +340,22 @@ class Trainer:
     """One training run: model, optimiser, carried batch, stream, statistics; checkpointable as a whole."""
 
     def __init__(
-        self, p: ReasonerTrainParams, train: Grids, augment: Augment | None, visual: Visual | None = None
+        self,
+        p: ReasonerTrainParams,
+        train: Any,
+        augment: Augment | None,
+        visual: Visual | None = None,
     ) -> None:
         self.p = p
         self.device = _device(p)
         torch.manual_seed(p.seed)
-        self.n = int(train[0].shape[1])
-        self.inputs = Inputs(visual, self.device, p.seed, self.n)
+        self.task, grids = as_grids(train)
+        if visual is not None and self.task.name != "sudoku":
+            raise ValueError("visual input is defined for sudoku only")
+        self.inputs = Inputs(visual, self.device, p.seed, self.task)
         if visual is not None and p.loss_on == "blanks":
             raise ValueError("visual sudoku reads the givens from images: use loss_on 'all'")
-        self.cfg = p.model_config_for(self.n, self.inputs.input_dim)
+        self.cfg = p.model_config_for(self.task, self.inputs.input_dim)
         self.model: Reasoner = build_reasoner(self.cfg).to(self.device)
         decay: list[nn.Parameter] = []
         no_decay: list[nn.Parameter] = []
@@ -275,15 +366,15 @@ class Trainer:
             lr=p.lr, betas=(0.9, p.beta2),
         )  # fmt: skip
         self.ema = EMA(self.model, p.ema_decay) if p.ema_decay else None
-        self.stream = PuzzleStream(train, p.seed, augment if p.augment else None)
+        self.stream = PuzzleStream(grids, p.seed, augment if p.augment else None)
         self.gen = torch.Generator(device=self.device).manual_seed(p.seed + 1)  # ACT exploration
-        b, t = p.batch_size, self.n * self.n
+        b, t = p.batch_size, self.task.cells
         self.state = self.model.initial_state(b)
         self.steps = torch.zeros(b, dtype=torch.long, device=self.device)
         self.halted = torch.ones(b, dtype=torch.bool, device=self.device)  # all slots take a puzzle first
         self.puzzles = torch.zeros(b, t, dtype=torch.long, device=self.device)
         self.solutions = torch.zeros(b, t, dtype=torch.long, device=self.device)
-        x0 = self.inputs(np.zeros((1, self.n, self.n), dtype=np.int64))
+        x0 = self.inputs(np.zeros((1, self.task.height, self.task.width), dtype=np.int64))
         self.x = x0.new_zeros((b, *x0.shape[1:]))  # the slots' model inputs (tokens or latents)
         self.step = 0
         self.elapsed = 0.0  # training seconds, summed over attempts
@@ -309,14 +400,17 @@ class Trainer:
 
     def losses(self, out: SegmentOut, target_q: Tensor | None) -> tuple[Tensor, dict[str, float]]:
         p = self.p
-        targets = self.solutions - 1
+        targets = self.task.target(self.solutions)
         ce = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-        mask = (self.puzzles == 0) if p.loss_on == "blanks" else torch.ones_like(self.puzzles, dtype=torch.bool)
+        if p.loss_on == "blanks":  # the givens are copied into the answer, so they need no learning
+            mask = ~self.task.given(self.puzzles)
+        else:
+            mask = torch.ones_like(self.puzzles, dtype=torch.bool)
         ce = ce.view_as(targets) * mask
         lm = (ce.sum(-1) / mask.sum(-1).clamp(min=1)).mean()  # each puzzle weighs the same
         with torch.no_grad():
-            pred = predict(out.logits, self.puzzles, p.loss_on == "blanks")
-            correct = (pred == self.solutions).all(-1)
+            pred = predict(out.logits, self.puzzles, self.task, p.loss_on == "blanks")
+            correct = (pred == targets).all(-1)
         loss = lm
         stats = {"lm_loss": float(lm.detach()), "train_exact": float(correct.float().mean())}
         if self.cfg.kind != "direct":
@@ -427,6 +521,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 @torch.no_grad()
 def evaluate_model(
     model: Reasoner,
+    task: Task,
     test: Grids,
     inputs: Inputs,
     copy_givens: bool,
@@ -437,38 +532,42 @@ def evaluate_model(
 
     Returns headline metrics at the maximum (as the papers report), metrics when each puzzle stops where
     its halting head first says so (ACT), the mean segments ACT uses, and per-segment accuracy curves.
+    Blank-cell accuracy pools the cells that are not givens; givens never count.
     """
     model.eval()
-    puzzles, solutions = test
+    raw_in, raw_ans = test
     device = next(model.parameters()).device
     segs = 1 if model.cfg.kind == "direct" else (segments or model.cfg.segments)
     right_exact = torch.zeros(segs)
     right_blank = torch.zeros(segs)
     act_exact = act_blank = 0.0
     steps_used = 0.0
-    n_blank = int((puzzles == 0).sum())
-    for i in range(0, len(puzzles), batch_size):
-        pz = torch.from_numpy(puzzles[i : i + batch_size].reshape(-1, puzzles[0].size)).to(device)
-        sol = torch.from_numpy(solutions[i : i + batch_size].reshape(pz.shape)).to(device)
-        x_emb = model.embed_input(inputs(puzzles[i : i + batch_size]))
-        state = model.initial_state(len(pz))
-        stop = torch.full((len(pz),), segs, dtype=torch.long, device=device)
-        act_pred = torch.zeros_like(pz)
+    n_blank = 0
+    for i in range(0, len(raw_in), batch_size):
+        chunk = raw_in[i : i + batch_size]
+        x = torch.from_numpy(chunk.reshape(len(chunk), -1)).to(device)
+        target = task.target(torch.from_numpy(raw_ans[i : i + batch_size].reshape(x.shape)).to(device))
+        blank = ~task.given(x)
+        n_blank += int(blank.sum())
+        x_emb = model.embed_input(inputs(chunk))
+        state = model.initial_state(len(x))
+        stop = torch.full((len(x),), segs, dtype=torch.long, device=device)
+        act_pred = torch.zeros_like(x)
         for k in range(segs):
             state, out = model.segment(state, x_emb)
-            pred = predict(out.logits, pz, copy_givens)
-            right = pred == sol
+            pred = predict(out.logits, x, task, copy_givens)
+            right = pred == target
             right_exact[k] += float(right.all(-1).sum())
-            right_blank[k] += float((right & (pz == 0)).sum())
+            right_blank[k] += float((right & blank).sum())
             wants = out.q_halt > (out.q_continue if out.q_continue is not None else 0.0)
-            first = (stop == segs) & (wants | (k == segs - 1))
+            first = (stop == segs) & (wants | (k == segs - 1))  # ACT: the first segment that says halt
             act_pred[first] = pred[first]
-            stop = torch.where(first & (stop == segs), torch.full_like(stop, k + 1), stop)
-        act_right = act_pred == sol
+            stop = torch.where(first, torch.full_like(stop, k + 1), stop)
+        act_right = act_pred == target
         act_exact += float(act_right.all(-1).sum())
-        act_blank += float((act_right & (pz == 0)).sum())
+        act_blank += float((act_right & blank).sum())
         steps_used += float(stop.sum())
-    n = len(puzzles)
+    n = len(raw_in)
     return {
         "exact_acc": float(right_exact[-1]) / n,
         "blank_acc": float(right_blank[-1]) / max(n_blank, 1),
@@ -510,6 +609,8 @@ def _report(ctx: JobContext, kind: str, ev: dict[str, Any], extra: dict[str, flo
     )  # fmt: skip
     ctx.artifact(png, "plot", {"what": "accuracy_vs_steps", "model": kind})
     metrics = {k: float(v) for k, v in ev.items() if not isinstance(v, list)}
+    for k, (e, b) in enumerate(zip(ev["exact_by_steps"], ev["blank_by_steps"], strict=True), start=1):
+        metrics[f"exact_acc_seg{k}"], metrics[f"blank_acc_seg{k}"] = float(e), float(b)
     return {**metrics, **extra}
 
 
@@ -526,10 +627,12 @@ def train_reasoner(
     visual: Visual | None = None,
 ) -> dict[str, float]:
     """Train, checkpoint, evaluate. Resumes exactly from ``ctx.resume_from``. Returns float metrics."""
-    train, test = as_grids(train_data), as_grids(test_data)
+    task, test = as_grids(test_data)
     if params.augment and augment is None:
-        augment = default_augment()
-    tr = Trainer(params, train, augment, visual)
+        augment = default_augment(task)
+    tr = Trainer(params, train_data, augment, visual)
+    if tr.task != task:
+        raise ValueError(f"train and test data differ: {tr.task} vs {task}")
     ckpt = ctx.workdir / "checkpoints" / "reasoner-last.pt"
     if ctx.resume_from is not None:
         tr.load_state_dict(load_checkpoint(Path(ctx.resume_from)))
@@ -567,8 +670,9 @@ def train_reasoner(
                     {"loss": (list(steps), list(losses))})  # fmt: skip
         ctx.artifact(png, "plot", {"what": "loss_curve", "model": params.model})
     ev = evaluate_model(
-        tr.eval_model, test, tr.inputs, params.loss_on == "blanks", params.eval_batch_size, params.eval_segments
-    )
+        tr.eval_model, task, test, tr.inputs, params.loss_on == "blanks", params.eval_batch_size,
+        params.eval_segments,
+    )  # fmt: skip
     hist = tr.halt_hist.float()
     extra = {
         "steps": float(tr.step),
@@ -592,11 +696,13 @@ def evaluate_reasoner(
     configuration stored in the checkpoint, so ``params`` only supplies evaluation settings."""
     sd = load_checkpoint(Path(checkpoint_path))
     cfg = ReasonerConfig(**sd["model_config"])
-    test = as_grids(test_data)
+    task, test = as_grids(test_data)
+    if (task.cells, task.n_classes) != (cfg.seq_len, cfg.n_classes):
+        raise ValueError(f"checkpoint is for {cfg.seq_len} cells / {cfg.n_classes} classes, data is {task}")
     device = _device(params)
-    inputs = Inputs(visual, device, params.seed, int(test[0].shape[1]))
+    inputs = Inputs(visual, device, params.seed, task)
     model = build_reasoner(replace(cfg)).to(device)
     model.load_state_dict(sd["ema"] if sd.get("ema") is not None else sd["model"])
     copy_givens = sd["params"].get("loss_on", "blanks") == "blanks"
-    ev = evaluate_model(model, test, inputs, copy_givens, params.eval_batch_size, params.eval_segments)
+    ev = evaluate_model(model, task, test, inputs, copy_givens, params.eval_batch_size, params.eval_segments)
     return _report(ctx, cfg.kind, ev, {"params": float(count_params(model))})
