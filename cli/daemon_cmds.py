@@ -82,6 +82,13 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         settings = load_settings(**overrides)
     except Exception as exc:
         raise CliError(f"bad settings: {exc}") from None
+    from schema.wire import SecretError, load_secret
+
+    try:  # refuse a key others can read before anything starts (the fix is printed)
+        if settings.redis_url or settings.secret_path.exists():
+            load_secret(settings.secret_path, create=True)
+    except SecretError as exc:
+        raise CliError(str(exc)) from None
     try:
         return Daemon(settings, overrides=overrides).run()
     except DaemonLocked as exc:

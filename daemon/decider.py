@@ -465,7 +465,7 @@ def _failed(out: _Emitter, c: cmd.RecordJobFailed) -> None:
     if c.violation:
         out.emit(
             ev.SafetyViolation(
-                at=c.now, what=c.violation, detail=c.error, ticket=c.ticket, task=c.task, attempt=c.attempt
+                at=c.now, what=c.violation, detail=_last_line(c.error), ticket=c.ticket, task=c.task, attempt=c.attempt
             )
         )
     fp = fingerprint(task.kind, task.params, c.error)

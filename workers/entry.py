@@ -6,6 +6,7 @@ reason (the event log, not RQ, says whether an attempt failed).
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 from typing import Any
 
@@ -16,6 +17,7 @@ from schema.settings import load_settings
 from schema.wire import Envelope, Report, load_secret, verify
 from workers.context import JobCancelled
 from workers.jobs import ALLOWED, JobFailed, JobResult
+from workers.netguard import NetworkDenied, network_denied
 from workers.runtime import Heartbeat, Reporter, RuntimeContext, worker_name
 
 
@@ -73,8 +75,14 @@ def run_job(signed: dict[str, Any]) -> str:
     heartbeat.start()
     ctx = RuntimeContext(envelope, reporter, conn, workdir, settings.artifacts_path)
     reporter.send("started")
+    guard: contextlib.AbstractContextManager[list[str]] = (
+        network_denied(settings.redis_url) if envelope.network == "deny" else contextlib.nullcontext([])
+    )
     try:
-        result = fn(ctx, envelope.params)
+        with guard as denied:
+            result = fn(ctx, envelope.params)
+        if denied:  # the job caught NetworkDenied and went on: still a violation
+            raise NetworkDenied(f"network access denied by the ticket's policy (network: deny): {denied[0]}")
         if not isinstance(result, JobResult):
             result = JobResult.model_validate(result)
         reporter.send("succeeded", metrics=result.metrics, outputs=result.outputs)

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schema.policy import DEFAULT_CHECK_BINARIES, binary_of
 from workers.context import JobContext
 
 
@@ -56,6 +57,9 @@ class DiagParams(_Params):
     fail_attempts: int = Field(default=0, ge=0, description="fail while attempt <= this")
     error: str = "diagnostic failure"
     exit_on_step: int | None = Field(default=None, description="hard-exit the worker process at this step")
+    connect: str | None = Field(default=None, description="host:port to open a TCP connection to (guard tests)")
+    resolve: str | None = Field(default=None, description="a host name to look up (guard tests)")
+    swallow: bool = Field(default=False, description="catch network errors and carry on (guard tests)")
 
 
 def run_diag(ctx: JobContext, params: dict[str, Any]) -> JobResult:
@@ -64,6 +68,7 @@ def run_diag(ctx: JobContext, params: dict[str, Any]) -> JobResult:
     if ctx.resume_from is not None and ctx.resume_from.exists():
         start = int(ctx.resume_from.read_text())
         ctx.log(f"resuming from step {start}")
+    _diag_network(p)
     every = max(1, p.steps // p.checkpoints) if p.checkpoints else 0
     for step in range(start, p.steps):
         ctx.raise_if_cancelled()
@@ -83,42 +88,65 @@ def run_diag(ctx: JobContext, params: dict[str, Any]) -> JobResult:
     return JobResult(metrics={**p.metrics, "resumed_from": float(start)}, outputs={"steps": p.steps})
 
 
+def _diag_network(p: DiagParams) -> None:
+    import socket
+
+    try:
+        if p.resolve:
+            socket.getaddrinfo(p.resolve, 80)
+        if p.connect:
+            host, _, port = p.connect.rpartition(":")
+            with socket.create_connection((host, int(port)), timeout=2):
+                pass
+    except OSError:
+        if not p.swallow:
+            raise
+
+
 # --- check: run a command (argv, no shell) -----------------------------------------------------
-
-
-DEFAULT_CHECK_BINARIES = ("python", "python3", "pytest", "ruff", "mypy", "true", "false")
 
 
 class CheckParams(_Params):
     run: list[str] = Field(min_length=1)
     timeout: float = Field(default=300.0, gt=0, le=86400)
+    memory: int = Field(default=4 << 30, ge=64 << 20, description="address-space limit in bytes")
 
 
-def allowed_binaries() -> set[str]:
+def allowed_binaries(params: dict[str, Any] | None = None) -> set[str]:
+    """The defaults, the installation's JETBOX_CHECK_ALLOWLIST, and grants the daemon signed into the job."""
     extra = os.environ.get("JETBOX_CHECK_ALLOWLIST", "")
-    return set(DEFAULT_CHECK_BINARIES) | {b for b in extra.replace(",", " ").split() if b}
+    granted = (params or {}).get("_allowed_binaries") or []
+    return set(DEFAULT_CHECK_BINARIES) | {b for b in extra.replace(",", " ").split() if b} | set(granted)
 
 
 def run_check(ctx: JobContext, params: dict[str, Any]) -> JobResult:
     p = CheckParams.model_validate(own_params(params))
-    binary = p.run[0]
-    if "/" in binary or binary not in allowed_binaries():
-        raise JobFailed(f"binary {binary!r} is not in the check allowlist ({', '.join(sorted(allowed_binaries()))})")
+    binary = binary_of(p.run)
+    allowed = allowed_binaries(params)
+    if "/" in binary or binary not in allowed:
+        raise JobFailed(f"binary {binary!r} is not in the check allowlist ({', '.join(sorted(allowed))})")
     for arg in p.run[1:]:
-        if arg.startswith("/") or ".." in Path(arg).parts:
-            raise JobFailed(f"argument {arg!r} escapes the workspace")
+        if arg.startswith(("/", "~")) or ".." in Path(arg).parts:
+            raise JobFailed(f"argument {arg!r} escapes the workspace (absolute paths and .. are refused)")
     exe = shutil.which(binary, path=_check_path())
     if exe is None:
         raise JobFailed(f"binary {binary!r} not found on PATH")
+    argv = [exe, *p.run[1:]]
+    envelope = getattr(ctx, "envelope", None)
+    if envelope is None or envelope.network == "deny":
+        argv = [*no_network_prefix(), *argv]
+    workspace = ctx.workdir.parent.parent / "workspace"  # shared by the ticket's checks
+    workspace.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     try:
         proc = subprocess.run(
-            [exe, *p.run[1:]],
-            cwd=ctx.workdir,
+            argv,
+            cwd=workspace,
             capture_output=True,
             timeout=p.timeout,
             stdin=subprocess.DEVNULL,
-            env=_check_env(ctx),
+            env=_check_env(ctx, params, workspace),
+            preexec_fn=_limits(p),
         )
     except subprocess.TimeoutExpired:
         raise JobFailed(f"{' '.join(p.run)} timed out after {p.timeout:g}s") from None
@@ -131,6 +159,41 @@ def run_check(ctx: JobContext, params: dict[str, Any]) -> JobResult:
     return JobResult(metrics={"returncode": 0.0, "seconds": time.monotonic() - started})
 
 
+_NO_NETWORK: list[str] | None = None
+
+
+def no_network_prefix() -> list[str]:
+    """`unshare -n` (a fresh, empty network namespace), or a clear refusal where it is not permitted."""
+    global _NO_NETWORK
+    if _NO_NETWORK is None:
+        unshare = shutil.which("unshare")
+        for prefix in ([unshare, "-n"], [unshare, "-rn"]) if unshare else []:
+            probe = subprocess.run([*prefix, "true"], capture_output=True)
+            if probe.returncode == 0:
+                _NO_NETWORK = prefix
+                break
+        else:
+            _NO_NETWORK = []
+    if not _NO_NETWORK:
+        raise JobFailed(
+            "cannot run the check without network: `unshare -n` is not permitted here "
+            "(run the worker as root or enable unprivileged user namespaces), and it is never run "
+            "with network silently"
+        )
+    return list(_NO_NETWORK)
+
+
+def _limits(p: CheckParams) -> Callable[[], None]:
+    def apply() -> None:
+        import resource
+
+        cpu = int(p.timeout) + 1
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+        resource.setrlimit(resource.RLIMIT_AS, (p.memory, p.memory))
+
+    return apply
+
+
 def _check_path() -> str:
     # The project's own interpreter comes first, so `python` means the venv's python.
     import sys
@@ -138,15 +201,22 @@ def _check_path() -> str:
     return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
-def _check_env(ctx: JobContext) -> dict[str, str]:
-    return {
+def _check_env(ctx: JobContext, params: dict[str, Any], workspace: Path) -> dict[str, str]:
+    env = {
         "PATH": _check_path(),
-        "HOME": str(ctx.workdir),
+        "HOME": str(workspace),
         "LANG": "C.UTF-8",
         "JETBOX_TICKET": ctx.ticket,
         "JETBOX_TASK": ctx.task,
-        "JETBOX_WORKDIR": str(ctx.workdir),
+        "JETBOX_WORKSPACE": str(workspace),
+        "JETBOX_ARTIFACTS": str(_artifact_root(ctx)),
     }
+    # The ticket's artifacts, readable by the check: JETBOX_INPUT_<STEP>_<KEY>=value.
+    for step, outputs in (params.get("_inputs") or {}).items():
+        for key, value in outputs.items():
+            if isinstance(value, str | int | float):
+                env[f"JETBOX_INPUT_{step}_{key}".upper().replace("-", "_")] = str(value)
+    return env
 
 
 # --- synthesize --------------------------------------------------------------------------------
