@@ -33,9 +33,9 @@ def local_actor() -> dict[str, Any]:
 def load_state(store: EventStore, state: State | None = None) -> State:
     """Fold every event after `state.last_seq` into `state` (a fresh one by default)."""
     state = state or State()
-    for rec in store.read(state.last_seq, page=20000):
-        evolve(state, rec.event)
-        state.last_seq = rec.seq
+    for seq, event in store.read_events(state.last_seq):
+        evolve(state, event)
+        state.last_seq = seq
     return state
 
 

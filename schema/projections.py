@@ -58,36 +58,67 @@ class MemoryRows:
 
 
 class SqlRows:
-    """Projection rows read and written on a live connection (inside the append transaction)."""
+    """Projection rows read on a live connection and written back once per transaction.
+
+    A hundred progress reports in one group commit touch the same task row a hundred times; the
+    row is written once, in one executemany per table, just before the commit.
+    """
 
     def __init__(self, conn: sa.Connection) -> None:
         self.conn = conn
         self.cache: dict[tuple[str, Key], dict[str, Any] | None] = {}
+        self.existed: set[tuple[str, Key]] = set()
+        self.dirty: dict[tuple[str, Key], dict[str, Any]] = {}
 
     def _where(self, table: str, key: Key) -> Any:
         t = _table(table)
         return sa.and_(*(t.c[c] == v for c, v in zip(_pk(table), key, strict=True)))
 
     def get(self, table: str, key: Key) -> dict[str, Any] | None:
-        if (table, key) in self.cache:
-            row = self.cache[(table, key)]
-            return dict(row) if row is not None else None
-        found = self.conn.execute(sa.select(_table(table)).where(self._where(table, key))).mappings().first()
-        row = dict(found) if found is not None else None
-        self.cache[(table, key)] = row
+        if (table, key) not in self.cache:
+            found = self.conn.execute(sa.select(_table(table)).where(self._where(table, key))).mappings().first()
+            self.cache[(table, key)] = dict(found) if found is not None else None
+            if found is not None:
+                self.existed.add((table, key))
+        row = self.cache[(table, key)]
         return dict(row) if row is not None else None
 
     def put(self, table: str, key: Key, row: dict[str, Any]) -> None:
-        existed = self.get(table, key) is not None
-        if existed:
-            self.conn.execute(_table(table).update().where(self._where(table, key)).values(**row))
-        else:
-            self.conn.execute(_table(table).insert().values(**row))
+        self.get(table, key)  # learn whether it exists in the database
         self.cache[(table, key)] = dict(row)
+        self.dirty[(table, key)] = dict(row)
 
     def delete(self, table: str, key: Key) -> None:
+        self.dirty.pop((table, key), None)
         self.conn.execute(_table(table).delete().where(self._where(table, key)))
         self.cache[(table, key)] = None
+        self.existed.discard((table, key))
+
+    def flush(self) -> None:
+        """Write every changed row: one UPDATE executemany and one INSERT executemany per table."""
+        by_table: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
+        for (table, key), row in self.dirty.items():
+            updates, inserts = by_table.setdefault(table, ([], []))
+            if (table, key) in self.existed:
+                updates.append({**row, **{f"pk_{c}": v for c, v in zip(_pk(table), key, strict=True)}})
+            else:
+                inserts.append(row)
+                self.existed.add((table, key))
+        for table, (updates, inserts) in by_table.items():
+            t = _table(table)
+            if inserts:
+                self.conn.execute(t.insert(), inserts)
+            if updates:
+                cols = [c.name for c in t.columns if c.name not in _pk(table)]
+                stmt = (
+                    t.update()
+                    .where(sa.and_(*(t.c[c] == sa.bindparam(f"pk_{c}") for c in _pk(table))))
+                    .values({c: sa.bindparam(c) for c in cols})
+                )
+                self.conn.execute(
+                    stmt, [{k: v for k, v in u.items() if k in cols or k.startswith("pk_")} for u in updates]
+                )
+        self.dirty.clear()
 
 
 def _naive(ts: datetime | None) -> datetime | None:
@@ -226,9 +257,14 @@ def _task_keys(rows: Rows, ticket: str) -> list[Key]:
         return [k for k in rows.data["tasks"] if k[0] == ticket]
     if isinstance(rows, SqlRows):
         t = _table("tasks")
-        return [
+        stored = {
             (r.ticket, r.task) for r in rows.conn.execute(sa.select(t.c.ticket, t.c.task).where(t.c.ticket == ticket))
-        ]
+        }
+        # Rows written or deleted earlier in this transaction are still only in the cache.
+        for (table, key), row in rows.cache.items():
+            if table == "tasks" and key[0] == ticket:
+                (stored.add if row is not None else stored.discard)(key)
+        return sorted(stored)
     raise TypeError(type(rows))
 
 

@@ -88,7 +88,15 @@ def _engine(url: str, synchronous: str = "FULL", readonly: bool = False) -> sa.E
             path = url.split("///", 1)[1]
             engine = sa.create_engine("sqlite://", creator=lambda: _sqlite_ro(path), poolclass=sa.pool.NullPool)
         else:
-            engine = sa.create_engine(url, connect_args={"timeout": 30}, poolclass=sa.pool.NullPool)
+            # A pooled connection keeps the WAL open between commits; closing the last connection
+            # would checkpoint and delete it every time (about 11 ms per append here).
+            engine = sa.create_engine(
+                url,
+                connect_args={"timeout": 30, "check_same_thread": False},
+                poolclass=sa.pool.QueuePool,
+                pool_size=2,
+                max_overflow=8,
+            )
 
         @sa_event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _rec: Any) -> None:
@@ -192,6 +200,7 @@ class EventStore:
                     for r in out
                 ],
             )
+            rows.flush()
             conn.execute(_head.update().where(_head.c.id == 1).values(seq=seq, hash=prev))
         return out
 
@@ -238,6 +247,30 @@ class EventStore:
             last = batch[-1].seq
             if left is not None:
                 left -= len(batch)
+
+    def read_events(self, since: int = 0) -> Iterator[tuple[int, ev.Event]]:
+        """(seq, event) after `since`, decoded straight from the stored JSON text: the replay path.
+
+        One streaming cursor, no SQLAlchemy JSON processing and no `meta`: several times faster than
+        `read` for the million-event replays the daemon does at start-up.
+        """
+        registry = ev.Event.registry
+        sql = "SELECT seq, type, data FROM events WHERE seq > :since ORDER BY seq"
+        with self.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=5000).execute(
+                sa.text(sql).columns(sa.column("seq"), sa.column("type"), sa.column("data", sa.Text)),
+                {"since": since},
+            )
+            for seq, type_, data in result:
+                cls = registry.get(type_)
+                if cls is None:
+                    raise StoreError(f"seq {seq}: unknown event type {type_!r}")
+                try:
+                    event = cls.model_validate_json(data) if isinstance(data, str | bytes) else cls.model_validate(data)
+                except ValueError as exc:
+                    first = " ".join(str(exc).splitlines()[:3])
+                    raise StoreError(f"seq {seq}: stored {type_} event is unreadable: {first}") from None
+                yield seq, event
 
     def head(self) -> int:
         """The last seq (0 for an empty log)."""
@@ -286,8 +319,8 @@ class EventStore:
     def rebuild_rows(self) -> MemoryRows:
         """Every projection row, computed from the events alone."""
         rows = MemoryRows()
-        for rec in self.read(0, page=20000):
-            project(rows, rec.seq, rec.event)
+        for seq, event in self.read_events(0):
+            project(rows, seq, event)
         return rows
 
     def replay(self) -> int:
