@@ -50,8 +50,14 @@ def _summary(data: dict[str, Any]) -> str:
         if data.get(k) not in (None, ""):
             value = str(data[k]).strip().splitlines()[-1] if k == "error" else str(data[k])
             parts.append(f"{k}={value[:80]}")
-    if data.get("metrics"):
-        parts.append("metrics=" + ",".join(f"{k}:{v:.4g}" for k, v in list(data["metrics"].items())[:4]))
+    metrics = data.get("metrics")
+    if isinstance(metrics, dict) and metrics:
+        flat = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        nested = [k for k, v in metrics.items() if isinstance(v, dict)]
+        if flat:
+            parts.append("metrics=" + ",".join(f"{k}:{v:.4g}" for k, v in list(flat.items())[:4]))
+        if nested:
+            parts.append("metrics=" + ",".join(nested))
     if data.get("errors"):
         parts.append(f"errors={len(data['errors'])}: {data['errors'][0][:100]}")
     return " ".join(parts)

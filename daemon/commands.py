@@ -49,7 +49,7 @@ class ScheduleTask(Command):
 
 
 class RetryTask(Command):
-    """A human's way out of a failed or blocked task."""
+    """A human's way out of a blocked task (a failed task ends its ticket; resubmit that instead)."""
 
     ticket: str
     task: str

@@ -112,7 +112,7 @@ def _submit(out: _Emitter, c: cmd.SubmitTicket) -> None:
                 ticket=existing.id,
                 path=c.path,
                 content_hash=c.content_hash,
-                reason="ticket is still running; the revision applies once it has ended (save it again then)",
+                reason="ticket is still running; the revision is applied as a new run once it has ended",
             )
         )
         return
@@ -135,7 +135,9 @@ def _file_removed(out: _Emitter, c: cmd.TicketFileRemoved) -> None:
     tid = out.state.file_tickets.get(c.path)
     ticket = out.state.tickets.get(tid) if tid else None
     if ticket is not None and ticket.status == "running" and ticket.path == c.path:
-        out.emit(ev.TicketCancelled(at=c.now, ticket=ticket.id, reason=f"ticket file {c.path} was removed"))
+        out.emit(
+            ev.TicketCancelled(at=c.now, ticket=ticket.id, reason=f"ticket file {c.path} was removed", path=c.path)
+        )
 
 
 def _cancel(out: _Emitter, c: cmd.CancelTicket) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import getpass
 import os
 import socket
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -87,7 +88,11 @@ class CommandHandler:
 
 
 def _meta(command: Command, extra: Mapping[str, Any] | None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"command": type(command).__name__}
+    """Who and why: the command (its id is the events' causation id) and the ticket they correlate to."""
+    meta: dict[str, Any] = {"command": type(command).__name__, "causation_id": uuid.uuid4().hex}
+    correlation = getattr(command, "ticket", None) or getattr(command, "proposal", None)
+    if isinstance(correlation, str):
+        meta["correlation_id"] = correlation
     if command.actor:
         meta["actor"] = command.actor
     meta.update(extra or {})

@@ -206,6 +206,12 @@ def _refused(state: State, e: ev.TicketRevisionRefused) -> None:
     state.files[e.path] = e.content_hash
 
 
+def _forget_revised_file(state: State, ticket: TicketState) -> None:
+    """When a run ends, a refused revision of its file is no longer "seen": the next rescan submits it."""
+    if state.files.get(ticket.path) != ticket.content_hash:
+        state.files.pop(ticket.path, None)
+
+
 def _end_live_tasks(ticket: TicketState) -> None:
     for task in ticket.tasks.values():
         if task.status in LIVE or task.status in ("pending", "waiting_retry"):
@@ -216,6 +222,10 @@ def _cancelled(state: State, e: ev.TicketCancelled) -> None:
     ticket = state.tickets[e.ticket]
     ticket.status, ticket.reason, ticket.ended_at = "cancelled", e.reason, e.at
     _end_live_tasks(ticket)
+    if e.path is not None:  # the file is gone: restoring it, even unchanged, starts a new run
+        state.files.pop(e.path, None)
+    else:
+        _forget_revised_file(state, ticket)
 
 
 def _scheduled(state: State, e: ev.AttemptScheduled) -> None:
@@ -291,12 +301,14 @@ def _accepted(state: State, e: ev.AcceptanceEvaluated) -> None:
 def _completed(state: State, e: ev.TicketCompleted) -> None:
     ticket = state.tickets[e.ticket]
     ticket.status, ticket.ended_at, ticket.reason = "completed", e.at, None
+    _forget_revised_file(state, ticket)
 
 
 def _ticket_failed(state: State, e: ev.TicketFailed) -> None:
     ticket = state.tickets[e.ticket]
     ticket.status, ticket.reason, ticket.ended_at = "failed", e.reason, e.at
     _end_live_tasks(ticket)
+    _forget_revised_file(state, ticket)
 
 
 def _opened(state: State, e: ev.ProposalOpened) -> None:

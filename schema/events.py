@@ -78,6 +78,7 @@ class TicketRevisionRefused(TicketEvent):
 class TicketCancelled(TicketEvent):
     reason: str
     actor: str | None = None
+    path: str | None = None  # set when removing the ticket file cancelled it
 
 
 # --- tasks and attempts ------------------------------------------------------------------------

@@ -475,3 +475,23 @@ def test_no_worker_report_can_promote_the_core() -> None:
     for command in hostile:
         assert "CorePromoted" not in types(apply(s, command))
     assert s.core_version == 0 and s.proposals["P-1"].status == "open"
+
+
+def test_refused_revision_is_applied_after_the_run_ends() -> None:
+    s = State()
+    t = make_ticket(steps="  - {id: a, kind: diag}\n")
+    apply(s, submit(t, T0))
+    revised = c.SubmitTicket(now=T0, path="/t/TICKET-1.yaml", content_hash=content_hash("v2"), ticket=t)
+    assert types(apply(s, revised)) == ["TicketRevisionRefused"]
+    assert apply(s, revised) == []  # a rescan while running records nothing more
+    apply(s, report(c.RecordJobSucceeded, "a", 1))
+    assert types(apply(s, revised)) == ["TicketSubmitted", "AttemptScheduled"]  # the next rescan applies it
+
+
+def test_restoring_a_removed_file_starts_a_new_run() -> None:
+    s = State()
+    cmd_ = submit(make_ticket(), T0, path="/t/TICKET-1.yaml")
+    apply(s, cmd_)
+    apply(s, c.TicketFileRemoved(now=T0, path="/t/TICKET-1.yaml"))
+    events = apply(s, cmd_)
+    assert types(events)[0] == "TicketSubmitted" and events[0].revision == 2
