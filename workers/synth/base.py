@@ -206,8 +206,18 @@ def shard_counts(count: int, shard_size: int) -> list[int]:
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _ST_DTYPES = {
-    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16", "int32": "I32",
-    "uint32": "U32", "int64": "I64", "uint64": "U64", "float16": "F16", "float32": "F32", "float64": "F64",
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "int16": "I16",
+    "uint16": "U16",
+    "int32": "I32",
+    "uint32": "U32",
+    "int64": "I64",
+    "uint64": "U64",
+    "float16": "F16",
+    "float32": "F32",
+    "float64": "F64",
 }
 _ST_BACK = {v: k for k, v in _ST_DTYPES.items()}
 
@@ -346,9 +356,11 @@ def decode_shard(data: bytes, fmt: ShardFormat = "npz") -> Arrays:
     header = json.loads(data[8 : 8 + head_len])
     base = 8 + head_len
     return {
-        name: np.frombuffer(data[base + s["data_offsets"][0] : base + s["data_offsets"][1]],
-                            dtype=_ST_BACK[s["dtype"]]).reshape(s["shape"])
-        for name, s in header.items() if name != "__metadata__"
+        name: np.frombuffer(
+            data[base + s["data_offsets"][0] : base + s["data_offsets"][1]], dtype=_ST_BACK[s["dtype"]]
+        ).reshape(s["shape"])
+        for name, s in header.items()
+        if name != "__metadata__"
     }
 
 
@@ -375,8 +387,13 @@ def check_arrays(generator: Generator, params: Any, arrays: Mapping[str, np.ndar
 
 
 def generate_shard(
-    generator: str | Generator, params: Any, seed: int, shard: int, count: int,
-    store: ArtifactStore, fmt: ShardFormat = "npz",
+    generator: str | Generator,
+    params: Any,
+    seed: int,
+    shard: int,
+    count: int,
+    store: ArtifactStore,
+    fmt: ShardFormat = "npz",
 ) -> ShardInfo:
     """Generate one shard, write it to the store and describe it (a subtask's unit of work)."""
     gen = get_generator(generator)
@@ -391,8 +408,14 @@ def generate_shard(
 
 
 def merge_manifest(
-    generator: str | Generator, params: Any, seed: int, count: int, shard_size: int,
-    shards: list[ShardInfo], store: ArtifactStore, lineage: Lineage | None = None,
+    generator: str | Generator,
+    params: Any,
+    seed: int,
+    count: int,
+    shard_size: int,
+    shards: list[ShardInfo],
+    store: ArtifactStore,
+    lineage: Lineage | None = None,
     created_at: datetime | None = None,
 ) -> Manifest:
     """Check that `shards` are exactly the planned ones, then write and return the manifest."""
@@ -408,18 +431,34 @@ def merge_manifest(
     if created_at is None:
         created_at = datetime.now(UTC)  # workers are the impure edge; pure callers pass the time in
     manifest = Manifest(
-        generator=gen.name, generator_version=gen.version, params=p.model_dump(mode="json"), seed=seed,
-        count=count, shard_size=shard_size, shards=ordered, label_schema=gen.label_schema(p),
-        split=getattr(p, "split", None), lineage=lineage or Lineage(), created_at=created_at,
+        generator=gen.name,
+        generator_version=gen.version,
+        params=p.model_dump(mode="json"),
+        seed=seed,
+        count=count,
+        shard_size=shard_size,
+        shards=ordered,
+        label_schema=gen.label_schema(p),
+        split=getattr(p, "split", None),
+        lineage=lineage or Lineage(),
+        created_at=created_at,
     )
     store.put_manifest(manifest)
     return manifest
 
 
 def synthesize(
-    generator: str | Generator, params: Any, seed: int, count: int, shard_size: int,
-    store: ArtifactStore, lineage: Lineage | None = None, *, created_at: datetime | None = None,
-    fmt: ShardFormat = "npz", progress: Callable[[int, int], None] | None = None,
+    generator: str | Generator,
+    params: Any,
+    seed: int,
+    count: int,
+    shard_size: int,
+    store: ArtifactStore,
+    lineage: Lineage | None = None,
+    *,
+    created_at: datetime | None = None,
+    fmt: ShardFormat = "npz",
+    progress: Callable[[int, int], None] | None = None,
 ) -> Manifest:
     """Generate a whole dataset shard by shard into `store` and write its manifest.
 
@@ -428,7 +467,10 @@ def synthesize(
     request = SynthesisRequest(
         generator=generator if isinstance(generator, str) else generator.name,
         params=params.model_dump(mode="json") if isinstance(params, BaseModel) else dict(params or {}),
-        seed=seed, count=count, shard_size=shard_size, format=fmt,
+        seed=seed,
+        count=count,
+        shard_size=shard_size,
+        format=fmt,
     )
     gen = get_generator(generator)
     p = validate_params(gen, request.params)

@@ -25,9 +25,15 @@ class ShardDataset(Dataset[dict[str, Any]]):
     `fields` selects arrays (default: all); `transform` is applied to each example dict.
     """
 
-    def __init__(self, manifest: Manifest | str, store: ArtifactStore, fields: Sequence[str] | None = None,
-                 verify: bool = True, mmap: bool = True,
-                 transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        manifest: Manifest | str,
+        store: ArtifactStore,
+        fields: Sequence[str] | None = None,
+        verify: bool = True,
+        mmap: bool = True,
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
         self.store = store
         self.manifest = manifest if isinstance(manifest, Manifest) else store.load_manifest(manifest)
         unknown = set(fields or ()) - set(self.manifest.label_schema)
@@ -90,8 +96,9 @@ class ShardDataset(Dataset[dict[str, Any]]):
         return self.transform(item) if self.transform else item
 
 
-def load_tensors(manifest: Manifest | str, store: ArtifactStore,
-                 fields: Sequence[str] | None = None) -> dict[str, torch.Tensor | list[str]]:
+def load_tensors(
+    manifest: Manifest | str, store: ArtifactStore, fields: Sequence[str] | None = None
+) -> dict[str, torch.Tensor | list[str]]:
     """A whole (small) dataset in memory: numeric fields as tensors, string fields as lists."""
     ds = ShardDataset(manifest, store, fields)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in ds.fields}

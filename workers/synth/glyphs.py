@@ -56,12 +56,15 @@ def _segments(polylines: Sequence[Sequence[Point]]) -> list[tuple[Point, Point]]
 def _seven_segment() -> dict[int, list[tuple[Point, Point]]]:
     x0, x1, y0, y1, y2 = 0.3, 0.7, 0.15, 0.5, 0.85
     seg = {
-        "a": ((x0, y0), (x1, y0)), "b": ((x1, y0), (x1, y1)), "c": ((x1, y1), (x1, y2)),
-        "d": ((x0, y2), (x1, y2)), "e": ((x0, y1), (x0, y2)), "f": ((x0, y0), (x0, y1)),
+        "a": ((x0, y0), (x1, y0)),
+        "b": ((x1, y0), (x1, y1)),
+        "c": ((x1, y1), (x1, y2)),
+        "d": ((x0, y2), (x1, y2)),
+        "e": ((x0, y1), (x0, y2)),
+        "f": ((x0, y0), (x0, y1)),
         "g": ((x0, y1), (x1, y1)),
     }
-    lit = {1: "bc", 2: "abged", 3: "abgcd", 4: "fgbc", 5: "afgcd", 6: "afgedc", 7: "abc", 8: "abcdefg",
-           9: "abcdfg"}
+    lit = {1: "bc", 2: "abged", 3: "abgcd", 4: "fgbc", 5: "afgcd", 6: "afgedc", 7: "abc", 8: "abcdefg", 9: "abcdfg"}
     return {d: [seg[s] for s in names] for d, names in lit.items()}
 
 
@@ -82,10 +85,14 @@ def _print() -> dict[int, list[tuple[Point, Point]]]:
 
 
 _FONT = {
-    1: (".#.", "##.", ".#.", ".#.", "###"), 2: ("###", "..#", "###", "#..", "###"),
-    3: ("###", "..#", "###", "..#", "###"), 4: ("#.#", "#.#", "###", "..#", "..#"),
-    5: ("###", "#..", "###", "..#", "###"), 6: ("###", "#..", "###", "#.#", "###"),
-    7: ("###", "..#", "..#", "..#", "..#"), 8: ("###", "#.#", "###", "#.#", "###"),
+    1: (".#.", "##.", ".#.", ".#.", "###"),
+    2: ("###", "..#", "###", "#..", "###"),
+    3: ("###", "..#", "###", "..#", "###"),
+    4: ("#.#", "#.#", "###", "..#", "..#"),
+    5: ("###", "#..", "###", "..#", "###"),
+    6: ("###", "#..", "###", "#.#", "###"),
+    7: ("###", "..#", "..#", "..#", "..#"),
+    8: ("###", "#.#", "###", "#.#", "###"),
     9: ("###", "#.#", "###", "..#", "###"),
 }
 
@@ -93,6 +100,7 @@ _FONT = {
 def _block() -> dict[int, list[tuple[Point, Point]]]:
     out = {}
     for digit, rows in _FONT.items():
+
         def at(i: int, j: int) -> Point:
             return (0.3 + 0.2 * j, 0.15 + 0.175 * i)
 
@@ -121,9 +129,15 @@ def stroke_table() -> np.ndarray:
     return out
 
 
-def render_digits(digits: np.ndarray, rng: np.random.Generator, size: int = 28,
-                  styles: Sequence[str] = STYLES, jitter: float = 0.5, noise: float = 0.1,
-                  thickness: tuple[float, float] = (0.05, 0.085)) -> tuple[np.ndarray, np.ndarray]:
+def render_digits(
+    digits: np.ndarray,
+    rng: np.random.Generator,
+    size: int = 28,
+    styles: Sequence[str] = STYLES,
+    jitter: float = 0.5,
+    noise: float = 0.1,
+    thickness: tuple[float, float] = (0.05, 0.085),
+) -> tuple[np.ndarray, np.ndarray]:
     """Render digits (0 = blank, 1..9) as uint8 [N, size, size]; also returns each glyph's style id."""
     digits = np.asarray(digits, dtype=np.int64).reshape(-1)
     n = len(digits)
@@ -183,8 +197,14 @@ def render_digits(digits: np.ndarray, rng: np.random.Generator, size: int = 28,
     return images, style_ids.astype(np.int64)
 
 
-def visual_sudoku(puzzles: np.ndarray, rng: np.random.Generator, cell_size: int = 28,
-                  styles: Sequence[str] = STYLES, jitter: float = 0.5, noise: float = 0.1) -> np.ndarray:
+def visual_sudoku(
+    puzzles: np.ndarray,
+    rng: np.random.Generator,
+    cell_size: int = 28,
+    styles: Sequence[str] = STYLES,
+    jitter: float = 0.5,
+    noise: float = 0.1,
+) -> np.ndarray:
     """Every cell of puzzles [N, n, n] (0 = blank) rendered: uint8 [N, n, n, cell_size, cell_size]."""
     puzzles = np.asarray(puzzles)
     n_puz, n = puzzles.shape[0], puzzles.shape[1]
@@ -201,13 +221,13 @@ def tile(cells: np.ndarray, line: int = 1) -> np.ndarray:
     for r in range(n):
         for c in range(n):
             y, x = line + r * (s + line), line + c * (s + line)
-            out[:, y:y + s, x:x + s] = cells[:, r, c]
+            out[:, y : y + s, x : x + s] = cells[:, r, c]
     for k in range(0, n + 1):
         pos = k * (s + line)
         if k % br == 0:
-            out[:, pos:pos + line, :] = 200
+            out[:, pos : pos + line, :] = 200
         if k % bc == 0:
-            out[:, :, pos:pos + line] = 200
+            out[:, :, pos : pos + line] = 200
     return out
 
 
@@ -295,8 +315,10 @@ class VisualSudokuParams(ParamsModel):
     @model_validator(mode="after")
     def _givens(self) -> VisualSudokuParams:
         if self.givens is not None and not MIN_GIVENS[self.n] <= self.givens <= self.n * self.n:
-            raise ValueError(f"givens: a {self.n}x{self.n} sudoku with a unique solution needs "
-                             f"{MIN_GIVENS[self.n]}..{self.n * self.n} givens, got {self.givens}")
+            raise ValueError(
+                f"givens: a {self.n}x{self.n} sudoku with a unique solution needs "
+                f"{MIN_GIVENS[self.n]}..{self.n * self.n} givens, got {self.givens}"
+            )
         return self
 
 
@@ -320,16 +342,17 @@ class VisualSudokuGenerator:
     def generate(self, params: VisualSudokuParams, seed: int, shard: int, count: int) -> Arrays:
         """`count` rendered puzzles of shard `shard`."""
         rng = shard_rng(seed, shard)
-        arrays = sample_puzzles(params.n, params.givens, rng, count, params.max_tries, params.split,
-                                params.test_fraction, params.split_salt)
-        arrays["cells"] = visual_sudoku(arrays["puzzles"], rng, params.cell_size, params.styles, params.jitter,
-                                        params.noise)
+        arrays = sample_puzzles(
+            params.n, params.givens, rng, count, params.max_tries, params.split, params.test_fraction, params.split_salt
+        )
+        arrays["cells"] = visual_sudoku(
+            arrays["puzzles"], rng, params.cell_size, params.styles, params.jitter, params.noise
+        )
         return arrays
 
     def preview(self, arrays: Mapping[str, np.ndarray], limit: int) -> str:
         """The first puzzles as text (the contact sheet shows the rendering)."""
-        return "\n\n".join(f"[{i}]\n{render(arrays['puzzles'][i])}"
-                           for i in range(min(limit, len(arrays["puzzles"]))))
+        return "\n\n".join(f"[{i}]\n{render(arrays['puzzles'][i])}" for i in range(min(limit, len(arrays["puzzles"]))))
 
     def preview_images(self, arrays: Mapping[str, np.ndarray], limit: int) -> np.ndarray | None:
         """The first puzzles as whole rendered grids."""

@@ -54,8 +54,11 @@ def carve(height: int, width: int, rng: np.random.Generator, loops: float = 0.0)
     moves = ((-1, 0), (1, 0), (0, -1), (0, 1))
     while stack:
         r, c = stack[-1]
-        options = [(r + dr, c + dc) for dr, dc in moves
-                   if 0 <= r + dr < ch and 0 <= c + dc < cw and not visited[r + dr, c + dc]]
+        options = [
+            (r + dr, c + dc)
+            for dr, dc in moves
+            if 0 <= r + dr < ch and 0 <= c + dc < cw and not visited[r + dr, c + dc]
+        ]
         if not options:
             stack.pop()
             continue
@@ -177,8 +180,7 @@ class MazeGenerator:
         """The first mazes with their shortest path drawn in."""
         blocks = []
         for i in range(min(limit, len(arrays["maze"]))):
-            blocks.append(f"[{i}] length={int(arrays['length'][i])}\n"
-                          + render(arrays["maze"][i], arrays["path"][i]))
+            blocks.append(f"[{i}] length={int(arrays['length'][i])}\n" + render(arrays["maze"][i], arrays["path"][i]))
         return "\n\n".join(blocks)
 
     def preview_images(self, arrays: Mapping[str, np.ndarray], limit: int) -> np.ndarray | None:

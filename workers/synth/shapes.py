@@ -93,8 +93,9 @@ class ShapesParams(ParamsModel):
         return self
 
 
-def _place(rng: np.random.Generator, radius: np.ndarray, active: np.ndarray, size: int,
-           overlap: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _place(
+    rng: np.random.Generator, radius: np.ndarray, active: np.ndarray, size: int, overlap: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Centres (x, y) inside the image; without overlap, objects move apart and shrink if crowded."""
     n, m = radius.shape
     radius = radius.copy()
@@ -157,8 +158,7 @@ def _relation(dx: float, dy: float) -> str:
     return "above" if dy < 0 else "below"
 
 
-def caption(classes: np.ndarray, colours: np.ndarray, sizes: np.ndarray, centers: np.ndarray,
-            position: int) -> str:
+def caption(classes: np.ndarray, colours: np.ndarray, sizes: np.ndarray, centers: np.ndarray, position: int) -> str:
     """The caption of one image from its labels (objects in drawing order)."""
     k = int((classes >= 0).sum())
     parts = [_describe(int(classes[i]), int(colours[i]), int(sizes[i])) for i in range(k)]
@@ -219,8 +219,8 @@ class ShapesGenerator:
                 idx = np.nonzero(active[:, slot] & (classes[:, slot] == cls))[0]
                 c, s = COS[angle[idx, slot]], SIN[angle[idx, slot]]
                 inv = (np.float32(1.0) / radius[idx, slot])[:, None, None]
-                dx = (grid[None, None, :] - cx[idx, slot][:, None, None])
-                dy = (grid[None, :, None] - cy[idx, slot][:, None, None])
+                dx = grid[None, None, :] - cx[idx, slot][:, None, None]
+                dy = grid[None, :, None] - cy[idx, slot][:, None, None]
                 u = (dx * c[:, None, None] + dy * s[:, None, None]) * inv
                 v = (dy * c[:, None, None] - dx * s[:, None, None]) * inv
                 mask = _mask(int(cls), u, v)
@@ -232,8 +232,7 @@ class ShapesGenerator:
         sizes = np.where(active, (radius >= mid).astype(np.int64), -1)
         centers = np.where(active[:, :, None], np.stack([cx, cy], axis=-1), np.float32(-1)).astype(np.float32)
         lx, ly = cx[rows, largest], cy[rows, largest]
-        position = (np.minimum((ly * 3 / size).astype(np.int64), 2) * 3
-                    + np.minimum((lx * 3 / size).astype(np.int64), 2))
+        position = np.minimum((ly * 3 / size).astype(np.int64), 2) * 3 + np.minimum((lx * 3 / size).astype(np.int64), 2)
         classes = np.where(active, classes, -1).astype(np.int64)
         colours = np.where(active, colours, -1).astype(np.int64)
         captions = [caption(classes[i], colours[i], sizes[i], centers[i], int(position[i])) for i in range(n)]
@@ -255,8 +254,10 @@ class ShapesGenerator:
         """Captions and labels of the first images."""
         lines = []
         for i in range(min(limit, len(arrays["caption"]))):
-            lines.append(f"[{i}] {arrays['caption'][i]}  (count={int(arrays['count'][i])}, "
-                         f"shape={SHAPES[int(arrays['shape'][i])]}, position={POSITIONS[int(arrays['position'][i])]})")
+            lines.append(
+                f"[{i}] {arrays['caption'][i]}  (count={int(arrays['count'][i])}, "
+                f"shape={SHAPES[int(arrays['shape'][i])]}, position={POSITIONS[int(arrays['position'][i])]})"
+            )
         return "\n".join(lines)
 
     def preview_images(self, arrays: Mapping[str, np.ndarray], limit: int) -> np.ndarray | None:

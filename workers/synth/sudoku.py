@@ -57,8 +57,11 @@ def geometry(n: int) -> Geometry:
     br, bc = BOXES[n]
     cells = range(n * n)
     return Geometry(
-        n=n, box_rows=br, box_cols=bc,
-        row=tuple(i // n for i in cells), col=tuple(i % n for i in cells),
+        n=n,
+        box_rows=br,
+        box_cols=bc,
+        row=tuple(i // n for i in cells),
+        col=tuple(i % n for i in cells),
         box=tuple((i // n) // br * (n // bc) + (i % n) // bc for i in cells),
         full=(1 << (n + 1)) - 2,  # bits 1..n
     )
@@ -231,8 +234,9 @@ def carve(solution: list[int], n: int, rng: np.random.Generator, target: int | N
     return puzzle
 
 
-def make_puzzle(n: int, givens: int | None, rng: np.random.Generator,
-                max_tries: int = 50) -> tuple[np.ndarray, np.ndarray]:
+def make_puzzle(
+    n: int, givens: int | None, rng: np.random.Generator, max_tries: int = 50
+) -> tuple[np.ndarray, np.ndarray]:
     """(puzzle, solution), int8 [n, n], with a unique solution and `givens` givens (None: minimal).
 
     Raises SynthError when the target is below what random removal reached in `max_tries` grids.
@@ -243,8 +247,7 @@ def make_puzzle(n: int, givens: int | None, rng: np.random.Generator,
         puzzle = carve(solution, n, rng, givens)
         have = sum(1 for v in puzzle if v)
         if givens is None or have <= givens:
-            return (np.array(puzzle, dtype=np.int8).reshape(n, n),
-                    np.array(solution, dtype=np.int8).reshape(n, n))
+            return (np.array(puzzle, dtype=np.int8).reshape(n, n), np.array(solution, dtype=np.int8).reshape(n, n))
         fewest = min(fewest, have)
     raise SynthError(
         f"could not reach {givens} givens for a {n}x{n} sudoku in {max_tries} tries (fewest reached: "
@@ -285,15 +288,23 @@ def _line_perm(n: int, block: int, rng: np.random.Generator, shuffle_blocks: boo
     return out
 
 
-def random_symmetry(n: int, rng: np.random.Generator, digits: bool = True, transpose: bool = True,
-                    bands: bool = True, within: bool = True) -> Symmetry:
+def random_symmetry(
+    n: int,
+    rng: np.random.Generator,
+    digits: bool = True,
+    transpose: bool = True,
+    bands: bool = True,
+    within: bool = True,
+) -> Symmetry:
     """A random element of the symmetry group (each kind of move can be switched off)."""
     br, bc = BOXES[n]
     perm = [0, *(rng.permutation(n) + 1).tolist()] if digits else list(range(n + 1))
     flip = bool(transpose and br == bc and rng.random() < 0.5)
     return Symmetry(
-        digits=tuple(perm), transpose=flip,
-        rows=tuple(_line_perm(n, br, rng, bands, within)), cols=tuple(_line_perm(n, bc, rng, bands, within)),
+        digits=tuple(perm),
+        transpose=flip,
+        rows=tuple(_line_perm(n, br, rng, bands, within)),
+        cols=tuple(_line_perm(n, bc, rng, bands, within)),
     )
 
 
@@ -416,8 +427,9 @@ class SudokuParams(ParamsModel):
                     f"solution, got {self.givens}"
                 )
             if self.givens > self.n * self.n:
-                raise ValueError(f"givens: a {self.n}x{self.n} grid has only {self.n * self.n} cells, "
-                                 f"got {self.givens}")
+                raise ValueError(
+                    f"givens: a {self.n}x{self.n} grid has only {self.n * self.n} cells, got {self.givens}"
+                )
         return self
 
 
@@ -430,12 +442,20 @@ def render(grid: np.ndarray) -> str:
         if r and r % br == 0:
             lines.append("+".join(["-" * (2 * bc + 1)] * (n // bc)))
         cells = [str(int(v)) if v else "." for v in grid[r]]
-        lines.append("|".join(" " + " ".join(cells[s:s + bc]) + " " for s in range(0, n, bc)))
+        lines.append("|".join(" " + " ".join(cells[s : s + bc]) + " " for s in range(0, n, bc)))
     return "\n".join(lines)
 
 
-def sample_puzzles(n: int, givens: int | None, rng: np.random.Generator, count: int, max_tries: int = 50,
-                   split: str = "all", test_fraction: float = 0.1, salt: str = "sudoku") -> Arrays:
+def sample_puzzles(
+    n: int,
+    givens: int | None,
+    rng: np.random.Generator,
+    count: int,
+    max_tries: int = 50,
+    split: str = "all",
+    test_fraction: float = 0.1,
+    salt: str = "sudoku",
+) -> Arrays:
     """`count` puzzles with solutions, givens and canonical keys, keeping only those of `split`."""
     puzzles = np.zeros((count, n, n), dtype=np.int8)
     solutions = np.zeros((count, n, n), dtype=np.int8)
@@ -473,8 +493,16 @@ class SudokuGenerator:
 
     def generate(self, params: SudokuParams, seed: int, shard: int, count: int) -> Arrays:
         """`count` puzzles of shard `shard` (only those of the requested split)."""
-        return sample_puzzles(params.n, params.givens, shard_rng(seed, shard), count, params.max_tries,
-                              params.split, params.test_fraction, params.split_salt)
+        return sample_puzzles(
+            params.n,
+            params.givens,
+            shard_rng(seed, shard),
+            count,
+            params.max_tries,
+            params.split,
+            params.test_fraction,
+            params.split_salt,
+        )
 
     def preview(self, arrays: Mapping[str, np.ndarray], limit: int) -> str:
         """The first puzzles side by side with their solutions."""

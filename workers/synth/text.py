@@ -23,13 +23,77 @@ from schema.artifacts import FieldSpec
 from workers.synth.base import Arrays, ParamsModel, register, shard_rng
 
 FAMILIES = ("arithmetic", "comparison", "sequence", "relation")
-NAMES = ("Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Mallory",
-         "Nina", "Oscar", "Peggy", "Quinn", "Rupert", "Sybil", "Trent", "Uma", "Victor", "Wendy", "Yara",
-         "Zoe", "Omar", "Lena", "Kofi", "Mei", "Tariq", "Ines", "Pavel")
-ITEMS = ("apple", "pencil", "marble", "coin", "book", "sticker", "card", "shell", "stamp", "button",
-         "orange", "brick", "ribbon", "candle", "cookie")
-OBJECTS = ("box", "ball", "lamp", "chair", "rock", "kettle", "drum", "vase", "bucket", "clock",
-           "table", "bottle", "anvil", "pillow", "helmet", "basket", "guitar", "crate", "statue", "barrel")
+NAMES = (
+    "Alice",
+    "Bob",
+    "Carol",
+    "Dave",
+    "Erin",
+    "Frank",
+    "Grace",
+    "Heidi",
+    "Ivan",
+    "Judy",
+    "Mallory",
+    "Nina",
+    "Oscar",
+    "Peggy",
+    "Quinn",
+    "Rupert",
+    "Sybil",
+    "Trent",
+    "Uma",
+    "Victor",
+    "Wendy",
+    "Yara",
+    "Zoe",
+    "Omar",
+    "Lena",
+    "Kofi",
+    "Mei",
+    "Tariq",
+    "Ines",
+    "Pavel",
+)
+ITEMS = (
+    "apple",
+    "pencil",
+    "marble",
+    "coin",
+    "book",
+    "sticker",
+    "card",
+    "shell",
+    "stamp",
+    "button",
+    "orange",
+    "brick",
+    "ribbon",
+    "candle",
+    "cookie",
+)
+OBJECTS = (
+    "box",
+    "ball",
+    "lamp",
+    "chair",
+    "rock",
+    "kettle",
+    "drum",
+    "vase",
+    "bucket",
+    "clock",
+    "table",
+    "bottle",
+    "anvil",
+    "pillow",
+    "helmet",
+    "basket",
+    "guitar",
+    "crate",
+    "statue",
+    "barrel",
+)
 # Smallest pools a split may leave: questions draw up to three distinct numbers, names or objects.
 MIN_POOL = {"numbers": 4, "names": 3, "items": 1, "objects": 3}
 QUESTION_WIDTH = 256
@@ -38,6 +102,7 @@ ANSWER_WIDTH = 32
 
 def held_out(values: list[str], fraction: float, salt: str, minimum: int) -> set[str]:
     """The test share of a value pool: the `fraction` (at least `minimum`) with the smallest salted hash."""
+
     def rank(v: str) -> bytes:
         return hashlib.blake2b(f"{salt}:{v}".encode(), digest_size=8).digest()
 
@@ -48,8 +113,9 @@ def held_out(values: list[str], fraction: float, salt: str, minimum: int) -> set
 class _Draw:
     """Random operands restricted to the values of one split."""
 
-    def __init__(self, rng: np.random.Generator, numbers: np.ndarray, names: list[str],
-                 items: list[str], objects: list[str]) -> None:
+    def __init__(
+        self, rng: np.random.Generator, numbers: np.ndarray, names: list[str], items: list[str], objects: list[str]
+    ) -> None:
         self.rng, self.numbers, self.names, self.items, self.objects = rng, numbers, names, items, objects
 
     def num(self, lo: int = 1, hi: int | None = None) -> int:
@@ -73,12 +139,14 @@ Template = Callable[[_Draw], tuple[str, str]]
 
 
 def _buy_give(d: _Draw) -> tuple[str, str]:
-    name, = d.pick(d.names)
-    item, = d.pick(d.items)
+    (name,) = d.pick(d.names)
+    (item,) = d.pick(d.items)
     a, b = d.num(), d.num()
     c = d.num(1, a + b)  # never empty: the pool's smallest value is <= a and so < a + b
-    return (f"{name} has {a} {item}s. {name} buys {b} more and then gives {c} away. "
-            f"How many {item}s does {name} have now?", str(a + b - c))
+    return (
+        f"{name} has {a} {item}s. {name} buys {b} more and then gives {c} away. How many {item}s does {name} have now?",
+        str(a + b - c),
+    )
 
 
 def _precedence(d: _Draw) -> tuple[str, str]:
@@ -87,10 +155,12 @@ def _precedence(d: _Draw) -> tuple[str, str]:
 
 
 def _boxes(d: _Draw) -> tuple[str, str]:
-    item, = d.pick(d.items)
+    (item,) = d.pick(d.items)
     a, b, c = d.num(1, 30), d.num(1, 30), d.num()
-    return (f"A box holds {a} {item}s. There are {b} boxes and {c} loose {item}s. "
-            f"How many {item}s are there in total?", str(a * b + c))
+    return (
+        f"A box holds {a} {item}s. There are {b} boxes and {c} loose {item}s. How many {item}s are there in total?",
+        str(a * b + c),
+    )
 
 
 def _brackets(d: _Draw) -> tuple[str, str]:
@@ -132,8 +202,10 @@ def _sum_seq(d: _Draw) -> tuple[str, str]:
     terms = [a, b]
     while len(terms) < 6:
         terms.append(terms[-1] + terms[-2])
-    return (f"Each number is the sum of the two before it: {', '.join(map(str, terms[:5]))}. "
-            f"What is the next number?", str(terms[5]))
+    return (
+        f"Each number is the sum of the two before it: {', '.join(map(str, terms[:5]))}. What is the next number?",
+        str(terms[5]),
+    )
 
 
 def _tallest(d: _Draw) -> tuple[str, str]:
@@ -161,15 +233,24 @@ def _middle(d: _Draw) -> tuple[str, str]:
 
 def _lightest(d: _Draw) -> tuple[str, str]:
     a, b, c = d.pick(d.objects, 3)  # heaviest to lightest
-    return (f"The {a} is heavier than the {b}, and the {b} is heavier than the {c}. "
-            f"Which is the lightest?", c)
+    return (f"The {a} is heavier than the {b}, and the {b} is heavier than the {c}. Which is the lightest?", c)
 
 
 TEMPLATES: tuple[tuple[str, Template], ...] = (
-    ("arithmetic", _buy_give), ("arithmetic", _precedence), ("arithmetic", _boxes), ("arithmetic", _brackets),
-    ("comparison", _larger), ("comparison", _greater_yes_no), ("comparison", _smallest),
-    ("sequence", _arith_seq), ("sequence", _geom_seq), ("sequence", _sum_seq),
-    ("relation", _tallest), ("relation", _older), ("relation", _middle), ("relation", _lightest),
+    ("arithmetic", _buy_give),
+    ("arithmetic", _precedence),
+    ("arithmetic", _boxes),
+    ("arithmetic", _brackets),
+    ("comparison", _larger),
+    ("comparison", _greater_yes_no),
+    ("comparison", _smallest),
+    ("sequence", _arith_seq),
+    ("sequence", _geom_seq),
+    ("sequence", _sum_seq),
+    ("relation", _tallest),
+    ("relation", _older),
+    ("relation", _middle),
+    ("relation", _lightest),
 )
 # Held out in `templates` mode: the last template of each family.
 TEST_TEMPLATES = frozenset(max(i for i, (f, _) in enumerate(TEMPLATES) if f == fam) for fam in FAMILIES)
@@ -196,12 +277,18 @@ class TextParams(ParamsModel):
     @model_validator(mode="after")
     def _pools(self) -> TextParams:
         if self.split_mode == "values":
-            for pool, size in {"numbers": self.max_value, "names": len(NAMES), "items": len(ITEMS),
-                               "objects": len(OBJECTS)}.items():
+            for pool, size in {
+                "numbers": self.max_value,
+                "names": len(NAMES),
+                "items": len(ITEMS),
+                "objects": len(OBJECTS),
+            }.items():
                 test = max(MIN_POOL[pool], math.ceil(self.test_fraction * size))
                 if size - test < MIN_POOL[pool]:
-                    raise ValueError(f"test_fraction {self.test_fraction} leaves fewer than {MIN_POOL[pool]} "
-                                     f"{pool} for training; lower it")
+                    raise ValueError(
+                        f"test_fraction {self.test_fraction} leaves fewer than {MIN_POOL[pool]} "
+                        f"{pool} for training; lower it"
+                    )
         return self
 
 
@@ -231,8 +318,12 @@ def _plan(p: TextParams) -> _Plan:
 
 def _value_split(p: TextParams) -> dict[str, list[str]]:
     """The values of each pool that belong to `p.split` (values mode)."""
-    source = {"numbers": [str(v) for v in range(1, p.max_value + 1)], "names": list(NAMES),
-              "items": list(ITEMS), "objects": list(OBJECTS)}
+    source = {
+        "numbers": [str(v) for v in range(1, p.max_value + 1)],
+        "names": list(NAMES),
+        "items": list(ITEMS),
+        "objects": list(OBJECTS),
+    }
     out = {}
     for pool, values in source.items():
         test = held_out(values, p.test_fraction, f"{p.split_salt}:{pool}", MIN_POOL[pool])
@@ -282,8 +373,10 @@ class TextGenerator:
 
     def preview(self, arrays: Mapping[str, np.ndarray], limit: int) -> str:
         """The first questions with their answers."""
-        return "\n".join(f"[{i}] {arrays['question'][i]}  ->  {arrays['answer'][i]}"
-                         for i in range(min(limit, len(arrays["question"]))))
+        return "\n".join(
+            f"[{i}] {arrays['question'][i]}  ->  {arrays['answer'][i]}"
+            for i in range(min(limit, len(arrays["question"])))
+        )
 
     def preview_images(self, arrays: Mapping[str, np.ndarray], limit: int) -> np.ndarray | None:
         """No image preview for this generator."""
