@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import getpass
 import os
+import random
 import socket
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,7 +21,7 @@ from daemon.state import State, evolve
 from schema import events as ev
 from schema.store import ConcurrencyError, EventStore, Recorded
 
-MAX_CONFLICT_RETRIES = 20
+MAX_CONFLICT_RETRIES = 50
 
 
 def local_actor() -> dict[str, Any]:
@@ -57,7 +59,7 @@ class CommandHandler:
 
     def handle_many(self, commands: Sequence[Command], meta: Mapping[str, Any] | None = None) -> list[Recorded]:
         """Decide on several commands and record them in one transaction (group commit)."""
-        for _ in range(MAX_CONFLICT_RETRIES):
+        for attempt in range(MAX_CONFLICT_RETRIES):
             scratch = self.state.scratch([])
             copied: set[str] = set()
             batches: list[tuple[list[ev.Event], dict[str, int], Mapping[str, Any] | None]] = []
@@ -78,6 +80,8 @@ class CommandHandler:
             try:
                 recorded = self.store.append_batches(batches)
             except ConcurrencyError:
+                # Another writer got there first: back off a little (random, so writers spread out).
+                time.sleep(random.uniform(0, 0.002 * (attempt + 1)))
                 self.refresh()
                 continue
             for rec in recorded:
