@@ -8,6 +8,7 @@ The daemon never imports `workers`: jobs name the entry point as a string.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime
 from typing import Any
 
@@ -80,19 +81,32 @@ class Dispatcher:
         self.conn = conn or redis_connection(settings)
         self.key = load_secret(settings.secret_path, create=True)
         self.enqueued = 0
+        self.position: int | None = None
+        self.saved = -1
+        self.saved_at = 0.0
 
     def poll(self, now: datetime) -> bool:
-        since = self.store.checkpoint(CHECKPOINT)
+        if self.position is None:
+            self.position = self.store.checkpoint(CHECKPOINT)
+        since = self.position
         head = self.store.head()
         if head <= since:
+            self._persist(force=False)
             return False
         recs = list(self.store.read(since, types=_WATCHED, limit=PAGE))
         for rec in recs:
             self.act(rec.event)
         # A short page means every event up to `head` has been seen.
-        done = recs[-1].seq if len(recs) == PAGE else max(head, recs[-1].seq if recs else since)
-        self.store.set_checkpoint(CHECKPOINT, done)
+        self.position = recs[-1].seq if len(recs) == PAGE else max(head, recs[-1].seq if recs else since)
+        self._persist(force=False)
         return bool(recs)
+
+    def _persist(self, force: bool) -> None:
+        """Save the position at most once a second: acting twice is harmless, a commit per job is not."""
+        mono = time.monotonic()
+        if self.position is not None and self.position != self.saved and (force or mono - self.saved_at >= 1.0):
+            self.store.set_checkpoint(CHECKPOINT, self.position)
+            self.saved, self.saved_at = self.position, mono
 
     def act(self, event: ev.Event) -> None:
         if isinstance(event, ev.AttemptScheduled):
@@ -123,6 +137,7 @@ class Dispatcher:
                 job.cancel()
 
     def close(self) -> None:
+        self._persist(force=True)
         self.conn.close()
 
 

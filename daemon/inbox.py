@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from datetime import datetime
 from typing import Any
 
@@ -23,6 +25,7 @@ from schema.wire import REPORT_GROUP, REPORT_STREAM, Report, load_secret, verify
 
 log = logging.getLogger("jetbox.inbox")
 BATCH = 500
+COALESCE_S = 0.003
 STREAM_MAXLEN = 100_000
 
 
@@ -78,6 +81,7 @@ class Inbox:
         self.key = load_secret(settings.secret_path, create=True)
         self.consumer = consumer
         self.applied = 0
+        self._watching = False
         ensure_group(self.conn)
 
     def parse(self, fields: dict[bytes, bytes], now: datetime) -> cmd.Command:
@@ -113,7 +117,14 @@ class Inbox:
             trimmed = [mid for mid, fields in pending if not fields]
             if trimmed:  # trimmed away before we acknowledged them: nothing left to apply
                 self.conn.xack(REPORT_STREAM, REPORT_GROUP, *trimmed)
-            messages = [m for m in pending if m[1]] or self._read(">")
+            messages = [m for m in pending if m[1]]
+            if not messages:
+                messages = self._read(">")
+                if messages and len(messages) < BATCH:
+                    # A job's reports come in bursts (started, progress, result): wait a moment and
+                    # take the rest of the burst into the same commit.
+                    time.sleep(COALESCE_S)
+                    messages += self._read(">")
         except redis.ResponseError as exc:
             if "NOGROUP" in str(exc):  # Redis was flushed or restarted empty
                 ensure_group(self.conn)
@@ -129,5 +140,27 @@ class Inbox:
             self.conn.xtrim(REPORT_STREAM, maxlen=STREAM_MAXLEN, approximate=True)
         return True
 
+    def attach_wakeup(self, wakeup: threading.Event) -> None:
+        """Wake the daemon's loop as soon as a report arrives, instead of at its next idle poll."""
+        self._watching = True
+
+        def watch() -> None:
+            conn = redis.Redis(connection_pool=self.conn.connection_pool)
+            last = "$"
+            while self._watching:
+                try:
+                    found = conn.xread({REPORT_STREAM: last}, count=100, block=1000)
+                except redis.RedisError:
+                    time.sleep(0.5)
+                    last = "$"
+                    continue
+                if found:
+                    last = found[0][1][-1][0]
+                    wakeup.set()
+
+        self._watcher = threading.Thread(target=watch, name="inbox-watch", daemon=True)
+        self._watcher.start()
+
     def close(self) -> None:
+        self._watching = False
         self.conn.close()

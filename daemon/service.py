@@ -211,6 +211,11 @@ class Daemon:
         self.notifier.watchdog()
         self.reactors = [factory(self.handler, s) for factory in self.factories]
         self._start_intake(s.tickets_path)
+        assert self.intake is not None
+        for reactor in self.reactors:  # reactors that can tell when work arrives wake the loop early
+            attach = getattr(reactor, "attach_wakeup", None)
+            if attach is not None:
+                attach(self.intake.wakeup)
         # Drain the start-up rescan before READY, so READY means "caught up with the folder"
         # (files still settling are left to the loop).
         assert self.intake is not None

@@ -1,0 +1,196 @@
+"""Dispatch benchmark: no-op jobs through Jetbox (event → RQ → worker → report → event) beside raw RQ.
+
+    .venv/bin/python bench/dispatch.py            # 500 jobs each way (the figures in docs/BENCHMARKS.md)
+    .venv/bin/python bench/dispatch.py --jobs 50  # a quick run
+
+Same Redis (a private redis-server on a unix socket), same worker class (RQ's SimpleWorker, which
+Jetbox's worker extends), one worker process each, in one run:
+- latency: jobs one after another. Raw RQ: enqueue, wait for the result, repeat. Jetbox: a ticket
+  whose steps form a chain, so each job is dispatched only after the previous one's report was
+  committed; per-job time = (last success - first schedule) / N, from the events' recorded times.
+- throughput: N independent jobs at once. Raw RQ: enqueue N, wait for all results. Jetbox: a
+  ticket with N independent steps, from TicketSubmitted to TicketCompleted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import redis
+from rq import Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cli.embedded import start_redis  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def _worker(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(argv, env=env, stdout=out, stderr=out, cwd=ROOT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _wait_result(job: Job, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while job.get_status(refresh=True) != "finished":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job.id} not finished")
+        time.sleep(0.0005)
+
+
+def raw_rq(url: str, n: int, tmp: Path) -> tuple[list[float], float]:
+    conn = redis.Redis.from_url(url)
+    q = Queue("raw", connection=conn, serializer=JSONSerializer)
+    env = dict(os.environ)
+    worker = _worker(
+        [
+            str(BIN / "rq"),
+            "worker",
+            "raw",
+            "--url",
+            url,
+            "-w",
+            "rq.worker.SimpleWorker",
+            "--serializer",
+            "rq.serializers.JSONSerializer",
+            "--quiet",
+        ],
+        env,
+        tmp / "raw.log",
+    )
+    try:
+        _wait_result(q.enqueue_call(func="builtins.abs", args=(-1,)))  # warm up
+        latencies = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            _wait_result(q.enqueue_call(func="builtins.abs", args=(-1,)))
+            latencies.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        jobs = [q.enqueue_call(func="builtins.abs", args=(-i,)) for i in range(n)]
+        for job in jobs:
+            _wait_result(job, timeout=600)
+        return latencies, n / (time.perf_counter() - t0)
+    finally:
+        _stop(worker)
+
+
+def _ticket(tid: str, n: int, chain: bool) -> str:
+    lines = [f"id: {tid}", "title: dispatch bench", "goal: measure", "steps:"]
+    for i in range(n):
+        needs = f", needs: [s{i - 1}]" if chain and i else ""
+        lines.append(f"  - {{id: s{i}, kind: diag{needs}}}")
+    return "\n".join(lines) + "\n"
+
+
+def _events(db: Path, tid: str) -> list[tuple[str, datetime, dict]]:
+    import json
+
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    rows = conn.execute("SELECT type, recorded_at, data FROM events WHERE stream = ? ORDER BY seq", (tid,)).fetchall()
+    conn.close()
+    return [(t, datetime.fromisoformat(r), json.loads(d)) for t, r, d in rows]
+
+
+def _wait_done(db: Path, tid: str, timeout: float) -> list[tuple[str, datetime, dict]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if db.exists():
+            try:
+                found = _events(db, tid)
+            except sqlite3.OperationalError:
+                found = []
+            if any(t in ("TicketCompleted", "TicketFailed") for t, _, _ in found):
+                return found
+        time.sleep(0.05)
+    raise TimeoutError(f"{tid} did not finish")
+
+
+def jetbox(url: str, n: int, tmp: Path) -> tuple[list[float], float]:
+    home = tmp / "home"
+    (home / "tickets").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JETBOX_")}
+    env.update(JETBOX_HOME=str(home), JETBOX_REDIS_URL=url)
+    daemon = _worker([str(BIN / "jbctl"), "daemon"], env, tmp / "daemon.log")
+    worker = _worker([str(BIN / "jbctl"), "worker", "--queue", "cpu"], env, tmp / "worker.log")
+    db = home / "jetbox.db"
+    try:
+        (home / "tickets" / "TICKET-0.yaml").write_text(_ticket("TICKET-0", 1, False))  # warm up
+        _wait_done(db, "TICKET-0", 120)
+        (home / "tickets" / "TICKET-1.yaml").write_text(_ticket("TICKET-1", n, True))
+        chain = _wait_done(db, "TICKET-1", 60 + n)
+        starts = [at for t, at, _ in chain if t == "AttemptScheduled"]
+        ends = [at for t, at, _ in chain if t == "AttemptSucceeded"]
+        per_job = [(e - s).total_seconds() for s, e in zip(starts, ends, strict=True)]
+        (home / "tickets" / "TICKET-2.yaml").write_text(_ticket("TICKET-2", n, False))
+        wide = _wait_done(db, "TICKET-2", 60 + n)
+        span = (wide[-1][1] - wide[0][1]).total_seconds()
+        return per_job, n / span
+    finally:
+        _stop(worker)
+        _stop(daemon)
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=500)
+    args = parser.parse_args()
+    keep = os.environ.get("JETBOX_BENCH_KEEP")
+    with tempfile.TemporaryDirectory(prefix="jetbox-dispatch-") as tmp_name:
+        tmp_name = keep or tmp_name
+        tmp = Path(tmp_name)
+        server = start_redis(tmp / "run")
+        try:
+            raw_lat, raw_tput = raw_rq(server.url, args.jobs, tmp)
+            server.stop()
+            server = start_redis(tmp / "run")
+            jb_lat, jb_tput = jetbox(server.url, args.jobs, tmp)
+        finally:
+            server.stop()
+    print(
+        f"jetbox bench/dispatch.py: {args.jobs} no-op jobs each way, one SimpleWorker-based worker, {os.cpu_count()} cores"
+    )
+    print(
+        f"  raw RQ   latency p50 {1000 * statistics.median(raw_lat):7.2f} ms  p99 {1000 * _pct(raw_lat, 0.99):7.2f} ms"
+        f"   throughput {raw_tput:8.1f} jobs/s"
+    )
+    print(
+        f"  Jetbox   latency p50 {1000 * statistics.median(jb_lat):7.2f} ms  p99 {1000 * _pct(jb_lat, 0.99):7.2f} ms"
+        f"   throughput {jb_tput:8.1f} jobs/s"
+    )
+    added = 1000 * (statistics.median(jb_lat) - statistics.median(raw_lat))
+    ratio = jb_tput / raw_tput
+    print(f"  added latency per job (p50): {added:.2f} ms   goal < 15 ms: {'met' if added < 15 else 'not met'}")
+    print(f"  throughput ratio (Jetbox/raw): {ratio:.2f}   goal >= 0.70: {'met' if ratio >= 0.7 else 'not met'}")
+
+
+if __name__ == "__main__":
+    main()
