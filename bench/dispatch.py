@@ -176,7 +176,8 @@ def main() -> None:
         finally:
             server.stop()
     print(
-        f"jetbox bench/dispatch.py: {args.jobs} no-op jobs each way, one SimpleWorker-based worker, {os.cpu_count()} cores"
+        f"jetbox bench/dispatch.py: {args.jobs} no-op jobs each way, one SimpleWorker-based worker, "
+        f"{os.cpu_count()} cores"
     )
     print(
         f"  raw RQ   latency p50 {1000 * statistics.median(raw_lat):7.2f} ms  p99 {1000 * _pct(raw_lat, 0.99):7.2f} ms"
