@@ -13,6 +13,7 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
+import workers.ml_jobs  # noqa: F401  (puts train/evaluate/infer on the allowlist)
 from schema.settings import load_settings
 from schema.wire import Envelope, Report, load_secret, verify
 from workers.context import JobCancelled

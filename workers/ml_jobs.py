@@ -1,0 +1,204 @@
+"""The model jobs on the allowlist: `train`, `evaluate` and `infer`, for JEPA encoders and reasoners.
+
+Each adapter resolves the step's data (a synthesize step it needs, or `sha256:<id>`), calls the
+model code with the job context, stores the final checkpoint as an artifact, and returns metrics
+(for acceptance checks) and outputs (for the steps that need it, and for proposals to the core).
+torch is imported only when one of these jobs runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from workers.context import JobContext
+from workers.jobs import JobFailed, JobResult, input_outputs, own_params, register
+
+JEPA_MODELS = ("jepa", "jepa-text")
+REASONERS = ("hrm", "trm", "direct")
+COMPONENT = {
+    "jepa": "image-encoder",
+    "jepa-text": "image-text-encoder",
+    "hrm": "reasoner",
+    "trm": "reasoner",
+    "direct": "reasoner",
+}
+ORCHESTRATION_KEYS = ("data", "train_data", "test_data", "checkpoint", "test_fraction")
+
+
+def _store(ctx: JobContext) -> Any:
+    from schema.artifacts import ArtifactStore
+
+    root = getattr(ctx, "artifact_root", None)
+    return ArtifactStore(Path(root) if root else ctx.workdir / "artifacts")
+
+
+def _artifact_ref(params: dict[str, Any], key: str, output: str) -> str | None:
+    """An artifact id from `with: {key: <step id> | sha256:<id>}`."""
+    ref = params.get(key)
+    if ref is None:
+        return None
+    if isinstance(ref, str) and ref.startswith("sha256:"):
+        return ref.removeprefix("sha256:")
+    found = input_outputs(params, str(ref)).get(output)
+    if not found:
+        raise JobFailed(f"step {ref!r} produced no {output} for `{key}`")
+    return str(found)
+
+
+def load_dataset(ctx: JobContext, params: dict[str, Any], key: str = "data") -> dict[str, np.ndarray] | None:
+    """The arrays of the dataset `with: {key: ...}` names, or None when the step names none."""
+    from workers.synth.base import load_arrays
+
+    ref = _artifact_ref(params, key, "dataset")
+    if ref is None:
+        return None
+    store = _store(ctx)
+    return dict(load_arrays(store.load_manifest(ref), store))
+
+
+def checkpoint_path(ctx: JobContext, params: dict[str, Any], key: str = "checkpoint") -> Path:
+    ref = _artifact_ref(params, key, "checkpoint")
+    if ref is None:
+        raise JobFailed(f"`{key}` is required: the train step (or sha256:<id>) whose checkpoint to use")
+    store = _store(ctx)
+    path = store.path(store.resolve(ref))
+    if not path.exists():
+        raise JobFailed(f"checkpoint {ref[:16]} is not in the artifact store")
+    return Path(path)
+
+
+class _LastCheckpoint:
+    """Wraps a context to remember the last checkpoint the model code reported."""
+
+    def __init__(self, ctx: JobContext) -> None:
+        self._ctx = ctx
+        self.last: Path | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ctx, name)
+
+    def checkpoint(self, path: Path, step: int) -> None:
+        self.last = Path(path)
+        self._ctx.checkpoint(path, step)
+
+
+def _finish_training(
+    ctx: JobContext, tracked: _LastCheckpoint, model: str, metrics: dict[str, float], extra: dict[str, Any]
+) -> JobResult:
+    if tracked.last is None or not tracked.last.exists():
+        raise JobFailed(f"{model} training reported no checkpoint")
+    artifact = ctx.artifact(tracked.last, "checkpoint", {"model": model, **extra})
+    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and np.isfinite(v)}
+    return JobResult(metrics=clean, outputs={"checkpoint": artifact, "component": COMPONENT[model], "model": model})
+
+
+def _split_sudoku(arrays: dict[str, np.ndarray], test_fraction: float) -> tuple[dict, dict]:
+    """Train/test by canonical key: every symmetry class lands in one split (no leaks)."""
+    from workers.synth.sudoku import split_of, split_puzzles
+
+    if "key" in arrays:
+        test = np.array([split_of(str(k), test_fraction) == "test" for k in arrays["key"]], dtype=bool)
+    else:
+        test = split_puzzles(arrays["puzzles"], test_fraction)
+    if test.all() or not test.any():
+        raise JobFailed(f"the dataset is too small to split at test_fraction={test_fraction}")
+    return {k: v[~test] for k, v in arrays.items()}, {k: v[test] for k, v in arrays.items()}
+
+
+def _reasoner_data(ctx: JobContext, params: dict[str, Any]) -> tuple[Any, Any]:
+    train = load_dataset(ctx, params, "train_data")
+    test = load_dataset(ctx, params, "test_data")
+    if train is not None and test is not None:
+        return train, test
+    data = load_dataset(ctx, params, "data")
+    if data is None:
+        raise JobFailed("a reasoner needs `data` (split by symmetry class) or `train_data` and `test_data`")
+    if "maze" in data:
+        n = len(data["maze"])
+        cut = max(1, int(n * (1 - float(params.get("test_fraction", 0.2)))))
+        return {k: v[:cut] for k, v in data.items()}, {k: v[cut:] for k, v in data.items()}
+    return _split_sudoku(data, float(params.get("test_fraction", 0.2)))
+
+
+def _model_params(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in own_params(params).items() if k not in ORCHESTRATION_KEYS}
+
+
+# --- train -------------------------------------------------------------------------------------
+
+
+def run_train(ctx: JobContext, params: dict[str, Any]) -> JobResult:
+    model = str(params.get("model", ""))
+    tracked = _LastCheckpoint(ctx)
+    if model in JEPA_MODELS:
+        from workers.train_jepa import JepaTrainParams, train_jepa
+
+        p = JepaTrainParams.model_validate(_model_params(params))
+        data = load_dataset(ctx, params)
+        if data is None:
+            raise JobFailed("`data` is required: the synthesize step (or sha256:<id>) with the images")
+        metrics = train_jepa(tracked, p, data)  # type: ignore[arg-type]
+        return _finish_training(ctx, tracked, model, metrics, {"preset": p.preset})
+    if model in REASONERS:
+        from workers.train_reasoning import ReasonerTrainParams, train_reasoner
+
+        rp = ReasonerTrainParams.model_validate(_model_params(params))
+        train, test = _reasoner_data(ctx, params)
+        metrics = train_reasoner(tracked, rp, train, test)  # type: ignore[arg-type]
+        return _finish_training(ctx, tracked, model, metrics, {})
+    raise JobFailed(f"unknown model {model!r} for a train step (known: {', '.join(JEPA_MODELS + REASONERS)})")
+
+
+# --- evaluate ----------------------------------------------------------------------------------
+
+
+def _core_checkpoint(ctx: JobContext, params: dict[str, Any], component: str) -> Path | None:
+    """The current core's checkpoint of `component`, if the core has one."""
+    comp = (params.get("_core") or {}).get("components", {}).get(component)
+    if not comp or not comp.get("checkpoint"):
+        return None
+    store = _store(ctx)
+    try:
+        return Path(store.path(store.resolve(str(comp["checkpoint"]))))
+    except Exception:
+        return None
+
+
+def run_evaluate(ctx: JobContext, params: dict[str, Any]) -> JobResult:
+    model = str(params.get("model", ""))
+    ckpt = checkpoint_path(ctx, params)
+    component = COMPONENT.get(model, "")
+    core_ckpt = _core_checkpoint(ctx, params, component)
+    if model in JEPA_MODELS:
+        from workers.evaluate import EvalParams, evaluate_encoder
+
+        ep = EvalParams.model_validate({k: v for k, v in _model_params(params).items() if k != "model"})
+        data = load_dataset(ctx, params)
+        if data is None:
+            raise JobFailed("`data` is required: the synthesize step with held-out images")
+        metrics = evaluate_encoder(ctx, ep, ckpt, data)
+        # The current core on the same evaluation, for the side-by-side table of a proposal.
+        core = evaluate_encoder(ctx, ep, core_ckpt, data) if core_ckpt is not None else {}
+    elif model in REASONERS:
+        from workers.train_reasoning import ReasonerTrainParams, evaluate_reasoner
+
+        rp = ReasonerTrainParams.model_validate(_model_params(params))
+        _, test = _reasoner_data(ctx, params)
+        metrics = evaluate_reasoner(ctx, rp, ckpt, test)
+        core = evaluate_reasoner(ctx, rp, core_ckpt, test) if core_ckpt is not None else {}
+    else:
+        raise JobFailed(f"unknown model {model!r} for an evaluate step")
+    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and np.isfinite(v)}
+    core_clean = {k: float(v) for k, v in core.items() if isinstance(v, int | float) and np.isfinite(v)}
+    version = (params.get("_core") or {}).get("version", 0)
+    return JobResult(
+        metrics=clean,
+        outputs={"core_metrics": core_clean, "core_version": version, "checkpoint": str(ckpt.name), "model": model},
+    )
+
+
+register("train", run_train)
+register("evaluate", run_evaluate)
