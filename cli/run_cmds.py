@@ -22,7 +22,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--queue", "-q", action="append", choices=["gpu", "cpu"], help="queue to work (repeatable)")
     p.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     p.add_argument("--name", help="worker name (default: host and pid)")
+    p.add_argument("--ticket", help="work only this ticket's jobs, and exit once it has ended")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("run", help="submit a ticket with a worker of its own (systemd-run, or --detach)")
+    p.add_argument("file", type=Path)
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--background", action="store_true", help="a transient systemd --user unit")
+    mode.add_argument("--detach", action="store_true", help="a detached process logging under JETBOX_HOME/logs")
+    p.add_argument("--gpu", default="0", help="CUDA_VISIBLE_DEVICES for the worker (default 0)")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("up", help="private Redis + daemon + one worker per queue on this machine")
     p.add_argument("--tickets", type=Path, help="folder to watch (default: JETBOX_TICKETS_DIR or HOME/tickets)")
@@ -41,9 +50,120 @@ def cmd_worker(args: argparse.Namespace) -> int:
         load_secret(settings.secret_path, create=True)
     except SecretError as exc:
         raise CliError(str(exc)) from None
+    if args.ticket:
+        from workers.worker import run_dedicated_worker
+
+        return run_dedicated_worker(settings.redis_url, args.ticket, name=args.name)
     from workers.worker import run_worker
 
     return run_worker(settings.redis_url, args.queue or ["gpu", "cpu"], burst=args.burst, name=args.name)
+
+
+def systemd_is_init() -> bool:
+    """True when systemd is PID 1 (its runtime directory exists), as `sd_booted()` checks."""
+    return Path("/run/systemd/system").is_dir()
+
+
+def worker_env(settings: Any) -> dict[str, str]:
+    """The settings a detached or transient worker needs, as environment variables."""
+    env = {"JETBOX_HOME": str(settings.home)}
+    if settings.redis_url:
+        env["JETBOX_REDIS_URL"] = settings.redis_url
+    if settings.database_url:
+        env["JETBOX_DATABASE_URL"] = settings.database_url
+    if settings.secret_file:
+        env["JETBOX_SECRET_FILE"] = str(settings.secret_file)
+    return env
+
+
+def systemd_run_argv(ticket: Any, settings: Any, gpu: str) -> list[str]:
+    """`systemd-run --user` for a worker dedicated to `ticket`, with the ticket's limits as properties."""
+    unit = f"jetbox-run-{ticket.id}"
+    argv = ["systemd-run", "--user", f"--unit={unit}", "--collect", f"--description=Jetbox worker for {ticket.id}"]
+    if ticket.constraints.memory_bytes:
+        argv += ["-p", f"MemoryMax={ticket.constraints.memory_bytes}"]
+    if ticket.constraints.max_wall_minutes:
+        argv += ["-p", f"RuntimeMaxSec={int(ticket.constraints.max_wall_minutes * 60)}"]
+    env = {**worker_env(settings), "CUDA_VISIBLE_DEVICES": gpu}
+    argv += [f"--setenv={k}={v}" for k, v in sorted(env.items())]
+    return [*argv, JBCTL, "worker", "--ticket", ticket.id]
+
+
+def _claim_queue(redis_url: str, tid: str) -> None:
+    """Route the ticket's jobs to its own queue before it is submitted (the worker keeps the claim alive)."""
+    import redis
+
+    from schema.wire import dedicated_key, ended_key
+
+    conn = redis.Redis.from_url(redis_url)
+    try:
+        conn.delete(ended_key(tid))
+        conn.set(dedicated_key(tid), "1", ex=60)
+    except redis.RedisError as exc:
+        raise CliError(f"cannot reach Redis at {redis_url}: {exc}") from None
+    finally:
+        conn.close()
+
+
+def _record_run(settings: Any, tid: str, info: dict[str, Any]) -> Path:
+    import json
+
+    path = settings.home / "runs" / f"{tid}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(info, indent=2))
+    return path
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cli.tickets import atomic_copy
+    from schema.ticket import TicketInvalid, load_ticket
+
+    settings = settings_from(args)
+    try:
+        ticket = load_ticket(args.file)
+    except TicketInvalid as exc:
+        for err in exc.errors:
+            print(err, file=sys.stderr)
+        return 1
+    if not settings.redis_url:
+        raise CliError("no Redis configured (JETBOX_REDIS_URL): a background worker needs the daemon's Redis")
+    _claim_queue(settings.redis_url, ticket.id)
+    if args.background:
+        if not systemd_is_init():
+            print(
+                "jbctl run: systemd is not the init system here (a container or CI?); "
+                "use --detach for a detached worker instead",
+                file=sys.stderr,
+            )
+            return 2
+        argv = systemd_run_argv(ticket, settings, args.gpu)
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CliError(f"systemd-run failed: {proc.stderr.strip()}")
+        unit = f"jetbox-run-{ticket.id}"
+        _record_run(settings, ticket.id, {"mode": "systemd", "unit": unit, "argv": argv})
+        atomic_copy(args.file.read_bytes(), settings.tickets_path / f"{ticket.id}.yaml")
+        print(f"submitted {ticket.id}; worker unit {unit}")
+        print(f"follow it: journalctl --user -u {unit} -f")
+        return 0
+    logs = settings.logs_path
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"run-{ticket.id}.log"
+    env = {**os.environ, **worker_env(settings), "CUDA_VISIBLE_DEVICES": args.gpu}
+    with log.open("ab") as out:
+        worker = subprocess.Popen(
+            [JBCTL, "worker", "--ticket", ticket.id],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    _record_run(settings, ticket.id, {"mode": "detached", "pid": worker.pid, "log": str(log)})
+    atomic_copy(args.file.read_bytes(), settings.tickets_path / f"{ticket.id}.yaml")
+    print(f"submitted {ticket.id}; detached worker pid {worker.pid}")
+    print(f"follow it: tail -f {log}")
+    return 0
 
 
 class _Children:

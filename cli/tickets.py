@@ -167,7 +167,9 @@ def _current_step(task_rows: list[dict[str, Any]]) -> tuple[str, str]:
     return f"{t['task']} (attempt {t['attempt']}, {t['state']})", progress
 
 
-def status_data(engine: sa.Engine, ticket: str | None = None, include_old: bool = True) -> list[dict[str, Any]]:
+def status_data(
+    engine: sa.Engine, ticket: str | None = None, include_old: bool = True, home: Path | None = None
+) -> list[dict[str, Any]]:
     """Tickets with their tasks and attempts, as plain dicts (what `status --json` prints)."""
     now = datetime.now(UTC).replace(tzinfo=None)
     where = {"ticket": ticket} if ticket else {}
@@ -198,6 +200,7 @@ def status_data(engine: sa.Engine, ticket: str | None = None, include_old: bool 
                 "waiting_on": _waiting_on(mine, now, t["awaiting"]) if t["state"] == "running" else "",
                 "reason": t["reason"],
                 "awaiting_approval": t["awaiting"],
+                "background": _background(home, t["id"]),
                 "consistency": t["consistency"],
                 "trouble": {k: t[k] for k in ("retries", "loops", "forged", "violations", "contradictions")},
                 "tasks": [
@@ -214,6 +217,15 @@ def status_data(engine: sa.Engine, ticket: str | None = None, include_old: bool 
             }
         )
     return out
+
+
+def _background(home: Path | None, tid: str) -> str | None:
+    """How a `jbctl run` worker for this ticket was started, if one was."""
+    path = home / "runs" / f"{tid}.json" if home else None
+    if path is None or not path.exists():
+        return None
+    info = json.loads(path.read_text())
+    return f"unit {info['unit']}" if info.get("mode") == "systemd" else f"pid {info.get('pid')}, log {info.get('log')}"
 
 
 def _topo(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -235,8 +247,9 @@ def _topo(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    store = open_store(settings_from(args))
-    data = status_data(store.engine, args.ticket, include_old=args.all or bool(args.ticket))
+    settings = settings_from(args)
+    store = open_store(settings)
+    data = status_data(store.engine, args.ticket, include_old=args.all or bool(args.ticket), home=settings.home)
     if args.ticket and not data:
         raise CliError(f"no ticket {args.ticket!r} (see `jbctl status`)")
     if args.json:
@@ -269,6 +282,8 @@ def _print_tree(d: dict[str, Any]) -> None:
         print(f"  reason: {d['reason']}")
     if d["waiting_on"]:
         print(f"  waiting on: {d['waiting_on']}")
+    if d.get("background"):
+        print(f"  background worker: {d['background']}")
     trouble = ", ".join(f"{k} {v}" for k, v in d["trouble"].items() if v)
     print(f"  consistency: {d['consistency']:.2f}" + (f" ({trouble})" if trouble else ""))
     for n, task in enumerate(d["tasks"]):
@@ -289,8 +304,9 @@ def _print_tree(d: dict[str, Any]) -> None:
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    store = open_store(settings_from(args))
-    data = status_data(store.engine, args.ticket)
+    settings = settings_from(args)
+    store = open_store(settings)
+    data = status_data(store.engine, args.ticket, home=settings.home)
     if not data:
         raise CliError(f"no ticket {args.ticket!r} (see `jbctl status`)")
     with store.engine.connect() as conn:

@@ -20,11 +20,20 @@ from rq.serializers import JSONSerializer
 from daemon.handler import CommandHandler
 from schema import events as ev
 from schema.settings import Settings
-from schema.wire import ENTRY_POINT, Envelope, cancel_key, job_id, load_secret
+from schema.wire import (
+    ENTRY_POINT,
+    Envelope,
+    cancel_key,
+    dedicated_key,
+    dedicated_queue,
+    ended_key,
+    job_id,
+    load_secret,
+)
 
 log = logging.getLogger("jetbox.dispatcher")
 CHECKPOINT = "dispatcher"
-_WATCHED = ["AttemptScheduled", "TicketCancelled", "TicketFailed"]
+_WATCHED = ["AttemptScheduled", "TicketCancelled", "TicketFailed", "TicketCompleted"]
 PAGE = 1000
 KEEP_S = 7 * 86400  # how long RQ keeps a finished job (and so remembers its id)
 
@@ -114,10 +123,18 @@ class Dispatcher:
             task = state.tasks.get(event.task) if state else None
             # A later attempt or an ended ticket makes this one moot.
             live = task is not None and task.attempt == event.attempt and task.status in ("scheduled", "running")
-            if live and enqueue(self.conn, self.key, envelope_from(event), event.queue):
+            if live and enqueue(self.conn, self.key, envelope_from(event), self.queue_for(event)):
                 self.enqueued += 1
         elif isinstance(event, ev.TicketCancelled | ev.TicketFailed):
             self.stop_ticket(event.ticket)
+        if isinstance(event, ev.TicketCancelled | ev.TicketFailed | ev.TicketCompleted):
+            self.conn.set(ended_key(event.ticket), "1", ex=KEEP_S)
+
+    def queue_for(self, event: ev.AttemptScheduled) -> str:
+        """The ticket's dedicated worker's queue while one runs (`jbctl run --background`), else the step's."""
+        if self.conn.exists(dedicated_key(event.ticket)):
+            return dedicated_queue(event.ticket)
+        return event.queue
 
     def stop_ticket(self, ticket: str) -> None:
         """Ask every attempt of the ticket to stop, and drop the ones still waiting in a queue."""

@@ -121,3 +121,17 @@ def heartbeat_key(jid: str) -> str:
 
 def cancel_key(jid: str) -> str:
     return f"jetbox:cancel:{jid}"
+
+
+def dedicated_key(ticket: str) -> str:
+    """Set (with a TTL) while a worker dedicated to `ticket` runs: its jobs go to that worker's queue."""
+    return f"jetbox:dedicated:{ticket}"
+
+
+def ended_key(ticket: str) -> str:
+    """Set once `ticket` has ended, so its dedicated worker can exit."""
+    return f"jetbox:ended:{ticket}"
+
+
+def dedicated_queue(ticket: str) -> str:
+    return f"ticket__{ticket}"

@@ -313,3 +313,42 @@ def test_jbctl_up_runs_and_stops_cleanly(tmp_path: Path) -> None:
         os.kill(redis_pid, 0)
     leftovers = subprocess.run(["pgrep", "-f", f"{home}"], capture_output=True, text=True)
     assert leftovers.stdout.strip() == ""
+
+
+def test_run_detach_starts_a_dedicated_worker_that_exits_when_done(setup: Setup, tmp_path: Path) -> None:
+    setup.daemon.start()
+    src = tmp_path / "TICKET-10.yaml"
+    src.write_text(f"id: TICKET-10\ntitle: t\ngoal: g\nsteps:\n{TWO_STEPS}")
+    out = setup.jbctl("run", str(src), "--detach")
+    assert out.returncode == 0, out.stderr
+    pid = int(out.stdout.split("detached worker pid ")[1].split()[0])
+    assert setup.wait_done("TICKET-10") == "TicketCompleted"
+    workers = {r["data"]["worker"] for r in setup.daemon.rows() if r["type"] == "AttemptStarted"}
+    assert len(workers) == 1 and workers.pop().endswith(f":{pid}")  # the dedicated worker ran both jobs
+    wait_for(
+        "the dedicated worker to exit",
+        lambda: not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower(),
+        timeout=30,
+    )
+    status = setup.jbctl("status", "TICKET-10")
+    assert f"background worker: pid {pid}" in status.stdout
+    # --background where systemd is not the init system says so in one line and suggests --detach.
+    if not Path("/run/systemd/system").is_dir():
+        bg = setup.jbctl("run", str(src), "--background")
+        assert bg.returncode == 2 and "use --detach" in bg.stderr and len(bg.stderr.strip().splitlines()) == 1
+
+
+def test_systemd_run_arguments_as_built(tmp_path: Path) -> None:
+    from cli.run_cmds import JBCTL as jbctl_path
+    from cli.run_cmds import systemd_run_argv
+    from schema.settings import Settings
+    from tests.helpers import make_ticket
+
+    ticket = make_ticket("TICKET-11", extra="constraints: {memory: 6G, max_wall_minutes: 90}\n")
+    settings = Settings(home=tmp_path, redis_url="redis://127.0.0.1:6390/0")
+    argv = systemd_run_argv(ticket, settings, "1")
+    assert argv[:4] == ["systemd-run", "--user", "--unit=jetbox-run-TICKET-11", "--collect"]
+    assert ["-p", f"MemoryMax={6 << 30}"] == argv[argv.index("-p") : argv.index("-p") + 2]
+    assert "RuntimeMaxSec=5400" in argv and "--setenv=CUDA_VISIBLE_DEVICES=1" in argv
+    assert f"--setenv=JETBOX_HOME={tmp_path}" in argv and "--setenv=JETBOX_REDIS_URL=redis://127.0.0.1:6390/0" in argv
+    assert argv[-4:] == [jbctl_path, "worker", "--ticket", "TICKET-11"]

@@ -71,3 +71,37 @@ def run_worker(redis_url: str, queues: list[str], burst: bool = False, name: str
             print(f"jetbox worker: Redis unavailable ({exc}); retrying in {delay:.1f}s", file=sys.stderr, flush=True)
             time.sleep(delay)
             delay = min(10.0, delay * 2)
+
+
+def run_dedicated_worker(redis_url: str, ticket: str, name: str | None = None, poll: float = 0.5) -> int:
+    """Work only `ticket`'s queue, advertising it to the dispatcher, until the ticket has ended."""
+    import threading
+    import time
+
+    import redis
+
+    from schema.wire import dedicated_key, dedicated_queue, ended_key
+
+    conn = redis.Redis.from_url(redis_url)
+    stop = threading.Event()
+
+    def advertise() -> None:
+        while not stop.is_set():
+            try:
+                conn.set(dedicated_key(ticket), "1", ex=30)
+            except redis.RedisError:
+                pass
+            stop.wait(10)
+
+    threading.Thread(target=advertise, daemon=True, name="advertise").start()
+    q = Queue(dedicated_queue(ticket), connection=conn, serializer=JSONSerializer)
+    try:
+        while True:
+            worker = JetboxWorker([q], connection=conn, serializer=JSONSerializer, name=name)
+            worker.work(burst=True, logging_level="WARNING", with_scheduler=False)
+            if conn.exists(ended_key(ticket)) and q.count == 0:
+                return 0
+            time.sleep(poll)
+    finally:
+        stop.set()
+        conn.delete(dedicated_key(ticket))
