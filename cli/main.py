@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "cli.daemon_cmds",
     "cli.run_cmds",
     "cli.gate_cmds",
+    "cli.infer_cmds",
 ]
 
 

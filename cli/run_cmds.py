@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     p.add_argument("--name", help="worker name (default: host and pid)")
     p.add_argument("--ticket", help="work only this ticket's jobs, and exit once it has ended")
+    p.add_argument("--warm", action="store_true", help="load the current core's models before the first job")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("run", help="submit a ticket with a worker of its own (systemd-run, or --detach)")
@@ -56,7 +57,31 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return run_dedicated_worker(settings.redis_url, args.ticket, name=args.name)
     from workers.worker import run_worker
 
+    if args.warm:
+        _warm(settings)
     return run_worker(settings.redis_url, args.queue or ["gpu", "cpu"], burst=args.burst, name=args.name)
+
+
+def _warm(settings: Any) -> None:
+    """Keep-alive: load the current core (as the dispatcher last published it) into the model cache."""
+    import json
+
+    import redis
+
+    from schema.wire import CORE_KEY
+    from workers.inference import warm_core
+
+    raw = redis.Redis.from_url(settings.redis_url).get(CORE_KEY)
+    if not raw:
+        print("jetbox worker: no core to warm yet", file=sys.stderr)
+        return
+    core = json.loads(raw)
+    n = warm_core(
+        core.get("components", {}),
+        settings.artifacts_path,
+        log=lambda line: print(f"jetbox worker: {line}", file=sys.stderr),
+    )
+    print(f"jetbox worker: warmed {n} component(s) of core v{core.get('version')}", file=sys.stderr)
 
 
 def systemd_is_init() -> bool:

@@ -7,6 +7,7 @@ The daemon never imports `workers`: jobs name the entry point as a string.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from datetime import datetime
@@ -21,6 +22,7 @@ from daemon.handler import CommandHandler
 from schema import events as ev
 from schema.settings import Settings
 from schema.wire import (
+    CORE_KEY,
     ENTRY_POINT,
     Envelope,
     cancel_key,
@@ -33,7 +35,7 @@ from schema.wire import (
 
 log = logging.getLogger("jetbox.dispatcher")
 CHECKPOINT = "dispatcher"
-_WATCHED = ["AttemptScheduled", "TicketCancelled", "TicketFailed", "TicketCompleted"]
+_WATCHED = ["AttemptScheduled", "TicketCancelled", "TicketFailed", "TicketCompleted", "CorePromoted"]
 PAGE = 1000
 KEEP_S = 7 * 86400  # how long RQ keeps a finished job (and so remembers its id)
 
@@ -129,6 +131,8 @@ class Dispatcher:
             self.stop_ticket(event.ticket)
         if isinstance(event, ev.TicketCancelled | ev.TicketFailed | ev.TicketCompleted):
             self.conn.set(ended_key(event.ticket), "1", ex=KEEP_S)
+        if isinstance(event, ev.CorePromoted):
+            self.conn.set(CORE_KEY, json.dumps({"version": event.version, "components": event.components}))
 
     def queue_for(self, event: ev.AttemptScheduled) -> str:
         """The ticket's dedicated worker's queue while one runs (`jbctl run --background`), else the step's."""

@@ -135,3 +135,6 @@ def ended_key(ticket: str) -> str:
 
 def dedicated_queue(ticket: str) -> str:
     return f"ticket__{ticket}"
+
+
+CORE_KEY = "jetbox:core"  # the current core ({version, components}), for workers that warm it up

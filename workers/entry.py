@@ -13,13 +13,17 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-import workers.ml_jobs  # noqa: F401  (puts train/evaluate/infer on the allowlist)
+import workers.inference
+import workers.ml_jobs
 from schema.settings import load_settings
 from schema.wire import Envelope, Report, load_secret, verify
 from workers.context import JobCancelled
 from workers.jobs import ALLOWED, JobFailed, JobResult
 from workers.netguard import NetworkDenied, network_denied
 from workers.runtime import Heartbeat, Reporter, RuntimeContext, worker_name
+
+# Imported for their side effect: they add train, evaluate and infer to the allowlist.
+_MODEL_JOBS = (workers.inference, workers.ml_jobs)
 
 
 def _connection() -> redis.Redis:
@@ -50,15 +54,16 @@ def report_violation(conn: redis.Redis, key: bytes, what: str, detail: str) -> N
     conn.xadd(REPORT_STREAM, report.signed(key))  # type: ignore[arg-type]
 
 
-def run_job(signed: dict[str, Any]) -> str:
-    """RQ entry point (see schema.wire.ENTRY_POINT)."""
+def run_job(signed: dict[str, Any]) -> dict[str, Any]:
+    """RQ entry point (see schema.wire.ENTRY_POINT). The outcome goes to the report stream; the
+    return value (RQ's job result) repeats it for callers that wait on the job (`jbctl infer`)."""
     settings = load_settings()
     key = load_secret(settings.secret_path, create=False)
     conn = _connection()
     body = signed.get("body") if isinstance(signed, dict) else None
     if not isinstance(body, dict) or not verify(body, str(signed.get("sig", "")), key):
         report_violation(conn, key, "forged_envelope", f"envelope signature does not verify: {str(signed)[:300]}")
-        return "refused: bad signature"
+        return {"status": "refused", "error": "bad signature"}
     envelope = Envelope.model_validate(body)
     reporter = Reporter(conn, key, envelope, worker_name())
     fn = ALLOWED.get(envelope.kind)
@@ -69,7 +74,7 @@ def run_job(signed: dict[str, Any]) -> str:
             retryable=False,
             violation="job_not_allowed",
         )
-        return "refused: kind not allowed"
+        return {"status": "refused", "error": f"job kind {envelope.kind!r} is not allowed"}
     workdir = settings.home / "work" / envelope.ticket / envelope.task / f"attempt-{envelope.attempt}"
     heartbeat = Heartbeat(conn, envelope.job_id, settings.heartbeat_seconds, settings.heartbeat_timeout_seconds)
     heartbeat.beat()
@@ -87,24 +92,25 @@ def run_job(signed: dict[str, Any]) -> str:
         if not isinstance(result, JobResult):
             result = JobResult.model_validate(result)
         reporter.send("succeeded", metrics=result.metrics, outputs=result.outputs)
-        return "succeeded"
+        return {"status": "succeeded", "metrics": result.metrics, "outputs": result.outputs}
     except JobCancelled as exc:
         reporter.send("failed", error=str(exc), retryable=False)
-        return "cancelled"
+        return {"status": "cancelled", "error": str(exc)}
     except JobFailed as exc:
         reporter.send("failed", error=f"{type(exc).__name__}: {exc}", retryable=False)
-        return "failed"
+        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
     except ValidationError as exc:  # bad `with:` parameters: retrying cannot help
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'with'}: {e['msg']}" for e in exc.errors())
         reporter.send("failed", error=f"invalid parameters for {envelope.kind}: {problems}", retryable=False)
-        return "failed"
+        return {"status": "failed", "error": f"invalid parameters for {envelope.kind}: {problems}"}
     except Exception as exc:
         violation = getattr(exc, "violation", None)
         reporter.send(
             "failed", error=traceback.format_exc(limit=20)[-4000:], retryable=violation is None, violation=violation
         )
+        last = traceback.format_exception_only(exc)[-1].strip()
         del exc
-        return "failed"
+        return {"status": "failed", "error": last}
     finally:
         heartbeat.stop()
         ctx.close()

@@ -1,0 +1,249 @@
+"""Inference on a worker: models loaded lazily, kept warm between jobs, evicted least-recently-used.
+
+A `SimpleWorker` runs every job in its own process, so the module-level `CACHE` outlives a job:
+the second request for the same checkpoint skips loading. The budget is JETBOX_MODEL_CACHE_MB
+(default 4096 MB of parameters and buffers).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from workers.context import JobContext
+from workers.jobs import JobFailed, JobResult, own_params, register
+
+COMPONENTS = ("reasoner", "image-encoder")
+
+
+@dataclass
+class Loaded:
+    model: Any
+    info: dict[str, Any]
+    nbytes: int
+
+
+def model_bytes(model: Any) -> int:
+    """Bytes held by a torch module's parameters and buffers."""
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        total += t.numel() * t.element_size()
+    return total
+
+
+class ModelCache:
+    """LRU over loaded models, bounded by bytes; thread-safe."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.items: OrderedDict[str, Loaded] = OrderedDict()
+        self.lock = threading.Lock()
+        self.hits = self.misses = self.evictions = 0
+
+    @property
+    def used(self) -> int:
+        return sum(item.nbytes for item in self.items.values())
+
+    def get(self, key: str, load: Callable[[], tuple[Any, dict[str, Any]]]) -> tuple[Loaded, bool]:
+        """The model for `key`, loading it on a miss; returns (loaded, was_warm)."""
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                self.hits += 1
+                return self.items[key], True
+        model, info = load()
+        loaded = Loaded(model, info, model_bytes(model))
+        with self.lock:
+            self.misses += 1
+            self.items[key] = loaded
+            self.items.move_to_end(key)
+            while self.used > self.budget and len(self.items) > 1:
+                self.items.popitem(last=False)
+                self.evictions += 1
+        return loaded, False
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
+
+
+CACHE = ModelCache(int(float(os.environ.get("JETBOX_MODEL_CACHE_MB", "4096")) * 2**20))
+
+
+# --- loaders -----------------------------------------------------------------------------------
+
+
+def load_reasoner(path: Path) -> tuple[Any, dict[str, Any]]:
+    """A reasoner from its checkpoint (EMA weights when present), in eval mode on the CPU or GPU."""
+    import torch
+
+    from workers.models.hrm import ReasonerConfig, build_reasoner
+    from workers.train_reasoning import load_checkpoint
+
+    sd = load_checkpoint(path)
+    cfg = ReasonerConfig(**sd["model_config"])
+    model = build_reasoner(cfg)
+    model.load_state_dict(sd["ema"] if sd.get("ema") is not None else sd["model"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    copy_givens = sd.get("params", {}).get("loss_on", "blanks") == "blanks"
+    return model, {"kind": cfg.kind, "cells": cfg.seq_len, "copy_givens": copy_givens, "device": str(device)}
+
+
+def load_image_encoder(path: Path) -> tuple[Any, dict[str, Any]]:
+    from workers.train_jepa import load_model
+
+    model, params, _ = load_model(path)
+    model.eval()
+    return model, {"preset": params.preset, "model": params.model}
+
+
+LOADERS: dict[str, Callable[[Path], tuple[Any, dict[str, Any]]]] = {
+    "reasoner": load_reasoner,
+    "image-encoder": load_image_encoder,
+}
+
+
+# --- solving -----------------------------------------------------------------------------------
+
+
+def solve_grids(loaded: Loaded, puzzles: np.ndarray) -> tuple[np.ndarray, int]:
+    """Answers for sudoku puzzles [B, n, n] (0 = blank) and the segments used (the halting head decides)."""
+    import torch
+
+    from workers.train_reasoning import Task, predict
+
+    model = loaded.model
+    n = puzzles.shape[1]
+    if n * n != loaded.info["cells"]:
+        raise JobFailed(f"this reasoner reads {loaded.info['cells']} cells; the puzzle has {n * n}")
+    task = Task("sudoku", n, n)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        x = torch.from_numpy(puzzles.reshape(len(puzzles), -1).astype(np.int64)).to(device)
+        emb = model.embed_input(x)
+        state = model.initial_state(len(x))
+        segments = model.cfg.segments
+        used = segments
+        pred = None
+        for k in range(segments):
+            state, out = model.segment(state, emb)
+            pred = predict(out.logits, x, task, loaded.info["copy_givens"])
+            halt = out.q_halt > (out.q_continue if out.q_continue is not None else 0.0)
+            if bool(halt.all()):
+                used = k + 1
+                break
+    assert pred is not None
+    return (pred + 1).reshape(puzzles.shape).cpu().numpy(), used
+
+
+def embed_images(loaded: Loaded, images: np.ndarray) -> np.ndarray:
+    import torch
+
+    from workers.evaluate import embed_images as embed
+
+    return embed(loaded.model, images, batch=64, device=torch.device("cpu"))
+
+
+# --- the job -----------------------------------------------------------------------------------
+
+
+class InferParams(BaseModel):
+    """`with:` of an `infer` step (or what `jbctl infer` sends)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    component: str = Field(description="reasoner or image-encoder")
+    checkpoint: str | None = Field(default=None, description="sha256:<id>; default: the current core's")
+    puzzle: list[list[int]] | None = Field(default=None, description="a sudoku grid, 0 = blank (reasoner)")
+    image: list[list[list[int]]] | None = Field(default=None, description="an HxWx3 uint8 image (image-encoder)")
+    data: str | None = Field(default=None, description="a synthesize step whose first examples to run")
+    limit: int = Field(default=8, ge=1, le=10_000)
+
+
+def _checkpoint(ctx: JobContext, params: dict[str, Any], p: InferParams) -> tuple[str, Path]:
+    from workers.ml_jobs import _store
+
+    ref = p.checkpoint.removeprefix("sha256:") if p.checkpoint else None
+    if ref is None:
+        comp = (params.get("_core") or {}).get("components", {}).get(p.component)
+        if not comp:
+            raise JobFailed(f"the core has no {p.component!r} yet: approve a proposal first, or pass checkpoint")
+        ref = str(comp["checkpoint"])
+    store = _store(ctx)
+    full = store.resolve(ref)
+    return full, Path(store.path(full))
+
+
+def run_infer(ctx: JobContext, params: dict[str, Any]) -> JobResult:
+    p = InferParams.model_validate({k: v for k, v in own_params(params).items()})
+    if p.component not in LOADERS:
+        raise JobFailed(f"unknown component {p.component!r} (known: {', '.join(LOADERS)})")
+    artifact, path = _checkpoint(ctx, params, p)
+    started = time.perf_counter()
+    loaded, warm = CACHE.get(f"{p.component}:{artifact}", lambda: LOADERS[p.component](path))
+    load_ms = 1000 * (time.perf_counter() - started)
+    t0 = time.perf_counter()
+    outputs: dict[str, Any] = {"component": p.component, "checkpoint": artifact, "warm": warm,
+                               "core_version": (params.get("_core") or {}).get("version", 0)}
+    if p.component == "reasoner":
+        data: dict[str, Any] | None = None
+        if p.puzzle is not None:
+            puzzles = np.asarray([p.puzzle], dtype=np.int64)
+        else:
+            from workers.ml_jobs import load_dataset
+
+            data = load_dataset(ctx, params)
+            if data is None:
+                raise JobFailed("a reasoner needs `puzzle` (a grid) or `data` (a synthesize step)")
+            puzzles = np.asarray(data["puzzles"][: p.limit], dtype=np.int64)
+        answers, used = solve_grids(loaded, puzzles)
+        outputs.update(answer=answers[0].tolist() if p.puzzle is not None else None, segments=used)
+        metrics: dict[str, float] = {"segments": float(used)}
+        if p.puzzle is None and data is not None and "solutions" in data:
+            right = answers == np.asarray(data["solutions"][: p.limit])
+            metrics["exact_acc"] = float(right.reshape(len(right), -1).all(-1).mean())
+        outputs["answers"] = answers.tolist() if p.puzzle is None else None
+    else:
+        if p.image is None:
+            raise JobFailed("an image-encoder needs `image` (HxWx3)")
+        z = embed_images(loaded, np.asarray([p.image], dtype=np.uint8))
+        outputs.update(dim=int(z.shape[-1]), norm=float(np.linalg.norm(z[0])), head=[float(v) for v in z[0][:8]])
+        metrics = {"norm": float(np.linalg.norm(z[0]))}
+    forward_ms = 1000 * (time.perf_counter() - t0)
+    metrics.update(load_ms=load_ms, forward_ms=forward_ms)
+    outputs.update(load_ms=load_ms, forward_ms=forward_ms)
+    return JobResult(metrics=metrics, outputs=outputs)
+
+
+def _bound(loader: Callable[[Path], tuple[Any, dict[str, Any]]], path: Path) -> Callable[[], tuple[Any, dict]]:
+    return lambda: loader(path)
+
+
+def warm_core(components: dict[str, Any], artifact_root: Path, log: Callable[[str], None] = print) -> int:
+    """Load the core's components into the cache before the first request (a worker's --warm)."""
+    from schema.artifacts import ArtifactStore
+
+    store = ArtifactStore(artifact_root)
+    loaded = 0
+    for name, comp in components.items():
+        if name not in LOADERS or not comp.get("checkpoint"):
+            continue
+        full = store.resolve(str(comp["checkpoint"]))
+        started = time.perf_counter()
+        CACHE.get(f"{name}:{full}", _bound(LOADERS[name], Path(store.path(full))))
+        log(f"warmed {name} ({full[:12]}) in {1000 * (time.perf_counter() - started):.0f} ms")
+        loaded += 1
+    return loaded
+
+
+register("infer", run_infer)
