@@ -17,9 +17,10 @@ ME = getpass.getuser()
 PUZZLE = "1 0 0 4\n0 0 1 0\n0 1 0 0\n4 0 0 1\n"
 
 
-def core_ticket(tid: str, approvers: str, expires: str = "1d", seed: int = 1) -> str:
+def core_ticket(tid: str, approvers: str, expires: str = "1d", seed: int = 1) -> tuple[str, str]:
     return (
-        f"  - {{id: puzzles, kind: synthesize, with: {{generator: sudoku, count: 300, seed: {seed}, params: {{n: 4}}}}}}\n"
+        f"  - {{id: puzzles, kind: synthesize, with: {{generator: sudoku, count: 300, seed: {seed},"
+        " params: {n: 4}}}\n"
         "  - {id: train, kind: train, needs: [puzzles], queue: cpu, with: {model: trm, data: puzzles, max_steps: 40,"
         " d_model: 32, n_heads: 2, max_segments: 2, checkpoint_every: 20, seed: 0}}\n"
         "  - {id: eval, kind: evaluate, needs: [train, puzzles], queue: cpu,"
