@@ -74,23 +74,32 @@ def _ridge_predict(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) @ w).argmax(1)
 
 
-def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-                 alphas: Sequence[float] = (0.1, 1.0, 10.0, 100.0, 1000.0)) -> float:
+def linear_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    alphas: Sequence[float] = (0.1, 1.0, 10.0, 100.0, 1000.0),
+) -> float:
     """Held-out accuracy of a ridge classifier; alpha chosen on the last 20 % of the training split."""
     tr, te = _standardise(train_x.astype(np.float64), test_x.astype(np.float64))
     xtr, xte = torch.from_numpy(tr), torch.from_numpy(te)
     classes = int(max(train_y.max(), test_y.max())) + 1
     y = torch.nn.functional.one_hot(torch.from_numpy(train_y), classes).double()
     cut = int(0.8 * len(xtr))
-    best = max(alphas, key=lambda a: float(
-        (_ridge_predict(xtr[cut:], _ridge_fit(xtr[:cut], y[:cut], a)) == torch.from_numpy(train_y[cut:]))
-        .double().mean()))
+    best = max(
+        alphas,
+        key=lambda a: float(
+            (_ridge_predict(xtr[cut:], _ridge_fit(xtr[:cut], y[:cut], a)) == torch.from_numpy(train_y[cut:]))
+            .double()
+            .mean()
+        ),
+    )
     pred = _ridge_predict(xte, _ridge_fit(xtr, y, best))
     return float((pred == torch.from_numpy(test_y)).double().mean())
 
 
-def knn_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-              k: int = 20) -> float:
+def knn_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, k: int = 20) -> float:
     """Held-out accuracy of a cosine k-NN majority vote on centred features."""
     mu = train_x.mean(0)
     a = torch.nn.functional.normalize(torch.from_numpy(train_x - mu).double(), dim=1)
@@ -113,8 +122,9 @@ def collapse_stats(z: np.ndarray) -> dict[str, float]:
     return {"std": std, "rankme": float(torch.exp(-(p * p.log()).sum()))}
 
 
-def recall_at(sim: np.ndarray, query_caps: Sequence[str], gallery_caps: Sequence[str],
-              ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+def recall_at(
+    sim: np.ndarray, query_caps: Sequence[str], gallery_caps: Sequence[str], ks: Sequence[int] = (1, 5)
+) -> dict[int, float]:
     """Share of queries whose top-k gallery items include one with the same caption."""
     order = np.argsort(-sim, axis=1, kind="stable")
     g = np.asarray(gallery_caps)
@@ -122,8 +132,9 @@ def recall_at(sim: np.ndarray, query_caps: Sequence[str], gallery_caps: Sequence
     return {k: float(np.mean((g[order[:, :k]] == q[:, None]).any(1))) for k in ks}
 
 
-def recall_chance(query_caps: Sequence[str], gallery_caps: Sequence[str],
-                  ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+def recall_chance(
+    query_caps: Sequence[str], gallery_caps: Sequence[str], ks: Sequence[int] = (1, 5)
+) -> dict[int, float]:
     """Expected recall@k of a random ranking (accounts for duplicate captions)."""
     counts: dict[str, int] = {}
     for c in gallery_caps:
@@ -141,23 +152,25 @@ def recall_chance(query_caps: Sequence[str], gallery_caps: Sequence[str],
 
 
 @torch.no_grad()
-def embed_images(model: JEPA | CrossModalJEPA, images: np.ndarray, batch: int,
-                 device: torch.device) -> np.ndarray:
+def embed_images(model: JEPA | CrossModalJEPA, images: np.ndarray, batch: int, device: torch.device) -> np.ndarray:
     model.eval().to(device)
-    out = [model.embed(preprocess(torch.from_numpy(images[i:i + batch])).to(device)).float().cpu()
-           for i in range(0, len(images), batch)]
+    out = [
+        model.embed(preprocess(torch.from_numpy(images[i : i + batch])).to(device)).float().cpu()
+        for i in range(0, len(images), batch)
+    ]
     return torch.cat(out).numpy()
 
 
 @torch.no_grad()
-def cross_embeddings(model: CrossModalJEPA, ds: Dataset, tok: Any, batch: int,
-                     device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def cross_embeddings(
+    model: CrossModalJEPA, ds: Dataset, tok: Any, batch: int, device: torch.device
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(image latents, predicted text latents, text latents, predicted image latents)."""
     ids, mask = tokenize(tok, ds.captions, model.text_cfg.max_len)
     zi, pt, zt, pi = [], [], [], []
     for i in range(0, len(ds), batch):
-        img = model.embed(preprocess(torch.from_numpy(ds.images[i:i + batch])).to(device))
-        txt = model.embed_text(ids[i:i + batch].to(device), mask[i:i + batch].to(device))
+        img = model.embed(preprocess(torch.from_numpy(ds.images[i : i + batch])).to(device))
+        txt = model.embed_text(ids[i : i + batch].to(device), mask[i : i + batch].to(device))
         zi.append(img.float().cpu())
         pt.append(model.img2txt(img).float().cpu())
         zt.append(txt.float().cpu())
@@ -180,7 +193,7 @@ def _split(data: Any, params: EvalParams) -> tuple[Dataset, Dataset]:
     ds = load_data(data)
     perm = np.random.default_rng(params.seed).permutation(len(ds))
     if params.max_examples:
-        perm = perm[:params.max_examples]
+        perm = perm[: params.max_examples]
     cut = int(len(perm) * (1 - params.test_fraction))
     return ds.subset(perm[:cut]), ds.subset(perm[cut:])
 
@@ -211,15 +224,18 @@ def bar_chart(report: dict[str, float], labels: Sequence[str], path: Path) -> Pa
 # the job
 
 
-def evaluate_encoder(ctx: JobContext, params: EvalParams | Mapping[str, Any], checkpoint_path: Path | str,
-                     data: Any) -> dict[str, float]:
+def evaluate_encoder(
+    ctx: JobContext, params: EvalParams | Mapping[str, Any], checkpoint_path: Path | str, data: Any
+) -> dict[str, float]:
     """Probe a JEPA checkpoint against a random-init twin and raw pixels; returns flat metrics."""
     params = EvalParams.model_validate(params)
-    device = torch.device("cuda" if params.device == "cuda" or (
-        params.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = torch.device(
+        "cuda" if params.device == "cuda" or (params.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     model, train_params, tok = load_model(checkpoint_path)
-    random_model = build_model(train_params.model_copy(update={"seed": params.baseline_seed}),
-                               tok.get_vocab_size() if tok else 0).eval()
+    random_model = build_model(
+        train_params.model_copy(update={"seed": params.baseline_seed}), tok.get_vocab_size() if tok else 0
+    ).eval()
     train, test = _split(data, params)
     missing = [lab for lab in params.labels if lab not in train.labels]
     if missing:
@@ -228,11 +244,15 @@ def evaluate_encoder(ctx: JobContext, params: EvalParams | Mapping[str, Any], ch
 
     feats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, m in (("", model), ("_random", random_model)):
-        feats[name] = (embed_images(m, train.images, params.batch_size, device),
-                       embed_images(m, test.images, params.batch_size, device))
+        feats[name] = (
+            embed_images(m, train.images, params.batch_size, device),
+            embed_images(m, test.images, params.batch_size, device),
+        )
         ctx.raise_if_cancelled()
-    feats["_pixels"] = (train.images.reshape(len(train), -1).astype(np.float32) / 255.0,
-                        test.images.reshape(len(test), -1).astype(np.float32) / 255.0)
+    feats["_pixels"] = (
+        train.images.reshape(len(train), -1).astype(np.float32) / 255.0,
+        test.images.reshape(len(test), -1).astype(np.float32) / 255.0,
+    )
 
     report: dict[str, float] = {}
     for lab in params.labels:
@@ -264,10 +284,15 @@ def evaluate_encoder(ctx: JobContext, params: EvalParams | Mapping[str, Any], ch
 
     out = ctx.workdir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(
-        {"checkpoint": str(checkpoint_path), "n_train": len(train), "n_test": len(test), "metrics": report},
-        indent=2, sort_keys=True))
+    (out / "report.json").write_text(
+        json.dumps(
+            {"checkpoint": str(checkpoint_path), "n_train": len(train), "n_test": len(test), "metrics": report},
+            indent=2,
+            sort_keys=True,
+        )
+    )
     ctx.artifact(out / "report.json", kind="report", meta={"checkpoint": str(checkpoint_path)})
-    ctx.artifact(bar_chart(report, params.labels, out / "probes.png"), kind="plot",
-                 meta={"checkpoint": str(checkpoint_path)})
+    ctx.artifact(
+        bar_chart(report, params.labels, out / "probes.png"), kind="plot", meta={"checkpoint": str(checkpoint_path)}
+    )
     return report

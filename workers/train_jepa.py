@@ -174,8 +174,7 @@ def make_optimizer(model: nn.Module, params: JepaTrainParams) -> torch.optim.Ada
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": params.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": params.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=params.lr, betas=(0.9, 0.95))
 
 
@@ -239,7 +238,7 @@ def loss_plot(history: list[tuple[int, float]], path: Path, title: str) -> Path:
         ax.plot(steps, losses, lw=0.8, alpha=0.4, label="loss")
         k = max(1, len(losses) // 50)
         smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1:], smooth, lw=1.5, label=f"mean of {k}")
+        ax.plot(steps[k - 1 :], smooth, lw=1.5, label=f"mean of {k}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -264,8 +263,16 @@ def train_jepa(ctx: JobContext, params: JepaTrainParams | Mapping[str, Any], dat
     if params.threads:
         torch.set_num_threads(params.threads)
     device = _pick_device(params.device)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
+    try:
+        return _train(ctx, params, data, device)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _train(ctx: JobContext, params: JepaTrainParams, data: Any, device: torch.device) -> dict[str, float]:
     ds = load_data(data)
     cfg = params.image_config()
     if ds.images.shape[1] != cfg.img_size:
@@ -280,8 +287,7 @@ def train_jepa(ctx: JobContext, params: JepaTrainParams | Mapping[str, Any], dat
         if not ds.captions:
             raise ValueError("model jepa-text needs captions in the data")
         tcfg = params.text_config()
-        tokenizer = (Tokenizer.from_str(resume["tokenizer"]) if resume
-                     else train_tokenizer(ds.captions, tcfg.vocab_size))
+        tokenizer = Tokenizer.from_str(resume["tokenizer"]) if resume else train_tokenizer(ds.captions, tcfg.vocab_size)
         ids, mask = tokenize(tokenizer, ds.captions, tcfg.max_len)
 
     model = build_model(params, tokenizer.get_vocab_size() if tokenizer else 0).to(device)
@@ -303,14 +309,24 @@ def train_jepa(ctx: JobContext, params: JepaTrainParams | Mapping[str, Any], dat
 
     def checkpoint() -> Path:
         path = ckpt_dir / f"jepa-step{step:07d}.pt"
-        save_atomic({
-            "step": step, "data_position": step * params.batch_size,
-            "params": params.model_dump(exclude={"stop_at_step"}),
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "rng": _rng_state(), "history": history,
-            "tokenizer": tokenizer.to_str() if tokenizer else None,
-        }, path)
+        save_atomic(
+            {
+                "step": step,
+                "data_position": step * params.batch_size,
+                "params": params.model_dump(exclude={"stop_at_step"}),
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "rng": _rng_state(),
+                "history": history,
+                "tokenizer": tokenizer.to_str() if tokenizer else None,
+            },
+            path,
+        )
         ctx.checkpoint(path, step)
+        # only the latest checkpoint is ever resumed from; keep one spare in case the newest is unreadable
+        for old in sorted(ckpt_dir.glob("jepa-step*.pt"))[:-2]:
+            old.unlink(missing_ok=True)
         return path
 
     autocast = device.type == "cuda" and params.bf16
@@ -347,9 +363,14 @@ def train_jepa(ctx: JobContext, params: JepaTrainParams | Mapping[str, Any], dat
         history.append((step, loss_value))
         elapsed = time.perf_counter() - t0
         ips = (step - start_step) * params.batch_size / max(elapsed, 1e-9)
-        last = {"loss": loss_value, "lr": opt.param_groups[0]["lr"], "images_s": ips,
-                "eta_s": (end - step) * params.batch_size / max(ips, 1e-9), "grad_norm": float(grad_norm),
-                **{k: float(v) for k, v in out.items() if isinstance(v, Tensor) and v.ndim == 0}}
+        last = {
+            "loss": loss_value,
+            "lr": opt.param_groups[0]["lr"],
+            "images_s": ips,
+            "eta_s": (end - step) * params.batch_size / max(ips, 1e-9),
+            "grad_norm": float(grad_norm),
+            **{k: float(v) for k, v in out.items() if isinstance(v, Tensor) and v.ndim == 0},
+        }
         ctx.progress(step, end, **last)
         if step % params.checkpoint_every == 0 and step < end:
             checkpoint()
@@ -359,6 +380,9 @@ def train_jepa(ctx: JobContext, params: JepaTrainParams | Mapping[str, Any], dat
     ctx.artifact(plot, kind="plot", meta={"step": step, "checkpoint": str(path)})
     tail = [v for _, v in history[-50:]]
     metrics = {k: v for k, v in last.items() if k not in ("eta_s", "lr")}
-    metrics.update(step=float(step), final_loss=float(np.mean(tail)) if tail else float("nan"),
-                   train_seconds=time.perf_counter() - t0)
+    metrics.update(
+        step=float(step),
+        final_loss=float(np.mean(tail)) if tail else float("nan"),
+        train_seconds=time.perf_counter() - t0,
+    )
     return metrics

@@ -113,8 +113,9 @@ def sincos_pos_embed(dim: int, grid: int) -> Tensor:
     if dim % 4:
         raise ValueError("sincos position embeddings need dim divisible by 4")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                            indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
     parts = []
     for coord in (ys.flatten(), xs.flatten()):
         angles = coord[:, None] * omega[None, :]
@@ -139,9 +140,16 @@ class ImageEncoder(nn.Module):
     def __init__(self, cfg: JepaConfig) -> None:
         super().__init__()
         self.vit = VisionTransformer(
-            img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
-            num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, num_classes=0, global_pool="",
-            class_token=False, pos_embed="none",
+            img_size=cfg.img_size,
+            patch_size=cfg.patch_size,
+            embed_dim=cfg.embed_dim,
+            depth=cfg.depth,
+            num_heads=cfg.num_heads,
+            mlp_ratio=cfg.mlp_ratio,
+            num_classes=0,
+            global_pool="",
+            class_token=False,
+            pos_embed="none",
         )
         self.pos: Tensor
         self.register_buffer("pos", sincos_pos_embed(cfg.embed_dim, cfg.grid), persistent=False)
@@ -166,10 +174,12 @@ class Predictor(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.pos: Tensor
         self.register_buffer("pos", sincos_pos_embed(cfg.pred_dim, cfg.grid), persistent=False)
-        self.blocks = nn.Sequential(*[
-            Block(cfg.pred_dim, cfg.pred_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True)
-            for _ in range(cfg.pred_depth)
-        ])
+        self.blocks = nn.Sequential(
+            *[
+                Block(cfg.pred_dim, cfg.pred_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True)
+                for _ in range(cfg.pred_depth)
+            ]
+        )
         self.norm = nn.LayerNorm(cfg.pred_dim)
         self.proj = nn.Linear(cfg.pred_dim, cfg.embed_dim)
 
@@ -192,11 +202,11 @@ class Predictor(nn.Module):
 # masking
 
 
-def _block_shape(gen: torch.Generator, grid: int, scale: tuple[float, float],
-                 aspect: tuple[float, float]) -> tuple[int, int]:
+def _block_shape(
+    gen: torch.Generator, grid: int, scale: tuple[float, float], aspect: tuple[float, float]
+) -> tuple[int, int]:
     s = scale[0] + (scale[1] - scale[0]) * float(torch.rand(1, generator=gen))
-    log_a = math.log(aspect[0]) + (math.log(aspect[1]) - math.log(aspect[0])) * float(
-        torch.rand(1, generator=gen))
+    log_a = math.log(aspect[0]) + (math.log(aspect[1]) - math.log(aspect[0])) * float(torch.rand(1, generator=gen))
     area, a = s * grid * grid, math.exp(log_a)
     h = max(1, min(grid, round(math.sqrt(area * a))))
     w = max(1, min(grid, round(math.sqrt(area / a))))
@@ -246,8 +256,9 @@ def sample_masks(cfg: JepaConfig, batch: int, gen: torch.Generator) -> tuple[Ten
 # SIGReg
 
 
-def sigreg(z: Tensor, num_slices: int = 256, knots: int = 17, t_max: float = 5.0,
-           generator: torch.Generator | None = None) -> Tensor:
+def sigreg(
+    z: Tensor, num_slices: int = 256, knots: int = 17, t_max: float = 5.0, generator: torch.Generator | None = None
+) -> Tensor:
     """Sketched isotropic Gaussian regulariser (LeJEPA): how far `z` [N, D] is from N(0, I).
 
     Project the embeddings on `num_slices` random unit directions; for each 1-D projection compare its
@@ -308,8 +319,9 @@ class JEPA(nn.Module):
         for p_t, p in zip(self.target_encoder.parameters(), self.encoder.parameters(), strict=True):
             p_t.mul_(momentum).add_(p.detach(), alpha=1.0 - momentum)
 
-    def forward(self, images: Tensor, ctx_idx: Tensor, tgt_idx: Tensor,
-                generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, images: Tensor, ctx_idx: Tensor, tgt_idx: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss for one batch of normalised images and its masks; also returns the full-image tokens."""
         cfg = self.cfg
         if self.target_encoder is not None:

@@ -35,7 +35,7 @@ class TextConfig(BaseModel):
     heads: int = 3
     max_len: int = 32
     cross_weight: float = 1.0  # weight of the image<->text prediction losses
-    sigreg_weight: float = 0.05  # on the pooled image and text latents
+    sigreg_weight: float = 1.0  # on the pooled image and text latents (0.05 let the text latent collapse)
     pred_hidden: int = 192
 
 
@@ -55,8 +55,7 @@ def train_tokenizer(captions: Sequence[str], vocab_size: int = 256) -> Tokenizer
     alphabetical order, until `vocab_size`.
     """
     tok = Tokenizer(models.WordPiece(vocab={s: i for i, s in enumerate(SPECIALS)}, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(),
-                                           normalizers.StripAccents()])
+    tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     counts: Counter[str] = Counter()
     for text in captions:
@@ -65,13 +64,14 @@ def train_tokenizer(captions: Sequence[str], vocab_size: int = 256) -> Tokenizer
     chars = sorted({ch for word in counts for ch in word})
     vocab = [*SPECIALS, *chars, *(f"##{ch}" for ch in chars)]
     words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
-    vocab += words[:max(0, vocab_size - len(vocab))]
+    vocab += words[: max(0, vocab_size - len(vocab))]
     tok.model = models.WordPiece(vocab={t: i for i, t in enumerate(vocab)}, unk_token="[UNK]")
     tok.add_special_tokens(SPECIALS)  # so decode() skips them
     tok.decoder = decoders.WordPiece()
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
-                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
     return tok
 
 
@@ -90,10 +90,16 @@ class TextEncoder(nn.Module):
 
     def __init__(self, cfg: TextConfig, vocab_size: int) -> None:
         super().__init__()
-        bert_cfg = BertConfig(vocab_size=vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
-                              num_attention_heads=cfg.heads, intermediate_size=4 * cfg.hidden,
-                              max_position_embeddings=cfg.max_len, hidden_dropout_prob=0.0,
-                              attention_probs_dropout_prob=0.0)
+        bert_cfg = BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=cfg.hidden,
+            num_hidden_layers=cfg.layers,
+            num_attention_heads=cfg.heads,
+            intermediate_size=4 * cfg.hidden,
+            max_position_embeddings=cfg.max_len,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
         self.bert = BertModel(bert_cfg, add_pooling_layer=False)
 
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
@@ -132,8 +138,15 @@ class CrossModalJEPA(nn.Module):
     def ema_momentum(self, progress: float) -> float:
         return self.image.ema_momentum(progress)
 
-    def forward(self, images: Tensor, ctx_idx: Tensor, tgt_idx: Tensor, ids: Tensor, mask: Tensor,
-                generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self,
+        images: Tensor,
+        ctx_idx: Tensor,
+        tgt_idx: Tensor,
+        ids: Tensor,
+        mask: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         loss, out = self.image(images, ctx_idx, tgt_idx, generator)
         tokens = out["tokens"]
         # in EMA mode the full-image tokens come from the frozen target; the cross loss must train the
