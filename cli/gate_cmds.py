@@ -29,6 +29,7 @@ AUDIT_TYPES = [
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("proposals", help="open proposals (core promotions, policy requests) with age and expiry")
     p.add_argument("--all", action="store_true", help="include decided ones")
+    p.add_argument("--detail", action="store_true", help="the side-by-side table and the approve line for each")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_proposals)
 
@@ -107,7 +108,8 @@ def proposal_rows(handler: Any, include_all: bool) -> list[dict[str, Any]]:
 
 
 def cmd_proposals(args: argparse.Namespace) -> int:
-    rows = proposal_rows(_handler(args), args.all)
+    handler = _handler(args)
+    rows = proposal_rows(handler, args.all)
     if args.json:
         print_json(rows)
         return 0
@@ -130,6 +132,14 @@ def cmd_proposals(args: argparse.Namespace) -> int:
             ]
         )
     print_table(["PROPOSAL", "TICKET", "KIND", "STATE", "WHAT", "BASE CORE", "AGE", "EXPIRES IN"], table)
+    if args.detail:
+        for r in rows:
+            proposal = handler.state.proposals[r["proposal"]]
+            print()
+            print(side_by_side(proposal))
+            if proposal.status == "open":
+                print(f"  to approve: jbctl approve {proposal.id} -m 'why'")
+                print(f"  to reject:  jbctl reject {proposal.id} -m 'why'")
     return 0
 
 

@@ -225,12 +225,18 @@ def _overview(store: Any, folder: Path) -> tuple[dict[str, int], bool]:
 
     with store.engine.connect() as conn:
         counts = dict(conn.execute(sa.text("SELECT state, count(*) FROM tickets GROUP BY state")).all())
+        waiting = conn.execute(sa.text("SELECT count(*) FROM tickets WHERE state = 'running' AND awaiting IS NOT NULL"))
+        awaiting = int(waiting.scalar() or 0)
     seen = {
         r.data.get("path") for r in store.read(0, types=["TicketSubmitted", "TicketRejected", "TicketRevisionRefused"])
     }
     files = {str(p) for p in folder.glob("*.y*ml") if not p.name.startswith(".")}
-    idle = files <= seen and counts.get("running", 0) == 0
-    return counts, idle
+    # A ticket waiting for a human's approval is as far as it goes on its own.
+    idle = files <= seen and counts.get("running", 0) == awaiting
+    if awaiting:
+        counts["awaiting approval"] = awaiting
+        counts["running"] = counts.get("running", 0) - awaiting
+    return {k: v for k, v in counts.items() if v}, idle
 
 
 def cmd_up(args: argparse.Namespace) -> int:

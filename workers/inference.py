@@ -193,8 +193,12 @@ def run_infer(ctx: JobContext, params: dict[str, Any]) -> JobResult:
     loaded, warm = CACHE.get(f"{p.component}:{artifact}", lambda: LOADERS[p.component](path))
     load_ms = 1000 * (time.perf_counter() - started)
     t0 = time.perf_counter()
-    outputs: dict[str, Any] = {"component": p.component, "checkpoint": artifact, "warm": warm,
-                               "core_version": (params.get("_core") or {}).get("version", 0)}
+    outputs: dict[str, Any] = {
+        "component": p.component,
+        "checkpoint": artifact,
+        "warm": warm,
+        "core_version": (params.get("_core") or {}).get("version", 0),
+    }
     if p.component == "reasoner":
         data: dict[str, Any] | None = None
         if p.puzzle is not None:
@@ -214,11 +218,21 @@ def run_infer(ctx: JobContext, params: dict[str, Any]) -> JobResult:
             metrics["exact_acc"] = float(right.reshape(len(right), -1).all(-1).mean())
         outputs["answers"] = answers.tolist() if p.puzzle is None else None
     else:
-        if p.image is None:
-            raise JobFailed("an image-encoder needs `image` (HxWx3)")
-        z = embed_images(loaded, np.asarray([p.image], dtype=np.uint8))
-        outputs.update(dim=int(z.shape[-1]), norm=float(np.linalg.norm(z[0])), head=[float(v) for v in z[0][:8]])
-        metrics = {"norm": float(np.linalg.norm(z[0]))}
+        if p.image is not None:
+            images = np.asarray([p.image], dtype=np.uint8)
+        else:
+            from workers.ml_jobs import load_dataset
+
+            found = load_dataset(ctx, params)
+            if found is None:
+                raise JobFailed("an image-encoder needs `image` (HxWx3) or `data` (a synthesize step)")
+            images = np.asarray(found["images"][: p.limit], dtype=np.uint8)
+        z = embed_images(loaded, images)
+        norms = np.linalg.norm(z, axis=-1)
+        outputs.update(
+            dim=int(z.shape[-1]), norm=float(norms[0]), head=[float(v) for v in z[0][:8]], images=len(images)
+        )
+        metrics = {"norm": float(norms.mean()), "images": float(len(images))}
     forward_ms = 1000 * (time.perf_counter() - t0)
     metrics.update(load_ms=load_ms, forward_ms=forward_ms)
     outputs.update(load_ms=load_ms, forward_ms=forward_ms)

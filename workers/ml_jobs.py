@@ -25,7 +25,7 @@ COMPONENT = {
     "trm": "reasoner",
     "direct": "reasoner",
 }
-ORCHESTRATION_KEYS = ("data", "train_data", "test_data", "checkpoint", "test_fraction")
+ORCHESTRATION_KEYS = ("data", "train_data", "test_data", "checkpoint", "test_fraction", "_core")
 
 
 def _store(ctx: JobContext) -> Any:
@@ -132,6 +132,8 @@ def _model_params(params: dict[str, Any]) -> dict[str, Any]:
 
 def run_train(ctx: JobContext, params: dict[str, Any]) -> JobResult:
     model = str(params.get("model", ""))
+    if "adapter" in params:
+        return _train_adapter(ctx, params)
     tracked = _LastCheckpoint(ctx)
     if model in JEPA_MODELS:
         from workers.train_jepa import JepaTrainParams, train_jepa
@@ -150,6 +152,30 @@ def run_train(ctx: JobContext, params: dict[str, Any]) -> JobResult:
         metrics = train_reasoner(tracked, rp, train, test)  # type: ignore[arg-type]
         return _finish_training(ctx, tracked, model, metrics, {})
     raise JobFailed(f"unknown model {model!r} for a train step (known: {', '.join(JEPA_MODELS + REASONERS)})")
+
+
+def _train_adapter(ctx: JobContext, params: dict[str, Any]) -> JobResult:
+    """Working memory: an adapter on the current core's reasoner (the core stays frozen)."""
+    from workers.adapters import AdapterParams, train_adapter
+
+    p = AdapterParams.model_validate(_model_params(params))
+    core = _core_checkpoint(ctx, params, "reasoner")
+    if core is None:
+        raise JobFailed("an adapter needs a core reasoner to adapt: approve a reasoner proposal first")
+    train, test = _reasoner_data(ctx, params)
+    metrics, path = train_adapter(ctx, p, core, train, test)
+    artifact = ctx.artifact(path, "adapter", {"rank": p.adapter.rank, "component": "reasoner"})
+    core_info = params.get("_core") or {}
+    return JobResult(
+        metrics={k: float(v) for k, v in metrics.items() if np.isfinite(v)},
+        outputs={
+            "adapter": "reasoner",
+            "checkpoint": artifact,
+            "rank": p.adapter.rank,
+            "core_version": core_info.get("version", 0),
+            "core_checkpoint": core_info.get("components", {}).get("reasoner", {}).get("checkpoint"),
+        },
+    )
 
 
 # --- evaluate ----------------------------------------------------------------------------------
