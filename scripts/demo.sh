@@ -15,8 +15,9 @@ echo "== validating the example tickets"
 "$jbctl" validate tickets/examples/*.yaml tickets/examples/rtx3090/*.yaml
 echo
 echo "== running them (jbctl up --exit-when-idle) in $home"
-for f in tickets/examples/TICKET-*.yaml; do
-  "$jbctl" submit "$f" >/dev/null
+# TICKET-6 (inference) and TICKET-7 (an adapter) need an approved core: submitted after approval.
+for n in 1 2 3 4 5; do
+  "$jbctl" submit "tickets/examples/TICKET-$n.yaml" >/dev/null
 done
 "$jbctl" up --exit-when-idle
 echo
@@ -25,7 +26,10 @@ echo "== final status"
 echo
 "$jbctl" verify
 "$jbctl" replay --check
-if "$jbctl" proposals >/dev/null 2>&1; then
-  echo
-  "$jbctl" proposals
-fi
+echo
+echo "== proposals waiting for a human (the core changes only with jbctl approve)"
+"$jbctl" proposals --detail
+echo
+echo "Look around: JETBOX_HOME=$home $jbctl status TICKET-1 | describe | events | audit | sql \"SELECT ...\""
+echo "After approving, run inference on the new core: JETBOX_HOME=$home $jbctl up, then"
+echo "  $jbctl submit tickets/examples/TICKET-6.yaml   (and TICKET-7.yaml, an adapter on the core reasoner)"
