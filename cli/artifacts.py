@@ -255,10 +255,54 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
     return 0
 
 
+def referenced_by_log(args: argparse.Namespace) -> set[str] | None:
+    """Artifact ids the event log refers to (recorded artifacts, step outputs, core components),
+    or None when there is no database to ask."""
+    import re
+
+    from cli.common import open_store, settings_from
+    from cli.main import CliError
+
+    try:
+        store = open_store(settings_from(args))
+    except CliError:
+        return None
+    hex64 = re.compile(r"^[0-9a-f]{64}$")
+    keep: set[str] = set()
+
+    def collect(value: Any) -> None:
+        if isinstance(value, str):
+            ref = value.removeprefix("sha256:")
+            if hex64.match(ref):
+                keep.add(ref)
+        elif isinstance(value, dict):
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, list):
+            for item in value:
+                collect(item)
+
+    for rec in store.read(0, types=["ArtifactRecorded", "AttemptSucceeded", "CorePromoted", "AdapterActivated",
+                                    "ProposalOpened"]):
+        collect(rec.data.get("artifact"))
+        collect(rec.data.get("outputs"))
+        collect(rec.data.get("components"))
+        collect(rec.data.get("candidate"))
+        collect(rec.data.get("adapters"))
+    store.close()
+    return keep
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
-    """`jbctl artifacts gc [--yes]`: remove objects nothing refers to (dry run by default)."""
+    """`jbctl artifacts gc [--yes]`: remove objects no ticket refers to (dry run by default).
+
+    With a database, "referred to" means named by the event log (and everything a kept manifest
+    lists); without one, the store's own index decides (manifests and anything with a lineage).
+    """
     store = _store(args)
-    report = store.gc(store.referenced(), dry_run=not args.yes)
+    from_log = referenced_by_log(args)
+    keep = store.closure(from_log) if from_log is not None else store.referenced()
+    report = store.gc(keep, dry_run=not args.yes)
     if getattr(args, "json", False):
         print_json(report.model_dump())
         return 0
