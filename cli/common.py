@@ -11,8 +11,14 @@ from schema.settings import Settings, load_settings
 
 
 def settings_from(args: Any) -> Settings:
-    """Settings with `--home` applied."""
-    return load_settings(home=getattr(args, "home", None))
+    """Settings with `--home` applied; a bad setting is a clear error naming it."""
+    from cli.main import CliError
+
+    try:
+        return load_settings(home=getattr(args, "home", None))
+    except ValueError as exc:  # pydantic's ValidationError included
+        lines = [ln for ln in str(exc).splitlines() if ln.strip() and "errors.pydantic.dev" not in ln]
+        raise CliError("bad settings: " + " ".join(ln.strip() for ln in lines[:4])) from None
 
 
 def use_colour(stream: Any = None) -> bool:
