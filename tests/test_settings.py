@@ -31,7 +31,7 @@ def test_toml_then_environment_then_overrides(home: Path, tmp_path: Path, monkey
 def test_bad_settings_are_clear_errors(home: Path, monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     (home / "jetbox.toml").write_text("redis_url = [unclosed\n")
-    with pytest.raises(ValueError, match="jetbox.toml: cannot read settings"):
+    with pytest.raises(ValueError, match=r"jetbox\.toml: cannot read settings"):
         load_settings()
     (home / "jetbox.toml").write_text('sqlite_synchronous = "SOMETIMES"\n')
     with pytest.raises(ValueError, match="sqlite_synchronous"):
