@@ -136,15 +136,18 @@ def cmd_proposals(args: argparse.Namespace) -> int:
         for r in rows:
             proposal = handler.state.proposals[r["proposal"]]
             print()
-            print(side_by_side(proposal))
+            print(side_by_side(proposal, acceptance_metrics(handler, proposal)))
             if proposal.status == "open":
                 print(f"  to approve: jbctl approve {proposal.id} -m 'why'")
                 print(f"  to reject:  jbctl reject {proposal.id} -m 'why'")
     return 0
 
 
-def side_by_side(proposal: Any) -> str:
-    """The candidate's and the current core's metrics on the same evaluation, with the deltas."""
+def side_by_side(proposal: Any, focus: list[str] | None = None, limit: int = 12) -> str:
+    """The candidate's and the current core's metrics on the same evaluation, with the deltas.
+
+    The metrics the ticket's acceptance checks name come first; at most `limit` rows are shown.
+    """
     if proposal.kind == "policy":
         argv = " ".join(proposal.candidate.get("argv", []))
         return (
@@ -157,15 +160,30 @@ def side_by_side(proposal: Any) -> str:
         + ", ".join(f"{k} ({str(v.get('checkpoint', ''))[:19]})" for k, v in proposal.candidate.items()),
     ]
     cand, cur, delta = (proposal.metrics.get(k, {}) for k in ("candidate", "current", "delta"))
+    if not cur:
+        lines.append(f"  (core v{proposal.base_core_version} has no such component yet: nothing to compare against)")
     width = max([len(k) for k in cand] + [6])
     lines.append(f"  {'metric':<{width}}  {'candidate':>10}  {'current':>10}  {'delta':>9}")
-    for name in sorted(cand):
+    names = [n for n in (focus or []) if n in cand] + [n for n in sorted(cand) if n not in (focus or [])]
+    for name in names[:limit]:
         now_v = cur.get(name)
         d = delta.get(name)
         sign = "" if d is None else colour(f"{d:+9.4f}", "32" if d >= 0 else "31")
         now_s = "" if now_v is None else f"{now_v:10.4f}"
         lines.append(f"  {name:<{width}}  {cand[name]:10.4f}  {now_s:>10}  {sign:>9}")
+    if len(names) > limit:
+        lines.append(f"  (+{len(names) - limit} more metrics: jbctl proposals --json)")
     return "\n".join(lines)
+
+
+def acceptance_metrics(handler: Any, proposal: Any) -> list[str]:
+    """`task.metric` names the proposal's ticket checks: the rows a reviewer looks at first."""
+    from schema.ticket import MetricCheck
+
+    ticket = handler.state.tickets.get(proposal.ticket)
+    if ticket is None:
+        return []
+    return [c.metric for c in ticket.spec.acceptance if isinstance(c, MetricCheck)]
 
 
 def _actor() -> tuple[str, dict[str, Any]]:
@@ -193,7 +211,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
     proposal = _proposal(handler, args.proposal)
     if proposal.status != "open":
         raise CliError(f"{proposal.id} is {proposal.status}; only an open proposal can be approved")
-    print(side_by_side(proposal))
+    print(side_by_side(proposal, acceptance_metrics(handler, proposal), limit=40))
     _confirm(f"approve {proposal.id}?", args.yes)
     user, meta = _actor()
     recorded = handler.handle(
