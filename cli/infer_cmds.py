@@ -93,7 +93,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from schema.wire import Envelope, load_secret
 
     settings = settings_from(args)
-    if not settings.redis_url:
+    redis_url = settings.redis_url_or_private()
+    if not redis_url:
         raise CliError("no Redis configured (JETBOX_REDIS_URL): inference runs on a worker (try `jbctl up`)")
     params: dict[str, Any] = {"component": args.component}
     if args.input:
@@ -117,7 +118,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         params=params,
         timeout=args.timeout,
     )
-    conn = redis.Redis.from_url(settings.redis_url)
+    conn = redis.Redis.from_url(redis_url)
     started = time.perf_counter()
     enqueue(conn, load_secret(settings.secret_path, create=False), envelope, args.queue)
     job = Job.fetch(envelope.job_id, connection=conn, serializer=JSONSerializer)

@@ -43,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = settings_from(args)
+    settings = settings.model_copy(update={"redis_url": settings.redis_url_or_private()})
     if not settings.redis_url:
         raise CliError("no Redis configured: set JETBOX_REDIS_URL (or run everything with `jbctl up`)")
     from schema.wire import SecretError, load_secret
@@ -150,6 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for err in exc.errors:
             print(err, file=sys.stderr)
         return 1
+    settings = settings.model_copy(update={"redis_url": settings.redis_url_or_private()})
     if not settings.redis_url:
         raise CliError("no Redis configured (JETBOX_REDIS_URL): a background worker needs the daemon's Redis")
     _claim_queue(settings.redis_url, ticket.id)
@@ -258,6 +260,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not settings.redis_url:
         redis_server = start_redis(home / "run")
         env["JETBOX_REDIS_URL"] = redis_server.url
+        settings.private_redis_file.write_text(redis_server.url + "\n")  # for jbctl infer/run/worker
         print(f"jetbox: private Redis at {redis_server.url} (pid {redis_server.proc.pid})", flush=True)
     children = _Children()
     stopping = False
@@ -300,4 +303,5 @@ def cmd_up(args: argparse.Namespace) -> int:
         children.stop()
         if redis_server is not None:
             redis_server.stop()
+            settings.private_redis_file.unlink(missing_ok=True)
     return code

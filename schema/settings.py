@@ -100,6 +100,21 @@ class Settings(BaseSettings):
     def logs_path(self) -> Path:
         return self.home / "logs"
 
+    @property
+    def private_redis_file(self) -> Path:
+        """Where `jbctl up` writes the URL of the private Redis it started."""
+        return self.home / "run" / "redis.url"
+
+    def redis_url_or_private(self) -> str | None:
+        """The configured Redis, else the private one a running `jbctl up` started for this home."""
+        if self.redis_url:
+            return self.redis_url
+        try:
+            url = self.private_redis_file.read_text().strip()
+        except OSError:
+            return None
+        return url if url.startswith("unix://") and Path(url.removeprefix("unix://")).exists() else None
+
 
 def load_settings(**overrides: Any) -> Settings:
     """Settings with explicit overrides (e.g. `--home`) taking precedence; None values are ignored."""
