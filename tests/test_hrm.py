@@ -206,7 +206,7 @@ def test_trainer_halting_statistics_and_refill() -> None:
     train, _ = sudoku(4, 64, 8)
     p = ReasonerTrainParams(
         model="trm", d_model=16, n_heads=2, batch_size=8, max_segments=3, halt_explore=0.0, h_cycles=1,
-        l_cycles=1, warmup_steps=0, lr=1e-9,
+        l_cycles=1, warmup_steps=0, lr=1e-9, segment_ramp=0,
     )  # fmt: skip
     tr = Trainer(p, train, augment=None)
     for _ in range(7):
@@ -289,7 +289,7 @@ def test_bad_params_give_clear_errors() -> None:
 def _tiny(model: str, **kw: object) -> ReasonerTrainParams:
     base: dict[str, object] = dict(
         model=model, d_model=16, n_heads=2, n_layers=2, batch_size=8, max_segments=3, h_cycles=2, l_cycles=1,
-        halt_explore=0.5, warmup_steps=2, checkpoint_every=3, log_every=2, seed=3,
+        halt_explore=0.5, warmup_steps=2, checkpoint_every=3, log_every=2, seed=3, segment_ramp=0,
     )  # fmt: skip
     return ReasonerTrainParams.model_validate({**base, **kw})
 
@@ -345,7 +345,7 @@ def test_training_learns_4x4(tmp_path: Path, seed: int = 0) -> None:
     train, test = sudoku(4, 300, 100)
     p = ReasonerTrainParams(
         model="trm", d_model=32, n_heads=2, n_layers=2, batch_size=32, max_segments=2, h_cycles=1,
-        l_cycles=1, lr=3e-3, warmup_steps=20, max_steps=TRAIN_STEPS, log_every=10, seed=seed,
+        l_cycles=1, lr=3e-3, warmup_steps=20, max_steps=TRAIN_STEPS, log_every=10, seed=seed, segment_ramp=0,
     )  # fmt: skip
     ctx = LocalContext(tmp_path)
     m = train_reasoner(ctx, p, train, test)
