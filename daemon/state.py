@@ -65,21 +65,37 @@ class TicketState:
     forged: int = 0
     allowed_binaries: set[str] = field(default_factory=set)  # installation extras + grants for this ticket
     awaiting: str | None = None  # the open core proposal this ticket waits on
+    # Copy-on-write bookkeeping of scratch copies (not part of the state's value).
+    shared: bool = field(default=False, compare=False, repr=False)
+    owned: set[str] = field(default_factory=set, compare=False, repr=False)
 
     def copy(self) -> TicketState:
-        """A copy that can be evolved independently; the frozen spec is shared."""
-        tasks = {
-            k: replace(
-                t,
-                needs=list(t.needs),
-                params=dict(t.params),
-                metrics=dict(t.metrics),
-                outputs=dict(t.outputs),
-                failures=list(t.failures),
+        """A copy that can be evolved independently. Tasks are copied lazily, when first changed
+        (`task_for_update`): a ticket with 500 steps is not copied whole for every report."""
+        return replace(
+            self,
+            tasks=dict(self.tasks),
+            acceptance=list(self.acceptance),
+            allowed_binaries=set(self.allowed_binaries),
+            shared=True,
+            owned=set(),
+        )
+
+    def task_for_update(self, task_id: str) -> TaskState:
+        """The task, safe to change in place."""
+        task = self.tasks[task_id]
+        if self.shared and task_id not in self.owned:
+            task = replace(
+                task,
+                needs=list(task.needs),
+                params=dict(task.params),
+                metrics=dict(task.metrics),
+                outputs=dict(task.outputs),
+                failures=list(task.failures),
             )
-            for k, t in self.tasks.items()
-        }
-        return replace(self, tasks=tasks, acceptance=list(self.acceptance), allowed_binaries=set(self.allowed_binaries))
+            self.tasks[task_id] = task
+            self.owned.add(task_id)
+        return task
 
 
 @dataclass
@@ -172,7 +188,7 @@ def evolve(state: State, event: ev.Event) -> State:
 
 
 def _task(state: State, event: ev.TaskEvent) -> TaskState:
-    return state.tickets[event.ticket].tasks[event.task]
+    return state.tickets[event.ticket].task_for_update(event.task)
 
 
 def _submitted(state: State, e: ev.TicketSubmitted) -> None:
@@ -213,9 +229,9 @@ def _forget_revised_file(state: State, ticket: TicketState) -> None:
 
 
 def _end_live_tasks(ticket: TicketState) -> None:
-    for task in ticket.tasks.values():
+    for tid, task in list(ticket.tasks.items()):
         if task.status in LIVE or task.status in ("pending", "waiting_retry"):
-            task.status = "cancelled"
+            ticket.task_for_update(tid).status = "cancelled"
 
 
 def _cancelled(state: State, e: ev.TicketCancelled) -> None:
