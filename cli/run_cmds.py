@@ -141,15 +141,11 @@ def _record_run(settings: Any, tid: str, info: dict[str, Any]) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cli.tickets import atomic_copy
-    from schema.ticket import TicketInvalid, load_ticket
+    from cli.tickets import atomic_copy, load_or_report
 
     settings = settings_from(args)
-    try:
-        ticket = load_ticket(args.file)
-    except TicketInvalid as exc:
-        for err in exc.errors:
-            print(err, file=sys.stderr)
+    ticket = load_or_report(args.file)
+    if ticket is None:
         return 1
     settings = settings.model_copy(update={"redis_url": settings.redis_url_or_private()})
     if not settings.redis_url:

@@ -91,15 +91,22 @@ def atomic_copy(data: bytes, dest: Path) -> None:
         raise
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
+def load_or_report(path: Path) -> Any:
+    """The validated ticket at `path`, or None after printing each error as FILE:LINE:COL: message."""
     from schema.ticket import TicketInvalid, load_ticket
 
-    settings = settings_from(args)
     try:
-        ticket = load_ticket(args.file)
+        return load_ticket(path)
     except TicketInvalid as exc:
         for err in exc.errors:
             print(err, file=sys.stderr)
+        return None
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    ticket = load_or_report(args.file)
+    if ticket is None:
         return 1
     dest = settings.tickets_path / f"{ticket.id}.yaml"
     atomic_copy(args.file.read_bytes(), dest)

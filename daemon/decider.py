@@ -382,80 +382,34 @@ def _current(out: _Emitter, c: cmd._Report) -> tuple[TicketState, TaskState] | N
     return ticket, task
 
 
+def _about(c: cmd._Report) -> dict[str, Any]:
+    """The fields every report event repeats from its command."""
+    return {"at": c.now, "ticket": c.ticket, "task": c.task, "attempt": c.attempt, "report_seq": c.report_seq}
+
+
 def _started(out: _Emitter, c: cmd.RecordJobStarted) -> None:
     if (found := _current(out, c)) and found[1].status == "scheduled":
-        out.emit(
-            ev.AttemptStarted(
-                at=c.now,
-                ticket=c.ticket,
-                task=c.task,
-                attempt=c.attempt,
-                worker=c.worker,
-                report_seq=c.report_seq,
-            )
-        )
+        out.emit(ev.AttemptStarted(**_about(c), worker=c.worker))
 
 
 def _progress(out: _Emitter, c: cmd.RecordProgress) -> None:
     if _current(out, c):
-        out.emit(
-            ev.ProgressRecorded(
-                at=c.now,
-                ticket=c.ticket,
-                task=c.task,
-                attempt=c.attempt,
-                step=c.step,
-                total=c.total,
-                metrics=c.metrics,
-                report_seq=c.report_seq,
-            )
-        )
+        out.emit(ev.ProgressRecorded(**_about(c), step=c.step, total=c.total, metrics=c.metrics))
 
 
 def _checkpoint(out: _Emitter, c: cmd.RecordCheckpoint) -> None:
     if _current(out, c):
-        out.emit(
-            ev.CheckpointSaved(
-                at=c.now,
-                ticket=c.ticket,
-                task=c.task,
-                attempt=c.attempt,
-                path=c.path,
-                step=c.step,
-                report_seq=c.report_seq,
-            )
-        )
+        out.emit(ev.CheckpointSaved(**_about(c), path=c.path, step=c.step))
 
 
 def _artifact(out: _Emitter, c: cmd.RecordArtifact) -> None:
     if _current(out, c):
-        out.emit(
-            ev.ArtifactRecorded(
-                at=c.now,
-                ticket=c.ticket,
-                task=c.task,
-                attempt=c.attempt,
-                artifact=c.artifact,
-                kind=c.kind,
-                meta=c.meta,
-                report_seq=c.report_seq,
-            )
-        )
+        out.emit(ev.ArtifactRecorded(**_about(c), artifact=c.artifact, kind=c.kind, meta=c.meta))
 
 
 def _succeeded(out: _Emitter, c: cmd.RecordJobSucceeded) -> None:
     if found := _current(out, c):
-        out.emit(
-            ev.AttemptSucceeded(
-                at=c.now,
-                ticket=c.ticket,
-                task=c.task,
-                attempt=c.attempt,
-                metrics=c.metrics,
-                outputs=c.outputs,
-                report_seq=c.report_seq,
-            )
-        )
+        out.emit(ev.AttemptSucceeded(**_about(c), metrics=c.metrics, outputs=c.outputs))
         _advance(out, found[0], c.now)
 
 
