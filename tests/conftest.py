@@ -69,3 +69,17 @@ class Clock:
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[object]:
+    """A private redis-server, a real `jbctl daemon` and one `cpu` worker on a fresh home."""
+    from tests.test_dispatch import Setup
+
+    s = Setup(tmp_path / "home")
+    try:
+        s.daemon.start()
+        s.worker("cpu")
+        yield s
+    finally:
+        s.close()

@@ -20,17 +20,6 @@ from tests.test_dispatch import Setup
 
 
 @pytest.fixture
-def running(tmp_path: Path) -> Iterator[Setup]:
-    s = Setup(tmp_path / "home")
-    try:
-        s.daemon.start()
-        s.worker("cpu")
-        yield s
-    finally:
-        s.close()
-
-
-@pytest.fixture
 def listener() -> Iterator[socket.socket]:
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.bind(("127.0.0.1", 0))
