@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workers.context import LocalContext
-from workers.train_reasoning import ReasonerTrainParams, train_reasoner
+from workers.train_reasoning import ReasonerTrainParams, Visual, glyph_render, train_reasoner
 
 # Settings per model (shared architecture: same d_model and block count, so equal parameters). The
 # recursive models run fewer supervision segments and recursions than the papers (16 segments, T=3, n=6):
@@ -85,37 +85,52 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for all models")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument(
+        "--visual",
+        action="store_true",
+        help="also run each model on visual sudoku: fabric glyphs (16 px) through a frozen random linear "
+        "encoder, loss on all cells (the symbolic runs then use loss_on=all too, for a like-for-like pair)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     overrides = {k: _value(v) for k, v in (s.split("=", 1) for s in args.set)}
     models = args.models.split(",")
+    variants = [(m, False) for m in models] + ([(m, True) for m in models] if args.visual else [])
+    if args.visual:
+        overrides.setdefault("loss_on", "all")
 
     t0 = time.monotonic()
     train, test = make_data(args.n, args.train, args.test, workers=max(1, args.threads))
     blanks = float((train[0] == 0).mean())
     print(f"{args.n}x{args.n} minimal sudoku: {len(train[0])} train / {len(test[0])} test puzzles "
           f"({blanks:.0%} blank), made in {time.monotonic() - t0:.0f}s; "
-          f"{args.minutes:g} min per run, {len(models) * args.seeds} runs", flush=True)  # fmt: skip
+          f"{args.minutes:g} min per run, {len(variants) * args.seeds} runs", flush=True)  # fmt: skip
 
     rows: list[dict[str, Any]] = []
     for seed in range(args.seeds):
-        for model in models:
+        for model, visual in variants:
             kw = {**COMMON, **PRESETS.get(model, {}), **overrides, "model": model, "seed": seed,
                   "max_steps": 10**9, "max_seconds": 60 * args.minutes, "device": args.device,
                   "log_every": 50, "checkpoint_every": 10**9}  # fmt: skip
             params = ReasonerTrainParams.model_validate(kw)
+            vis = None
+            if visual:
+                torch.manual_seed(seed)
+                encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16 * 16, 64))
+                vis = Visual(encoder, glyph_render(16))
             with tempfile.TemporaryDirectory() as tmp:
-                m = train_reasoner(LocalContext(Path(tmp)), params, train, test)
-            row = {"model": model, "seed": seed, **m}
+                m = train_reasoner(LocalContext(Path(tmp)), params, train, test, visual=vis)
+            name = model + ("+visual" if visual else "")
+            row = {"model": name, "seed": seed, **m}
             rows.append(row)
-            print(f"  {model:6s} seed {seed}: exact {m['exact_acc']:.3f}  blank {m['blank_acc']:.3f}  "
+            print(f"  {name:6s} seed {seed}: exact {m['exact_acc']:.3f}  blank {m['blank_acc']:.3f}  "
                   f"steps {m['steps']:.0f}  puzzles {m['puzzles_seen']:.0f}  segments {m['mean_steps']:.1f}  "
                   f"blank by test-time segments {per_segment(m)}", flush=True)  # fmt: skip
 
     print()
     print("| model | params | exact acc | blank-cell acc | sup. steps (ACT) | optimiser steps | puzzles seen |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for model in models:
+    for model in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == model]
 
         def ms(key: str, rs: list[dict[str, Any]] = rs) -> str:
