@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
-from workers.context import LocalContext
+from workers.context import JobCancelled, LocalContext
 from workers.models.hrm import (
     HRM,
     TRM,
@@ -441,3 +441,12 @@ def test_maze_task_trains_and_never_scores_walls(tmp_path: Path) -> None:
     assert again["blank_acc"] == metrics["blank_acc"]
     with pytest.raises(ValueError, match="checkpoint is for"):
         evaluate_reasoner(LocalContext(tmp_path / "x"), _tiny("trm"), ctx.checkpoints[-1][0], sudoku(4, 8, 8)[1])
+
+
+def test_cancel_saves_a_checkpoint_then_stops(tmp_path: Path) -> None:
+    train, test = sudoku(4, 32, 8)
+    ctx = LocalContext(tmp_path, stop_requested=True)
+    with pytest.raises(JobCancelled):
+        train_reasoner(ctx, _tiny("trm", max_steps=5), train, test)
+    assert ctx.checkpoints and ctx.checkpoints[-1][0].exists()  # the next attempt resumes from here
+    assert not list(tmp_path.rglob("*.tmp"))  # written atomically: no temp file left behind
