@@ -66,6 +66,9 @@ class CommandHandler:
             for n, command in enumerate(commands):
                 events = decide(scratch, command)
                 expected = {ev.stream_of(e): scratch.versions.get(ev.stream_of(e), 0) for e in events}
+                # Decisions read the core (proposal bases, `_core` in jobs): if another writer
+                # promoted meanwhile, the append conflicts and we decide again on fresh state.
+                expected.setdefault(ev.CORE_STREAM, scratch.versions.get(ev.CORE_STREAM, 0))
                 if events:
                     batches.append((events, expected, _meta(command, meta)))
                 if n + 1 < len(commands):  # later commands must see this one's effect

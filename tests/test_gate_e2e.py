@@ -38,13 +38,14 @@ def test_train_propose_approve_infer_reject_expire(running: Setup, tmp_path: Pat
     assert opened["kind"] == "core" and opened["base_core_version"] == 0
     assert "reasoner" in opened["candidate"] and opened["metrics"]["candidate"]["eval.blank_acc"] >= 0
     assert opened["metrics"]["current"] == {}  # the core is empty: nothing to compare yet
-    # An unlisted user is refused; the proposal stays open.
-    steps2, extra2 = core_ticket("TICKET-2", "someone-else", seed=2)
-    running.drop("TICKET-2", steps2, extra2)
     approve = running.jbctl("approve", "P-1", "--yes", "-m", "first core")
     assert approve.returncode == 0, approve.stderr
     assert "core is now v1" in approve.stdout
     assert running.wait_done("TICKET-1") == "TicketCompleted"
+    # A second candidate, trained and evaluated after the approval, so against core v1; only
+    # someone-else may approve it.
+    steps2, extra2 = core_ticket("TICKET-2", "someone-else", seed=2)
+    running.drop("TICKET-2", steps2, extra2)
     # Inference through the queue uses the new core.
     puzzle = tmp_path / "puzzle.txt"
     puzzle.write_text(PUZZLE)
