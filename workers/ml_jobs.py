@@ -25,7 +25,7 @@ COMPONENT = {
     "trm": "reasoner",
     "direct": "reasoner",
 }
-ORCHESTRATION_KEYS = ("data", "train_data", "test_data", "checkpoint", "test_fraction", "_core")
+ORCHESTRATION_KEYS = ("data", "train_data", "test_data", "checkpoint", "test_fraction", "_core", "visual")
 
 
 def _store(ctx: JobContext) -> Any:
@@ -127,6 +127,36 @@ def _model_params(params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in own_params(params).items() if k not in ORCHESTRATION_KEYS}
 
 
+def _visual(ctx: JobContext, params: dict[str, Any]) -> Any:
+    """Visual sudoku (`visual: true`): cells drawn as glyphs and read through the core's image encoder."""
+    if not params.get("visual"):
+        return None
+    import torch
+    from torch import nn
+
+    from workers.train_jepa import load_model
+    from workers.train_reasoning import Visual, glyph_render
+
+    path = _core_checkpoint(ctx, params, "image-encoder")
+    if path is None:
+        raise JobFailed("visual sudoku reads cells through the core's image-encoder: approve one first")
+    jepa, jparams, _ = load_model(path)
+    size = jparams.image_config().img_size
+
+    class GlyphEncoder(nn.Module):
+        """Grey glyphs [B, 1, S, S] in [0, 1] -> the JEPA's pooled embedding [B, D], frozen."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.jepa = jepa.eval().requires_grad_(False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x.expand(-1, 3, -1, -1)
+            return self.jepa.embed((x - 0.5) / 0.25)  # the normalisation the encoder was trained with
+
+    return Visual(encoder=GlyphEncoder(), render=glyph_render(size))
+
+
 # --- train -------------------------------------------------------------------------------------
 
 
@@ -149,8 +179,9 @@ def run_train(ctx: JobContext, params: dict[str, Any]) -> JobResult:
 
         rp = ReasonerTrainParams.model_validate(_model_params(params))
         train, test = _reasoner_data(ctx, params)
-        metrics = train_reasoner(tracked, rp, train, test)  # type: ignore[arg-type]
-        return _finish_training(ctx, tracked, model, metrics, {})
+        visual = _visual(ctx, params)
+        metrics = train_reasoner(tracked, rp, train, test, visual=visual)  # type: ignore[arg-type]
+        return _finish_training(ctx, tracked, model, metrics, {"visual": visual is not None})
     raise JobFailed(f"unknown model {model!r} for a train step (known: {', '.join(JEPA_MODELS + REASONERS)})")
 
 
@@ -213,8 +244,14 @@ def run_evaluate(ctx: JobContext, params: dict[str, Any]) -> JobResult:
 
         rp = ReasonerTrainParams.model_validate(_model_params(params))
         _, test = _reasoner_data(ctx, params)
-        metrics = evaluate_reasoner(ctx, rp, ckpt, test)
-        core = evaluate_reasoner(ctx, rp, core_ckpt, test) if core_ckpt is not None else {}
+        visual = _visual(ctx, params)
+        metrics = evaluate_reasoner(ctx, rp, ckpt, test, visual=visual)
+        core = {}
+        if core_ckpt is not None:
+            try:
+                core = evaluate_reasoner(ctx, rp, core_ckpt, test, visual=visual)
+            except (ValueError, RuntimeError) as exc:  # e.g. a symbolic core reasoner on visual input
+                ctx.log(f"the core's reasoner cannot read this input, so nothing to compare: {exc}")
     else:
         raise JobFailed(f"unknown model {model!r} for an evaluate step")
     clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and np.isfinite(v)}
