@@ -145,3 +145,23 @@ def test_jbctl_and_daemon_never_import_torch() -> None:
 def test_jbctl_help_via_process() -> None:
     proc = subprocess.run([JBCTL, "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "status" in proc.stdout and "sql" in proc.stdout
+
+
+def test_events_follow_streams_new_events(store: EventStore) -> None:
+    import os
+    import time
+    from datetime import UTC, datetime
+
+    from daemon import commands as c
+
+    proc = subprocess.Popen([JBCTL, "events", "--follow", "--json", "--type", "SafetyViolation"],
+                            stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        time.sleep(1.0)
+        CommandHandler(store).handle(c.RecordViolation(now=datetime.now(UTC), what="test", detail="streamed"))
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert json.loads(line)["data"]["detail"] == "streamed"
+    finally:
+        proc.terminate()
+        proc.wait(10)
