@@ -11,7 +11,7 @@ import hashlib
 import re
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from daemon import commands as cmd
 from daemon.state import ACCEPT_PREFIX, LIVE, State, TaskState, TicketState, evolve
@@ -241,23 +241,34 @@ def _policy_allows(out: _Emitter, ticket: TicketState, task: TaskState, now: dat
             )
         )
         return False
-    out.emit(
-        ev.ProposalOpened(
-            at=now,
-            ticket=ticket.id,
-            proposal=_next_proposal(out.state),
-            kind="policy",
-            base_core_version=out.state.core_version,
-            candidate={"binary": binary, "argv": list(task.params.get("run") or []), "task": task.id},
-            expires_at=now + timedelta(seconds=ticket.spec.expires) if ticket.spec.expires else None,
-            approvers=ticket.spec.approvers,
-        )
+    _propose(
+        out, ticket, now, "policy", {"binary": binary, "argv": list(task.params.get("run") or []), "task": task.id}
     )
     return False
 
 
-def _next_proposal(state: State) -> str:
-    return f"P-{len(state.proposals) + 1}"
+def _propose(
+    out: _Emitter,
+    ticket: TicketState,
+    now: datetime,
+    kind: Literal["core", "policy"],
+    candidate: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+) -> None:
+    """Open the next P-n for `ticket`, against the current core, expiring after the ticket's `expires`."""
+    out.emit(
+        ev.ProposalOpened(
+            at=now,
+            ticket=ticket.id,
+            proposal=f"P-{len(out.state.proposals) + 1}",
+            kind=kind,
+            base_core_version=out.state.core_version,
+            candidate=candidate,
+            metrics=metrics or {},
+            expires_at=now + timedelta(seconds=ticket.spec.expires) if ticket.spec.expires else None,
+            approvers=ticket.spec.approvers,
+        )
+    )
 
 
 def _open_core_proposal(out: _Emitter, ticket: TicketState, now: datetime) -> None:
@@ -278,19 +289,7 @@ def _open_core_proposal(out: _Emitter, ticket: TicketState, now: datetime) -> No
             cand.update({f"{task.id}.{k}": v for k, v in task.metrics.items()})
             current.update({f"{task.id}.{k}": float(v) for k, v in (task.outputs.get("core_metrics") or {}).items()})
     delta = {k: cand[k] - current[k] for k in cand if k in current}
-    out.emit(
-        ev.ProposalOpened(
-            at=now,
-            ticket=ticket.id,
-            proposal=_next_proposal(out.state),
-            kind="core",
-            base_core_version=out.state.core_version,
-            candidate=candidate,
-            metrics={"candidate": cand, "current": current, "delta": delta},
-            expires_at=now + timedelta(seconds=ticket.spec.expires) if ticket.spec.expires else None,
-            approvers=ticket.spec.approvers,
-        )
-    )
+    _propose(out, ticket, now, "core", candidate, {"candidate": cand, "current": current, "delta": delta})
 
 
 def _accept(out: _Emitter, ticket: TicketState, now: datetime) -> None:
