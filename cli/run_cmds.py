@@ -141,7 +141,8 @@ def _record_run(settings: Any, tid: str, info: dict[str, Any]) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cli.tickets import atomic_copy, load_or_report
+    from cli.tickets import load_or_report
+    from schema.artifacts import atomic_write_bytes
 
     settings = settings_from(args)
     ticket = load_or_report(args.file)
@@ -165,7 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise CliError(f"systemd-run failed: {proc.stderr.strip()}")
         unit = f"jetbox-run-{ticket.id}"
         _record_run(settings, ticket.id, {"mode": "systemd", "unit": unit, "argv": argv})
-        atomic_copy(args.file.read_bytes(), settings.tickets_path / f"{ticket.id}.yaml")
+        atomic_write_bytes(settings.tickets_path / f"{ticket.id}.yaml", args.file.read_bytes())
         print(f"submitted {ticket.id}; worker unit {unit}")
         print(f"follow it: journalctl --user -u {unit} -f")
         return 0
@@ -183,7 +184,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             start_new_session=True,
         )
     _record_run(settings, ticket.id, {"mode": "detached", "pid": worker.pid, "log": str(log)})
-    atomic_copy(args.file.read_bytes(), settings.tickets_path / f"{ticket.id}.yaml")
+    atomic_write_bytes(settings.tickets_path / f"{ticket.id}.yaml", args.file.read_bytes())
     print(f"submitted {ticket.id}; detached worker pid {worker.pid}")
     print(f"follow it: tail -f {log}")
     return 0

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -76,21 +74,6 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def atomic_copy(data: bytes, dest: Path) -> None:
-    """Write `data` to `dest` via a temp file in the same folder and a rename (never half a file)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_or_report(path: Path) -> Any:
     """The validated ticket at `path`, or None after printing each error as FILE:LINE:COL: message."""
     from schema.ticket import TicketInvalid, load_ticket
@@ -104,12 +87,14 @@ def load_or_report(path: Path) -> Any:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from schema.artifacts import atomic_write_bytes
+
     settings = settings_from(args)
     ticket = load_or_report(args.file)
     if ticket is None:
         return 1
     dest = settings.tickets_path / f"{ticket.id}.yaml"
-    atomic_copy(args.file.read_bytes(), dest)
+    atomic_write_bytes(dest, args.file.read_bytes())
     print(f"submitted {ticket.id} -> {dest}")
     return 0
 

@@ -427,17 +427,7 @@ def _failed(out: _Emitter, c: cmd.RecordJobFailed) -> None:
     can_retry = c.retryable and not c.violation and task.attempt <= task.retries
     retry_at = c.now + timedelta(seconds=backoff_seconds(c.ticket, c.task, c.attempt)) if can_retry else None
     out.emit(
-        ev.AttemptFailed(
-            at=c.now,
-            ticket=c.ticket,
-            task=c.task,
-            attempt=c.attempt,
-            error=c.error[-4000:],
-            fingerprint=fp,
-            retry_at=retry_at,
-            retryable=c.retryable,
-            report_seq=c.report_seq,
-        )
+        ev.AttemptFailed(**_about(c), error=c.error[-4000:], fingerprint=fp, retry_at=retry_at, retryable=c.retryable)
     )
     task = out.state.tickets[c.ticket].tasks[c.task]
     if retry_at is not None:
