@@ -6,6 +6,7 @@ evaluation job (trained vs random init vs pixels, same split, same run). Prints 
 seeds per label.
 
     python bench/jepa_quality.py --minutes 10 --seeds 3
+    python bench/jepa_quality.py --minutes 10 --seeds 3 --parallel 3   # needs 3 free cores
     python bench/jepa_quality.py --minutes 2 --seeds 1 --arch '{"sigreg_weight": 0.3}'
 """
 
@@ -74,11 +75,22 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--train-size", type=int, default=8000)
     ap.add_argument("--eval-size", type=int, default=3000)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per seed")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="seeds trained at once in separate processes (each calibrates its steps while the "
+                         "others run, so every seed gets the same share of the machine)")
     ap.add_argument("--json", type=Path, help="also write all per-seed reports here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    reports = [run_seed(seed, args) for seed in range(args.seeds)]
+    if args.parallel > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        with ProcessPoolExecutor(args.parallel, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
+                                 initargs=(args.threads,)) as pool:
+            reports = list(pool.map(run_seed, range(args.seeds), [args] * args.seeds))
+    else:
+        reports = [run_seed(seed, args) for seed in range(args.seeds)]
 
     def stat(key: str) -> str:
         vals = [r[key] for r in reports]

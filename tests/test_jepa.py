@@ -64,6 +64,41 @@ def test_masks_disjoint_in_bounds(preset: str) -> None:
                 assert len(rows) * len(cols) == len(block), "a target is not a rectangle"
 
 
+def test_random_masks_split_every_patch() -> None:
+    cfg = make_config(masking="random", mask_ratio=0.5)
+    ctx_idx, tgt_idx = sample_masks(cfg, 8, torch.Generator().manual_seed(0))
+    assert ctx_idx.shape == (8, 32) and tgt_idx.shape == (1, 8, 32)
+    for b in range(8):
+        assert sorted(ctx_idx[b].tolist() + tgt_idx[0, b].tolist()) == list(range(cfg.num_patches))
+    again, _ = sample_masks(cfg, 8, torch.Generator().manual_seed(0))
+    assert torch.equal(ctx_idx, again), "masks must be a function of the generator"
+    assert not torch.equal(ctx_idx[0], ctx_idx[1]), "each sample gets its own mask"
+
+
+def test_centred_multi_layer_targets() -> None:
+    """`target_centre` removes what every image shares at a position (the positional shortcut)."""
+    cfg = make_config(**{**MICRO, "depth": 2, "regularizer": "ema", "target_centre": True, "target_layers": 2,
+                         "masking": "random", "loss": "l2"})
+    model = JEPA(cfg)
+    images = torch.randn(6, 3, 32, 32)
+    assert model.target_encoder is not None
+    targets = model.target_encoder.layer_targets(images, 2)
+    assert targets.shape == (6, 64, 32)
+    ctx_idx, tgt_idx = sample_masks(cfg, 6, torch.Generator().manual_seed(0))
+    loss, out = model(images, ctx_idx, tgt_idx)
+    assert torch.isfinite(loss) and "sigreg" not in out
+    loss.backward()
+    assert model.predictor.proj.weight.grad is not None
+    # a batch of identical images has nothing left to predict once centred: the loss is the predictor's
+    # output alone, so zeroing the predictor's last layer makes it exactly zero
+    with torch.no_grad():
+        model.predictor.proj.weight.zero_()
+        model.predictor.proj.bias.zero_()
+    same = images[:1].repeat(6, 1, 1, 1)
+    with torch.no_grad():
+        assert float(model(same, ctx_idx, tgt_idx)[0]) == pytest.approx(0.0, abs=1e-9)
+
+
 def test_model_output_shapes() -> None:
     cfg = make_config(**MICRO)
     model = JEPA(cfg)
@@ -122,6 +157,12 @@ def test_bad_params_are_clear() -> None:
         JepaTrainParams.model_validate({"learning_rate": 0.1})
     with pytest.raises(ValidationError, match="regularizer"):
         JepaTrainParams(arch={"regularizer": "vicreg"})
+    with pytest.raises(ValidationError, match="mask_ratio"):
+        JepaTrainParams(arch={"masking": "random", "mask_ratio": 1.0})
+    with pytest.raises(ValidationError, match=r"target_layers must be in 1..depth \(4\)"):
+        JepaTrainParams(arch={"target_layers": 5})
+    with pytest.raises(ValidationError, match="masking"):
+        JepaTrainParams(arch={"masking": "grid"})
     with pytest.raises(ValidationError, match="labels"):
         EvalParams.model_validate({"labels": ["size"]})
     assert JepaTrainParams(preset="rtx3090", arch={"depth": 6}).image_config().depth == 6
@@ -152,7 +193,9 @@ train_jepa(ctx, params, ShapesGenerator().generate(ShapesParams(), 3, 0, 256))
 @pytest.mark.parametrize("extra", [
     {"model": "jepa"},
     {"model": "jepa-text", "arch": {**MICRO, "regularizer": "ema"}, "text": MICRO_TEXT},
-], ids=["jepa-sigreg", "jepa-text-ema"])
+    {"model": "jepa", "arch": {**MICRO, "regularizer": "ema", "target_centre": True, "masking": "random",
+                               "loss": "l2"}},
+], ids=["jepa-sigreg", "jepa-text-ema", "jepa-ema-random-centred"])
 def test_resume_is_bit_exact(tmp_path: Path, small_data: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
     import json
 

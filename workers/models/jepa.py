@@ -56,6 +56,10 @@ class JepaConfig(BaseModel):
     sigreg_slices: int = 64  # the cost is N x slices x knots; 64 halved the step time at 32x32
     sigreg_knots: int = 17
     sigreg_on: Literal["tokens", "pooled"] = "tokens"
+    target_centre: bool = False
+    masking: Literal["multiblock", "random"] = "multiblock"
+    mask_ratio: float = 0.5
+    target_layers: int = 1
 
     @model_validator(mode="after")
     def _check(self) -> JepaConfig:
@@ -67,6 +71,10 @@ class JepaConfig(BaseModel):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi <= 1:
                 raise ValueError(f"{name} must satisfy 0 < low <= high <= 1, got {(lo, hi)}")
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if not 1 <= self.target_layers <= self.depth:
+            raise ValueError(f"target_layers must be in 1..depth ({self.depth}), got {self.target_layers}")
         if not 0 <= self.sigreg_weight <= 1:
             raise ValueError("sigreg_weight is a mixing weight in [0, 1]")
         return self
@@ -163,6 +171,16 @@ class ImageEncoder(nn.Module):
         x = self.vit.blocks(x)
         return self.vit.norm(x)
 
+    def layer_targets(self, images: Tensor, last: int) -> Tensor:
+        """Mean of the layer-normalised outputs of the last `last` blocks (data2vec-style targets)."""
+        x = self.vit.norm_pre(self.vit.patch_embed(images) + self.pos)
+        outs = []
+        for i, block in enumerate(self.vit.blocks):
+            x = block(x)
+            if i >= len(self.vit.blocks) - last:
+                outs.append(F.layer_norm(x, (x.shape[-1],)))
+        return torch.stack(outs).mean(0)
+
 
 class Predictor(nn.Module):
     """Narrow transformer: context tokens + positioned mask tokens -> predicted target features."""
@@ -229,6 +247,11 @@ def sample_masks(cfg: JepaConfig, batch: int, gen: torch.Generator) -> tuple[Ten
     Indices are sorted raster positions in [0, grid*grid).
     """
     grid = cfg.grid
+    if cfg.masking == "random":
+        n = grid * grid
+        n_tgt = max(1, min(n - cfg.min_context, round(cfg.mask_ratio * n)))
+        perms = torch.stack([torch.randperm(n, generator=gen) for _ in range(batch)])
+        return perms[:, n_tgt:].sort(dim=1).values, perms[:, :n_tgt].sort(dim=1).values.unsqueeze(0)
     tgt_shape = _block_shape(gen, grid, cfg.target_scale, cfg.target_aspect)
     ctx_h, ctx_w = _block_shape(gen, grid, cfg.context_scale, (1.0, 1.0))
     targets: list[list[list[int]]] = [[] for _ in range(cfg.num_targets)]
@@ -326,10 +349,15 @@ class JEPA(nn.Module):
         cfg = self.cfg
         if self.target_encoder is not None:
             with torch.no_grad():
-                full = self.target_encoder(images)
+                if cfg.target_layers > 1:
+                    full = self.target_encoder.layer_targets(images, cfg.target_layers)
+                else:
+                    full = self.target_encoder(images)
         else:
             full = self.encoder(images)  # gradients flow into the targets too: SIGReg prevents collapse
         target = F.layer_norm(full, (full.shape[-1],))
+        if cfg.target_centre:
+            target = target - target.mean(dim=0, keepdim=True)
         n_blocks, batch, n_tgt = tgt_idx.shape
         target = gather_tokens(target.repeat(n_blocks, 1, 1), tgt_idx.reshape(n_blocks * batch, n_tgt))
         target = target.reshape(n_blocks, batch, n_tgt, -1)
