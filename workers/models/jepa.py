@@ -162,18 +162,20 @@ class ImageEncoder(nn.Module):
         self.pos: Tensor
         self.register_buffer("pos", sincos_pos_embed(cfg.embed_dim, cfg.grid), persistent=False)
 
-    def forward(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
-        """images [B, 3, H, W] (normalised) -> tokens [B, N or K, D]."""
+    def _embed(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Positioned patch embeddings, only those in `keep` when given: the input of the first block."""
         x = self.vit.patch_embed(images) + self.pos
         if keep is not None:
             x = gather_tokens(x, keep)
-        x = self.vit.norm_pre(x)
-        x = self.vit.blocks(x)
-        return self.vit.norm(x)
+        return self.vit.norm_pre(x)
+
+    def forward(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
+        """images [B, 3, H, W] (normalised) -> tokens [B, N or K, D]."""
+        return self.vit.norm(self.vit.blocks(self._embed(images, keep)))
 
     def layer_targets(self, images: Tensor, last: int) -> Tensor:
         """Mean of the layer-normalised outputs of the last `last` blocks (data2vec-style targets)."""
-        x = self.vit.norm_pre(self.vit.patch_embed(images) + self.pos)
+        x = self._embed(images)
         outs = []
         for i, block in enumerate(self.vit.blocks):
             x = block(x)
