@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "cli.store_cmds",
     "cli.artifacts",
     "cli.daemon_cmds",
+    "cli.units",
     "cli.run_cmds",
     "cli.gate_cmds",
     "cli.infer_cmds",

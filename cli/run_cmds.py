@@ -29,7 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="submit a ticket with a worker of its own (systemd-run, or --detach)")
     p.add_argument("file", type=Path)
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--background", action="store_true", help="a transient systemd --user unit")
+    mode.add_argument(
+        "--background",
+        action="store_true",
+        help="a transient systemd unit with the ticket's memory, wall-time and network limits "
+        "(the system manager as root, else systemd --user)",
+    )
     mode.add_argument("--detach", action="store_true", help="a detached process logging under JETBOX_HOME/logs")
     p.add_argument("--gpu", default="0", help="CUDA_VISIBLE_DEVICES for the worker (default 0)")
     p.set_defaults(func=cmd_run)
@@ -102,14 +107,22 @@ def worker_env(settings: Any) -> dict[str, str]:
     return env
 
 
-def systemd_run_argv(ticket: Any, settings: Any, gpu: str) -> list[str]:
-    """`systemd-run --user` for a worker dedicated to `ticket`, with the ticket's limits as properties."""
+def systemd_run_argv(ticket: Any, settings: Any, gpu: str, user: bool | None = None) -> list[str]:
+    """`systemd-run` for a worker dedicated to `ticket`, with the ticket's limits as properties: the
+    system manager for root, the user's manager otherwise."""
+    user = os.geteuid() != 0 if user is None else user
     unit = f"jetbox-run-{ticket.id}"
-    argv = ["systemd-run", "--user", f"--unit={unit}", "--collect", f"--description=Jetbox worker for {ticket.id}"]
+    argv = ["systemd-run", *(["--user"] if user else []), f"--unit={unit}", "--collect"]
+    argv += [f"--description=Jetbox worker for {ticket.id}"]
     if ticket.constraints.memory_bytes:
         argv += ["-p", f"MemoryMax={ticket.constraints.memory_bytes}"]
     if ticket.constraints.max_wall_minutes:
         argv += ["-p", f"RuntimeMaxSec={int(ticket.constraints.max_wall_minutes * 60)}"]
+    if ticket.constraints.network == "deny" and not user:  # a user manager cannot attach the IP filter
+        from cli.units import redis_choice
+
+        allow = redis_choice(settings.redis_url, settings.home).allow if settings.redis_url else ()
+        argv += ["-p", "IPAddressDeny=any", *(["-p", f"IPAddressAllow={' '.join(allow)}"] if allow else [])]
     env = {**worker_env(settings), "CUDA_VISIBLE_DEVICES": gpu}
     argv += [f"--setenv={k}={v}" for k, v in sorted(env.items())]
     return [*argv, JBCTL, "worker", "--ticket", ticket.id]
@@ -167,8 +180,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         unit = f"jetbox-run-{ticket.id}"
         _record_run(settings, ticket.id, {"mode": "systemd", "unit": unit, "argv": argv})
         atomic_write_bytes(settings.tickets_path / f"{ticket.id}.yaml", args.file.read_bytes())
-        print(f"submitted {ticket.id}; worker unit {unit}")
-        print(f"follow it: journalctl --user -u {unit} -f")
+        scope = " --user" if "--user" in argv else ""
+        print(f"submitted {ticket.id}; worker unit {unit} (it exits when the ticket ends)")
+        print(f"follow it: journalctl{scope} -u {unit} -f   (systemctl{scope} status {unit})")
         return 0
     logs = settings.logs_path
     logs.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -265,7 +266,28 @@ def cmd_status(args: argparse.Namespace) -> int:
         for d in data
     ]
     print_table(["TICKET", "STATE", "CURRENT STEP", "PROGRESS", "AGE", "WAITING ON / REASON"], rows)
+    awaiting = sorted({d["awaiting_approval"] for d in data if d["state"] == "running" and d["awaiting_approval"]})
+    if awaiting:
+        line = f"{len(awaiting)} proposal(s) await approval: {', '.join(awaiting)} (jbctl proposals)"
+        print(colour(line, "33"))
+    print(daemon_line(settings.home))
     return 0
+
+
+def daemon_line(home: Path) -> str:
+    """What the daemon last said (its STATUS= line, from run/daemon.json), or that none is running."""
+    try:
+        info = json.loads((home / "run" / "daemon.json").read_text())
+        pid = int(info["pid"])
+        try:
+            os.kill(pid, 0)
+        except PermissionError:
+            pass  # alive, under another account (a system unit's User=)
+    except (OSError, ValueError, KeyError, TypeError):
+        hint = "tickets wait (jbctl daemon, jbctl up, or systemctl start jetbox.target)"
+        return colour(f"daemon: not running on this home: {hint}", "31")
+    text = f"daemon: pid {pid}: {info.get('status', '')}"
+    return colour(text, "31") if not info.get("dispatching", True) else text
 
 
 def _print_tree(d: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import logging
 import os
 import re
@@ -369,11 +370,12 @@ class Daemon:
         """One line for `systemctl status`: what runs, what waits, what intake holds."""
         if self.handler is None:
             return "starting"
-        running = queued = active = retrying = blocked = 0
+        running = queued = active = retrying = blocked = awaiting = 0
         for ticket in self.handler.state.tickets.values():
             if ticket.status != "running":
                 continue
             running += 1
+            awaiting += ticket.awaiting is not None
             for task in ticket.tasks.values():
                 queued += task.status == "scheduled"
                 active += task.status == "running"
@@ -383,6 +385,10 @@ class Daemon:
             f"tickets: {running} running; tasks: {queued} queued, {active} running, "
             f"{retrying} waiting retry, {blocked} blocked"
         )
+        if awaiting:
+            text += f"; {awaiting} awaiting approval (jbctl proposals)"
+        if not self.settings.redis_url:
+            text += "; NOT DISPATCHING: no Redis (--no-dispatch)"
         pending = self.intake.pending() if self.intake is not None else 0
         if pending:
             text += f"; intake: {pending} files pending"
@@ -392,18 +398,43 @@ class Daemon:
 
     def _maybe_status(self, mono: float) -> None:
         # At most a few times a second: the text walks every running ticket's tasks.
-        if not self.notifier.enabled or mono - self._status_checked < STATUS_CHECK_S:
+        if mono - self._status_checked < STATUS_CHECK_S:
             return
         self._status_checked = mono
         text = self._status_text()
         if text != self._last_status or mono - self._status_at >= STATUS_EVERY_S:
             self._last_status, self._status_at = text, mono
             self.notifier.status(text)
+            self._write_status_file(text)
+
+    def _write_status_file(self, text: str) -> None:
+        """`run/daemon.json`: the STATUS line for `jbctl status`, which cannot ask systemd (or may not be
+        under it). Best effort: a full disk must not stop the loop."""
+        body = {
+            "pid": os.getpid(),
+            "status": text,
+            "dispatching": bool(self.settings.redis_url),
+            "at": datetime.now(UTC).isoformat(),
+        }
+        path = self.status_path
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(body) + "\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.debug("cannot write %s: %s", path, exc)
+
+    @property
+    def status_path(self) -> Path:
+        return self.settings.home / "run" / "daemon.json"
 
     # --- shutting down -------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
         self.notifier.stopping("stopping")
+        with contextlib.suppress(OSError):
+            self.status_path.unlink()
         if self.intake is not None:
             self.intake.stop()
         for reactor in self.reactors:

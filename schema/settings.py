@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
@@ -46,8 +47,61 @@ class _TomlSource(PydanticBaseSettingsSource):
         return dict(data.get("jetbox", data))
 
 
+ENV_FILE_NAME = "jetbox.env"
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """`KEY=value` lines as systemd's EnvironmentFile= reads them (comments, optional quotes); {} when absent."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read settings: {exc}") from exc
+    out: dict[str, str] = {}
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key.isidentifier():
+            raise ValueError(f"{path}:{n}: expected KEY=value, got {raw.strip()!r}")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        out[key] = value
+    return out
+
+
+class _EnvFileSource(PydanticBaseSettingsSource):
+    """`$JETBOX_HOME/jetbox.env`: the file the systemd units read, so `jbctl` sees what the services see."""
+
+    def __init__(self, settings_cls: type[BaseSettings], home: Any) -> None:
+        super().__init__(settings_cls)
+        self.home = Path(home) if home else Path(os.environ.get("JETBOX_HOME") or default_home())
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in read_env_file(self.home.expanduser() / ENV_FILE_NAME).items():
+            name = key.removeprefix("JETBOX_").lower()
+            if not key.startswith("JETBOX_") or name == "home" or name not in self.settings_cls.model_fields:
+                continue  # the home located this file; other variables are for the services' environment
+            if value.startswith("["):
+                try:
+                    out[name] = json.loads(value)
+                    continue
+                except ValueError:
+                    pass
+            out[name] = value
+        return out
+
+
 class Settings(BaseSettings):
-    """Every knob Jetbox reads. Precedence: init kwargs > environment > jetbox.toml > defaults."""
+    """Every knob Jetbox reads. Precedence: init kwargs > environment > $JETBOX_HOME/jetbox.env > jetbox.toml >
+    defaults."""
 
     model_config = SettingsConfigDict(env_prefix="JETBOX_", extra="forbid")
 
@@ -78,7 +132,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _TomlSource(settings_cls))
+        home = getattr(init_settings, "init_kwargs", {}).get("home")
+        return (init_settings, env_settings, _EnvFileSource(settings_cls, home), _TomlSource(settings_cls))
 
     @property
     def tickets_path(self) -> Path:

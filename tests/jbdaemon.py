@@ -77,7 +77,10 @@ class Daemon:
         threading.Thread(target=self._reader, args=(self.sock, self.inbox), daemon=True).start()
         env = dict(self.env, NOTIFY_SOCKET="@" + name)
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen([JBCTL, "daemon", *(extra_args or [])], env=env, stdout=log, stderr=log)
+            # Without a Redis the daemon refuses to start unless told it is only recording.
+            quiet = [] if "JETBOX_REDIS_URL" in env else ["--no-dispatch"]
+            argv = [JBCTL, "daemon", *quiet, *(extra_args or [])]
+            self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
         if wait:
             self.wait_message("READY=1")
         return self
