@@ -19,6 +19,7 @@ from pathlib import Path
 
 SYSTEMD = Path("/lib/systemd/systemd")
 PRIVATE = ("/tmp", "/run", "/var/tmp")
+UNSHARE = ("unshare", "--pid", "--fork", "--mount", "--propagation", "private")
 
 BOOT = r"""
 set -eu
@@ -70,7 +71,7 @@ class SystemdSandbox:
         if os.geteuid() != 0:
             raise SandboxUnavailable("booting systemd in namespaces needs root")
         probe = subprocess.run(
-            ["unshare", "--pid", "--fork", "--mount", "--propagation", "private", "true"],
+            [*UNSHARE, "true"],
             capture_output=True,
             text=True,
             timeout=30,
@@ -81,7 +82,7 @@ class SystemdSandbox:
     def start(self, timeout: float = 60.0) -> SystemdSandbox:
         self.check()
         self.proc = subprocess.Popen(
-            ["unshare", "--pid", "--fork", "--mount", "--propagation", "private", "bash", "-c", BOOT, "boot", *self.keep],
+            [*UNSHARE, "bash", "-c", BOOT, "boot", *self.keep],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

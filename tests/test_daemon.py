@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -27,7 +28,8 @@ def test_second_daemon_on_the_same_home_is_refused(tmp_path: Path) -> None:
     first = DaemonProc(tmp_path).start()
     try:
         assert first.proc is not None
-        out = subprocess.run([JBCTL, "daemon"], env=first.env, capture_output=True, text=True, timeout=60)
+        argv = [JBCTL, "daemon", "--no-dispatch"]
+        out = subprocess.run(argv, env=first.env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 1
         assert f"another jbctl daemon (pid {first.proc.pid}) is running" in out.stderr
         assert str(tmp_path / "daemon.lock") in out.stderr
@@ -216,3 +218,28 @@ def test_deleted_tickets_folder_is_recreated_and_watched_again(tmp_path: Path) -
     atomic_write(d.tickets / "TICKET-2.yaml", valid_ticket("TICKET-2"))
     d.wait_event("TicketSubmitted", ticket="TICKET-2")
     assert d.stop() == 0
+
+
+def test_without_redis_the_daemon_refuses_to_start_and_says_how_to_fix_it(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JETBOX_")}
+    env.update(JETBOX_HOME=str(tmp_path))
+    out = subprocess.run([JBCTL, "daemon"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    for hint in ("no Redis configured", "JETBOX_REDIS_URL", str(tmp_path / "jetbox.env"), "jbctl up", "--no-dispatch"):
+        assert hint in out.stderr, hint
+    assert not (tmp_path / "jetbox.db").exists()  # refused before anything was created
+
+
+def test_a_recording_only_daemon_says_so_in_status_and_jbctl_status(tmp_path: Path) -> None:
+    d = DaemonProc(tmp_path).start()  # the harness passes --no-dispatch when no Redis is configured
+    try:
+        atomic_write(d.tickets / "TICKET-1.yaml", valid_ticket("TICKET-1"))
+        d.wait_event("TicketSubmitted", ticket="TICKET-1")
+        wait_for("STATUS= with the warning", lambda: any("NOT DISPATCHING" in m for m in d.messages))
+        out = subprocess.run([JBCTL, "status"], env=d.env, capture_output=True, text=True, timeout=60)
+        assert f"daemon: pid {d.proc.pid if d.proc else 0}:" in out.stdout
+        assert "NOT DISPATCHING: no Redis" in out.stdout
+    finally:
+        assert d.stop() == 0
+    out = subprocess.run([JBCTL, "status"], env=d.env, capture_output=True, text=True, timeout=60)
+    assert "daemon: not running on this home" in out.stdout  # its status file went with it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,22 @@ def test_cli_reports_bad_settings_without_a_traceback(home: Path, capsys: pytest
     assert jbctl(["status"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("jbctl: bad settings:") and "jetbox.toml" in err and "Traceback" not in err
+
+
+def test_the_units_environment_file_is_read_below_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in list(os.environ):
+        if key.startswith("JETBOX_"):
+            monkeypatch.delenv(key)
+    (tmp_path / "jetbox.env").write_text(
+        "# comment\nJETBOX_REDIS_URL='unix:///r.sock'\nJETBOX_APPROVERS=[\"ann\"]\n"
+        "JETBOX_RESCAN_SECONDS=7\nPYTHONUNBUFFERED=1\n"
+    )
+    s = load_settings(home=tmp_path)
+    assert (s.redis_url, s.approvers, s.rescan_seconds) == ("unix:///r.sock", ["ann"], 7.0)
+    monkeypatch.setenv("JETBOX_RESCAN_SECONDS", "9")
+    assert load_settings(home=tmp_path).rescan_seconds == 9.0  # the environment wins
+    (tmp_path / "jetbox.env").write_text("JETBOX_REDIS_URL=x\nnot a setting\n")
+    with pytest.raises(ValueError, match=r"jetbox.env:2: expected KEY=value"):
+        load_settings(home=tmp_path)

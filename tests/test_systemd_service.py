@@ -119,7 +119,8 @@ def test_install_units_and_start_the_target(box: SystemdSandbox, inst: Install) 
         fh.write("JETBOX_HEARTBEAT_SECONDS=1\nJETBOX_HEARTBEAT_TIMEOUT_SECONDS=6\nJETBOX_RESCAN_SECONDS=2\n")
     dropin = UNITS / f"{DAEMON}.d"
     box.run(["mkdir", "-p", str(dropin)])
-    box.run(["sh", "-c", f"printf '[Service]\\nWatchdogSec={WATCHDOG_S}s\\nTimeoutAbortSec=3s\\n' > {dropin}/test.conf"])
+    conf = f"[Service]\\nWatchdogSec={WATCHDOG_S}s\\nTimeoutAbortSec=3s\\n"
+    box.run(["sh", "-c", f"printf '{conf}' > {dropin}/test.conf"])
     box.systemctl("daemon-reload")
     box.systemctl("start", TARGET)
     for unit in (REDIS, DAEMON, CPU, GPU):
