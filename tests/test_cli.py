@@ -165,3 +165,20 @@ def test_events_follow_streams_new_events(store: EventStore) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_backup_copies_a_verified_event_log(
+    filled: EventStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dest = tmp_path / "copy.db"
+    assert jbctl(["backup", str(dest)]) == 0
+    out = capsys.readouterr().out
+    count = len(list(filled.read(0)))
+    assert f"backup: {count} events to {dest} (hash chain verified)" in out
+    copy = EventStore(f"sqlite:///{dest}")
+    try:
+        assert [e.seq for e in copy.read(0)] == [e.seq for e in filled.read(0)]
+    finally:
+        copy.close()
+    assert jbctl(["backup", str(dest)]) == 1  # never overwrites
+    assert "exists" in capsys.readouterr().err
