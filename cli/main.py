@@ -61,6 +61,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `jbctl events | head`: the reader left; not an error
+        import os
+
+        # Python would complain again when it flushes stdout at exit: point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:
         from schema.store import ConcurrencyError, StoreError
 
@@ -68,8 +74,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"jbctl: {exc}", file=sys.stderr)
             return 1
         raise
-    except BrokenPipeError:
-        return 0
 
 
 if __name__ == "__main__":

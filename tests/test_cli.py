@@ -182,3 +182,23 @@ def test_backup_copies_a_verified_event_log(
         copy.close()
     assert jbctl(["backup", str(dest)]) == 1  # never overwrites
     assert "exists" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_is_not_an_error(filled: EventStore, home: Path) -> None:
+    """`jbctl sql ... | head -c 1`: no traceback, exit 0 (the output is far larger than a pipe's buffer)."""
+    import os
+
+    env = {**os.environ, "JETBOX_HOME": str(home)}
+    query = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 200000) SELECT x FROM c"
+    out = subprocess.run(
+        f"set -o pipefail; '{JBCTL}' sql '{query}' --csv | head -c 1",
+        shell=True,
+        executable="/bin/bash",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert len(out.stdout) == 1
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
