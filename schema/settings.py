@@ -117,6 +117,10 @@ class Settings(BaseSettings):
     heartbeat_timeout_seconds: float = 20.0
     approvers: list[str] = Field(default_factory=list)
     check_allowlist: list[str] = Field(default_factory=list)
+    # `network: deny` jobs: auto = a kernel network namespace per job where the worker may create one
+    # (root), else the in-process guard, said in the job's log; required = refuse such jobs on a worker
+    # that cannot isolate; guard = the in-process guard only.
+    network_isolation: Literal["auto", "required", "guard"] = "auto"
 
     @field_validator("home", "tickets_dir", "secret_file", mode="after")
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import redis
@@ -21,6 +22,7 @@ from schema.wire import Envelope, Report, load_secret, verify
 from workers.context import JobCancelled
 from workers.jobs import ALLOWED, JobFailed, JobResult
 from workers.netguard import NetworkDenied, network_denied
+from workers.netns import JobNamespace, available
 from workers.runtime import Heartbeat, Reporter, RuntimeContext, worker_name
 
 # Imported for their side effect: they add train, evaluate and infer to the allowlist.
@@ -62,6 +64,35 @@ def _settings_and_key() -> tuple[Any, bytes]:
     return settings, load_secret(settings.secret_path, create=False)
 
 
+@contextlib.contextmanager
+def _network_policy(network: str, settings: Any, ctx: RuntimeContext) -> Iterator[list[str]]:
+    """`network: deny`: the in-process guard (clear errors for Python code) inside a kernel network
+    namespace (for C code and child processes) when the worker can make one. Attempts the kernel
+    refused turn the outcome into a network violation, whatever the job did with the error."""
+    if network != "deny":
+        yield []
+        return
+    kernel_ok, why = (False, "JETBOX_NETWORK_ISOLATION=guard") if settings.network_isolation == "guard" else available()
+    if not kernel_ok:
+        if settings.network_isolation == "required":
+            raise JobFailed(f"this worker cannot isolate the network ({why}) and JETBOX_NETWORK_ISOLATION=required")
+        ctx.log(f"network: deny enforced by the in-process guard only ({why})")
+    ns = JobNamespace() if kernel_ok else None
+    failure: BaseException | None = None
+    with ns if ns is not None else contextlib.nullcontext(), network_denied(settings.redis_url) as denied:
+        try:
+            yield denied
+        except BaseException as exc:  # judged below, once the namespace has been left and counted
+            failure = exc
+    if ns is not None and ns.blocked and not denied:
+        raise NetworkDenied(
+            f"network access denied by the ticket's policy (network: deny): {ns.blocked} attempt(s) "
+            "outside the job's Python code (a child process or C code) were refused by the kernel"
+        ) from failure
+    if failure is not None:
+        raise failure
+
+
 def run_job(signed: dict[str, Any]) -> dict[str, Any]:
     """RQ entry point (see schema.wire.ENTRY_POINT). The outcome goes to the report stream; the
     return value (RQ's job result) repeats it for callers that wait on the job (`jbctl infer`)."""
@@ -88,11 +119,8 @@ def run_job(signed: dict[str, Any]) -> dict[str, Any]:
     heartbeat.start()
     ctx = RuntimeContext(envelope, reporter, conn, workdir, settings.artifacts_path)
     reporter.send("started")
-    guard: contextlib.AbstractContextManager[list[str]] = (
-        network_denied(settings.redis_url) if envelope.network == "deny" else contextlib.nullcontext([])
-    )
     try:
-        with guard as denied:
+        with _network_policy(envelope.network, settings, ctx) as denied:
             result = fn(ctx, envelope.params)
         if denied:  # the job caught NetworkDenied and went on: still a violation
             raise NetworkDenied(f"network access denied by the ticket's policy (network: deny): {denied[0]}")

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -60,6 +62,9 @@ class DiagParams(_Params):
     connect: str | None = Field(default=None, description="host:port to open a TCP connection to (guard tests)")
     resolve: str | None = Field(default=None, description="a host name to look up (guard tests)")
     swallow: bool = Field(default=False, description="catch network errors and carry on (guard tests)")
+    connect_via: Literal["python", "ctypes", "child"] = Field(
+        default="python", description="how `connect` connects: Python's socket, libc through ctypes, or a child process"
+    )
 
 
 def run_diag(ctx: JobContext, params: dict[str, Any]) -> JobResult:
@@ -96,11 +101,36 @@ def _diag_network(p: DiagParams) -> None:
             socket.getaddrinfo(p.resolve, 80)
         if p.connect:
             host, _, port = p.connect.rpartition(":")
-            with socket.create_connection((host, int(port)), timeout=2):
-                pass
-    except OSError:
+            if p.connect_via == "ctypes":
+                _connect_with_libc(host, int(port))
+            elif p.connect_via == "child":
+                code = f"import socket; socket.create_connection(({host!r}, {int(port)}), timeout=2).close()"
+                subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=30)
+            else:
+                with socket.create_connection((host, int(port)), timeout=2):
+                    pass
+    except (OSError, subprocess.SubprocessError):
         if not p.swallow:
             raise
+
+
+def _connect_with_libc(host: str, port: int) -> None:
+    """connect(2) straight through libc: what a compiled extension does, past Python's socket module."""
+    import ctypes
+    import socket
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.socket(socket.AF_INET, socket.SOCK_STREAM, 0)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "socket() failed")
+    addr = struct.pack("!HH4s8x", socket.AF_INET, port, socket.inet_aton(host))
+    addr = struct.pack("=H", socket.AF_INET) + addr[2:]  # sa_family is in host byte order
+    try:
+        if libc.connect(fd, ctypes.c_char_p(addr), len(addr)) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        libc.close(fd)
 
 
 # --- check: run a command (argv, no shell) -----------------------------------------------------
