@@ -243,3 +243,22 @@ def test_a_recording_only_daemon_says_so_in_status_and_jbctl_status(tmp_path: Pa
         assert d.stop() == 0
     out = subprocess.run([JBCTL, "status"], env=d.env, capture_output=True, text=True, timeout=60)
     assert "daemon: not running on this home" in out.stdout  # its status file went with it
+
+
+def test_status_line_counts_tickets_awaiting_approval(home: Path) -> None:
+    """STATUS= (and so `systemctl status` and `jbctl status`) says how many tickets wait for a person."""
+    from types import SimpleNamespace
+
+    settings = load_settings().model_copy(update={"redis_url": "unix:///nonexistent.sock"})
+    daemon = Daemon(settings, [], notifier=Notifier({}), install_signals=False)
+    tickets = {
+        "T1": SimpleNamespace(status="running", awaiting="P-1", tasks={}),
+        "T2": SimpleNamespace(status="running", awaiting=None, tasks={}),
+        "T3": SimpleNamespace(status="completed", awaiting=None, tasks={}),
+    }
+    daemon.handler = SimpleNamespace(state=SimpleNamespace(tickets=tickets))  # type: ignore[assignment]
+    text = daemon._status_text()
+    assert text.startswith("tickets: 2 running;") and "; 1 awaiting approval (jbctl proposals)" in text
+    assert "NOT DISPATCHING" not in text
+    tickets["T1"].awaiting = None
+    assert "awaiting approval" not in daemon._status_text()
