@@ -150,8 +150,10 @@ def side_by_side(proposal: Any, focus: list[str] | None = None, limit: int = 12)
     """
     if proposal.kind == "policy":
         argv = " ".join(proposal.candidate.get("argv", []))
+        code = proposal.candidate.get("code")
+        what = f" WITH INLINE CODE (`{code}`: approving lets it run any code it is given)" if code is not None else ""
         return (
-            f"{proposal.id} (policy) from {proposal.ticket}: allow `{proposal.candidate.get('binary')}` "
+            f"{proposal.id} (policy) from {proposal.ticket}: allow `{proposal.candidate.get('binary')}`{what} "
             f"for task {proposal.candidate.get('task')}\n  command: {argv}"
         )
     lines = [

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from daemon import commands as cmd
 from daemon.state import ACCEPT_PREFIX, LIVE, State, TaskState, TicketState, evolve
 from schema import events as ev
-from schema.policy import DEFAULT_CHECK_BINARIES, binary_of
+from schema.policy import DEFAULT_CHECK_BINARIES, binary_of, code_grant, inline_code
 from schema.ticket import MetricCheck
 
 BACKOFF_BASE_S = 2.0
@@ -217,33 +217,41 @@ def _binary_allowed(state: State, ticket: TicketState, binary: str) -> bool:
 
 
 def _policy_allows(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime) -> bool:
-    """A check whose binary is outside the allowlist waits on a policy proposal instead of running."""
+    """A check whose binary is outside the allowlist, or that passes inline code to an interpreter
+    without a grant for code (`python -c`), waits on a policy proposal instead of running."""
     if task.kind != "check":
         return True
-    binary = binary_of(list(task.params.get("run") or []))
-    if _binary_allowed(out.state, ticket, binary):
+    argv = list(task.params.get("run") or [])
+    binary = binary_of(argv)
+    code = inline_code(argv)
+    if _binary_allowed(out.state, ticket, binary if code is None else code_grant(binary)):
         return True
     asked = [
         p
         for p in out.state.proposals.values()
-        if p.ticket == ticket.id and p.kind == "policy" and p.candidate.get("binary") == binary
+        if p.ticket == ticket.id
+        and p.kind == "policy"
+        and p.candidate.get("binary") == binary
+        and ("code" in p.candidate) == (code is not None)
     ]
     if any(p.status == "open" for p in asked):
         return False
     refused = [p for p in asked if p.status in ("rejected", "expired")]
     if refused:
+        what = f"binary {binary!r}" + (" with inline code" if code is not None else "")
         out.emit(
             ev.TaskFailed(
                 at=now,
                 ticket=ticket.id,
                 task=task.id,
-                reason=f"binary {binary!r} was not allowed (policy proposal {refused[-1].id} {refused[-1].status})",
+                reason=f"{what} was not allowed (policy proposal {refused[-1].id} {refused[-1].status})",
             )
         )
         return False
-    _propose(
-        out, ticket, now, "policy", {"binary": binary, "argv": list(task.params.get("run") or []), "task": task.id}
-    )
+    candidate: dict[str, Any] = {"binary": binary, "argv": argv, "task": task.id}
+    if code is not None:
+        candidate["code"] = code  # approving grants code_grant(binary) as well as the binary
+    _propose(out, ticket, now, "policy", candidate)
     return False
 
 

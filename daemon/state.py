@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from schema import events as ev
+from schema.policy import code_grant
 from schema.ticket import RunCheck, Ticket
 
 TaskStatus = Literal["pending", "scheduled", "running", "waiting_retry", "succeeded", "failed", "blocked", "cancelled"]
@@ -353,10 +354,11 @@ def _decided(status: ProposalStatus) -> Callable[[State, Any], None]:
             ticket.awaiting = None
         if status == "approved" and proposal.kind == "policy":
             binary = str(proposal.candidate.get("binary"))
+            grants = {binary, code_grant(binary)} if "code" in proposal.candidate else {binary}
             if e.scope == "all":
-                state.granted_binaries.add(binary)
+                state.granted_binaries |= grants
             else:
-                ticket.allowed_binaries.add(binary)
+                ticket.allowed_binaries |= grants
 
     return apply
 

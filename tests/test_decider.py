@@ -150,10 +150,10 @@ def test_acceptance_failure_fails_ticket() -> None:
 
 def test_run_checks_become_check_tasks() -> None:
     s = State()
-    apply(s, submit(make_ticket(steps="  - {id: a, kind: diag}\n", extra="acceptance: [{run: [pytest, -q]}]\n"), T0))
+    apply(s, submit(make_ticket(steps="  - {id: a, kind: diag}\n", extra="acceptance: [{run: [wc, x]}]\n"), T0))
     events = apply(s, report(c.RecordJobSucceeded, "a", 1))
     assert types(events) == ["AttemptSucceeded", "AttemptScheduled"]
-    assert events[1].task == "accept-1" and events[1].kind == "check" and events[1].params["run"] == ["pytest", "-q"]
+    assert events[1].task == "accept-1" and events[1].kind == "check" and events[1].params["run"] == ["wc", "x"]
     events = apply(s, report(c.RecordJobFailed, "accept-1", 1, error="exit status 1"))
     assert types(events)[-1] == "TicketFailed" and "acceptance check accept-1" in events[-1].reason
 
