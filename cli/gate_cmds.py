@@ -207,9 +207,11 @@ def _confirm(question: str, yes: bool) -> None:
 
 def cmd_approve(args: argparse.Namespace) -> int:
     from daemon.commands import ApproveProposal
+    from daemon.handler import ensure_home_owner
 
     settings = settings_from(args)
     handler = _handler(args)
+    ensure_home_owner(handler, settings.home)  # a home the daemon never started on: its owner decides
     proposal = _proposal(handler, args.proposal)
     if proposal.status != "open":
         raise CliError(f"{proposal.id} is {proposal.status}; only an open proposal can be approved")

@@ -481,11 +481,43 @@ def _last_line(text: str) -> str:
     return (text.strip().splitlines() or [""])[-1][:300]
 
 
-def _may_approve(state: State, proposal: Any, actor: str, global_approvers: list[str]) -> str | None:
-    """Why `actor` may not approve `proposal`, or None."""
-    allowed = proposal.approvers if proposal.approvers is not None else global_approvers
-    if allowed and actor not in allowed:
-        return f"{actor} is not an approver of {proposal.id} (approvers: {', '.join(allowed)})"
+ANYONE = "*"  # `approvers: ["*"]`: anyone who can run jbctl may approve (an explicit choice)
+
+
+def may_approve(state: State, proposal: Any, actor: str, configured: list[str]) -> str | None:
+    """Why `actor` may not approve `proposal`, or None. The one place this rule lives: jbctl and the
+    web console both send ApproveProposal and get their answer (or ApprovalRefused) from here.
+
+    Who may: the installation's `approvers` setting (`configured`; `["*"]` means anyone), or, when
+    none is configured, the user who owns the Jetbox home (HomeOwnerRecorded). A ticket's own
+    `approvers` list can only narrow that (a ticket author cannot name themselves approver)."""
+    if ANYONE in configured:
+        installation: list[str] | None = None
+        source = '`approvers: ["*"]`: anyone'
+    elif configured:
+        installation = list(configured)
+        source = "the `approvers` setting"
+    elif state.home_owner is not None:
+        installation = [state.home_owner]
+        source = (
+            "the owner of the Jetbox home, the default when no `approvers` are configured; "
+            'set `approvers` in jetbox.toml or JETBOX_APPROVERS, or ["*"] for anyone'
+        )
+    else:
+        return (
+            "no `approvers` are configured and the owner of the Jetbox home is not recorded yet "
+            "(the daemon records it at its first start)"
+        )
+    narrowed = [a for a in (proposal.approvers or []) if a != ANYONE]
+    if narrowed:
+        allowed = [a for a in narrowed if installation is None or a in installation]
+        if actor not in allowed:
+            within = "" if installation is None else f", within {', '.join(installation)} ({source})"
+            return (
+                f"{actor} is not an approver of {proposal.id} (the ticket names {', '.join(narrowed)}{within})"
+            )
+    elif installation is not None and actor not in installation:
+        return f"{actor} is not an approver of {proposal.id} (approvers: {', '.join(installation)}: {source})"
     if proposal.kind == "core" and proposal.base_core_version != state.core_version:
         return (
             f"{proposal.id} was evaluated against core v{proposal.base_core_version}, but the core is now "
@@ -499,7 +531,7 @@ def _approve(out: _Emitter, c: cmd.ApproveProposal) -> None:
     if proposal is None or proposal.status != "open":
         return
     actor = c.actor or "unknown"
-    why_not = _may_approve(out.state, proposal, actor, c.approvers)
+    why_not = may_approve(out.state, proposal, actor, c.approvers)
     if why_not:
         out.emit(
             ev.ApprovalRefused(at=c.now, ticket=proposal.ticket, proposal=proposal.id, actor=actor, reason=why_not)
@@ -529,6 +561,11 @@ def _approve(out: _Emitter, c: cmd.ApproveProposal) -> None:
             out.emit(ev.TicketCompleted(at=c.now, ticket=ticket.id))
     else:
         _advance(out, out.state.tickets[proposal.ticket], c.now)
+
+
+def _record_owner(out: _Emitter, c: cmd.RecordHomeOwner) -> None:
+    if out.state.home_owner is None:  # the first start's answer stands
+        out.emit(ev.HomeOwnerRecorded(at=c.now, user=c.user, uid=c.uid, home=c.home))
 
 
 def _reject(out: _Emitter, c: cmd.RejectProposal) -> None:
@@ -603,6 +640,7 @@ def _violation(out: _Emitter, c: cmd.RecordViolation) -> None:
 
 
 _DECIDERS: dict[type, Callable[[_Emitter, Any], None]] = {
+    cmd.RecordHomeOwner: _record_owner,
     cmd.SubmitTicket: _submit,
     cmd.TicketFileRemoved: _file_removed,
     cmd.CancelTicket: _cancel,

@@ -13,9 +13,11 @@ import socket
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from daemon.commands import Command
+from daemon.commands import Command, RecordHomeOwner
 from daemon.decider import decide
 from daemon.state import State, evolve
 from schema import events as ev
@@ -31,6 +33,25 @@ def local_actor() -> dict[str, Any]:
     except Exception:  # no passwd entry in some containers
         user = str(os.getuid())
     return {"user": user, "uid": os.getuid(), "host": socket.gethostname()}
+
+
+def ensure_home_owner(handler: CommandHandler, home: Path) -> None:
+    """Record who owns the Jetbox home, once (the default approver). The home folder's owner, or
+    the user running this when the home does not exist (a database-only setup)."""
+    if handler.state.home_owner is not None:
+        return
+    try:
+        uid = os.stat(home).st_uid
+    except OSError:
+        uid = os.getuid()
+    try:
+        import pwd
+
+        user = pwd.getpwuid(uid).pw_name
+    except (KeyError, ImportError):
+        user = str(uid)
+    command = RecordHomeOwner(now=datetime.now(UTC), user=user, uid=uid, home=str(home))
+    handler.handle(command, meta={"actor": local_actor()})
 
 
 def load_state(store: EventStore, state: State | None = None) -> State:

@@ -121,6 +121,7 @@ class State:
     core_components: dict = field(default_factory=dict)
     core_history: list[dict] = field(default_factory=list)
     granted_binaries: set[str] = field(default_factory=set)  # policy approvals for every ticket
+    home_owner: str | None = None  # the default approver (HomeOwnerRecorded)
     versions: dict[str, int] = field(default_factory=dict)  # stream -> last version
     files: dict[str, str] = field(default_factory=dict)  # ticket file path -> last content hash seen
     file_tickets: dict[str, str] = field(default_factory=dict)  # path -> ticket id
@@ -136,6 +137,7 @@ class State:
             core_components=dict(self.core_components),
             core_history=list(self.core_history),
             granted_binaries=set(self.granted_binaries),
+            home_owner=self.home_owner,
             versions=dict(self.versions),
             files=dict(self.files),
             file_tickets=dict(self.file_tickets),
@@ -363,6 +365,10 @@ def _decided(status: ProposalStatus) -> Callable[[State, Any], None]:
     return apply
 
 
+def _home_owner(state: State, e: ev.HomeOwnerRecorded) -> None:
+    state.home_owner = e.user
+
+
 def _promoted(state: State, e: ev.CorePromoted) -> None:
     state.core_version = e.version
     state.core_components = dict(e.components)
@@ -414,4 +420,5 @@ _HANDLERS: dict[type, Callable[[State, Any], None]] = {
     ev.ProposalExpired: _decided("expired"),
     ev.ProposalWithdrawn: _decided("withdrawn"),
     ev.CorePromoted: _promoted,
+    ev.HomeOwnerRecorded: _home_owner,
 }

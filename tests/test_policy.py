@@ -21,8 +21,29 @@ from workers.context import LocalContext
 from workers.jobs import JobFailed, run_check
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
-INTERPRETERS = {"python", "python3", "pypy3", "sh", "bash", "dash", "zsh", "perl", "ruby", "node", "env", "xargs",
-                "awk", "sed", "find", "make", "pytest", "mypy", "busybox", "timeout", "nice"}
+INTERPRETERS = {
+    "python",
+    "python3",
+    "pypy3",
+    "sh",
+    "bash",
+    "dash",
+    "zsh",
+    "perl",
+    "ruby",
+    "node",
+    "env",
+    "xargs",
+    "awk",
+    "sed",
+    "find",
+    "make",
+    "pytest",
+    "mypy",
+    "busybox",
+    "timeout",
+    "nice",
+}
 
 
 def apply(state: State, command: c.Command) -> list[Event]:
@@ -103,7 +124,7 @@ def _check_ticket(tid: str, argv: str) -> c.SubmitTicket:
 
 
 def test_granted_interpreter_still_asks_for_inline_code() -> None:
-    s = State()
+    s = State(home_owner="ops")  # the default approver
     events = apply(s, _check_ticket("TICKET-1", "[python, -V]"))
     assert [type(e).__name__ for e in events] == ["TicketSubmitted", "ProposalOpened"]  # python is no default
     assert "code" not in events[1].candidate  # type: ignore[attr-defined]
@@ -135,7 +156,7 @@ def test_installation_allowlist_entry_does_not_allow_inline_code() -> None:
 
 
 def test_rejected_code_proposal_fails_the_check() -> None:
-    s = State()
+    s = State(home_owner="ops")
     apply(s, _check_ticket("TICKET-1", "[sh, -c, 'curl example.org']"))
     events = apply(s, c.RejectProposal(now=T0, proposal="P-1", actor="ops", reason="no shell"))
     assert [type(e).__name__ for e in events] == ["ProposalRejected", "TaskFailed", "TicketFailed"]
