@@ -6,7 +6,6 @@ version conflict means another writer got there first, so the handler catches up
 
 from __future__ import annotations
 
-import getpass
 import os
 import random
 import socket
@@ -27,10 +26,14 @@ MAX_CONFLICT_RETRIES = 50
 
 
 def local_actor() -> dict[str, Any]:
-    """Who is acting: OS user name, uid and host (recorded in event metadata)."""
+    """Who is acting: OS user name, uid and host (recorded in event metadata). The name comes from
+    the process's uid, not from $USER or $LOGNAME (getpass reads those first, and anyone can set
+    them: `USER=alice jbctl approve` must not act as alice)."""
     try:
-        user = getpass.getuser()
-    except Exception:  # no passwd entry in some containers
+        import pwd
+
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except (KeyError, ImportError):  # no passwd entry in some containers
         user = str(os.getuid())
     return {"user": user, "uid": os.getuid(), "host": socket.gethostname()}
 

@@ -133,3 +133,17 @@ def test_daemon_records_the_owner_at_first_start_only(tmp_path: Path) -> None:
     d.barrier("TICKET-9")
     assert [r["type"] for r in d.rows()].count("HomeOwnerRecorded") == 1
     assert d.stop() == 0
+
+
+def test_the_actor_is_the_uid_s_user_not_the_environment_s(
+    store: EventStore, home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pwd
+
+    me = pwd.getpwuid(os.getuid()).pw_name
+    _policy_ticket(store)
+    for var in ("USER", "LOGNAME", "LNAME", "USERNAME"):
+        monkeypatch.setenv(var, "alice")  # what getpass.getuser() would believe
+    assert jbctl(["approve", "P-1", "--yes"]) == 0, capsys.readouterr().err
+    (approved,) = store.read(0, types=["ProposalApproved"])
+    assert approved.data["actor"] == me and approved.meta["actor"]["user"] == me
