@@ -150,8 +150,10 @@ def side_by_side(proposal: Any, focus: list[str] | None = None, limit: int = 12)
     """
     if proposal.kind == "policy":
         argv = " ".join(proposal.candidate.get("argv", []))
+        code = proposal.candidate.get("code")
+        what = f" WITH INLINE CODE (`{code}`: approving lets it run any code it is given)" if code is not None else ""
         return (
-            f"{proposal.id} (policy) from {proposal.ticket}: allow `{proposal.candidate.get('binary')}` "
+            f"{proposal.id} (policy) from {proposal.ticket}: allow `{proposal.candidate.get('binary')}`{what} "
             f"for task {proposal.candidate.get('task')}\n  command: {argv}"
         )
     lines = [
@@ -205,9 +207,11 @@ def _confirm(question: str, yes: bool) -> None:
 
 def cmd_approve(args: argparse.Namespace) -> int:
     from daemon.commands import ApproveProposal
+    from daemon.handler import ensure_home_owner
 
     settings = settings_from(args)
     handler = _handler(args)
+    ensure_home_owner(handler, settings.home)  # a home the daemon never started on: its owner decides
     proposal = _proposal(handler, args.proposal)
     if proposal.status != "open":
         raise CliError(f"{proposal.id} is {proposal.status}; only an open proposal can be approved")

@@ -104,8 +104,16 @@ class RecordViolation(Command):
     attempt: int | None = None
 
 
+class RecordHomeOwner(Command):
+    """The owner of the Jetbox home (recorded once, at the first start; later ones are no-ops)."""
+
+    user: str
+    uid: int | None = None
+    home: str
+
+
 class ApproveProposal(Command):
-    """A human approves; `approvers` is the installation-wide list (the ticket's own list wins)."""
+    """A human approves; `approvers` is the installation's setting (`decider.may_approve` says who may)."""
 
     proposal: str
     note: str | None = None

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from daemon import commands as cmd
 from daemon.state import ACCEPT_PREFIX, LIVE, State, TaskState, TicketState, evolve
 from schema import events as ev
-from schema.policy import DEFAULT_CHECK_BINARIES, binary_of
+from schema.policy import DEFAULT_CHECK_BINARIES, binary_of, code_grant, inline_code
 from schema.ticket import MetricCheck
 
 BACKOFF_BASE_S = 2.0
@@ -217,33 +217,41 @@ def _binary_allowed(state: State, ticket: TicketState, binary: str) -> bool:
 
 
 def _policy_allows(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime) -> bool:
-    """A check whose binary is outside the allowlist waits on a policy proposal instead of running."""
+    """A check whose binary is outside the allowlist, or that passes inline code to an interpreter
+    without a grant for code (`python -c`), waits on a policy proposal instead of running."""
     if task.kind != "check":
         return True
-    binary = binary_of(list(task.params.get("run") or []))
-    if _binary_allowed(out.state, ticket, binary):
+    argv = list(task.params.get("run") or [])
+    binary = binary_of(argv)
+    code = inline_code(argv)
+    if _binary_allowed(out.state, ticket, binary if code is None else code_grant(binary)):
         return True
     asked = [
         p
         for p in out.state.proposals.values()
-        if p.ticket == ticket.id and p.kind == "policy" and p.candidate.get("binary") == binary
+        if p.ticket == ticket.id
+        and p.kind == "policy"
+        and p.candidate.get("binary") == binary
+        and ("code" in p.candidate) == (code is not None)
     ]
     if any(p.status == "open" for p in asked):
         return False
     refused = [p for p in asked if p.status in ("rejected", "expired")]
     if refused:
+        what = f"binary {binary!r}" + (" with inline code" if code is not None else "")
         out.emit(
             ev.TaskFailed(
                 at=now,
                 ticket=ticket.id,
                 task=task.id,
-                reason=f"binary {binary!r} was not allowed (policy proposal {refused[-1].id} {refused[-1].status})",
+                reason=f"{what} was not allowed (policy proposal {refused[-1].id} {refused[-1].status})",
             )
         )
         return False
-    _propose(
-        out, ticket, now, "policy", {"binary": binary, "argv": list(task.params.get("run") or []), "task": task.id}
-    )
+    candidate: dict[str, Any] = {"binary": binary, "argv": argv, "task": task.id}
+    if code is not None:
+        candidate["code"] = code  # approving grants code_grant(binary) as well as the binary
+    _propose(out, ticket, now, "policy", candidate)
     return False
 
 
@@ -473,11 +481,43 @@ def _last_line(text: str) -> str:
     return (text.strip().splitlines() or [""])[-1][:300]
 
 
-def _may_approve(state: State, proposal: Any, actor: str, global_approvers: list[str]) -> str | None:
-    """Why `actor` may not approve `proposal`, or None."""
-    allowed = proposal.approvers if proposal.approvers is not None else global_approvers
-    if allowed and actor not in allowed:
-        return f"{actor} is not an approver of {proposal.id} (approvers: {', '.join(allowed)})"
+ANYONE = "*"  # `approvers: ["*"]`: anyone who can run jbctl may approve (an explicit choice)
+
+
+def may_approve(state: State, proposal: Any, actor: str, configured: list[str]) -> str | None:
+    """Why `actor` may not approve `proposal`, or None. The one place this rule lives: jbctl and the
+    web console both send ApproveProposal and get their answer (or ApprovalRefused) from here.
+
+    Who may: the installation's `approvers` setting (`configured`; `["*"]` means anyone), or, when
+    none is configured, the user who owns the Jetbox home (HomeOwnerRecorded). A ticket's own
+    `approvers` list can only narrow that (a ticket author cannot name themselves approver)."""
+    if ANYONE in configured:
+        installation: list[str] | None = None
+        source = '`approvers: ["*"]`: anyone'
+    elif configured:
+        installation = list(configured)
+        source = "the `approvers` setting"
+    elif state.home_owner is not None:
+        installation = [state.home_owner]
+        source = (
+            "the owner of the Jetbox home, the default when no `approvers` are configured; "
+            'set `approvers` in jetbox.toml or JETBOX_APPROVERS, or ["*"] for anyone'
+        )
+    else:
+        return (
+            "no `approvers` are configured and the owner of the Jetbox home is not recorded yet "
+            "(the daemon records it at its first start)"
+        )
+    narrowed = [a for a in (proposal.approvers or []) if a != ANYONE]
+    if narrowed:
+        allowed = [a for a in narrowed if installation is None or a in installation]
+        if actor not in allowed:
+            within = "" if installation is None else f", within {', '.join(installation)} ({source})"
+            return (
+                f"{actor} is not an approver of {proposal.id} (the ticket names {', '.join(narrowed)}{within})"
+            )
+    elif installation is not None and actor not in installation:
+        return f"{actor} is not an approver of {proposal.id} (approvers: {', '.join(installation)}: {source})"
     if proposal.kind == "core" and proposal.base_core_version != state.core_version:
         return (
             f"{proposal.id} was evaluated against core v{proposal.base_core_version}, but the core is now "
@@ -491,7 +531,7 @@ def _approve(out: _Emitter, c: cmd.ApproveProposal) -> None:
     if proposal is None or proposal.status != "open":
         return
     actor = c.actor or "unknown"
-    why_not = _may_approve(out.state, proposal, actor, c.approvers)
+    why_not = may_approve(out.state, proposal, actor, c.approvers)
     if why_not:
         out.emit(
             ev.ApprovalRefused(at=c.now, ticket=proposal.ticket, proposal=proposal.id, actor=actor, reason=why_not)
@@ -521,6 +561,11 @@ def _approve(out: _Emitter, c: cmd.ApproveProposal) -> None:
             out.emit(ev.TicketCompleted(at=c.now, ticket=ticket.id))
     else:
         _advance(out, out.state.tickets[proposal.ticket], c.now)
+
+
+def _record_owner(out: _Emitter, c: cmd.RecordHomeOwner) -> None:
+    if out.state.home_owner is None:  # the first start's answer stands
+        out.emit(ev.HomeOwnerRecorded(at=c.now, user=c.user, uid=c.uid, home=c.home))
 
 
 def _reject(out: _Emitter, c: cmd.RejectProposal) -> None:
@@ -595,6 +640,7 @@ def _violation(out: _Emitter, c: cmd.RecordViolation) -> None:
 
 
 _DECIDERS: dict[type, Callable[[_Emitter, Any], None]] = {
+    cmd.RecordHomeOwner: _record_owner,
     cmd.SubmitTicket: _submit,
     cmd.TicketFileRemoved: _file_removed,
     cmd.CancelTicket: _cancel,

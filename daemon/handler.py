@@ -6,16 +6,17 @@ version conflict means another writer got there first, so the handler catches up
 
 from __future__ import annotations
 
-import getpass
 import os
 import random
 import socket
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from daemon.commands import Command
+from daemon.commands import Command, RecordHomeOwner
 from daemon.decider import decide
 from daemon.state import State, evolve
 from schema import events as ev
@@ -25,12 +26,35 @@ MAX_CONFLICT_RETRIES = 50
 
 
 def local_actor() -> dict[str, Any]:
-    """Who is acting: OS user name, uid and host (recorded in event metadata)."""
+    """Who is acting: OS user name, uid and host (recorded in event metadata). The name comes from
+    the process's uid, not from $USER or $LOGNAME (getpass reads those first, and anyone can set
+    them: `USER=alice jbctl approve` must not act as alice)."""
     try:
-        user = getpass.getuser()
-    except Exception:  # no passwd entry in some containers
+        import pwd
+
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except (KeyError, ImportError):  # no passwd entry in some containers
         user = str(os.getuid())
     return {"user": user, "uid": os.getuid(), "host": socket.gethostname()}
+
+
+def ensure_home_owner(handler: CommandHandler, home: Path) -> None:
+    """Record who owns the Jetbox home, once (the default approver). The home folder's owner, or
+    the user running this when the home does not exist (a database-only setup)."""
+    if handler.state.home_owner is not None:
+        return
+    try:
+        uid = os.stat(home).st_uid
+    except OSError:
+        uid = os.getuid()
+    try:
+        import pwd
+
+        user = pwd.getpwuid(uid).pw_name
+    except (KeyError, ImportError):
+        user = str(uid)
+    command = RecordHomeOwner(now=datetime.now(UTC), user=user, uid=uid, home=str(home))
+    handler.handle(command, meta={"actor": local_actor()})
 
 
 def load_state(store: EventStore, state: State | None = None) -> State:

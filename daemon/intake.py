@@ -19,7 +19,6 @@ decider. The flow:
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import logging
 import os
@@ -48,6 +47,8 @@ _IGNORED_SUFFIXES = ("~", ".swp", ".swx", ".swo", ".tmp", ".bak", ".orig", ".par
 _IGNORED_PREFIXES = (".", "#", "~")
 SETTLE_S = 0.5  # how long a created/modified file must be quiet before it is read
 MAX_BATCH = 256  # paths read per poll, so a huge rescan still lets the loop ping the watchdog
+POLL_BUDGET_S = 0.25  # stop reading after this long in one poll: commit what was read, go on next turn
+MAX_UNSTABLE = 8  # reads that saw the file change before it is rejected (until it changes again)
 _VERDICT_TYPES = ("TicketSubmitted", "TicketRejected", "TicketRevisionRefused")
 
 
@@ -171,7 +172,10 @@ class Intake:
         if event.is_directory:
             if kind == "deleted" and src == self.dir:
                 self.request_rescan()  # our folder is gone: the rescan re-creates and re-watches it
-            return
+                return
+            if src == self.dir:
+                return
+            # A folder named like a ticket is read (and refused) like any other non-file.
         # A rename into place or a closed write means the writer is done: read at once. A bare
         # create/modify may be mid-write, and a file renamed away or deleted may be an editor's
         # save in progress (rename to backup, write anew), so those wait until quiet for `settle`.
@@ -235,7 +239,7 @@ class Intake:
                     continue
                 on_disk.add(entry.path)
                 try:
-                    sig = _Sig.of(entry.stat())
+                    sig = _Sig.of(entry.stat(follow_symlinks=False))  # a link is judged, not followed
                 except OSError:
                     continue
                 if self._sigs.get(entry.path) != sig and entry.path not in self._dirty:
@@ -271,16 +275,28 @@ class Intake:
             except OSError as exc:
                 log.error("cannot watch %s: %s", self.dir, exc)
 
-    def poll(self, now: datetime, mono: float | None = None, limit: int = MAX_BATCH) -> list[Command]:
-        """Commands for the dirty paths that are ready now (at most `limit` paths are read)."""
+    def poll(
+        self, now: datetime, mono: float | None = None, limit: int = MAX_BATCH, budget: float = POLL_BUDGET_S
+    ) -> list[Command]:
+        """Commands for the dirty paths that are ready now: at most `limit` paths, smallest files
+        first, and no more once `budget` seconds were spent reading (the rest stay due, for the next
+        poll), so that a costly file never delays the commit of the others by more than its own cost."""
         mono = time.monotonic() if mono is None else mono
         self.wakeup.clear()
         with self._lock:
-            ready = sorted(p for p, d in self._dirty.items() if d.ready_at <= mono)[:limit]
-            entries = {p: self._dirty.pop(p) for p in ready}
+            ready = [p for p, d in self._dirty.items() if d.ready_at <= mono]
+        ready = sorted(ready, key=lambda p: (_size(p), p))[:limit]
         commands: list[Command] = []
-        for path in ready:
-            command = self._read(path, now, entries[path], mono)
+        started = time.monotonic()
+        for n, path in enumerate(ready):
+            if n and time.monotonic() - started > budget:
+                self.wakeup.set()  # more is due now
+                break
+            with self._lock:
+                entry = self._dirty.pop(path, None)
+            if entry is None:
+                continue
+            command = self._read(path, now, entry, mono)
             if command is not None:
                 commands.append(command)
         return commands
@@ -296,11 +312,19 @@ class Intake:
             return None
         except _Unstable:
             entry.tries += 1
-            self._requeue(path, mono + min(self.settle * entry.tries, 5.0), entry)
-            return None
+            if entry.tries < MAX_UNSTABLE:
+                self._requeue(path, mono + min(self.settle * entry.tries, 5.0), entry)
+                return None
+            return self._refuse(
+                path,
+                now,
+                f"the file changed while it was read, {entry.tries} times in a row: Jetbox reads a ticket once "
+                "it stops changing (it is read again when it changes)",
+            )
+        except _Refused as exc:
+            return self._refuse(path, now, str(exc))
         except OSError as exc:
-            log.warning("cannot read %s: %s", path, exc)
-            return None
+            return self._refuse(path, now, f"cannot read: {exc.strerror or exc}")
         self._sigs[path] = sig
         digest = content_hash(data)
         if self._seen.get(path) == digest:
@@ -310,16 +334,47 @@ class Intake:
         try:
             ticket = parse_ticket(data, path)
         except TicketInvalid as exc:
-            return SubmitTicket(
-                now=now,
-                actor=owner,
-                path=path,
-                content_hash=digest,
-                ticket=None,
-                ticket_id=name.rsplit(".", 1)[0],
-                errors=[str(e) for e in exc.errors],
-            )
-        return SubmitTicket(now=now, actor=owner, path=path, content_hash=digest, ticket=ticket)
+            errors = [str(e) for e in exc.errors]
+        except Exception as exc:  # a bug in validation must cost one ticket, not intake
+            log.exception("validating %s failed", path)
+            errors = [f"{path}:1:1: internal error while validating ({type(exc).__name__}); please report it"]
+        else:
+            return SubmitTicket(now=now, actor=owner, path=path, content_hash=digest, ticket=ticket)
+        return SubmitTicket(
+            now=now,
+            actor=owner,
+            path=path,
+            content_hash=digest,
+            ticket=None,
+            ticket_id=name.rsplit(".", 1)[0],
+            errors=errors,
+        )
+
+    def _refuse(self, path: str, now: datetime, why: str) -> Command | None:
+        """A ticket-named path that cannot be read as a ticket: rejected like an invalid one, once per
+        distinct reason, and read again when its stat signature changes."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None  # gone meanwhile: the removal event follows
+        except OSError:
+            st = None
+        if st is not None:
+            self._sigs[path] = _Sig.of(st)
+        digest = content_hash(f"refused: {why}".encode())
+        if self._seen.get(path) == digest:
+            self._sync_note(path, digest)
+            return None
+        log.warning("%s refused: %s", path, why)
+        return SubmitTicket(
+            now=now,
+            actor=_owner(st.st_uid) if st is not None else None,
+            path=path,
+            content_hash=digest,
+            ticket=None,
+            ticket_id=os.path.basename(path).rsplit(".", 1)[0],
+            errors=[f"{path}:1:1: {why}"],
+        )
 
     def _requeue(self, path: str, ready_at: float, entry: _Dirty | None = None) -> None:
         with self._lock:
@@ -409,15 +464,40 @@ class _Unstable(Exception):
     """The file changed while it was being read."""
 
 
+class _Refused(Exception):
+    """The path is not something Jetbox reads as a ticket (a symlink, a FIFO, a device...)."""
+
+
+def _size(path: str) -> int:
+    try:
+        return os.lstat(path).st_size
+    except OSError:
+        return 0
+
+
 def _read_stable(path: str) -> tuple[bytes, _Sig, str | None]:
     """The file's bytes (at most MAX_TICKET_BYTES + 1), its signature and owner, read only when the
-    size and mtime did not change during the read. Non-regular files (FIFOs, devices) are refused
-    without opening them for a blocking read."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    size and mtime did not change during the read. Symbolic links are refused (a link could make
+    the daemon read, and quote in notes, any file it can read), and so are non-regular files (FIFOs,
+    devices, sockets), without opening them for a blocking read."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        raise _Refused(
+            f"is a symbolic link (to {target}): Jetbox reads only regular files in the tickets folder; "
+            "copy the ticket in (jbctl submit FILE)"
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise _Refused(f"is not a regular file but a {_file_kind(st.st_mode)}: a ticket is a YAML text file")
+    # O_NOFOLLOW: a link swapped in after the lstat fails (ELOOP) instead of being followed.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         before = os.fstat(fd)
         if not stat.S_ISREG(before.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
+            raise _Refused(f"is not a regular file but a {_file_kind(before.st_mode)}: a ticket is a YAML text file")
         chunks: list[bytes] = []
         left = MAX_TICKET_BYTES + 1
         while left > 0:
@@ -432,6 +512,19 @@ def _read_stable(path: str) -> tuple[bytes, _Sig, str | None]:
     if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
         raise _Unstable(path)
     return b"".join(chunks), _Sig.of(after), _owner(after.st_uid)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISDIR, "directory"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
 
 
 def _owner(uid: int) -> str | None:

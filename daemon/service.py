@@ -32,7 +32,7 @@ from types import FrameType
 from typing import Any, Protocol, runtime_checkable
 
 from daemon.commands import Command, Tick
-from daemon.handler import CommandHandler
+from daemon.handler import CommandHandler, ensure_home_owner
 from daemon.intake import Intake
 from daemon.notify import Notifier
 from schema.settings import Settings, load_settings
@@ -209,6 +209,7 @@ class Daemon:
             migrations.upgrade(s.db_url)
         self._keeper = _wal_keeper(s.db_url)
         self.handler = CommandHandler(self.store)
+        ensure_home_owner(self.handler, s.home)  # the default approver, recorded at the first start
         self.notifier.watchdog()
         self.reactors = [factory(self.handler, s) for factory in self.factories]
         self._start_intake(s.tickets_path)

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from schema import events as ev
+from schema.policy import code_grant
 from schema.ticket import RunCheck, Ticket
 
 TaskStatus = Literal["pending", "scheduled", "running", "waiting_retry", "succeeded", "failed", "blocked", "cancelled"]
@@ -120,6 +121,7 @@ class State:
     core_components: dict = field(default_factory=dict)
     core_history: list[dict] = field(default_factory=list)
     granted_binaries: set[str] = field(default_factory=set)  # policy approvals for every ticket
+    home_owner: str | None = None  # the default approver (HomeOwnerRecorded)
     versions: dict[str, int] = field(default_factory=dict)  # stream -> last version
     files: dict[str, str] = field(default_factory=dict)  # ticket file path -> last content hash seen
     file_tickets: dict[str, str] = field(default_factory=dict)  # path -> ticket id
@@ -135,6 +137,7 @@ class State:
             core_components=dict(self.core_components),
             core_history=list(self.core_history),
             granted_binaries=set(self.granted_binaries),
+            home_owner=self.home_owner,
             versions=dict(self.versions),
             files=dict(self.files),
             file_tickets=dict(self.file_tickets),
@@ -353,12 +356,17 @@ def _decided(status: ProposalStatus) -> Callable[[State, Any], None]:
             ticket.awaiting = None
         if status == "approved" and proposal.kind == "policy":
             binary = str(proposal.candidate.get("binary"))
+            grants = {binary, code_grant(binary)} if "code" in proposal.candidate else {binary}
             if e.scope == "all":
-                state.granted_binaries.add(binary)
+                state.granted_binaries |= grants
             else:
-                ticket.allowed_binaries.add(binary)
+                ticket.allowed_binaries |= grants
 
     return apply
+
+
+def _home_owner(state: State, e: ev.HomeOwnerRecorded) -> None:
+    state.home_owner = e.user
 
 
 def _promoted(state: State, e: ev.CorePromoted) -> None:
@@ -412,4 +420,5 @@ _HANDLERS: dict[type, Callable[[State, Any], None]] = {
     ev.ProposalExpired: _decided("expired"),
     ev.ProposalWithdrawn: _decided("withdrawn"),
     ev.CorePromoted: _promoted,
+    ev.HomeOwnerRecorded: _home_owner,
 }

@@ -231,6 +231,14 @@ class AdapterActivated(TicketEvent):
     core_version: int
 
 
+class HomeOwnerRecorded(Event):
+    """Who owns the Jetbox home, recorded once: the approver when no `approvers` are configured."""
+
+    user: str
+    uid: int | None = None
+    home: str
+
+
 # --- safety ------------------------------------------------------------------------------------
 
 

@@ -2,12 +2,20 @@
 
 `load_ticket` turns a file's bytes into a validated `Ticket` or a list of `TicketError`s, each
 pointing at a line and column of the YAML source, as `FILE:LINE:COL: message`.
+
+Validation runs in the daemon on files anyone with write access to the tickets folder drops there,
+so its cost is bounded by the code, not by the file: the byte size is checked before parsing, and
+the YAML composer stops at a nesting depth and at a number of values counted *after* expanding
+aliases (so a "billion laughs" file is refused after a few hundred nodes, not expanded). The
+limits are the `MAX_*` constants below; docs/OPERATIONS.md ("The tickets folder") lists them.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,9 +31,20 @@ from pydantic import (
     model_validator,
 )
 
-MAX_TICKET_BYTES = 1_000_000
-TICKET_ID = re.compile(r"^TICKET-[A-Za-z0-9][A-Za-z0-9_-]*$")
-STEP_ID = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+# Limits on one ticket file. Pure-Python YAML costs ~0.1 ms per value, so MAX_NODES bounds the
+# parse to well under a second; the rest keep any one ticket from bloating events, notes and the
+# scheduler (which walks every task on each event).
+MAX_TICKET_BYTES = 64 * 1024  # checked before parsing
+MAX_DEPTH = 32  # nesting of mappings and lists
+MAX_NODES = 5_000  # values (keys, scalars, mappings, lists), counted after expanding aliases
+MAX_STEPS = 200
+MAX_NEEDS = 2_000  # `needs` entries over all steps (edges of the task graph)
+MAX_KEY_CHARS = 128
+MAX_INT = 2**63 - 1  # integers must fit in 64 bits (JSON consumers, SQL, numpy)
+MAX_ERRORS = 20  # errors reported per file (the rest are counted)
+MAX_MESSAGE_CHARS = 400  # one error message, quoted values included
+TICKET_ID = re.compile(r"TICKET-[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # always fullmatch: `$` accepts a final \n
+STEP_ID = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 ARTIFACT_REF = re.compile(r"^sha256:[0-9a-f]{8,64}$")
 URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -97,8 +116,8 @@ class Step(_Strict):
     @field_validator("id")
     @classmethod
     def _id(cls, value: str) -> str:
-        if not STEP_ID.match(value):
-            raise ValueError(f"invalid step id {value!r}: use lowercase letters, digits, - and _")
+        if not STEP_ID.fullmatch(value):
+            raise ValueError(f"invalid step id {value!r}: use lowercase letters, digits, - and _{_non_ascii(value)}")
         return value
 
     @field_validator("timeout", mode="before")
@@ -198,7 +217,7 @@ class Ticket(_Strict):
     title: str = Field(min_length=1, max_length=200)
     goal: str = Field(min_length=1)
     owner: str | None = None
-    steps: list[Step] = Field(min_length=1)
+    steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS)
     constraints: Constraints = Field(default_factory=Constraints)
     acceptance: list[AcceptanceCheck] = Field(default_factory=list)
     update: Literal["none", "adapter", "core"] = "none"
@@ -208,8 +227,8 @@ class Ticket(_Strict):
     @field_validator("id")
     @classmethod
     def _id(cls, value: str) -> str:
-        if not TICKET_ID.match(value):
-            raise ValueError(f"invalid ticket id {value!r}: expected TICKET-<n>, e.g. TICKET-12")
+        if not TICKET_ID.fullmatch(value):
+            raise ValueError(f"invalid ticket id {value!r}: expected TICKET-<n>, e.g. TICKET-12{_non_ascii(value)}")
         return value
 
     @field_validator("expires", mode="before")
@@ -219,6 +238,13 @@ class Ticket(_Strict):
 
     @model_validator(mode="after")
     def _graph(self) -> Ticket:
+        edges = 0
+        for n, step in enumerate(self.steps):
+            edges += len(step.needs)
+            if edges > MAX_NEEDS:
+                raise _located(
+                    ("steps", n, "needs"), f"more than {MAX_NEEDS:,} needs in all: a ticket's task graph is limited"
+                )
         ids = [s.id for s in self.steps]
         seen: set[str] = set()
         for n, step in enumerate(self.steps):
@@ -266,25 +292,29 @@ def _did_you_mean(word: str, options: list[str]) -> str:
 
 
 def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
-    """One cycle in `graph` (node -> needs) as a closed path, or None."""
+    """One cycle in `graph` (node -> needs) as a closed path, or None. Iterative: a chain of
+    MAX_STEPS steps must not hit Python's recursion limit."""
     state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        stack.append(node)
-        for nxt in graph.get(node, []):
+    for root in graph:
+        if root in state:
+            continue
+        state[root] = 1
+        stack: list[tuple[str, int]] = [(root, 0)]
+        while stack:
+            node, i = stack[-1]
+            nexts = graph.get(node, [])
+            if i == len(nexts):
+                state[node] = 2
+                stack.pop()
+                continue
+            stack[-1] = (node, i + 1)
+            nxt = nexts[i]
             if state.get(nxt) == 1:
-                return [*stack[stack.index(nxt) :], nxt]
-            if nxt not in state and (found := visit(nxt)):
-                return found
-        stack.pop()
-        state[node] = 2
-        return None
-
-    for node in graph:
-        if node not in state and (found := visit(node)):
-            return found
+                path = [n for n, _ in stack]
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state:
+                state[nxt] = 1
+                stack.append((nxt, 0))
     return None
 
 
@@ -345,11 +375,99 @@ class TicketInvalid(Exception):
         self.errors = errors
 
 
+class LimitExceeded(Exception):
+    """The document is over one of the MAX_* limits; `line` and `col` are 1-based."""
+
+    def __init__(self, message: str, line: int, col: int) -> None:
+        super().__init__(message)
+        self.message, self.line, self.col = message, line, col
+
+
+def _bounded_composer() -> Any:
+    """ruamel's composer, stopping at MAX_DEPTH and at MAX_NODES values counted after alias expansion."""
+    from ruamel.yaml.composer import Composer
+    from ruamel.yaml.events import AliasEvent
+    from ruamel.yaml.nodes import MappingNode, SequenceNode
+
+    def expanded(node: Any, sizes: dict[int, int]) -> int:
+        """Values in `node` with every alias inside it expanded (memoised, so linear in the nodes)."""
+        todo = [node]
+        while todo:
+            current = todo[-1]
+            if id(current) in sizes:
+                todo.pop()
+                continue
+            if isinstance(current, SequenceNode):
+                children = list(current.value)
+            elif isinstance(current, MappingNode):
+                children = [part for pair in current.value for part in pair]
+            else:
+                children = []
+            missing = [c for c in children if id(c) not in sizes]
+            if missing:
+                todo.extend(missing)
+                continue
+            sizes[id(current)] = 1 + sum(sizes[id(c)] for c in children)
+            todo.pop()
+        return sizes[id(node)]
+
+    class BoundedComposer(Composer):  # type: ignore[misc]
+        def compose_document(self) -> Any:
+            self.jb_total = 0
+            self.jb_open: list[str] = []  # anchors whose node is being composed
+            self.jb_sizes: dict[int, int] = {}
+            return super().compose_document()
+
+        def _count(self, size: int, mark: Any, what: str) -> None:
+            self.jb_total += size
+            if self.jb_total > MAX_NODES:
+                raise LimitExceeded(
+                    f"{what}: a ticket may hold at most {MAX_NODES:,} values (keys, items and scalars, "
+                    "aliases counted at their expanded size)",
+                    mark.line + 1,
+                    mark.column + 1,
+                )
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            event = self.parser.peek_event()
+            mark = event.start_mark
+            if isinstance(event, AliasEvent):
+                name = event.anchor
+                if name in self.jb_open:
+                    raise LimitExceeded(
+                        f"alias *{name} is used inside the value it names (a recursive structure)",
+                        mark.line + 1,
+                        mark.column + 1,
+                    )
+                node = super().compose_node(parent, index)
+                size = expanded(node, self.jb_sizes)
+                self._count(size, mark, f"alias *{name} expands to {size:,} values ({self.jb_total + size:,} so far)")
+                return node
+            if self.depth >= MAX_DEPTH:
+                raise LimitExceeded(
+                    f"nested more than {MAX_DEPTH} levels deep: a ticket's structure is limited",
+                    mark.line + 1,
+                    mark.column + 1,
+                )
+            self._count(1, mark, "too many values")
+            anchor = getattr(event, "anchor", None)
+            if anchor is not None:
+                self.jb_open.append(anchor)
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                if anchor is not None:
+                    self.jb_open.pop()
+
+    return BoundedComposer
+
+
 def _yaml_load(text: str) -> Any:
     from ruamel.yaml import YAML
 
     yaml = YAML(typ="rt", pure=True)
     yaml.allow_duplicate_keys = False
+    yaml.Composer = _bounded_composer()
     return yaml.load(text)
 
 
@@ -413,6 +531,8 @@ def _message(err: dict[str, Any], doc: Any) -> tuple[tuple[str | int, ...], str]
         return loc, f"unknown key {loc[-1]!r}{hint}"
     if kind == "missing":
         return loc[:-1], f"missing required key {loc[-1]!r}"
+    if kind == "too_long" and loc == ("steps",):
+        return loc, f"{where}: a ticket may have at most {MAX_STEPS} steps"
     msg = str(err.get("msg", "invalid"))
     msg = msg.removeprefix("Value error, ")
     return loc, f"{where}: {msg}"
@@ -422,7 +542,7 @@ def parse_ticket(data: bytes, filename: str = "<ticket>") -> Ticket:
     """Validate a ticket file's bytes; raises TicketInvalid listing every positioned error."""
 
     def fail(message: str, line: int = 1, col: int = 1) -> TicketInvalid:
-        return TicketInvalid([TicketError(filename, line, col, message)])
+        return TicketInvalid([TicketError(filename, line, col, _clip(message))])
 
     if len(data) > MAX_TICKET_BYTES:
         raise fail(f"file is {len(data):,} bytes; a ticket may be at most {MAX_TICKET_BYTES:,}")
@@ -436,6 +556,10 @@ def parse_ticket(data: bytes, filename: str = "<ticket>") -> Ticket:
         raise fail("empty file: a ticket needs at least id, title, goal and steps")
     try:
         doc = _yaml_load(text)
+    except LimitExceeded as exc:
+        raise fail(exc.message, exc.line, exc.col) from None
+    except RecursionError:  # not expected within MAX_DEPTH; a clear refusal all the same
+        raise fail(f"nested too deeply: a ticket's structure is limited to {MAX_DEPTH} levels") from None
     except Exception as exc:  # ruamel raises several unrelated types
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
@@ -445,13 +569,20 @@ def parse_ticket(data: bytes, filename: str = "<ticket>") -> Ticket:
     if not isinstance(doc, dict):
         raise fail(f"a ticket must be a mapping of keys (id, title, ...), not a {type(doc).__name__}")
     try:
-        ticket = Ticket.model_validate(_plain(doc))
+        plain = _plain(doc)
+    except LocatedError as exc:
+        raise fail(exc.message, *_position(doc, exc.loc)) from None
+    try:
+        ticket = Ticket.model_validate(plain)
     except ValidationError as exc:
         errors = []
-        for err in exc.errors():
+        found = exc.errors()
+        for err in found[:MAX_ERRORS]:
             loc, message = _message(dict(err), doc)
             line, col = _position(doc, loc)
-            errors.append(TicketError(filename, line, col, message))
+            errors.append(TicketError(filename, line, col, _clip(message)))
+        if len(found) > MAX_ERRORS:
+            errors.append(TicketError(filename, 1, 1, f"... and {len(found) - MAX_ERRORS:,} more errors"))
         raise TicketInvalid(errors) from None
     stem = Path(filename).name.rsplit(".", 1)[0]
     if filename != "<ticket>" and stem != ticket.id:
@@ -460,29 +591,87 @@ def parse_ticket(data: bytes, filename: str = "<ticket>") -> Ticket:
     return ticket
 
 
-def _plain(value: Any) -> Any:
-    """ruamel's commented containers to plain dicts and lists (pydantic wants plain types)."""
+def _clip(message: str) -> str:
+    """Error messages quote values; a hostile value must not make the note or the event huge."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[: MAX_MESSAGE_CHARS - 20] + f"... ({len(message):,} chars)"
+
+
+# C0 and C1 controls (tab and newline allowed) and the bidirectional overrides and isolates that
+# make text display differently from what it is ("Trojan Source"): titles and ids reach terminals.
+_FORBIDDEN_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _non_ascii(value: str) -> str:
+    """A hint naming the first non-ASCII character (a confusable such as a Cyrillic letter), or ''."""
+    import unicodedata
+
+    for ch in value:
+        if ord(ch) > 127:
+            return f" (it contains {unicodedata.name(ch, 'an unnamed character')}, U+{ord(ch):04X}; ids are ASCII)"
+    return ""
+
+
+def _plain(value: Any, loc: tuple[str | int, ...] = ()) -> Any:
+    """ruamel's round-trip values as plain JSON types (pydantic wants them, and events are JSON),
+    refusing what has no honest JSON form: tagged scalars, timestamps, binary, non-finite floats,
+    integers beyond 64 bits, complex or over-long keys and control characters. Raises LocatedError."""
     if isinstance(value, dict):
-        return {str(k) if not isinstance(k, str) else k: _plain(v) for k, v in value.items()}
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if key is not None and not isinstance(key, str | int | float):
+                raise LocatedError(loc, f"a key must be a plain word, not a {type(key).__name__}")
+            name = str(key)
+            if len(name) > MAX_KEY_CHARS:
+                raise LocatedError(loc, f"a key of {len(name):,} characters: keys may have at most {MAX_KEY_CHARS}")
+            _text(name, loc)
+            part: Any = key  # the document's own key, so that _position finds it
+            out[name] = _plain(item, (*loc, part))
+        return out
     if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if hasattr(value, "__float__") and type(value).__name__ == "ScalarFloat":
-        return float(value)
-    if type(value).__name__ in {"ScalarInt", "HexInt", "OctalInt", "BinaryInt"}:
-        return int(value)
-    if type(value).__name__ in {"ScalarBoolean"}:
+        return [_plain(v, (*loc, n)) for n, v in enumerate(value)]
+    if isinstance(value, bool) or type(value).__name__ == "ScalarBoolean":
         return bool(value)
+    if isinstance(value, int):
+        if abs(value) > MAX_INT:
+            raise LocatedError(loc, f"an integer of {len(str(abs(value)))} digits: integers must fit in 64 bits")
+        return int(value)
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise LocatedError(loc, f"{float(value)} is not a finite number")
+        return float(value)
     if isinstance(value, str):
+        _text(value, loc)
         return str(value)
-    return value
+    if value is None:
+        return None
+    raise LocatedError(
+        loc,
+        f"unsupported YAML value ({type(value).__name__}): a ticket holds mappings, lists, strings, numbers "
+        "and booleans (quote dates and tagged values)",
+    )
+
+
+def _text(value: str, loc: tuple[str | int, ...]) -> None:
+    bad = _FORBIDDEN_CHARS.search(value)
+    if bad:
+        raise LocatedError(loc, f"control character U+{ord(bad.group()):04X} in text: tickets are plain text")
 
 
 def load_ticket(path: Path) -> Ticket:
     """Read and validate a ticket file; raises TicketInvalid."""
     path = Path(path)
     try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_TICKET_BYTES + 1)
+        # Non-blocking, and only regular files: `jbctl validate` on a FIFO must not hang.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise TicketInvalid([TicketError(str(path), 1, 1, "not a regular file: a ticket is a YAML text file")])
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                data = fh.read(MAX_TICKET_BYTES + 1)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise TicketInvalid([TicketError(str(path), 1, 1, f"cannot read: {exc.strerror}")]) from None
     return parse_ticket(data, str(path))

@@ -150,10 +150,10 @@ def test_acceptance_failure_fails_ticket() -> None:
 
 def test_run_checks_become_check_tasks() -> None:
     s = State()
-    apply(s, submit(make_ticket(steps="  - {id: a, kind: diag}\n", extra="acceptance: [{run: [pytest, -q]}]\n"), T0))
+    apply(s, submit(make_ticket(steps="  - {id: a, kind: diag}\n", extra="acceptance: [{run: [wc, x]}]\n"), T0))
     events = apply(s, report(c.RecordJobSucceeded, "a", 1))
     assert types(events) == ["AttemptSucceeded", "AttemptScheduled"]
-    assert events[1].task == "accept-1" and events[1].kind == "check" and events[1].params["run"] == ["pytest", "-q"]
+    assert events[1].task == "accept-1" and events[1].kind == "check" and events[1].params["run"] == ["wc", "x"]
     events = apply(s, report(c.RecordJobFailed, "accept-1", 1, error="exit status 1"))
     assert types(events)[-1] == "TicketFailed" and "acceptance check accept-1" in events[-1].reason
 
@@ -251,7 +251,9 @@ def interpret(state: State, n: int, code: tuple[int, int, int, float], now: date
     if kind in (1, 8) and state.proposals and x < 0.5:
         proposal = sorted(state.proposals)[pick % len(state.proposals)]
         if x < 0.35:
-            return c.ApproveProposal(now=now, proposal=proposal, actor="a", scope="ticket" if pick % 2 else "all")
+            return c.ApproveProposal(
+                now=now, proposal=proposal, actor="a", scope="ticket" if pick % 2 else "all", approvers=["a"]
+            )
         return c.RejectProposal(now=now, proposal=proposal, actor="a", reason="no")
     if kind == 8:
         return c.RetryTask(now=now, ticket=ticket.id, task=task.id)
@@ -343,7 +345,7 @@ def _run_core_ticket(s: State, tid: str, approvers: str = "", now: datetime = T0
 
 
 def test_core_proposal_side_by_side_then_approved() -> None:
-    s = State()
+    s = State(home_owner="alice")  # the default approver (HomeOwnerRecorded)
     opened = _run_core_ticket(s, "TICKET-1", "approvers: [alice]\n")
     assert opened.proposal == "P-1" and opened.kind == "core" and opened.base_core_version == 0
     assert opened.metrics["candidate"] == {"eval.acc": 0.6} and opened.metrics["current"] == {"eval.acc": 0.4}
@@ -359,7 +361,7 @@ def test_core_proposal_side_by_side_then_approved() -> None:
 
 
 def test_stale_core_proposal_is_refused_then_reevaluated() -> None:
-    s = State()
+    s = State(home_owner="bob")  # the default approver (HomeOwnerRecorded)
     _run_core_ticket(s, "TICKET-1")
     _run_core_ticket(s, "TICKET-2")
     apply(s, c.ApproveProposal(now=T0, proposal="P-1", actor="bob"))
@@ -397,7 +399,7 @@ def test_rejected_and_expired_core_proposals_leave_the_core_alone() -> None:
 
 
 def test_rollback_is_a_new_core_version() -> None:
-    s = State()
+    s = State(home_owner="bob")  # the default approver (HomeOwnerRecorded)
     _run_core_ticket(s, "TICKET-1")
     apply(s, c.ApproveProposal(now=T0, proposal="P-1", actor="bob"))
     first = dict(s.core_components)
@@ -409,7 +411,7 @@ def test_rollback_is_a_new_core_version() -> None:
 
 
 def test_check_outside_allowlist_waits_for_a_policy_proposal() -> None:
-    s = State()
+    s = State(home_owner="ops")  # the default approver (HomeOwnerRecorded)
     steps = "  - {id: a, kind: diag}\n  - {id: lint, kind: check, needs: [a], with: {run: [shellcheck, x.sh]}}\n"
     apply(s, submit(make_ticket("TICKET-1", steps=steps), T0))
     events = apply(s, report(c.RecordJobSucceeded, "a", 1))

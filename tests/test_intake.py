@@ -218,7 +218,12 @@ def test_fifo_named_like_a_ticket_does_not_block(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "TICKET-1.yaml")
     intake = Intake(tmp_path, State())
     intake.rescan()
-    assert intake.poll(datetime.now(UTC)) == []
+    (command,) = intake.poll(datetime.now(UTC))  # rejected (with a note), never opened for a blocking read
+    assert isinstance(command, SubmitTicket) and command.ticket is None
+    assert "not a regular file but a FIFO" in command.errors[0]
+    intake.committed([command], [])
+    intake.rescan()
+    assert intake.poll(datetime.now(UTC)) == []  # judged once, until it changes
 
 
 def test_huge_file_is_rejected_not_loaded(tmp_path: Path) -> None:

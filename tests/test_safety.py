@@ -81,6 +81,11 @@ def test_check_subprocess_has_no_network(running: Setup, listener: socket.socket
     port = listener.getsockname()[1]
     code = f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)"
     running.drop("TICKET-4", f"  - {{id: c, kind: check, with: {{run: [python, -c, \"{code}\"]}}}}\n")
+    # python is no default and -c is inline code: it runs only once a human approved the code.
+    opened = running.daemon.wait_event("ProposalOpened", ticket="TICKET-4")
+    assert opened["data"]["candidate"]["code"] == "-c"
+    approve = running.jbctl("approve", opened["data"]["proposal"], "--yes")
+    assert approve.returncode == 0, approve.stderr
     assert running.wait_done("TICKET-4") == "TicketFailed"
     failed = [r["data"] for r in running.daemon.rows() if r["type"] == "AttemptFailed"]
     assert "exited with status 1" in failed[0]["error"]
@@ -99,7 +104,7 @@ def test_binary_outside_allowlist_opens_a_policy_proposal(running: Setup) -> Non
 
 
 def test_run_check_with_dotdot_argument_is_refused(running: Setup) -> None:
-    running.drop("TICKET-6", "  - {id: a, kind: diag}\n", "acceptance: [{run: [python, ../escape.py]}]\n")
+    running.drop("TICKET-6", "  - {id: a, kind: diag}\n", "acceptance: [{run: [wc, ../escape.py]}]\n")
     assert running.wait_done("TICKET-6") == "TicketFailed"
     failed = [r["data"] for r in running.daemon.rows() if r["type"] == "AttemptFailed"]
     assert "escapes the workspace" in failed[0]["error"] and failed[0]["task"] == "accept-1"

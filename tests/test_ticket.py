@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cli.main import main as jbctl
-from schema.ticket import TicketInvalid, load_ticket, parse_ticket, ticket_json_schema
+from schema.ticket import MAX_TICKET_BYTES, TicketInvalid, load_ticket, parse_ticket, ticket_json_schema
 from tests.conftest import EXAMPLES, ROOT
 from tests.helpers import ticket_yaml
 
@@ -98,7 +98,7 @@ def test_binary_huge_and_non_utf8() -> None:
     assert "binary data" in errors_of(b"\x89PNG\r\n\x1a\n\x00\x00")[0]
     assert "not UTF-8" in errors_of(b"id: \xff\xfe\n")[0]
     huge = ticket_yaml() + "# " + "x" * (10 * 1024 * 1024) + "\n"
-    assert "at most 1,000,000" in errors_of(huge)[0]
+    assert f"at most {MAX_TICKET_BYTES:,}" in errors_of(huge)[0]
 
 
 def test_missing_required_keys_are_listed() -> None:

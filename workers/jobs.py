@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schema.policy import DEFAULT_CHECK_BINARIES, binary_of
+from schema.policy import DEFAULT_CHECK_BINARIES, binary_of, code_grant, inline_code
 from workers.context import JobContext
 
 
@@ -155,6 +155,12 @@ def run_check(ctx: JobContext, params: dict[str, Any]) -> JobResult:
     allowed = allowed_binaries(params)
     if "/" in binary or binary not in allowed:
         raise JobFailed(f"binary {binary!r} is not in the check allowlist ({', '.join(sorted(allowed))})")
+    code = inline_code(p.run)
+    if code is not None and code_grant(binary) not in allowed:
+        raise JobFailed(
+            f"{binary} {code}: inline code is refused without a grant for it (a policy proposal showing "
+            f"the command, or {code_grant(binary)} in JETBOX_CHECK_ALLOWLIST)"
+        )
     for arg in p.run[1:]:
         if arg.startswith(("/", "~")) or ".." in Path(arg).parts:
             raise JobFailed(f"argument {arg!r} escapes the workspace (absolute paths and .. are refused)")
