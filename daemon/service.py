@@ -19,7 +19,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import signal
 import sqlite3
 import threading
@@ -35,8 +34,9 @@ from daemon.commands import Command, Tick
 from daemon.handler import CommandHandler, ensure_home_owner
 from daemon.intake import Intake
 from daemon.notify import Notifier
+from schema import migrations
 from schema.settings import Settings, load_settings
-from schema.store import EventStore
+from schema.store import EventStore, wal_keeper
 
 log = logging.getLogger("jetbox.daemon")
 
@@ -200,14 +200,13 @@ class Daemon:
             self._shutdown()
 
     def _start(self) -> None:
-        from schema import migrations
 
         s = self.settings
         self.store = EventStore(s.db_url, s.sqlite_synchronous)
-        if not _at_head(self.store):  # importing alembic alone costs more than the rest of start-up
+        if not migrations.at_head(self.store.engine):  # importing alembic costs more than the rest of start-up
             log.info("migrating %s", s.db_url.split("@")[-1])
             migrations.upgrade(s.db_url)
-        self._keeper = _wal_keeper(s.db_url)
+        self._keeper = wal_keeper(s.db_url)
         self.handler = CommandHandler(self.store)
         ensure_home_owner(self.handler, s.home)  # the default approver, recorded at the first start
         self.notifier.watchdog()
@@ -450,54 +449,3 @@ class Daemon:
         self.lock.release()
         self.notifier.close()
         log.info("stopped")
-
-
-def _wal_keeper(url: str) -> sqlite3.Connection | None:
-    """An idle read connection held for the daemon's life (SQLite only).
-
-    The store opens a connection per transaction; when the last connection to a WAL database
-    closes, SQLite checkpoints the WAL into the database (more fsyncs). Holding one open keeps
-    every commit's close cheap: it halves intake latency (bench/intake.py). Checkpoints still run
-    automatically as the WAL grows.
-    """
-    if not url.startswith("sqlite:///"):
-        return None
-    try:
-        conn = sqlite3.connect(f"file:{url.split('///', 1)[1]}?mode=ro", uri=True, check_same_thread=False)
-        conn.execute("SELECT 1 FROM events LIMIT 1").fetchall()
-    except sqlite3.Error as exc:
-        log.debug("no WAL keeper: %s", exc)
-        return None
-    return conn
-
-
-def _at_head(store: EventStore) -> bool:
-    """True when the database is at the newest migration, found without importing alembic.
-
-    The heads are the revisions in alembic/versions that no other revision names as its
-    `down_revision`; anything unexpected (no scripts, no version table) answers False, and the
-    caller runs the real `alembic upgrade`.
-    """
-    from schema.migrations import ROOT
-
-    revisions: set[str] = set()
-    downs: set[str] = set()
-    for script in (ROOT / "alembic" / "versions").glob("*.py"):
-        text = script.read_text(encoding="utf-8")
-        rev = re.search(r"^revision\b[^=\n]*=\s*['\"]([^'\"]+)['\"]", text, re.M)
-        down = re.search(r"^down_revision\b[^=\n]*=(.*)$", text, re.M)
-        if rev is None or down is None:
-            return False
-        revisions.add(rev.group(1))
-        downs.update(re.findall(r"['\"]([^'\"]+)['\"]", down.group(1)))
-    heads = revisions - downs
-    if not heads:
-        return False
-    import sqlalchemy as sa
-
-    try:
-        with store.engine.connect() as conn:
-            have = {row[0] for row in conn.execute(sa.text("SELECT version_num FROM alembic_version"))}
-    except sa.exc.DBAPIError:
-        return False
-    return have == heads

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,3 +54,33 @@ def head_revision() -> str:
     from alembic.script import ScriptDirectory
 
     return str(ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head())  # type: ignore[arg-type]
+
+
+def at_head(engine: Any) -> bool:
+    """True when the database is at the newest migration, found without importing alembic.
+
+    The heads are the revisions in alembic/versions that no other revision names as its
+    `down_revision`; anything unexpected (no scripts, no version table) answers False, and the
+    caller runs the real `alembic upgrade`.
+    """
+    revisions: set[str] = set()
+    downs: set[str] = set()
+    for script in (ROOT / "alembic" / "versions").glob("*.py"):
+        text = script.read_text(encoding="utf-8")
+        rev = re.search(r"^revision\b[^=\n]*=\s*['\"]([^'\"]+)['\"]", text, re.M)
+        down = re.search(r"^down_revision\b[^=\n]*=(.*)$", text, re.M)
+        if rev is None or down is None:
+            return False
+        revisions.add(rev.group(1))
+        downs.update(re.findall(r"['\"]([^'\"]+)['\"]", down.group(1)))
+    heads = revisions - downs
+    if not heads:
+        return False
+    import sqlalchemy as sa
+
+    try:
+        with engine.connect() as conn:
+            have = {row[0] for row in conn.execute(sa.text("SELECT version_num FROM alembic_version"))}
+    except sa.exc.DBAPIError:
+        return False
+    return have == heads
