@@ -300,7 +300,7 @@ def cmd_core(args: argparse.Namespace) -> int:
                 h["at"][:19],
                 h["actor"],
                 h["proposal"] or (f"rollback to v{h['rollback_to']}" if h["rollback_to"] else ""),
-                "",
+                h.get("note") or "",
             ]
             for h in history
         ],

@@ -379,6 +379,7 @@ def _promoted(state: State, e: ev.CorePromoted) -> None:
             "metrics": dict(e.metrics),
             "proposal": e.proposal,
             "actor": e.actor,
+            "note": e.note,
             "at": e.at,
             "rollback_to": e.rollback_to,
         }

@@ -52,6 +52,25 @@ def test_proposal_listing_and_side_by_side(store: EventStore, capsys: pytest.Cap
     assert replay_differences(store) == []
 
 
+def test_core_shows_each_versions_note_and_approver(store: EventStore, capsys: pytest.CaptureFixture[str]) -> None:
+    handler = CommandHandler(store)
+    core_ticket(handler, "TICKET-1")
+    assert jbctl(["approve", "P-1", "--yes", "-m", "first reasoner"]) == 0
+    core_ticket(CommandHandler(store), "TICKET-2")
+    assert jbctl(["approve", "P-2", "--yes"]) == 0
+    assert jbctl(["core", "rollback", "1", "--yes", "-m", "v2 regressed"]) == 0
+    capsys.readouterr()
+    assert jbctl(["core", "--json"]) == 0
+    history = json.loads(capsys.readouterr().out)["history"]
+    assert [(h["version"], h["actor"], h["note"]) for h in history] == [
+        (1, ME, "first reasoner"), (2, ME, None), (3, ME, "v2 regressed")]
+    assert jbctl(["core"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    v1 = next(line for line in table if line.startswith("v1 "))
+    assert ME in v1 and "P-1" in v1 and v1.endswith("first reasoner")
+    assert next(line for line in table if line.startswith("v3 ")).endswith("v2 regressed")
+
+
 def test_unlisted_user_is_refused_and_recorded(store: EventStore, capsys: pytest.CaptureFixture[str]) -> None:
     handler = CommandHandler(store)
     core_ticket(handler, "TICKET-1", approvers=["someone-else"])
