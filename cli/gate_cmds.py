@@ -27,9 +27,15 @@ AUDIT_TYPES = [
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("proposals", help="open proposals (core promotions, policy requests) with age and expiry")
-    p.add_argument("--all", action="store_true", help="include decided ones")
-    p.add_argument("--detail", action="store_true", help="the side-by-side table and the approve line for each")
+    p = sub.add_parser(
+        "proposals",
+        help="open proposals (core promotions, policy requests) with age and expiry; `proposals P-n` shows one",
+    )
+    p.add_argument("proposal", nargs="?", help="one proposal (P-n): its side-by-side table and the approve line")
+    p.add_argument(
+        "--all", action="store_true", help="include decided proposals, and every metric in the side-by-side tables"
+    )
+    p.add_argument("--detail", action="store_true", help="after the list, each proposal as `proposals P-n` shows it")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_proposals)
 
@@ -84,31 +90,37 @@ def _proposal(handler: Any, pid: str) -> Any:
     return proposal
 
 
+def proposal_row(proposal: Any, now: datetime) -> dict[str, Any]:
+    """One proposal as `proposals --json` prints it."""
+    return {
+        "proposal": proposal.id,
+        "ticket": proposal.ticket,
+        "kind": proposal.kind,
+        "state": proposal.status,
+        "base_core_version": proposal.base_core_version,
+        "age": human_age((now - proposal.opened_at).total_seconds()),
+        "expires_in": human_age((proposal.expires_at - now).total_seconds()) if proposal.expires_at else None,
+        "candidate": proposal.candidate,
+        "metrics": proposal.metrics,
+        "approvers": proposal.approvers,
+    }
+
+
 def proposal_rows(handler: Any, include_all: bool) -> list[dict[str, Any]]:
     now = datetime.now(UTC)
-    out = []
-    for p in sorted(handler.state.proposals.values(), key=lambda p: int(p.id.split("-")[1])):
-        if not include_all and p.status != "open":
-            continue
-        out.append(
-            {
-                "proposal": p.id,
-                "ticket": p.ticket,
-                "kind": p.kind,
-                "state": p.status,
-                "base_core_version": p.base_core_version,
-                "age": human_age((now - p.opened_at).total_seconds()),
-                "expires_in": human_age((p.expires_at - now).total_seconds()) if p.expires_at else None,
-                "candidate": p.candidate,
-                "metrics": p.metrics,
-                "approvers": p.approvers,
-            }
-        )
-    return out
+    ordered = sorted(handler.state.proposals.values(), key=lambda p: int(p.id.split("-")[1]))
+    return [proposal_row(p, now) for p in ordered if include_all or p.status == "open"]
 
 
 def cmd_proposals(args: argparse.Namespace) -> int:
     handler = _handler(args)
+    if args.proposal:
+        proposal = _proposal(handler, args.proposal)
+        if args.json:
+            print_json(proposal_row(proposal, datetime.now(UTC)))
+        else:
+            print(proposal_detail(handler, proposal, all_metrics=args.all))
+        return 0
     rows = proposal_rows(handler, args.all)
     if args.json:
         print_json(rows)
@@ -134,19 +146,81 @@ def cmd_proposals(args: argparse.Namespace) -> int:
     print_table(["PROPOSAL", "TICKET", "KIND", "STATE", "WHAT", "BASE CORE", "AGE", "EXPIRES IN"], table)
     if args.detail:
         for r in rows:
-            proposal = handler.state.proposals[r["proposal"]]
             print()
-            print(side_by_side(proposal, acceptance_metrics(handler, proposal)))
-            if proposal.status == "open":
-                print(f"  to approve: jbctl approve {proposal.id} -m 'why'")
-                print(f"  to reject:  jbctl reject {proposal.id} -m 'why'")
+            print(proposal_detail(handler, handler.state.proposals[r["proposal"]], all_metrics=args.all))
+    else:
+        print("\none proposal's side-by-side metrics: jbctl proposals P-n")
     return 0
 
 
-def side_by_side(proposal: Any, focus: list[str] | None = None, limit: int = 12) -> str:
+def proposal_detail(handler: Any, proposal: Any, all_metrics: bool = False, how_to_decide: bool = True) -> str:
+    """What `jbctl proposals P-n` prints: state, the side-by-side table, and how to decide."""
+    now = datetime.now(UTC)
+    when = f"opened {human_age((now - proposal.opened_at).total_seconds())} ago"
+    if proposal.status == "open" and proposal.expires_at is not None:
+        when += f", expires in {human_age((proposal.expires_at - now).total_seconds())}"
+    lines = [f"{proposal.id}: {proposal.status} ({when})"]
+    lines.append(side_by_side(proposal, acceptance_metrics(handler, proposal), all_metrics=all_metrics))
+    if proposal.status == "open" and how_to_decide:
+        lines.append(f"  to approve: jbctl approve {proposal.id} -m 'why'   (add --yes in a script)")
+        lines.append(f"  to reject:  jbctl reject {proposal.id} -m 'why'")
+    return "\n".join(lines)
+
+
+# A metric whose name ends so is a reference point (random init, raw pixels, chance), not the candidate.
+BASELINE_SUFFIXES = ("_random", "_pixels", "_chance")
+# Sizes and counts: a change is neither better nor worse.
+NEUTRAL_METRICS = ("params", "mean_steps", "n_train", "n_test")
+
+
+def _is_gain(name: str) -> bool:
+    return "_gain" in name.rsplit(".", 1)[-1]
+
+
+def metric_direction(name: str) -> int:
+    """+1 when a larger value is better, -1 when smaller is, 0 when neither (baselines, sizes)."""
+    base = name.rsplit(".", 1)[-1]
+    if _is_gain(base):
+        return 1
+    if base.endswith(BASELINE_SUFFIXES) or base in NEUTRAL_METRICS:
+        return 0
+    if "loss" in base or "error" in base:
+        return -1
+    return 1
+
+
+def metric_sections(names: list[str], focus: list[str]) -> list[tuple[str, list[str]]]:
+    """The metrics in the order a reviewer reads them: the ticket's checks, the gains over the
+    baselines, the other measurements, the baselines themselves."""
+    checked = [n for n in dict.fromkeys(focus) if n in names]
+    rest = [n for n in sorted(names) if n not in checked]
+    gains = [n for n in rest if _is_gain(n)]
+    baselines = [n for n in rest if not _is_gain(n) and n.endswith(BASELINE_SUFFIXES)]
+    other = [n for n in rest if n not in gains and n not in baselines]
+    return [
+        ("checked by the ticket", checked),
+        ("gains over the baselines", gains),
+        ("other measurements", other),
+        ("baselines", baselines),
+    ]
+
+
+def _mark(name: str, delta: float | None) -> str:
+    """`better` / `worse` / `same` for a delta of the candidate over the current core."""
+    direction = metric_direction(name)
+    if delta is None or direction == 0:
+        return ""
+    if abs(delta) < 1e-12:
+        return "same"
+    return "better" if delta * direction > 0 else "worse"
+
+
+def side_by_side(proposal: Any, focus: list[str] | None = None, all_metrics: bool = False) -> str:
     """The candidate's and the current core's metrics on the same evaluation, with the deltas.
 
-    The metrics the ticket's acceptance checks name come first; at most `limit` rows are shown.
+    By default the ticket's checked metrics and the gains over the baselines (an evaluation without
+    baselines shows its other measurements instead); `all_metrics` adds everything else. Each delta
+    is marked `better` or `worse` in words, so the mark survives NO_COLOR and pipes.
     """
     if proposal.kind == "policy":
         argv = " ".join(proposal.candidate.get("argv", []))
@@ -164,17 +238,28 @@ def side_by_side(proposal: Any, focus: list[str] | None = None, limit: int = 12)
     cand, cur, delta = (proposal.metrics.get(k, {}) for k in ("candidate", "current", "delta"))
     if not cur:
         lines.append(f"  (core v{proposal.base_core_version} has no such component yet: nothing to compare against)")
-    width = max([len(k) for k in cand] + [6])
+    sections = metric_sections(list(cand), focus or [])
+    if not all_metrics:
+        checked, gains, other, _ = sections
+        sections = [checked, gains if gains[1] else other]
+    shown = sum(len(names) for _, names in sections)
+    width = max([len(n) for _, names in sections for n in names] + [6])
     lines.append(f"  {'metric':<{width}}  {'candidate':>10}  {'current':>10}  {'delta':>9}")
-    names = [n for n in (focus or []) if n in cand] + [n for n in sorted(cand) if n not in (focus or [])]
-    for name in names[:limit]:
-        now_v = cur.get(name)
-        d = delta.get(name)
-        sign = "" if d is None else colour(f"{d:+9.4f}", "32" if d >= 0 else "31")
-        now_s = "" if now_v is None else f"{now_v:10.4f}"
-        lines.append(f"  {name:<{width}}  {cand[name]:10.4f}  {now_s:>10}  {sign:>9}")
-    if len(names) > limit:
-        lines.append(f"  (+{len(names) - limit} more metrics: jbctl proposals --json)")
+    for title, names in sections:
+        if not names:
+            continue
+        lines.append(f"  -- {title}")
+        for name in names:
+            now_v, d = cur.get(name), delta.get(name)
+            now_s = "" if now_v is None else f"{now_v:10.4f}"
+            mark = _mark(name, d)
+            code = {"better": "32", "worse": "31"}.get(mark)
+            d_s = "" if d is None else f"{d:+9.4f}"
+            if code:
+                d_s, mark = colour(d_s, code), colour(mark, code)
+            lines.append(f"  {name:<{width}}  {cand[name]:10.4f}  {now_s:>10}  {d_s:>9}  {mark}".rstrip())
+    if shown < len(cand):
+        lines.append(f"  (+{len(cand) - shown} more metrics: jbctl proposals {proposal.id} --all)")
     return "\n".join(lines)
 
 
@@ -215,7 +300,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
     proposal = _proposal(handler, args.proposal)
     if proposal.status != "open":
         raise CliError(f"{proposal.id} is {proposal.status}; only an open proposal can be approved")
-    print(side_by_side(proposal, acceptance_metrics(handler, proposal), limit=40))
+    print(proposal_detail(handler, proposal, how_to_decide=False))
     _confirm(f"approve {proposal.id}?", args.yes)
     user, meta = _actor()
     recorded = handler.handle(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import re
 import subprocess
 from datetime import UTC, datetime, timedelta
 
@@ -148,3 +149,98 @@ def test_approve_asks_on_a_terminal_only(store: EventStore) -> None:
     proc = subprocess.run([JBCTL, "approve", "P-1"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert proc.returncode == 1 and "pass --yes" in proc.stderr
     assert list(store.read(0, types=["ProposalApproved"])) == []
+
+
+# An image-encoder evaluation's shape: the candidate's probes, random-init and pixel baselines, the gains.
+JEPA_EVAL = {
+    "shape_linear": 0.62, "shape_linear_random": 0.50, "shape_linear_pixels": 0.40,
+    "shape_linear_gain": 0.12, "shape_linear_gain_pixels": 0.22,
+    "colour_knn": 0.70, "colour_knn_random": 0.75, "colour_knn_pixels": 0.90,
+    "colour_knn_gain": -0.05, "colour_knn_gain_pixels": -0.20,
+    "rankme": 20.0, "rankme_random": 30.0, "params": 1000.0,
+}
+JEPA_CORE = {**JEPA_EVAL, "shape_linear": 0.55, "shape_linear_gain": 0.05, "shape_linear_gain_pixels": 0.15,
+             "colour_knn": 0.72, "colour_knn_gain": -0.03, "colour_knn_gain_pixels": -0.18, "params": 900.0}
+
+
+def jepa_proposal(handler: CommandHandler, tid: str = "TICKET-4") -> str:
+    extra = "update: core\nacceptance:\n  - {metric: eval.shape_linear_gain, op: '>=', value: 0.1}\n"
+    handler.handle(submit(make_ticket(tid, steps=STEPS, extra=extra), NOW))
+    t = handler.state.tickets[tid].tasks
+    handler.handle(c.RecordJobSucceeded(now=NOW, ticket=tid, task="train", attempt=t["train"].attempt,
+                                        outputs={"component": "image-encoder", "checkpoint": "ckpt"}))
+    handler.handle(c.RecordJobSucceeded(now=NOW, ticket=tid, task="eval", attempt=t["eval"].attempt,
+                                        metrics=JEPA_EVAL, outputs={"core_metrics": JEPA_CORE}))
+    return handler.state.tickets[tid].awaiting or ""
+
+
+def _metric_lines(out: str) -> dict[str, str]:
+    return {line.split()[0]: line for line in out.splitlines() if line.startswith("  eval.")}
+
+
+def test_one_proposal_shows_checks_then_gains_marked(store: EventStore, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert jepa_proposal(CommandHandler(store)) == "P-1"
+    assert jbctl(["proposals", "P-1"]) == 0
+    out = capsys.readouterr().out
+    assert "\033[" not in out  # not a terminal: no colour, the words carry the marks
+    shown = list(_metric_lines(out))
+    assert shown == ["eval.shape_linear_gain", "eval.colour_knn_gain", "eval.colour_knn_gain_pixels",
+                     "eval.shape_linear_gain_pixels"]
+    lines = _metric_lines(out)
+    assert lines["eval.shape_linear_gain"].split()[1:] == ["0.1200", "0.0500", "+0.0700", "better"]
+    assert lines["eval.colour_knn_gain"].endswith("-0.0200  worse")
+    assert out.index("-- checked by the ticket") < out.index("-- gains over the baselines")
+    assert "(+9 more metrics: jbctl proposals P-1 --all)" in out
+    assert "jbctl approve P-1 -m" in out and "P-1: open" in out
+    assert jbctl(["proposals", "P-1", "--all"]) == 0
+    everything = capsys.readouterr().out
+    lines = _metric_lines(everything)
+    assert len(lines) == len(JEPA_EVAL) and "more metrics" not in everything
+    assert lines["eval.shape_linear"].endswith("better") and lines["eval.colour_knn"].endswith("worse")
+    assert lines["eval.params"].endswith("+100.0000")  # a size: neither better nor worse
+    assert lines["eval.colour_knn_random"].endswith("0.0000")  # a baseline: not the candidate's merit
+    assert everything.index("-- other measurements") < everything.index("-- baselines")
+    # --detail prints the same view for each proposal after the list.
+    assert jbctl(["proposals", "--detail"]) == 0
+    assert out in capsys.readouterr().out
+    assert jbctl(["proposals", "P-1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"]["candidate"]["eval.params"] == 1000.0
+    assert jbctl(["proposals", "P-9"]) == 1
+    assert "no proposal 'P-9' (known: P-1)" in capsys.readouterr().err
+
+
+def test_reasoner_proposal_without_baselines_shows_its_measurements(store: EventStore,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    core_ticket(CommandHandler(store), "TICKET-1")
+    assert jbctl(["approve", "P-1", "--yes"]) == 0
+    out = capsys.readouterr().out
+    assert "-- other measurements" in out and "eval.blank" in out and "to approve" not in out
+
+
+def test_marks_are_coloured_on_a_terminal_only(store: EventStore) -> None:
+    import os
+    import pty
+
+    jepa_proposal(CommandHandler(store))
+    for no_colour in (False, True):
+        env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"} | ({"NO_COLOR": "1"} if no_colour else {})
+        leader, follower = pty.openpty()
+        proc = subprocess.Popen([JBCTL, "proposals", "P-1"], stdout=follower, stderr=subprocess.DEVNULL, env=env)
+        os.close(follower)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            out += chunk
+        os.close(leader)
+        assert proc.wait(timeout=60) == 0
+        text = out.decode()
+        assert "better" in text and "worse" in text
+        assert bool(re.search(r"\033\[32m *\+0\.0700\033\[0m", text)) is not no_colour
+        assert ("\033[31mworse\033[0m" in text) is not no_colour
