@@ -136,6 +136,21 @@ def _update(rows: Rows, table: str, key: Key, **fields: Any) -> None:
     rows.put(table, key, row)
 
 
+def _update_task(rows: Rows, ticket: str, task: str, **fields: Any) -> None:
+    """Change a task row; `tasks_done` follows every move into or out of `succeeded` (a re-evaluation
+    or a retry sends a succeeded task back to `pending`), so it always counts the succeeded tasks."""
+    old = rows.get("tasks", (ticket, task))
+    if old is None:
+        return
+    was, now = old["state"] == "succeeded", fields.get("state", old["state"]) == "succeeded"
+    _update(rows, "tasks", (ticket, task), **fields)
+    if was != now:
+        row = rows.get("tickets", (ticket,))
+        if row is not None:
+            row["tasks_done"] += 1 if now else -1
+            rows.put("tickets", (ticket,), row)
+
+
 def _touch_ticket(rows: Rows, seq: int, ticket: str, at: datetime, **fields: Any) -> None:
     _update(rows, "tickets", (ticket,), updated_at=_naive(at), last_seq=seq, **fields)
 
@@ -231,7 +246,7 @@ def _cancelled(rows: Rows, seq: int, e: ev.TicketCancelled | ev.TicketFailed) ->
         return
     for task in _tasks_of(rows, e.ticket):
         if task["state"] in ("pending", "scheduled", "running", "waiting_retry"):
-            _update(rows, "tasks", (e.ticket, task["task"]), state="cancelled", updated_at=_naive(e.at))
+            _update_task(rows, e.ticket, task["task"], state="cancelled", updated_at=_naive(e.at))
             job = rows.get("jobs", (e.ticket, task["task"], task["attempt"]))
             if job is not None and job["state"] in ("scheduled", "running"):
                 _update(
@@ -269,10 +284,10 @@ def _task_keys(rows: Rows, ticket: str) -> list[Key]:
 
 
 def _scheduled(rows: Rows, seq: int, e: ev.AttemptScheduled) -> None:
-    _update(
+    _update_task(
         rows,
-        "tasks",
-        (e.ticket, e.task),
+        e.ticket,
+        e.task,
         state="scheduled",
         attempt=e.attempt,
         retry_at=None,
@@ -302,7 +317,7 @@ def _scheduled(rows: Rows, seq: int, e: ev.AttemptScheduled) -> None:
 
 
 def _started(rows: Rows, seq: int, e: ev.AttemptStarted) -> None:
-    _update(rows, "tasks", (e.ticket, e.task), state="running", worker=e.worker, updated_at=_naive(e.at))
+    _update_task(rows, e.ticket, e.task, state="running", worker=e.worker, updated_at=_naive(e.at))
     _update(rows, "jobs", (e.ticket, e.task, e.attempt), state="running", worker=e.worker, started_at=_naive(e.at))
     _touch_ticket(rows, seq, e.ticket, e.at)
 
@@ -329,7 +344,7 @@ def _artifact(rows: Rows, seq: int, e: ev.ArtifactRecorded) -> None:
 
 
 def _succeeded(rows: Rows, seq: int, e: ev.AttemptSucceeded) -> None:
-    _update(rows, "tasks", (e.ticket, e.task), state="succeeded", updated_at=_naive(e.at))
+    _update_task(rows, e.ticket, e.task, state="succeeded", updated_at=_naive(e.at))
     _update(rows, "jobs", (e.ticket, e.task, e.attempt), state="succeeded", ended_at=_naive(e.at))
     for name, value in e.metrics.items():
         rows.put(
@@ -344,17 +359,15 @@ def _succeeded(rows: Rows, seq: int, e: ev.AttemptSucceeded) -> None:
                 "recorded_at": _naive(e.at),
             },
         )
-    ticket = rows.get("tickets", (e.ticket,))
-    if ticket is not None:
-        _touch_ticket(rows, seq, e.ticket, e.at, tasks_done=ticket["tasks_done"] + 1)
+    _touch_ticket(rows, seq, e.ticket, e.at)
 
 
 def _failed(rows: Rows, seq: int, e: ev.AttemptFailed) -> None:
     state = "waiting_retry" if e.retry_at is not None else "failed"
-    _update(
+    _update_task(
         rows,
-        "tasks",
-        (e.ticket, e.task),
+        e.ticket,
+        e.task,
         state=state,
         last_error=e.error[-1000:],
         retry_at=_naive(e.retry_at),
@@ -371,7 +384,7 @@ def _task_state(state: str) -> Callable[[Rows, int, Any], None]:
             fields["last_error"] = None
         else:
             fields["retry_at"] = None
-        _update(rows, "tasks", (e.ticket, e.task), **fields)
+        _update_task(rows, e.ticket, e.task, **fields)
         _touch_ticket(rows, seq, e.ticket, e.at)
 
     return apply
