@@ -39,7 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu", default="0", help="CUDA_VISIBLE_DEVICES for the worker (default 0)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("up", help="private Redis + daemon + one worker per queue on this machine")
+    p = sub.add_parser(
+        "up",
+        help="private Redis + daemon + one worker per queue on this machine",
+        description="Private Redis + daemon + one worker per queue on this machine. SIGINT (Ctrl-C) and SIGTERM "
+        "both stop everything, even when started in the background of a script (which ignores SIGINT).",
+    )
     p.add_argument("--tickets", type=Path, help="folder to watch (default: JETBOX_TICKETS_DIR or HOME/tickets)")
     p.add_argument("--exit-when-idle", action="store_true", help="stop once every ticket in the folder has ended")
     p.add_argument("--quiet", action="store_true", help="no live status lines")
@@ -258,6 +263,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     from schema.store import EventStore
     from schema.wire import load_secret
 
+    stopping = False
+
+    def _stop(_signo: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    # First thing, and whatever was inherited: a shell starts `jbctl up &` with SIGINT ignored, and a
+    # signal that comes while ignored is lost. A stop asked for during start-up starts no children.
+    old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
     settings = settings_from(args)
     home = settings.home
     tickets = (args.tickets or settings.tickets_path).absolute()
@@ -274,19 +288,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         settings.private_redis_file.write_text(redis_server.url + "\n")  # for jbctl infer/run/worker
         print(f"jetbox: private Redis at {redis_server.url} (pid {redis_server.proc.pid})", flush=True)
     children = _Children()
-    stopping = False
-
-    def _stop(_signo: int, _frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-
-    old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
     code = 0
     try:
-        children.start("daemon", [JBCTL, "daemon"], env, logs / "daemon.log")
-        for q in ("cpu", "gpu"):
-            children.start(f"worker-{q}", [JBCTL, "worker", "--queue", q], env, logs / f"worker-{q}.log")
-        print(f"jetbox: watching {tickets}; logs in {logs}; Ctrl-C stops everything", flush=True)
+        if not stopping:
+            children.start("daemon", [JBCTL, "daemon"], env, logs / "daemon.log")
+            for q in ("cpu", "gpu"):
+                children.start(f"worker-{q}", [JBCTL, "worker", "--queue", q], env, logs / f"worker-{q}.log")
+            print(f"jetbox: watching {tickets}; logs in {logs}; Ctrl-C stops everything", flush=True)
         store = EventStore(settings.db_url)
         last_line, idle_since = "", None
         while not stopping:

@@ -202,3 +202,42 @@ def test_a_reader_that_leaves_early_is_not_an_error(filled: EventStore, home: Pa
     assert len(out.stdout) == 1
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
+
+
+def _ignore_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # what a shell does to `jbctl up &` in a script
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("when", ["starting", "running"])
+def test_up_stops_on_sigint_even_when_started_with_it_ignored(tmp_path: Path, when: str) -> None:
+    import os
+    import signal
+
+    from tests.jbdaemon import wait_for
+
+    home = tmp_path / "uphome"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JETBOX_")} | {"JETBOX_HOME": str(home)}
+    out = (tmp_path / "up.log").open("w+")
+    up = subprocess.Popen([JBCTL, "up"], env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_ignore_sigint)
+    try:
+        if when == "starting":  # the key is written before the database, Redis and the children
+            wait_for("secret key", lambda: (home / "secret.key").exists(), timeout=30, every=0.005)
+        else:
+            wait_for("children", lambda: "watching" in Path(out.name).read_text(), timeout=60)
+        up.send_signal(signal.SIGINT)
+        assert up.wait(30) == 0
+    finally:
+        if up.poll() is None:
+            up.terminate()
+            up.wait(30)
+    log = Path(out.name).read_text()
+    assert (when == "running") == ("watching" in log), log
+    for line in log.splitlines():
+        if "private Redis" in line:  # stopped with everything else
+            with pytest.raises(ProcessLookupError):
+                os.kill(int(line.split("pid ")[1].rstrip(")")), 0)
+    leftovers = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == ""
