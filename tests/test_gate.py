@@ -244,3 +244,14 @@ def test_marks_are_coloured_on_a_terminal_only(store: EventStore) -> None:
         assert "better" in text and "worse" in text
         assert bool(re.search(r"\033\[32m *\+0\.0700\033\[0m", text)) is not no_colour
         assert ("\033[31mworse\033[0m" in text) is not no_colour
+
+
+def test_readme_says_where_a_script_needs_yes() -> None:
+    """Each README command that asks for confirmation says, on its line, that a script needs --yes."""
+    from tests.conftest import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)```", text, re.S)
+    asking = [ln for b in blocks for ln in b.splitlines() if re.search(r"jbctl (approve|core rollback)\b", ln)]
+    assert len(asking) >= 2 and all("--yes" in ln for ln in asking), asking
+    assert "not a terminal: pass --yes to confirm" in text  # the refusal a script meets, quoted
