@@ -346,9 +346,15 @@ def test_systemd_run_arguments_as_built(tmp_path: Path) -> None:
 
     ticket = make_ticket("TICKET-11", extra="constraints: {memory: 6G, max_wall_minutes: 90}\n")
     settings = Settings(home=tmp_path, redis_url="redis://127.0.0.1:6390/0")
-    argv = systemd_run_argv(ticket, settings, "1")
+    argv = systemd_run_argv(ticket, settings, "1", user=True)
     assert argv[:4] == ["systemd-run", "--user", "--unit=jetbox-run-TICKET-11", "--collect"]
     assert ["-p", f"MemoryMax={6 << 30}"] == argv[argv.index("-p") : argv.index("-p") + 2]
     assert "RuntimeMaxSec=5400" in argv and "--setenv=CUDA_VISIBLE_DEVICES=1" in argv
     assert f"--setenv=JETBOX_HOME={tmp_path}" in argv and "--setenv=JETBOX_REDIS_URL=redis://127.0.0.1:6390/0" in argv
     assert argv[-4:] == [jbctl_path, "worker", "--ticket", "TICKET-11"]
+    assert not any(a.startswith("IPAddress") for a in argv)  # a user manager cannot attach the IP filter
+    # The system manager (root's default): the ticket's network: deny becomes the kernel's IP filter,
+    # with the TCP Redis as the one exception.
+    argv = systemd_run_argv(ticket, settings, "1", user=False)
+    assert argv[:3] == ["systemd-run", "--unit=jetbox-run-TICKET-11", "--collect"]
+    assert "IPAddressDeny=any" in argv and "IPAddressAllow=127.0.0.1" in argv
