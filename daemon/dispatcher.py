@@ -68,6 +68,7 @@ def enqueue(conn: redis.Redis, key: bytes, envelope: Envelope, queue_name: str) 
 
 
 def envelope_from(e: ev.AttemptScheduled) -> Envelope:
+    """The envelope of an attempt, exactly as the decider recorded it (params with `_core`, grants...)."""
     return Envelope(
         kind=e.kind,
         ticket=e.ticket,
@@ -79,6 +80,19 @@ def envelope_from(e: ev.AttemptScheduled) -> Envelope:
         network=e.network,
         device=e.device,
     )
+
+
+def queue_for(conn: redis.Redis, event: ev.AttemptScheduled) -> str:
+    """The ticket's dedicated worker's queue while one runs (`jbctl run --background`), else the step's."""
+    if conn.exists(dedicated_key(event.ticket)):
+        return dedicated_queue(event.ticket)
+    return event.queue
+
+
+def dispatch(conn: redis.Redis, key: bytes, event: ev.AttemptScheduled) -> bool:
+    """The one path from a recorded `AttemptScheduled` to an RQ job, for the first dispatch and for the
+    reconciler's re-dispatch after Redis lost the job: what was recorded is what runs."""
+    return enqueue(conn, key, envelope_from(event), queue_for(conn, event))
 
 
 class Dispatcher:
@@ -125,7 +139,7 @@ class Dispatcher:
             task = state.tasks.get(event.task) if state else None
             # A later attempt or an ended ticket makes this one moot.
             live = task is not None and task.attempt == event.attempt and task.status in ("scheduled", "running")
-            if live and enqueue(self.conn, self.key, envelope_from(event), self.queue_for(event)):
+            if live and dispatch(self.conn, self.key, event):
                 self.enqueued += 1
         elif isinstance(event, ev.TicketCancelled | ev.TicketFailed):
             self.stop_ticket(event.ticket)
@@ -133,12 +147,6 @@ class Dispatcher:
             self.conn.set(ended_key(event.ticket), "1", ex=KEEP_S)
         if isinstance(event, ev.CorePromoted):
             self.conn.set(CORE_KEY, json.dumps({"version": event.version, "components": event.components}))
-
-    def queue_for(self, event: ev.AttemptScheduled) -> str:
-        """The ticket's dedicated worker's queue while one runs (`jbctl run --background`), else the step's."""
-        if self.conn.exists(dedicated_key(event.ticket)):
-            return dedicated_queue(event.ticket)
-        return event.queue
 
     def stop_ticket(self, ticket: str) -> None:
         """Ask every attempt of the ticket to stop, and drop the ones still waiting in a queue."""

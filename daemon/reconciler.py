@@ -1,13 +1,15 @@
 """The reconciler: compares what the log says is running with what RQ and the heartbeats say.
 
 Redis is a transport, never the source of truth. An attempt still waiting whose RQ job vanished
-(Redis flushed or restarted empty) is enqueued again under the same id; an attempt whose worker
+(Redis flushed or restarted empty) is enqueued again under the same id, from its `AttemptScheduled`
+as recorded in the log and through the dispatcher's own path (`dispatch`); an attempt whose worker
 stopped beating, whose RQ job died, or that ran past its timeout is failed, and the decider's retry
 policy takes it from there (resuming from the last checkpoint).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import datetime
 from typing import Any
@@ -17,12 +19,14 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from daemon import commands as cmd
-from daemon.dispatcher import enqueue, redis_connection
+from daemon.dispatcher import dispatch, redis_connection
 from daemon.handler import CommandHandler
 from daemon.state import TaskState, TicketState
+from schema import events as ev
 from schema.settings import Settings
-from schema.wire import Envelope, cancel_key, heartbeat_key, job_id, load_secret
+from schema.wire import cancel_key, heartbeat_key, job_id, load_secret
 
+log = logging.getLogger("jetbox.reconciler")
 DEAD_JOB_STATES = {"failed", "stopped", "canceled"}
 
 
@@ -39,6 +43,7 @@ class Reconciler:
         self.grace = settings.heartbeat_timeout_seconds
         self.last_run = 0.0
         self.missing_since: dict[str, float] = {}
+        self.recorded: dict[str, ev.AttemptScheduled] = {}  # job id -> its AttemptScheduled, read from the log
         self.redispatched = 0
 
     def poll(self, now: datetime) -> bool:
@@ -59,6 +64,7 @@ class Reconciler:
                     if found is not None:
                         commands.append(found)
         self.missing_since = {k: v for k, v in self.missing_since.items() if k in live}
+        self.recorded = {k: v for k, v in self.recorded.items() if k in live}
         if commands:
             self.handler.handle_many(commands, meta={"source": "reconciler"})
         return bool(commands)
@@ -72,8 +78,9 @@ class Reconciler:
         if job is None:
             if task.status == "scheduled":
                 # Lost before any worker took it (Redis flushed or restarted empty): send it again.
-                enqueue(self.conn, self.key, self._envelope(ticket, task), task.queue)
-                self.redispatched += 1
+                scheduled = self._scheduled(ticket.id, jid)
+                if scheduled is not None and dispatch(self.conn, self.key, scheduled):
+                    self.redispatched += 1
                 return None
             return self._missing_beat(ticket, task, jid, now, mono, "its RQ job vanished")
         status = job.get_status(refresh=False)
@@ -103,20 +110,18 @@ class Reconciler:
         except Exception:  # NoSuchJobError, or a job hash Redis half-lost
             return None
 
-    def _envelope(self, ticket: TicketState, task: TaskState) -> Envelope:
-        from daemon.decider import resolved_params
-
-        return Envelope(
-            kind=task.kind,
-            ticket=ticket.id,
-            task=task.id,
-            attempt=task.attempt,
-            params=resolved_params(ticket, task),
-            resume_checkpoint=task.checkpoint,
-            timeout=task.timeout,
-            network=ticket.spec.constraints.network,
-            device=ticket.spec.constraints.device,
-        )
+    def _scheduled(self, ticket: str, jid: str) -> ev.AttemptScheduled | None:
+        """The attempt's `AttemptScheduled` as recorded (one read of the ticket's stream serves all of its
+        lost attempts): the envelope is never rebuilt from state, which lacks what the decider added."""
+        if jid not in self.recorded:
+            for rec in self.handler.store.read(0, stream=ticket, types=["AttemptScheduled"]):
+                e = rec.event
+                if isinstance(e, ev.AttemptScheduled):
+                    self.recorded[job_id(e.ticket, e.task, e.attempt)] = e
+        found = self.recorded.get(jid)
+        if found is None:  # cannot happen while state is built from the same log; say so if it does
+            log.error("no AttemptScheduled recorded for %s; not re-dispatched", jid)
+        return found
 
     def _fail(self, ticket: TicketState, task: TaskState, error: str, retryable: bool, now: datetime) -> cmd.Command:
         return cmd.RecordJobFailed(
