@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schema.events import FailureCause
 from schema.ticket import Ticket
 
 
@@ -92,6 +93,7 @@ class RecordJobFailed(_Report):
     error: str
     retryable: bool = True
     violation: str | None = None  # set when the failure is a safety violation
+    cause: FailureCause = "job"  # `infrastructure`: the reconciler's verdict on a lost worker or job
 
 
 class RecordViolation(Command):

@@ -435,11 +435,15 @@ def _failed(out: _Emitter, c: cmd.RecordJobFailed) -> None:
     can_retry = c.retryable and not c.violation and task.attempt <= task.retries
     retry_at = c.now + timedelta(seconds=backoff_seconds(c.ticket, c.task, c.attempt)) if can_retry else None
     out.emit(
-        ev.AttemptFailed(**_about(c), error=c.error[-4000:], fingerprint=fp, retry_at=retry_at, retryable=c.retryable)
+        ev.AttemptFailed(
+            **_about(c), error=c.error[-4000:], fingerprint=fp, retry_at=retry_at, retryable=c.retryable, cause=c.cause
+        )
     )
     task = out.state.tickets[c.ticket].tasks[c.task]
     if retry_at is not None:
-        pattern = _loop_pattern(task.failures)
+        # A lost worker or job says nothing about the job: the infrastructure's failures are retried
+        # with back-off (within the step's retries) and never taken for a loop.
+        pattern = _loop_pattern(task.failures) if c.cause == "job" else None
         if pattern:
             out.emit(
                 ev.LoopDetected(

@@ -4,7 +4,9 @@ Redis is a transport, never the source of truth. An attempt still waiting whose 
 (Redis flushed or restarted empty) is enqueued again under the same id, from its `AttemptScheduled`
 as recorded in the log and through the dispatcher's own path (`dispatch`); an attempt whose worker
 stopped beating, whose RQ job died, or that ran past its timeout is failed, and the decider's retry
-policy takes it from there (resuming from the last checkpoint).
+policy takes it from there (resuming from the last checkpoint). Each failure says whose it is
+(`cause`): the infrastructure's (a lost worker or job, a timeout with no live worker) or the job's
+(it ran past its timeout on a live worker); only the job's count towards loop detection.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from daemon.dispatcher import dispatch, redis_connection
 from daemon.handler import CommandHandler
 from daemon.state import TaskState, TicketState
 from schema import events as ev
+from schema.events import FailureCause
 from schema.settings import Settings
 from schema.wire import cancel_key, heartbeat_key, job_id, load_secret
 
@@ -73,7 +76,12 @@ class Reconciler:
         started = task.started_at or task.scheduled_at
         if task.status == "running" and started is not None and (now - started).total_seconds() > task.timeout:
             self.conn.set(cancel_key(jid), "1", ex=86400)
-            return self._fail(ticket, task, f"timed out: ran longer than {task.timeout:g}s", retryable=True, now=now)
+            # A live worker still beating means the job itself ran too long; no beat, a dead worker.
+            if self.conn.exists(heartbeat_key(jid)):
+                return self._fail(ticket, task, f"timed out: ran longer than {task.timeout:g}s", now, "job")
+            return self._fail(
+                ticket, task, f"timed out: ran longer than {task.timeout:g}s with no live worker", now, "infrastructure"
+            )
         job = self._job(jid)
         if job is None:
             if task.status == "scheduled":
@@ -86,7 +94,9 @@ class Reconciler:
         status = job.get_status(refresh=False)
         if status in DEAD_JOB_STATES:
             info = (job.latest_result().exc_string if job.latest_result() else None) or status
-            return self._fail(ticket, task, f"worker lost the job ({status}): {str(info)[-500:]}", True, now)
+            return self._fail(
+                ticket, task, f"worker lost the job ({status}): {str(info)[-500:]}", now, "infrastructure"
+            )
         if status == "started" or task.status == "running":
             return self._missing_beat(ticket, task, jid, now, mono, "no heartbeat")
         return None
@@ -102,7 +112,7 @@ class Reconciler:
             return None  # a restarted Redis lost the key; a live worker sets it again within a beat
         self.missing_since.pop(jid, None)
         worker = f" on {task.worker}" if task.worker else ""
-        return self._fail(ticket, task, f"worker lost{worker}: {why} for {self.grace:g}s", True, now)
+        return self._fail(ticket, task, f"worker lost{worker}: {why} for {self.grace:g}s", now, "infrastructure")
 
     def _job(self, jid: str) -> Any:
         try:
@@ -123,9 +133,12 @@ class Reconciler:
             log.error("no AttemptScheduled recorded for %s; not re-dispatched", jid)
         return found
 
-    def _fail(self, ticket: TicketState, task: TaskState, error: str, retryable: bool, now: datetime) -> cmd.Command:
+    def _fail(
+        self, ticket: TicketState, task: TaskState, error: str, now: datetime, cause: FailureCause
+    ) -> cmd.Command:
+        """A retryable failure of the live attempt; the decider's retry policy takes it from there."""
         return cmd.RecordJobFailed(
-            now=now, ticket=ticket.id, task=task.id, attempt=task.attempt, error=error, retryable=retryable
+            now=now, ticket=ticket.id, task=task.id, attempt=task.attempt, error=error, retryable=True, cause=cause
         )
 
     def close(self) -> None:

@@ -43,7 +43,7 @@ class TaskState:
     progress: tuple[int, int | None] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)  # error fingerprints, oldest first
+    failures: list[str] = field(default_factory=list)  # the job's own failures' fingerprints, oldest first
     last_error: str | None = None
     reason: str | None = None
 
@@ -285,7 +285,8 @@ def _succeeded(state: State, e: ev.AttemptSucceeded) -> None:
 
 def _failed(state: State, e: ev.AttemptFailed) -> None:
     task = _task(state, e)
-    task.failures.append(e.fingerprint)
+    if e.cause == "job":  # infrastructure failures are not the job repeating itself
+        task.failures.append(e.fingerprint)
     task.last_error = e.error
     task.last_report_seq = max(task.last_report_seq, e.report_seq)
     if e.retry_at is not None:

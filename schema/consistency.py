@@ -2,7 +2,9 @@
 
 score = max(0, 1 - 0.05*retries - 0.20*loops - 0.25*forged - 0.30*violations - 0.30*contradictions)
 
-- retries: failed attempts (each one retried or final);
+- retries: attempts the job itself failed (each one retried or final); attempts the infrastructure
+  lost (a dead worker, a vanished job: `AttemptFailed.cause == "infrastructure"`) are counted apart
+  (`tickets.infra_failures`) and do not lower the score;
 - loops: LoopDetected events (the same failure repeating, or two alternating);
 - forged: reports with a bad signature that claimed to be about this ticket;
 - violations: other safety violations (denied network, refused binaries, jobs outside the allowlist);

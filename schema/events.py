@@ -127,14 +127,22 @@ class AttemptSucceeded(AttemptEvent):
     report_seq: int = 0
 
 
+FailureCause = Literal["job", "infrastructure"]
+
+
 class AttemptFailed(AttemptEvent):
-    """An attempt ended badly. `retry_at` set: another attempt follows then; unset: the task failed."""
+    """An attempt ended badly. `retry_at` set: another attempt follows then; unset: the task failed.
+
+    `cause`: `job` when the job itself failed (its own report); `infrastructure` when the reconciler
+    failed it for a lost worker, a vanished RQ job or a dead worker's timeout. Only job failures
+    count towards loop detection."""
 
     error: str
     fingerprint: str
     retry_at: datetime | None = None
     retryable: bool = True
     report_seq: int = 0
+    cause: FailureCause = "job"
 
 
 class TaskFailed(TaskEvent):

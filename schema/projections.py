@@ -211,7 +211,15 @@ def _submitted(rows: Rows, seq: int, e: ev.TicketSubmitted) -> None:
         )
 
 
-_FRESH_COUNTS = {"retries": 0, "loops": 0, "forged": 0, "violations": 0, "contradictions": 0, "consistency": 1.0}
+_FRESH_COUNTS = {
+    "retries": 0,
+    "loops": 0,
+    "forged": 0,
+    "violations": 0,
+    "contradictions": 0,
+    "consistency": 1.0,
+    "infra_failures": 0,
+}
 
 
 def _count(rows: Rows, seq: int, ticket: str, at: datetime, **more: int) -> None:
@@ -308,6 +316,7 @@ def _scheduled(rows: Rows, seq: int, e: ev.AttemptScheduled) -> None:
             "state": "scheduled",
             "worker": None,
             "error": None,
+            "cause": None,
             "scheduled_at": _naive(e.at),
             "started_at": None,
             "ended_at": None,
@@ -373,8 +382,17 @@ def _failed(rows: Rows, seq: int, e: ev.AttemptFailed) -> None:
         retry_at=_naive(e.retry_at),
         updated_at=_naive(e.at),
     )
-    _update(rows, "jobs", (e.ticket, e.task, e.attempt), state="failed", error=e.error[-1000:], ended_at=_naive(e.at))
-    _count(rows, seq, e.ticket, e.at, retries=1)
+    _update(
+        rows,
+        "jobs",
+        (e.ticket, e.task, e.attempt),
+        state="failed",
+        error=e.error[-1000:],
+        cause=e.cause,
+        ended_at=_naive(e.at),
+    )
+    # The infrastructure's failures are counted apart and do not lower the ticket's score.
+    _count(rows, seq, e.ticket, e.at, **({"retries": 1} if e.cause == "job" else {"infra_failures": 1}))
 
 
 def _task_state(state: str) -> Callable[[Rows, int, Any], None]:

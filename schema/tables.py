@@ -83,6 +83,8 @@ class TicketRow(SQLModel, table=True):
     violations: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
     contradictions: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
     consistency: float = Field(default=1.0, sa_column=sa.Column(sa.Float, nullable=False, server_default="1.0"))
+    # Attempts the infrastructure lost (dead worker, vanished job): retried, outside the score.
+    infra_failures: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
 
 
 class TaskRow(SQLModel, table=True):
@@ -116,6 +118,7 @@ class JobRow(SQLModel, table=True):
     state: str = Field(max_length=20, index=True)
     worker: str | None = None
     error: str | None = None
+    cause: str | None = Field(default=None, max_length=20)  # a failed attempt's: job or infrastructure
     scheduled_at: datetime | None = _ts()
     started_at: datetime | None = _ts()
     ended_at: datetime | None = _ts()

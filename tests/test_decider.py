@@ -247,6 +247,7 @@ def interpret(state: State, n: int, code: tuple[int, int, int, float], now: date
             report_seq=seq,
             error=f"E{pick % 2}",
             retryable=x < 0.9,
+            cause="infrastructure" if n % 3 == 0 else "job",
         )
     if kind in (1, 8) and state.proposals and x < 0.5:
         proposal = sorted(state.proposals)[pick % len(state.proposals)]

@@ -3,20 +3,32 @@ infrastructure failures are retried, never taken for loops."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import redis
+import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from cli.embedded import start_redis
+from daemon import commands as c
+from daemon.decider import _loop_pattern, backoff_seconds
 from daemon.dispatcher import envelope_from
+from daemon.handler import CommandHandler
+from daemon.state import LIVE, State, evolve
 from schema import events as ev
+from schema.store import EventStore, replay_differences
+from tests.helpers import make_ticket, submit
 from tests.jbdaemon import wait_for
+from tests.test_decider import T0, apply, types
 from tests.test_dispatch import Setup
 
 # The smallest reasoner training the tests use that still writes a real checkpoint.
@@ -94,11 +106,9 @@ def test_lost_job_goes_back_to_the_tickets_dedicated_queue(home: Path, store: ob
     from datetime import UTC, datetime
 
     from daemon.dispatcher import Dispatcher
-    from daemon.handler import CommandHandler
     from daemon.reconciler import Reconciler
     from schema.settings import load_settings
     from schema.wire import dedicated_key, dedicated_queue
-    from tests.helpers import make_ticket, submit
 
     redis_server = start_redis(home / "run")
     try:
@@ -119,3 +129,130 @@ def test_lost_job_goes_back_to_the_tickets_dedicated_queue(home: Path, store: ob
         assert job.origin == dedicated_queue("TICKET-1")
     finally:
         redis_server.stop()
+
+
+# --- infrastructure faults are not loops (pure decider) ---------------------------------------
+
+LOST = "worker lost on host-1: its RQ job vanished for 2s"
+
+
+def _failing(retries: int, causes: list[str], errors: list[str] | None = None) -> tuple[State, list[ev.Event]]:
+    """Fail attempt after attempt of task `a` (waiting for each retry), returning every event."""
+    s, log = State(), []
+    log += apply(s, submit(make_ticket(steps=f"  - {{id: a, kind: diag, retries: {retries}}}\n"), T0))
+    now = T0
+    for n, cause in enumerate(causes):
+        task = s.tickets["TICKET-1"].tasks["a"]
+        if task.status not in LIVE:
+            break
+        error = (errors or [LOST])[n % len(errors or [LOST])]
+        events = apply(
+            s, c.RecordJobFailed(now=now, ticket="TICKET-1", task="a", attempt=task.attempt, error=error, cause=cause)
+        )
+        log += events
+        retry_at = events[0].retry_at if isinstance(events[0], ev.AttemptFailed) else None
+        if retry_at is not None:
+            now = retry_at
+            log += apply(s, c.Tick(now=now))
+    return s, log
+
+
+def test_lost_workers_are_retried_with_backoff_not_blocked() -> None:
+    s, log = _failing(20, ["infrastructure"] * 3)
+    failed = [e for e in log if isinstance(e, ev.AttemptFailed)]
+    assert [f.cause for f in failed] == ["infrastructure"] * 3
+    assert all(f.retry_at is not None for f in failed)
+    delays = [(f.retry_at - f.at).total_seconds() for f in failed if f.retry_at is not None]
+    assert delays == pytest.approx([backoff_seconds("TICKET-1", "a", n) for n in (1, 2, 3)])  # back-off grows
+    assert "LoopDetected" not in types(log) and "TaskBlocked" not in types(log)
+    task = s.tickets["TICKET-1"].tasks["a"]
+    assert task.status == "scheduled" and task.attempt == 4 and task.failures == []
+
+
+def test_the_same_three_failures_from_the_job_are_a_loop() -> None:
+    _, log = _failing(20, ["job"] * 3)
+    assert types(log)[-2:] == ["LoopDetected", "TaskBlocked"]
+
+
+def test_infrastructure_failures_spend_the_steps_retries() -> None:
+    s, log = _failing(2, ["infrastructure"] * 3)
+    assert types(log)[-3:] == ["AttemptFailed", "TaskFailed", "TicketFailed"]
+    assert "failed after 3 attempts" in s.tickets["TICKET-1"].tasks["a"].reason
+
+
+def test_lost_workers_between_the_jobs_own_failures_do_not_hide_a_loop() -> None:
+    causes = ["job", "infrastructure", "job", "infrastructure", "job"]
+    _, log = _failing(20, causes, errors=["OSError: disk full", LOST])
+    assert types(log)[-2:] == ["LoopDetected", "TaskBlocked"]
+    loop = next(e for e in log if isinstance(e, ev.LoopDetected))
+    assert loop.count == 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from(["job", "infrastructure"]), st.sampled_from(["E1", "E2", LOST])), max_size=12)
+)
+def test_loops_are_judged_on_the_jobs_own_failures_only(seq: list[tuple[str, str]]) -> None:
+    s, log = _failing(20, [cause for cause, _ in seq], errors=[err for _, err in seq] or [LOST])
+    own: list[str] = []
+    for n, e in enumerate(log):
+        if isinstance(e, ev.AttemptFailed):
+            if e.cause == "job":
+                own.append(e.fingerprint)
+            looped = n + 1 < len(log) and isinstance(log[n + 1], ev.LoopDetected)
+            # A loop is found exactly when the job's own failures end in a loop pattern.
+            assert looped == (e.cause == "job" and _loop_pattern(own) is not None), (seq, types(log))
+    replayed = State()
+    for e in log:
+        evolve(replayed, e)
+    assert replayed == s
+
+
+def test_old_logs_replay_unchanged() -> None:
+    """An AttemptFailed recorded before `cause` existed reads as the job's own failure."""
+    old = {"at": "2026-01-01T00:00:00Z", "ticket": "T", "task": "a", "attempt": 1, "error": "x", "fingerprint": "f"}
+    assert ev.event_from("AttemptFailed", old).cause == "job"  # type: ignore[attr-defined]
+
+
+def test_sql_tells_infrastructure_from_job_failures(store: EventStore) -> None:
+    handler = CommandHandler(store)
+    handler.handle(submit(make_ticket(steps="  - {id: a, kind: diag, retries: 5}\n"), T0))
+    handler.handle(
+        c.RecordJobFailed(now=T0, ticket="TICKET-1", task="a", attempt=1, error=LOST, cause="infrastructure")
+    )
+    handler.handle(c.Tick(now=T0 + timedelta(minutes=1)))
+    handler.handle(c.RecordJobFailed(now=T0 + timedelta(minutes=1), ticket="TICKET-1", task="a", attempt=2, error="E"))
+    with store.engine.connect() as conn:
+        jobs = conn.execute(sa.text("SELECT attempt, cause FROM jobs ORDER BY attempt")).all()
+        ticket = conn.execute(sa.text("SELECT retries, infra_failures, consistency FROM tickets")).one()
+    assert [tuple(j) for j in jobs] == [(1, "infrastructure"), (2, "job")]
+    assert tuple(ticket) == (1, 1, 0.95)  # only the job's own failure lowers the score
+    assert replay_differences(store) == []
+
+
+@pytest.mark.integration
+def test_a_job_lost_three_times_in_a_row_is_not_a_loop(running: Setup) -> None:
+    """Worker and Redis die together while the attempt runs, three times in a row: each attempt fails as
+    the infrastructure's ("its RQ job vanished"), is retried with back-off, and the fourth completes."""
+    setup = running
+    setup.drop("TICKET-1", "  - {id: a, kind: diag, retries: 20, with: {steps: 20, sleep: 4, checkpoints: 4}}\n")
+    for attempt in (1, 2, 3):
+        setup.daemon.wait_event("AttemptStarted", ticket="TICKET-1", attempt=attempt, timeout=60)
+        for proc in setup.workers:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        setup.redis.stop()
+        setup.redis = start_redis(setup.home / "run")
+        setup.worker("cpu")
+        setup.daemon.wait_event("AttemptFailed", ticket="TICKET-1", attempt=attempt, timeout=30)
+    assert setup.wait_done("TICKET-1", timeout=90) == "TicketCompleted"
+    rows = setup.daemon.rows()
+    failed = [r["data"] for r in rows if r["type"] == "AttemptFailed"]
+    assert [f["cause"] for f in failed] == ["infrastructure"] * 3
+    assert all("its RQ job vanished" in f["error"] and f["retry_at"] for f in failed)
+    assert not [r for r in rows if r["type"] in ("LoopDetected", "TaskBlocked")]
+    sql = setup.jbctl("sql", "SELECT cause, count(*) AS n FROM jobs GROUP BY cause ORDER BY cause", "--json")
+    assert sql.returncode == 0, sql.stderr
+    assert {r["cause"]: r["n"] for r in json.loads(sql.stdout)} == {"infrastructure": 3, None: 1}
+    setup.assert_consistent()
