@@ -64,6 +64,7 @@ def to_command(report: Report, now: datetime) -> cmd.Command:
             error=str(b.get("error", "unknown error")),
             retryable=bool(b.get("retryable", True)),
             violation=b.get("violation"),
+            cause=b.get("cause", "job"),  # anything but job/infrastructure: a malformed report
         )
     return cmd.RecordViolation(now=now, what=str(b.get("what", "violation")), detail=str(b.get("detail", "")))
 

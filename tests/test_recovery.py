@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from daemon.state import LIVE, State, evolve
 from schema import events as ev
 from schema.store import EventStore, replay_differences
 from tests.helpers import make_ticket, submit
-from tests.jbdaemon import wait_for
+from tests.jbdaemon import JBCTL, wait_for
 from tests.test_decider import T0, apply, types
 from tests.test_dispatch import Setup
 
@@ -256,3 +257,79 @@ def test_a_job_lost_three_times_in_a_row_is_not_a_loop(running: Setup) -> None:
     assert sql.returncode == 0, sql.stderr
     assert {r["cause"]: r["n"] for r in json.loads(sql.stdout)} == {"infrastructure": 3, None: 1}
     setup.assert_consistent()
+
+
+# --- found by bench/torture.py ------------------------------------------------------------------
+
+
+def test_a_job_that_lost_redis_is_the_infrastructures_failure() -> None:
+    """A job whose report or heartbeat hit a Redis restart reports `cause: infrastructure`, and the
+    inbox passes the cause on (anything else in a signed report is malformed, not trusted)."""
+    from daemon.inbox import to_command
+    from schema.wire import Report
+    from workers.entry import _lost_redis
+
+    try:
+        try:
+            raise redis.ConnectionError("Connection closed by server.")
+        except redis.ConnectionError as exc:
+            raise RuntimeError("progress report failed") from exc
+    except RuntimeError as chained:
+        assert _lost_redis(chained)
+    assert not _lost_redis(RuntimeError("flaky disk"))
+
+    def failed(**body: object) -> c.Command:
+        report = Report(kind="failed", ticket="T", task="a", attempt=1, seq=2, worker="w", body=body)
+        return to_command(report, T0)
+
+    assert failed(error="x", cause="infrastructure").cause == "infrastructure"  # type: ignore[attr-defined]
+    assert failed(error="x").cause == "job"  # type: ignore[attr-defined]
+    with pytest.raises(ValueError):
+        failed(error="x", cause="cosmic rays")
+
+
+@pytest.mark.integration
+def test_a_named_worker_killed_hard_restarts_at_once(tmp_path: Path) -> None:
+    """`jbctl worker --name w` killed with -9 left its RQ registration behind, and the restarted worker
+    was refused ("There exists an active worker named 'w' already") for RQ's worker TTL (minutes)."""
+    server = start_redis(tmp_path / "run")
+    conn = redis.Redis.from_url(server.url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JETBOX_")}
+    env.update(JETBOX_HOME=str(tmp_path / "home"), JETBOX_REDIS_URL=server.url)
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def worker() -> subprocess.Popen[bytes]:
+        with (tmp_path / "worker.log").open("ab") as log:
+            proc = subprocess.Popen(
+                [JBCTL, "worker", "--queue", "cpu", "--name", "w"],
+                env=env,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        procs.append(proc)
+        wait_for("the worker to register", lambda: conn.hget("rq:worker:w", "pid") == str(proc.pid).encode(), 60)
+        return proc
+
+    try:
+        first = worker()
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        second = worker()
+        time.sleep(1.0)
+        assert second.poll() is None, (tmp_path / "worker.log").read_text()
+        # Redis restarted empty, and a dying worker's late heartbeat left a fragment of its registration.
+        os.killpg(second.pid, signal.SIGKILL)
+        second.wait()
+        conn.flushall()
+        conn.hset("rq:worker:w", mapping={"last_heartbeat": "2026-01-01T00:00:00Z", "state": "busy"})
+        conn.expire("rq:worker:w", 480)
+        third = worker()
+        time.sleep(1.0)
+        assert third.poll() is None, (tmp_path / "worker.log").read_text()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(20)
+        server.stop()

@@ -93,6 +93,17 @@ def _network_policy(network: str, settings: Any, ctx: RuntimeContext) -> Iterato
         raise failure
 
 
+def _lost_redis(exc: BaseException) -> bool:
+    """Whether the job died of the worker losing Redis (a restart, a failover): the transport's fault,
+    not the job's, whatever the job was doing when its report or heartbeat hit it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, redis.RedisError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def run_job(signed: dict[str, Any]) -> dict[str, Any]:
     """RQ entry point (see schema.wire.ENTRY_POINT). The outcome goes to the report stream; the
     return value (RQ's job result) repeats it for callers that wait on the job (`jbctl infer`)."""
@@ -141,7 +152,11 @@ def run_job(signed: dict[str, Any]) -> dict[str, Any]:
     except Exception as exc:
         violation = getattr(exc, "violation", None)
         reporter.send(
-            "failed", error=traceback.format_exc(limit=20)[-4000:], retryable=violation is None, violation=violation
+            "failed",
+            error=traceback.format_exc(limit=20)[-4000:],
+            retryable=violation is None,
+            violation=violation,
+            cause="infrastructure" if _lost_redis(exc) else "job",
         )
         last = traceback.format_exception_only(exc)[-1].strip()
         del exc

@@ -21,6 +21,7 @@ from workers.context import JobCancelled
 
 PROGRESS_INTERVAL_S = 1.0
 CANCEL_CHECK_INTERVAL_S = 0.5
+SEND_RETRIES_S = (0.1, 0.3, 0.6, 1.0)  # back-off between tries of a report while Redis is away
 
 
 def worker_name() -> str:
@@ -47,7 +48,16 @@ class Reporter:
                 worker=self.worker,
                 body=body,
             )
-            self.conn.xadd(REPORT_STREAM, report.signed(self.key))  # type: ignore[arg-type]
+            fields = report.signed(self.key)
+            # Ride out a Redis restart (well under a second) instead of failing the job over it; a report
+            # that got through before the connection dropped and is sent again is dropped by its seq.
+            for delay in SEND_RETRIES_S:
+                try:
+                    self.conn.xadd(REPORT_STREAM, fields)  # type: ignore[arg-type]
+                    return
+                except (redis.ConnectionError, redis.TimeoutError):
+                    time.sleep(delay)
+            self.conn.xadd(REPORT_STREAM, fields)  # type: ignore[arg-type]
 
 
 class Heartbeat(threading.Thread):

@@ -28,6 +28,20 @@ class JetboxWorker(SimpleWorker):
             return False
         return bool(super().perform_job(job, queue, execution))
 
+    def register_birth(self) -> None:
+        """Take over our name when whoever registered it is gone, instead of being refused.
+
+        RQ refuses a name that is registered and not marked dead. Three stale cases would otherwise
+        stall a restart for RQ's worker TTL (minutes): a worker killed with -9 on this host (its pid no
+        longer runs); this very process registering again after a lost connection (`run_worker`); and
+        a fragment without birth fields, which a dying worker's late heartbeat writes into a Redis that
+        restarted empty. A registration by a live process, or from another machine, is still refused."""
+        if self.connection.exists(self.key):
+            host, pid, death = self.connection.hmget(self.key, ["hostname", "pid", "death"])
+            if death is None and _stale(host, pid, self.hostname):
+                self.connection.delete(self.key)
+        super().register_birth()
+
     def _refuse(self, job: Any, queue: Queue, execution: Any) -> None:
         import sys
 
@@ -46,6 +60,30 @@ class JetboxWorker(SimpleWorker):
             except ForeignJobError:
                 self.handle_job_failure(job, queue=queue, exc_string=detail, execution=execution)
             print(f"jetbox worker: refused {detail}", file=sys.stderr)
+
+
+def _stale(host: bytes | None, pid: bytes | None, hostname: str | None) -> bool:
+    """Whether a worker registration (its hostname and pid fields) belongs to no live worker."""
+    import os
+
+    if host is None or pid is None:
+        return True  # a fragment: no worker was born in this Redis under that name
+    if host.decode() != hostname:
+        return False  # another machine's: its liveness cannot be told from here
+    return int(pid) == os.getpid() or not _running(int(pid))
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with this pid exists (on this machine)."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def run_worker(redis_url: str, queues: list[str], burst: bool = False, name: str | None = None) -> int:
