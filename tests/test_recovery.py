@@ -333,3 +333,22 @@ def test_a_named_worker_killed_hard_restarts_at_once(tmp_path: Path) -> None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(20)
         server.stop()
+
+
+@pytest.mark.integration
+def test_worker_outlives_redis_dying_under_a_job(running: Setup) -> None:
+    """Redis gone while a job ran and still gone when RQ recorded the job's end: RQ's loop returned as
+    if stopped and `jbctl worker` exited 0 (which systemd's Restart=on-failure leaves dead). It must
+    keep going, and the ticket complete on it once Redis is back."""
+    worker = running.workers[0]
+    running.drop("TICKET-1", "  - {id: a, kind: diag, retries: 5, with: {steps: 6, sleep: 3}}\n")
+    running.daemon.wait_event("AttemptStarted", ticket="TICKET-1", timeout=30)
+    running.redis.proc.kill()
+    running.redis.proc.wait()
+    time.sleep(6)  # the job's reports give up, then RQ fails to record its end
+    running.redis = start_redis(running.home / "run")
+    time.sleep(3)
+    assert worker.poll() is None, (running.home / "worker.log").read_text()[-3000:]
+    assert running.wait_done("TICKET-1", timeout=90) == "TicketCompleted"
+    assert len(running.workers) == 1 and worker.poll() is None
+    running.assert_consistent()

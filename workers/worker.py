@@ -90,7 +90,10 @@ def run_worker(redis_url: str, queues: list[str], burst: bool = False, name: str
     """Work the named queues until stopped (or until empty with burst).
 
     Redis going away (a restart, a failover) is survived: the worker reconnects with back-off
-    rather than exiting, since a fresh empty Redis is a case the reconciler repairs.
+    rather than exiting, since a fresh empty Redis is a case the reconciler repairs. RQ's own loop
+    returns normally on an error it did not expect (a lost connection while it records a job's end,
+    a Redis timeout), as if it had been stopped: only a stop request (SIGTERM) or burst mode ends
+    this function, so systemd's `Restart=on-failure` is never left with a worker that exited 0.
     """
     import sys
     import time
@@ -101,14 +104,20 @@ def run_worker(redis_url: str, queues: list[str], burst: bool = False, name: str
     while True:
         conn = redis.Redis.from_url(redis_url, health_check_interval=30)
         qs = [Queue(q, connection=conn, serializer=JSONSerializer) for q in queues]
-        worker = JetboxWorker(qs, connection=conn, serializer=JSONSerializer, name=name)
+        began = time.monotonic()
         try:
+            worker = JetboxWorker(qs, connection=conn, serializer=JSONSerializer, name=name)  # talks to Redis
             worker.work(burst=burst, logging_level="WARNING", with_scheduler=False)
-            return 0
+            if burst or worker._stop_requested:
+                return 0
+            why = "the RQ loop ended without a stop request (Redis lost while it recorded a job?)"
         except redis.ConnectionError as exc:
-            print(f"jetbox worker: Redis unavailable ({exc}); retrying in {delay:.1f}s", file=sys.stderr, flush=True)
-            time.sleep(delay)
-            delay = min(10.0, delay * 2)
+            why = f"Redis unavailable ({exc})"
+        if time.monotonic() - began > 60:
+            delay = 0.5  # it worked for a while: this is a fresh outage, not the same one
+        print(f"jetbox worker: {why}; starting again in {delay:.1f}s", file=sys.stderr, flush=True)
+        time.sleep(delay)
+        delay = min(10.0, delay * 2)
 
 
 def run_dedicated_worker(redis_url: str, ticket: str, name: str | None = None, poll: float = 0.5) -> int:
