@@ -327,6 +327,8 @@ def test_a_named_worker_killed_hard_restarts_at_once(tmp_path: Path) -> None:
         third = worker()
         time.sleep(1.0)
         assert third.poll() is None, (tmp_path / "worker.log").read_text()
+        os.killpg(third.pid, signal.SIGTERM)  # a stop request still ends it, at once and cleanly
+        assert third.wait(20) == 0
     finally:
         for proc in procs:
             if proc.poll() is None:

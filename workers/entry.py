@@ -156,7 +156,7 @@ def run_job(signed: dict[str, Any]) -> dict[str, Any]:
             error=traceback.format_exc(limit=20)[-4000:],
             retryable=violation is None,
             violation=violation,
-            cause="infrastructure" if _lost_redis(exc) else "job",
+            cause="infrastructure" if violation is None and _lost_redis(exc) else "job",
         )
         last = traceback.format_exception_only(exc)[-1].strip()
         del exc

@@ -108,7 +108,8 @@ def run_worker(redis_url: str, queues: list[str], burst: bool = False, name: str
         try:
             worker = JetboxWorker(qs, connection=conn, serializer=JSONSerializer, name=name)  # talks to Redis
             worker.work(burst=burst, logging_level="WARNING", with_scheduler=False)
-            if burst or worker._stop_requested:
+            # SIGTERM/SIGINT: RQ notes the date (and, mid-job, `_stop_requested`) before its loop ends.
+            if burst or worker._stop_requested or worker._shutdown_requested_date is not None:
                 return 0
             why = "the RQ loop ended without a stop request (Redis lost while it recorded a job?)"
         except redis.ConnectionError as exc:
