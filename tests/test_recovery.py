@@ -332,8 +332,8 @@ def test_a_named_worker_killed_hard_restarts_at_once(tmp_path: Path) -> None:
     finally:
         for proc in procs:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(20)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         server.stop()
 
 
