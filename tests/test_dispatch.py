@@ -358,3 +358,37 @@ def test_systemd_run_arguments_as_built(tmp_path: Path) -> None:
     argv = systemd_run_argv(ticket, settings, "1", user=False)
     assert argv[:3] == ["systemd-run", "--unit=jetbox-run-TICKET-11", "--collect"]
     assert "IPAddressDeny=any" in argv and "IPAddressAllow=127.0.0.1" in argv
+
+
+@pytest.mark.integration
+def test_a_dedicated_worker_outlives_a_redis_restart(tmp_path: Path) -> None:
+    """`jbctl run`'s worker keeps its claim across a Redis restarted empty, and still exits when told."""
+    import redis
+
+    from cli.embedded import start_redis
+    from schema.wire import dedicated_key, ended_key
+
+    home = tmp_path / "home"
+    server = start_redis(tmp_path / "run")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JETBOX_")}
+    env.update(JETBOX_HOME=str(home), JETBOX_REDIS_URL=server.url)
+    log = (tmp_path / "worker.log").open("wb")
+    worker = subprocess.Popen([JBCTL, "worker", "--ticket", "TICKET-9"], env=env, stdout=log, stderr=log)
+    try:
+        conn = redis.Redis(unix_socket_path=str(server.socket))
+        wait_for("the claim", lambda: conn.exists(dedicated_key("TICKET-9")), timeout=30)
+        server.stop()
+        time.sleep(1.5)
+        server = start_redis(tmp_path / "run")  # the same socket, empty
+        conn = redis.Redis(unix_socket_path=str(server.socket))
+        assert not conn.exists(dedicated_key("TICKET-9"))
+        wait_for("the claim again", lambda: conn.exists(dedicated_key("TICKET-9")), timeout=15)
+        assert worker.poll() is None
+        conn.set(ended_key("TICKET-9"), "1")
+        assert worker.wait(30) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        server.stop()
+        log.close()

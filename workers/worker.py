@@ -7,6 +7,7 @@ heartbeat key; the reconciler fails the attempt once the key expires (heartbeat_
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from rq import Queue, SimpleWorker
@@ -121,8 +122,16 @@ def run_worker(redis_url: str, queues: list[str], burst: bool = False, name: str
         delay = min(10.0, delay * 2)
 
 
+ADVERTISE_EVERY_S = 2.0  # a Redis restarted empty forgets the claim: re-set it well before a lost job is re-sent
+
+
 def run_dedicated_worker(redis_url: str, ticket: str, name: str | None = None, poll: float = 0.5) -> int:
-    """Work only `ticket`'s queue, advertising it to the dispatcher, until the ticket has ended."""
+    """Work only `ticket`'s queue, advertising it to the dispatcher, until the ticket has ended.
+
+    Like `run_worker`, it rides out Redis going away (a `jbctl run` worker outlives a Redis restart);
+    a stop request (SIGTERM, e.g. the transient unit's RuntimeMaxSec=) ends it.
+    """
+    import sys
     import threading
     import time
 
@@ -139,17 +148,26 @@ def run_dedicated_worker(redis_url: str, ticket: str, name: str | None = None, p
                 conn.set(dedicated_key(ticket), "1", ex=30)
             except redis.RedisError:
                 pass
-            stop.wait(10)
+            stop.wait(ADVERTISE_EVERY_S)
 
     threading.Thread(target=advertise, daemon=True, name="advertise").start()
     q = Queue(dedicated_queue(ticket), connection=conn, serializer=JSONSerializer)
+    delay = poll
     try:
         while True:
-            worker = JetboxWorker([q], connection=conn, serializer=JSONSerializer, name=name)
-            worker.work(burst=True, logging_level="WARNING", with_scheduler=False)
-            if conn.exists(ended_key(ticket)) and q.count == 0:
-                return 0
-            time.sleep(poll)
+            try:
+                worker = JetboxWorker([q], connection=conn, serializer=JSONSerializer, name=name)
+                worker.work(burst=True, logging_level="WARNING", with_scheduler=False)
+                if worker._stop_requested or worker._shutdown_requested_date is not None:
+                    return 0
+                if conn.exists(ended_key(ticket)) and q.count == 0:
+                    return 0
+                delay = poll
+            except redis.ConnectionError as exc:
+                print(f"jetbox worker: Redis unavailable ({exc}); again in {delay:.1f}s", file=sys.stderr, flush=True)
+                delay = min(10.0, delay * 2)
+            time.sleep(delay)
     finally:
         stop.set()
-        conn.delete(dedicated_key(ticket))
+        with contextlib.suppress(redis.RedisError):
+            conn.delete(dedicated_key(ticket))
