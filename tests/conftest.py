@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -83,3 +84,14 @@ def running(tmp_path: Path) -> Iterator[object]:
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    """A TCP server on a free loopback port that accepts nothing by itself (network-denial tests)."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(5)
+    srv.settimeout(0.2)
+    yield srv
+    srv.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 from typing import Any
 
 from schema.ticket import Ticket, parse_ticket
@@ -26,3 +27,13 @@ def submit(ticket: Ticket, now: Any, path: str | None = None) -> Any:
 
     text = ticket.model_dump_json()
     return SubmitTicket(now=now, path=path or f"/t/{ticket.id}.yaml", content_hash=content_hash(text), ticket=ticket)
+
+
+def accepted(srv: socket.socket) -> bool:
+    """Whether a connection reached this listening socket (it waits the socket's timeout)."""
+    try:
+        conn, _ = srv.accept()
+    except TimeoutError:
+        return False
+    conn.close()
+    return True

@@ -11,33 +11,14 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers import accepted
 from tests.test_dispatch import Setup
 from workers.netns import JobNamespace, available, no_route_count
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def listener() -> Iterator[socket.socket]:
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(5)
-    srv.settimeout(0.2)
-    yield srv
-    srv.close()
-
-
-def _accepted(srv: socket.socket) -> bool:
-    try:
-        conn, _ = srv.accept()
-    except TimeoutError:
-        return False
-    conn.close()
-    return True
 
 
 needs_isolation = pytest.mark.skipif(not available()[0], reason=f"no network namespaces here: {available()[1]}")
@@ -68,8 +49,8 @@ def test_a_job_namespace_refuses_and_counts_and_the_thread_comes_back(listener: 
     import errno
 
     assert seen == {"inside": errno.ENETUNREACH, "count": 1, "blocked": 1, "same": True, "after": "connected"}
-    assert _accepted(listener)  # the one connection made after leaving the namespace, nothing else
-    assert not _accepted(listener)
+    assert accepted(listener)  # the one connection made after leaving the namespace, nothing else
+    assert not accepted(listener)
 
 
 @needs_isolation
@@ -90,7 +71,7 @@ def test_c_code_and_child_processes_cannot_reach_the_network(
     assert "refused by the kernel" in violations[0]["detail"]
     failed = [r["data"] for r in running.daemon.rows() if r["type"] == "AttemptFailed"]
     assert len(failed) == 1 and failed[0]["retry_at"] is None  # a violation is not retried
-    assert not _accepted(listener)
+    assert not accepted(listener)
     running.assert_consistent()
 
 
@@ -103,4 +84,4 @@ def test_network_allowed_jobs_keep_the_network(running: Setup, listener: socket.
         extra="constraints: {network: allow}\n",
     )
     assert running.wait_done("TICKET-2") == "TicketCompleted"
-    assert _accepted(listener)
+    assert accepted(listener)

@@ -10,32 +10,13 @@ import json
 import os
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import accepted
 from tests.jbdaemon import JBCTL
 from tests.test_dispatch import Setup
-
-
-@pytest.fixture
-def listener() -> Iterator[socket.socket]:
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(5)
-    srv.settimeout(0.2)
-    yield srv
-    srv.close()
-
-
-def _accepted(srv: socket.socket) -> bool:
-    try:
-        conn, _ = srv.accept()
-    except TimeoutError:
-        return False
-    conn.close()
-    return True
 
 
 def _violations(s: Setup) -> list[dict]:
@@ -53,7 +34,7 @@ def test_connection_to_an_unlisted_loopback_port_is_denied(running: Setup, liste
     assert len(v) == 1 and v[0]["what"] == "network" and f"127.0.0.1:{port}" in v[0]["detail"]
     failed = [r["data"] for r in running.daemon.rows() if r["type"] == "AttemptFailed"]
     assert len(failed) == 1 and failed[0]["retry_at"] is None  # no retry for a violation
-    assert not _accepted(listener)
+    assert not accepted(listener)
     running.assert_consistent()
     status = json.loads(running.jbctl("status", "TICKET-1", "--json").stdout)[0]
     assert status["trouble"]["violations"] == 1
@@ -73,7 +54,7 @@ def test_network_allowed_when_the_ticket_says_so(running: Setup, listener: socke
     running.drop("TICKET-3", f"  - {{id: a, kind: diag, with: {{connect: '127.0.0.1:{port}'}}}}\n",
                  "constraints: {network: allow}\n")
     assert running.wait_done("TICKET-3") == "TicketCompleted"
-    assert _accepted(listener)
+    assert accepted(listener)
     assert _violations(running) == []
 
 
@@ -89,7 +70,7 @@ def test_check_subprocess_has_no_network(running: Setup, listener: socket.socket
     assert running.wait_done("TICKET-4") == "TicketFailed"
     failed = [r["data"] for r in running.daemon.rows() if r["type"] == "AttemptFailed"]
     assert "exited with status 1" in failed[0]["error"]
-    assert not _accepted(listener)
+    assert not accepted(listener)
 
 
 def test_binary_outside_allowlist_opens_a_policy_proposal(running: Setup) -> None:
