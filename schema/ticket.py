@@ -18,7 +18,7 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -44,6 +44,7 @@ MAX_INT = 2**63 - 1  # integers must fit in 64 bits (JSON consumers, SQL, numpy)
 MAX_ERRORS = 20  # errors reported per file (the rest are counted)
 MAX_MESSAGE_CHARS = 400  # one error message, quoted values included
 TICKET_ID = re.compile(r"TICKET-[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # always fullmatch: `$` accepts a final \n
+MILESTONE_ID = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
 STEP_ID = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 ARTIFACT_REF = re.compile(r"^sha256:[0-9a-f]{8,64}$")
 URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -96,6 +97,7 @@ def parse_memory(value: Any) -> int:
 
 
 Duration = Annotated[float, Field(gt=0)]
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class _Strict(BaseModel):
@@ -223,6 +225,9 @@ class Ticket(_Strict):
     update: Literal["none", "adapter", "core"] = "none"
     approvers: list[str] | None = None
     expires: Duration | None = Field(default=None, description="how long a proposal stays open, e.g. 7d")
+    milestone: str | None = Field(
+        default=None, description="the plan milestone this ticket serves (set by `jbctl plan apply`), e.g. M2"
+    )
 
     @field_validator("id")
     @classmethod
@@ -235,6 +240,13 @@ class Ticket(_Strict):
     @classmethod
     def _expires(cls, value: Any) -> float | None:
         return None if value is None else parse_duration(value)
+
+    @field_validator("milestone")
+    @classmethod
+    def _milestone(cls, value: str | None) -> str | None:
+        if value is not None and not MILESTONE_ID.fullmatch(value):
+            raise ValueError(f"invalid milestone id {value!r}: e.g. M2 (letters, digits, - and _){_non_ascii(value)}")
+        return value
 
     @model_validator(mode="after")
     def _graph(self) -> Ticket:
@@ -495,38 +507,48 @@ def _position(doc: Any, loc: tuple[str | int, ...]) -> tuple[int, int]:
     return line, col
 
 
-def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+def _model_at(loc: tuple[str | int, ...], root: type[BaseModel] | None = None) -> type[BaseModel] | None:
     """The pydantic model that owns the field at `loc` (for "did you mean" hints)."""
-    model: type[BaseModel] | None = Ticket
+    model: type[BaseModel] | None = root or Ticket
     for part in loc:
         if model is None or isinstance(part, int):
             continue
         field = model.model_fields.get(part)
         if field is None:
             return model
-        ann = field.annotation
-        model = next(
-            (c for c in (ann, *getattr(ann, "__args__", ())) if isinstance(c, type) and issubclass(c, BaseModel)),
-            None,
-        )
+        model = _model_in(field.annotation)
     return model
+
+
+def _model_in(ann: Any) -> type[BaseModel] | None:
+    """The first pydantic model inside an annotation (`X`, `X | None`, `list[X]`, `Annotated[X, ...]`)."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or getattr(ann, "__metadata__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    origin = getattr(ann, "__origin__", None)
+    return _model_in(origin) if origin is not None and origin is not ann else None
 
 
 def _field_names(model: type[BaseModel]) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
-def _message(err: dict[str, Any], doc: Any) -> tuple[tuple[str | int, ...], str]:
+def _message(
+    err: dict[str, Any], doc: Any, root: type[BaseModel] | None = None
+) -> tuple[tuple[str | int, ...], str]:
     loc = tuple(err.get("loc", ()))
     ctx_error = (err.get("ctx") or {}).get("error")
     if isinstance(ctx_error, LocatedError):
         return ctx_error.loc, ctx_error.message
     # Drop pydantic's union tags ('metric', 'run' for acceptance checks) from the location.
     loc = tuple(p for n, p in enumerate(loc) if not (n == 2 and loc[0] == "acceptance" and p in ("metric", "run")))
-    where = ".".join(str(p) for p in loc) or "ticket"
+    where = ".".join(str(p) for p in loc) or (root.__name__.lower() if root else "ticket")
     kind = err.get("type", "")
     if kind == "extra_forbidden":
-        owner = _model_at(loc[:-1])
+        owner = _model_at(loc[:-1], root)
         hint = _did_you_mean(str(loc[-1]), _field_names(owner)) if owner else ""
         return loc, f"unknown key {loc[-1]!r}{hint}"
     if kind == "missing":
@@ -538,28 +560,31 @@ def _message(err: dict[str, Any], doc: Any) -> tuple[tuple[str | int, ...], str]
     return loc, f"{where}: {msg}"
 
 
-def parse_ticket(data: bytes, filename: str = "<ticket>") -> Ticket:
-    """Validate a ticket file's bytes; raises TicketInvalid listing every positioned error."""
+def load_yaml_document(
+    data: bytes, filename: str, what: str = "ticket", max_bytes: int = MAX_TICKET_BYTES, needs: str = ""
+) -> tuple[Any, Any]:
+    """Bounded YAML loading shared by tickets and plans: the ruamel document (for positions) and its
+    plain JSON value. Raises TicketInvalid with one positioned error."""
 
     def fail(message: str, line: int = 1, col: int = 1) -> TicketInvalid:
         return TicketInvalid([TicketError(filename, line, col, _clip(message))])
 
-    if len(data) > MAX_TICKET_BYTES:
-        raise fail(f"file is {len(data):,} bytes; a ticket may be at most {MAX_TICKET_BYTES:,}")
+    if len(data) > max_bytes:
+        raise fail(f"file is {len(data):,} bytes; a {what} may be at most {max_bytes:,}")
     if b"\x00" in data:
-        raise fail("binary data (NUL bytes): a ticket is a YAML text file")
+        raise fail(f"binary data (NUL bytes): a {what} is a YAML text file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise fail(f"not UTF-8 text (byte {exc.start}): a ticket is a YAML text file") from None
+        raise fail(f"not UTF-8 text (byte {exc.start}): a {what} is a YAML text file") from None
     if not text.strip():
-        raise fail("empty file: a ticket needs at least id, title, goal and steps")
+        raise fail(f"empty file: a {what} needs at least {needs}" if needs else "empty file")
     try:
         doc = _yaml_load(text)
     except LimitExceeded as exc:
         raise fail(exc.message, exc.line, exc.col) from None
     except RecursionError:  # not expected within MAX_DEPTH; a clear refusal all the same
-        raise fail(f"nested too deeply: a ticket's structure is limited to {MAX_DEPTH} levels") from None
+        raise fail(f"nested too deeply: a {what}'s structure is limited to {MAX_DEPTH} levels") from None
     except Exception as exc:  # ruamel raises several unrelated types
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
@@ -567,27 +592,39 @@ def parse_ticket(data: bytes, filename: str = "<ticket>") -> Ticket:
             raise fail(f"not valid YAML: {problem}", mark.line + 1, mark.column + 1) from None
         raise fail(f"not valid YAML: {problem}") from None
     if not isinstance(doc, dict):
-        raise fail(f"a ticket must be a mapping of keys (id, title, ...), not a {type(doc).__name__}")
+        raise fail(f"a {what} must be a mapping of keys ({needs or '...'}), not a {type(doc).__name__}")
     try:
         plain = _plain(doc)
     except LocatedError as exc:
         raise fail(exc.message, *_position(doc, exc.loc)) from None
+    return doc, plain
+
+
+def validate_document(model: type[_M], doc: Any, plain: Any, filename: str) -> _M:
+    """`model` validated from a loaded document; every error positioned as FILE:LINE:COL."""
     try:
-        ticket = Ticket.model_validate(plain)
+        return model.model_validate(plain)
     except ValidationError as exc:
         errors = []
         found = exc.errors()
         for err in found[:MAX_ERRORS]:
-            loc, message = _message(dict(err), doc)
+            loc, message = _message(dict(err), doc, model)
             line, col = _position(doc, loc)
             errors.append(TicketError(filename, line, col, _clip(message)))
         if len(found) > MAX_ERRORS:
             errors.append(TicketError(filename, 1, 1, f"... and {len(found) - MAX_ERRORS:,} more errors"))
         raise TicketInvalid(errors) from None
+
+
+def parse_ticket(data: bytes, filename: str = "<ticket>") -> Ticket:
+    """Validate a ticket file's bytes; raises TicketInvalid listing every positioned error."""
+    doc, plain = load_yaml_document(data, filename, "ticket", MAX_TICKET_BYTES, "id, title, goal and steps")
+    ticket = validate_document(Ticket, doc, plain, filename)
     stem = Path(filename).name.rsplit(".", 1)[0]
     if filename != "<ticket>" and stem != ticket.id:
         line, col = _position(doc, ("id",))
-        raise fail(f"id {ticket.id!r} does not match the file name {Path(filename).name!r}", line, col)
+        message = f"id {ticket.id!r} does not match the file name {Path(filename).name!r}"
+        raise TicketInvalid([TicketError(filename, line, col, _clip(message))])
     return ticket
 
 
@@ -661,20 +698,24 @@ def _text(value: str, loc: tuple[str | int, ...]) -> None:
 
 def load_ticket(path: Path) -> Ticket:
     """Read and validate a ticket file; raises TicketInvalid."""
-    path = Path(path)
+    return parse_ticket(read_bounded(Path(path), MAX_TICKET_BYTES, "ticket"), str(path))
+
+
+def read_bounded(path: Path, max_bytes: int, what: str = "ticket") -> bytes:
+    """At most `max_bytes + 1` bytes of a regular file; raises TicketInvalid (a FIFO must not hang)."""
     try:
         # Non-blocking, and only regular files: `jbctl validate` on a FIFO must not hang.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise TicketInvalid([TicketError(str(path), 1, 1, "not a regular file: a ticket is a YAML text file")])
+                message = f"not a regular file: a {what} is a YAML text file"
+                raise TicketInvalid([TicketError(str(path), 1, 1, message)])
             with os.fdopen(os.dup(fd), "rb") as fh:
-                data = fh.read(MAX_TICKET_BYTES + 1)
+                return fh.read(max_bytes + 1)
         finally:
             os.close(fd)
     except OSError as exc:
         raise TicketInvalid([TicketError(str(path), 1, 1, f"cannot read: {exc.strerror}")]) from None
-    return parse_ticket(data, str(path))
 
 
 def ticket_json_schema() -> dict[str, Any]:
