@@ -139,3 +139,11 @@ class RollbackCore(Command):
 
     version: int
     note: str | None = None
+
+
+class PlanMilestones(Command):
+    """`jbctl plan apply`: the plan's milestones (each as MilestonePlanned records its `spec`)."""
+
+    plan: str
+    path: str
+    milestones: list[dict[str, Any]]

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from daemon import commands as cmd
 from daemon.state import ACCEPT_PREFIX, LIVE, State, TaskState, TicketState, evolve
 from schema import events as ev
+from schema.plan import spec_hash
 from schema.policy import DEFAULT_CHECK_BINARIES, binary_of, code_grant, inline_code
 from schema.ticket import MetricCheck
 
@@ -643,6 +644,22 @@ def _violation(out: _Emitter, c: cmd.RecordViolation) -> None:
     )
 
 
+def _plan(out: _Emitter, c: cmd.PlanMilestones) -> None:
+    """Record each new or changed milestone; applying the same plan twice records nothing."""
+    for spec in c.milestones:
+        mid = str(spec["id"])
+        digest = spec_hash(spec)
+        known = out.state.milestones.get(mid)
+        if known is not None and known["hash"] == digest and known["plan"] == c.plan:
+            continue
+        revision = known["revision"] + 1 if known is not None else 1
+        out.emit(
+            ev.MilestonePlanned(
+                at=c.now, milestone=mid, plan=c.plan, path=c.path, revision=revision, content_hash=digest, spec=spec
+            )
+        )
+
+
 _DECIDERS: dict[type, Callable[[_Emitter, Any], None]] = {
     cmd.RecordHomeOwner: _record_owner,
     cmd.SubmitTicket: _submit,
@@ -662,4 +679,5 @@ _DECIDERS: dict[type, Callable[[_Emitter, Any], None]] = {
     cmd.RejectProposal: _reject,
     cmd.ReevaluateProposal: _reevaluate,
     cmd.RollbackCore: _rollback,
+    cmd.PlanMilestones: _plan,
 }

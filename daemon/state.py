@@ -127,6 +127,7 @@ class State:
     file_tickets: dict[str, str] = field(default_factory=dict)  # path -> ticket id
     violations: int = 0
     last_seq: int = 0
+    milestones: dict[str, dict] = field(default_factory=dict)  # id -> {plan, revision, hash, spec}
 
     def scratch(self, ticket_ids: list[str]) -> State:
         """A copy that `evolve` may change, sharing every ticket except those named."""
@@ -143,6 +144,7 @@ class State:
             file_tickets=dict(self.file_tickets),
             violations=self.violations,
             last_seq=self.last_seq,
+            milestones=dict(self.milestones),
         )
         for tid in ticket_ids:
             if tid in out.tickets:
@@ -396,6 +398,10 @@ def _violation(state: State, e: ev.SafetyViolation) -> None:
             ticket.forged += 1
 
 
+def _milestone_planned(state: State, e: ev.MilestonePlanned) -> None:
+    state.milestones[e.milestone] = {"plan": e.plan, "revision": e.revision, "hash": e.content_hash, "spec": e.spec}
+
+
 _HANDLERS: dict[type, Callable[[State, Any], None]] = {
     ev.TicketSubmitted: _submitted,
     ev.TicketRejected: _rejected,
@@ -423,4 +429,5 @@ _HANDLERS: dict[type, Callable[[State, Any], None]] = {
     ev.ProposalWithdrawn: _decided("withdrawn"),
     ev.CorePromoted: _promoted,
     ev.HomeOwnerRecorded: _home_owner,
+    ev.MilestonePlanned: _milestone_planned,
 }

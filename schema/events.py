@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 SYSTEM_STREAM = "system"
 INTAKE_STREAM = "intake"
 CORE_STREAM = "core"
+PLAN_STREAM = "plan"
 
 
 class Event(BaseModel):
@@ -247,6 +248,21 @@ class HomeOwnerRecorded(Event):
     home: str
 
 
+# --- plans ---------------------------------------------------------------------------------------
+
+
+class MilestonePlanned(Event):
+    """A plan's milestone, new or changed (`jbctl plan apply`): its goal, deliverables and ticket ids
+    (`spec`). `revision` counts the changes of this milestone; an unchanged one records nothing."""
+
+    milestone: str
+    plan: str
+    path: str
+    revision: int = Field(ge=1)
+    content_hash: str  # of `spec`, canonical JSON
+    spec: dict[str, Any]
+
+
 # --- safety ------------------------------------------------------------------------------------
 
 
@@ -286,5 +302,7 @@ def stream_of(event: Event) -> str:
         return CORE_STREAM
     if isinstance(event, TicketRejected):
         return INTAKE_STREAM
+    if isinstance(event, MilestonePlanned):
+        return PLAN_STREAM
     ticket = getattr(event, "ticket", None)
     return ticket if isinstance(ticket, str) else SYSTEM_STREAM

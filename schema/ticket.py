@@ -536,6 +536,15 @@ def _field_names(model: type[BaseModel]) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
+# The tags pydantic puts in an error's location for a discriminated list item, by the list's key
+# (tickets' acceptance checks; a plan's deliverables and tickets).
+_UNION_TAGS: dict[str, tuple[str, ...]] = {
+    "acceptance": ("metric", "run"),
+    "deliverables": ("acceptance", "metric", "artifact"),
+    "tickets": ("file", "inline"),
+}
+
+
 def _message(
     err: dict[str, Any], doc: Any, root: type[BaseModel] | None = None
 ) -> tuple[tuple[str | int, ...], str]:
@@ -543,8 +552,12 @@ def _message(
     ctx_error = (err.get("ctx") or {}).get("error")
     if isinstance(ctx_error, LocatedError):
         return ctx_error.loc, ctx_error.message
-    # Drop pydantic's union tags ('metric', 'run' for acceptance checks) from the location.
-    loc = tuple(p for n, p in enumerate(loc) if not (n == 2 and loc[0] == "acceptance" and p in ("metric", "run")))
+    # Drop pydantic's union tags ('metric', 'run' for acceptance checks, ...) from the location.
+    loc = tuple(
+        p
+        for n, p in enumerate(loc)
+        if not (n >= 2 and isinstance(loc[n - 1], int) and p in _UNION_TAGS.get(str(loc[n - 2]), ()))
+    )
     where = ".".join(str(p) for p in loc) or (root.__name__.lower() if root else "ticket")
     kind = err.get("type", "")
     if kind == "extra_forbidden":

@@ -11,14 +11,15 @@ rm -rf "$home"
 mkdir -p "$home/tickets"
 export JETBOX_HOME="$home"
 
-echo "== validating the example tickets"
-"$jbctl" validate tickets/examples/*.yaml tickets/examples/rtx3090/*.yaml
+echo "== validating the example tickets and the demo plan"
+"$jbctl" validate tickets/examples/TICKET-*.yaml tickets/examples/rtx3090/*.yaml
+"$jbctl" plan validate tickets/examples/plan-demo.yaml
+echo
+echo "== applying the plan (its milestones M0 and M1 write TICKET-1 to 5 into the tickets folder)"
+# TICKET-6 (inference) and TICKET-7 (an adapter) need an approved core: submitted after approval.
+"$jbctl" plan apply tickets/examples/plan-demo.yaml
 echo
 echo "== running them (jbctl up --exit-when-idle) in $home"
-# TICKET-6 (inference) and TICKET-7 (an adapter) need an approved core: submitted after approval.
-for n in 1 2 3 4 5; do
-  "$jbctl" submit "tickets/examples/TICKET-$n.yaml" >/dev/null
-done
 "$jbctl" up --exit-when-idle
 echo
 echo "== final status"
@@ -29,6 +30,14 @@ echo
 echo
 echo "== proposals waiting for a human (the core changes only with jbctl approve)"
 "$jbctl" proposals --detail
+echo
+echo "== milestones (reports in $home/reports)"
+"$jbctl" milestones
+for m in M0 M1; do
+  "$jbctl" milestone "$m" --report md -o "$home/reports/$m.md" 2>/dev/null
+  echo "$m deliverables:"
+  grep '^- \[' "$home/reports/$m.md" | sed 's/^/  /'
+done
 echo
 echo "Look around: JETBOX_HOME=$home $jbctl status TICKET-1 | describe | events | audit | sql \"SELECT ...\""
 echo "After approving, run inference on the new core: JETBOX_HOME=$home $jbctl up, then"
