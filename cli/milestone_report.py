@@ -84,8 +84,14 @@ def _sections(view: dict[str, Any]) -> dict[str, tuple[list[str], list[list[Any]
         "Tickets": (
             ["ticket", "title", "outcome", "duration", "revision", "reason"],
             [
-                [t["ticket"], t["title"], t["state"], _duration(t["duration_s"]) if t["revision"] else "",
-                 t["revision"] or "", t["reason"]]
+                [
+                    t["ticket"],
+                    t["title"],
+                    t["state"],
+                    _duration(t["duration_s"]) if t["revision"] else "",
+                    t["revision"] or "",
+                    t["reason"],
+                ]
                 for t in view["tickets"]
             ],
         ),
@@ -95,8 +101,10 @@ def _sections(view: dict[str, Any]) -> dict[str, tuple[list[str], list[list[Any]
         ),
         "Core versions produced": (
             ["version", "proposal", "promoted by", "components", "seq"],
-            [[f"v{c['version']}", c["proposal"], c["actor"], ", ".join(c["components"]), c["seq"]]
-             for c in view["core_versions"]],
+            [
+                [f"v{c['version']}", c["proposal"], c["actor"], ", ".join(c["components"]), c["seq"]]
+                for c in view["core_versions"]
+            ],
         ),
         "Proposals": (
             ["proposal", "ticket", "kind", "state", "by", "note", "seq"],
@@ -114,13 +122,26 @@ def render(book: Any, mid: str, fmt: str, now: datetime) -> tuple[bytes, dict[st
     stamp = GENERATED + now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     summary = (
         f"Plan {view['plan']}, milestone revision {view['revision']} (planned at seq {view['planned_seq']}); "
-        f"state: {view['state']}, {view['done']}/{view['total']} deliverables; from the log up to seq {view['log_seq']}."
+        f"state: {view['state']}, {view['done']}/{view['total']} deliverables; "
+        f"from the log up to seq {view['log_seq']}."
     )
     checklist = checklist_lines(view)
     sections = _sections(view)
     if fmt == "md":
-        lines = [f"# Milestone {mid}: {view['title']}", "", stamp, "", summary, "", "## Goal", "",
-                 view["goal"].strip(), "", "## Deliverables", ""]
+        lines = [
+            f"# Milestone {mid}: {view['title']}",
+            "",
+            stamp,
+            "",
+            summary,
+            "",
+            "## Goal",
+            "",
+            view["goal"].strip(),
+            "",
+            "## Deliverables",
+            "",
+        ]
         lines += [f"- {line}" for line in checklist]
         for title, (headers, rows) in sections.items():
             lines += ["", f"## {title}", ""]
@@ -159,8 +180,10 @@ def render(book: Any, mid: str, fmt: str, now: datetime) -> tuple[bytes, dict[st
         parts.append("<h2>Training curves</h2>")
         for caption, png in figures.values():
             data = base64.b64encode(png).decode()
-            parts.append(f'<figure><img alt="{e(caption)}" src="data:image/png;base64,{data}">'
-                         f"<figcaption>{e(caption)}</figcaption></figure>")
+            parts.append(
+                f'<figure><img alt="{e(caption)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{e(caption)}</figcaption></figure>"
+            )
         if not figures:
             parts.append("<p>none recorded</p>")
         parts.append("<h2>Still open</h2><ul>")

@@ -80,8 +80,15 @@ class MilestoneBook:
             return
         if isinstance(e, ev.CorePromoted):
             self.core.append(
-                {"version": e.version, "proposal": e.proposal, "actor": e.actor, "components": sorted(e.components),
-                 "rollback_to": e.rollback_to, "seq": seq, "at": e.at}
+                {
+                    "version": e.version,
+                    "proposal": e.proposal,
+                    "actor": e.actor,
+                    "components": sorted(e.components),
+                    "rollback_to": e.rollback_to,
+                    "seq": seq,
+                    "at": e.at,
+                }
             )
             return
         tid = getattr(e, "ticket", None)
@@ -116,8 +123,14 @@ class MilestoneBook:
             run.blocked.clear()
         elif isinstance(e, ev.ProposalOpened):
             self.proposals[e.proposal] = {
-                "id": e.proposal, "ticket": tid, "kind": e.kind, "state": "open", "actor": None, "note": None,
-                "opened_seq": seq, "seq": seq,
+                "id": e.proposal,
+                "ticket": tid,
+                "kind": e.kind,
+                "state": "open",
+                "actor": None,
+                "note": None,
+                "opened_seq": seq,
+                "seq": seq,
             }
             if e.kind == "core":
                 run.awaiting = e.proposal
@@ -143,8 +156,16 @@ class MilestoneBook:
             item = _DELIVERABLE.validate_python(raw)
         except ValidationError:  # a kind this version does not know (recorded by a newer plan)
             name = str(raw.get("name", "?"))
-            return {"name": name, "kind": "unknown", "check": str(raw), "ok": False, "value": None, "seq": None,
-                    "event": None, "why": "not a deliverable kind this Jetbox knows"}
+            return {
+                "name": name,
+                "kind": "unknown",
+                "check": str(raw),
+                "ok": False,
+                "value": None,
+                "seq": None,
+                "event": None,
+                "why": "not a deliverable kind this Jetbox knows",
+            }
         if isinstance(item, AcceptanceDeliverable):
             return self._acceptance(item)
         if isinstance(item, MetricDeliverable):
@@ -152,45 +173,81 @@ class MilestoneBook:
         return self._artifact(item)
 
     def _acceptance(self, item: AcceptanceDeliverable) -> dict[str, Any]:
-        out = {"name": item.name, "kind": "acceptance", "check": f"{item.acceptance} acceptance passes",
-               "ok": False, "value": None, "seq": None, "event": None}
+        out = {
+            "name": item.name,
+            "kind": "acceptance",
+            "check": f"{item.acceptance} acceptance passes",
+            "ok": False,
+            "value": None,
+            "seq": None,
+            "event": None,
+        }
         run = self.tickets.get(item.acceptance)
         if run is None or run.acceptance is None:
             return out | {"why": "not evaluated yet" if run else "ticket not submitted yet"}
         results = run.acceptance["results"]
         ok = sum(1 for r in results if r.get("ok"))
         value = "passed" if run.acceptance["passed"] else "failed"
-        return out | {"ok": bool(run.acceptance["passed"]), "value": f"{value} ({ok}/{len(results)} checks)",
-                      "seq": run.acceptance["seq"], "event": "AcceptanceEvaluated",
-                      "why": None if run.acceptance["passed"] else "acceptance failed"}
+        return out | {
+            "ok": bool(run.acceptance["passed"]),
+            "value": f"{value} ({ok}/{len(results)} checks)",
+            "seq": run.acceptance["seq"],
+            "event": "AcceptanceEvaluated",
+            "why": None if run.acceptance["passed"] else "acceptance failed",
+        }
 
     def _metric(self, item: MetricDeliverable) -> dict[str, Any]:
         check = item.check
-        out = {"name": item.name, "kind": "metric", "check": f"{item.ticket} {check.metric} {check.op} {check.value:g}",
-               "ok": False, "value": None, "seq": None, "event": None}
+        out = {
+            "name": item.name,
+            "kind": "metric",
+            "check": f"{item.ticket} {check.metric} {check.op} {check.value:g}",
+            "ok": False,
+            "value": None,
+            "seq": None,
+            "event": None,
+        }
         run = self.tickets.get(item.ticket)
         found = run.metrics.get((check.step, check.name)) if run else None
         if found is None:
             return out | {"why": "ticket not submitted yet" if run is None else "metric not recorded yet"}
         value, seq = found
         ok = check.holds(value)
-        return out | {"ok": ok, "value": value, "seq": seq, "event": "AttemptSucceeded",
-                      "why": None if ok else f"measured {value:g}, needs {check.op} {check.value:g}"}
+        return out | {
+            "ok": ok,
+            "value": value,
+            "seq": seq,
+            "event": "AttemptSucceeded",
+            "why": None if ok else f"measured {value:g}, needs {check.op} {check.value:g}",
+        }
 
     def _artifact(self, item: ArtifactDeliverable) -> dict[str, Any]:
         what = f"{item.ticket} {item.artifact}" + (f" ({item.kind})" if item.kind else "")
-        out = {"name": item.name, "kind": "artifact", "check": f"artifact from {what}",
-               "ok": False, "value": None, "seq": None, "event": None}
+        out = {
+            "name": item.name,
+            "kind": "artifact",
+            "check": f"artifact from {what}",
+            "ok": False,
+            "value": None,
+            "seq": None,
+            "event": None,
+        }
         run = self.tickets.get(item.ticket)
         found = [
-            a for a in (run.artifacts if run else [])
+            a
+            for a in (run.artifacts if run else [])
             if a["task"] == item.artifact and (item.kind is None or a["kind"] == item.kind)
         ]
         if not found:
             return out | {"why": "ticket not submitted yet" if run is None else "no such artifact recorded yet"}
         last = found[-1]
-        return out | {"ok": True, "value": f"{last['kind']} {last['id'][:19]}", "seq": last["seq"],
-                      "event": "ArtifactRecorded", "why": None}
+        return out | {
+            "ok": True,
+            "value": f"{last['kind']} {last['id'][:19]}",
+            "seq": last["seq"],
+            "event": "ArtifactRecorded",
+            "why": None,
+        }
 
     def view(self, mid: str) -> dict[str, Any]:
         """Where milestone `mid` stands (KeyError if it was never planned)."""
@@ -199,15 +256,22 @@ class MilestoneBook:
         ids = [str(t) for t in spec.get("tickets", [])]
         deliverables = [self.evaluate(d) for d in spec.get("deliverables", [])]
         runs = [self.tickets[t] for t in ids if t in self.tickets]
-        tickets = []
-        for t in ids:
-            run = self.tickets.get(t)
+        tickets: list[dict[str, Any]] = []
+        for tid in ids:
+            run = self.tickets.get(tid)
             tickets.append(
-                {"ticket": t, "title": run.title if run else "", "state": run.state if run else "not submitted",
-                 "revision": run.revision if run else 0, "duration_s": run.duration_s if run else None,
-                 "submitted_seq": run.submitted_seq if run else None, "ended_seq": run.ended_seq if run else None,
-                 "reason": run.reason if run else None, "awaiting": run.awaiting if run else None,
-                 "blocked": dict(run.blocked) if run else {}}
+                {
+                    "ticket": tid,
+                    "title": run.title if run else "",
+                    "state": run.state if run else "not submitted",
+                    "revision": run.revision if run else 0,
+                    "duration_s": run.duration_s if run else None,
+                    "submitted_seq": run.submitted_seq if run else None,
+                    "ended_seq": run.ended_seq if run else None,
+                    "reason": run.reason if run else None,
+                    "awaiting": run.awaiting if run else None,
+                    "blocked": dict(run.blocked) if run else {},
+                }
             )
         running = [r for r in runs if r.state == "running"]
         trouble = [r for r in runs if r.state in ("failed", "cancelled") or r.blocked]
@@ -240,9 +304,7 @@ class MilestoneBook:
         proposals = [p for p in self.proposals.values() if p["ticket"] in mine]
         promoted = {p["id"] for p in proposals}
         core = [c for c in self.core if c["proposal"] in promoted]
-        artifacts = [
-            {"ticket": r.id, **a} for r in runs for a in r.artifacts
-        ]
+        artifacts = [{"ticket": r.id, **a} for r in runs for a in r.artifacts]
         return {
             "milestone": mid,
             "plan": record.plan,

@@ -60,8 +60,7 @@ class MetricDeliverable(_Deliverable):
     @field_validator("metric")
     @classmethod
     def _metric(cls, value: str) -> str:
-        MetricCheck(metric=value, op=">=", value=0)  # the same rule and message as acceptance checks
-        return value
+        return MetricCheck._metric(value)  # the same rule and message as acceptance checks
 
     @property
     def check(self) -> MetricCheck:
@@ -84,9 +83,12 @@ DELIVERABLE_KEYS = {"acceptance": "acceptance", "metric": "metric", "artifact": 
 def _deliverable_kind(value: Any) -> str | None:
     if isinstance(value, dict):
         return next((kind for key, kind in DELIVERABLE_KEYS.items() if key in value), None)
-    return {AcceptanceDeliverable: "acceptance", MetricDeliverable: "metric", ArtifactDeliverable: "artifact"}.get(
-        type(value)
-    )
+    kinds: dict[type, str] = {
+        AcceptanceDeliverable: "acceptance",
+        MetricDeliverable: "metric",
+        ArtifactDeliverable: "artifact",
+    }
+    return kinds.get(type(value))
 
 
 Deliverable = Annotated[

@@ -507,29 +507,34 @@ def _position(doc: Any, loc: tuple[str | int, ...]) -> tuple[int, int]:
     return line, col
 
 
-def _model_at(loc: tuple[str | int, ...], root: type[BaseModel] | None = None) -> type[BaseModel] | None:
-    """The pydantic model that owns the field at `loc` (for "did you mean" hints)."""
-    model: type[BaseModel] | None = root or Ticket
+def _models_at(loc: tuple[str | int, ...], root: type[BaseModel] | None = None) -> list[type[BaseModel]]:
+    """The pydantic models that may own the field at `loc` (several inside a union), for "did you
+    mean" hints."""
+    models: list[type[BaseModel]] = [root or Ticket]
     for part in loc:
-        if model is None or isinstance(part, int):
+        if isinstance(part, int):
             continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return model
-        model = _model_in(field.annotation)
-    return model
+        owner = next((m for m in models if part in _field_names(m)), None)
+        if owner is None:
+            return models
+        field = next(f for name, f in owner.model_fields.items() if part in (name, f.alias))
+        models = _models_in(field.annotation)
+        if not models:
+            return []
+    return models
 
 
-def _model_in(ann: Any) -> type[BaseModel] | None:
-    """The first pydantic model inside an annotation (`X`, `X | None`, `list[X]`, `Annotated[X, ...]`)."""
+def _models_in(ann: Any) -> list[type[BaseModel]]:
+    """The pydantic models inside an annotation (`X`, `X | None`, `list[X]`, `Annotated[X | Y, ...]`)."""
     if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return ann
-    for arg in getattr(ann, "__args__", ()) or getattr(ann, "__metadata__", ()):
-        found = _model_in(arg)
-        if found is not None:
-            return found
+        return [ann]
+    found: list[type[BaseModel]] = []
+    for arg in getattr(ann, "__args__", ()) or ():
+        found += [m for m in _models_in(arg) if m not in found]
     origin = getattr(ann, "__origin__", None)
-    return _model_in(origin) if origin is not None and origin is not ann else None
+    if not found and origin is not None and origin is not ann:
+        found = _models_in(origin)
+    return found
 
 
 def _field_names(model: type[BaseModel]) -> list[str]:
@@ -550,19 +555,19 @@ def _message(
 ) -> tuple[tuple[str | int, ...], str]:
     loc = tuple(err.get("loc", ()))
     ctx_error = (err.get("ctx") or {}).get("error")
-    if isinstance(ctx_error, LocatedError):
-        return ctx_error.loc, ctx_error.message
     # Drop pydantic's union tags ('metric', 'run' for acceptance checks, ...) from the location.
     loc = tuple(
         p
         for n, p in enumerate(loc)
         if not (n >= 2 and isinstance(loc[n - 1], int) and p in _UNION_TAGS.get(str(loc[n - 2]), ()))
     )
+    if isinstance(ctx_error, LocatedError):  # raised by a model at `loc` (a ticket inside a plan, say)
+        return (*loc, *ctx_error.loc), ctx_error.message
     where = ".".join(str(p) for p in loc) or (root.__name__.lower() if root else "ticket")
     kind = err.get("type", "")
     if kind == "extra_forbidden":
-        owner = _model_at(loc[:-1], root)
-        hint = _did_you_mean(str(loc[-1]), _field_names(owner)) if owner else ""
+        names = [n for m in _models_at(loc[:-1], root) for n in _field_names(m)]
+        hint = _did_you_mean(str(loc[-1]), names)
         return loc, f"unknown key {loc[-1]!r}{hint}"
     if kind == "missing":
         return loc[:-1], f"missing required key {loc[-1]!r}"
