@@ -208,7 +208,8 @@ def checklist_lines(view: dict[str, Any]) -> list[str]:
         mark = "[x]" if d["ok"] else "[ ]"
         value = d["value"]
         shown = f"{value:g}" if isinstance(value, float) else (value or "—")
-        proof = f", proved by {d['event']} seq {d['seq']}" if d["seq"] is not None else ""
+        verb = "proved by" if d["ok"] else "measured in"
+        proof = f", {verb} {d['event']} seq {d['seq']}" if d["seq"] is not None else ""
         why = f"; {d['why']}" if not d["ok"] and d.get("why") else ""
         out.append(f"{mark} {d['name']}: {shown} ({d['check']}{proof}{why})")
     return out

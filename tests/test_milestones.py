@@ -348,6 +348,11 @@ def test_a_threshold_above_the_measured_value_stays_unticked(tmp_path: Path) -> 
     assert [d["ok"] for d in view["deliverables"]] == [True, False, True]
     assert view["deliverables"][1]["value"] == 0.7 and "measured 0.7, needs >= 0.8" in view["deliverables"][1]["why"]
     assert view["state"] == "in progress"
+    from cli.milestone_report import render
+
+    md = render(fold(log.events), "M1", "md", T0)[0].decode()
+    assert "- [ ] score: 0.7 (TICKET-1 a.score >= 0.8, measured in AttemptSucceeded seq" in md
+    assert "measured 0.7, needs >= 0.8" in md and "state: in progress, 2/3 deliverables" in md
 
 
 # --- the report ------------------------------------------------------------------------------------
