@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _summary(data: dict[str, Any]) -> str:
-    keys = ("task", "attempt", "worker", "step", "reason", "error", "proposal", "what", "path")
+    keys = ("task", "attempt", "worker", "step", "reason", "error", "proposal", "what", "milestone", "path")
     parts = []
     for k in keys:
         if data.get(k) not in (None, ""):
