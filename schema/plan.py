@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from schema.ticket import (
+    MAX_TICKET_BYTES,
     MILESTONE_ID,
     TICKET_ID,
     LocatedError,
@@ -27,8 +28,8 @@ from schema.ticket import (
     _did_you_mean,
     _position,
     _Strict,
-    load_ticket,
     load_yaml_document,
+    parse_ticket,
     read_bounded,
     validate_document,
 )
@@ -206,8 +207,6 @@ def ticket_bytes(ticket: Ticket, original: bytes | None, milestone: str) -> byte
         text = original.decode()
         out = (text if text.endswith("\n") else text + "\n") + f"milestone: {milestone}\n"
         try:  # a flow-style document cannot take an appended key: fall back to the spec
-            from schema.ticket import parse_ticket
-
             if parse_ticket(out.encode()).milestone == milestone:
                 return out.encode()
         except TicketInvalid:
@@ -240,11 +239,11 @@ def parse_plan(data: bytes, filename: str = "<plan>", folder: Path | None = None
                     continue
                 path = folder / entry.file
                 try:
-                    ticket = load_ticket(path)
+                    original: bytes | None = read_bounded(path, MAX_TICKET_BYTES, "ticket")
+                    ticket = parse_ticket(original or b"", str(path))
                 except TicketInvalid as exc:
                     errors.extend(exc.errors)
                     continue
-                original: bytes | None = path.read_bytes()
                 source = str(path)
             else:
                 ticket, original, source = entry, None, filename

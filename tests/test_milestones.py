@@ -159,6 +159,20 @@ def test_invalid_plans_give_positioned_errors(tmp_path: Path, text: str, expecte
     assert all(e.split(":")[1].isdigit() and e.split(":")[2].isdigit() for e in found), found
 
 
+def test_written_tickets_carry_their_milestone_inline_file_or_flow_style(tmp_path: Path) -> None:
+    flow = "{id: TICKET-2, title: second, goal: g, steps: [{id: b, kind: diag}, {id: smoke, kind: diag}]}\n"
+    write_plan(tmp_path, ticket2=flow)
+    loaded = load_plan(tmp_path / "plan.yaml")
+    written = {t.ticket.id: t for t in loaded.tickets}
+    for tid, planned in written.items():
+        again = parse_ticket(planned.data, f"{tid}.yaml")
+        assert again.milestone == planned.milestone
+        assert again.model_dump(exclude={"milestone"}) == planned.ticket.model_dump(exclude={"milestone"})
+    assert written["TICKET-1"].data.startswith(b"# written by `jbctl plan apply`")  # inline: generated
+    assert written["TICKET-2"].data.startswith(b"# written by")  # flow style cannot take a key: regenerated
+    assert written["TICKET-3"].milestone == "M2"
+
+
 def test_a_bad_ticket_file_is_reported_at_its_own_line(tmp_path: Path) -> None:
     write_plan(tmp_path, ticket2=TICKET_2.replace("kind: check", "kind: chek"))
     found = plan_errors(PLAN, tmp_path)
