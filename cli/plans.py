@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _load(path: Path) -> Any:
     """The validated plan, or None after printing each error as FILE:LINE:COL: message."""
-    from schema.plan import load_plan
+    from schema.plans import load_plan
     from schema.ticket import TicketInvalid
 
     try:
@@ -66,7 +66,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from schema.plan import plan_json_schema
+    from schema.plans import plan_json_schema
 
     text = json.dumps(plan_json_schema(), indent=2) + "\n"
     if args.output:

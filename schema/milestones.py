@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import TypeAdapter, ValidationError
 
 from schema import events as ev
-from schema.plan import AcceptanceDeliverable, ArtifactDeliverable, Deliverable, MetricDeliverable
+from schema.plans import AcceptanceDeliverable, ArtifactDeliverable, Deliverable, MetricDeliverable
 
 MilestoneState = Literal["planned", "in progress", "done", "blocked"]
 ENDED = ("completed", "failed", "cancelled")

@@ -16,7 +16,7 @@ from daemon.decider import decide
 from daemon.state import State, evolve
 from schema import events as ev
 from schema.milestones import MilestoneBook, fold
-from schema.plan import MAX_PLAN_BYTES, load_plan, parse_plan, plan_json_schema
+from schema.plans import MAX_PLAN_BYTES, load_plan, parse_plan, plan_json_schema
 from schema.ticket import TicketInvalid, parse_ticket
 from tests.conftest import EXAMPLES, ROOT
 from tests.helpers import submit
