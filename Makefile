@@ -1,4 +1,5 @@
 # The two commands: `make demo` and `make test`. Both bootstrap .venv themselves.
+# `make test-fast` is the edit-run loop: unit tests only (no processes started, no training).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_HOME ?= $(CURDIR)/demo-home
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck bench clean venv
+.PHONY: demo test test-fast lint typecheck bench clean venv
 
 venv: $(STAMP)
 
@@ -24,6 +25,9 @@ typecheck: $(STAMP)
 
 test: $(STAMP) lint typecheck
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	@bash scripts/demo.sh "$(DEMO_HOME)"

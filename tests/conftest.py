@@ -75,7 +75,7 @@ def clock() -> Clock:
 @pytest.fixture
 def running(tmp_path: Path) -> Iterator[object]:
     """A private redis-server, a real `jbctl daemon` and one `cpu` worker on a fresh home."""
-    from tests.test_dispatch import Setup
+    from tests.harness import Setup
 
     s = Setup(tmp_path / "home")
     try:

@@ -56,6 +56,7 @@ def test_untrained_adapter_changes_nothing_and_only_deltas_train() -> None:
         load_adapter(nn.Sequential(*[m for m in net]), {k: v[:1] for k, v in state.items()})
 
 
+@pytest.mark.integration
 def test_adapter_learns_on_a_frozen_core(tmp_path: Path) -> None:
     data = run_synthesize(_ctx(tmp_path, "s"), {"generator": "sudoku", "count": 400, "seed": 3, "params": {"n": 4}})
     inputs = {"p": data.outputs}

@@ -104,6 +104,7 @@ def test_approve_as_the_home_owner_records_the_owner_first(
     assert replay_differences(store) == []
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the home to another user")
 def test_someone_else_s_home_refuses_with_the_rule_and_star_opens_it(
     store: EventStore, home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch

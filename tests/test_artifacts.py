@@ -206,6 +206,7 @@ def test_manifest_listing_a_missing_shard_is_refused(store: ArtifactStore) -> No
         store.put_manifest(bad)
 
 
+@pytest.mark.integration
 def test_schema_artifacts_imports_only_stdlib_and_pydantic() -> None:
     code = ("import sys, schema.artifacts; bad = [m for m in ('numpy', 'torch', 'workers', 'daemon', 'cli') "
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
@@ -469,6 +470,7 @@ def test_cli_gc_dry_run_then_yes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert not store.has(orphan) and _jb(tmp_path, "verify") == 0
 
 
+@pytest.mark.integration
 def test_cli_never_imports_torch(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path / "artifacts")
     manifest_id, _ = _dataset(store, "shapes", {"size": 32}, count=4)

@@ -127,6 +127,7 @@ def test_cancel(filled: EventStore, capsys: pytest.CaptureFixture[str]) -> None:
     assert rec.data["reason"] == "not needed" and "user" in rec.meta["actor"]
 
 
+@pytest.mark.integration
 def test_jbctl_and_daemon_never_import_torch() -> None:
     code = (
         "import sys, cli.main as m; m.build_parser();"
@@ -142,11 +143,13 @@ def test_jbctl_and_daemon_never_import_torch() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.integration
 def test_jbctl_help_via_process() -> None:
     proc = subprocess.run([JBCTL, "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "status" in proc.stdout and "sql" in proc.stdout
 
 
+@pytest.mark.integration
 def test_events_follow_streams_new_events(store: EventStore) -> None:
     import os
     import time
@@ -184,6 +187,7 @@ def test_backup_copies_a_verified_event_log(
     assert "exists" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_a_reader_that_leaves_early_is_not_an_error(filled: EventStore, home: Path) -> None:
     """`jbctl sql ... | head -c 1`: no traceback, exit 0 (the output is far larger than a pipe's buffer)."""
     import os

@@ -24,6 +24,7 @@ from tests.jbdaemon import JBCTL, atomic_write, invalid_ticket, valid_ticket, wa
 from tests.jbdaemon import Daemon as DaemonProc
 
 
+@pytest.mark.integration
 def test_second_daemon_on_the_same_home_is_refused(tmp_path: Path) -> None:
     first = DaemonProc(tmp_path).start()
     try:
@@ -38,6 +39,7 @@ def test_second_daemon_on_the_same_home_is_refused(tmp_path: Path) -> None:
     assert (tmp_path / "daemon.lock").read_text() == ""  # released: no stale pid left behind
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_cleanly(tmp_path: Path, sig: int) -> None:
     d = DaemonProc(tmp_path).start()
@@ -93,6 +95,7 @@ def test_restart_catches_up_with_changes_made_while_down(tmp_path: Path) -> None
     assert d.stop() == 0
 
 
+@pytest.mark.integration
 def test_kill9_in_a_burst_loses_nothing_and_records_nothing_twice(tmp_path: Path) -> None:
     d = DaemonProc(tmp_path).start()
     rng = random.Random(7)
@@ -139,6 +142,7 @@ def test_kill9_in_a_burst_loses_nothing_and_records_nothing_twice(tmp_path: Path
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.integration
 def test_daemon_never_imports_torch_or_workers() -> None:
     code = (
         "import sys, cli.main, cli.daemon_cmds, daemon.service, daemon.intake, daemon.notify\n"
@@ -171,6 +175,7 @@ class _Recorder:
         self.closed = True
 
 
+@pytest.mark.integration
 def test_reactors_are_built_with_the_handler_polled_and_closed(home: Path) -> None:
     assert DEFAULT_REACTORS is not None  # the list other areas append their factories to
     built: list[_Recorder] = []
@@ -220,6 +225,7 @@ def test_deleted_tickets_folder_is_recreated_and_watched_again(tmp_path: Path) -
     assert d.stop() == 0
 
 
+@pytest.mark.integration
 def test_without_redis_the_daemon_refuses_to_start_and_says_how_to_fix_it(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JETBOX_")}
     env.update(JETBOX_HOME=str(tmp_path))
@@ -230,6 +236,7 @@ def test_without_redis_the_daemon_refuses_to_start_and_says_how_to_fix_it(tmp_pa
     assert not (tmp_path / "jetbox.db").exists()  # refused before anything was created
 
 
+@pytest.mark.integration
 def test_a_recording_only_daemon_says_so_in_status_and_jbctl_status(tmp_path: Path) -> None:
     d = DaemonProc(tmp_path).start()  # the harness passes --no-dispatch when no Redis is configured
     try:
@@ -245,6 +252,7 @@ def test_a_recording_only_daemon_says_so_in_status_and_jbctl_status(tmp_path: Pa
     assert "daemon: not running on this home" in out.stdout  # its status file went with it
 
 
+@pytest.mark.integration
 def test_status_line_counts_tickets_awaiting_approval(home: Path) -> None:
     """STATUS= (and so `systemctl status` and `jbctl status`) says how many tickets wait for a person."""
     from types import SimpleNamespace

@@ -144,6 +144,7 @@ def test_retry_blocked_task_and_consistency(store: EventStore, capsys: pytest.Ca
     assert jbctl(["retry", "TICKET-1", "--task", "zz"]) == 1
 
 
+@pytest.mark.integration
 def test_approve_asks_on_a_terminal_only(store: EventStore) -> None:
     core_ticket(CommandHandler(store), "TICKET-1")
     proc = subprocess.run([JBCTL, "approve", "P-1"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
@@ -219,6 +220,7 @@ def test_reasoner_proposal_without_baselines_shows_its_measurements(store: Event
     assert "-- other measurements" in out and "eval.blank" in out and "to approve" not in out
 
 
+@pytest.mark.integration
 def test_marks_are_coloured_on_a_terminal_only(store: EventStore) -> None:
     import os
     import pty

@@ -8,7 +8,11 @@ import getpass
 import json
 from pathlib import Path
 
-from tests.test_dispatch import Setup
+import pytest
+
+from tests.harness import Setup
+
+pytestmark = pytest.mark.integration  # starts processes or trains
 
 ME = getpass.getuser()
 PUZZLE = "1 0 0 4\n0 0 1 0\n0 1 0 0\n4 0 0 1\n"

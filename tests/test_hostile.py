@@ -170,6 +170,7 @@ def test_billion_laughs_is_refused_in_well_under_a_second_and_little_memory() ->
     assert "alias *a" in errors[0] and "expanded size" in errors[0]
 
 
+@pytest.mark.integration
 def test_validate_refuses_billion_laughs_via_a_real_process(tmp_path: Path) -> None:
     path = tmp_path / "TICKET-1.yaml"
     path.write_text(billion_laughs("TICKET-1"))
@@ -231,6 +232,7 @@ _INTAKE_ONCE = (
 )
 
 
+@pytest.mark.integration
 def test_unreadable_file_is_rejected(tmp_path: Path) -> None:
     """Permission bits do not stop root (CAP_DAC_OVERRIDE), and the tests run as root: the real
     intake code runs in a child that is root without the DAC capabilities (setpriv), so a mode-000
@@ -422,6 +424,7 @@ def test_file_rewritten_while_read_never_records_a_torn_ticket(daemon: Daemon) -
     assert "Traceback" not in daemon.log_text()
 
 
+@pytest.mark.integration
 def test_validate_refuses_a_fifo_without_blocking(tmp_path: Path) -> None:
     fifo = tmp_path / "TICKET-1.yaml"
     os.mkfifo(fifo)

@@ -294,6 +294,7 @@ def _tiny(model: str, **kw: object) -> ReasonerTrainParams:
     return ReasonerTrainParams.model_validate({**base, **kw})
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("model", ["hrm", "trm", "direct"])
 def test_exact_resume(model: str, tmp_path: Path) -> None:
     """2N steps straight == N steps, checkpoint, a new process state, N more steps: bit for bit."""
@@ -326,6 +327,7 @@ def test_exact_resume(model: str, tmp_path: Path) -> None:
         assert m_full[k] == m_resumed[k], k
 
 
+@pytest.mark.integration
 def test_checkpoint_refuses_other_config(tmp_path: Path) -> None:
     train, test = sudoku(4, 64, 8)
     ctx = LocalContext(tmp_path / "a")
@@ -335,6 +337,7 @@ def test_checkpoint_refuses_other_config(tmp_path: Path) -> None:
         train_reasoner(other, _tiny("trm", max_steps=4, d_model=32), train, test)
 
 
+@pytest.mark.integration
 def test_training_learns_4x4(tmp_path: Path, seed: int = 0) -> None:
     """A short TRM run on real minimal 4x4 sudoku: loss falls and blank-cell accuracy clears chance.
 
@@ -381,6 +384,7 @@ def test_augmentation_preserves_validity() -> None:
 # ------------------------------------------------------------------------------------------------ visual
 
 
+@pytest.mark.integration
 def test_visual_reasoner_reads_latents(tmp_path: Path) -> None:
     train, test = sudoku(4, 64, 16)
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, 24))  # any [B,C,H,W] -> [B,D] module
@@ -419,6 +423,7 @@ def test_segment_stagger_ramps_the_cap() -> None:
 # ------------------------------------------------------------------------------------------------ mazes
 
 
+@pytest.mark.integration
 def test_maze_task_trains_and_never_scores_walls(tmp_path: Path) -> None:
     from workers.synth.maze import GENERATOR, MazeParams, shortest_path
 
@@ -443,6 +448,7 @@ def test_maze_task_trains_and_never_scores_walls(tmp_path: Path) -> None:
         evaluate_reasoner(LocalContext(tmp_path / "x"), _tiny("trm"), ctx.checkpoints[-1][0], sudoku(4, 8, 8)[1])
 
 
+@pytest.mark.integration
 def test_cancel_saves_a_checkpoint_then_stops(tmp_path: Path) -> None:
     train, test = sudoku(4, 32, 8)
     ctx = LocalContext(tmp_path, stop_requested=True)

@@ -32,6 +32,7 @@ def decisions(d: Daemon, path: Path) -> list[str]:
     return [r["type"] for r in d.rows() if r["data"].get("path") == str(path) and r["type"] in INTAKE_TYPES]
 
 
+@pytest.mark.integration
 def test_plain_write_is_submitted(daemon: Daemon) -> None:
     path = daemon.tickets / "TICKET-101.yaml"
     path.write_text(valid_ticket("TICKET-101"))
@@ -40,6 +41,7 @@ def test_plain_write_is_submitted(daemon: Daemon) -> None:
     assert row["data"]["spec"]["steps"][0]["kind"] == "diag"
 
 
+@pytest.mark.integration
 def test_slow_writer_is_read_once_complete(daemon: Daemon) -> None:
     path = daemon.tickets / "TICKET-102.yaml"
     text = valid_ticket("TICKET-102")
@@ -53,6 +55,7 @@ def test_slow_writer_is_read_once_complete(daemon: Daemon) -> None:
     assert decisions(daemon, path) == ["TicketSubmitted"]
 
 
+@pytest.mark.integration
 def test_unchanged_save_records_nothing(daemon: Daemon) -> None:
     path = daemon.tickets / "TICKET-103.yaml"
     atomic_write(path, valid_ticket("TICKET-103"))
@@ -65,6 +68,7 @@ def test_unchanged_save_records_nothing(daemon: Daemon) -> None:
     assert decisions(daemon, path) == ["TicketSubmitted"]
 
 
+@pytest.mark.integration
 def test_revision_refused_while_running_then_applied(daemon: Daemon) -> None:
     path = daemon.tickets / "TICKET-104.yaml"
     atomic_write(path, valid_ticket("TICKET-104", title="first"))
@@ -84,6 +88,7 @@ def test_revision_refused_while_running_then_applied(daemon: Daemon) -> None:
     wait_for("the note to go", lambda: not note.exists())
 
 
+@pytest.mark.integration
 def test_editor_temp_and_backup_names_are_ignored(daemon: Daemon) -> None:
     bad = invalid_ticket("TICKET-105")  # would be rejected if intake read any of these
     names = [".#TICKET-105.yaml", "#TICKET-105.yaml#", "TICKET-105.yaml~", "TICKET-105.yaml.swp",
@@ -99,6 +104,7 @@ def test_editor_temp_and_backup_names_are_ignored(daemon: Daemon) -> None:
         (daemon.tickets / name).unlink()
 
 
+@pytest.mark.integration
 def test_vim_style_save_is_a_revision_not_a_delete(daemon: Daemon) -> None:
     path = daemon.tickets / "TICKET-106.yaml"
     atomic_write(path, valid_ticket("TICKET-106", title="first"))
@@ -112,6 +118,7 @@ def test_vim_style_save_is_a_revision_not_a_delete(daemon: Daemon) -> None:
     assert decisions(daemon, path) == ["TicketSubmitted", "TicketRevisionRefused"]
 
 
+@pytest.mark.integration
 def test_cp_mv_and_delete(daemon: Daemon, tmp_path: Path) -> None:
     outside = tmp_path / "TICKET-107.yaml"
     outside.write_text(valid_ticket("TICKET-107"))
@@ -141,6 +148,7 @@ def test_cp_mv_and_delete(daemon: Daemon, tmp_path: Path) -> None:
     wait_for("the note to go", lambda: not note.exists())
 
 
+@pytest.mark.integration
 def test_invalid_ticket_rejected_once_with_note_until_fixed(daemon: Daemon) -> None:
     path = daemon.tickets / "TICKET-110.yaml"
     path.write_text(invalid_ticket("TICKET-110"))
@@ -164,6 +172,7 @@ def test_invalid_ticket_rejected_once_with_note_until_fixed(daemon: Daemon) -> N
     assert len(seen) == 1 and seen[0]["data"]["ticket"] == "TICKET-110"
 
 
+@pytest.mark.integration
 def test_someone_elses_note_is_left_alone(daemon: Daemon) -> None:
     path = daemon.tickets / "TICKET-111.yaml"
     theirs = daemon.tickets / "TICKET-111.rejected.txt"
@@ -237,6 +246,7 @@ def test_huge_file_is_rejected_not_loaded(tmp_path: Path) -> None:
     assert "at most" in command.errors[0]
 
 
+@pytest.mark.integration
 def test_jbctl_submit_lands_in_the_watched_folder(daemon: Daemon, tmp_path: Path) -> None:
     src = tmp_path / "TICKET-112.yaml"
     src.write_text(valid_ticket("TICKET-112"))

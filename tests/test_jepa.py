@@ -190,6 +190,7 @@ train_jepa(ctx, params, ShapesGenerator().generate(ShapesParams(), 3, 0, 256))
 """
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("extra", [
     {"model": "jepa"},
     {"model": "jepa-text", "arch": {**MICRO, "regularizer": "ema"}, "text": MICRO_TEXT},
@@ -218,6 +219,7 @@ def test_resume_is_bit_exact(tmp_path: Path, small_data: dict[str, np.ndarray], 
     assert a["history"] == b["history"]
 
 
+@pytest.mark.integration
 def test_progress_checkpoints_plot_and_cancel(tmp_path: Path, small_data: dict[str, np.ndarray]) -> None:
     class StopAfter(LocalContext):
         def cancelled(self) -> bool:
@@ -244,6 +246,7 @@ def test_progress_checkpoints_plot_and_cancel(tmp_path: Path, small_data: dict[s
     assert plots and Path(plots[0]["path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.integration
 def test_wrong_image_size_is_clear(tmp_path: Path) -> None:
     data = ShapesGenerator().generate(ShapesParams(size=64), 0, 0, 8)
     with pytest.raises(ValueError, match="img_size 32"):
@@ -262,6 +265,7 @@ def test_recall_counts_duplicate_captions() -> None:
     assert recall_chance(caps, caps, ks=(1,))[1] == pytest.approx((0.5 + 0.5 + 0.25 + 0.25) / 4)
 
 
+@pytest.mark.integration
 def test_tokenizer_and_text_encoder(small_data: dict[str, np.ndarray]) -> None:
     captions = [str(c) for c in small_data["caption"]]
     tok = train_tokenizer(captions, vocab_size=128)
@@ -277,6 +281,7 @@ def test_tokenizer_and_text_encoder(small_data: dict[str, np.ndarray]) -> None:
 # learning: measured margins on real synthetic shapes (fixed seeds)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_training_learns_and_beats_baselines(tmp_path: Path) -> None:
     train, held_out = shapes(3000, seed=0), shapes(1200, seed=1)
@@ -296,6 +301,7 @@ def test_training_learns_and_beats_baselines(tmp_path: Path) -> None:
     assert kinds == ["plot", "plot", "report"]
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_cross_modal_retrieval_beats_chance(tmp_path: Path) -> None:
     train, held_out = shapes(2000, seed=0), shapes(500, seed=1)

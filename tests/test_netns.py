@@ -14,8 +14,8 @@ import threading
 
 import pytest
 
+from tests.harness import Setup
 from tests.helpers import accepted
-from tests.test_dispatch import Setup
 from workers.netns import JobNamespace, available, no_route_count
 
 pytestmark = pytest.mark.integration

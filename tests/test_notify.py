@@ -9,6 +9,8 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 from daemon.notify import Notifier
 from tests.jbdaemon import Daemon, atomic_write, valid_ticket
 
@@ -68,6 +70,7 @@ def test_watchdog_meant_for_another_process_is_ignored() -> None:
     assert n.watchdog_interval is None
 
 
+@pytest.mark.integration
 def test_real_daemon_sends_ready_watchdog_status_and_stopping(tmp_path: Path) -> None:
     d = Daemon(tmp_path, env={"WATCHDOG_USEC": "600000"})  # a ping every 0.3 s
     d.start(wait=False)

@@ -84,6 +84,7 @@ def test_pipeline_replay_and_verify(pg_url: str) -> None:
     store.close()
 
 
+@pytest.mark.integration
 def test_concurrent_writers_on_postgres(pg_url: str, tmp_path: Path) -> None:
     migrations.upgrade(pg_url)
     script = tmp_path / "writer.py"
@@ -101,6 +102,7 @@ def test_concurrent_writers_on_postgres(pg_url: str, tmp_path: Path) -> None:
     store.close()
 
 
+@pytest.mark.integration
 def test_jbctl_against_postgres(pg_url: str, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JETBOX_")}
     env.update(JETBOX_HOME=str(tmp_path), JETBOX_DATABASE_URL=pg_url)

@@ -27,10 +27,10 @@ from daemon.handler import CommandHandler
 from daemon.state import LIVE, State, evolve
 from schema import events as ev
 from schema.store import EventStore, replay_differences
+from tests.harness import Setup
 from tests.helpers import make_ticket, submit
 from tests.jbdaemon import JBCTL, wait_for
 from tests.test_decider import T0, apply, types
-from tests.test_dispatch import Setup
 
 # The smallest reasoner training the tests use that still writes a real checkpoint.
 TINY_CORE = (

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import Setup
 from tests.helpers import accepted
 from tests.jbdaemon import JBCTL
-from tests.test_dispatch import Setup
+
+pytestmark = pytest.mark.integration  # starts processes or trains
 
 
 def _violations(s: Setup) -> list[dict]:

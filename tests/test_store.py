@@ -131,6 +131,7 @@ for i in range(int(sys.argv[3])):
 """
 
 
+@pytest.mark.integration
 def test_several_processes_write_at_once(store: EventStore, tmp_path: Path) -> None:
     script = tmp_path / "writer.py"
     script.write_text(WRITER)

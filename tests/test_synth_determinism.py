@@ -70,6 +70,7 @@ def test_every_generator_is_covered() -> None:
     assert set(JOBS) == set(generators())
 
 
+@pytest.mark.integration
 def test_bit_identical_across_processes(tmp_path: Path) -> None:
     first = _run_in_subprocess(tmp_path / "a", "1")
     second = _run_in_subprocess(tmp_path / "b", "2")  # another hash seed: no dict/set-order dependence

@@ -143,6 +143,7 @@ def test_submit_copies_atomically_and_refuses_invalid(home: Path, tmp_path: Path
     assert dest.read_text() == ticket_yaml("TICKET-7")
 
 
+@pytest.mark.integration
 def test_validate_via_real_process(tmp_path: Path) -> None:
     bad = tmp_path / "TICKET-3.yaml"
     bad.write_text("- not\n- a mapping\n")

@@ -63,11 +63,13 @@ def _verify(unit_dir: Path, user: bool, tmp_path: Path) -> None:
             instance.unlink()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("user", [False, True], ids=["system", "user"])
 def test_rendered_units_verify_cleanly(tmp_path: Path, user: bool) -> None:
     _verify(_render(tmp_path, user), user, tmp_path)
 
 
+@pytest.mark.integration
 def test_system_units_carry_this_installations_paths_and_hardening(tmp_path: Path) -> None:
     out = _render(tmp_path, user=False)
     daemon = (out / "jetbox-daemon.service").read_text()
@@ -100,6 +102,7 @@ def test_system_units_carry_this_installations_paths_and_hardening(tmp_path: Pat
     assert f"JETBOX_TICKETS_DIR={tmp_path / 'tickets'}" in env
 
 
+@pytest.mark.integration
 def test_redis_choices_render_their_dependencies_and_network_policy(tmp_path: Path) -> None:
     me = pwd.getpwuid(os.geteuid()).pw_name
     out = tmp_path / "sys"
@@ -118,6 +121,7 @@ def test_redis_choices_render_their_dependencies_and_network_policy(tmp_path: Pa
     assert f"JETBOX_REDIS_URL={url}" in (tmp_path / "home" / "jetbox.env").read_text()
 
 
+@pytest.mark.integration
 def test_the_environment_file_keeps_the_users_lines(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
@@ -130,6 +134,7 @@ def test_the_environment_file_keeps_the_users_lines(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -146,6 +151,7 @@ def test_bad_arguments_are_refused_with_the_reason(tmp_path: Path, args: list[st
     assert done.returncode == 1 and message in done.stderr, done.stderr
 
 
+@pytest.mark.integration
 def test_uninstall_removes_only_what_install_wrote(tmp_path: Path) -> None:
     out = _render(tmp_path, user=False)
     (out / "jetbox-mine.service").write_text("[Service]\nExecStart=/bin/true\n")
@@ -166,6 +172,7 @@ def test_user_units_drop_what_a_user_manager_cannot_do(tmp_path: Path) -> None:
     assert "WantedBy=default.target" in (out / "jetbox.target").read_text().splitlines()
 
 
+@pytest.mark.integration
 def test_dry_run_prints_and_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "units"
     done = _install(tmp_path, "--dry-run", "--output", str(out), "--workers", "gpu=0")
@@ -177,6 +184,7 @@ def test_dry_run_prints_and_writes_nothing(tmp_path: Path) -> None:
     assert "### " + str(tmp_path / "home" / "jetbox.env") in done.stdout
 
 
+@pytest.mark.integration
 def test_a_path_systemd_cannot_take_is_refused(tmp_path: Path) -> None:
     done = _install(tmp_path, "--dry-run", home=tmp_path / "my home")
     assert done.returncode == 1

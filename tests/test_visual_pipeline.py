@@ -11,6 +11,8 @@ from tests.test_adapters import _ctx
 from workers.jobs import JobFailed, run_synthesize
 from workers.ml_jobs import run_evaluate, run_train
 
+pytestmark = pytest.mark.integration  # starts processes or trains
+
 torch.set_num_threads(1)
 TINY_JEPA = {"embed_dim": 48, "depth": 2, "num_heads": 2, "pred_dim": 24, "pred_depth": 1, "pred_heads": 2}
 REASONER = {"model": "trm", "loss_on": "all", "d_model": 32, "n_heads": 2, "max_segments": 2}
