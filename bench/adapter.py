@@ -24,7 +24,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from schema.artifacts import ArtifactStore
 from schema.ticket import load_ticket
 from workers.context import LocalContext
 from workers.jobs import run_synthesize
@@ -33,20 +32,9 @@ from workers.ml_jobs import run_train
 EXAMPLES = Path(__file__).resolve().parents[1] / "tickets" / "examples"
 
 
-class Ctx(LocalContext):
-    """A local context whose artifacts go to one real content-addressed store."""
-
-    artifact_root: Path
-
-    def artifact(self, path: Path, kind: str, meta: dict | None = None) -> str:  # type: ignore[override]
-        return ArtifactStore(self.artifact_root).put_artifact(Path(path), kind=kind, name=Path(path).name, meta=meta)
-
-
-def _ctx(work: Path, name: str) -> Ctx:
+def _ctx(work: Path, name: str) -> LocalContext:
     """A job's context: its own folder, the one artifact store of the bench (where the core is)."""
-    c = Ctx(workdir=work / name)
-    c.artifact_root = work / "artifacts"
-    return c
+    return LocalContext(workdir=work / name, artifact_root=work / "artifacts")
 
 
 def _steps(ticket: str) -> dict[str, dict[str, Any]]:

@@ -62,11 +62,8 @@ def main() -> None:
         home = Path(tmp_name)
         artifacts = home / "artifacts"
 
-        class Ctx(LocalContext):
-            artifact_root = artifacts
-
-            def artifact(self, path: Path, kind: str, meta: dict | None = None) -> str:
-                return ArtifactStore(artifacts).put_artifact(Path(path), kind=kind, name=Path(path).name, meta=meta)
+        def Ctx(workdir: Path) -> LocalContext:  # every job of the bench shares one store
+            return LocalContext(workdir=workdir, artifact_root=artifacts)
 
         data = run_synthesize(
             Ctx(workdir=home / "w1"), {"generator": "sudoku", "count": 200, "seed": 1, "params": {"n": 6}}

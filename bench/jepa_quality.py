@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from workers.context import LocalContext
-from workers.evaluate import evaluate_encoder
+from workers.eval.encoders import evaluate_encoder
 from workers.synth.shapes import ShapesGenerator, ShapesParams
 from workers.train_jepa import JepaTrainParams, train_jepa
 

@@ -18,19 +18,9 @@ from workers.models.lora import LoRALinear, adapter_state, add_adapters, load_ad
 torch.set_num_threads(1)
 
 
-class Ctx(LocalContext):
-    """A local context whose artifacts go to a real content-addressed store."""
-
-    artifact_root: Path
-
-    def artifact(self, path: Path, kind: str, meta: dict | None = None) -> str:  # type: ignore[override]
-        return ArtifactStore(self.artifact_root).put_artifact(Path(path), kind=kind, name=Path(path).name, meta=meta)
-
-
-def _ctx(root: Path, name: str) -> Ctx:
-    c = Ctx(workdir=root / name)
-    c.artifact_root = root / "artifacts"
-    return c
+def _ctx(root: Path, name: str) -> LocalContext:
+    """A job's own folder, the one artifact store of the test (where the core lives)."""
+    return LocalContext(workdir=root / name, artifact_root=root / "artifacts")
 
 
 def test_untrained_adapter_changes_nothing_and_only_deltas_train() -> None:

@@ -18,12 +18,12 @@ FILES = sorted(EXAMPLES.rglob("TICKET-*.yaml"))
 
 
 def validate_step(kind: str, params: dict[str, Any]) -> None:
-    from workers.adapters import AdapterParams
-    from workers.evaluate import EvalParams
+    from workers.eval.encoders import EvalParams
     from workers.inference import InferParams
     from workers.jobs import CheckParams, DiagParams
     from workers.ml_jobs import JEPA_MODELS, REASONERS, _model_params
     from workers.synth.base import SynthesisRequest
+    from workers.train_adapter import AdapterParams
     from workers.train_jepa import JepaTrainParams
     from workers.train_reasoning import ReasonerTrainParams
 

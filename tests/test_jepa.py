@@ -13,7 +13,7 @@ import torch
 from pydantic import ValidationError
 
 from workers.context import JobCancelled, LocalContext
-from workers.evaluate import EvalParams, collapse_stats, evaluate_encoder, recall_at, recall_chance
+from workers.eval.encoders import EvalParams, collapse_stats, evaluate_encoder, recall_at, recall_chance
 from workers.models.jepa import JEPA, make_config, sample_masks, sigreg
 from workers.models.text import TextConfig, TextEncoder, tokenize, train_tokenizer
 from workers.synth.shapes import ShapesGenerator, ShapesParams

@@ -8,12 +8,27 @@ signed reports; `LocalContext` implements it for library use, tests and benchmar
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
+
+from schema.artifacts import ArtifactStore, Lineage
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
+    """Write through a temp file, fsync, rename: a crash or a reader never sees a torn checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
 
 
 class JobCancelled(Exception):
@@ -28,6 +43,8 @@ class JobContext(Protocol):
     attempt: int
     workdir: Path
     resume_from: Path | None  # the last checkpoint of an earlier attempt, if any
+    network: str  # the ticket's network policy: "deny" or "allow"
+    store: ArtifactStore  # datasets and checkpoints are read from it; `artifact` adds to it
 
     def progress(self, step: int, total: int | None = None, **metrics: float) -> None:
         """Report progress; rate-limited by the runtime, so calling it every step is fine."""
@@ -53,22 +70,27 @@ class JobContext(Protocol):
 
 @dataclass
 class LocalContext:
-    """An in-process context: progress goes to a list (and optionally stderr), artifacts to a folder."""
+    """An in-process context: progress goes to a list (and optionally stderr), artifacts to a real
+    `ArtifactStore` (by default in `workdir/artifacts`), laid out exactly as a worker's."""
 
     workdir: Path
     ticket: str = "LOCAL"
     task: str = "local"
     attempt: int = 1
     resume_from: Path | None = None
+    network: str = "deny"
+    artifact_root: Path | None = None  # where the store lives; default: workdir/artifacts
     verbose: bool = False
     progress_log: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: list[tuple[Path, int]] = field(default_factory=list)
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     stop_requested: bool = False
+    store: ArtifactStore = field(init=False)
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.store = ArtifactStore(self.artifact_root or self.workdir / "artifacts")
 
     def progress(self, step: int, total: int | None = None, **metrics: float) -> None:
         entry = {"step": step, "total": total, "time": time.monotonic(), **metrics}
@@ -80,14 +102,9 @@ class LocalContext:
         self.checkpoints.append((Path(path), step))
 
     def artifact(self, path: Path, kind: str, meta: dict[str, Any] | None = None) -> str:
-        import hashlib
-
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-        dest = self.workdir / "artifacts" / digest
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if not dest.exists():
-            shutil.copyfile(path, dest)
-        self.artifacts.append({"id": digest, "kind": kind, "meta": meta or {}, "path": str(dest)})
+        lineage = Lineage(ticket=self.ticket, task=self.task, attempt=self.attempt)
+        digest = self.store.put_artifact(Path(path), kind=kind, name=Path(path).name, lineage=lineage, meta=meta)
+        self.artifacts.append({"id": digest, "kind": kind, "meta": meta or {}, "path": str(self.store.path(digest))})
         return digest
 
     def record(self, artifact_id: str, kind: str, meta: dict[str, Any] | None = None) -> None:

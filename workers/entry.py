@@ -15,18 +15,13 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-import workers.inference
-import workers.ml_jobs
 from schema.settings import load_settings
 from schema.wire import Envelope, Report, load_secret, verify
 from workers.context import JobCancelled
-from workers.jobs import ALLOWED, JobFailed, JobResult
+from workers.jobs import JobFailed, JobResult, job_function
 from workers.netguard import NetworkDenied, network_denied
 from workers.netns import JobNamespace, available
 from workers.runtime import Heartbeat, Reporter, RuntimeContext, worker_name
-
-# Imported for their side effect: they add train, evaluate and infer to the allowlist.
-_MODEL_JOBS = (workers.inference, workers.ml_jobs)
 
 
 def _connection() -> redis.Redis:
@@ -115,7 +110,7 @@ def run_job(signed: dict[str, Any]) -> dict[str, Any]:
         return {"status": "refused", "error": "bad signature"}
     envelope = Envelope.model_validate(body)
     reporter = Reporter(conn, key, envelope, worker_name())
-    fn = ALLOWED.get(envelope.kind)
+    fn = job_function(envelope.kind)
     if fn is None:
         reporter.send(
             "failed",

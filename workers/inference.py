@@ -20,7 +20,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from workers.context import JobContext
-from workers.jobs import JobFailed, JobResult, own_params, register
+from workers.jobs import JobFailed, JobResult, own_params
+from workers.loading import load_dataset, load_image_encoder, load_reasoner
 
 COMPONENTS = ("reasoner", "image-encoder")
 
@@ -82,31 +83,6 @@ CACHE = ModelCache(int(float(os.environ.get("JETBOX_MODEL_CACHE_MB", "4096")) * 
 # --- loaders -----------------------------------------------------------------------------------
 
 
-def load_reasoner(path: Path) -> tuple[Any, dict[str, Any]]:
-    """A reasoner from its checkpoint (EMA weights when present), in eval mode on the CPU or GPU."""
-    import torch
-
-    from workers.models.hrm import ReasonerConfig, build_reasoner
-    from workers.train_reasoning import load_checkpoint
-
-    sd = load_checkpoint(path)
-    cfg = ReasonerConfig(**sd["model_config"])
-    model = build_reasoner(cfg)
-    model.load_state_dict(sd["ema"] if sd.get("ema") is not None else sd["model"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
-    copy_givens = sd.get("params", {}).get("loss_on", "blanks") == "blanks"
-    return model, {"kind": cfg.kind, "cells": cfg.seq_len, "copy_givens": copy_givens, "device": str(device)}
-
-
-def load_image_encoder(path: Path) -> tuple[Any, dict[str, Any]]:
-    from workers.train_jepa import load_model
-
-    model, params, _ = load_model(path)
-    model.eval()
-    return model, {"preset": params.preset, "model": params.model}
-
-
 LOADERS: dict[str, Callable[[Path], tuple[Any, dict[str, Any]]]] = {
     "reasoner": load_reasoner,
     "image-encoder": load_image_encoder,
@@ -149,7 +125,7 @@ def solve_grids(loaded: Loaded, puzzles: np.ndarray) -> tuple[np.ndarray, int]:
 def embed_images(loaded: Loaded, images: np.ndarray) -> np.ndarray:
     import torch
 
-    from workers.evaluate import embed_images as embed
+    from workers.eval.encoders import embed_images as embed
 
     return embed(loaded.model, images, batch=64, device=torch.device("cpu"))
 
@@ -171,17 +147,14 @@ class InferParams(BaseModel):
 
 
 def _checkpoint(ctx: JobContext, params: dict[str, Any], p: InferParams) -> tuple[str, Path]:
-    from workers.ml_jobs import _store
-
     ref = p.checkpoint.removeprefix("sha256:") if p.checkpoint else None
     if ref is None:
         comp = (params.get("_core") or {}).get("components", {}).get(p.component)
         if not comp:
             raise JobFailed(f"the core has no {p.component!r} yet: approve a proposal first, or pass checkpoint")
         ref = str(comp["checkpoint"])
-    store = _store(ctx)
-    full = store.resolve(ref)
-    return full, Path(store.path(full))
+    full = ctx.store.resolve(ref)
+    return full, Path(ctx.store.path(full))
 
 
 def run_infer(ctx: JobContext, params: dict[str, Any]) -> JobResult:
@@ -204,8 +177,6 @@ def run_infer(ctx: JobContext, params: dict[str, Any]) -> JobResult:
         if p.puzzle is not None:
             puzzles = np.asarray([p.puzzle], dtype=np.int64)
         else:
-            from workers.ml_jobs import load_dataset
-
             data = load_dataset(ctx, params)
             if data is None:
                 raise JobFailed("a reasoner needs `puzzle` (a grid) or `data` (a synthesize step)")
@@ -221,8 +192,6 @@ def run_infer(ctx: JobContext, params: dict[str, Any]) -> JobResult:
         if p.image is not None:
             images = np.asarray([p.image], dtype=np.uint8)
         else:
-            from workers.ml_jobs import load_dataset
-
             found = load_dataset(ctx, params)
             if found is None:
                 raise JobFailed("an image-encoder needs `image` (HxWx3) or `data` (a synthesize step)")
@@ -259,5 +228,3 @@ def warm_core(components: dict[str, Any], artifact_root: Path, log: Callable[[st
         loaded += 1
     return loaded
 
-
-register("infer", run_infer)

@@ -1,25 +1,33 @@
-"""The allowlist: every job kind a worker will run, and the code behind each.
+"""The allowlist: every job kind a worker will run (`JOBS`), and the light jobs themselves.
 
 A job takes `(ctx, params)` and returns `JobResult` (metrics for acceptance checks, outputs for the
-steps that need it). Anything not named in `ALLOWED` is refused before any code runs.
+steps that need it). Anything not named in `JOBS` is refused before any code runs.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import importlib
+import math
 import os
+import resource
 import shutil
+import socket
 import struct
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schema.artifacts import Lineage
 from schema.policy import DEFAULT_CHECK_BINARIES, binary_of, code_grant, inline_code
-from workers.context import JobContext
+from workers.context import JobContext, write_atomic
+from workers.synth.base import SynthesisRequest, synthesize
 
 
 class JobResult(BaseModel):
@@ -83,19 +91,18 @@ def run_diag(ctx: JobContext, params: dict[str, Any]) -> JobResult:
         done = step + 1
         ctx.progress(done, p.steps)
         if every and done % every == 0:
-            path = ctx.workdir / f"ckpt-{done}.txt"
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(str(done))
-            os.replace(tmp, path)
+            path = write_atomic(ctx.workdir / f"ckpt-{done}.txt", functools.partial(_write_step, done))
             ctx.checkpoint(path, done)
     if ctx.attempt <= p.fail_attempts:
         raise RuntimeError(p.error)
     return JobResult(metrics={**p.metrics, "resumed_from": float(start)}, outputs={"steps": p.steps})
 
 
-def _diag_network(p: DiagParams) -> None:
-    import socket
+def _write_step(step: int, f: IO[bytes]) -> None:
+    f.write(str(step).encode())
 
+
+def _diag_network(p: DiagParams) -> None:
     try:
         if p.resolve:
             socket.getaddrinfo(p.resolve, 80)
@@ -116,9 +123,6 @@ def _diag_network(p: DiagParams) -> None:
 
 def _connect_with_libc(host: str, port: int) -> None:
     """connect(2) straight through libc: what a compiled extension does, past Python's socket module."""
-    import ctypes
-    import socket
-
     libc = ctypes.CDLL(None, use_errno=True)
     fd = libc.socket(socket.AF_INET, socket.SOCK_STREAM, 0)
     if fd < 0:
@@ -168,8 +172,7 @@ def run_check(ctx: JobContext, params: dict[str, Any]) -> JobResult:
     if exe is None:
         raise JobFailed(f"binary {binary!r} not found on PATH")
     argv = [exe, *p.run[1:]]
-    envelope = getattr(ctx, "envelope", None)
-    if envelope is None or envelope.network == "deny":
+    if ctx.network == "deny":
         argv = [*no_network_prefix(), *argv]
     workspace = ctx.workdir.parent.parent / "workspace"  # shared by the ticket's checks
     workspace.mkdir(parents=True, exist_ok=True)
@@ -221,8 +224,6 @@ def no_network_prefix() -> list[str]:
 
 def _limits(p: CheckParams) -> Callable[[], None]:
     def apply() -> None:
-        import resource
-
         cpu = int(p.timeout) + 1
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
         resource.setrlimit(resource.RLIMIT_AS, (p.memory, p.memory))
@@ -232,8 +233,6 @@ def _limits(p: CheckParams) -> Callable[[], None]:
 
 def _check_path() -> str:
     # The project's own interpreter comes first, so `python` means the venv's python.
-    import sys
-
     return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
@@ -245,7 +244,7 @@ def _check_env(ctx: JobContext, params: dict[str, Any], workspace: Path) -> dict
         "JETBOX_TICKET": ctx.ticket,
         "JETBOX_TASK": ctx.task,
         "JETBOX_WORKSPACE": str(workspace),
-        "JETBOX_ARTIFACTS": str(_artifact_root(ctx)),
+        "JETBOX_ARTIFACTS": str(ctx.store.root),
     }
     # The ticket's artifacts, readable by the check: JETBOX_INPUT_<STEP>_<KEY>=value.
     for step, outputs in (params.get("_inputs") or {}).items():
@@ -259,11 +258,7 @@ def _check_env(ctx: JobContext, params: dict[str, Any], workspace: Path) -> dict
 
 
 def run_synthesize(ctx: JobContext, params: dict[str, Any]) -> JobResult:
-    from schema.artifacts import ArtifactStore, Lineage
-    from workers.synth.base import SynthesisRequest, synthesize
-
     req = SynthesisRequest.model_validate(own_params(params))
-    store = ArtifactStore(_artifact_root(ctx))
     started = time.monotonic()
     manifest = synthesize(
         req.generator,
@@ -271,7 +266,7 @@ def run_synthesize(ctx: JobContext, params: dict[str, Any]) -> JobResult:
         req.seed,
         req.count,
         req.shard_size,
-        store,
+        ctx.store,
         Lineage(ticket=ctx.ticket, task=ctx.task, attempt=ctx.attempt),
         fmt=req.format,
         progress=lambda done, total: ctx.progress(done, total),
@@ -285,20 +280,33 @@ def run_synthesize(ctx: JobContext, params: dict[str, Any]) -> JobResult:
     )
 
 
-def _artifact_root(ctx: JobContext) -> Path:
-    root = getattr(ctx, "artifact_root", None)
-    return Path(root) if root else ctx.workdir / "artifacts"
+def finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numeric, finite metrics as floats: what a report and an acceptance check can carry."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
 
+
+# --- the allowlist -----------------------------------------------------------------------------
 
 JobFn = Callable[[JobContext, dict[str, Any]], JobResult]
 
-ALLOWED: dict[str, JobFn] = {
-    "diag": run_diag,
-    "check": run_check,
-    "synthesize": run_synthesize,
+# Every job kind a worker runs, and its entry point as "module:function". Named by string (as rq
+# names job functions) so that resolving `diag` never imports the model code, and torch is loaded
+# only by a worker that runs a model job. A kind missing here is refused before any code runs.
+JOBS: dict[str, str] = {
+    "diag": "workers.jobs:run_diag",
+    "check": "workers.jobs:run_check",
+    "synthesize": "workers.jobs:run_synthesize",
+    "train": "workers.ml_jobs:run_train",
+    "evaluate": "workers.ml_jobs:run_evaluate",
+    "infer": "workers.inference:run_infer",
 }
 
 
-def register(kind: str, fn: JobFn) -> None:
-    """Add a job kind to the allowlist (done at import by the model modules)."""
-    ALLOWED[kind] = fn
+def job_function(kind: str) -> JobFn | None:
+    """The entry point of an allowlisted job kind (imported on first use), or None for any other."""
+    target = JOBS.get(kind)
+    if target is None:
+        return None
+    module, _, name = target.partition(":")
+    fn: JobFn = getattr(importlib.import_module(module), name)
+    return fn

@@ -1,6 +1,6 @@
-"""The model jobs on the allowlist: `train`, `evaluate` and `infer`, for JEPA encoders and reasoners.
+"""The model jobs `train` and `evaluate`, for JEPA encoders and reasoners (`infer`: `workers/inference.py`).
 
-Each adapter resolves the step's data (a synthesize step it needs, or `sha256:<id>`), calls the
+Each job resolves the step's data (a synthesize step it needs, or `sha256:<id>`), calls the
 model code with the job context, stores the final checkpoint as an artifact, and returns metrics
 (for acceptance checks) and outputs (for the steps that need it, and for proposals to the core).
 torch is imported only when one of these jobs runs.
@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from workers.context import JobContext
-from workers.jobs import JobFailed, JobResult, input_outputs, own_params, register
+from workers.jobs import JobFailed, JobResult, finite_metrics, own_params
+from workers.loading import checkpoint_path, core_checkpoint, load_dataset
 
 JEPA_MODELS = ("jepa", "jepa-text")
 REASONERS = ("hrm", "trm", "direct")
@@ -26,48 +27,6 @@ COMPONENT = {
     "direct": "reasoner",
 }
 ORCHESTRATION_KEYS = ("data", "train_data", "test_data", "checkpoint", "test_fraction", "_core", "visual")
-
-
-def _store(ctx: JobContext) -> Any:
-    from schema.artifacts import ArtifactStore
-
-    root = getattr(ctx, "artifact_root", None)
-    return ArtifactStore(Path(root) if root else ctx.workdir / "artifacts")
-
-
-def _artifact_ref(params: dict[str, Any], key: str, output: str) -> str | None:
-    """An artifact id from `with: {key: <step id> | sha256:<id>}`."""
-    ref = params.get(key)
-    if ref is None:
-        return None
-    if isinstance(ref, str) and ref.startswith("sha256:"):
-        return ref.removeprefix("sha256:")
-    found = input_outputs(params, str(ref)).get(output)
-    if not found:
-        raise JobFailed(f"step {ref!r} produced no {output} for `{key}`")
-    return str(found)
-
-
-def load_dataset(ctx: JobContext, params: dict[str, Any], key: str = "data") -> dict[str, np.ndarray] | None:
-    """The arrays of the dataset `with: {key: ...}` names, or None when the step names none."""
-    from workers.synth.base import load_arrays
-
-    ref = _artifact_ref(params, key, "dataset")
-    if ref is None:
-        return None
-    store = _store(ctx)
-    return dict(load_arrays(store.load_manifest(ref), store))
-
-
-def checkpoint_path(ctx: JobContext, params: dict[str, Any], key: str = "checkpoint") -> Path:
-    ref = _artifact_ref(params, key, "checkpoint")
-    if ref is None:
-        raise JobFailed(f"`{key}` is required: the train step (or sha256:<id>) whose checkpoint to use")
-    store = _store(ctx)
-    path = store.path(store.resolve(ref))
-    if not path.exists():
-        raise JobFailed(f"checkpoint {ref[:16]} is not in the artifact store")
-    return Path(path)
 
 
 class _LastCheckpoint:
@@ -91,8 +50,8 @@ def _finish_training(
     if tracked.last is None or not tracked.last.exists():
         raise JobFailed(f"{model} training reported no checkpoint")
     artifact = ctx.artifact(tracked.last, "checkpoint", {"model": model, **extra})
-    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and np.isfinite(v)}
-    return JobResult(metrics=clean, outputs={"checkpoint": artifact, "component": COMPONENT[model], "model": model})
+    outputs = {"checkpoint": artifact, "component": COMPONENT[model], "model": model}
+    return JobResult(metrics=finite_metrics(metrics), outputs=outputs)
 
 
 def _split_sudoku(arrays: dict[str, np.ndarray], test_fraction: float) -> tuple[dict, dict]:
@@ -137,7 +96,7 @@ def _visual(ctx: JobContext, params: dict[str, Any]) -> Any:
     from workers.train_jepa import load_model
     from workers.train_reasoning import Visual, glyph_render
 
-    path = _core_checkpoint(ctx, params, "image-encoder")
+    path = core_checkpoint(ctx, params, "image-encoder")
     if path is None:
         raise JobFailed("visual sudoku reads cells through the core's image-encoder: approve one first")
     jepa, jparams, _ = load_model(path)
@@ -187,10 +146,10 @@ def run_train(ctx: JobContext, params: dict[str, Any]) -> JobResult:
 
 def _train_adapter(ctx: JobContext, params: dict[str, Any]) -> JobResult:
     """Working memory: an adapter on the current core's reasoner (the core stays frozen)."""
-    from workers.adapters import AdapterParams, train_adapter
+    from workers.train_adapter import AdapterParams, train_adapter  # torch: only when a job trains
 
     p = AdapterParams.model_validate(_model_params(params))
-    core = _core_checkpoint(ctx, params, "reasoner")
+    core = core_checkpoint(ctx, params, "reasoner")
     if core is None:
         raise JobFailed("an adapter needs a core reasoner to adapt: approve a reasoner proposal first")
     train, test = _reasoner_data(ctx, params)
@@ -198,7 +157,7 @@ def _train_adapter(ctx: JobContext, params: dict[str, Any]) -> JobResult:
     artifact = ctx.artifact(path, "adapter", {"rank": p.adapter.rank, "component": "reasoner"})
     core_info = params.get("_core") or {}
     return JobResult(
-        metrics={k: float(v) for k, v in metrics.items() if np.isfinite(v)},
+        metrics=finite_metrics(metrics),
         outputs={
             "adapter": "reasoner",
             "checkpoint": artifact,
@@ -212,25 +171,13 @@ def _train_adapter(ctx: JobContext, params: dict[str, Any]) -> JobResult:
 # --- evaluate ----------------------------------------------------------------------------------
 
 
-def _core_checkpoint(ctx: JobContext, params: dict[str, Any], component: str) -> Path | None:
-    """The current core's checkpoint of `component`, if the core has one."""
-    comp = (params.get("_core") or {}).get("components", {}).get(component)
-    if not comp or not comp.get("checkpoint"):
-        return None
-    store = _store(ctx)
-    try:
-        return Path(store.path(store.resolve(str(comp["checkpoint"]))))
-    except Exception:
-        return None
-
-
 def run_evaluate(ctx: JobContext, params: dict[str, Any]) -> JobResult:
     model = str(params.get("model", ""))
     ckpt = checkpoint_path(ctx, params)
     component = COMPONENT.get(model, "")
-    core_ckpt = _core_checkpoint(ctx, params, component)
+    core_ckpt = core_checkpoint(ctx, params, component)
     if model in JEPA_MODELS:
-        from workers.evaluate import EvalParams, evaluate_encoder
+        from workers.eval.encoders import EvalParams, evaluate_encoder
 
         ep = EvalParams.model_validate({k: v for k, v in _model_params(params).items() if k != "model"})
         data = load_dataset(ctx, params)
@@ -240,7 +187,8 @@ def run_evaluate(ctx: JobContext, params: dict[str, Any]) -> JobResult:
         # The current core on the same evaluation, for the side-by-side table of a proposal.
         core = evaluate_encoder(ctx, ep, core_ckpt, data) if core_ckpt is not None else {}
     elif model in REASONERS:
-        from workers.train_reasoning import ReasonerTrainParams, evaluate_reasoner
+        from workers.eval.reasoners import evaluate_reasoner  # torch: only when a job evaluates
+        from workers.train_reasoning import ReasonerTrainParams
 
         rp = ReasonerTrainParams.model_validate(_model_params(params))
         _, test = _reasoner_data(ctx, params)
@@ -254,14 +202,14 @@ def run_evaluate(ctx: JobContext, params: dict[str, Any]) -> JobResult:
                 ctx.log(f"the core's reasoner cannot read this input, so nothing to compare: {exc}")
     else:
         raise JobFailed(f"unknown model {model!r} for an evaluate step")
-    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and np.isfinite(v)}
-    core_clean = {k: float(v) for k, v in core.items() if isinstance(v, int | float) and np.isfinite(v)}
     version = (params.get("_core") or {}).get("version", 0)
     return JobResult(
-        metrics=clean,
-        outputs={"core_metrics": core_clean, "core_version": version, "checkpoint": str(ckpt.name), "model": model},
+        metrics=finite_metrics(metrics),
+        outputs={
+            "core_metrics": finite_metrics(core),
+            "core_version": version,
+            "checkpoint": str(ckpt.name),
+            "model": model,
+        },
     )
 
-
-register("train", run_train)
-register("evaluate", run_evaluate)

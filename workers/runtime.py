@@ -16,6 +16,7 @@ from typing import Any
 
 import redis
 
+from schema.artifacts import ArtifactStore, Lineage
 from schema.wire import REPORT_STREAM, Envelope, Report, cancel_key, heartbeat_key
 from workers.context import JobCancelled
 
@@ -104,7 +105,8 @@ class RuntimeContext:
         self.resume_from = Path(envelope.resume_checkpoint) if envelope.resume_checkpoint else None
         self.reporter = reporter
         self.conn = conn
-        self.artifact_root = artifact_root
+        self.network: str = envelope.network
+        self.store = ArtifactStore(artifact_root)
         self._last_progress = 0.0
         self._last_cancel_check = 0.0
         self._cancelled = False
@@ -123,11 +125,8 @@ class RuntimeContext:
         self.reporter.send("checkpoint", path=str(Path(path).resolve()), step=int(step))
 
     def artifact(self, path: Path, kind: str, meta: dict[str, Any] | None = None) -> str:
-        from schema.artifacts import ArtifactStore, Lineage
-
-        store = ArtifactStore(self.artifact_root)
         lineage = Lineage(ticket=self.ticket, task=self.task, attempt=self.attempt)
-        artifact_id = store.put_artifact(Path(path), kind=kind, name=Path(path).name, lineage=lineage, meta=meta)
+        artifact_id = self.store.put_artifact(Path(path), kind=kind, name=Path(path).name, lineage=lineage, meta=meta)
         self.reporter.send("artifact", artifact=artifact_id, kind=kind, meta=meta or {})
         return artifact_id
 

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from workers.context import JobCancelled, JobContext
 from workers.models.jepa import JEPA, JepaConfig, make_config, preprocess, sample_masks
 from workers.models.text import TEXT_PRESETS, CrossModalJEPA, TextConfig, tokenize, train_tokenizer
+from workers.training import load_checkpoint, pick_device, save_atomic
+from workers.training import lr_at as schedule
 
 LABELS = ("shape", "colour", "count", "position")
 
@@ -160,11 +162,7 @@ def build_model(params: JepaTrainParams, vocab_size: int = 0) -> JEPA | CrossMod
 
 def lr_at(step: int, params: JepaTrainParams) -> float:
     """Linear warmup to `lr`, then cosine to `min_lr` at `steps`."""
-    if step < params.warmup_steps:
-        return params.lr * (step + 1) / params.warmup_steps
-    span = max(1, params.steps - params.warmup_steps)
-    frac = min(1.0, (step - params.warmup_steps) / span)
-    return params.min_lr + 0.5 * (params.lr - params.min_lr) * (1 + math.cos(math.pi * frac))
+    return schedule(step, params.lr, params.warmup_steps, params.steps, params.min_lr)
 
 
 def make_optimizer(model: nn.Module, params: JepaTrainParams) -> torch.optim.AdamW:
@@ -176,21 +174,6 @@ def make_optimizer(model: nn.Module, params: JepaTrainParams) -> torch.optim.Ada
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": params.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=params.lr, betas=(0.9, 0.95))
-
-
-def save_atomic(obj: dict[str, Any], path: Path) -> None:
-    """torch.save to a temp file, fsync, rename: a crash never leaves a torn checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path | str) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def load_model(path: Path | str) -> tuple[JEPA | CrossModalJEPA, JepaTrainParams, Any]:
@@ -217,12 +200,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _pick_device(choice: str) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def loss_plot(history: list[tuple[int, float]], path: Path, title: str) -> Path:
@@ -262,7 +239,7 @@ def train_jepa(ctx: JobContext, params: JepaTrainParams | Mapping[str, Any], dat
     params = JepaTrainParams.model_validate(params)
     if params.threads:
         torch.set_num_threads(params.threads)
-    device = _pick_device(params.device)
+    device = pick_device(params.device)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)

@@ -6,17 +6,15 @@ puzzle halted (ACT, or the maximum number of segments) takes the next puzzle of 
 state. So the checkpoint must hold the carried state, the slots' puzzles and step counts, the halting
 statistics, the optimiser, every RNG and the data position, which makes resume bit-exact on CPU.
 
-Entry points for the dispatcher: :func:`train_reasoner` and :func:`evaluate_reasoner`.
+Entry point for the `train` job: :func:`train_reasoner` (evaluation: `workers/eval/reasoners.py`).
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from workers.context import JobCancelled, JobContext
-from workers.models.hrm import Reasoner, ReasonerConfig, SegmentOut, build_reasoner, count_params
+from workers.models.reasoners import Reasoner, ReasonerConfig, SegmentOut, build_reasoner, count_params
+from workers.training import load_checkpoint, pick_device, save_atomic
+from workers.training import lr_at as schedule
 
 # (inputs, answers): sudoku (puzzles [N, n, n] 0 = blank, solutions [N, n, n]) or maze (maze [N, H, W] with
 # 0 free / 1 wall / 2 start / 3 goal, path [N, H, W] 1 on the shortest path)
@@ -324,18 +324,9 @@ class EMA:
 
 
 def lr_at(step: int, p: ReasonerTrainParams) -> float:
-    if step < p.warmup_steps:
-        return p.lr * (step + 1) / p.warmup_steps
-    if p.lr_schedule == "cosine":
-        t = (step - p.warmup_steps) / max(1, p.max_steps - p.warmup_steps)
-        return p.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
-    return p.lr
-
-
-def _device(p: ReasonerTrainParams) -> torch.device:
-    if p.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(p.device)
+    """Linear warmup, then constant or cosine down to a tenth of `lr` at `max_steps`."""
+    floor = 0.1 * p.lr if p.lr_schedule == "cosine" else None
+    return schedule(step, p.lr, p.warmup_steps, p.max_steps, floor)
 
 
 class Trainer:
@@ -349,7 +340,7 @@ class Trainer:
         visual: Visual | None = None,
     ) -> None:
         self.p = p
-        self.device = _device(p)
+        self.device = pick_device(p.device)
         torch.manual_seed(p.seed)
         self.task, grids = as_grids(train)
         if visual is not None and self.task.name != "sudoku":
@@ -504,17 +495,8 @@ class Trainer:
 
     def save(self, path: Path) -> Path:
         """Write atomically: a reader (or a crash) never sees a half-written checkpoint."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
+        return save_atomic(self.state_dict(), path)
 
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -601,7 +583,7 @@ def _plot(path: Path, title: str, xlabel: str, curves: dict[str, tuple[list[floa
     return path
 
 
-def _report(ctx: JobContext, kind: str, ev: dict[str, Any], extra: dict[str, float]) -> dict[str, float]:
+def report_metrics(ctx: JobContext, kind: str, ev: dict[str, Any], extra: dict[str, float]) -> dict[str, float]:
     """Accuracy-vs-steps PNG artifact and the flat float metrics a job returns."""
     ks = [float(k) for k in range(1, len(ev["exact_by_steps"]) + 1)]
     png = _plot(
@@ -683,28 +665,4 @@ def train_reasoner(
         "params": float(count_params(tr.model)),
         "train_mean_segments": float((hist * torch.arange(len(hist))).sum() / hist.sum().clamp(min=1)),
     }
-    return _report(ctx, params.model, ev, extra)
-
-
-def evaluate_reasoner(
-    ctx: JobContext,
-    params: ReasonerTrainParams,
-    checkpoint_path: Path | str,
-    test_data: Any,
-    *,
-    visual: Visual | None = None,
-) -> dict[str, float]:
-    """Evaluate a checkpoint (its EMA weights when present) on ``test_data``; the model is rebuilt from the
-    configuration stored in the checkpoint, so ``params`` only supplies evaluation settings."""
-    sd = load_checkpoint(Path(checkpoint_path))
-    cfg = ReasonerConfig(**sd["model_config"])
-    task, test = as_grids(test_data)
-    if (task.cells, task.n_classes) != (cfg.seq_len, cfg.n_classes):
-        raise ValueError(f"checkpoint is for {cfg.seq_len} cells / {cfg.n_classes} classes, data is {task}")
-    device = _device(params)
-    inputs = Inputs(visual, device, params.seed, task)
-    model = build_reasoner(replace(cfg)).to(device)
-    model.load_state_dict(sd["ema"] if sd.get("ema") is not None else sd["model"])
-    copy_givens = sd["params"].get("loss_on", "blanks") == "blanks"
-    ev = evaluate_model(model, task, test, inputs, copy_givens, params.eval_batch_size, params.eval_segments)
-    return _report(ctx, cfg.kind, ev, {"params": float(count_params(model))})
+    return report_metrics(ctx, params.model, ev, extra)

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from workers.context import JobCancelled, LocalContext
-from workers.models.hrm import (
+from workers.models.reasoners import (
     HRM,
     TRM,
     ReasonerConfig,

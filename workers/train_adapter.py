@@ -10,7 +10,6 @@ trained on.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +20,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from workers.context import JobContext
+from workers.jobs import JobFailed
+from workers.loading import load_reasoner
 from workers.models.lora import adapter_state, add_adapters, load_adapter, trainable
+from workers.train_reasoning import Inputs, Task, evaluate_model, sudoku_augment
+from workers.training import save_atomic
 
 
 class AdapterSpec(BaseModel):
@@ -47,8 +50,6 @@ class AdapterParams(BaseModel):
 
 
 def _evaluate(model: Any, test: tuple[np.ndarray, np.ndarray], copy_givens: bool) -> dict[str, float]:
-    from workers.train_reasoning import Inputs, Task, evaluate_model
-
     n = test[0].shape[1]
     task = Task("sudoku", n, n)
     device = next(model.parameters()).device
@@ -64,9 +65,6 @@ def train_adapter(
     test: dict[str, np.ndarray],
 ) -> tuple[dict[str, float], Path]:
     """Train an adapter; returns metrics (with the core alone beside them) and the adapter file."""
-    from workers.inference import load_reasoner
-    from workers.train_reasoning import Task, sudoku_augment
-
     torch.manual_seed(params.seed)
     rng = np.random.default_rng(params.seed)
     model, info = load_reasoner(core_checkpoint)
@@ -74,8 +72,6 @@ def train_adapter(
     held = (test["puzzles"].astype(np.int64), test["solutions"].astype(np.int64))
     n = puzzles.shape[1]
     if n * n != info["cells"]:
-        from workers.jobs import JobFailed
-
         raise JobFailed(f"the core reasoner reads {info['cells']} cells; these puzzles have {n * n}")
     base = _evaluate(model, held, info["copy_givens"])
     add_adapters(model, params.adapter.rank, params.adapter.alpha)
@@ -115,8 +111,7 @@ def train_adapter(
         rate = (done - start) / max(1e-9, time.monotonic() - started)
         ctx.progress(done, params.max_steps, loss=losses[-1], eta_s=(params.max_steps - done) / max(rate, 1e-9))
         if done % params.checkpoint_every == 0 or done == params.max_steps:
-            tmp = ckpt.with_name(ckpt.name + ".tmp")
-            torch.save(
+            save_atomic(
                 {
                     "adapter": adapter_state(model),
                     "optimizer": opt.state_dict(),
@@ -124,14 +119,13 @@ def train_adapter(
                     "rng": rng.bit_generator.state,
                     "torch_rng": torch.get_rng_state(),
                 },
-                tmp,
+                ckpt,
             )
-            os.replace(tmp, ckpt)
             ctx.checkpoint(ckpt, done)
     model.eval()
     tuned = _evaluate(model, held, info["copy_givens"])
     out_path = ctx.workdir / "adapter.pt"
-    torch.save(
+    save_atomic(
         {
             "adapter": adapter_state(model),
             "rank": params.adapter.rank,

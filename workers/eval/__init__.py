@@ -1,0 +1,1 @@
+"""Evaluation of trained models: encoders (probes, retrieval, collapse) and reasoners."""
