@@ -7,6 +7,7 @@ version conflict means another writer got there first, so the handler catches up
 from __future__ import annotations
 
 import os
+import pwd
 import random
 import socket
 import time
@@ -30,8 +31,6 @@ def local_actor() -> dict[str, Any]:
     the process's uid, not from $USER or $LOGNAME (getpass reads those first, and anyone can set
     them: `USER=alice jbctl approve` must not act as alice)."""
     try:
-        import pwd
-
         user = pwd.getpwuid(os.getuid()).pw_name
     except (KeyError, ImportError):  # no passwd entry in some containers
         user = str(os.getuid())
@@ -48,8 +47,6 @@ def ensure_home_owner(handler: CommandHandler, home: Path) -> None:
     except OSError:
         uid = os.getuid()
     try:
-        import pwd
-
         user = pwd.getpwuid(uid).pw_name
     except (KeyError, ImportError):
         user = str(uid)

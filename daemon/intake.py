@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import pwd
 import stat
 import threading
 import time
@@ -122,7 +123,7 @@ class Intake:
 
     def start(self) -> None:
         """Create the folder if needed and start watching it."""
-        from watchdog.events import (
+        from watchdog.events import (  # watchdog: only when watching, not for `jbctl validate`
             DirDeletedEvent,
             FileClosedEvent,
             FileCreatedEvent,
@@ -530,8 +531,6 @@ def _file_kind(mode: int) -> str:
 def _owner(uid: int) -> str | None:
     """The file owner's user name: who submitted the ticket (recorded as the command's actor)."""
     try:
-        import pwd
-
         return pwd.getpwuid(uid).pw_name
     except (KeyError, ImportError):
         return str(uid)

@@ -9,19 +9,19 @@ from schema.settings import Settings
 
 
 def dispatcher(handler: CommandHandler, settings: Settings) -> Any:
-    from daemon.dispatcher import Dispatcher
+    from daemon.dispatcher import Dispatcher  # rq: only for a daemon that has a Redis
 
     return Dispatcher(handler, settings)
 
 
 def inbox(handler: CommandHandler, settings: Settings) -> Any:
-    from daemon.inbox import Inbox
+    from daemon.inbox import Inbox  # redis: only for a daemon that has one
 
     return Inbox(handler, settings)
 
 
 def reconciler(handler: CommandHandler, settings: Settings) -> Any:
-    from daemon.reconciler import Reconciler
+    from daemon.reconciler import Reconciler  # rq: only for a daemon that has a Redis
 
     return Reconciler(handler, settings)
 

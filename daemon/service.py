@@ -30,10 +30,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol, runtime_checkable
 
+import sqlalchemy.exc
+
 from daemon.commands import Command, Tick
 from daemon.handler import CommandHandler, ensure_home_owner
 from daemon.intake import Intake
 from daemon.notify import Notifier
+from daemon.reactors import default_factories
 from schema import migrations
 from schema.settings import Settings, load_settings
 from schema.store import EventStore, wal_keeper
@@ -133,8 +136,6 @@ class Daemon:
     ) -> None:
         self.settings = settings
         if reactor_factories is None:
-            from daemon.reactors import default_factories
-
             reactor_factories = [*DEFAULT_REACTORS, *default_factories(settings)]
         self.factories = list(reactor_factories)
         self.notifier = notifier or Notifier()
@@ -292,7 +293,6 @@ class Daemon:
         """handle_many with a safety net: a database error keeps the commands for a retry (None);
         a command the decider chokes on is logged and skipped instead of blocking the rest."""
         assert self.handler is not None
-        import sqlalchemy.exc
 
         try:
             recorded = self.handler.handle_many(commands, meta={"source": "daemon"})

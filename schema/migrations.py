@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def alembic_config(url: str) -> object:
-    from alembic.config import Config
+    from alembic.config import Config  # alembic: only when migrating (keeps jbctl quick to start)
 
     cfg = Config(str(ROOT / "alembic.ini"))
     cfg.set_main_option("script_location", str(ROOT / "alembic"))

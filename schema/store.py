@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -129,8 +131,6 @@ def _engine(url: str, synchronous: str = "FULL", readonly: bool = False) -> sa.E
 
 
 def _sqlite_ro(path: str) -> Any:
-    import sqlite3
-
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, check_same_thread=False)
 
 
@@ -393,9 +393,6 @@ def open_readonly(url: str) -> sa.Engine:
 
 def replay_differences(store: EventStore, limit: int = 20) -> list[str]:
     """Rebuild the projections into a scratch database and list how they differ from the live ones."""
-    import tempfile
-    from pathlib import Path
-
     rows = store.rebuild_rows()
     with tempfile.TemporaryDirectory(prefix="jetbox-replay-") as tmp:
         scratch = sa.create_engine(f"sqlite:///{Path(tmp) / 'scratch.db'}")

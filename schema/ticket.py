@@ -16,6 +16,7 @@ import difflib
 import os
 import re
 import stat
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -397,7 +398,7 @@ class LimitExceeded(Exception):
 
 def _bounded_composer() -> Any:
     """ruamel's composer, stopping at MAX_DEPTH and at MAX_NODES values counted after alias expansion."""
-    from ruamel.yaml.composer import Composer
+    from ruamel.yaml.composer import Composer  # ruamel: only when a YAML file is parsed
     from ruamel.yaml.events import AliasEvent
     from ruamel.yaml.nodes import MappingNode, SequenceNode
 
@@ -475,7 +476,7 @@ def _bounded_composer() -> Any:
 
 
 def _yaml_load(text: str) -> Any:
-    from ruamel.yaml import YAML
+    from ruamel.yaml import YAML  # ruamel: only when a YAML file is parsed
 
     yaml = YAML(typ="rt", pure=True)
     yaml.allow_duplicate_keys = False
@@ -660,8 +661,6 @@ _FORBIDDEN_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\
 
 def _non_ascii(value: str) -> str:
     """A hint naming the first non-ASCII character (a confusable such as a Cyrillic letter), or ''."""
-    import unicodedata
-
     for ch in value:
         if ord(ch) > 127:
             return f" (it contains {unicodedata.name(ch, 'an unnamed character')}, U+{ord(ch):04X}; ids are ASCII)"

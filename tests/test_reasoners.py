@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from workers.context import JobCancelled, LocalContext
+from workers.eval.reasoners import evaluate_reasoner
 from workers.models.reasoners import (
     HRM,
     TRM,
@@ -33,7 +34,6 @@ from workers.train_reasoning import (
     Visual,
     default_augment,
     evaluate_model,
-    evaluate_reasoner,
     glyph_render,
     grid_metrics,
     maze_augment,

@@ -14,9 +14,10 @@ from typing import Any
 
 import redis
 from pydantic import ValidationError
+from rq import get_current_job
 
 from schema.settings import load_settings
-from schema.wire import Envelope, Report, load_secret, verify
+from schema.wire import REPORT_STREAM, Envelope, Report, load_secret, verify
 from workers.context import JobCancelled
 from workers.jobs import JobFailed, JobResult, job_function
 from workers.netguard import NetworkDenied, network_denied
@@ -25,8 +26,6 @@ from workers.runtime import Heartbeat, Reporter, RuntimeContext, worker_name
 
 
 def _connection() -> redis.Redis:
-    from rq import get_current_job
-
     job = get_current_job()
     if job is not None:
         return job.connection
@@ -38,8 +37,6 @@ def _connection() -> redis.Redis:
 
 def report_violation(conn: redis.Redis, key: bytes, what: str, detail: str) -> None:
     """Tell the daemon something untrustworthy reached this worker."""
-    from schema.wire import REPORT_STREAM
-
     report = Report(
         kind="violation",
         ticket="-",

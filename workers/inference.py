@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from schema.artifacts import ArtifactStore
 from workers.context import JobContext
 from workers.jobs import JobFailed, JobResult, own_params
 from workers.loading import load_dataset, load_image_encoder, load_reasoner
@@ -94,7 +95,7 @@ LOADERS: dict[str, Callable[[Path], tuple[Any, dict[str, Any]]]] = {
 
 def solve_grids(loaded: Loaded, puzzles: np.ndarray) -> tuple[np.ndarray, int]:
     """Answers for sudoku puzzles [B, n, n] (0 = blank) and the segments used (the halting head decides)."""
-    import torch
+    import torch  # torch: only when a model runs, never when the worker starts
 
     from workers.train_reasoning import Task, predict
 
@@ -123,7 +124,7 @@ def solve_grids(loaded: Loaded, puzzles: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def embed_images(loaded: Loaded, images: np.ndarray) -> np.ndarray:
-    import torch
+    import torch  # torch: only when a model runs, never when the worker starts
 
     from workers.eval.encoders import embed_images as embed
 
@@ -214,8 +215,6 @@ def _bound(loader: Callable[[Path], tuple[Any, dict[str, Any]]], path: Path) -> 
 
 def warm_core(components: dict[str, Any], artifact_root: Path, log: Callable[[str], None] = print) -> int:
     """Load the core's components into the cache before the first request (a worker's --warm)."""
-    from schema.artifacts import ArtifactStore
-
     store = ArtifactStore(artifact_root)
     loaded = 0
     for name, comp in components.items():

@@ -13,6 +13,7 @@ import numpy as np
 
 from workers.context import JobContext
 from workers.jobs import JobFailed, input_outputs
+from workers.synth.base import load_arrays
 
 
 def artifact_ref(params: dict[str, Any], key: str, output: str) -> str | None:
@@ -30,8 +31,6 @@ def artifact_ref(params: dict[str, Any], key: str, output: str) -> str | None:
 
 def load_dataset(ctx: JobContext, params: dict[str, Any], key: str = "data") -> dict[str, np.ndarray] | None:
     """The arrays of the dataset `with: {key: ...}` names, or None when the step names none."""
-    from workers.synth.base import load_arrays
-
     ref = artifact_ref(params, key, "dataset")
     if ref is None:
         return None

@@ -16,6 +16,7 @@ import numpy as np
 from workers.context import JobContext
 from workers.jobs import JobFailed, JobResult, finite_metrics, own_params
 from workers.loading import checkpoint_path, core_checkpoint, load_dataset
+from workers.synth.sudoku import split_of, split_puzzles
 
 JEPA_MODELS = ("jepa", "jepa-text")
 REASONERS = ("hrm", "trm", "direct")
@@ -56,8 +57,6 @@ def _finish_training(
 
 def _split_sudoku(arrays: dict[str, np.ndarray], test_fraction: float) -> tuple[dict, dict]:
     """Train/test by canonical key: every symmetry class lands in one split (no leaks)."""
-    from workers.synth.sudoku import split_of, split_puzzles
-
     if "key" in arrays:
         test = np.array([split_of(str(k), test_fraction) == "test" for k in arrays["key"]], dtype=bool)
     else:
@@ -90,7 +89,7 @@ def _visual(ctx: JobContext, params: dict[str, Any]) -> Any:
     """Visual sudoku (`visual: true`): cells drawn as glyphs and read through the core's image encoder."""
     if not params.get("visual"):
         return None
-    import torch
+    import torch  # torch: only when a job runs (resolving the allowlist stays light)
     from torch import nn
 
     from workers.train_jepa import load_model
@@ -125,7 +124,7 @@ def run_train(ctx: JobContext, params: dict[str, Any]) -> JobResult:
         return _train_adapter(ctx, params)
     tracked = _LastCheckpoint(ctx)
     if model in JEPA_MODELS:
-        from workers.train_jepa import JepaTrainParams, train_jepa
+        from workers.train_jepa import JepaTrainParams, train_jepa  # torch: only when the job runs
 
         p = JepaTrainParams.model_validate(_model_params(params))
         data = load_dataset(ctx, params)
@@ -134,7 +133,7 @@ def run_train(ctx: JobContext, params: dict[str, Any]) -> JobResult:
         metrics = train_jepa(tracked, p, data)  # type: ignore[arg-type]
         return _finish_training(ctx, tracked, model, metrics, {"preset": p.preset})
     if model in REASONERS:
-        from workers.train_reasoning import ReasonerTrainParams, train_reasoner
+        from workers.train_reasoning import ReasonerTrainParams, train_reasoner  # torch: only when the job runs
 
         rp = ReasonerTrainParams.model_validate(_model_params(params))
         train, test = _reasoner_data(ctx, params)
@@ -177,7 +176,7 @@ def run_evaluate(ctx: JobContext, params: dict[str, Any]) -> JobResult:
     component = COMPONENT.get(model, "")
     core_ckpt = core_checkpoint(ctx, params, component)
     if model in JEPA_MODELS:
-        from workers.eval.encoders import EvalParams, evaluate_encoder
+        from workers.eval.encoders import EvalParams, evaluate_encoder  # torch: only when the job runs
 
         ep = EvalParams.model_validate({k: v for k, v in _model_params(params).items() if k != "model"})
         data = load_dataset(ctx, params)

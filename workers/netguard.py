@@ -9,6 +9,7 @@ IPAddressDeny= on top (docs/OPERATIONS.md); subprocesses of `check` steps get no
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -57,8 +58,6 @@ _lock = threading.Lock()
 
 
 def _is_literal(text: str) -> bool:
-    import ipaddress
-
     try:
         ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:

@@ -21,11 +21,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tokenizers import Tokenizer
 from torch import Tensor, nn
 
+from schema.artifacts import ArtifactStore, Manifest
 from workers.context import JobCancelled, JobContext
 from workers.models.jepa import JEPA, JepaConfig, make_config, preprocess, sample_masks
 from workers.models.text import TEXT_PRESETS, CrossModalJEPA, TextConfig, tokenize, train_tokenizer
+from workers.synth.base import load_arrays, read_shard
 from workers.training import load_checkpoint, pick_device, save_atomic
 from workers.training import lr_at as schedule
 
@@ -101,13 +104,8 @@ def load_data(data: Any, store: Any = None) -> Dataset:
     if isinstance(data, Dataset):
         return data
     if isinstance(data, str | os.PathLike) and Path(data).suffix in (".npz", ".safetensors"):
-        from workers.synth.base import read_shard
-
         data = read_shard(Path(data), "npz" if Path(data).suffix == ".npz" else "safetensors", mmap=False)
     elif isinstance(data, str | os.PathLike) or type(data).__name__ == "Manifest":
-        from schema.artifacts import ArtifactStore, Manifest
-        from workers.synth.base import load_arrays
-
         if not isinstance(data, Manifest):
             path = Path(data).resolve()
             manifest = Manifest.model_validate_json(path.read_text())
@@ -178,8 +176,6 @@ def make_optimizer(model: nn.Module, params: JepaTrainParams) -> torch.optim.Ada
 
 def load_model(path: Path | str) -> tuple[JEPA | CrossModalJEPA, JepaTrainParams, Any]:
     """Rebuild the trained model from a checkpoint: (model, params, tokenizer or None)."""
-    from tokenizers import Tokenizer
-
     ckpt = load_checkpoint(path)
     params = JepaTrainParams.model_validate(ckpt["params"])
     tok = Tokenizer.from_str(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
@@ -204,7 +200,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def loss_plot(history: list[tuple[int, float]], path: Path, title: str) -> Path:
     """Loss-curve PNG (matplotlib Agg, no display needed)."""
-    import matplotlib
+    import matplotlib  # only when a plot is drawn: the backend must be set before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -259,8 +255,6 @@ def _train(ctx: JobContext, params: JepaTrainParams, data: Any, device: torch.de
     tokenizer = None
     ids = mask = None
     if params.model == "jepa-text":
-        from tokenizers import Tokenizer
-
         if not ds.captions:
             raise ValueError("model jepa-text needs captions in the data")
         tcfg = params.text_config()

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 
 from workers.context import JobCancelled, JobContext
 from workers.models.reasoners import Reasoner, ReasonerConfig, SegmentOut, build_reasoner, count_params
+from workers.synth.glyphs import visual_sudoku
+from workers.synth.sudoku import augment
 from workers.training import load_checkpoint, pick_device, save_atomic
 from workers.training import lr_at as schedule
 
@@ -109,8 +111,6 @@ class ReasonerTrainParams(BaseModel):
 
 def glyph_render(cell_size: int = 28) -> Render:
     """The fabric's glyph renderer: puzzles [k, n, n] -> float cell images [k, n*n, 1, S, S] in [0, 1]."""
-    from workers.synth.glyphs import visual_sudoku
-
     def render(puzzles: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         cells = visual_sudoku(puzzles, rng, cell_size)
         k, n = cells.shape[:2]
@@ -217,8 +217,6 @@ def default_augment(task: Task | None = None) -> Augment:
 def sudoku_augment() -> Augment:
     """The sudoku fabric's validity-preserving symmetries (digit relabelling, band/stack and row/column
     permutations, transposition for square boxes), one random symmetry per puzzle."""
-    from workers.synth.sudoku import augment
-
     def batch(puzzles: np.ndarray, solutions: np.ndarray, rng: np.random.Generator) -> Grids:
         pairs = [augment(p, s, rng) for p, s in zip(puzzles, solutions, strict=True)]
         return np.stack([p for p, _ in pairs]), np.stack([s for _, s in pairs])
@@ -564,7 +562,7 @@ def evaluate_model(
 
 
 def _plot(path: Path, title: str, xlabel: str, curves: dict[str, tuple[list[float], list[float]]]) -> Path:
-    import matplotlib
+    import matplotlib  # only when a plot is drawn: the backend must be set before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -8,12 +8,19 @@ heartbeat key; the reconciler fails the attempt once the key expires (heartbeat_
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import threading
+import time
 from typing import Any
 
+import redis
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
-from schema.wire import ENTRY_POINT
+from schema.settings import load_settings
+from schema.wire import ENTRY_POINT, dedicated_key, dedicated_queue, ended_key, load_secret
+from workers.entry import report_violation
 
 
 class ForeignJobError(Exception):
@@ -44,12 +51,6 @@ class JetboxWorker(SimpleWorker):
         super().register_birth()
 
     def _refuse(self, job: Any, queue: Queue, execution: Any) -> None:
-        import sys
-
-        from schema.settings import load_settings
-        from schema.wire import load_secret
-        from workers.entry import report_violation
-
         detail = f"job {job.id} in queue {queue.name} names {job.func_name!r}; only {ENTRY_POINT} may run"
         try:
             report_violation(
@@ -65,8 +66,6 @@ class JetboxWorker(SimpleWorker):
 
 def _stale(host: bytes | None, pid: bytes | None, hostname: str | None) -> bool:
     """Whether a worker registration (its hostname and pid fields) belongs to no live worker."""
-    import os
-
     if host is None or pid is None:
         return True  # a fragment: no worker was born in this Redis under that name
     if host.decode() != hostname:
@@ -76,8 +75,6 @@ def _stale(host: bytes | None, pid: bytes | None, hostname: str | None) -> bool:
 
 def _running(pid: int) -> bool:
     """Whether a process with this pid exists (on this machine)."""
-    import os
-
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -96,11 +93,6 @@ def run_worker(redis_url: str, queues: list[str], burst: bool = False, name: str
     a Redis timeout), as if it had been stopped: only a stop request (SIGTERM) or burst mode ends
     this function, so systemd's `Restart=on-failure` is never left with a worker that exited 0.
     """
-    import sys
-    import time
-
-    import redis
-
     delay = 0.5
     while True:
         conn = redis.Redis.from_url(redis_url, health_check_interval=30)
@@ -131,14 +123,6 @@ def run_dedicated_worker(redis_url: str, ticket: str, name: str | None = None, p
     Like `run_worker`, it rides out Redis going away (a `jbctl run` worker outlives a Redis restart);
     a stop request (SIGTERM, e.g. the transient unit's RuntimeMaxSec=) ends it.
     """
-    import sys
-    import threading
-    import time
-
-    import redis
-
-    from schema.wire import dedicated_key, dedicated_queue, ended_key
-
     conn = redis.Redis.from_url(redis_url)
     stop = threading.Event()
 

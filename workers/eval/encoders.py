@@ -200,7 +200,7 @@ def _split(data: Any, params: EvalParams) -> tuple[Dataset, Dataset]:
 
 def bar_chart(report: dict[str, float], labels: Sequence[str], path: Path) -> Path:
     """Grouped bars: trained / random init / pixels, for each label's linear and kNN probe."""
-    import matplotlib
+    import matplotlib  # only when a plot is drawn: the backend must be set before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
