@@ -14,8 +14,9 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from daemon import commands as cmd
-from daemon.state import ACCEPT_PREFIX, LIVE, State, TaskState, TicketState, evolve
+from daemon.state import State, TaskState, TicketState, evolve
 from schema import events as ev
+from schema.plan import ACCEPT_PREFIX, LIVE
 from schema.plans import spec_hash
 from schema.policy import DEFAULT_CHECK_BINARIES, binary_of, code_grant, inline_code
 from schema.ticket import MetricCheck

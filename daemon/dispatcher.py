@@ -20,6 +20,7 @@ from rq.serializers import JSONSerializer
 
 from daemon.handler import CommandHandler
 from schema import events as ev
+from schema.plan import LIVE
 from schema.settings import Settings
 from schema.wire import (
     CORE_KEY,
@@ -138,7 +139,7 @@ class Dispatcher:
             state = self.handler.state.tickets.get(event.ticket)
             task = state.tasks.get(event.task) if state else None
             # A later attempt or an ended ticket makes this one moot.
-            live = task is not None and task.attempt == event.attempt and task.status in ("scheduled", "running")
+            live = task is not None and task.attempt == event.attempt and task.status in LIVE
             if live and dispatch(self.conn, self.key, event):
                 self.enqueued += 1
         elif isinstance(event, ev.TicketCancelled | ev.TicketFailed):

@@ -26,6 +26,7 @@ from daemon.handler import CommandHandler
 from daemon.state import TaskState, TicketState
 from schema import events as ev
 from schema.events import FailureCause
+from schema.plan import LIVE
 from schema.settings import Settings
 from schema.wire import cancel_key, heartbeat_key, job_id, load_secret
 
@@ -60,7 +61,7 @@ class Reconciler:
             if ticket.status != "running":
                 continue
             for task in ticket.tasks.values():
-                if task.status in ("scheduled", "running"):
+                if task.status in LIVE:
                     jid = job_id(ticket.id, task.id, task.attempt)
                     live.add(jid)
                     found = self.check(ticket, task, jid, now, mono)

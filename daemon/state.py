@@ -12,15 +12,13 @@ from datetime import datetime
 from typing import Any, Literal
 
 from schema import events as ev
+from schema.plan import OPEN, TaskStatus, task_plan
 from schema.policy import code_grant
-from schema.ticket import RunCheck, Ticket
+from schema.ticket import Ticket
 
-TaskStatus = Literal["pending", "scheduled", "running", "waiting_retry", "succeeded", "failed", "blocked", "cancelled"]
 TicketStatus = Literal["running", "completed", "failed", "cancelled"]
 ProposalStatus = Literal["open", "approved", "rejected", "expired", "withdrawn"]
 
-LIVE: frozenset[str] = frozenset({"scheduled", "running"})
-ACCEPT_PREFIX = "accept-"
 
 
 @dataclass
@@ -153,33 +151,19 @@ class State:
 
 
 def tasks_for(ticket: Ticket) -> dict[str, TaskState]:
-    """The task states of a fresh run: the steps plus one `check` task per `run:` acceptance check."""
-    tasks = {
-        s.id: TaskState(
-            id=s.id,
-            kind=s.kind,
-            needs=list(s.needs),
-            queue=s.effective_queue,
-            params=dict(s.with_),
-            timeout=s.timeout,
-            retries=s.retries,
+    """The task states of a fresh run, as `task_plan` lays it out."""
+    return {
+        t.id: TaskState(
+            id=t.id,
+            kind=t.kind,
+            needs=list(t.needs),
+            queue=t.queue,
+            params=dict(t.params),
+            timeout=t.timeout,
+            retries=t.retries,
         )
-        for s in ticket.steps
+        for t in task_plan(ticket)
     }
-    step_ids = [s.id for s in ticket.steps]
-    for n, check in enumerate(ticket.acceptance, start=1):
-        if isinstance(check, RunCheck):
-            tid = f"{ACCEPT_PREFIX}{n}"
-            tasks[tid] = TaskState(
-                id=tid,
-                kind="check",
-                needs=step_ids,
-                queue="cpu",
-                params={"run": list(check.run)},
-                timeout=check.timeout,
-                retries=0,
-            )
-    return tasks
 
 
 def evolve(state: State, event: ev.Event) -> State:
@@ -235,7 +219,7 @@ def _forget_revised_file(state: State, ticket: TicketState) -> None:
 
 def _end_live_tasks(ticket: TicketState) -> None:
     for tid, task in list(ticket.tasks.items()):
-        if task.status in LIVE or task.status in ("pending", "waiting_retry"):
+        if task.status in OPEN:
             ticket.task_for_update(tid).status = "cancelled"
 
 

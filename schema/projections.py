@@ -14,7 +14,9 @@ import sqlalchemy as sa
 
 from schema import events as ev
 from schema.consistency import consistency_score
+from schema.plan import LIVE, OPEN, task_plan
 from schema.tables import PROJECTION_TABLES, SQLModel
+from schema.ticket import Ticket
 
 Key = tuple[Any, ...]
 
@@ -157,8 +159,7 @@ def _touch_ticket(rows: Rows, seq: int, ticket: str, at: datetime, **fields: Any
 
 def _submitted(rows: Rows, seq: int, e: ev.TicketSubmitted) -> None:
     spec = e.spec
-    steps = spec.get("steps", [])
-    n_run_checks = sum(1 for c in spec.get("acceptance", []) if "run" in c)
+    plan = task_plan(Ticket.model_validate(spec))
     rows.put(
         "tickets",
         (e.ticket,),
@@ -171,7 +172,7 @@ def _submitted(rows: Rows, seq: int, e: ev.TicketSubmitted) -> None:
             "path": e.path,
             "content_hash": e.content_hash,
             "update_kind": spec.get("update", "none"),
-            "tasks_total": len(steps) + n_run_checks,
+            "tasks_total": len(plan),
             "tasks_done": 0,
             "reason": None,
             "submitted_at": _naive(e.at),
@@ -182,25 +183,23 @@ def _submitted(rows: Rows, seq: int, e: ev.TicketSubmitted) -> None:
             **_FRESH_COUNTS,
         },
     )
-    all_tasks = [(s["id"], s["kind"], s.get("queue") or _default_queue(s["kind"]), s.get("needs", [])) for s in steps]
-    all_tasks += [(f"accept-{n}", "check", "cpu", [s["id"] for s in steps]) for n in _run_check_numbers(spec)]
-    keep = {t[0] for t in all_tasks}
+    keep = {t.id for t in plan}
     for key in _task_keys(rows, e.ticket):
         if key[1] not in keep:  # a revision dropped this step
             rows.delete("tasks", key)
-    for tid, kind, queue, needs in all_tasks:
-        old = rows.get("tasks", (e.ticket, tid))
+    for t in plan:
+        old = rows.get("tasks", (e.ticket, t.id))
         rows.put(
             "tasks",
-            (e.ticket, tid),
+            (e.ticket, t.id),
             {
                 "ticket": e.ticket,
-                "task": tid,
-                "kind": kind,
-                "queue": queue,
+                "task": t.id,
+                "kind": t.kind,
+                "queue": t.queue,
                 "state": "pending",
                 "attempt": old["attempt"] if old else 0,
-                "needs": list(needs),
+                "needs": list(t.needs),
                 "progress_step": None,
                 "progress_total": None,
                 "worker": None,
@@ -236,16 +235,6 @@ def _count(rows: Rows, seq: int, ticket: str, at: datetime, **more: int) -> None
     rows.put("tickets", (ticket,), row)
 
 
-def _run_check_numbers(spec: dict[str, Any]) -> list[int]:
-    return [n for n, c in enumerate(spec.get("acceptance", []), start=1) if "run" in c]
-
-
-def _default_queue(kind: str) -> str:
-    from schema.ticket import DEFAULT_QUEUE
-
-    return DEFAULT_QUEUE.get(kind, "cpu")  # type: ignore[call-overload]
-
-
 def _cancelled(rows: Rows, seq: int, e: ev.TicketCancelled | ev.TicketFailed) -> None:
     state = "cancelled" if isinstance(e, ev.TicketCancelled) else "failed"
     _touch_ticket(rows, seq, e.ticket, e.at, state=state, reason=e.reason, ended_at=_naive(e.at))
@@ -253,10 +242,10 @@ def _cancelled(rows: Rows, seq: int, e: ev.TicketCancelled | ev.TicketFailed) ->
     if ticket is None:
         return
     for task in _tasks_of(rows, e.ticket):
-        if task["state"] in ("pending", "scheduled", "running", "waiting_retry"):
+        if task["state"] in OPEN:
             _update_task(rows, e.ticket, task["task"], state="cancelled", updated_at=_naive(e.at))
             job = rows.get("jobs", (e.ticket, task["task"], task["attempt"]))
-            if job is not None and job["state"] in ("scheduled", "running"):
+            if job is not None and job["state"] in LIVE:
                 _update(
                     rows, "jobs", (e.ticket, task["task"], task["attempt"]), state="cancelled", ended_at=_naive(e.at)
                 )

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from daemon import commands as c
 from daemon.decider import backoff_seconds, decide
-from daemon.state import LIVE, State, evolve
+from daemon.state import State, evolve
 from schema import events as ev
+from schema.plan import LIVE
 from tests.helpers import content_hash, make_ticket, submit
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

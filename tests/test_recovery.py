@@ -24,8 +24,9 @@ from daemon import commands as c
 from daemon.decider import _loop_pattern, backoff_seconds
 from daemon.dispatcher import envelope_from
 from daemon.handler import CommandHandler
-from daemon.state import LIVE, State, evolve
+from daemon.state import State, evolve
 from schema import events as ev
+from schema.plan import LIVE
 from schema.store import EventStore, replay_differences
 from tests.harness import Setup
 from tests.helpers import make_ticket, submit
