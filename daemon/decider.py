@@ -27,39 +27,58 @@ LOOP_REPEATS = 3
 
 
 class _Emitter:
-    """Collects events and applies each to a scratch state as it is emitted."""
+    """Collects events and applies each to a scratch state as it is emitted.
 
-    def __init__(self, state: State, touched: list[str]) -> None:
-        self.state = state.scratch(touched)
-        self.copied = set(touched)
+    The scratch state shares every ticket with the caller's state until a rule or an event touches
+    it. Rules get the tickets and tasks they act on through `ticket`, `get_ticket` and `task` only:
+    the first access makes the scratch copy, and every later access (and `evolve`, when an event is
+    emitted) works on that same copy, so a ticket or task a rule holds is never stale and the
+    caller's state is never changed. `out.state.tickets` may be scanned to read, never to act on.
+    """
+
+    def __init__(self, state: State) -> None:
+        self.state = state.scratch([])
+        self._copied: set[str] = set()
         self.events: list[ev.Event] = []
+
+    def get_ticket(self, tid: str | None) -> TicketState | None:
+        """The scratch copy of ticket `tid` (made on first access), or None when there is none."""
+        if tid is None:
+            return None
+        ticket = self.state.tickets.get(tid)
+        if ticket is not None and tid not in self._copied:
+            ticket = self.state.tickets[tid] = ticket.copy()
+            self._copied.add(tid)
+        return ticket
+
+    def ticket(self, tid: str) -> TicketState:
+        ticket = self.get_ticket(tid)
+        if ticket is None:
+            raise KeyError(tid)
+        return ticket
+
+    def task(self, tid: str, task_id: str) -> TaskState:
+        """The scratch copy of a ticket's task, current after any event emitted since."""
+        return self.ticket(tid).task_for_update(task_id)
 
     def emit(self, event: ev.Event) -> None:
         tid = getattr(event, "ticket", None)
-        if isinstance(tid, str) and tid not in self.copied and tid in self.state.tickets:
-            # Safety net: never let evolve touch a ticket shared with the caller's state.
-            self.state.tickets[tid] = self.state.tickets[tid].copy()
-            self.copied.add(tid)
+        if isinstance(tid, str) and self.get_ticket(tid) is None:
+            self._copied.add(tid)  # a new ticket: evolve creates it in the scratch state only
         self.events.append(event)
         evolve(self.state, event)
 
 
 def decide(state: State, command: cmd.Command) -> list[ev.Event]:
     """The events that `command` produces in `state` (possibly none)."""
-    handler = _DECIDERS[type(command)]
-    touched = [t for t in (getattr(command, "ticket", None),) if isinstance(t, str)]
-    if isinstance(command, cmd.SubmitTicket | cmd.TicketFileRemoved):
-        tid = state.file_tickets.get(command.path)
-        if isinstance(command, cmd.SubmitTicket) and command.ticket is not None:
-            tid = command.ticket.id
-        touched = [tid] if tid else []
-    elif isinstance(command, cmd.Tick):
-        touched = [t.id for t in state.tickets.values() if t.status == "running"]
-    elif isinstance(getattr(command, "proposal", None), str) and command.proposal in state.proposals:  # type: ignore[attr-defined]
-        touched = [state.proposals[command.proposal].ticket]  # type: ignore[attr-defined]
-    out = _Emitter(state, touched)
-    handler(out, command)
-    return out.events
+    return _run(state, command).events
+
+
+def _run(state: State, command: cmd.Command) -> _Emitter:
+    """`decide`, keeping the scratch state the rules worked on (tests compare it with a replay)."""
+    out = _Emitter(state)
+    _DECIDERS[type(command)](out, command)
+    return out
 
 
 def backoff_seconds(ticket: str, task: str, attempt: int) -> float:
@@ -93,7 +112,7 @@ def _submit(out: _Emitter, c: cmd.SubmitTicket) -> None:
             ev.TicketRejected(at=c.now, path=c.path, content_hash=c.content_hash, ticket=c.ticket_id, errors=c.errors)
         )
         return
-    existing = st.tickets.get(c.ticket.id)
+    existing = out.get_ticket(c.ticket.id)
     if existing is not None and existing.path != c.path and existing.status == "running":
         out.emit(
             ev.TicketRejected(
@@ -130,12 +149,12 @@ def _submit(out: _Emitter, c: cmd.SubmitTicket) -> None:
             allowed_binaries=sorted(set(c.allowed_binaries)),
         )
     )
-    _advance(out, out.state.tickets[c.ticket.id], c.now)
+    _advance(out, out.ticket(c.ticket.id), c.now)
 
 
 def _file_removed(out: _Emitter, c: cmd.TicketFileRemoved) -> None:
     tid = out.state.file_tickets.get(c.path)
-    ticket = out.state.tickets.get(tid) if tid else None
+    ticket = out.get_ticket(tid)
     if ticket is not None and ticket.status == "running" and ticket.path == c.path:
         out.emit(
             ev.TicketCancelled(at=c.now, ticket=ticket.id, reason=f"ticket file {c.path} was removed", path=c.path)
@@ -143,7 +162,7 @@ def _file_removed(out: _Emitter, c: cmd.TicketFileRemoved) -> None:
 
 
 def _cancel(out: _Emitter, c: cmd.CancelTicket) -> None:
-    ticket = out.state.tickets.get(c.ticket)
+    ticket = out.get_ticket(c.ticket)
     if ticket is not None and ticket.status == "running":
         out.emit(ev.TicketCancelled(at=c.now, ticket=ticket.id, reason=c.reason, actor=c.actor))
 
@@ -191,13 +210,11 @@ def resolved_params(ticket: TicketState, task: TaskState, state: State | None = 
 
 def _advance(out: _Emitter, ticket: TicketState, now: datetime) -> None:
     """Schedule what became runnable; end the ticket when nothing more can happen."""
-    ticket = out.state.tickets[ticket.id]
     if ticket.status != "running" or ticket.awaiting:
         return
     for task in ticket.tasks.values():
         if _runnable(ticket, task) and _policy_allows(out, ticket, task, now):
             _schedule(out, ticket, task, now)
-    ticket = out.state.tickets[ticket.id]
     failed = [t for t in ticket.tasks.values() if t.status == "failed"]
     if failed:
         first = failed[0]
@@ -337,7 +354,7 @@ def _accept(out: _Emitter, ticket: TicketState, now: datetime) -> None:
 
 
 def _schedule_task(out: _Emitter, c: cmd.ScheduleTask) -> None:
-    ticket = out.state.tickets.get(c.ticket)
+    ticket = out.get_ticket(c.ticket)
     if ticket is None or ticket.status != "running" or c.task not in ticket.tasks:
         return
     task = ticket.tasks[c.task]
@@ -346,7 +363,7 @@ def _schedule_task(out: _Emitter, c: cmd.ScheduleTask) -> None:
 
 
 def _retry(out: _Emitter, c: cmd.RetryTask) -> None:
-    ticket = out.state.tickets.get(c.ticket)
+    ticket = out.get_ticket(c.ticket)
     if ticket is None or c.task not in ticket.tasks:
         return
     # A failed task ends its ticket; a blocked one waits here for a human.
@@ -361,9 +378,8 @@ def _tick(out: _Emitter, c: cmd.Tick) -> None:
         if proposal.status == "open" and proposal.expires_at is not None and proposal.expires_at <= c.now:
             out.emit(ev.ProposalExpired(at=c.now, ticket=proposal.ticket, proposal=proposal.id))
             _after_decision(out, proposal.id, c.now, f"proposal {proposal.id} expired undecided")
-    for ticket in list(out.state.tickets.values()):
-        if ticket.status != "running":
-            continue
+    for tid in [t.id for t in out.state.tickets.values() if t.status == "running"]:
+        ticket = out.ticket(tid)
         limit = ticket.spec.constraints.max_wall_minutes
         if limit is not None and c.now - ticket.submitted_at > timedelta(minutes=limit):
             out.emit(
@@ -380,7 +396,7 @@ def _tick(out: _Emitter, c: cmd.Tick) -> None:
 
 def _current(out: _Emitter, c: cmd._Report) -> tuple[TicketState, TaskState] | None:
     """The ticket and task a report speaks of, if it is for the live attempt and not a duplicate."""
-    ticket = out.state.tickets.get(c.ticket)
+    ticket = out.get_ticket(c.ticket)
     if ticket is None or ticket.status != "running":
         return None
     task = ticket.tasks.get(c.task)
@@ -388,7 +404,7 @@ def _current(out: _Emitter, c: cmd._Report) -> tuple[TicketState, TaskState] | N
         return None  # an old attempt's report: the attempt number is the fencing token
     if c.report_seq and c.report_seq <= task.last_report_seq:
         return None  # delivered twice
-    return ticket, task
+    return ticket, out.task(ticket.id, task.id)
 
 
 def _about(c: cmd._Report) -> dict[str, Any]:
@@ -441,7 +457,6 @@ def _failed(out: _Emitter, c: cmd.RecordJobFailed) -> None:
             **_about(c), error=c.error[-4000:], fingerprint=fp, retry_at=retry_at, retryable=c.retryable, cause=c.cause
         )
     )
-    task = out.state.tickets[c.ticket].tasks[c.task]
     if retry_at is not None:
         # A lost worker or job says nothing about the job: the infrastructure's failures are retried
         # with back-off (within the step's retries) and never taken for a loop.
@@ -562,11 +577,11 @@ def _approve(out: _Emitter, c: cmd.ApproveProposal) -> None:
                 note=c.note,
             )
         )
-        ticket = out.state.tickets[proposal.ticket]
+        ticket = out.ticket(proposal.ticket)
         if ticket.status == "running":
             out.emit(ev.TicketCompleted(at=c.now, ticket=ticket.id))
     else:
-        _advance(out, out.state.tickets[proposal.ticket], c.now)
+        _advance(out, out.ticket(proposal.ticket), c.now)
 
 
 def _record_owner(out: _Emitter, c: cmd.RecordHomeOwner) -> None:
@@ -586,7 +601,7 @@ def _reject(out: _Emitter, c: cmd.RejectProposal) -> None:
 def _after_decision(out: _Emitter, proposal_id: str, now: datetime, reason: str) -> None:
     """A core proposal that will not be approved ends its ticket; a refused policy fails its check."""
     proposal = out.state.proposals[proposal_id]
-    ticket = out.state.tickets[proposal.ticket]
+    ticket = out.ticket(proposal.ticket)
     if ticket.status != "running":
         return
     if proposal.kind == "core":
@@ -599,7 +614,7 @@ def _reevaluate(out: _Emitter, c: cmd.ReevaluateProposal) -> None:
     proposal = out.state.proposals.get(c.proposal)
     if proposal is None or proposal.status != "open" or proposal.kind != "core":
         return
-    ticket = out.state.tickets[proposal.ticket]
+    ticket = out.ticket(proposal.ticket)
     out.emit(
         ev.ProposalWithdrawn(
             at=c.now,
@@ -618,7 +633,7 @@ def _reevaluate(out: _Emitter, c: cmd.ReevaluateProposal) -> None:
         grew = bool(more)
     for tid in sorted(again):
         out.emit(ev.TaskRetried(at=c.now, ticket=ticket.id, task=tid, actor=c.actor))
-    _advance(out, out.state.tickets[ticket.id], c.now)
+    _advance(out, ticket, c.now)
 
 
 def _rollback(out: _Emitter, c: cmd.RollbackCore) -> None:

@@ -10,7 +10,7 @@ from hypothesis import event as hyp_event
 from hypothesis import strategies as st
 
 from daemon import commands as c
-from daemon.decider import backoff_seconds, decide
+from daemon.decider import _Emitter, _run, backoff_seconds, decide
 from daemon.state import State, evolve
 from schema import events as ev
 from schema.plan import LIVE
@@ -262,6 +262,26 @@ def interpret(state: State, n: int, code: tuple[int, int, int, float], now: date
     return c.CancelTicket(now=now, ticket=ticket.id) if x < 0.3 else c.Tick(now=now)
 
 
+def _replay_through_handles(state: State, events: list[ev.Event]) -> State:
+    """Emit `events` on a fresh emitter whose tickets and tasks were taken before emitting, as a rule
+    holds them; every handle must still be the current object afterwards (none went stale)."""
+    out = _Emitter(state)
+    tickets = {e.ticket: out.ticket(e.ticket) for e in events if getattr(e, "ticket", None) in state.tickets}
+    tasks = {
+        (e.ticket, e.task): out.task(e.ticket, e.task)
+        for e in events
+        if isinstance(e, ev.TaskEvent) and e.ticket in state.tickets and e.task in state.tickets[e.ticket].tasks
+    }
+    for e in events:
+        out.emit(e)
+    renewed = {e.ticket for e in events if isinstance(e, ev.TicketSubmitted)}  # a new run: new objects
+    for tid, ticket in tickets.items():
+        assert tid in renewed or out.state.tickets[tid] is ticket, f"stale ticket handle {tid}"
+    for (tid, task_id), task in tasks.items():
+        assert tid in renewed or out.state.tickets[tid].tasks[task_id] is task, f"stale task handle {tid}/{task_id}"
+    return out.state
+
+
 def check_invariants(state: State) -> None:
     for ticket in state.tickets.values():
         for task in ticket.tasks.values():
@@ -284,8 +304,10 @@ def test_properties_over_random_command_sequences(ops: list[tuple[int, int, int,
         now = now + timedelta(seconds=30 * code[3])
         command = interpret(state, n, code, now)
         before = copy.deepcopy(state)
-        events = decide(state, command)
+        out = _run(state, command)
+        events = out.events
         assert state == before, "decide must not change the state it is given"
+        handles = _replay_through_handles(state, events)
         for e in events:
             # Never two live attempts of one task.
             if isinstance(e, ev.AttemptScheduled):
@@ -296,6 +318,9 @@ def test_properties_over_random_command_sequences(ops: list[tuple[int, int, int,
             elif isinstance(e, ev.TicketCancelled | ev.TicketFailed | ev.TicketSubmitted):
                 live = {k for k in live if k[0] != e.ticket}
             evolve(state, e)
+        # What the rules saw is what the log gives: no change lost to a stale copy, none applied twice.
+        assert out.state == state, "the decider's scratch state differs from its events applied to the state"
+        assert handles == state, "events emitted through an emitter differ from the log applied to the state"
         names = types(events)
         if "CorePromoted" in names:  # only ever right after a human approval
             assert names[names.index("CorePromoted") - 1] == "ProposalApproved"
@@ -307,6 +332,20 @@ def test_properties_over_random_command_sequences(ops: list[tuple[int, int, int,
     for e in log:
         evolve(replayed, e)
     assert replayed == state
+
+
+def test_a_ticket_or_task_a_rule_holds_stays_current_after_emitting() -> None:
+    state = State()
+    apply(state, submit(make_ticket(), T0))
+    scheduled = next(t for t in state.tickets["TICKET-1"].tasks.values() if t.status == "scheduled")
+    out = _Emitter(state)
+    ticket = out.ticket("TICKET-1")
+    task = out.task("TICKET-1", scheduled.id)
+    out.emit(ev.AttemptStarted(at=T0, ticket="TICKET-1", task=task.id, attempt=task.attempt, report_seq=1, worker="w"))
+    assert task.status == "running" and ticket.tasks[task.id] is task  # the rule's references see the event
+    assert out.ticket("TICKET-1") is ticket and out.state.tickets["TICKET-1"] is ticket
+    assert state.tickets["TICKET-1"].tasks[task.id].status == "scheduled"  # the caller's state is untouched
+    assert state.tickets["TICKET-1"] is not ticket
 
 
 # --- proposals, policy, core, adapters ----------------------------------------------------------
