@@ -51,7 +51,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from cli.embedded import start_redis
     from daemon.dispatcher import enqueue
-    from schema.artifacts import ArtifactStore
+    from schema.artifact_store import ArtifactStore
     from schema.wire import Envelope, load_secret
     from workers.context import LocalContext
     from workers.inference import CACHE, LOADERS, solve_grids

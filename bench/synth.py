@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from schema.artifacts import ArtifactStore
+from schema.artifact_store import ArtifactStore
 from workers.synth.base import get_generator, synthesize
 from workers.synth.sudoku import canonical_key, count_solutions, make_puzzle
 

@@ -14,14 +14,8 @@ from typing import Any
 
 from cli.common import print_json, print_table, settings_from
 from cli.main import CliError
-from schema.artifacts import (
-    MANIFEST_KIND,
-    AmbiguousArtifactError,
-    ArtifactError,
-    ArtifactStore,
-    Manifest,
-    UnknownArtifactError,
-)
+from schema.artifact_store import ArtifactStore
+from schema.artifacts import MANIFEST_KIND, AmbiguousArtifactError, ArtifactError, Manifest, UnknownArtifactError
 
 PREVIEW_IMAGES = 36
 PREVIEW_TEXT = 3

@@ -1,6 +1,7 @@
-"""Content-addressed artifact store and dataset manifests.
+"""The shapes of artifacts: dataset manifests, index entries, lineage, errors; and atomic file writes.
 
-Layout under the root (``Settings.artifacts_path``, i.e. ``JETBOX_HOME/artifacts``)::
+The store that keeps them is `schema/artifact_store.py`. Its layout under the root
+(``Settings.artifacts_path``, i.e. ``JETBOX_HOME/artifacts``)::
 
     objects/ab/abcdef...   one file per object, named by the sha256 of its bytes
     index/<id>.json        one small entry per *recorded* artifact (manifests, checkpoints, ...)
@@ -20,17 +21,15 @@ import hashlib
 import json
 import os
 import re
-import time
 import uuid
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Final, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 CHUNK = 1 << 20
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
 MANIFEST_KIND: Final = "dataset"
 
 
@@ -71,7 +70,7 @@ class Lineage(BaseModel):
     @classmethod
     def _ids(cls, value: list[str]) -> list[str]:
         for item in value:
-            if not _HEX64.match(item):
+            if not HEX64.match(item):
                 raise ValueError(f"input artifact id must be 64 hex characters, got {item!r}")
         return value
 
@@ -100,7 +99,7 @@ class ShardInfo(BaseModel):
     @field_validator("id")
     @classmethod
     def _hex(cls, value: str) -> str:
-        if not _HEX64.match(value):
+        if not HEX64.match(value):
             raise ValueError(f"shard id must be 64 hex characters, got {value!r}")
         return value
 
@@ -177,7 +176,7 @@ class GcReport(BaseModel):
 # Low-level atomic writing
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     # Directory fsync makes the rename durable; not supported everywhere (e.g. Windows), hence suppress.
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -203,7 +202,7 @@ def atomic_write_bytes(dest: Path, data: bytes, tmp_dir: Path | None = None) -> 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
 
 
 def sha256_file(path: Path) -> tuple[str, int]:
@@ -215,395 +214,3 @@ def sha256_file(path: Path) -> tuple[str, int]:
             h.update(chunk)
             size += len(chunk)
     return h.hexdigest(), size
-
-
-# ---------------------------------------------------------------------------------------------
-# The store
-
-
-class ArtifactStore:
-    """A content-addressed store of immutable objects under `root`."""
-
-    def __init__(self, root: Path | str) -> None:
-        self.root = Path(root)
-        self.objects = self.root / "objects"
-        self.index = self.root / "index"
-        self.tmp = self.root / "tmp"
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> ArtifactStore:
-        """The store of a `schema.settings.Settings` (its `artifacts_path`)."""
-        return cls(settings.artifacts_path)
-
-    # -- paths and lookup -----------------------------------------------------------------
-
-    def path(self, artifact_id: str) -> Path:
-        """Where the object with this full id lives (whether or not it exists)."""
-        if not _HEX64.match(artifact_id):
-            raise UnknownArtifactError(f"not an artifact id: {artifact_id!r} (expected 64 hex characters)")
-        return self.objects / artifact_id[:2] / artifact_id
-
-    def has(self, artifact_id: str) -> bool:
-        """True if the object exists (its content is not checked)."""
-        return _HEX64.match(artifact_id) is not None and self.path(artifact_id).is_file()
-
-    def ids(self) -> Iterator[str]:
-        """Every object id present, in sorted order."""
-        if not self.objects.is_dir():
-            return
-        for sub in sorted(self.objects.iterdir()):
-            if sub.is_dir():
-                for item in sorted(sub.iterdir()):
-                    if _HEX64.match(item.name) and item.name[:2] == sub.name and item.is_file():
-                        yield item.name
-
-    def resolve(self, prefix: str) -> str:
-        """The full id for a unique prefix (at least 4 hex characters)."""
-        prefix = prefix.strip().lower()
-        if not re.fullmatch(r"[0-9a-f]{4,64}", prefix):
-            raise UnknownArtifactError(f"not an artifact id or prefix: {prefix!r} (need 4-64 hex characters)")
-        if len(prefix) == 64:
-            if self.has(prefix):
-                return prefix
-            raise UnknownArtifactError(f"no artifact {prefix}")
-        sub = self.objects / prefix[:2]
-        matches = sorted(p.name for p in sub.glob(prefix + "*") if _HEX64.match(p.name)) if sub.is_dir() else []
-        if not matches:
-            raise UnknownArtifactError(f"no artifact matches {prefix!r}")
-        if len(matches) > 1:
-            shown = ", ".join(m[:16] for m in matches[:5])
-            raise AmbiguousArtifactError(f"prefix {prefix!r} matches {len(matches)} artifacts: {shown}")
-        return matches[0]
-
-    # -- writing --------------------------------------------------------------------------
-
-    def _install(self, tmp: Path, artifact_id: str) -> None:
-        dest = self.path(artifact_id)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
-
-    def _new_tmp(self) -> Path:
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        return self.tmp / f"{uuid.uuid4().hex}.tmp"
-
-    def _needs_write(self, artifact_id: str, size: int, repair: bool) -> bool:
-        dest = self.path(artifact_id)
-        if not dest.is_file():
-            return True
-        if dest.stat().st_size != size:  # truncated copy: replace it
-            return True
-        return repair and sha256_file(dest)[0] != artifact_id
-
-    def put_bytes(self, data: bytes, repair: bool = False) -> str:
-        """Store `data`; returns its sha256 id. Existing objects are kept unless damaged.
-
-        A same-sized existing object is trusted unless `repair` is set, which re-hashes it and
-        replaces it if it was altered.
-        """
-        artifact_id = hashlib.sha256(data).hexdigest()
-        if not self._needs_write(artifact_id, len(data), repair):
-            return artifact_id
-        tmp = self._new_tmp()
-        try:
-            with tmp.open("wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            self._install(tmp, artifact_id)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return artifact_id
-
-    def put_stream(self, source: BinaryIO, repair: bool = False) -> str:
-        """Store everything read from `source`, hashing while copying; returns the id."""
-        tmp = self._new_tmp()
-        try:
-            h = hashlib.sha256()
-            size = 0
-            with tmp.open("wb") as fh:
-                while chunk := source.read(CHUNK):
-                    h.update(chunk)
-                    size += len(chunk)
-                    fh.write(chunk)
-                fh.flush()
-                os.fsync(fh.fileno())
-            artifact_id = h.hexdigest()
-            if self._needs_write(artifact_id, size, repair):
-                self._install(tmp, artifact_id)
-            else:
-                tmp.unlink()
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return artifact_id
-
-    def put_file(self, path: Path | str, repair: bool = False) -> str:
-        """Store a copy of the file at `path`; returns its sha256 id."""
-        with Path(path).open("rb") as fh:
-            return self.put_stream(fh, repair=repair)
-
-    # -- reading --------------------------------------------------------------------------
-
-    def get_bytes(self, artifact_id: str, verify: bool = True) -> bytes:
-        """The object's bytes; with `verify`, raises CorruptArtifactError if they do not match the id."""
-        path = self.path(artifact_id)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise UnknownArtifactError(f"no artifact {artifact_id}") from None
-        if verify and hashlib.sha256(data).hexdigest() != artifact_id:
-            raise CorruptArtifactError(f"artifact {artifact_id} is corrupt: its content hash changed ({path})")
-        return data
-
-    def check(self, artifact_id: str, expected_size: int | None = None) -> None:
-        """Raise CorruptArtifactError unless the object exists, has the size given and hashes to its id."""
-        path = self.path(artifact_id)
-        if not path.is_file():
-            raise CorruptArtifactError(f"artifact {artifact_id} is missing ({path})")
-        digest, size = sha256_file(path)
-        if expected_size is not None and size != expected_size:
-            raise CorruptArtifactError(
-                f"artifact {artifact_id} is truncated or altered: {size} bytes, expected {expected_size} ({path})"
-            )
-        if digest != artifact_id:
-            raise CorruptArtifactError(f"artifact {artifact_id} is corrupt: content hashes to {digest[:16]} ({path})")
-
-    # -- index and manifests --------------------------------------------------------------
-
-    def record(self, entry: ArtifactEntry) -> None:
-        """Add (or replace) the index entry of an existing object."""
-        if not self.has(entry.id):
-            raise UnknownArtifactError(f"cannot record {entry.id}: no such object")
-        data = entry.model_dump_json(indent=None).encode()
-        atomic_write_bytes(self.index / f"{entry.id}.json", data, tmp_dir=self.tmp)
-
-    def put_artifact(
-        self,
-        path: Path | str,
-        kind: str,
-        name: str = "",
-        lineage: Lineage | None = None,
-        created_at: datetime | None = None,
-        meta: dict[str, Any] | None = None,
-    ) -> str:
-        """Store a file and record it in the index with its kind and lineage; returns its id."""
-        artifact_id = self.put_file(path)
-        entry = ArtifactEntry(
-            id=artifact_id,
-            kind=kind,
-            name=name,
-            size=self.path(artifact_id).stat().st_size,
-            lineage=lineage or Lineage(),
-            created_at=created_at,
-            meta=meta or {},
-        )
-        self.record(entry)
-        return artifact_id
-
-    def put_manifest(self, manifest: Manifest) -> str:
-        """Store a manifest (after checking its shards are present) and index it; returns its id."""
-        for shard in manifest.shards:
-            if not self.has(shard.id):
-                raise UnknownArtifactError(f"manifest lists shard {shard.index} ({shard.id}) that is not in the store")
-        manifest_id = self.put_bytes(manifest.to_bytes())
-        self.record(
-            ArtifactEntry(
-                id=manifest_id,
-                kind=MANIFEST_KIND,
-                name=manifest.generator,
-                size=sum(s.size for s in manifest.shards),
-                count=manifest.count,
-                split=manifest.split,
-                lineage=manifest.lineage,
-                created_at=manifest.created_at,
-                meta={
-                    "generator_version": manifest.generator_version,
-                    "seed": manifest.seed,
-                    "shards": len(manifest.shards),
-                },
-            )
-        )
-        return manifest_id
-
-    def load_manifest(self, artifact_id: str) -> Manifest:
-        """Read and validate a stored manifest (a prefix is accepted)."""
-        full = self.resolve(artifact_id)
-        data = self.get_bytes(full)
-        try:
-            return Manifest.model_validate_json(data)
-        except ValueError as exc:
-            raise ArtifactError(f"artifact {full} is not a dataset manifest: {exc}") from None
-
-    def entries(self) -> list[ArtifactEntry]:
-        """Every index entry, oldest first (then by id)."""
-        out: list[ArtifactEntry] = []
-        if not self.index.is_dir():
-            return out
-        for item in self.index.glob("*.json"):
-            try:
-                out.append(ArtifactEntry.model_validate_json(item.read_bytes()))
-            except (OSError, ValueError):
-                continue  # a damaged entry is reported by verify, never fatal for listing
-        return sorted(out, key=lambda e: (e.created_at.isoformat() if e.created_at else "", e.id))
-
-    def entry(self, artifact_id: str) -> ArtifactEntry | None:
-        """The index entry of a full id, if recorded."""
-        item = self.index / f"{artifact_id}.json"
-        if not item.is_file():
-            return None
-        try:
-            return ArtifactEntry.model_validate_json(item.read_bytes())
-        except ValueError:
-            return None
-
-    def manifests(self) -> list[tuple[str, Manifest]]:
-        """(id, manifest) for every indexed dataset whose manifest can be read."""
-        out = []
-        for entry in self.entries():
-            if entry.kind != MANIFEST_KIND:
-                continue
-            try:
-                out.append((entry.id, self.load_manifest(entry.id)))
-            except ArtifactError:
-                continue
-        return out
-
-    def list_entries(self, ticket: str | None = None, kind: str | None = None) -> list[ArtifactEntry]:
-        """Index entries filtered by lineage ticket and by kind (matches the kind or the name)."""
-        out = []
-        for entry in self.entries():
-            if ticket is not None and entry.lineage.ticket != ticket:
-                continue
-            if kind is not None and kind not in (entry.kind, entry.name):
-                continue
-            out.append(entry)
-        return out
-
-    # -- maintenance ----------------------------------------------------------------------
-
-    def verify(self) -> list[Problem]:
-        """Re-hash every object; check every manifest's shards exist with the listed size.
-
-        Returns the problems found (empty when the store is sound).
-        """
-        problems: list[Problem] = []
-        expected_sizes: dict[str, int] = {}
-        for entry in self.entries():
-            if not self.has(entry.id):
-                problems.append(
-                    Problem(
-                        id=entry.id,
-                        problem="missing",
-                        detail=f"indexed {entry.kind} has no object",
-                        path=str(self.path(entry.id)),
-                    )
-                )
-                continue
-            if entry.kind == MANIFEST_KIND:
-                try:
-                    manifest = Manifest.model_validate_json(self.path(entry.id).read_bytes())
-                except ValueError as exc:
-                    problems.append(
-                        Problem(
-                            id=entry.id,
-                            problem="bad-manifest",
-                            detail=str(exc).splitlines()[0],
-                            path=str(self.path(entry.id)),
-                        )
-                    )
-                    continue
-                for shard in manifest.shards:
-                    expected_sizes[shard.id] = shard.size
-                    if not self.has(shard.id):
-                        problems.append(
-                            Problem(
-                                id=shard.id,
-                                problem="missing",
-                                detail=f"shard {shard.index} of dataset {entry.id[:12]}",
-                                path=str(self.path(shard.id)),
-                            )
-                        )
-        for artifact_id in self.ids():
-            path = self.path(artifact_id)
-            digest, size = sha256_file(path)
-            if digest == artifact_id:
-                continue
-            want = expected_sizes.get(artifact_id)
-            if want is not None and size < want:
-                problems.append(
-                    Problem(
-                        id=artifact_id, problem="truncated", detail=f"{size} bytes, expected {want}", path=str(path)
-                    )
-                )
-            else:
-                problems.append(
-                    Problem(
-                        id=artifact_id, problem="corrupt", detail=f"content hashes to {digest[:16]}", path=str(path)
-                    )
-                )
-        if self.objects.is_dir():
-            for sub in self.objects.iterdir():
-                for item in sub.iterdir() if sub.is_dir() else [sub]:
-                    if not (_HEX64.match(item.name) and item.name[:2] == sub.name):
-                        problems.append(
-                            Problem(id=item.name, problem="stray", detail="not an object file", path=str(item))
-                        )
-        return problems
-
-    def referenced(self) -> set[str]:
-        """The default set kept by gc: every manifest and all it lists, plus anything with a lineage ticket."""
-        keep: set[str] = set()
-        for entry in self.entries():
-            if entry.kind == MANIFEST_KIND or entry.lineage.ticket:
-                keep.add(entry.id)
-        return self.closure(keep)
-
-    def closure(self, ids: set[str]) -> set[str]:
-        """`ids` plus every object listed by the manifests among them."""
-        out = set(ids)
-        for artifact_id in ids:
-            entry = self.entry(artifact_id)
-            if entry is None or entry.kind != MANIFEST_KIND or not self.has(artifact_id):
-                continue
-            try:
-                manifest = Manifest.model_validate_json(self.path(artifact_id).read_bytes())
-            except ValueError:
-                continue
-            out.update(manifest.object_ids())
-        return out
-
-    def gc(self, keep: set[str], dry_run: bool = True, temp_age_s: float = 3600.0) -> GcReport:
-        """Remove every object not in `keep` (expanded with what kept manifests list).
-
-        Also removes temp files older than `temp_age_s` (left by crashed writers). Dry run by default.
-        """
-        keep = self.closure(keep)
-        removed: list[str] = []
-        freed = 0
-        kept = 0
-        for artifact_id in list(self.ids()):
-            if artifact_id in keep:
-                kept += 1
-                continue
-            path = self.path(artifact_id)
-            freed += path.stat().st_size
-            removed.append(artifact_id)
-            if not dry_run:
-                (self.index / f"{artifact_id}.json").unlink(missing_ok=True)
-                path.unlink(missing_ok=True)
-        temps: list[str] = []
-        if self.tmp.is_dir():
-            now = time.time()
-            for item in self.tmp.iterdir():
-                if now - item.stat().st_mtime >= temp_age_s:
-                    temps.append(str(item))
-                    if not dry_run:
-                        item.unlink(missing_ok=True)
-        if not dry_run:
-            # Index entries whose object is gone would list phantom artifacts.
-            for item in self.index.glob("*.json") if self.index.is_dir() else []:
-                if not self.has(item.stem):
-                    item.unlink(missing_ok=True)
-        return GcReport(dry_run=dry_run, removed=removed, freed_bytes=freed, kept=kept, temp_files=temps)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from schema.artifacts import ArtifactStore
+from schema.artifact_store import ArtifactStore
 from workers.context import LocalContext
 from workers.jobs import JobFailed, run_synthesize
 from workers.ml_jobs import run_train

@@ -17,14 +17,8 @@ import pytest
 from pydantic import ValidationError
 
 from cli.main import main
-from schema.artifacts import (
-    AmbiguousArtifactError,
-    ArtifactStore,
-    CorruptArtifactError,
-    Lineage,
-    Manifest,
-    UnknownArtifactError,
-)
+from schema.artifact_store import ArtifactStore
+from schema.artifacts import AmbiguousArtifactError, CorruptArtifactError, Lineage, Manifest, UnknownArtifactError
 from workers.synth import base
 from workers.synth.base import synthesize
 
@@ -208,8 +202,9 @@ def test_manifest_listing_a_missing_shard_is_refused(store: ArtifactStore) -> No
 
 @pytest.mark.integration
 def test_schema_artifacts_imports_only_stdlib_and_pydantic() -> None:
-    code = ("import sys, schema.artifacts; bad = [m for m in ('numpy', 'torch', 'workers', 'daemon', 'cli') "
-            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    code = ("import sys, schema.artifacts, schema.artifact_store; "
+            "bad = [m for m in ('numpy', 'torch', 'workers', 'daemon', 'cli') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

@@ -10,7 +10,7 @@ import pytest
 from cli.main import main as jbctl
 from daemon import commands as c
 from daemon.handler import CommandHandler
-from schema.artifacts import ArtifactStore
+from schema.artifact_store import ArtifactStore
 from schema.store import EventStore
 from tests.helpers import make_ticket, submit
 

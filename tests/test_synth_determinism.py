@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from schema.artifacts import ArtifactStore, Lineage
+from schema.artifact_store import ArtifactStore
+from schema.artifacts import Lineage
 from workers.synth.base import (
     SynthError,
     SynthesisRequest,
@@ -45,7 +46,8 @@ JOBS = {
 SCRIPT = """
 import json, sys
 from datetime import datetime, UTC
-from schema.artifacts import ArtifactStore, Lineage
+from schema.artifact_store import ArtifactStore
+from schema.artifacts import Lineage
 from workers.synth.base import synthesize
 jobs = json.loads(sys.argv[2])
 store = ArtifactStore(sys.argv[1])

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from schema.artifacts import ArtifactStore, Lineage
+from schema.artifact_store import ArtifactStore
+from schema.artifacts import Lineage
 
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> Path:

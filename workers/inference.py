@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from schema.artifacts import ArtifactStore
+from schema.artifact_store import ArtifactStore
 from workers.context import JobContext
 from workers.jobs import JobFailed, JobResult, own_params
 from workers.loading import load_dataset, load_image_encoder, load_reasoner

@@ -16,7 +16,8 @@ from typing import Any
 
 import redis
 
-from schema.artifacts import ArtifactStore, Lineage
+from schema.artifact_store import ArtifactStore
+from schema.artifacts import Lineage
 from schema.wire import REPORT_STREAM, Envelope, Report, cancel_key, heartbeat_key
 from workers.context import JobCancelled
 

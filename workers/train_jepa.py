@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
-from schema.artifacts import ArtifactStore, Manifest
+from schema.artifact_store import ArtifactStore
+from schema.artifacts import Manifest
 from workers.context import JobCancelled, JobContext
 from workers.models.jepa import JEPA, JepaConfig, make_config, preprocess, sample_masks
 from workers.models.text import TEXT_PRESETS, CrossModalJEPA, TextConfig, tokenize, train_tokenizer

@@ -29,7 +29,8 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from schema.artifacts import ArtifactStore, CorruptArtifactError, FieldSpec, Lineage, Manifest, ShardInfo
+from schema.artifact_store import ArtifactStore
+from schema.artifacts import CorruptArtifactError, FieldSpec, Lineage, Manifest, ShardInfo
 
 ShardFormat = Literal["npz", "safetensors"]
 Arrays = dict[str, np.ndarray]

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from schema.artifacts import ArtifactStore, CorruptArtifactError, Manifest
+from schema.artifact_store import ArtifactStore
+from schema.artifacts import CorruptArtifactError, Manifest
 from workers.synth.base import Arrays, ShardFormatError, read_shard
 
 
