@@ -195,7 +195,8 @@ def render(book: Any, mid: str, fmt: str, now: datetime) -> tuple[bytes, dict[st
 
 def write_report(book: Any, mid: str, fmt: str, output: Path | None, settings: Any) -> int:
     """Render, store the report (and its curves) as artifacts, write it to `output` or stdout."""
-    from schema.artifacts import ArtifactEntry, ArtifactStore, atomic_write_bytes
+    from schema.artifact_store import ArtifactStore
+    from schema.artifacts import ArtifactEntry, atomic_write_bytes
 
     data, figures = render(book, mid, fmt, datetime.now(UTC))
     store = ArtifactStore.from_settings(settings)

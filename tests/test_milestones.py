@@ -399,7 +399,7 @@ def test_report_is_reproducible_from_the_log(tmp_path: Path) -> None:
 def test_report_command_stores_an_artifact_and_writes_curves(
     home: Path, store: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from schema.artifacts import ArtifactStore
+    from schema.artifact_store import ArtifactStore
     from schema.settings import load_settings
 
     plan = write_plan(tmp_path / "plan")
