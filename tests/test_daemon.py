@@ -53,6 +53,7 @@ def test_signal_stops_cleanly(tmp_path: Path, sig: int) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.integration
 def test_sighup_reloads_settings(tmp_path: Path) -> None:
     config = tmp_path / "jetbox.toml"
     config.write_text("rescan_seconds = 1.0\n")
@@ -70,6 +71,7 @@ def test_sighup_reloads_settings(tmp_path: Path) -> None:
     assert d.stop() == 0
 
 
+@pytest.mark.integration
 def test_restart_catches_up_with_changes_made_while_down(tmp_path: Path) -> None:
     d = DaemonProc(tmp_path).start()
     for n in (1, 2, 3):
@@ -210,6 +212,7 @@ def test_reactors_are_built_with_the_handler_polled_and_closed(home: Path) -> No
     assert ok.closed and failing.closed
 
 
+@pytest.mark.integration
 def test_deleted_tickets_folder_is_recreated_and_watched_again(tmp_path: Path) -> None:
     import shutil
 
