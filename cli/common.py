@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Any
 
+from schema.readmodel import human_age as human_age  # re-exported: the CLI's modules import it from here
 from schema.settings import Settings, load_settings
 
 
@@ -71,14 +72,3 @@ def now_utc() -> Any:
     from datetime import UTC, datetime
 
     return datetime.now(UTC)
-
-
-def human_age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"

@@ -9,21 +9,7 @@ from typing import Any
 
 from cli.common import colour, human_age, open_store, print_json, print_table, settings_from
 from cli.main import CliError
-
-AUDIT_TYPES = [
-    "ProposalOpened",
-    "ProposalApproved",
-    "ProposalRejected",
-    "ProposalExpired",
-    "ProposalWithdrawn",
-    "ApprovalRefused",
-    "CorePromoted",
-    "SafetyViolation",
-    "LoopDetected",
-    "TaskBlocked",
-    "TaskRetried",
-    "TicketCancelled",
-]
+from schema.readmodel import AUDIT_TYPES, audit_row, delta_mark, metric_sections
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -167,54 +153,6 @@ def proposal_detail(handler: Any, proposal: Any, all_metrics: bool = False, how_
     return "\n".join(lines)
 
 
-# A metric whose name ends so is a reference point (random init, raw pixels, chance), not the candidate.
-BASELINE_SUFFIXES = ("_random", "_pixels", "_chance")
-# Sizes and counts: a change is neither better nor worse.
-NEUTRAL_METRICS = ("params", "mean_steps", "n_train", "n_test")
-
-
-def _is_gain(name: str) -> bool:
-    return "_gain" in name.rsplit(".", 1)[-1]
-
-
-def metric_direction(name: str) -> int:
-    """+1 when a larger value is better, -1 when smaller is, 0 when neither (baselines, sizes)."""
-    base = name.rsplit(".", 1)[-1]
-    if _is_gain(base):
-        return 1
-    if base.endswith(BASELINE_SUFFIXES) or base in NEUTRAL_METRICS:
-        return 0
-    if "loss" in base or "error" in base:
-        return -1
-    return 1
-
-
-def metric_sections(names: list[str], focus: list[str]) -> list[tuple[str, list[str]]]:
-    """The metrics in the order a reviewer reads them: the ticket's checks, the gains over the
-    baselines, the other measurements, the baselines themselves."""
-    checked = [n for n in dict.fromkeys(focus) if n in names]
-    rest = [n for n in sorted(names) if n not in checked]
-    gains = [n for n in rest if _is_gain(n)]
-    baselines = [n for n in rest if not _is_gain(n) and n.endswith(BASELINE_SUFFIXES)]
-    other = [n for n in rest if n not in gains and n not in baselines]
-    return [
-        ("checked by the ticket", checked),
-        ("gains over the baselines", gains),
-        ("other measurements", other),
-        ("baselines", baselines),
-    ]
-
-
-def _mark(name: str, delta: float | None) -> str:
-    """`better` / `worse` / `same` for a delta of the candidate over the current core."""
-    direction = metric_direction(name)
-    if delta is None or direction == 0:
-        return ""
-    if abs(delta) < 1e-12:
-        return "same"
-    return "better" if delta * direction > 0 else "worse"
-
-
 def side_by_side(proposal: Any, focus: list[str] | None = None, all_metrics: bool = False) -> str:
     """The candidate's and the current core's metrics on the same evaluation, with the deltas.
 
@@ -252,7 +190,7 @@ def side_by_side(proposal: Any, focus: list[str] | None = None, all_metrics: boo
         for name in names:
             now_v, d = cur.get(name), delta.get(name)
             now_s = "" if now_v is None else f"{now_v:10.4f}"
-            mark = _mark(name, d)
+            mark = delta_mark(name, d)
             code = {"better": "32", "worse": "31"}.get(mark)
             d_s = "" if d is None else f"{d:+9.4f}"
             if code:
@@ -291,7 +229,7 @@ def _confirm(question: str, yes: bool) -> None:
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
-    from daemon.commands import ApproveProposal
+    from daemon import gate
     from daemon.handler import ensure_home_owner
 
     settings = settings_from(args)
@@ -303,44 +241,34 @@ def cmd_approve(args: argparse.Namespace) -> int:
     print(proposal_detail(handler, proposal, how_to_decide=False))
     _confirm(f"approve {proposal.id}?", args.yes)
     user, meta = _actor()
-    recorded = handler.handle(
-        ApproveProposal(
-            now=datetime.now(UTC),
-            proposal=proposal.id,
-            note=args.note,
-            scope=args.scope,
-            approvers=list(settings.approvers),
-            actor=user,
-        ),
+    outcome = gate.approve(
+        handler,
+        proposal.id,
+        actor=user,
         meta=meta,
+        home=settings.home,
+        approver_list=gate.approvers(settings),
+        note=args.note,
+        scope=args.scope,
     )
-    refused = [r for r in recorded if r.type == "ApprovalRefused"]
-    if refused:
-        raise CliError(f"approval refused: {refused[0].data['reason']} (the attempt is recorded)")
-    if not recorded:
-        raise CliError(f"{proposal.id} is no longer open")
-    promoted = [r for r in recorded if r.type == "CorePromoted"]
-    if promoted:
-        print(f"approved {proposal.id}: core is now v{promoted[0].data['version']}")
-    else:
-        print(f"approved {proposal.id} ({args.scope})")
+    if not outcome.ok:
+        raise CliError(outcome.message)
+    print(outcome.message)
     return 0
 
 
 def cmd_reject(args: argparse.Namespace) -> int:
-    from daemon.commands import RejectProposal
+    from daemon import gate
 
     if not args.reason.strip():
         raise CliError("a reason is required: -m REASON")
     handler = _handler(args)
     proposal = _proposal(handler, args.proposal)
-    if proposal.status != "open":
-        raise CliError(f"{proposal.id} is {proposal.status}; only an open proposal can be rejected")
     user, meta = _actor()
-    handler.handle(
-        RejectProposal(now=datetime.now(UTC), proposal=proposal.id, reason=args.reason, actor=user), meta=meta
-    )
-    print(f"rejected {proposal.id}: {args.reason}")
+    outcome = gate.reject(handler, proposal.id, actor=user, meta=meta, reason=args.reason)
+    if not outcome.ok:
+        raise CliError(outcome.message)
+    print(outcome.message)
     return 0
 
 
@@ -394,7 +322,7 @@ def cmd_core(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from daemon.commands import ReevaluateProposal, RetryTask
+    from daemon.commands import ReevaluateProposal
 
     handler = _handler(args)
     user, meta = _actor()
@@ -411,46 +339,17 @@ def cmd_retry(args: argparse.Namespace) -> int:
         return 0
     if not args.task:
         raise CliError("which task? `jbctl retry TICKET --task T` (or `jbctl retry P-n --reevaluate`)")
-    ticket = handler.state.tickets.get(args.target)
-    if ticket is None:
-        raise CliError(f"no ticket {args.target!r}")
-    task = ticket.tasks.get(args.task)
-    if task is None:
-        raise CliError(f"{args.target} has no task {args.task!r} (tasks: {', '.join(ticket.tasks)})")
-    recorded = handler.handle(RetryTask(now=now, ticket=ticket.id, task=task.id, actor=user), meta=meta)
-    if not recorded:
-        raise CliError(
-            f"{ticket.id}/{task.id} is {task.status} (ticket {ticket.status}); only a blocked task of a "
-            "running ticket can be retried"
-        )
-    print(f"retrying {ticket.id}/{task.id}")
+    from daemon import gate
+
+    outcome = gate.retry(handler, args.target, args.task, actor=user, meta=meta)
+    if not outcome.ok:
+        raise CliError(outcome.message)
+    print(outcome.message)
     return 0
 
 
 def audit_rows(store: Any, since: int) -> list[dict[str, Any]]:
-    out = []
-    for rec in store.read(since, types=AUDIT_TYPES):
-        d = rec.data
-        meta_actor = rec.meta.get("actor")
-        actor = d.get("actor") or (meta_actor.get("user") if isinstance(meta_actor, dict) else meta_actor)
-        detail = d.get("reason") or d.get("note") or d.get("detail") or d.get("proposal") or ""
-        if rec.type == "CorePromoted":
-            detail = f"v{d['version']}" + (
-                f" (rollback to v{d['rollback_to']})" if d.get("rollback_to") else f" from {d.get('proposal')}"
-            )
-        if rec.type == "SafetyViolation":
-            detail = f"{d.get('what')}: {d.get('detail')}"
-        out.append(
-            {
-                "seq": rec.seq,
-                "at": rec.recorded_at.isoformat(timespec="seconds"),
-                "type": rec.type,
-                "ticket": d.get("ticket"),
-                "actor": actor,
-                "detail": str(detail)[:200],
-            }
-        )
-    return out
+    return [audit_row(rec) for rec in store.read(since, types=AUDIT_TYPES)]
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

@@ -99,34 +99,15 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    import sqlalchemy as sa
-
-    from schema.store import open_readonly
+    from schema.readmodel import ReadOnlyQueryError, readonly_query
 
     settings = settings_from(args)
     open_store(settings).close()  # a clear error when there is no database
-    engine = open_readonly(settings.db_url)
     try:
-        with engine.connect() as conn:
-            result = conn.execute(sa.text(args.query))
-            if not result.returns_rows:
-                raise CliError("jbctl sql is read-only: the statement returned no rows (write statements are refused)")
-            headers = list(result.keys())
-            rows = [list(r) for r in result]
-    except sa.exc.OperationalError as exc:
-        message = str(exc.orig) if exc.orig else str(exc)
-        if "readonly" in message or "read-only" in message or "read only" in message:
-            raise CliError("jbctl sql is read-only: write statements are refused") from None
-        raise CliError(f"SQL error: {message}") from None
-    except sa.exc.InternalError as exc:
-        message = str(exc.orig) if exc.orig else str(exc)
-        if "read-only" in message:
-            raise CliError("jbctl sql is read-only: write statements are refused") from None
-        raise CliError(f"SQL error: {message}") from None
-    except sa.exc.SQLAlchemyError as exc:
-        raise CliError(f"SQL error: {getattr(exc, 'orig', None) or exc}") from None
-    finally:
-        engine.dispose()
+        headers, rows, _ = readonly_query(settings.db_url, args.query)
+    except ReadOnlyQueryError as exc:
+        message = str(exc)
+        raise CliError(message if message.startswith("SQL error") else f"jbctl sql is {message}") from None
     if args.json:
         print_json([dict(zip(headers, r, strict=True)) for r in rows])
     elif args.csv:

@@ -12,8 +12,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from cli.common import colour, human_age, open_store, print_json, print_table, settings_from
+from cli.common import colour, open_store, print_json, print_table, settings_from
 from cli.main import CliError
+from schema.readmodel import age as _age
+from schema.readmodel import current_step as _current_step
+from schema.readmodel import naive_dt as _naive_dt
+from schema.readmodel import select as _select
+from schema.readmodel import topo as _topo
+from schema.readmodel import waiting_on as _waiting_on
 
 STATE_COLOURS = {"running": "36", "completed": "32", "failed": "31", "cancelled": "33", "blocked": "35"}
 
@@ -104,62 +110,6 @@ def _rows(conn: sa.Connection, sql: str, **params: Any) -> list[dict[str, Any]]:
     return [dict(r) for r in conn.execute(sa.text(sql), params).mappings()]
 
 
-def _select(conn: sa.Connection, name: str, order: tuple[str, ...] = (), **equal: Any) -> list[dict[str, Any]]:
-    """Rows of a projection table through its model (so JSON columns come back decoded)."""
-    from schema.tables import SQLModel
-
-    table = SQLModel.metadata.tables[name]
-    query = sa.select(table).order_by(*(table.c[o] for o in order))
-    for column, value in equal.items():
-        query = query.where(table.c[column] == value)
-    return [dict(r) for r in conn.execute(query).mappings()]
-
-
-def _age(ts: datetime | None, now: datetime) -> str:
-    if ts is None:
-        return ""
-    if isinstance(ts, str):
-        ts = datetime.fromisoformat(ts)
-    return human_age((now - ts).total_seconds())
-
-
-def _waiting_on(task_rows: list[dict[str, Any]], now: datetime, awaiting: str | None = None) -> str:
-    if awaiting:
-        return f"approval: jbctl approve {awaiting}"
-    by_id = {t["task"]: t for t in task_rows}
-    for t in task_rows:
-        if t["state"] == "blocked":
-            return f"human: jbctl retry --task {t['task']}"
-        if t["state"] == "waiting_retry" and t["retry_at"] is not None:
-            return f"retry of {t['task']} in {_age(now, _naive_dt(t['retry_at']))}".replace(" in -", " in ")
-        if t["state"] == "scheduled":
-            return f"a {t['queue']} worker for {t['task']}"
-    pending = [t for t in task_rows if t["state"] == "pending"]
-    for t in pending:
-        missing = [n for n in (t["needs"] or []) if by_id.get(n, {}).get("state") != "succeeded"]
-        if missing:
-            return f"{t['task']} needs {', '.join(missing)}"
-    return ""
-
-
-def _naive_dt(value: Any) -> datetime:
-    return datetime.fromisoformat(value) if isinstance(value, str) else value
-
-
-def _current_step(task_rows: list[dict[str, Any]]) -> tuple[str, str]:
-    live = [t for t in task_rows if t["state"] in ("running", "scheduled", "waiting_retry", "blocked")]
-    if not live:
-        return "", ""
-    t = live[0]
-    progress = ""
-    if t["progress_step"] is not None:
-        total = t["progress_total"]
-        progress = f"{t['progress_step']}/{total}" if total else str(t["progress_step"])
-        if total:
-            progress += f" ({100 * t['progress_step'] / total:.0f}%)"
-    return f"{t['task']} (attempt {t['attempt']}, {t['state']})", progress
-
-
 def status_data(
     engine: sa.Engine, ticket: str | None = None, include_old: bool = True, home: Path | None = None
 ) -> list[dict[str, Any]]:
@@ -219,24 +169,6 @@ def _background(home: Path | None, tid: str) -> str | None:
         return None
     info = json.loads(path.read_text())
     return f"unit {info['unit']}" if info.get("mode") == "systemd" else f"pid {info.get('pid')}, log {info.get('log')}"
-
-
-def _topo(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    by_id = {t["task"]: t for t in tasks}
-    seen: set[str] = set()
-    out: list[dict[str, Any]] = []
-
-    def visit(tid: str) -> None:
-        if tid in seen or tid not in by_id:
-            return
-        seen.add(tid)
-        for need in by_id[tid]["needs"] or []:
-            visit(need)
-        out.append(by_id[tid])
-
-    for t in tasks:
-        visit(t["task"])
-    return out
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -362,20 +294,14 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from daemon.commands import CancelTicket
+    from daemon import gate
     from daemon.handler import CommandHandler, local_actor
 
     store = open_store(settings_from(args))
     handler = CommandHandler(store)
-    if args.ticket not in handler.state.tickets:
-        raise CliError(f"no ticket {args.ticket!r} (see `jbctl status`)")
     actor = local_actor()
-    recorded = handler.handle(
-        CancelTicket(now=datetime.now(UTC), ticket=args.ticket, reason=args.reason, actor=actor["user"]),
-        meta={"actor": actor},
-    )
-    if not recorded:
-        state = handler.state.tickets[args.ticket].status
-        raise CliError(f"{args.ticket} is {state}; only a running ticket can be cancelled")
-    print(f"cancelled {args.ticket}")
+    outcome = gate.cancel(handler, args.ticket, actor=actor["user"], meta={"actor": actor}, reason=args.reason)
+    if not outcome.ok:
+        raise CliError(outcome.message + (" (see `jbctl status`)" if outcome.message.startswith("no ticket") else ""))
+    print(outcome.message)
     return 0

@@ -1,0 +1,123 @@
+"""The human side of the gate as functions: what `jbctl approve|reject|cancel|retry` and the web console call.
+
+Each turns a user's request into one command for the decider (which holds every rule) and reads the
+outcome back from the events it recorded. Both front ends call these, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from daemon import commands as cmd
+from daemon.handler import CommandHandler
+from schema.store import Recorded
+
+
+@dataclass
+class Outcome:
+    """What happened: `ok`, a sentence for the user, and the events recorded (a refusal is recorded too)."""
+
+    ok: bool
+    message: str
+    events: list[Recorded] = field(default_factory=list)
+
+
+def approvers(settings: Any) -> list[str]:
+    """The installation-wide approvers (a ticket's own `approvers:` list overrides them in the decider)."""
+    return list(settings.approvers)
+
+
+def _open_proposal(handler: CommandHandler, pid: str, verb: str) -> Any | Outcome:
+    proposal = handler.state.proposals.get(pid)
+    if proposal is None:
+        known = ", ".join(sorted(handler.state.proposals)) or "none yet"
+        return Outcome(False, f"no proposal {pid!r} (known: {known})")
+    if proposal.status != "open":
+        return Outcome(False, f"{proposal.id} is {proposal.status}; only an open proposal can be {verb}")
+    return proposal
+
+
+def approve(
+    handler: CommandHandler,
+    pid: str,
+    *,
+    actor: str,
+    meta: Mapping[str, Any],
+    approver_list: list[str],
+    home: Path | None = None,
+    note: str | None = None,
+    scope: str = "ticket",
+) -> Outcome:
+    """Approve `pid` as `actor`; who may is the decider's rule (`may_approve`). With `home`, its owner is
+    recorded first if nobody recorded it yet (the default approver when none is configured)."""
+    from daemon.handler import ensure_home_owner
+
+    if home is not None:
+        ensure_home_owner(handler, home)
+    proposal = _open_proposal(handler, pid, "approved")
+    if isinstance(proposal, Outcome):
+        return proposal
+    recorded = handler.handle(
+        cmd.ApproveProposal(
+            now=datetime.now(UTC),
+            proposal=proposal.id,
+            note=note,
+            scope=scope,  # type: ignore[arg-type]
+            approvers=approver_list,
+            actor=actor,
+        ),
+        meta=meta,
+    )
+    refused = [r for r in recorded if r.type == "ApprovalRefused"]
+    if refused:
+        return Outcome(False, f"approval refused: {refused[0].data['reason']} (the attempt is recorded)", recorded)
+    if not recorded:
+        return Outcome(False, f"{proposal.id} is no longer open")
+    promoted = [r for r in recorded if r.type == "CorePromoted"]
+    if promoted:
+        return Outcome(True, f"approved {proposal.id}: core is now v{promoted[0].data['version']}", recorded)
+    return Outcome(True, f"approved {proposal.id} ({scope})", recorded)
+
+
+def reject(handler: CommandHandler, pid: str, *, actor: str, meta: Mapping[str, Any], reason: str) -> Outcome:
+    if not reason.strip():
+        return Outcome(False, "a reason is required")
+    proposal = _open_proposal(handler, pid, "rejected")
+    if isinstance(proposal, Outcome):
+        return proposal
+    recorded = handler.handle(
+        cmd.RejectProposal(now=datetime.now(UTC), proposal=proposal.id, reason=reason, actor=actor), meta=meta
+    )
+    return Outcome(bool(recorded), f"rejected {proposal.id}: {reason}", recorded)
+
+
+def cancel(handler: CommandHandler, tid: str, *, actor: str, meta: Mapping[str, Any], reason: str) -> Outcome:
+    if tid not in handler.state.tickets:
+        return Outcome(False, f"no ticket {tid!r}")
+    command = cmd.CancelTicket(now=datetime.now(UTC), ticket=tid, reason=reason, actor=actor)
+    recorded = handler.handle(command, meta=meta)
+    if not recorded:
+        state = handler.state.tickets[tid].status
+        return Outcome(False, f"{tid} is {state}; only a running ticket can be cancelled")
+    return Outcome(True, f"cancelled {tid}", recorded)
+
+
+def retry(handler: CommandHandler, tid: str, task: str, *, actor: str, meta: Mapping[str, Any]) -> Outcome:
+    ticket = handler.state.tickets.get(tid)
+    if ticket is None:
+        return Outcome(False, f"no ticket {tid!r}")
+    found = ticket.tasks.get(task)
+    if found is None:
+        return Outcome(False, f"{tid} has no task {task!r} (tasks: {', '.join(ticket.tasks)})")
+    recorded = handler.handle(cmd.RetryTask(now=datetime.now(UTC), ticket=tid, task=task, actor=actor), meta=meta)
+    if not recorded:
+        return Outcome(
+            False,
+            f"{tid}/{task} is {found.status} (ticket {ticket.status}); only a blocked task of a running ticket "
+            "can be retried",
+        )
+    return Outcome(True, f"retrying {tid}/{task}", recorded)

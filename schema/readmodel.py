@@ -1,0 +1,335 @@
+"""Read-side views over the projections, shared by `jbctl` and the web console.
+
+Pure functions of rows (plain dicts) plus a few SQL queries that stay fast at 100,000 tickets: pages
+are read with LIMIT/OFFSET on an index, and only the tasks of the tickets on the page are loaded.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from schema.tables import SQLModel
+
+AUDIT_TYPES = [
+    "ProposalOpened",
+    "ProposalApproved",
+    "ProposalRejected",
+    "ProposalExpired",
+    "ProposalWithdrawn",
+    "ApprovalRefused",
+    "CorePromoted",
+    "SafetyViolation",
+    "LoopDetected",
+    "TaskBlocked",
+    "TaskRetried",
+    "TicketCancelled",
+]
+
+TICKET_STATES = ["running", "completed", "failed", "cancelled", "blocked"]
+
+
+def human_age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def naive_dt(value: Any) -> datetime:
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+def age(ts: datetime | str | None, now: datetime) -> str:
+    if ts is None:
+        return ""
+    return human_age((now - naive_dt(ts)).total_seconds())
+
+
+def topo(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tasks in dependency order (`needs` first), stable otherwise."""
+    by_id = {t["task"]: t for t in tasks}
+    seen: set[str] = set()
+    out: list[dict[str, Any]] = []
+
+    def visit(tid: str) -> None:
+        if tid in seen or tid not in by_id:
+            return
+        seen.add(tid)
+        for need in by_id[tid]["needs"] or []:
+            visit(need)
+        out.append(by_id[tid])
+
+    for t in tasks:
+        visit(t["task"])
+    return out
+
+
+def waiting_on(task_rows: list[dict[str, Any]], now: datetime, awaiting: str | None = None) -> str:
+    """What a running ticket waits for, in words (with the command that unblocks it)."""
+    if awaiting:
+        return f"approval: jbctl approve {awaiting}"
+    by_id = {t["task"]: t for t in task_rows}
+    for t in task_rows:
+        if t["state"] == "blocked":
+            return f"human: jbctl retry --task {t['task']}"
+        if t["state"] == "waiting_retry" and t["retry_at"] is not None:
+            return f"retry of {t['task']} in {age(now, naive_dt(t['retry_at']))}".replace(" in -", " in ")
+        if t["state"] == "scheduled":
+            return f"a {t['queue']} worker for {t['task']}"
+    pending = [t for t in task_rows if t["state"] == "pending"]
+    for t in pending:
+        missing = [n for n in (t["needs"] or []) if by_id.get(n, {}).get("state") != "succeeded"]
+        if missing:
+            return f"{t['task']} needs {', '.join(missing)}"
+    return ""
+
+
+def current_step(task_rows: list[dict[str, Any]]) -> tuple[str, str]:
+    """(the live task in words, its progress as `step/total (pct%)`)."""
+    live = [t for t in task_rows if t["state"] in ("running", "scheduled", "waiting_retry", "blocked")]
+    if not live:
+        return "", ""
+    t = live[0]
+    progress = ""
+    if t["progress_step"] is not None:
+        total = t["progress_total"]
+        progress = f"{t['progress_step']}/{total}" if total else str(t["progress_step"])
+        if total:
+            progress += f" ({100 * t['progress_step'] / total:.0f}%)"
+    return f"{t['task']} (attempt {t['attempt']}, {t['state']})", progress
+
+
+def select(conn: sa.Connection, name: str, order: tuple[str, ...] = (), **equal: Any) -> list[dict[str, Any]]:
+    """Rows of a projection table through its model (so JSON columns come back decoded)."""
+    table = SQLModel.metadata.tables[name]
+    query = sa.select(table).order_by(*(table.c[o] for o in order))
+    for column, value in equal.items():
+        query = query.where(table.c[column] == value)
+    return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def ticket_page(
+    conn: sa.Connection,
+    now: datetime,
+    *,
+    state: str | None = None,
+    search: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[dict[str, Any]], int]:
+    """One page of tickets, newest first, with their current step and what they wait on; and the total.
+
+    Only the tickets of the page and their tasks are read (the `tickets.submitted_at` index orders them).
+    """
+    tickets = SQLModel.metadata.tables["tickets"]
+    tasks = SQLModel.metadata.tables["tasks"]
+    where = []
+    if state:
+        where.append(tickets.c.state == state)
+    if search:
+        like = f"%{search.lower()}%"
+        where.append(sa.or_(sa.func.lower(tickets.c.id).like(like), sa.func.lower(tickets.c.title).like(like)))
+    total = int(conn.execute(sa.select(sa.func.count()).select_from(tickets).where(*where)).scalar() or 0)
+    query = (
+        sa.select(tickets)
+        .where(*where)
+        .order_by(tickets.c.submitted_at.desc(), tickets.c.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    rows = [dict(r) for r in conn.execute(query).mappings()]
+    ids = [r["id"] for r in rows]
+    by_ticket: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
+    if ids:
+        for r in conn.execute(sa.select(tasks).where(tasks.c.ticket.in_(ids))).mappings():
+            by_ticket[r["ticket"]].append(dict(r))
+    return [summary(t, topo(by_ticket[t["id"]]), now) for t in rows], total
+
+
+def summary(t: dict[str, Any], task_rows: list[dict[str, Any]], now: datetime) -> dict[str, Any]:
+    """A ticket as its list row shows it (the same fields `jbctl status --json` prints)."""
+    step, progress = current_step(task_rows)
+    live = next((k for k in task_rows if k["state"] in ("running", "scheduled", "waiting_retry", "blocked")), None)
+    fraction = None
+    if live is not None and live["progress_step"] is not None and live["progress_total"]:
+        fraction = min(1.0, live["progress_step"] / live["progress_total"])
+    return {
+        "ticket": t["id"],
+        "title": t["title"],
+        "state": t["state"],
+        "revision": t["revision"],
+        "current_step": step,
+        "progress": progress,
+        "progress_fraction": fraction,
+        "tasks_done": t["tasks_done"],
+        "tasks_total": t["tasks_total"],
+        "age": age(t["submitted_at"], now),
+        "submitted_at": t["submitted_at"],
+        "waiting_on": waiting_on(task_rows, now, t["awaiting"]) if t["state"] == "running" else "",
+        "reason": t["reason"],
+        "awaiting_approval": t["awaiting"],
+        "consistency": t["consistency"],
+        "trouble": {k: t[k] for k in ("retries", "loops", "forged", "violations", "contradictions")},
+        "last_seq": t["last_seq"],
+    }
+
+
+# --- proposals -----------------------------------------------------------------------------------
+
+
+def acceptance_focus(spec: dict[str, Any] | None) -> list[str]:
+    """`task.metric` names a ticket's acceptance checks read: the rows a reviewer looks at first."""
+    if not spec:
+        return []
+    out = []
+    for check in spec.get("acceptance") or []:
+        if isinstance(check, dict) and isinstance(check.get("metric"), str):
+            out.append(check["metric"])
+    return out
+
+
+# A metric whose name ends so is a reference point (random init, raw pixels, chance), not the candidate.
+BASELINE_SUFFIXES = ("_random", "_pixels", "_chance")
+# Sizes and counts: a change is neither better nor worse.
+NEUTRAL_METRICS = ("params", "mean_steps", "n_train", "n_test")
+
+
+def is_gain(name: str) -> bool:
+    return "_gain" in name.rsplit(".", 1)[-1]
+
+
+def metric_direction(name: str) -> int:
+    """+1 when a larger value is better, -1 when smaller is, 0 when neither (baselines, sizes)."""
+    base = name.rsplit(".", 1)[-1]
+    if is_gain(base):
+        return 1
+    if base.endswith(BASELINE_SUFFIXES) or base in NEUTRAL_METRICS:
+        return 0
+    if "loss" in base or "error" in base:
+        return -1
+    return 1
+
+
+def metric_sections(names: list[str], focus: list[str]) -> list[tuple[str, list[str]]]:
+    """The metrics in the order a reviewer reads them: the ticket's checks, the gains over the
+    baselines, the other measurements, the baselines themselves."""
+    checked = [n for n in dict.fromkeys(focus) if n in names]
+    rest = [n for n in sorted(names) if n not in checked]
+    gains = [n for n in rest if is_gain(n)]
+    baselines = [n for n in rest if not is_gain(n) and n.endswith(BASELINE_SUFFIXES)]
+    other = [n for n in rest if n not in gains and n not in baselines]
+    return [
+        ("checked by the ticket", checked),
+        ("gains over the baselines", gains),
+        ("other measurements", other),
+        ("baselines", baselines),
+    ]
+
+
+def delta_mark(name: str, delta: float | None) -> str:
+    """`better` / `worse` / `same` for a delta of the candidate over the current core."""
+    direction = metric_direction(name)
+    if delta is None or direction == 0:
+        return ""
+    if abs(delta) < 1e-12:
+        return "same"
+    return "better" if delta * direction > 0 else "worse"
+
+
+
+def comparison(metrics: dict[str, Any] | None, focus: list[str] | None = None) -> list[dict[str, Any]]:
+    """Side-by-side rows in the order `jbctl proposals P-n` prints them (checked by the ticket, gains
+    over the baselines, other measurements, baselines), each with its section, delta and `better` /
+    `worse` / `same` mark (as the CLI marks them); `regression` is a `worse` mark."""
+    metrics = metrics or {}
+    cand, cur, delta = (metrics.get(k) or {} for k in ("candidate", "current", "delta"))
+    rows = []
+    for section, names in metric_sections(list(cand), focus or []):
+        for n in names:
+            mark = delta_mark(n, delta.get(n))
+            rows.append(
+                {
+                    "metric": n,
+                    "section": section,
+                    "candidate": cand[n],
+                    "current": cur.get(n),
+                    "delta": delta.get(n),
+                    "mark": mark,
+                    "checked": section == "checked by the ticket",
+                    "regression": mark == "worse",
+                }
+            )
+    return rows
+
+
+# --- audit ---------------------------------------------------------------------------------------
+
+
+def audit_row(rec: Any) -> dict[str, Any]:
+    """One audit line from a recorded event (`schema.store.Recorded`)."""
+    d = rec.data
+    meta_actor = rec.meta.get("actor")
+    actor = d.get("actor") or (meta_actor.get("user") if isinstance(meta_actor, dict) else meta_actor)
+    detail = d.get("reason") or d.get("note") or d.get("detail") or d.get("proposal") or ""
+    if rec.type == "CorePromoted":
+        detail = f"v{d['version']}" + (
+            f" (rollback to v{d['rollback_to']})" if d.get("rollback_to") else f" from {d.get('proposal')}"
+        )
+    if rec.type == "SafetyViolation":
+        detail = f"{d.get('what')}: {d.get('detail')}"
+    return {
+        "seq": rec.seq,
+        "at": rec.recorded_at.isoformat(timespec="seconds"),
+        "type": rec.type,
+        "ticket": d.get("ticket"),
+        "actor": actor,
+        "detail": str(detail)[:200],
+    }
+
+
+# --- read-only SQL -------------------------------------------------------------------------------
+
+
+class ReadOnlyQueryError(Exception):
+    """A query `jbctl sql` (and the console's SQL page) refuses or the database rejects."""
+
+
+def readonly_query(url: str, query: str, max_rows: int | None = None) -> tuple[list[str], list[list[Any]], bool]:
+    """Run `query` on a connection that refuses writes: (headers, rows, truncated)."""
+    from schema.store import open_readonly
+
+    engine = open_readonly(url)
+    refused = "read-only: write statements are refused"
+    try:
+        with engine.connect() as conn:
+            result = conn.execute(sa.text(query))
+            if not result.returns_rows:
+                raise ReadOnlyQueryError(
+                    "read-only: the statement returned no rows (write statements are refused)"
+                )
+            headers = list(result.keys())
+            if max_rows is None:
+                return headers, [list(r) for r in result], False
+            rows = [list(r) for r in result.fetchmany(max_rows + 1)]
+            return headers, rows[:max_rows], len(rows) > max_rows
+    except sa.exc.OperationalError as exc:
+        message = str(exc.orig) if exc.orig else str(exc)
+        if "readonly" in message or "read-only" in message or "read only" in message:
+            raise ReadOnlyQueryError(refused) from None
+        raise ReadOnlyQueryError(f"SQL error: {message}") from None
+    except sa.exc.InternalError as exc:
+        message = str(exc.orig) if exc.orig else str(exc)
+        if "read-only" in message:
+            raise ReadOnlyQueryError(refused) from None
+        raise ReadOnlyQueryError(f"SQL error: {message}") from None
+    except sa.exc.SQLAlchemyError as exc:
+        raise ReadOnlyQueryError(f"SQL error: {getattr(exc, 'orig', None) or exc}") from None
+    finally:
+        engine.dispose()
