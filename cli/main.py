@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "cli.run_cmds",
     "cli.gate_cmds",
     "cli.infer_cmds",
+    "cli.console_cmds",
 ]
 
 
