@@ -342,7 +342,7 @@ def create_app(config: Config) -> FastAPI:
         if user is None:
             return refused(request, "log in first: submitting a ticket needs a console token")
         try:
-            ticket = parse_ticket(text.encode(), filename="pasted ticket")
+            ticket = parse_ticket(text.encode(), filename=_pasted_name(text))
         except TicketInvalid as exc:
             errors = [{"line": e.line, "col": e.col, "message": e.message, "text": str(e)} for e in exc.errors]
             if wants_json(request):
@@ -430,6 +430,14 @@ def create_app(config: Config) -> FastAPI:
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
     return app
+
+
+def _pasted_name(text: str) -> str:
+    """The file name a pasted ticket would have (`<id>.yaml`), so its errors read as `jbctl validate` prints them."""
+    import re
+
+    found = re.search(r"^id:\s*['\"]?([A-Za-z0-9_.-]+)", text, re.M)
+    return f"{found.group(1)}.yaml" if found else "ticket.yaml"
 
 
 def _local_path(target: str) -> str:

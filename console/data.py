@@ -83,7 +83,7 @@ def _spec(conn: sa.Connection, tid: str) -> dict[str, Any] | None:
     return found[0].data.get("spec") if found else None
 
 
-def ticket(engine: sa.Engine, tid: str, event_limit: int = 200) -> dict[str, Any] | None:
+def ticket(engine: sa.Engine, tid: str, event_limit: int = 50) -> dict[str, Any] | None:
     """One ticket: summary, spec, task -> attempt tree, curves, acceptance, metrics, artifacts, events."""
     now = now_naive()
     with engine.connect() as conn:

@@ -1,0 +1,388 @@
+"""The web console: pages and JSON over a real store, tokens and sessions, writes only through commands,
+live updates, and (with Debian's chromium) the pages in a real headless browser."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from daemon import commands as c
+from daemon.handler import CommandHandler
+from schema.store import EventStore, replay_differences
+from tests.conftest import JBCTL, ROOT
+from tests.console_server import ConsoleServer
+from tests.helpers import make_ticket, submit
+
+NOW = datetime.now(UTC)
+CHROMIUM = "/usr/bin/chromium"
+BROWSER_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = ROOT / "test-artifacts" / "console"
+STEPS = "  - {id: train, kind: train}\n  - {id: eval, kind: evaluate, needs: [train]}\n"
+BAD_TICKET = "id: TICKET-9\ntitle: bad\ngoal: show errors\nsteps:\n  - {id: a, kind: diag}\n  - {id: b, kind: nope}\n"
+
+
+def core_ticket(handler: CommandHandler, tid: str, progress: bool = True) -> str:
+    """A ticket whose training ends in an open core proposal (the events its jobs would have reported)."""
+    extra = "update: core\nexpires: 1d\nacceptance:\n  - {metric: eval.exact, op: '>=', value: 0.1}\n"
+    handler.handle(submit(make_ticket(tid, steps=STEPS, extra=extra), NOW))
+    t = handler.state.tickets[tid].tasks
+    attempt = t["train"].attempt
+    if progress:
+        handler.handle(c.RecordJobStarted(now=NOW, ticket=tid, task="train", attempt=attempt, worker="gpu-0",
+                                          report_seq=1))
+        for i in range(1, 16):
+            handler.handle(c.RecordProgress(now=NOW, ticket=tid, task="train", attempt=attempt, step=20 * i,
+                                            total=300, metrics={"loss": 2.0 / i, "accuracy": 1 - 1 / (i + 1)},
+                                            report_seq=i + 1))
+    handler.handle(c.RecordJobSucceeded(now=NOW, ticket=tid, task="train", attempt=attempt,
+                                        outputs={"component": "reasoner", "checkpoint": f"ckpt-{tid}"}))
+    handler.handle(c.RecordJobSucceeded(now=NOW, ticket=tid, task="eval", attempt=t["eval"].attempt,
+                                        metrics={"exact": 0.5, "blank": 0.6},
+                                        outputs={"core_metrics": {"exact": 0.25, "blank": 0.7}}))
+    return handler.state.tickets[tid].awaiting or ""
+
+
+def finish_diag(handler: CommandHandler, tid: str) -> None:
+    for task in ("a", "b"):
+        attempt = handler.state.tickets[tid].tasks[task].attempt
+        handler.handle(c.RecordJobSucceeded(now=NOW, ticket=tid, task=task, attempt=attempt))
+
+
+@pytest.fixture
+def console(store: EventStore, home: Path) -> Iterator[ConsoleServer]:
+    server = ConsoleServer(home)
+    yield server
+    server.stop()
+
+
+def token_for(home: Path, user: str) -> str:
+    from console import auth
+
+    return auth.create_token(home, user)
+
+
+# --- without a browser -------------------------------------------------------------------------------
+
+
+def test_console_never_imports_torch_or_workers() -> None:
+    code = (
+        "import sys, console.app, console.data, console.live, console.auth, cli.console_cmds;"
+        "import daemon.gate;"
+        "bad = [k for k in sys.modules if k.split('.')[0] in ('torch', 'workers', 'timm', 'gradio')];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_tokens_are_stored_hashed_and_sessions_signed(home: Path) -> None:
+    from console import auth
+
+    token = auth.create_token(home, "ada")
+    stored = auth.tokens_path(home).read_text()
+    assert token not in stored and "ada" in stored
+    assert auth.tokens_path(home).stat().st_mode & 0o077 == 0
+    assert auth.user_for_token(home, token) == "ada"
+    assert auth.user_for_token(home, token + "x") is None
+    key = auth.session_key(home)
+    cookie = auth.make_session(key, "ada")
+    session = auth.read_session(key, cookie)
+    assert session is not None and session.user == "ada"
+    body, sig = cookie.rsplit(".", 1)
+    forged = auth._b64(json.dumps({"u": "mallory", "n": "x", "e": 2**40}).encode())
+    assert auth.read_session(key, f"{forged}.{sig}") is None
+    assert auth.read_session(key, auth.make_session(key, "ada", now=time.time() - auth.SESSION_SECONDS - 1)) is None
+    assert auth.csrf_ok(key, session, auth.csrf_token(key, session))
+    assert not auth.csrf_ok(key, session, "nope") and not auth.csrf_ok(key, session, None)
+    with pytest.raises(ValueError, match="one word"):
+        auth.create_token(home, "two words")
+
+
+@pytest.mark.integration
+def test_pages_and_json_twins(store: EventStore, console: ConsoleServer) -> None:
+    handler = CommandHandler(store)
+    assert core_ticket(handler, "TICKET-1") == "P-1"
+    handler.handle(submit(make_ticket("TICKET-2", extra=""), NOW))
+    listing = console.get_json("/api/tickets")
+    assert listing["total"] == 2 and [t["ticket"] for t in listing["tickets"]] == ["TICKET-2", "TICKET-1"]
+    first = next(t for t in listing["tickets"] if t["ticket"] == "TICKET-1")
+    assert first["waiting_on"] == "approval: jbctl approve P-1"
+    # The same rows as `jbctl status --json` for the fields both show.
+    status = json.loads(subprocess.run([JBCTL, "status", "--json"], capture_output=True, text=True,
+                                       check=True).stdout)
+    for row in status:
+        mine = next(t for t in listing["tickets"] if t["ticket"] == row["ticket"])
+        for k in ("state", "current_step", "progress", "waiting_on", "tasks_done", "tasks_total"):
+            assert mine[k] == row[k], k
+    assert console.get_json("/api/tickets?state=running&q=ticket-2&limit=1")["total"] == 1
+    assert console.get_json("/api/tickets?limit=1&offset=1")["tickets"][0]["ticket"] == "TICKET-1"
+    status_code, body = console.request("GET", "/tickets/TICKET-1", headers={"Accept": "application/json"})
+    ticket = json.loads(body)
+    assert status_code == 200 and ticket["goal"] == "test the pipeline"
+    curves = {f"{x['task']}.{x['metric']}": x for x in ticket["curves"]}
+    assert len(curves["train.loss"]["points"]) == 15 and curves["train.loss"]["svg_points"]
+    assert ticket["acceptance"]["passed"] and ticket["tasks"][0]["task"] == "train"
+    proposal = console.get_json("/api/proposals/P-1")
+    assert [r["metric"] for r in proposal["comparison"]] == ["eval.exact", "eval.blank"]  # checked first
+    assert proposal["comparison"][0]["checked"] and proposal["comparison"][1]["regression"]
+    assert console.get_json("/api/core")["version"] == 0
+    assert "no Redis configured" in console.get_json("/api/workers")["error"]
+    assert [r["type"] for r in console.get_json("/api/audit")["rows"]] == ["ProposalOpened"]
+    sql = console.get_json("/api/sql?" + urllib.parse.urlencode({"q": "SELECT id FROM tickets ORDER BY id"}))
+    assert sql["rows"] == [["TICKET-1"], ["TICKET-2"]]
+    code, body = console.request("GET", "/api/sql?" + urllib.parse.urlencode({"q": "DELETE FROM tickets"}))
+    assert code == 400 and "read-only" in json.loads(body)["error"]
+    code, body = console.request("GET", "/sql.csv?" + urllib.parse.urlencode({"q": "SELECT id, state FROM tickets"}))
+    assert code == 200 and body.decode().splitlines()[0] == "id,state"
+    for path in ("/", "/tickets/TICKET-1", "/proposals", "/proposals/P-1", "/core", "/workers", "/audit",
+                 "/sql", "/submit", "/playground", "/login"):
+        code, body = console.request("GET", path)
+        assert code == 200, path
+        assert b"<title>" in body
+    assert console.request("GET", "/tickets/NOPE")[0] == 404
+
+
+@pytest.mark.integration
+def test_writes_need_a_token_and_go_through_the_commands(store: EventStore, home: Path,
+                                                         console: ConsoleServer) -> None:
+    handler = CommandHandler(store)
+    core_ticket(handler, "TICKET-1", progress=False)
+    head = store.head()
+    # No session, no token: refused, nothing recorded.
+    code, body = console.request("POST", "/proposals/P-1/approve", b"note=x",
+                                 {"Content-Type": "application/x-www-form-urlencoded"})
+    assert code == 403 and b"Nothing was recorded" in body
+    code, body = console.request("POST", "/api/proposals/P-1/approve", b"{}", {"Content-Type": "application/json"})
+    assert code == 403 and store.head() == head
+    # A wrong bearer token is refused too.
+    code, _ = console.request("POST", "/api/proposals/P-1/approve", b"{}",
+                              {"Content-Type": "application/json", "Authorization": "Bearer jbx_wrong"})
+    assert code == 403 and store.head() == head
+    token = token_for(home, "ada")
+    auth = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    code, body = console.request("POST", "/api/proposals/P-1/reject", b"{}", auth)
+    assert code == 409 and "reason is required" in json.loads(body)["message"] and store.head() == head
+    code, body = console.request("POST", "/api/proposals/P-1/approve", json.dumps({"note": "via api"}).encode(), auth)
+    assert code == 200, body
+    answer = json.loads(body)
+    assert answer["ok"] and "core is now v1" in answer["message"]
+    promoted = list(store.read(0, types=["CorePromoted"]))
+    assert promoted[0].data["actor"] == "ada" and promoted[0].meta["actor"]["user"] == "ada"
+    assert promoted[0].meta["actor"]["via"] == "console"
+    code, body = console.request("POST", "/api/proposals/P-1/approve", b"{}", auth)
+    assert code == 409 and "is approved" in json.loads(body)["message"]
+    # Cancel through the same command as `jbctl cancel`.
+    handler.refresh()
+    handler.handle(submit(make_ticket("TICKET-2"), NOW))
+    code, body = console.request("POST", "/api/tickets/TICKET-2/cancel", json.dumps({"reason": "enough"}).encode(),
+                                 auth)
+    assert code == 200, body
+    cancelled = list(store.read(0, types=["TicketCancelled"]))
+    assert cancelled[0].meta["actor"]["user"] == "ada"
+    assert replay_differences(store) == []
+
+
+@pytest.mark.integration
+def test_approver_rule_is_the_clis(store: EventStore, home: Path, console: ConsoleServer) -> None:
+    handler = CommandHandler(store)
+    extra = "update: core\nexpires: 1d\napprovers: [grace]\n"
+    handler.handle(submit(make_ticket("TICKET-1", steps=STEPS, extra=extra), NOW))
+    t = handler.state.tickets["TICKET-1"].tasks
+    handler.handle(c.RecordJobSucceeded(now=NOW, ticket="TICKET-1", task="train", attempt=t["train"].attempt,
+                                        outputs={"component": "reasoner", "checkpoint": "ckpt"}))
+    handler.handle(c.RecordJobSucceeded(now=NOW, ticket="TICKET-1", task="eval", attempt=t["eval"].attempt,
+                                        metrics={"exact": 0.5}, outputs={"core_metrics": {"exact": 0.25}}))
+    auth = {"Content-Type": "application/json", "Authorization": f"Bearer {token_for(home, 'ada')}"}
+    code, body = console.request("POST", "/api/proposals/P-1/approve", b"{}", auth)
+    assert code == 409 and "ada is not an approver of P-1" in json.loads(body)["message"]
+    refused = list(store.read(0, types=["ApprovalRefused"]))
+    assert len(refused) == 1 and refused[0].meta["actor"]["user"] == "ada"
+    auth["Authorization"] = f"Bearer {token_for(home, 'grace')}"
+    code, body = console.request("POST", "/api/proposals/P-1/approve", b"{}", auth)
+    assert code == 200, body
+
+
+@pytest.mark.integration
+def test_submit_errors_match_jbctl_validate(store: EventStore, home: Path, console: ConsoleServer,
+                                            tmp_path: Path) -> None:
+    auth = {"Content-Type": "application/json", "Authorization": f"Bearer {token_for(home, 'ada')}"}
+    code, body = console.request("POST", "/api/submit", json.dumps({"yaml": BAD_TICKET}).encode(), auth)
+    assert code == 422
+    errors = json.loads(body)["errors"]
+    (tmp_path / "TICKET-9.yaml").write_text(BAD_TICKET)
+    proc = subprocess.run([JBCTL, "validate", "TICKET-9.yaml"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert [e["text"] for e in errors] == proc.stderr.strip().splitlines()
+    assert errors[0]["line"] == 6
+    good = BAD_TICKET.replace("kind: nope", "kind: diag")
+    code, body = console.request("POST", "/api/submit", json.dumps({"yaml": good}).encode(), auth)
+    assert code == 200 and json.loads(body)["ticket"] == "TICKET-9"
+    assert (home / "tickets" / "TICKET-9.yaml").read_text() == good
+    code, _ = console.request("POST", "/api/submit", json.dumps({"yaml": good}).encode(),
+                              {"Content-Type": "application/json"})
+    assert code == 403
+
+
+@pytest.mark.integration
+def test_live_stream_fans_out_new_events(store: EventStore, console: ConsoleServer) -> None:
+    import threading
+    import urllib.request
+
+    got: list[dict[str, object]] = []
+    ready = threading.Event()
+
+    def listen() -> None:
+        with urllib.request.urlopen(console.url + "/events/stream?ticket=TICKET-1", timeout=10) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if line.startswith("event: hello"):
+                    ready.set()
+                if line.startswith("data:") and ready.is_set() and '"seq"' in line:
+                    got.append(json.loads(line[5:]))
+                    return
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    handler = CommandHandler(store)
+    handler.handle(submit(make_ticket("TICKET-2"), NOW))  # another ticket: filtered out
+    handler.handle(submit(make_ticket("TICKET-1"), NOW))
+    thread.join(10)
+    assert got and got[0]["ticket"] == "TICKET-1" and got[0]["type"] == "TicketSubmitted"
+
+
+def test_non_local_bind_needs_tokens(store: EventStore, home: Path) -> None:
+    proc = subprocess.run([JBCTL, "console", "--host", "0.0.0.0", "--port", "1"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1 and "refusing to serve on 0.0.0.0 without authentication" in proc.stderr
+
+
+@pytest.mark.integration
+def test_non_local_console_needs_login_to_read(store: EventStore, home: Path) -> None:
+    token_for(home, "ada")
+    # Bound to every address: reading needs a login too.
+    server = ConsoleServer(home, "--host", "0.0.0.0")
+    try:
+        code, _ = server.request("GET", "/api/tickets")
+        assert code == 401
+        code, _ = server.request("GET", "/api/tickets", headers={"Authorization": f"Bearer {token_for(home, 'bo')}"})
+        assert code == 200
+    finally:
+        server.stop()
+
+
+# --- in a real browser -------------------------------------------------------------------------------
+
+browser_needed = pytest.mark.skipif(
+    not Path(CHROMIUM).exists() or shutil.which("chromium") is None,
+    reason="Debian's chromium is not installed (apt-get install chromium): browser tests skipped",
+)
+
+
+@pytest.fixture
+def browser() -> Iterator[object]:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        yield b
+        b.close()
+
+
+def shot(page: object, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)  # type: ignore[attr-defined]
+
+
+def login(page: object, console: ConsoleServer, token: str, next_path: str) -> None:
+    page.goto(f"{console.url}/login?next={next_path}")  # type: ignore[attr-defined]
+    page.fill("#token", token)  # type: ignore[attr-defined]
+    page.click("#login")  # type: ignore[attr-defined]
+    page.wait_for_url(f"{console.url}{next_path}")  # type: ignore[attr-defined]
+
+
+@pytest.mark.integration
+@browser_needed
+def test_browser_ticket_list_updates_by_itself(store: EventStore, console: ConsoleServer, browser: object) -> None:
+    handler = CommandHandler(store)
+    handler.handle(submit(make_ticket("TICKET-1"), NOW))
+    core_ticket(handler, "TICKET-2")
+    page = browser.new_page(viewport={"width": 1280, "height": 800})  # type: ignore[attr-defined]
+    page.goto(console.url + "/")
+    row = page.locator('tr[data-ticket="TICKET-1"]')
+    assert row.get_attribute("data-state") == "running"
+    page.wait_for_selector("#live-dot.on")
+    shot(page, "tickets-before")
+    finish_diag(handler, "TICKET-1")
+    page.wait_for_selector('tr[data-ticket="TICKET-1"][data-state="completed"]', timeout=5000)
+    shot(page, "tickets")
+    page.goto(console.url + "/tickets/TICKET-2")
+    assert page.locator(".curve").count() == 2
+    shot(page, "ticket")
+    for name, path in (("core", "/core"), ("audit", "/audit"), ("workers", "/workers"), ("playground", "/playground"),
+                       ("sql", "/sql?q=SELECT+id,+state,+title+FROM+tickets")):
+        page.goto(console.url + path)
+        shot(page, name)
+
+
+@pytest.mark.integration
+@browser_needed
+def test_browser_approve_records_the_web_user(store: EventStore, home: Path, console: ConsoleServer,
+                                              browser: object) -> None:
+    handler = CommandHandler(store)
+    core_ticket(handler, "TICKET-1")
+    page = browser.new_page(viewport={"width": 1280, "height": 800})  # type: ignore[attr-defined]
+    page.goto(console.url + "/proposals/P-1")
+    assert "regression" in page.locator('tr[data-metric="eval.blank"]').inner_text()
+    shot(page, "proposal-anonymous")
+    # Without a session the page's own form is refused and nothing is recorded.
+    head = store.head()
+    page.fill("#approve-form textarea[name=note]", "no session")
+    page.click("#approve")
+    assert "Nothing was recorded" in page.locator("#refused").inner_text()
+    assert store.head() == head
+    login(page, console, token_for(home, "ada"), "/proposals/P-1")
+    assert page.locator("#whoami").inner_text() == "ada"
+    shot(page, "proposal")
+    page.fill("#approve-form textarea[name=note]", "better on exact")
+    page.click("#approve")
+    page.wait_for_selector("#flash")
+    assert "core is now v1" in page.locator("#flash").inner_text()
+    assert page.locator("#decided-by").inner_text() == "ada"
+    shot(page, "proposal-approved")
+    promoted = list(store.read(0, types=["CorePromoted"]))
+    assert len(promoted) == 1 and promoted[0].data["actor"] == "ada" and promoted[0].data["note"] == "better on exact"
+    assert promoted[0].meta["actor"]["user"] == "ada"
+
+
+@pytest.mark.integration
+@browser_needed
+def test_browser_bad_ticket_shows_errors_at_their_line(store: EventStore, home: Path, console: ConsoleServer,
+                                                       browser: object) -> None:
+    page = browser.new_page(viewport={"width": 1280, "height": 800})  # type: ignore[attr-defined]
+    login(page, console, token_for(home, "ada"), "/submit")
+    page.fill("#yaml", BAD_TICKET)
+    page.click("#submit")
+    page.wait_for_selector("#errors")
+    marked = page.locator(".listing .ln.err")
+    assert marked.count() == 1 and marked.get_attribute("data-line") == "6"
+    assert "kind: nope" in marked.inner_text()
+    assert "TICKET-9.yaml:6:" in page.locator("#errors").inner_text()
+    shot(page, "submit-errors")
+    assert not (home / "tickets" / "TICKET-9.yaml").exists()
