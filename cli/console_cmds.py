@@ -17,8 +17,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "console",
         help="the web console (tickets live, proposals side by side, approve); `console token USER` for logins",
     )
-    p.add_argument("action", nargs="?", choices=["serve", "token", "tokens", "revoke"], default="serve",
-                   help="serve (default); token USER: create (or replace) USER's token; tokens: list; revoke USER")
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=["serve", "token", "tokens", "revoke"],
+        default="serve",
+        help="serve (default); token USER: create (or replace) USER's token; tokens: list; revoke USER",
+    )
     p.add_argument("user", nargs="?")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)

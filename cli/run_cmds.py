@@ -48,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tickets", type=Path, help="folder to watch (default: JETBOX_TICKETS_DIR or HOME/tickets)")
     p.add_argument("--exit-when-idle", action="store_true", help="stop once every ticket in the folder has ended")
     p.add_argument("--quiet", action="store_true", help="no live status lines")
+    p.add_argument("--console-port", type=int, default=8470, help="the web console's port on 127.0.0.1 (0: none)")
     p.set_defaults(func=cmd_up)
 
 
@@ -294,12 +295,20 @@ def cmd_up(args: argparse.Namespace) -> int:
             children.start("daemon", [JBCTL, "daemon"], env, logs / "daemon.log")
             for q in ("cpu", "gpu"):
                 children.start(f"worker-{q}", [JBCTL, "worker", "--queue", q], env, logs / f"worker-{q}.log")
+            if args.console_port:
+                port = str(args.console_port)
+                children.start("console", [JBCTL, "console", "--port", port], env, logs / "console.log")
+                print(f"jetbox: console at http://127.0.0.1:{port}/", flush=True)
             print(f"jetbox: watching {tickets}; logs in {logs}; Ctrl-C stops everything", flush=True)
         store = EventStore(settings.db_url)
         last_line, idle_since = "", None
         while not stopping:
             time.sleep(0.5)
             dead = children.dead()
+            if dead and dead[0][0] == "console":  # the web console is a convenience: the rest carries on
+                print(f"jetbox: the console exited (status {dead[0][1]}); see {logs / 'console.log'}", file=sys.stderr)
+                children.procs.pop("console")
+                continue
             if dead:
                 name, rc = dead[0]
                 print(f"jetbox: {name} exited with status {rc}; see {logs / (name + '.log')}", file=sys.stderr)

@@ -22,13 +22,15 @@ ROOT = Path(__file__).resolve().parent.parent
 RENDERED_MARK = "# Rendered by `jbctl install-units"
 DAEMON, REDIS, TARGET = "jetbox-daemon.service", "jetbox-redis.service", "jetbox.target"
 GPU_WORKER, CPU_WORKER = "jetbox-worker@.service", "jetbox-cpu-worker@.service"
+CONSOLE = "jetbox-console.service"
+CONSOLE_PORT = 8470
 ENV_FILE_NAME = "jetbox.env"
 # Keys of the environment file that install-units owns; any other line there is the user's and kept.
 MANAGED_KEYS = ("JETBOX_HOME", "JETBOX_TICKETS_DIR", "JETBOX_REDIS_URL")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("install-units", help="write the systemd units (daemon, workers, Redis, target)")
+    p = sub.add_parser("install-units", help="write the systemd units (daemon, workers, Redis, console, target)")
     _scope_args(p)
     p.add_argument(
         "--redis",
@@ -43,6 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="cpu=N,gpu=M",
         help="worker instances jetbox.target starts (default: cpu=1, gpu=one per /dev/nvidiaN, at least 1)",
     )
+    p.add_argument(
+        "--console",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also render jetbox-console.service, the web console on 127.0.0.1 (default: yes)",
+    )
+    p.add_argument("--console-port", type=int, default=CONSOLE_PORT, help=f"its port (default {CONSOLE_PORT})")
     p.add_argument("--run-as", help="system units: the account the services run as (default: you, or SUDO_USER)")
     p.add_argument("--dry-run", action="store_true", help="print the units and the environment file; write nothing")
     p.add_argument("--now", action="store_true", help="then daemon-reload, enable and start jetbox.target")
@@ -164,6 +173,8 @@ def render_units(
     workers: Workers,
     redis: RedisChoice,
     redis_server: str | None = None,
+    console: bool = True,
+    console_port: int = CONSOLE_PORT,
 ) -> dict[str, str]:
     """The unit files (name -> text) for this installation."""
     private = redis.mode == "private"
@@ -184,10 +195,11 @@ def render_units(
         "@RUN_AS_GROUP@": run_as_group,
         "@DOCS_URL@": "file://" + _safe("docs", ROOT / "docs" / "OPERATIONS.md"),
         "@WANTED_BY@": "default.target" if user_mode else "multi-user.target",
-        "@WANTS@": " ".join([DAEMON, *([REDIS] if private else []), *instances]),
+        "@WANTS@": " ".join([DAEMON, *([REDIS] if private else []), *instances, *([CONSOLE] if console else [])]),
+        "@CONSOLE_PORT@": str(console_port),
         "@REDIS_ALLOW@": " ".join(redis.allow),
     }
-    names = [DAEMON, GPU_WORKER, CPU_WORKER, TARGET]
+    names = [DAEMON, GPU_WORKER, CPU_WORKER, TARGET, *([CONSOLE] if console else [])]
     if private:
         values["@REDIS_SERVER@"] = _safe("redis-server", redis_server or _redis_server())
         names.append(REDIS)
@@ -277,6 +289,8 @@ def cmd_install_units(args: argparse.Namespace) -> int:
     except KeyError:
         raise CliError(f"no user {run_as!r} (--run-as)") from None
     workers = parse_workers(args.workers, detect_gpus())
+    if not 1 <= args.console_port <= 65535:
+        raise CliError(f"--console-port {args.console_port}: expected 1..65535")
     redis = redis_choice(args.redis, settings.home)
     units = render_units(
         jbctl=_jbctl_path(),
@@ -287,6 +301,8 @@ def cmd_install_units(args: argparse.Namespace) -> int:
         run_as_group=grp.getgrgid(account.pw_gid).gr_name,
         workers=workers,
         redis=redis,
+        console=args.console,
+        console_port=args.console_port,
     )
     env_path = settings.home / ENV_FILE_NAME
     existing = env_path.read_text() if env_path.exists() else ""

@@ -151,8 +151,17 @@ def create_app(config: Config) -> FastAPI:
         if wants_json(request):
             return JSONResponse({"ok": False, "error": why}, status_code=403)
         return templates.TemplateResponse(
-            request, "refused.html", {"request": request, "why": why, "session": session_of(request),
-                                      "csrf": "", "nav": "", "flash": None, "flash_ok": False},
+            request,
+            "refused.html",
+            {
+                "request": request,
+                "why": why,
+                "session": session_of(request),
+                "csrf": "",
+                "nav": "",
+                "flash": None,
+                "flash_ok": False,
+            },
             status_code=403,
         )
 
@@ -172,8 +181,12 @@ def create_app(config: Config) -> FastAPI:
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        return {"ok": broadcaster.error is None, "last_seq": broadcaster.last_seq, "error": broadcaster.error,
-                "subscribers": broadcaster.subscribers}
+        return {
+            "ok": broadcaster.error is None,
+            "last_seq": broadcaster.last_seq,
+            "error": broadcaster.error,
+            "subscribers": broadcaster.subscribers,
+        }
 
     @app.get("/", response_class=HTMLResponse)
     @app.get("/api/tickets")
@@ -192,8 +205,9 @@ def create_app(config: Config) -> FastAPI:
             return r
         found = data.ticket(engine, tid)
         if found is None:
-            return page(request, "missing.html", {"what": f"ticket {tid}", "ticket": tid,
-                                                  "error": f"no ticket {tid!r}"}, 404)
+            return page(
+                request, "missing.html", {"what": f"ticket {tid}", "ticket": tid, "error": f"no ticket {tid!r}"}, 404
+            )
         return page(request, "ticket.html", found)
 
     @app.post("/tickets/{tid}/cancel")
@@ -224,7 +238,7 @@ def create_app(config: Config) -> FastAPI:
 
     @app.get("/proposals", response_class=HTMLResponse)
     @app.get("/api/proposals")
-    def proposals_page(request: Request, all: int = 1) -> Any:  # noqa: A002 - the query parameter's name
+    def proposals_page(request: Request, all: int = 1) -> Any:
         if (r := reader_refused(request)) is not None:
             return r
         return page(request, "proposals.html", {"proposals": data.proposals(engine, bool(all)), "all": bool(all)})
@@ -250,8 +264,14 @@ def create_app(config: Config) -> FastAPI:
         note = str(form.get("note") or "").strip() or None
         scope = "all" if form.get("scope") == "all" else "ticket"
         outcome = await asyncio.to_thread(
-            writer.run, gate.approve, pid, actor=user, meta=meta_for(request, user),
-            approver_list=gate.approvers(settings), note=note, scope=scope,
+            writer.run,
+            gate.approve,
+            pid,
+            actor=user,
+            meta=meta_for(request, user),
+            approver_list=gate.approvers(settings),
+            note=note,
+            scope=scope,
         )
         return outcome_response(request, outcome, f"/proposals/{pid}")
 
@@ -322,8 +342,11 @@ def create_app(config: Config) -> FastAPI:
         w = csv.writer(out)
         w.writerow(payload["headers"])
         w.writerows(payload["rows"])
-        return Response(out.getvalue(), media_type="text/csv",
-                        headers={"content-disposition": 'attachment; filename="jetbox-query.csv"'})
+        return Response(
+            out.getvalue(),
+            media_type="text/csv",
+            headers={"content-disposition": 'attachment; filename="jetbox-query.csv"'},
+        )
 
     @app.get("/submit", response_class=HTMLResponse)
     def submit_form(request: Request) -> Any:
@@ -349,7 +372,7 @@ def create_app(config: Config) -> FastAPI:
                 return JSONResponse({"ok": False, "errors": errors}, status_code=422)
             by_line: dict[int, list[dict[str, Any]]] = {}
             for e in errors:
-                by_line.setdefault(e["line"], []).append(e)
+                by_line.setdefault(int(str(e["line"])), []).append(e)
             lines = [{"n": n, "text": ln, "errors": by_line.get(n, [])} for n, ln in enumerate(text.splitlines(), 1)]
             # An error past the last line (a missing key at the end) still shows.
             for n in sorted(k for k in by_line if k > len(lines)):
@@ -371,9 +394,12 @@ def create_app(config: Config) -> FastAPI:
     # --- login -----------------------------------------------------------------------------------
 
     @app.get("/login", response_class=HTMLResponse)
-    def login_form(request: Request, next: str = "/") -> Any:  # noqa: A002
-        return page(request, "login.html", {"next": _local_path(next), "error": None,
-                                            "has_tokens": bool(auth.load_tokens(settings.home))})
+    def login_form(request: Request, next: str = "/") -> Any:
+        return page(
+            request,
+            "login.html",
+            {"next": _local_path(next), "error": None, "has_tokens": bool(auth.load_tokens(settings.home))},
+        )
 
     @app.post("/login")
     async def login(request: Request) -> Any:
@@ -382,13 +408,20 @@ def create_app(config: Config) -> FastAPI:
         user = auth.user_for_token(settings.home, form.get("token") or "")
         if user is None:
             await asyncio.sleep(0.2)  # slows guessing a little; tokens have 256 bits anyway
-            return page(request, "login.html", {"next": target, "error": "unknown token",
-                                                "has_tokens": bool(auth.load_tokens(settings.home))}, 403)
+            return page(
+                request,
+                "login.html",
+                {"next": target, "error": "unknown token", "has_tokens": bool(auth.load_tokens(settings.home))},
+                403,
+            )
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(
-            auth.SESSION_COOKIE, auth.make_session(key, user), max_age=auth.SESSION_SECONDS, httponly=True,
-            samesite="strict", secure=request.url.scheme == "https" or
-            request.headers.get("x-forwarded-proto") == "https",
+            auth.SESSION_COOKIE,
+            auth.make_session(key, user),
+            max_age=auth.SESSION_SECONDS,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https",
         )
         return response
 
@@ -426,8 +459,9 @@ def create_app(config: Config) -> FastAPI:
             finally:
                 broadcaster.unsubscribe(sub)
 
-        return StreamingResponse(gen(), media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        return StreamingResponse(
+            gen(), media_type="text/event-stream", headers={"cache-control": "no-cache", "x-accel-buffering": "no"}
+        )
 
     return app
 

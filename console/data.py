@@ -18,7 +18,7 @@ from schema.store import Recorded
 from schema.tables import SQLModel
 
 T = SQLModel.metadata.tables
-EVENT_COLUMNS = (
+EVENT_COLUMNS: tuple[Any, ...] = (
     sa.column("seq"),
     sa.column("stream"),
     sa.column("version"),
@@ -45,7 +45,9 @@ def _recorded(row: Any) -> Recorded:
     return Recorded(row.seq, row.stream, row.version, row.type, _loads(row.data), _loads(row.meta), at, row.hash)
 
 
-def events_where(conn: sa.Connection, where: str, params: dict[str, Any], limit: int, offset: int = 0) -> list[Recorded]:
+def events_where(
+    conn: sa.Connection, where: str, params: dict[str, Any], limit: int, offset: int = 0
+) -> list[Recorded]:
     """Newest first."""
     sql = sa.text(
         f"SELECT seq, stream, version, type, data, meta, recorded_at, hash FROM events WHERE {where} "
@@ -59,9 +61,7 @@ def counts_by_state(conn: sa.Connection) -> dict[str, int]:
     return {str(s): int(n) for s, n in rows}
 
 
-def tickets(
-    engine: sa.Engine, state: str | None, search: str | None, limit: int, offset: int
-) -> dict[str, Any]:
+def tickets(engine: sa.Engine, state: str | None, search: str | None, limit: int, offset: int) -> dict[str, Any]:
     with engine.connect() as conn:
         rows, total = rm.ticket_page(conn, now_naive(), state=state, search=search, limit=limit, offset=offset)
         counts = counts_by_state(conn)
@@ -144,7 +144,9 @@ def curves(progress: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def svg_polyline(points: list[tuple[float, float]], width: int = 320, height: int = 120, pad: int = 6) -> dict[str, Any]:
+def svg_polyline(
+    points: list[tuple[float, float]], width: int = 320, height: int = 120, pad: int = 6
+) -> dict[str, Any]:
     """`points` scaled into a width x height box (y up), as an SVG `points` attribute, with the axis ranges."""
     if not points:
         return {"svg_points": "", "x_range": None, "y_range": None, "last": None}
@@ -176,9 +178,11 @@ def proposal(engine: sa.Engine, pid: str) -> dict[str, Any] | None:
             return None
         spec = _spec(conn, rows[0]["ticket"])
         history = events_where(
-            conn, "stream = :s AND type IN ('ProposalOpened', 'ProposalApproved', 'ProposalRejected', "
+            conn,
+            "stream = :s AND type IN ('ProposalOpened', 'ProposalApproved', 'ProposalRejected', "
             "'ProposalExpired', 'ProposalWithdrawn', 'ApprovalRefused')",
-            {"s": rows[0]["ticket"]}, 100,
+            {"s": rows[0]["ticket"]},
+            100,
         )
         core = int(conn.execute(sa.text("SELECT COALESCE(MAX(version), 0) FROM core_versions")).scalar() or 0)
     view = _proposal_view(rows[0], spec, now_naive())
@@ -235,8 +239,12 @@ def audit(engine: sa.Engine, limit: int, offset: int) -> dict[str, Any]:
 def workers(redis_url: str | None) -> dict[str, Any]:
     """Alive RQ workers, what each runs, and queue depths, read from Redis as rq-dashboard does."""
     if not redis_url:
-        return {"redis": None, "error": "no Redis configured (JETBOX_REDIS_URL) and no `jbctl up` running on this home",
-                "workers": [], "queues": []}
+        return {
+            "redis": None,
+            "error": "no Redis configured (JETBOX_REDIS_URL) and no `jbctl up` running on this home",
+            "workers": [],
+            "queues": [],
+        }
     import redis
     from rq import Queue, Worker
     from rq.registry import FailedJobRegistry, StartedJobRegistry
@@ -271,5 +279,9 @@ def workers(redis_url: str | None) -> dict[str, Any]:
             )
     except (redis.RedisError, OSError) as exc:
         return {"redis": safe, "error": f"cannot read Redis at {safe}: {exc}", "workers": [], "queues": []}
-    return {"redis": safe, "error": None, "workers": sorted(found, key=lambda w: w["name"]),
-            "queues": sorted(queues, key=lambda q: q["name"])}
+    return {
+        "redis": safe,
+        "error": None,
+        "workers": sorted(found, key=lambda w: w["name"]),
+        "queues": sorted(queues, key=lambda q: q["name"]),
+    }

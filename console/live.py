@@ -16,9 +16,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-POLL_SQL = sa.text(
-    "SELECT seq, stream, type, data FROM events WHERE seq > :since ORDER BY seq LIMIT 500"
-).columns(sa.column("seq"), sa.column("stream"), sa.column("type"), sa.column("data", sa.Text))
+POLL_SQL = sa.text("SELECT seq, stream, type, data FROM events WHERE seq > :since ORDER BY seq LIMIT 500").columns(
+    sa.column("seq"), sa.column("stream"), sa.column("type"), sa.column("data", sa.Text)
+)
 
 
 @dataclass

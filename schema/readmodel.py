@@ -311,9 +311,7 @@ def readonly_query(url: str, query: str, max_rows: int | None = None) -> tuple[l
         with engine.connect() as conn:
             result = conn.execute(sa.text(query))
             if not result.returns_rows:
-                raise ReadOnlyQueryError(
-                    "read-only: the statement returned no rows (write statements are refused)"
-                )
+                raise ReadOnlyQueryError("read-only: the statement returned no rows (write statements are refused)")
             headers = list(result.keys())
             if max_rows is None:
                 return headers, [list(r) for r in result], False

@@ -45,17 +45,41 @@ def core_ticket(handler: CommandHandler, tid: str, progress: bool = True) -> str
     t = handler.state.tickets[tid].tasks
     attempt = t["train"].attempt
     if progress:
-        handler.handle(c.RecordJobStarted(now=NOW, ticket=tid, task="train", attempt=attempt, worker="gpu-0",
-                                          report_seq=1))
+        handler.handle(
+            c.RecordJobStarted(now=NOW, ticket=tid, task="train", attempt=attempt, worker="gpu-0", report_seq=1)
+        )
         for i in range(1, 16):
-            handler.handle(c.RecordProgress(now=NOW, ticket=tid, task="train", attempt=attempt, step=20 * i,
-                                            total=300, metrics={"loss": 2.0 / i, "accuracy": 1 - 1 / (i + 1)},
-                                            report_seq=i + 1))
-    handler.handle(c.RecordJobSucceeded(now=NOW, ticket=tid, task="train", attempt=attempt,
-                                        outputs={"component": "reasoner", "checkpoint": f"ckpt-{tid}"}))
-    handler.handle(c.RecordJobSucceeded(now=NOW, ticket=tid, task="eval", attempt=t["eval"].attempt,
-                                        metrics={"exact": 0.5, "blank": 0.6},
-                                        outputs={"core_metrics": {"exact": 0.25, "blank": 0.7}}))
+            handler.handle(
+                c.RecordProgress(
+                    now=NOW,
+                    ticket=tid,
+                    task="train",
+                    attempt=attempt,
+                    step=20 * i,
+                    total=300,
+                    metrics={"loss": 2.0 / i, "accuracy": 1 - 1 / (i + 1)},
+                    report_seq=i + 1,
+                )
+            )
+    handler.handle(
+        c.RecordJobSucceeded(
+            now=NOW,
+            ticket=tid,
+            task="train",
+            attempt=attempt,
+            outputs={"component": "reasoner", "checkpoint": f"ckpt-{tid}"},
+        )
+    )
+    handler.handle(
+        c.RecordJobSucceeded(
+            now=NOW,
+            ticket=tid,
+            task="eval",
+            attempt=t["eval"].attempt,
+            metrics={"exact": 0.5, "blank": 0.6},
+            outputs={"core_metrics": {"exact": 0.25, "blank": 0.7}},
+        )
+    )
     return handler.state.tickets[tid].awaiting or ""
 
 
@@ -105,7 +129,7 @@ def test_tokens_are_stored_hashed_and_sessions_signed(home: Path) -> None:
     cookie = auth.make_session(key, "ada")
     session = auth.read_session(key, cookie)
     assert session is not None and session.user == "ada"
-    body, sig = cookie.rsplit(".", 1)
+    _body, sig = cookie.rsplit(".", 1)
     forged = auth._b64(json.dumps({"u": "mallory", "n": "x", "e": 2**40}).encode())
     assert auth.read_session(key, f"{forged}.{sig}") is None
     assert auth.read_session(key, auth.make_session(key, "ada", now=time.time() - auth.SESSION_SECONDS - 1)) is None
@@ -125,8 +149,7 @@ def test_pages_and_json_twins(store: EventStore, console: ConsoleServer) -> None
     first = next(t for t in listing["tickets"] if t["ticket"] == "TICKET-1")
     assert first["waiting_on"] == "approval: jbctl approve P-1"
     # The same rows as `jbctl status --json` for the fields both show.
-    status = json.loads(subprocess.run([JBCTL, "status", "--json"], capture_output=True, text=True,
-                                       check=True).stdout)
+    status = json.loads(subprocess.run([JBCTL, "status", "--json"], capture_output=True, text=True, check=True).stdout)
     for row in status:
         mine = next(t for t in listing["tickets"] if t["ticket"] == row["ticket"])
         for k in ("state", "current_step", "progress", "waiting_on", "tasks_done", "tasks_total"):
@@ -151,8 +174,19 @@ def test_pages_and_json_twins(store: EventStore, console: ConsoleServer) -> None
     assert code == 400 and "read-only" in json.loads(body)["error"]
     code, body = console.request("GET", "/sql.csv?" + urllib.parse.urlencode({"q": "SELECT id, state FROM tickets"}))
     assert code == 200 and body.decode().splitlines()[0] == "id,state"
-    for path in ("/", "/tickets/TICKET-1", "/proposals", "/proposals/P-1", "/core", "/workers", "/audit",
-                 "/sql", "/submit", "/playground", "/login"):
+    for path in (
+        "/",
+        "/tickets/TICKET-1",
+        "/proposals",
+        "/proposals/P-1",
+        "/core",
+        "/workers",
+        "/audit",
+        "/sql",
+        "/submit",
+        "/playground",
+        "/login",
+    ):
         code, body = console.request("GET", path)
         assert code == 200, path
         assert b"<title>" in body
@@ -160,20 +194,24 @@ def test_pages_and_json_twins(store: EventStore, console: ConsoleServer) -> None
 
 
 @pytest.mark.integration
-def test_writes_need_a_token_and_go_through_the_commands(store: EventStore, home: Path,
-                                                         console: ConsoleServer) -> None:
+def test_writes_need_a_token_and_go_through_the_commands(store: EventStore, home: Path, console: ConsoleServer) -> None:
     handler = CommandHandler(store)
     core_ticket(handler, "TICKET-1", progress=False)
     head = store.head()
     # No session, no token: refused, nothing recorded.
-    code, body = console.request("POST", "/proposals/P-1/approve", b"note=x",
-                                 {"Content-Type": "application/x-www-form-urlencoded"})
+    code, body = console.request(
+        "POST", "/proposals/P-1/approve", b"note=x", {"Content-Type": "application/x-www-form-urlencoded"}
+    )
     assert code == 403 and b"Nothing was recorded" in body
     code, body = console.request("POST", "/api/proposals/P-1/approve", b"{}", {"Content-Type": "application/json"})
     assert code == 403 and store.head() == head
     # A wrong bearer token is refused too.
-    code, _ = console.request("POST", "/api/proposals/P-1/approve", b"{}",
-                              {"Content-Type": "application/json", "Authorization": "Bearer jbx_wrong"})
+    code, _ = console.request(
+        "POST",
+        "/api/proposals/P-1/approve",
+        b"{}",
+        {"Content-Type": "application/json", "Authorization": "Bearer jbx_wrong"},
+    )
     assert code == 403 and store.head() == head
     token = token_for(home, "ada")
     auth = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
@@ -191,8 +229,9 @@ def test_writes_need_a_token_and_go_through_the_commands(store: EventStore, home
     # Cancel through the same command as `jbctl cancel`.
     handler.refresh()
     handler.handle(submit(make_ticket("TICKET-2"), NOW))
-    code, body = console.request("POST", "/api/tickets/TICKET-2/cancel", json.dumps({"reason": "enough"}).encode(),
-                                 auth)
+    code, body = console.request(
+        "POST", "/api/tickets/TICKET-2/cancel", json.dumps({"reason": "enough"}).encode(), auth
+    )
     assert code == 200, body
     cancelled = list(store.read(0, types=["TicketCancelled"]))
     assert cancelled[0].meta["actor"]["user"] == "ada"
@@ -205,10 +244,25 @@ def test_approver_rule_is_the_clis(store: EventStore, home: Path, console: Conso
     extra = "update: core\nexpires: 1d\napprovers: [grace]\n"
     handler.handle(submit(make_ticket("TICKET-1", steps=STEPS, extra=extra), NOW))
     t = handler.state.tickets["TICKET-1"].tasks
-    handler.handle(c.RecordJobSucceeded(now=NOW, ticket="TICKET-1", task="train", attempt=t["train"].attempt,
-                                        outputs={"component": "reasoner", "checkpoint": "ckpt"}))
-    handler.handle(c.RecordJobSucceeded(now=NOW, ticket="TICKET-1", task="eval", attempt=t["eval"].attempt,
-                                        metrics={"exact": 0.5}, outputs={"core_metrics": {"exact": 0.25}}))
+    handler.handle(
+        c.RecordJobSucceeded(
+            now=NOW,
+            ticket="TICKET-1",
+            task="train",
+            attempt=t["train"].attempt,
+            outputs={"component": "reasoner", "checkpoint": "ckpt"},
+        )
+    )
+    handler.handle(
+        c.RecordJobSucceeded(
+            now=NOW,
+            ticket="TICKET-1",
+            task="eval",
+            attempt=t["eval"].attempt,
+            metrics={"exact": 0.5},
+            outputs={"core_metrics": {"exact": 0.25}},
+        )
+    )
     auth = {"Content-Type": "application/json", "Authorization": f"Bearer {token_for(home, 'ada')}"}
     code, body = console.request("POST", "/api/proposals/P-1/approve", b"{}", auth)
     assert code == 409 and "ada is not an approver of P-1" in json.loads(body)["message"]
@@ -220,8 +274,9 @@ def test_approver_rule_is_the_clis(store: EventStore, home: Path, console: Conso
 
 
 @pytest.mark.integration
-def test_submit_errors_match_jbctl_validate(store: EventStore, home: Path, console: ConsoleServer,
-                                            tmp_path: Path) -> None:
+def test_submit_errors_match_jbctl_validate(
+    store: EventStore, home: Path, console: ConsoleServer, tmp_path: Path
+) -> None:
     auth = {"Content-Type": "application/json", "Authorization": f"Bearer {token_for(home, 'ada')}"}
     code, body = console.request("POST", "/api/submit", json.dumps({"yaml": BAD_TICKET}).encode(), auth)
     assert code == 422
@@ -235,8 +290,9 @@ def test_submit_errors_match_jbctl_validate(store: EventStore, home: Path, conso
     code, body = console.request("POST", "/api/submit", json.dumps({"yaml": good}).encode(), auth)
     assert code == 200 and json.loads(body)["ticket"] == "TICKET-9"
     assert (home / "tickets" / "TICKET-9.yaml").read_text() == good
-    code, _ = console.request("POST", "/api/submit", json.dumps({"yaml": good}).encode(),
-                              {"Content-Type": "application/json"})
+    code, _ = console.request(
+        "POST", "/api/submit", json.dumps({"yaml": good}).encode(), {"Content-Type": "application/json"}
+    )
     assert code == 403
 
 
@@ -269,8 +325,9 @@ def test_live_stream_fans_out_new_events(store: EventStore, console: ConsoleServ
 
 
 def test_non_local_bind_needs_tokens(store: EventStore, home: Path) -> None:
-    proc = subprocess.run([JBCTL, "console", "--host", "0.0.0.0", "--port", "1"], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [JBCTL, "console", "--host", "0.0.0.0", "--port", "1"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 1 and "refusing to serve on 0.0.0.0 without authentication" in proc.stderr
 
 
@@ -335,16 +392,22 @@ def test_browser_ticket_list_updates_by_itself(store: EventStore, console: Conso
     page.goto(console.url + "/tickets/TICKET-2")
     assert page.locator(".curve").count() == 2
     shot(page, "ticket")
-    for name, path in (("core", "/core"), ("audit", "/audit"), ("workers", "/workers"), ("playground", "/playground"),
-                       ("sql", "/sql?q=SELECT+id,+state,+title+FROM+tickets")):
+    for name, path in (
+        ("core", "/core"),
+        ("audit", "/audit"),
+        ("workers", "/workers"),
+        ("playground", "/playground"),
+        ("sql", "/sql?q=SELECT+id,+state,+title+FROM+tickets"),
+    ):
         page.goto(console.url + path)
         shot(page, name)
 
 
 @pytest.mark.integration
 @browser_needed
-def test_browser_approve_records_the_web_user(store: EventStore, home: Path, console: ConsoleServer,
-                                              browser: object) -> None:
+def test_browser_approve_records_the_web_user(
+    store: EventStore, home: Path, console: ConsoleServer, browser: object
+) -> None:
     handler = CommandHandler(store)
     core_ticket(handler, "TICKET-1")
     page = browser.new_page(viewport={"width": 1280, "height": 800})  # type: ignore[attr-defined]
@@ -373,8 +436,9 @@ def test_browser_approve_records_the_web_user(store: EventStore, home: Path, con
 
 @pytest.mark.integration
 @browser_needed
-def test_browser_bad_ticket_shows_errors_at_their_line(store: EventStore, home: Path, console: ConsoleServer,
-                                                       browser: object) -> None:
+def test_browser_bad_ticket_shows_errors_at_their_line(
+    store: EventStore, home: Path, console: ConsoleServer, browser: object
+) -> None:
     page = browser.new_page(viewport={"width": 1280, "height": 800})  # type: ignore[attr-defined]
     login(page, console, token_for(home, "ada"), "/submit")
     page.fill("#yaml", BAD_TICKET)

@@ -19,6 +19,7 @@ NAMES = [
     "jetbox-cpu-worker@.service",
     "jetbox.target",
     "jetbox-redis.service",
+    "jetbox-console.service",
 ]
 
 
@@ -51,7 +52,8 @@ def _verify(unit_dir: Path, user: bool, tmp_path: Path) -> None:
     runtime.mkdir(mode=0o700, exist_ok=True)
     env["XDG_RUNTIME_DIR"] = str(runtime)  # a --user manager needs one, even for verify
     try:
-        for name in ["jetbox-daemon.service", "jetbox-redis.service", *(i.name for i in instances), "jetbox.target"]:
+        names = ["jetbox-daemon.service", "jetbox-redis.service", "jetbox-console.service", "jetbox.target"]
+        for name in [*names, *(i.name for i in instances)]:
             cmd = [ANALYZE, *(["--user"] if user else []), "verify", str(unit_dir / name)]
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
             output = (done.stdout + done.stderr).strip()
@@ -94,7 +96,7 @@ def test_system_units_carry_this_installations_paths_and_hardening(tmp_path: Pat
     assert not any(line.startswith("PrivateDevices") for line in worker.splitlines())  # it hides GPUs
     assert f"--unixsocket {home}/run/redis.sock" in redis and "--save \"\"" in redis
     wants = "Wants=jetbox-daemon.service jetbox-redis.service jetbox-worker@0.service jetbox-worker@1.service "
-    assert wants + "jetbox-cpu-worker@0.service" in target.splitlines()
+    assert wants + "jetbox-cpu-worker@0.service jetbox-console.service" in target.splitlines()
     assert "WantedBy=multi-user.target" in target.splitlines()
     assert home.is_dir() and (tmp_path / "tickets").is_dir()  # ReadWritePaths must exist
     env = (home / "jetbox.env").read_text().splitlines()
@@ -180,7 +182,8 @@ def test_dry_run_prints_and_writes_nothing(tmp_path: Path) -> None:
     assert not out.exists() and not (tmp_path / "home").exists()
     for name in NAMES:
         assert f"### {name}" in done.stdout
-    assert "Wants=jetbox-daemon.service jetbox-redis.service jetbox-cpu-worker@0.service" in done.stdout.splitlines()
+    wants = "Wants=jetbox-daemon.service jetbox-redis.service jetbox-cpu-worker@0.service jetbox-console.service"
+    assert wants in done.stdout.splitlines()
     assert "### " + str(tmp_path / "home" / "jetbox.env") in done.stdout
 
 
@@ -189,3 +192,19 @@ def test_a_path_systemd_cannot_take_is_refused(tmp_path: Path) -> None:
     done = _install(tmp_path, "--dry-run", home=tmp_path / "my home")
     assert done.returncode == 1
     assert "without spaces" in done.stderr
+
+
+def test_console_unit_is_optional_and_binds_localhost(tmp_path: Path) -> None:
+    out = _render(tmp_path, user=False)
+    console = (out / "jetbox-console.service").read_text().splitlines()
+    assert f"ExecStart={JBCTL} console --host 127.0.0.1 --port 8470" in console
+    assert f"ReadWritePaths={tmp_path / 'home'} {tmp_path / 'tickets'}" in console
+    assert "PartOf=jetbox.target" in console and "After=jetbox-daemon.service" in console
+    bare = tmp_path / "bare"
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    done = _install(tmp_path, "--output", str(bare), "--run-as", me, "--no-console")
+    assert done.returncode == 0, done.stderr
+    assert not (bare / "jetbox-console.service").exists()
+    assert "jetbox-console.service" not in (bare / "jetbox.target").read_text()
+    done = _install(tmp_path, "--dry-run", "--console-port", "9001")
+    assert "--port 9001" in done.stdout and "http://127.0.0.1:9001/" in done.stdout
