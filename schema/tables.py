@@ -72,7 +72,7 @@ class TicketRow(SQLModel, table=True):
     tasks_total: int
     tasks_done: int
     reason: str | None = None
-    submitted_at: datetime | None = _ts()
+    submitted_at: datetime | None = _ts(index=True)  # the console lists newest first, a page at a time
     updated_at: datetime | None = _ts()
     ended_at: datetime | None = _ts()
     last_seq: int = Field(sa_column=sa.Column(sa.BigInteger, nullable=False))

@@ -362,9 +362,9 @@ def browser() -> Iterator[object]:
         b.close()
 
 
-def shot(page: object, name: str) -> None:
+def shot(page: object, name: str, full_page: bool = True) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)  # type: ignore[attr-defined]
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=full_page)  # type: ignore[attr-defined]
 
 
 def login(page: object, console: ConsoleServer, token: str, next_path: str) -> None:
@@ -392,6 +392,7 @@ def test_browser_ticket_list_updates_by_itself(store: EventStore, console: Conso
     page.goto(console.url + "/tickets/TICKET-2")
     assert page.locator(".curve").count() == 2
     shot(page, "ticket")
+    shot(page, "ticket-top", full_page=False)  # docs/img/console-ticket.png
     for name, path in (
         ("core", "/core"),
         ("audit", "/audit"),

@@ -1,0 +1,26 @@
+"""tickets.submitted_at index (the console's newest-first pages)
+
+Revision ID: 0003_console
+Revises: 0002
+Create Date: 2026-11-27 17:15:00
+"""
+
+from collections.abc import Sequence
+
+from alembic import op
+
+
+revision: str = '0003_console'
+down_revision: str | None = '0002'
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table('tickets', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_tickets_submitted_at'), ['submitted_at'], unique=False)
+
+
+def downgrade() -> None:
+    with op.batch_alter_table('tickets', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_tickets_submitted_at'))
