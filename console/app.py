@@ -385,11 +385,57 @@ def create_app(config: Config) -> FastAPI:
             return JSONResponse({"ok": True, "ticket": ticket.id, "path": str(dest), "message": message})
         return RedirectResponse(f"/tickets/{ticket.id}?{urlencode({'msg': message, 'ok': 1})}", 303)
 
+    example = "1 0 0 4\n0 0 1 0\n0 1 0 0\n4 0 0 1\n"
+
+    def playground_payload(puzzle: str, queue: str) -> dict[str, Any]:
+        from daemon.adhoc import current_core
+
+        core = current_core(engine)
+        reasoner = core["components"].get("reasoner")
+        return {
+            "core_version": core["version"],
+            "reasoner": reasoner,
+            "puzzle": puzzle,
+            "queue": queue,
+            "redis": settings.redis_url_or_private() is not None,
+            "result": None,
+            "error": None,
+            "grid": None,
+        }
+
     @app.get("/playground", response_class=HTMLResponse)
+    @app.get("/api/playground")
     def playground(request: Request) -> Any:
         if (r := reader_refused(request)) is not None:
             return r
-        return page(request, "playground.html", {"built": False})
+        return page(request, "playground.html", playground_payload(example, "gpu"))
+
+    @app.post("/playground")
+    @app.post("/api/playground")
+    async def playground_solve(request: Request) -> Any:
+        """Solve a sudoku with the current core's reasoner on a worker, through the queue like `jbctl infer`."""
+        from daemon.adhoc import InferenceError, infer, parse_puzzle_text
+
+        if (r := reader_refused(request)) is not None:
+            return r
+        _, form = await writer_user(request)
+        puzzle = str(form.get("puzzle") or "")
+        queue = "cpu" if form.get("queue") == "cpu" else "gpu"
+        payload = playground_payload(puzzle, queue)
+        status = 200
+        try:
+            grid = parse_puzzle_text(puzzle, "puzzle")
+            payload["grid"] = grid
+            payload["result"] = await asyncio.to_thread(
+                infer, settings, engine, {"component": "reasoner", "puzzle": grid}, queue=queue, timeout=120
+            )
+            answer = payload["result"].get("answer")
+            payload["solved"] = bool(answer) and sudoku_solved(grid, answer)
+        except ValueError as exc:
+            payload["error"], status = str(exc), 422
+        except InferenceError as exc:
+            payload["error"], status = str(exc), 409
+        return page(request, "playground.html", payload, status)
 
     # --- login -----------------------------------------------------------------------------------
 
@@ -464,6 +510,22 @@ def create_app(config: Config) -> FastAPI:
         )
 
     return app
+
+
+def sudoku_solved(puzzle: list[list[int]], answer: list[list[int]]) -> bool:
+    """Whether `answer` keeps the givens and every row, column and box holds 1..n once."""
+    n = len(puzzle)
+    box_rows, box_cols = {4: (2, 2), 6: (2, 3), 9: (3, 3)}[n]
+    if len(answer) != n or any(len(r) != n for r in answer):
+        return False
+    if any(puzzle[r][c] and puzzle[r][c] != answer[r][c] for r in range(n) for c in range(n)):
+        return False
+    want = set(range(1, n + 1))
+    groups = [answer[r] for r in range(n)] + [[answer[r][c] for r in range(n)] for c in range(n)]
+    for br in range(0, n, box_rows):
+        for bc in range(0, n, box_cols):
+            groups.append([answer[r][c] for r in range(br, br + box_rows) for c in range(bc, bc + box_cols)])
+    return all(set(g) == want for g in groups)
 
 
 def _pasted_name(text: str) -> str:

@@ -123,10 +123,12 @@ def ticket_page(
     search: str | None = None,
     limit: int = 50,
     offset: int = 0,
+    total: int | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
-    """One page of tickets, newest first, with their current step and what they wait on; and the total.
+    """One page of tickets, newest first, with their current step and what they wait on; and the total
+    (counted unless the caller knows it, e.g. from the per-state counts).
 
-    Only the tickets of the page and their tasks are read (the `tickets.submitted_at` index orders them).
+    Only the tickets of the page and their tasks are read (the `submitted_at` indexes order them).
     """
     tickets = SQLModel.metadata.tables["tickets"]
     tasks = SQLModel.metadata.tables["tasks"]
@@ -136,7 +138,8 @@ def ticket_page(
     if search:
         like = f"%{search.lower()}%"
         where.append(sa.or_(sa.func.lower(tickets.c.id).like(like), sa.func.lower(tickets.c.title).like(like)))
-    total = int(conn.execute(sa.select(sa.func.count()).select_from(tickets).where(*where)).scalar() or 0)
+    if total is None:
+        total = int(conn.execute(sa.select(sa.func.count()).select_from(tickets).where(*where)).scalar() or 0)
     query = (
         sa.select(tickets)
         .where(*where)

@@ -60,6 +60,8 @@ class Checkpoint(SQLModel, table=True):
 
 class TicketRow(SQLModel, table=True):
     __tablename__ = "tickets"
+    # The console's pages: newest first, optionally of one state, without sorting the whole table.
+    __table_args__ = (sa.Index("ix_tickets_state_submitted_at", "state", "submitted_at"),)
 
     id: str = Field(primary_key=True, max_length=100)
     title: str

@@ -21,11 +21,11 @@ def free_port() -> int:
 
 
 class ConsoleServer:
-    def __init__(self, home: Path, *extra: str) -> None:
+    def __init__(self, home: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.home = home
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "JETBOX_HOME": str(home)}
+        env = {**os.environ, **(env or {}), "JETBOX_HOME": str(home)}
         self.log = (home / "console-test.log").open("w")
         self.proc = subprocess.Popen(
             [JBCTL, "console", "--port", str(self.port), *extra], env=env, stdout=self.log, stderr=subprocess.STDOUT

@@ -12,6 +12,7 @@ import urllib.parse
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -324,6 +325,16 @@ def test_live_stream_fans_out_new_events(store: EventStore, console: ConsoleServ
     assert got and got[0]["ticket"] == "TICKET-1" and got[0]["type"] == "TicketSubmitted"
 
 
+def test_sudoku_check() -> None:
+    from console.app import sudoku_solved
+
+    puzzle = [[1, 0, 0, 4], [0, 0, 1, 0], [0, 1, 0, 0], [4, 0, 0, 1]]
+    good = [[1, 2, 3, 4], [3, 4, 1, 2], [2, 1, 4, 3], [4, 3, 2, 1]]
+    assert sudoku_solved(puzzle, good)
+    assert not sudoku_solved(puzzle, [[1, 2, 3, 4], [3, 3, 1, 2], [2, 1, 4, 3], [4, 3, 2, 1]])
+    assert not sudoku_solved([[2, 0, 0, 0]] + puzzle[1:], good)  # a given changed
+
+
 def test_non_local_bind_needs_tokens(store: EventStore, home: Path) -> None:
     proc = subprocess.run(
         [JBCTL, "console", "--host", "0.0.0.0", "--port", "1"], capture_output=True, text=True, timeout=60
@@ -397,7 +408,7 @@ def test_browser_ticket_list_updates_by_itself(store: EventStore, console: Conso
         ("core", "/core"),
         ("audit", "/audit"),
         ("workers", "/workers"),
-        ("playground", "/playground"),
+        ("playground-empty", "/playground"),
         ("sql", "/sql?q=SELECT+id,+state,+title+FROM+tickets"),
     ):
         page.goto(console.url + path)
@@ -451,3 +462,39 @@ def test_browser_bad_ticket_shows_errors_at_their_line(
     assert "TICKET-9.yaml:6:" in page.locator("#errors").inner_text()
     shot(page, "submit-errors")
     assert not (home / "tickets" / "TICKET-9.yaml").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@browser_needed
+def test_browser_train_approve_then_play(running: Any, browser: object) -> None:
+    """The whole way through the console: a tiny reasoner is trained and proposed by real workers,
+    approved in the page by a web user, then the playground solves a sudoku with it on a worker."""
+    from tests.test_gate_e2e import PUZZLE
+    from tests.test_gate_e2e import core_ticket as trm_ticket
+
+    steps, extra = trm_ticket("TICKET-1", "ada")
+    running.drop("TICKET-1", steps, extra)
+    server = ConsoleServer(running.home, env=running.env)
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})  # type: ignore[attr-defined]
+        page.goto(server.url + "/playground")
+        assert "no reasoner yet" in page.inner_text("main")
+        running.daemon.wait_event("ProposalOpened", ticket="TICKET-1", timeout=300)
+        login(page, server, token_for(running.home, "ada"), "/proposals/P-1")
+        page.click("#approve")
+        page.wait_for_selector("#flash")
+        assert "core is now v1" in page.locator("#flash").inner_text()
+        page.goto(server.url + "/playground")
+        page.fill("#puzzle", PUZZLE)
+        page.select_option("select[name=queue]", "cpu")
+        page.click("#solve")
+        page.wait_for_selector("#answer", timeout=120_000)
+        cells = page.locator("#answer td")
+        assert cells.count() == 16
+        assert cells.nth(0).inner_text() == "1" and cells.nth(3).inner_text() == "4"  # givens are kept
+        assert "core v1 reasoner" in page.locator("#answer").inner_text()
+        assert page.locator("#verdict").inner_text() in ("a valid solution", "not a valid solution")
+        shot(page, "playground", full_page=False)
+    finally:
+        server.stop()

@@ -1,4 +1,4 @@
-"""tickets.submitted_at index (the console's newest-first pages)
+"""tickets.submitted_at indexes (the console's newest-first pages, all or of one state)
 
 Revision ID: 0003_console
 Revises: 0002
@@ -19,8 +19,10 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table('tickets', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_tickets_submitted_at'), ['submitted_at'], unique=False)
+        batch_op.create_index('ix_tickets_state_submitted_at', ['state', 'submitted_at'], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table('tickets', schema=None) as batch_op:
+        batch_op.drop_index('ix_tickets_state_submitted_at')
         batch_op.drop_index(batch_op.f('ix_tickets_submitted_at'))
