@@ -332,7 +332,7 @@ def test_sudoku_check() -> None:
     good = [[1, 2, 3, 4], [3, 4, 1, 2], [2, 1, 4, 3], [4, 3, 2, 1]]
     assert sudoku_solved(puzzle, good)
     assert not sudoku_solved(puzzle, [[1, 2, 3, 4], [3, 3, 1, 2], [2, 1, 4, 3], [4, 3, 2, 1]])
-    assert not sudoku_solved([[2, 0, 0, 0]] + puzzle[1:], good)  # a given changed
+    assert not sudoku_solved([[2, 0, 0, 0], *puzzle[1:]], good)  # a given changed
 
 
 def test_non_local_bind_needs_tokens(store: EventStore, home: Path) -> None:
