@@ -240,6 +240,43 @@ def test_writes_need_a_token_and_go_through_the_commands(store: EventStore, home
 
 
 @pytest.mark.integration
+def test_session_cookie_needs_its_csrf_token(store: EventStore, home: Path, console: ConsoleServer) -> None:
+    import http.client
+
+    core_ticket(CommandHandler(store), "TICKET-1", progress=False)
+    token = token_for(home, "ada")
+    conn = http.client.HTTPConnection("127.0.0.1", console.port, timeout=10)
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    conn.request("POST", "/login", urllib.parse.urlencode({"token": "jbx_wrong", "next": "/"}), form)
+    r = conn.getresponse()
+    assert r.status == 403 and b"unknown token" in r.read()
+    conn.request("POST", "/login", urllib.parse.urlencode({"token": token, "next": "//evil.example/"}), form)
+    r = conn.getresponse()
+    r.read()
+    assert r.status == 303 and r.getheader("location") == "/"  # no open redirect
+    cookie = r.getheader("set-cookie", "").split(";")[0]
+    assert cookie.startswith("jetbox_session=") and "httponly" in r.getheader("set-cookie", "").lower()
+    conn.request("GET", "/api/session", headers={"Cookie": cookie})
+    session = json.loads(conn.getresponse().read())
+    assert session["user"] == "ada" and session["csrf"]
+    head = store.head()
+    conn.request("POST", "/proposals/P-1/approve", "note=x", {**form, "Cookie": cookie})
+    r = conn.getresponse()
+    assert r.status == 403 and b"Nothing was recorded" in r.read() and store.head() == head
+    body = urllib.parse.urlencode({"note": "x", "csrf": "forged"})
+    conn.request("POST", "/proposals/P-1/approve", body, {**form, "Cookie": cookie})
+    r = conn.getresponse()
+    r.read()
+    assert r.status == 403 and store.head() == head
+    body = urllib.parse.urlencode({"note": "with csrf", "csrf": session["csrf"]})
+    conn.request("POST", "/proposals/P-1/approve", body, {**form, "Cookie": cookie})
+    r = conn.getresponse()
+    r.read()
+    assert r.status == 303 and "core+is+now+v1" in r.getheader("location", "")
+    assert next(iter(store.read(0, types=["CorePromoted"]))).data["actor"] == "ada"
+
+
+@pytest.mark.integration
 def test_approver_rule_is_the_clis(store: EventStore, home: Path, console: ConsoleServer) -> None:
     handler = CommandHandler(store)
     extra = "update: core\nexpires: 1d\napprovers: [grace]\n"
