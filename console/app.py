@@ -270,6 +270,7 @@ def create_app(config: Config) -> FastAPI:
             actor=user,
             meta=meta_for(request, user),
             approver_list=gate.approvers(settings),
+            home=settings.home,
             note=note,
             scope=scope,
         )

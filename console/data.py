@@ -213,6 +213,8 @@ def _proposal_view(r: dict[str, Any], spec: dict[str, Any] | None, now: datetime
         "metrics": r["metrics"] or {},
         "comparison": rows,
         "regressions": sum(1 for x in rows if x["regression"]),
+        # what the list shows: the ticket's checks and the gains over the baselines, else the first rows
+        "headline": ([x for x in rows if x["checked"] or x["section"] == "gains over the baselines"] or rows)[:3],
         "checked": focus,
         "approvers": (spec or {}).get("approvers"),
         "opened_at": r["opened_at"],
