@@ -60,8 +60,11 @@ class Checkpoint(SQLModel, table=True):
 
 class TicketRow(SQLModel, table=True):
     __tablename__ = "tickets"
-    # The console's pages: newest first, optionally of one state, without sorting the whole table.
-    __table_args__ = (sa.Index("ix_tickets_state_submitted_at", "state", "submitted_at"),)
+    # The console's pages: newest first (ties by id), optionally of one state, read straight off an index.
+    __table_args__ = (
+        sa.Index("ix_tickets_submitted_at_id", "submitted_at", "id"),
+        sa.Index("ix_tickets_state_submitted_at_id", "state", "submitted_at", "id"),
+    )
 
     id: str = Field(primary_key=True, max_length=100)
     title: str
@@ -74,7 +77,7 @@ class TicketRow(SQLModel, table=True):
     tasks_total: int
     tasks_done: int
     reason: str | None = None
-    submitted_at: datetime | None = _ts(index=True)  # the console lists newest first, a page at a time
+    submitted_at: datetime | None = _ts()
     updated_at: datetime | None = _ts()
     ended_at: datetime | None = _ts()
     last_seq: int = Field(sa_column=sa.Column(sa.BigInteger, nullable=False))

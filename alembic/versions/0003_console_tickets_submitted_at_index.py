@@ -18,11 +18,11 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     with op.batch_alter_table('tickets', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_tickets_submitted_at'), ['submitted_at'], unique=False)
-        batch_op.create_index('ix_tickets_state_submitted_at', ['state', 'submitted_at'], unique=False)
+        batch_op.create_index('ix_tickets_submitted_at_id', ['submitted_at', 'id'], unique=False)
+        batch_op.create_index('ix_tickets_state_submitted_at_id', ['state', 'submitted_at', 'id'], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table('tickets', schema=None) as batch_op:
-        batch_op.drop_index('ix_tickets_state_submitted_at')
-        batch_op.drop_index(batch_op.f('ix_tickets_submitted_at'))
+        batch_op.drop_index('ix_tickets_state_submitted_at_id')
+        batch_op.drop_index('ix_tickets_submitted_at_id')
