@@ -207,9 +207,10 @@ def run(n: int, requests: int, live: int, status_runs: int, status_limit: float)
                 "ticket list JSON (/api/tickets)", timed_gets(server.port, "/api/tickets", requests, "application/json")
             )
             line(f"ticket page (/tickets/TICKET-{mid})", timed_gets(server.port, f"/tickets/TICKET-{mid}", requests))
-            proc_ms, inproc = status_cli(home, status_runs, status_limit)
-            line("jbctl status --json (new process)", proc_ms)
-            line("status_data() in-process (what it runs)", inproc)
+            if status_runs:
+                proc_ms, inproc = status_cli(home, status_runs, status_limit)
+                line("jbctl status --json (new process)", proc_ms)
+                line("status_data() in-process (what it runs)", inproc)
             line("event -> SSE client", sse_latency(store, server.port, live))
             web = browser_latency(store, server.url, live)
             if web is None:
@@ -226,7 +227,7 @@ def main() -> int:
     parser.add_argument("--tickets", type=int, action="append", help="sizes (default 1000, 10000 and 100000)")
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--live", type=int, default=30, help="events timed for the live path")
-    parser.add_argument("--status-runs", type=int, default=5)
+    parser.add_argument("--status-runs", type=int, default=5, help="0: leave `jbctl status` out")
     parser.add_argument(
         "--status-limit", type=float, default=300, help="seconds before a `jbctl status` run is stopped"
     )
