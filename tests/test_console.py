@@ -367,6 +367,22 @@ def test_live_stream_fans_out_new_events(store: EventStore, console: ConsoleServ
     assert got and got[0]["ticket"] == "TICKET-1" and got[0]["type"] == "TicketSubmitted"
 
 
+def test_token_commands(home: Path) -> None:
+    run = [JBCTL, "console"]
+    made = subprocess.run([*run, "token", "ada"], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip().splitlines()[-1]
+    from console import auth
+
+    assert token.startswith("jbx_") and auth.user_for_token(home, token) == "ada"
+    listed = subprocess.run([*run, "tokens"], capture_output=True, text=True, timeout=60)
+    assert "ada" in listed.stdout and token not in listed.stdout
+    assert subprocess.run([*run, "revoke", "ada"], capture_output=True, timeout=60).returncode == 0
+    assert auth.user_for_token(home, token) is None
+    gone = subprocess.run([*run, "revoke", "ada"], capture_output=True, text=True, timeout=60)
+    assert gone.returncode == 1 and "no console token for 'ada'" in gone.stderr
+
+
 def test_sudoku_check() -> None:
     from console.app import sudoku_solved
 
@@ -519,6 +535,8 @@ def test_browser_train_approve_then_play(running: Any, browser: object) -> None:
     running.drop("TICKET-1", steps, extra)
     server = ConsoleServer(running.home, env={**running.env, **APPROVERS})
     try:
+        workers = server.get_json("/api/workers")  # read from the real Redis, as rq-dashboard does
+        assert workers["error"] is None and any("cpu" in w["queues"] for w in workers["workers"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})  # type: ignore[attr-defined]
         page.goto(server.url + "/playground")
         assert "no reasoner yet" in page.inner_text("main")
