@@ -542,6 +542,7 @@ def test_browser_train_approve_then_play(running: Any, browser: object) -> None:
         assert "no reasoner yet" in page.inner_text("main")
         running.daemon.wait_event("ProposalOpened", ticket="TICKET-1", timeout=300)
         login(page, server, token_for(running.home, "ada"), "/proposals/P-1")
+        shot(page, "proposal-trained")
         page.click("#approve")
         page.wait_for_selector("#flash")
         assert "core is now v1" in page.locator("#flash").inner_text()
