@@ -463,6 +463,7 @@ def test_browser_ticket_list_updates_by_itself(store: EventStore, console: Conso
     shot(page, "ticket")
     shot(page, "ticket-top", full_page=False)  # docs/img/console-ticket.png
     for name, path in (
+        ("proposals", "/proposals"),
         ("core", "/core"),
         ("audit", "/audit"),
         ("workers", "/workers"),
