@@ -1,7 +1,7 @@
 """tickets.submitted_at indexes (the console's newest-first pages, all or of one state)
 
-Revision ID: 0003_console
-Revises: 0002
+Revision ID: 0004_console
+Revises: 0003_recovery
 Create Date: 2026-11-27 17:15:00
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from alembic import op
 
 
-revision: str = '0003_console'
-down_revision: str | None = '0002'
+revision: str = '0004_console'
+down_revision: str | None = '0003_recovery'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
