@@ -202,12 +202,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     if awaiting:
         line = f"{len(awaiting)} proposal(s) await approval: {', '.join(awaiting)} (jbctl proposals)"
         print(colour(line, "33"))
-    print(daemon_line(settings.home))
+    busy = any(d["state"] == "running" and not d["awaiting_approval"] for d in data)
+    print(daemon_line(settings.home, work_waiting=busy))
     return 0
 
 
-def daemon_line(home: Path) -> str:
-    """What the daemon last said (its STATUS= line, from run/daemon.json), or that none is running."""
+def daemon_line(home: Path, work_waiting: bool = True) -> str:
+    """What the daemon last said (its STATUS= line, from run/daemon.json), or that none is running (in red
+    when tickets have work that waits for it)."""
     try:
         info = json.loads((home / "run" / "daemon.json").read_text())
         pid = int(info["pid"])
@@ -216,6 +218,8 @@ def daemon_line(home: Path) -> str:
         except PermissionError:
             pass  # alive, under another account (a system unit's User=)
     except (OSError, ValueError, KeyError, TypeError):
+        if not work_waiting:
+            return "daemon: not running on this home"
         hint = "tickets wait (jbctl daemon, jbctl up, or systemctl start jetbox.target)"
         return colour(f"daemon: not running on this home: {hint}", "31")
     text = f"daemon: pid {pid}: {info.get('status', '')}"
