@@ -120,12 +120,19 @@ def status_data(
         tickets = _select(conn, "tickets", ("submitted_at", "id"), **({"id": ticket} if ticket else {}))
         tasks = _select(conn, "tasks", ("ticket",), **where)
         jobs = _select(conn, "jobs", ("ticket", "task", "attempt"), **where)
+    # Grouped once: scanning every task and job for each ticket made this quadratic in the history.
+    tasks_of: dict[str, list[dict[str, Any]]] = {}
+    for k in tasks:
+        tasks_of.setdefault(k["ticket"], []).append(k)
+    jobs_of: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for j in jobs:
+        jobs_of.setdefault((j["ticket"], j["task"]), []).append(j)
     out = []
     for t in tickets:
         ended = _naive_dt(t["ended_at"]) if t["ended_at"] else None
         if not include_old and ended is not None and (now - ended).total_seconds() > 86400:
             continue
-        mine = [k for k in tasks if k["ticket"] == t["id"]]
+        mine = tasks_of.get(t["id"], [])
         order = {k["task"]: n for n, k in enumerate(_topo(mine))}
         mine.sort(key=lambda k: order.get(k["task"], 0))
         step, progress = _current_step(mine)
@@ -151,8 +158,7 @@ def status_data(
                         **{k: v for k, v in task.items() if k != "ticket"},
                         "attempts": [
                             {k: v for k, v in j.items() if k not in ("ticket", "task")}
-                            for j in jobs
-                            if j["ticket"] == t["id"] and j["task"] == task["task"]
+                            for j in jobs_of.get((t["id"], task["task"]), [])
                         ],
                     }
                     for task in mine
