@@ -10,10 +10,6 @@ from pathlib import Path
 
 from cli.main import CliError
 
-ROOT = Path(__file__).resolve().parent.parent
-UNIT_TEMPLATES = ("jetbox-daemon.service", "jetbox-worker@.service", "jetbox.target")
-SYSTEM_MARK = "@system@"
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("daemon", help="run the daemon: watch the tickets folder, record events, dispatch")
@@ -25,7 +21,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="record tickets without a Redis: nothing is dispatched (without this flag, no Redis is an error)",
     )
     p.set_defaults(func=cmd_daemon)
-
 
 
 # --- jbctl daemon --------------------------------------------------------------------------------
