@@ -63,6 +63,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         load_secret(settings.secret_path, create=True)
     except SecretError as exc:
         raise CliError(str(exc)) from None
+    import faulthandler
+    import signal
+
+    faulthandler.enable()  # a crash in native code (torch, ctypes) leaves its stack in the worker's log
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack to the log
     if args.ticket:
         from workers.worker import run_dedicated_worker
 

@@ -120,6 +120,10 @@ class Dispatcher:
             self._persist(force=False)
             return False
         recs = list(self.store.read(since, types=_WATCHED, limit=PAGE))
+        if recs and recs[-1].seq > self.handler.state.last_seq:
+            # Another writer (`jbctl approve`, `retry`) appended these: without catching up, `act`
+            # would take a fresh attempt for a moot one and drop it (found by a CI failure).
+            self.handler.refresh()
         for rec in recs:
             self.act(rec.event)
         # A short page means every event up to `head` has been seen.

@@ -98,6 +98,10 @@ class Reconciler:
             return self._fail(
                 ticket, task, f"worker lost the job ({status}): {str(info)[-500:]}", now, "infrastructure"
             )
+        if status == "finished":
+            # RQ says done but the log never heard: the reports went missing (a report stream lost
+            # with Redis). Waiting would hang the ticket; after the grace period, retry the attempt.
+            return self._missing_beat(ticket, task, jid, now, mono, "the job finished but its reports never arrived")
         if status == "started" or task.status == "running":
             return self._missing_beat(ticket, task, jid, now, mono, "no heartbeat")
         return None

@@ -306,3 +306,27 @@ def test_a_dedicated_worker_outlives_a_redis_restart(tmp_path: Path) -> None:
             worker.wait()
         server.stop()
         log.close()
+
+
+@pytest.mark.integration
+def test_a_worker_stopped_while_redis_is_down_exits(tmp_path: Path) -> None:
+    """SIGTERM while Redis is away (`systemctl stop jetbox.target` stops both at once): the worker
+    exits 0 instead of starting its loop again and waiting for systemd's SIGKILL."""
+    server = start_redis(tmp_path / "run")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JETBOX_")}
+    env.update(JETBOX_HOME=str(tmp_path / "home"), JETBOX_REDIS_URL=server.url)
+    conn = redis.Redis(unix_socket_path=str(server.socket))
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        worker = subprocess.Popen([JBCTL, "worker", "--queue", "cpu"], env=env, stdout=log, stderr=log)
+    try:
+        wait_for("the worker to register", lambda: conn.scard("rq:workers"), timeout=30)
+        server.stop()
+        wait_for("a reconnect attempt", lambda: "could not connect" in log_path.read_text(), timeout=30)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0, log_path.read_text()[-2000:]
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        server.stop()

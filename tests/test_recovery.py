@@ -133,6 +133,63 @@ def test_lost_job_goes_back_to_the_tickets_dedicated_queue(home: Path, store: ob
         redis_server.stop()
 
 
+def test_dispatcher_acts_on_attempts_another_process_scheduled(home: Path, store: object) -> None:
+    """`jbctl approve` schedules in its own process: the daemon's dispatcher reads that event before its
+    state has caught up, and must still enqueue it (it used to drop it as moot; CI caught the hang)."""
+    from datetime import UTC, datetime
+
+    from daemon.dispatcher import Dispatcher
+    from schema.settings import load_settings
+
+    redis_server = start_redis(home / "run")
+    try:
+        conn = redis.Redis.from_url(redis_server.url)
+        daemon_side = CommandHandler(store)  # type: ignore[arg-type]
+        dispatcher = Dispatcher(daemon_side, load_settings(), conn)
+        dispatcher.poll(datetime(2026, 1, 1, tzinfo=UTC))
+        other = CommandHandler(store)  # type: ignore[arg-type]  # e.g. `jbctl approve`
+        now = datetime(2026, 1, 1, tzinfo=UTC)
+        other.handle(submit(make_ticket("TICKET-1", steps="  - {id: a, kind: diag}\n"), now))
+        dispatcher.poll(now)
+        assert Job.exists("jetbox__TICKET-1__a__1", connection=conn)
+        assert dispatcher.enqueued == 1
+    finally:
+        redis_server.stop()
+
+
+def test_a_finished_job_whose_reports_never_arrived_is_retried(home: Path, store: object) -> None:
+    """RQ says the job finished, the log never heard of it (its reports were lost with Redis): after
+    the grace period the attempt fails as the infrastructure's fault and is retried, instead of hanging."""
+    from datetime import UTC, datetime
+
+    from rq.job import JobStatus
+
+    from daemon.dispatcher import Dispatcher
+    from daemon.reconciler import Reconciler
+    from schema.settings import load_settings
+
+    redis_server = start_redis(home / "run")
+    try:
+        conn = redis.Redis.from_url(redis_server.url)
+        handler = CommandHandler(store)  # type: ignore[arg-type]
+        now = datetime(2026, 1, 1, tzinfo=UTC)
+        handler.handle(submit(make_ticket("TICKET-1", steps="  - {id: a, kind: diag}\n"), now))
+        Dispatcher(handler, load_settings(), conn).poll(now)
+        Job.fetch("jetbox__TICKET-1__a__1", connection=conn, serializer=JSONSerializer).set_status(JobStatus.FINISHED)
+        reconciler = Reconciler(handler, load_settings(), conn)
+        reconciler.grace = 0.0
+        reconciler.poll(now)  # first sight starts the grace period
+        reconciler.last_run = 0.0
+        reconciler.poll(now)
+        task = handler.state.tickets["TICKET-1"].tasks["a"]
+        assert task.status == "waiting_retry", (task.status, task.attempt)
+        failed = [r.event for r in store.read(0, types=["AttemptFailed"])]  # type: ignore[attr-defined]
+        assert len(failed) == 1 and failed[0].cause == "infrastructure"
+        assert "reports never arrived" in failed[0].error
+    finally:
+        redis_server.stop()
+
+
 # --- infrastructure faults are not loops (pure decider) ---------------------------------------
 
 LOST = "worker lost on host-1: its RQ job vanished for 2s"

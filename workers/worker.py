@@ -64,6 +64,11 @@ class JetboxWorker(SimpleWorker):
             print(f"jetbox worker: refused {detail}", file=sys.stderr)
 
 
+def _stop_requested(worker: JetboxWorker) -> bool:
+    """SIGTERM/SIGINT reached RQ: it notes the date (and, mid-job, `_stop_requested`) before its loop ends."""
+    return bool(worker._stop_requested or worker._shutdown_requested_date is not None)
+
+
 def _stale(host: bytes | None, pid: bytes | None, hostname: str | None) -> bool:
     """Whether a worker registration (its hostname and pid fields) belongs to no live worker."""
     if host is None or pid is None:
@@ -98,14 +103,18 @@ def run_worker(redis_url: str, queues: list[str], burst: bool = False, name: str
         conn = redis.Redis.from_url(redis_url, health_check_interval=30)
         qs = [Queue(q, connection=conn, serializer=JSONSerializer) for q in queues]
         began = time.monotonic()
+        worker: JetboxWorker | None = None
         try:
             worker = JetboxWorker(qs, connection=conn, serializer=JSONSerializer, name=name)  # talks to Redis
             worker.work(burst=burst, logging_level="WARNING", with_scheduler=False)
-            # SIGTERM/SIGINT: RQ notes the date (and, mid-job, `_stop_requested`) before its loop ends.
-            if burst or worker._stop_requested or worker._shutdown_requested_date is not None:
+            if burst or _stop_requested(worker):
                 return 0
             why = "the RQ loop ended without a stop request (Redis lost while it recorded a job?)"
         except redis.ConnectionError as exc:
+            # A SIGTERM while Redis is down: RQ's loop stops, then its farewell to Redis fails. The stop
+            # still stands (else `systemctl stop` waits for its SIGKILL while this loop starts again).
+            if worker is not None and _stop_requested(worker):
+                return 0
             why = f"Redis unavailable ({exc})"
         if time.monotonic() - began > 60:
             delay = 0.5  # it worked for a while: this is a fresh outage, not the same one
@@ -139,15 +148,18 @@ def run_dedicated_worker(redis_url: str, ticket: str, name: str | None = None, p
     delay = poll
     try:
         while True:
+            worker: JetboxWorker | None = None
             try:
                 worker = JetboxWorker([q], connection=conn, serializer=JSONSerializer, name=name)
                 worker.work(burst=True, logging_level="WARNING", with_scheduler=False)
-                if worker._stop_requested or worker._shutdown_requested_date is not None:
+                if _stop_requested(worker):
                     return 0
                 if conn.exists(ended_key(ticket)) and q.count == 0:
                     return 0
                 delay = poll
             except redis.ConnectionError as exc:
+                if worker is not None and _stop_requested(worker):
+                    return 0  # stopped while Redis was down (see run_worker)
                 print(f"jetbox worker: Redis unavailable ({exc}); again in {delay:.1f}s", file=sys.stderr, flush=True)
                 delay = min(10.0, delay * 2)
             time.sleep(delay)
