@@ -72,6 +72,28 @@ def test_every_generator_is_covered() -> None:
     assert set(JOBS) == set(generators())
 
 
+def test_generators_come_from_one_literal_table() -> None:
+    """Every name resolves through `GENERATORS` to a generator of that name; importing a generator
+    module adds nothing (no registration by side effect), and an unknown name lists the known ones."""
+    import ast
+    import importlib
+
+    from workers.synth.base import GENERATORS
+
+    assert set(GENERATORS) == {"shapes", "sudoku", "maze", "text", "glyphs", "visual_sudoku"}
+    for name in GENERATORS:
+        assert get_generator(name).name == name
+        assert get_generator(name) is get_generator(name)
+    for module in {target.partition(":")[0] for target in GENERATORS.values()}:
+        importlib.import_module(module)
+        tree = ast.parse(Path(importlib.import_module(module).__file__ or "").read_text())
+        calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        assert "register" not in calls, module
+    assert set(generators()) == set(GENERATORS)
+    with pytest.raises(UnknownGeneratorError, match="known generators: glyphs, maze, shapes"):
+        get_generator("nope")
+
+
 @pytest.mark.integration
 def test_bit_identical_across_processes(tmp_path: Path) -> None:
     first = _run_in_subprocess(tmp_path / "a", "1")

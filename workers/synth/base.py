@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import Any, ClassVar, Final, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -35,14 +35,16 @@ from schema.artifacts import CorruptArtifactError, FieldSpec, Lineage, Manifest,
 ShardFormat = Literal["npz", "safetensors"]
 Arrays = dict[str, np.ndarray]
 
-# Built-in generator modules, imported on first lookup so that the registry is always complete.
-BUILTIN_MODULES = (
-    "workers.synth.shapes",
-    "workers.synth.sudoku",
-    "workers.synth.maze",
-    "workers.synth.text",
-    "workers.synth.glyphs",
-)
+# Every generator a ticket may name: name -> "module:Class", imported on first lookup. This table is
+# the whole list (nothing registers itself by being imported); a new generator is one line here.
+GENERATORS: Final[dict[str, str]] = {
+    "shapes": "workers.synth.shapes:ShapesGenerator",
+    "sudoku": "workers.synth.sudoku:SudokuGenerator",
+    "maze": "workers.synth.maze:MazeGenerator",
+    "text": "workers.synth.text:TextGenerator",
+    "glyphs": "workers.synth.glyphs:GlyphGenerator",
+    "visual_sudoku": "workers.synth.glyphs:VisualSudokuGenerator",
+}
 
 
 class SynthError(Exception):
@@ -50,7 +52,7 @@ class SynthError(Exception):
 
 
 class UnknownGeneratorError(SynthError, KeyError):
-    """No generator of that name is registered."""
+    """No generator of that name is in `GENERATORS`."""
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "unknown generator"
@@ -91,39 +93,34 @@ class Generator(Protocol):
         ...
 
 
-_REGISTRY: dict[str, Generator] = {}
+_LOADED: dict[str, Generator] = {}  # instances made so far (generators are stateless)
 
 
-def register(generator: Generator) -> Generator:
-    """Add a generator to the registry (names are unique)."""
-    existing = _REGISTRY.get(generator.name)
-    if existing is not None and type(existing) is not type(generator):
-        raise SynthError(f"generator name {generator.name!r} is already registered")
-    _REGISTRY[generator.name] = generator
+def _load(name: str) -> Generator:
+    loaded = _LOADED.get(name)
+    if loaded is not None:
+        return loaded
+    module, _, attr = GENERATORS[name].partition(":")
+    generator = getattr(importlib.import_module(module), attr)()
+    if generator.name != name:  # the table and the class must agree, or manifests would lie
+        raise SynthError(f"GENERATORS[{name!r}] names {GENERATORS[name]}, whose name is {generator.name!r}")
+    _LOADED[name] = generator
     return generator
 
 
-def _load_builtins() -> None:
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
-
-
 def generators() -> dict[str, Generator]:
-    """Every registered generator by name."""
-    _load_builtins()
-    return dict(sorted(_REGISTRY.items()))
+    """Every generator by name (each module is imported on first use)."""
+    return {name: _load(name) for name in sorted(GENERATORS)}
 
 
 def get_generator(name: str | Generator) -> Generator:
-    """The generator registered as `name` (an instance is returned as is)."""
+    """The generator named `name` in `GENERATORS` (an instance is returned as is)."""
     if not isinstance(name, str):
         return name
-    _load_builtins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
-        raise UnknownGeneratorError(f"unknown generator {name!r}; known generators: {known}") from None
+    if name not in GENERATORS:
+        known = ", ".join(sorted(GENERATORS))
+        raise UnknownGeneratorError(f"unknown generator {name!r}; known generators: {known}")
+    return _load(name)
 
 
 def _format_errors(exc: ValidationError) -> str:

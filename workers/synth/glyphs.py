@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from schema.artifacts import FieldSpec
-from workers.synth.base import Arrays, ParamsModel, register, shard_rng
+from workers.synth.base import Arrays, ParamsModel, shard_rng
 from workers.synth.sudoku import BOXES, MIN_GIVENS, render, sample_puzzles
 
 STYLES = ("segment", "print", "block")
@@ -357,7 +357,3 @@ class VisualSudokuGenerator:
     def preview_images(self, arrays: Mapping[str, np.ndarray], limit: int) -> np.ndarray | None:
         """The first puzzles as whole rendered grids."""
         return tile(np.asarray(arrays["cells"][:limit]))
-
-
-GLYPHS = register(GlyphGenerator())
-VISUAL_SUDOKU = register(VisualSudokuGenerator())

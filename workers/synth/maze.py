@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from schema.artifacts import FieldSpec
-from workers.synth.base import Arrays, ParamsModel, register, shard_rng
+from workers.synth.base import Arrays, ParamsModel, shard_rng
 
 FREE, WALL, START, GOAL = 0, 1, 2, 3
 MAX_SIZE = 31
@@ -188,4 +188,4 @@ class MazeGenerator:
         return None
 
 
-GENERATOR = register(MazeGenerator())
+GENERATOR = MazeGenerator()

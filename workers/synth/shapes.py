@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from schema.artifacts import FieldSpec
-from workers.synth.base import Arrays, ParamsModel, register, shard_rng
+from workers.synth.base import Arrays, ParamsModel, shard_rng
 
 SHAPES = ("circle", "square", "triangle", "cross", "star", "ring")
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -265,4 +265,4 @@ class ShapesGenerator:
         return np.asarray(arrays["images"][:limit])
 
 
-GENERATOR = register(ShapesGenerator())
+GENERATOR = ShapesGenerator()

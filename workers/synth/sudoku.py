@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from schema.artifacts import FieldSpec
-from workers.synth.base import Arrays, ParamsModel, SynthError, register, shard_rng
+from workers.synth.base import Arrays, ParamsModel, SynthError, shard_rng
 
 BOXES: dict[int, tuple[int, int]] = {4: (2, 2), 6: (2, 3), 9: (3, 3)}
 # Fewest givens a puzzle with a unique solution can have (9x9: McGuire et al. 2012, 17 clues).
@@ -519,4 +519,4 @@ class SudokuGenerator:
         return None
 
 
-GENERATOR = register(SudokuGenerator())
+GENERATOR = SudokuGenerator()

@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from schema.artifacts import FieldSpec
-from workers.synth.base import Arrays, ParamsModel, register, shard_rng
+from workers.synth.base import Arrays, ParamsModel, shard_rng
 
 FAMILIES = ("arithmetic", "comparison", "sequence", "relation")
 NAMES = (
@@ -383,4 +383,4 @@ class TextGenerator:
         return None
 
 
-GENERATOR = register(TextGenerator())
+GENERATOR = TextGenerator()
