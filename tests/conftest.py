@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from collections.abc import Iterator
@@ -20,6 +21,20 @@ if "torch" in sys.modules:
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "tickets" / "examples"
 JBCTL = str(Path(sys.executable).parent / "jbctl")
+
+
+_ALL_INTEGRATION = re.compile(r"^pytestmark = pytest\.mark\.integration\b", re.M)
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """`make test-fast` (`-m "not integration"`) does not import a test module whose every test is
+    integration: all would be deselected, and importing them (harnesses, torch) is collection time."""
+    if (config.getoption("markexpr") or "").split() != ["not", "integration"]:
+        return None
+    if collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+        if _ALL_INTEGRATION.search(collection_path.read_text(encoding="utf-8")):
+            return True
+    return None
 
 
 @pytest.fixture(autouse=True)

@@ -111,6 +111,7 @@ def token_for(home: Path, user: str) -> str:
 # --- without a browser -------------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # starts a python process
 def test_console_never_imports_torch_or_workers() -> None:
     code = (
         "import sys, console.app, console.data, console.live, console.auth, cli.console_cmds;"
@@ -367,6 +368,7 @@ def test_live_stream_fans_out_new_events(store: EventStore, console: ConsoleServ
     assert got and got[0]["ticket"] == "TICKET-1" and got[0]["type"] == "TicketSubmitted"
 
 
+@pytest.mark.integration  # starts jbctl processes
 def test_token_commands(home: Path) -> None:
     run = [JBCTL, "console"]
     made = subprocess.run([*run, "token", "ada"], capture_output=True, text=True, timeout=60)
@@ -393,6 +395,7 @@ def test_sudoku_check() -> None:
     assert not sudoku_solved([[2, 0, 0, 0], *puzzle[1:]], good)  # a given changed
 
 
+@pytest.mark.integration  # starts jbctl processes
 def test_non_local_bind_needs_tokens(store: EventStore, home: Path) -> None:
     proc = subprocess.run(
         [JBCTL, "console", "--host", "0.0.0.0", "--port", "1"], capture_output=True, text=True, timeout=60

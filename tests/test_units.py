@@ -165,6 +165,7 @@ def test_uninstall_removes_only_what_install_wrote(tmp_path: Path) -> None:
     assert (tmp_path / "home" / "jetbox.env").exists()  # settings and state stay
 
 
+@pytest.mark.integration  # starts jbctl processes
 def test_user_units_drop_what_a_user_manager_cannot_do(tmp_path: Path) -> None:
     out = _render(tmp_path, user=True)
     daemon = (out / "jetbox-daemon.service").read_text()
@@ -194,6 +195,7 @@ def test_a_path_systemd_cannot_take_is_refused(tmp_path: Path) -> None:
     assert "without spaces" in done.stderr
 
 
+@pytest.mark.integration  # starts jbctl processes
 def test_console_unit_is_optional_and_binds_localhost(tmp_path: Path) -> None:
     out = _render(tmp_path, user=False)
     console = (out / "jetbox-console.service").read_text().splitlines()
