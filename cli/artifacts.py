@@ -1,5 +1,12 @@
 """`jbctl artifacts`: list, show, verify, regenerate and garbage-collect stored artifacts.
 
+Which artifacts exist, and which ticket, task and attempt produced each, is the event log's record
+(`ArtifactRecorded`, the `artifacts` projection that `jbctl sql` reads): with a database, `list` shows
+exactly those rows, joined to the store's index for the descriptive columns (name, size, count,
+split), and `gc` keeps what the log names. The index decides only for a store without a database;
+`list --unrecorded` shows the indexed artifacts the log does not name (local runs, milestone
+reports, an attempt whose report never arrived), which is what `gc` would remove.
+
 Only the store (stdlib + pydantic) is imported at start-up; numpy and the generators are
 imported inside the handlers that need them, and torch never.
 """
@@ -15,7 +22,15 @@ from typing import Any
 from cli.common import print_json, print_table, settings_from
 from cli.main import CliError
 from schema.artifact_store import ArtifactStore
-from schema.artifacts import MANIFEST_KIND, AmbiguousArtifactError, ArtifactError, Manifest, UnknownArtifactError
+from schema.artifacts import (
+    MANIFEST_KIND,
+    AmbiguousArtifactError,
+    ArtifactEntry,
+    ArtifactError,
+    Lineage,
+    Manifest,
+    UnknownArtifactError,
+)
 
 PREVIEW_IMAGES = 36
 PREVIEW_TEXT = 3
@@ -29,7 +44,7 @@ def register(subparsers: Any) -> None:
         description="Without an action: list artifacts.",
     )
     _list_options(p, argparse.SUPPRESS)
-    p.set_defaults(func=cmd_list, ticket=None, kind=None, json=False)
+    p.set_defaults(func=cmd_list, ticket=None, kind=None, json=False, unrecorded=False)
     sub = p.add_subparsers(dest="artifacts_action", metavar="ACTION")
 
     ls = sub.add_parser("list", help="list artifacts (the default)")
@@ -61,6 +76,12 @@ def _list_options(p: argparse.ArgumentParser, default: Any) -> None:
     p.add_argument("--ticket", default=default, help="only artifacts produced by this ticket")
     p.add_argument("--kind", default=default, help="only this kind (dataset, checkpoint, ...) or generator")
     p.add_argument("--json", action="store_true", default=default, help="machine-readable output")
+    p.add_argument(
+        "--unrecorded",
+        action="store_true",
+        default=default,
+        help="indexed artifacts the event log does not name (what gc would remove)",
+    )
 
 
 def _store(args: argparse.Namespace) -> ArtifactStore:
@@ -83,9 +104,69 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def recorded_rows(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    """The `artifacts` projection (the log's record), oldest first; None when there is no database."""
+    from cli.common import open_store
+    from schema import readmodel as rm
+
+    try:
+        store = open_store(settings_from(args))
+    except CliError:
+        return None
+    try:
+        with store.engine.connect() as conn:
+            return rm.select(conn, "artifacts", ("recorded_at", "id"))
+    finally:
+        store.close()
+
+
+def _recorded_entry(row: dict[str, Any], indexed: ArtifactEntry | None, store: ArtifactStore) -> ArtifactEntry:
+    """A projection row as an index-shaped entry: identity, kind and lineage from the log; name,
+    size, count and split from the index where it has them."""
+    from datetime import UTC
+
+    meta = {**(indexed.meta if indexed else {}), **(row["meta"] or {})}
+    recorded_at = row["recorded_at"].replace(tzinfo=UTC) if row["recorded_at"] is not None else None
+    return ArtifactEntry(
+        id=row["id"],
+        kind=row["kind"],
+        name=indexed.name if indexed else str(meta.get("generator", "")),
+        size=indexed.size if indexed else (store.size(row["id"]) or 0),
+        count=indexed.count if indexed else None,
+        split=indexed.split if indexed else None,
+        lineage=Lineage(
+            ticket=row["ticket"],
+            task=row["task"],
+            attempt=row["attempt"],
+            inputs=indexed.lineage.inputs if indexed else [],
+        ),
+        created_at=(indexed.created_at if indexed and indexed.created_at else recorded_at),
+        meta=meta,
+    )
+
+
+def listed(args: argparse.Namespace) -> list[ArtifactEntry]:
+    """What `jbctl artifacts list` shows: the log's rows (or, without a database, the index), filtered."""
+    store = _store(args)
+    rows = recorded_rows(args)
+    if rows is None:  # a store without a log: its index is the only record (and no log names any)
+        entries = store.entries()
+    elif args.unrecorded:
+        named = {row["id"] for row in rows}
+        entries = [e for e in store.entries() if e.id not in named]
+    else:
+        entries = [_recorded_entry(row, store.entry(row["id"]), store) for row in rows]
+    return [
+        e
+        for e in entries
+        if (args.ticket is None or e.lineage.ticket == args.ticket)
+        and (args.kind is None or args.kind in (e.kind, e.name, e.meta.get("generator")))
+    ]
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    """`jbctl artifacts [--ticket T] [--kind K] [--json]`."""
-    entries = _store(args).list_entries(ticket=args.ticket, kind=args.kind)
+    """`jbctl artifacts [--ticket T] [--kind K] [--unrecorded] [--json]`."""
+    entries = listed(args)
     if args.json:
         print_json([e.model_dump(mode="json") for e in entries])
         return 0

@@ -1,9 +1,14 @@
-"""The content-addressed artifact store: objects named by their sha256, an index of recorded ones.
+"""The content-addressed artifact store: objects named by their sha256, an index describing them.
 
 The data it keeps (manifests, index entries, lineage) and its errors are in `schema/artifacts.py`;
-the layout on disk is described there. Objects are files under `root/objects/` today: the methods
-under "paths and lookup", "writing" and "reading" are the only ones that touch object files, and are
-the seam where another backend (an object store such as S3, with a local cache for `path`) would go.
+the layout on disk is described there. The bytes of objects go through an `ArtifactBackend`
+(`schema/artifact_backend.py`; `LocalDirBackend` under `root/objects/` by default): this class never
+touches an object file itself, so another backend (S3) slots in without changing a caller.
+
+Which artifacts a ticket produced is recorded by the event log (`ArtifactRecorded`, the `artifacts`
+projection), not here: the index under `root/index/` is a catalogue of descriptive data (name, size,
+count, split, lineage) that `jbctl artifacts` joins to the log's rows, and the record only for a
+store that has no log (a `LocalContext` run, a bare store in a benchmark).
 
 This module handles bytes and files only (stdlib + pydantic): it never imports numpy or torch.
 """
@@ -20,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from schema.artifact_backend import ArtifactBackend, LocalDirBackend
 from schema.artifacts import (
     CHUNK,
     HEX64,
@@ -34,19 +40,18 @@ from schema.artifacts import (
     Problem,
     UnknownArtifactError,
     atomic_write_bytes,
-    fsync_dir,
-    sha256_file,
 )
 
 
 class ArtifactStore:
-    """A content-addressed store of immutable objects under `root`."""
+    """A content-addressed store of immutable objects under `root` (bytes kept by `backend`)."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, backend: ArtifactBackend | None = None) -> None:
         self.root = Path(root)
         self.objects = self.root / "objects"
         self.index = self.root / "index"
-        self.tmp = self.root / "tmp"
+        self.tmp = self.root / "tmp"  # writes are staged here, complete and hashed, before `backend.put`
+        self.backend: ArtifactBackend = backend if backend is not None else LocalDirBackend(self.objects)
 
     @classmethod
     def from_settings(cls, settings: Any) -> ArtifactStore:
@@ -56,24 +61,31 @@ class ArtifactStore:
     # -- paths and lookup -----------------------------------------------------------------
 
     def path(self, artifact_id: str) -> Path:
-        """Where the object with this full id lives (whether or not it exists)."""
+        """A local file with the object's bytes (for a local backend: where it lives, whether or not
+        it exists)."""
+        return self.backend.path(self._checked(artifact_id))
+
+    @staticmethod
+    def _checked(artifact_id: str) -> str:
         if not HEX64.match(artifact_id):
             raise UnknownArtifactError(f"not an artifact id: {artifact_id!r} (expected 64 hex characters)")
-        return self.objects / artifact_id[:2] / artifact_id
+        return artifact_id
 
     def has(self, artifact_id: str) -> bool:
         """True if the object exists (its content is not checked)."""
-        return HEX64.match(artifact_id) is not None and self.path(artifact_id).is_file()
+        return HEX64.match(artifact_id) is not None and self.backend.exists(artifact_id)
+
+    def size(self, artifact_id: str) -> int | None:
+        """The object's size in bytes, or None when it is absent."""
+        return self.backend.size(self._checked(artifact_id))
+
+    def open(self, artifact_id: str) -> BinaryIO:
+        """The object opened for reading (its content is not checked)."""
+        return self.backend.open(self._checked(artifact_id))
 
     def ids(self) -> Iterator[str]:
         """Every object id present, in sorted order."""
-        if not self.objects.is_dir():
-            return
-        for sub in sorted(self.objects.iterdir()):
-            if sub.is_dir():
-                for item in sorted(sub.iterdir()):
-                    if HEX64.match(item.name) and item.name[:2] == sub.name and item.is_file():
-                        yield item.name
+        return self.backend.list()
 
     def resolve(self, prefix: str) -> str:
         """The full id for a unique prefix (at least 4 hex characters)."""
@@ -84,8 +96,7 @@ class ArtifactStore:
             if self.has(prefix):
                 return prefix
             raise UnknownArtifactError(f"no artifact {prefix}")
-        sub = self.objects / prefix[:2]
-        matches = sorted(p.name for p in sub.glob(prefix + "*") if HEX64.match(p.name)) if sub.is_dir() else []
+        matches = sorted(self.backend.list(prefix))
         if not matches:
             raise UnknownArtifactError(f"no artifact matches {prefix!r}")
         if len(matches) > 1:
@@ -96,22 +107,29 @@ class ArtifactStore:
     # -- writing --------------------------------------------------------------------------
 
     def _install(self, tmp: Path, artifact_id: str) -> None:
-        dest = self.path(artifact_id)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, dest)
-        fsync_dir(dest.parent)
+        self.backend.put(artifact_id, tmp)
 
     def _new_tmp(self) -> Path:
         self.tmp.mkdir(parents=True, exist_ok=True)
         return self.tmp / f"{uuid.uuid4().hex}.tmp"
 
     def _needs_write(self, artifact_id: str, size: int, repair: bool) -> bool:
-        dest = self.path(artifact_id)
-        if not dest.is_file():
+        have = self.backend.size(artifact_id)
+        if have is None:
             return True
-        if dest.stat().st_size != size:  # truncated copy: replace it
+        if have != size:  # truncated copy: replace it
             return True
-        return repair and sha256_file(dest)[0] != artifact_id
+        return repair and self._digest(artifact_id)[0] != artifact_id
+
+    def _digest(self, artifact_id: str) -> tuple[str, int]:
+        """(sha256, size) of the stored bytes, read in chunks."""
+        h = hashlib.sha256()
+        size = 0
+        with self.backend.open(artifact_id) as fh:
+            while chunk := fh.read(CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+        return h.hexdigest(), size
 
     def put_bytes(self, data: bytes, repair: bool = False) -> str:
         """Store `data`; returns its sha256 id. Existing objects are kept unless damaged.
@@ -166,21 +184,19 @@ class ArtifactStore:
 
     def get_bytes(self, artifact_id: str, verify: bool = True) -> bytes:
         """The object's bytes; with `verify`, raises CorruptArtifactError if they do not match the id."""
-        path = self.path(artifact_id)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise UnknownArtifactError(f"no artifact {artifact_id}") from None
+        data = self.backend.get(self._checked(artifact_id))
         if verify and hashlib.sha256(data).hexdigest() != artifact_id:
-            raise CorruptArtifactError(f"artifact {artifact_id} is corrupt: its content hash changed ({path})")
+            raise CorruptArtifactError(
+                f"artifact {artifact_id} is corrupt: its content hash changed ({self.path(artifact_id)})"
+            )
         return data
 
     def check(self, artifact_id: str, expected_size: int | None = None) -> None:
         """Raise CorruptArtifactError unless the object exists, has the size given and hashes to its id."""
         path = self.path(artifact_id)
-        if not path.is_file():
+        if not self.has(artifact_id):
             raise CorruptArtifactError(f"artifact {artifact_id} is missing ({path})")
-        digest, size = sha256_file(path)
+        digest, size = self._digest(artifact_id)
         if expected_size is not None and size != expected_size:
             raise CorruptArtifactError(
                 f"artifact {artifact_id} is truncated or altered: {size} bytes, expected {expected_size} ({path})"
@@ -191,7 +207,7 @@ class ArtifactStore:
     # -- index and manifests --------------------------------------------------------------
 
     def record(self, entry: ArtifactEntry) -> None:
-        """Add (or replace) the index entry of an existing object."""
+        """Add (or replace) the index entry of an existing object (descriptive data, not the log's record)."""
         if not self.has(entry.id):
             raise UnknownArtifactError(f"cannot record {entry.id}: no such object")
         data = entry.model_dump_json(indent=None).encode()
@@ -212,7 +228,7 @@ class ArtifactStore:
             id=artifact_id,
             kind=kind,
             name=name,
-            size=self.path(artifact_id).stat().st_size,
+            size=self.size(artifact_id) or 0,
             lineage=lineage or Lineage(),
             created_at=created_at,
             meta=meta or {},
@@ -321,7 +337,7 @@ class ArtifactStore:
                 continue
             if entry.kind == MANIFEST_KIND:
                 try:
-                    manifest = Manifest.model_validate_json(self.path(entry.id).read_bytes())
+                    manifest = Manifest.model_validate_json(self.backend.get(entry.id))
                 except ValueError as exc:
                     problems.append(
                         Problem(
@@ -345,7 +361,7 @@ class ArtifactStore:
                         )
         for artifact_id in self.ids():
             path = self.path(artifact_id)
-            digest, size = sha256_file(path)
+            digest, size = self._digest(artifact_id)
             if digest == artifact_id:
                 continue
             want = expected_sizes.get(artifact_id)
@@ -361,13 +377,8 @@ class ArtifactStore:
                         id=artifact_id, problem="corrupt", detail=f"content hashes to {digest[:16]}", path=str(path)
                     )
                 )
-        if self.objects.is_dir():
-            for sub in self.objects.iterdir():
-                for item in sub.iterdir() if sub.is_dir() else [sub]:
-                    if not (HEX64.match(item.name) and item.name[:2] == sub.name):
-                        problems.append(
-                            Problem(id=item.name, problem="stray", detail="not an object file", path=str(item))
-                        )
+        for name, where in self.backend.strays():
+            problems.append(Problem(id=name, problem="stray", detail="not an object file", path=where))
         return problems
 
     def referenced(self) -> set[str]:
@@ -386,7 +397,7 @@ class ArtifactStore:
             if entry is None or entry.kind != MANIFEST_KIND or not self.has(artifact_id):
                 continue
             try:
-                manifest = Manifest.model_validate_json(self.path(artifact_id).read_bytes())
+                manifest = Manifest.model_validate_json(self.backend.get(artifact_id))
             except ValueError:
                 continue
             out.update(manifest.object_ids())
@@ -405,12 +416,11 @@ class ArtifactStore:
             if artifact_id in keep:
                 kept += 1
                 continue
-            path = self.path(artifact_id)
-            freed += path.stat().st_size
+            freed += self.backend.size(artifact_id) or 0
             removed.append(artifact_id)
             if not dry_run:
                 (self.index / f"{artifact_id}.json").unlink(missing_ok=True)
-                path.unlink(missing_ok=True)
+                self.backend.delete(artifact_id)
         temps: list[str] = []
         if self.tmp.is_dir():
             now = time.time()

@@ -31,9 +31,9 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     integration: all would be deselected, and importing them (harnesses, torch) is collection time."""
     if (config.getoption("markexpr") or "").split() != ["not", "integration"]:
         return None
-    if collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
-        if _ALL_INTEGRATION.search(collection_path.read_text(encoding="utf-8")):
-            return True
+    is_test = collection_path.suffix == ".py" and collection_path.name.startswith("test_")
+    if is_test and _ALL_INTEGRATION.search(collection_path.read_text(encoding="utf-8")):
+        return True
     return None
 
 
