@@ -26,10 +26,21 @@ JBCTL = str(Path(sys.executable).parent / "jbctl")
 _ALL_INTEGRATION = re.compile(r"^pytestmark = pytest\.mark\.integration\b", re.M)
 
 
+def _fast_lane(config: pytest.Config) -> bool:
+    return (config.getoption("markexpr") or "").split() == ["not", "integration"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Read by tests.helpers.property_examples: the fast lane runs a fifth of each property test's
+    # examples (`make test` still runs them all).
+    if _fast_lane(config):
+        os.environ["JETBOX_TEST_LANE"] = "fast"
+
+
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     """`make test-fast` (`-m "not integration"`) does not import a test module whose every test is
     integration: all would be deselected, and importing them (harnesses, torch) is collection time."""
-    if (config.getoption("markexpr") or "").split() != ["not", "integration"]:
+    if not _fast_lane(config):
         return None
     is_test = collection_path.suffix == ".py" and collection_path.name.startswith("test_")
     if is_test and _ALL_INTEGRATION.search(collection_path.read_text(encoding="utf-8")):

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 from typing import Any
 
 from schema.ticket import Ticket, parse_ticket
+
+
+def property_examples(full: int) -> int:
+    """Hypothesis examples for a property test: `full` in `make test`, a fifth (at least 20) in
+    `make test-fast`, whose conftest hook sets JETBOX_TEST_LANE=fast before the modules are imported."""
+    return max(20, full // 5) if os.environ.get("JETBOX_TEST_LANE") == "fast" else full
 
 
 def ticket_yaml(tid: str = "TICKET-1", steps: str | None = None, extra: str = "") -> str:

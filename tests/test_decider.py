@@ -14,7 +14,7 @@ from daemon.decider import _Emitter, _run, backoff_seconds, decide
 from daemon.state import State, evolve
 from schema import events as ev
 from schema.plan import LIVE
-from tests.helpers import content_hash, make_ticket, submit
+from tests.helpers import content_hash, make_ticket, property_examples, submit
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -293,7 +293,7 @@ def check_invariants(state: State) -> None:
             assert all(r["ok"] for r in ticket.acceptance)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=property_examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(op, min_size=15, max_size=80))
 def test_properties_over_random_command_sequences(ops: list[tuple[int, int, int, float]]) -> None:
     state = State()

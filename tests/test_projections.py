@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from daemon import commands as c
 from daemon.state import State
 from schema.projections import MemoryRows, project
-from tests.helpers import make_ticket, submit
+from tests.helpers import make_ticket, property_examples, submit
 from tests.test_decider import T0, apply, interpret, report, types
 
 # interpret()'s command kinds, plus: 10 re-evaluate an open core proposal, 11 retry a blocked task.
@@ -47,7 +47,7 @@ def check_counts(state: State, rows: MemoryRows) -> None:
             assert task_row is not None and task_row["state"] == task.status, (ticket.id, task.id)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=property_examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(op, min_size=15, max_size=80))
 def test_task_counts_follow_retries_and_reevaluations(ops: list[tuple[int, int, int, float]]) -> None:
     state, rows, seq, now = State(), MemoryRows(), 0, T0

@@ -29,7 +29,7 @@ from schema import events as ev
 from schema.plan import LIVE
 from schema.store import EventStore, replay_differences
 from tests.harness import Setup
-from tests.helpers import make_ticket, submit
+from tests.helpers import make_ticket, property_examples, submit
 from tests.jbdaemon import JBCTL, wait_for
 from tests.test_decider import T0, apply, types
 
@@ -247,7 +247,7 @@ def test_lost_workers_between_the_jobs_own_failures_do_not_hide_a_loop() -> None
     assert loop.count == 3
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=property_examples(200), deadline=None)
 @given(
     st.lists(st.tuples(st.sampled_from(["job", "infrastructure"]), st.sampled_from(["E1", "E2", LOST])), max_size=12)
 )
