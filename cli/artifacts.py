@@ -5,7 +5,8 @@ Which artifacts exist, and which ticket, task and attempt produced each, is the 
 exactly those rows, joined to the store's index for the descriptive columns (name, size, count,
 split), and `gc` keeps what the log names. The index decides only for a store without a database;
 `list --unrecorded` shows the indexed artifacts the log does not name (local runs, milestone
-reports, an attempt whose report never arrived), which is what `gc` would remove.
+reports, an attempt whose report never arrived): what `gc` removes unless the log names them otherwise
+(a step output, a core component).
 
 Only the store (stdlib + pydantic) is imported at start-up; numpy and the generators are
 imported inside the handlers that need them, and torch never.
@@ -80,7 +81,7 @@ def _list_options(p: argparse.ArgumentParser, default: Any) -> None:
         "--unrecorded",
         action="store_true",
         default=default,
-        help="indexed artifacts the event log does not name (what gc would remove)",
+        help="indexed artifacts the event log does not record (candidates for gc)",
     )
 
 
