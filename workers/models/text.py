@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from torch import Tensor, nn
-from transformers import BertConfig, BertModel
 
 from workers.models.jepa import JEPA, JepaConfig, sigreg
 
@@ -90,6 +89,10 @@ class TextEncoder(nn.Module):
 
     def __init__(self, cfg: TextConfig, vocab_size: int) -> None:
         super().__init__()
+        # transformers (~1 s of CPU to import) is loaded only when a text encoder is built: image-only
+        # jobs and the unit tests that import this module for `tokenize` never pay for it.
+        from transformers import BertConfig, BertModel
+
         bert_cfg = BertConfig(
             vocab_size=vocab_size,
             hidden_size=cfg.hidden,
