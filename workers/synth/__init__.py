@@ -5,6 +5,7 @@ Importing this package loads numpy but never torch (the torch `Dataset` lives in
 """
 
 from workers.synth.base import (
+    GENERATORS,
     Generator,
     SynthError,
     SynthesisRequest,
@@ -23,6 +24,7 @@ from workers.synth.base import (
 )
 
 __all__ = [
+    "GENERATORS",
     "Generator",
     "SynthError",
     "SynthesisRequest",

@@ -1,4 +1,4 @@
-"""The synthesis fabric: generator protocol and registry, shard files, synthesize/regenerate.
+"""The synthesis fabric: generator protocol and the table of generators, shard files, synthesize/regenerate.
 
 A generator turns (params, seed, shard index, count) into a dict of numpy arrays whose first
 axis is the example. Every shard draws from its own ``np.random.default_rng(SeedSequence([seed,
