@@ -133,6 +133,7 @@ def test_lost_job_goes_back_to_the_tickets_dedicated_queue(home: Path, store: ob
         redis_server.stop()
 
 
+@pytest.mark.integration  # starts redis-server
 def test_dispatcher_acts_on_attempts_another_process_scheduled(home: Path, store: object) -> None:
     """`jbctl approve` schedules in its own process: the daemon's dispatcher reads that event before its
     state has caught up, and must still enqueue it (it used to drop it as moot; CI caught the hang)."""
@@ -157,6 +158,7 @@ def test_dispatcher_acts_on_attempts_another_process_scheduled(home: Path, store
         redis_server.stop()
 
 
+@pytest.mark.integration  # starts redis-server
 def test_a_finished_job_whose_reports_never_arrived_is_retried(home: Path, store: object) -> None:
     """RQ says the job finished, the log never heard of it (its reports were lost with Redis): after
     the grace period the attempt fails as the infrastructure's fault and is retried, instead of hanging."""
