@@ -27,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from schema.artifacts import Lineage
 from schema.policy import DEFAULT_CHECK_BINARIES, binary_of, code_grant, inline_code
 from workers.context import JobContext, write_atomic
-from workers.synth.base import SynthesisRequest, synthesize
+from schema.artifacts import ShardInfo
+from workers.synth.base import SynthesisRequest, generate_shards, merge_manifest, synthesize
 
 
 class JobResult(BaseModel):
@@ -257,20 +258,57 @@ def _check_env(ctx: JobContext, params: dict[str, Any], workspace: Path) -> dict
 # --- synthesize --------------------------------------------------------------------------------
 
 
+class ShardRange(BaseModel):
+    """A synthesize subtask's part of the dataset: shard files `first..stop-1` (`_shard`)."""
+
+    subtask: int = Field(ge=0)
+    of: int = Field(ge=1)
+    first: int = Field(ge=0)
+    stop: int = Field(ge=1)
+
+
 def run_synthesize(ctx: JobContext, params: dict[str, Any]) -> JobResult:
+    """Generate a dataset; as a subtask (`_shard`) only its range of shard files; as the join of
+    subtasks (`_subtasks`) only the manifest, from the shards they report."""
     req = SynthesisRequest.model_validate(own_params(params))
     started = time.monotonic()
-    manifest = synthesize(
-        req.generator,
-        req.params,
-        req.seed,
-        req.count,
-        req.shard_size,
-        ctx.store,
-        Lineage(ticket=ctx.ticket, task=ctx.task, attempt=ctx.attempt),
-        fmt=req.format,
-        progress=lambda done, total: ctx.progress(done, total),
-    )
+    if "_shard" in params:
+        part = ShardRange.model_validate(params["_shard"])
+        shards = generate_shards(req, part.first, part.stop, ctx.store, progress=ctx.progress)
+        return JobResult(
+            metrics={"count": float(sum(s.count for s in shards)), "seconds": time.monotonic() - started},
+            outputs={"shards": [s.model_dump(mode="json") for s in shards]},
+        )
+    if "_subtasks" in params:
+        shards = [
+            ShardInfo.model_validate(info)
+            for sub in params["_subtasks"]
+            for info in input_outputs(params, str(sub)).get("shards", [])
+        ]
+        for shard in shards:  # a lost or damaged shard fails the join, not the steps that read the data
+            ctx.store.check(shard.id, shard.size)
+        manifest = merge_manifest(
+            req.generator,
+            req.params,
+            req.seed,
+            req.count,
+            req.shard_size,
+            shards,
+            ctx.store,
+            Lineage(ticket=ctx.ticket, task=ctx.task, attempt=ctx.attempt),
+        )
+    else:
+        manifest = synthesize(
+            req.generator,
+            req.params,
+            req.seed,
+            req.count,
+            req.shard_size,
+            ctx.store,
+            Lineage(ticket=ctx.ticket, task=ctx.task, attempt=ctx.attempt),
+            fmt=req.format,
+            progress=lambda done, total: ctx.progress(done, total),
+        )
     manifest_id = manifest.manifest_id()
     ctx.record(manifest_id, "dataset", {"generator": req.generator, "count": req.count})
     seconds = time.monotonic() - started
