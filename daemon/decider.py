@@ -16,7 +16,7 @@ from typing import Any, Literal
 from daemon import commands as cmd
 from daemon.state import State, TaskState, TicketState, evolve
 from schema import events as ev
-from schema.plan import ACCEPT_PREFIX, LIVE, shard_subtasks
+from schema.plan import ACCEPT_PREFIX, LIVE, PROBE_FAILED, shard_subtasks
 from schema.plans import spec_hash
 from schema.policy import DEFAULT_CHECK_BINARIES, binary_of, code_grant, inline_code
 from schema.ticket import MetricCheck, MetricProbe, Step
@@ -24,7 +24,6 @@ from schema.ticket import MetricCheck, MetricProbe, Step
 BACKOFF_BASE_S = 2.0
 BACKOFF_MAX_S = 300.0
 LOOP_REPEATS = 3
-PROBE_FAILED = "probe failed"  # how a TaskBlocked reason starts when a probe blocked the step
 
 
 class _Emitter:
@@ -301,7 +300,9 @@ def _reprobe(out: _Emitter, now: datetime, actor: str) -> None:
     """The core changed: steps a probe blocked get another go (their probes run again)."""
     for tid in [t.id for t in out.state.tickets.values() if t.status == "running"]:
         ticket = out.ticket(tid)
-        blocked = [t.id for t in ticket.tasks.values() if t.status == "blocked" and (t.reason or "").startswith(PROBE_FAILED)]
+        blocked = [
+            t.id for t in ticket.tasks.values() if t.status == "blocked" and (t.reason or "").startswith(PROBE_FAILED)
+        ]
         for task_id in blocked:
             out.emit(ev.TaskRetried(at=now, ticket=tid, task=task_id, actor=actor))
         if blocked:
@@ -520,7 +521,8 @@ def _succeeded(out: _Emitter, c: cmd.RecordJobSucceeded) -> None:
     for exp in step.expect if step is not None else []:
         value = c.metrics.get(exp.name)
         ok = value is not None and exp.holds(value)
-        observed = f"no such metric reported ({', '.join(sorted(c.metrics)) or 'none'})" if value is None else f"{value:g}"
+        reported = ", ".join(sorted(c.metrics)) or "none"
+        observed = f"no such metric reported (reported: {reported})" if value is None else f"{value:g}"
         out.emit(
             ev.StepCheckEvaluated(
                 **_about(c, report_seq=False), phase="expect", check=exp.text(), ok=ok, observed=observed,

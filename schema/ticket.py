@@ -478,9 +478,9 @@ def _check_step_checks(step: Step, n: int, steps: dict[str, Step]) -> None:
 
 def shard_files(step: Step) -> int:
     """How many shard files a synthesize step's dataset has (`count` over `shard_size`, rounded up)."""
-    count = step.with_.get("count")
-    size = step.with_.get("shard_size", DEFAULT_SHARD_SIZE)
-    return -(-int(count) // int(size))
+    count = int(step.with_.get("count") or 0)
+    size = int(step.with_.get("shard_size") or DEFAULT_SHARD_SIZE)
+    return -(-count // size)
 
 
 def _check_shards(step: Step, n: int) -> None:

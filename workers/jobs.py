@@ -24,10 +24,9 @@ from typing import IO, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schema.artifacts import Lineage
+from schema.artifacts import Lineage, ShardInfo
 from schema.policy import DEFAULT_CHECK_BINARIES, binary_of, code_grant, inline_code
 from workers.context import JobContext, write_atomic
-from schema.artifacts import ShardInfo
 from workers.synth.base import SynthesisRequest, generate_shards, merge_manifest, synthesize
 
 
