@@ -135,6 +135,16 @@ class Expectation(_Strict):
     value: float
     retryable: bool = Field(default=False, description="a failed expectation may be retried (within retries)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_commands(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "run" in value:
+            raise ValueError(
+                "an expectation is a metric check (metric, op, value); a command to run belongs in "
+                "`acceptance` or a `check` step"
+            )
+        return value
+
     @field_validator("metric")
     @classmethod
     def _metric(cls, value: str) -> str:
