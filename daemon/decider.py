@@ -16,7 +16,7 @@ from typing import Any, Literal
 from daemon import commands as cmd
 from daemon.state import State, TaskState, TicketState, evolve
 from schema import events as ev
-from schema.plan import ACCEPT_PREFIX, LIVE, PROBE_FAILED, shard_subtasks
+from schema.plan import ACCEPT_PREFIX, LIVE, PROBE_FAILED, plan_subtasks
 from schema.plans import spec_hash
 from schema.policy import DEFAULT_CHECK_BINARIES, binary_of, code_grant, inline_code
 from schema.ticket import MetricCheck, MetricProbe, Step
@@ -251,7 +251,7 @@ def _start(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime) -
     if step is not None and not task.subtasks:  # a joining step was probed before it fanned out
         if step.probe and not _probes_pass(out, ticket, task, step, now):
             return
-        planned = shard_subtasks(step)
+        planned = plan_subtasks(step)
         if planned:
             subtasks = [{"id": p.id, "params": p.params} for p in planned]
             out.emit(ev.SubtasksPlanned(at=now, ticket=ticket.id, task=task.id, subtasks=subtasks))

@@ -72,6 +72,12 @@ def parent_of(task_id: str) -> str | None:
     return step if mark and k.isdigit() else None
 
 
+def plan_subtasks(step: Step) -> list[PlannedSubtask]:
+    """The subtasks a step fans out into when it becomes runnable (none: it runs as one job). The one
+    place that decides it: a sweep adds its planner here (one subtask per parameter combination)."""
+    return shard_subtasks(step)
+
+
 def shard_subtasks(step: Step) -> list[PlannedSubtask]:
     """A synthesize step with `shards: N` as N subtasks, each generating a contiguous, balanced range
     `[first, stop)` of the dataset's shard files (the files a single job would write, in order, so
