@@ -17,6 +17,7 @@ from daemon.state import State
 from schema import events as ev
 from schema.artifacts import Manifest
 from schema.projections import MemoryRows, project
+from schema.readmodel import waiting_on
 from schema.store import EventStore, replay_differences
 from schema.ticket import TicketInvalid, parse_ticket
 from tests.helpers import make_ticket, submit
@@ -165,6 +166,8 @@ def test_projections_show_subtasks_and_every_check() -> None:
     seen = (check["task"], check["expected"], check["ok"], check["observed"])
     assert seen == ("p", "data.count > 1000", False, "400")
     assert rows.get("tasks", ("TICKET-1", "p"))["state"] == "blocked"
+    tasks = [r for k, r in rows.data["tasks"].items() if k[0] == "TICKET-1"]
+    assert waiting_on(tasks, T0) == "p: probe failed: data.count > 1000 (400) (then jbctl retry --task p)"
 
 
 @pytest.mark.parametrize(
