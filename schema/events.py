@@ -179,7 +179,7 @@ class StepCheckEvaluated(TaskEvent):
     phase: Literal["probe", "expect"]
     check: str
     ok: bool
-    observed: str  # as a human reads it: a number, "absent", the core's components
+    observed: str  # as a human reads it: the number, "no such metric reported (...)", the core's components
     value: float | None = None  # the observed number, when there is one
     attempt: int = 0  # the attempt an expectation judged; 0 for a probe (no attempt yet)
     retryable: bool = False
