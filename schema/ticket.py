@@ -63,6 +63,7 @@ DEFAULT_QUEUE: dict[str, Queue] = {
 }
 # A step may fan out into at most this many subtasks (`shards:`); each is a task the scheduler walks.
 MAX_SHARDS = 64
+MAX_SUBTASKS = 256  # over all steps of a ticket: with MAX_STEPS, what the scheduler walks stays bounded
 DEFAULT_SHARD_SIZE = 10_000  # a synthesize step's `shard_size` when it names none (workers use it too)
 # The metrics a job kind always reports, for kinds whose set is closed: an `expect:` or `probe:` on any
 # other name is an error at load time. Kinds not listed (train, evaluate, infer, diag) report metrics
@@ -399,6 +400,12 @@ class Ticket(_Strict):
             _check_params(step, n)
             _check_step_checks(step, n, {s.id: s for s in self.steps})
             _check_shards(step, n)
+        subtasks = 0
+        for n, step in enumerate(self.steps):
+            subtasks += step.shards if step.shards > 1 else 0
+            if subtasks > MAX_SUBTASKS:
+                message = f"more than {MAX_SUBTASKS} subtasks in all: a ticket's fan-out is limited"
+                raise _located(("steps", n, "shards"), message)
         cycle = _find_cycle({s.id: list(s.needs) for s in self.steps})
         if cycle:
             n = ids.index(cycle[0])

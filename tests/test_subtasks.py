@@ -209,6 +209,9 @@ def test_shards_elsewhere_are_refused() -> None:
          "needs an integer `shard_size` >= 1"),
         ("  - {id: a, kind: diag}\n  - {id: b, kind: diag, probe: [{metric: a.x, op: '>', value: 1}]}\n",
          "probe reads a step that is not in this step's needs 'a'"),
+        ("".join(f"  - {{id: d{k}, kind: synthesize, shards: 64, "
+                 "with: {generator: shapes, count: 64, shard_size: 1}}\n" for k in range(5)),
+         "more than 256 subtasks in all"),
     ]:
         with pytest.raises(TicketInvalid, match=re.escape(message)):
             make_ticket(steps=steps)
