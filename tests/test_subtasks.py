@@ -252,6 +252,11 @@ def test_status_tree_collapses_many_subtasks_and_describe_shows_checks(
     assert jbctl(["describe", "TICKET-1", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert [(r["phase"], r["ok"]) for r in info["step_checks"]] == [("expect", True), ("probe", True)]
+    from console import data as console_data
+
+    page = console_data.ticket(store.engine, "TICKET-1")
+    assert page is not None and [r["expected"] for r in page["step_checks"]] == ["count == 600", "data.count >= 600"]
+    assert {t["task"]: t["parent"] for t in page["tasks"]}["data-S5"] == "data"
     assert replay_differences(store) == []  # the projections rebuild from the log alone
 
 
