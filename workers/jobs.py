@@ -274,16 +274,16 @@ def run_synthesize(ctx: JobContext, params: dict[str, Any]) -> JobResult:
     if "_shard" in params:
         part = ShardRange.model_validate(params["_shard"])
         shards = generate_shards(req, part.first, part.stop, ctx.store, progress=ctx.progress)
+        seconds = time.monotonic() - started
         return JobResult(
-            metrics={"count": float(sum(s.count for s in shards)), "seconds": time.monotonic() - started},
-            outputs={"shards": [s.model_dump(mode="json") for s in shards]},
+            metrics={"count": float(sum(s.count for s in shards)), "seconds": seconds},
+            outputs={"shards": [s.model_dump(mode="json") for s in shards], "seconds": seconds},
         )
+    generated = 0.0  # the subtasks' generation time, so that `seconds` means what one job's does
     if "_subtasks" in params:
-        shards = [
-            ShardInfo.model_validate(info)
-            for sub in params["_subtasks"]
-            for info in input_outputs(params, str(sub)).get("shards", [])
-        ]
+        parts = [input_outputs(params, str(sub)) for sub in params["_subtasks"]]
+        shards = [ShardInfo.model_validate(info) for part_out in parts for info in part_out.get("shards", [])]
+        generated = sum(float(part_out.get("seconds", 0.0)) for part_out in parts)
         for shard in shards:  # a lost or damaged shard fails the join, not the steps that read the data
             ctx.store.check(shard.id, shard.size)
         manifest = merge_manifest(
@@ -310,7 +310,7 @@ def run_synthesize(ctx: JobContext, params: dict[str, Any]) -> JobResult:
         )
     manifest_id = manifest.manifest_id()
     ctx.record(manifest_id, "dataset", {"generator": req.generator, "count": req.count})
-    seconds = time.monotonic() - started
+    seconds = generated + time.monotonic() - started
     return JobResult(
         metrics={"count": float(req.count), "seconds": seconds},
         outputs={"dataset": manifest_id, "generator": req.generator},
