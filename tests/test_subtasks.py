@@ -287,8 +287,6 @@ def test_sharded_synthesize_on_a_real_worker_writes_the_unsharded_manifest(tmp_p
         one = synthesize("shapes", {}, 0, 64, 16, ArtifactStore(tmp_path / "one"), joined.lineage,
                          created_at=joined.created_at)
         assert one.to_bytes() == joined.to_bytes() and isinstance(joined, Manifest)
-        status = setup.jbctl("status", "TICKET-1")
-        assert "data-S1 [synthesize/cpu] succeeded" in status.stdout, status.stdout
         setup.assert_consistent()
     finally:
         setup.close()
