@@ -290,3 +290,29 @@ def test_sharded_synthesize_on_a_real_worker_writes_the_unsharded_manifest(tmp_p
         setup.assert_consistent()
     finally:
         setup.close()
+
+
+def test_shard_jobs_and_their_join_write_the_one_job_manifest_and_the_join_refuses_a_lost_shard(
+    tmp_path: Path,
+) -> None:
+    from workers.context import LocalContext
+    from workers.jobs import run_synthesize
+
+    req = {"generator": "shapes", "count": 30, "shard_size": 7, "params": {"size": 16}}
+
+    def ctx(name: str, task: str) -> LocalContext:
+        return LocalContext(tmp_path / name, artifact_root=tmp_path / "store", ticket="T", task=task)
+
+    one = ctx("one", "data")
+    single = one.store.load_manifest(run_synthesize(one, dict(req)).outputs["dataset"])
+    outs = {}
+    for k, (first, stop) in enumerate([(0, 2), (2, 3), (3, 5)]):  # 5 shard files over 3 subtasks
+        part = {"subtask": k, "of": 3, "first": first, "stop": stop}
+        outs[f"data-S{k}"] = run_synthesize(ctx(f"s{k}", f"data-S{k}"), req | {"_shard": part}).outputs
+    join = run_synthesize(ctx("join", "data"), req | {"_subtasks": list(outs), "_inputs": outs})
+    joined = one.store.load_manifest(join.outputs["dataset"])
+    assert joined.model_copy(update={"created_at": single.created_at}).to_bytes() == single.to_bytes()
+    assert join.metrics["count"] == 30 and join.metrics["seconds"] >= sum(o["seconds"] for o in outs.values())
+    one.store.path(outs["data-S1"]["shards"][0]["id"]).unlink()
+    with pytest.raises(RuntimeError, match=r"shard 2 .* reported by a subtask is missing in the store"):
+        run_synthesize(ctx("join2", "data"), req | {"_subtasks": list(outs), "_inputs": outs})
