@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from schema import events as ev
 from schema.consistency import consistency_score
-from schema.plan import LIVE, OPEN, task_plan
+from schema.plan import LIVE, OPEN, PROBE_FAILED, task_plan
 from schema.tables import PROJECTION_TABLES, SQLModel
 from schema.ticket import Ticket
 
@@ -447,7 +447,7 @@ def _task_state(state: str) -> Callable[[Rows, int, Any], None]:
             fields["last_error"] = None
         else:
             fields["retry_at"] = None
-        if state == "blocked":  # why it waits for a human: a loop, or a probe of its inputs
+        if state == "blocked" and e.reason.startswith(PROBE_FAILED):  # say what the step's inputs lack
             fields["last_error"] = e.reason
         _update_task(rows, e.ticket, e.task, **fields)
         _touch_ticket(rows, seq, e.ticket, e.at)
