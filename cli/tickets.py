@@ -242,21 +242,60 @@ def _print_tree(d: dict[str, Any]) -> None:
         print(f"  background worker: {d['background']}")
     trouble = ", ".join(f"{k} {v}" for k, v in d["trouble"].items() if v)
     print(f"  consistency: {d['consistency']:.2f}" + (f" ({trouble})" if trouble else ""))
-    for n, task in enumerate(d["tasks"]):
-        last = n == len(d["tasks"]) - 1
-        branch = "└─" if last else "├─"
-        progress = ""
-        if task["progress_step"] is not None:
-            progress = f"  {task['progress_step']}/{task['progress_total'] or '?'}"
-        needs = f"  needs {', '.join(task['needs'])}" if task["needs"] else ""
-        state = colour(task["state"], STATE_COLOURS.get(task["state"], "0"))
-        print(f"  {branch} {task['task']} [{task['kind']}/{task['queue']}] {state}{progress}{needs}")
-        for k, job in enumerate(task["attempts"]):
-            pipe = "   " if last else "│  "
-            twig = "└─" if k == len(task["attempts"]) - 1 else "├─"
-            err = f"  {str(job['error']).splitlines()[-1][:80]}" if job["error"] else ""
-            worker = f" on {job['worker']}" if job["worker"] else ""
-            print(f"  {pipe} {twig} attempt {job['attempt']}: {job['state']}{worker}{err}")
+    steps = [t for t in d["tasks"] if not t.get("parent")]
+    subtasks_of: dict[str, list[dict[str, Any]]] = {}
+    for t in d["tasks"]:
+        if t.get("parent"):
+            subtasks_of.setdefault(t["parent"], []).append(t)
+    for n, task in enumerate(steps):
+        last = n == len(steps) - 1
+        subs = subtasks_of.get(task["task"], [])
+        needs = [x for x in task["needs"] or [] if x not in {s["task"] for s in subs}]
+        _print_task(task, "  ", last, needs, f"  {len(subs)} subtasks" if subs else "")
+        pipe = "  " + ("    " if last else "│   ")
+        if len(subs) > SUBTASKS_SHOWN:
+            _print_subtask_count(subs, pipe, not task["attempts"])
+        else:
+            for k, sub in enumerate(subs):
+                _print_task(sub, pipe, k == len(subs) - 1 and not task["attempts"], [], "")
+        _print_attempts(task, pipe)
+
+
+SUBTASKS_SHOWN = 4  # a step with more subtasks shows them as one count line (and the troubled ones)
+
+
+def _print_task(task: dict[str, Any], indent: str, last: bool, needs: list[str], extra: str) -> None:
+    branch = "└─" if last else "├─"
+    progress = ""
+    if task["progress_step"] is not None:
+        progress = f"  {task['progress_step']}/{task['progress_total'] or '?'}"
+    after = f"  needs {', '.join(needs)}" if needs else ""
+    state = colour(task["state"], STATE_COLOURS.get(task["state"], "0"))
+    print(f"{indent}{branch} {task['task']} [{task['kind']}/{task['queue']}] {state}{progress}{after}{extra}")
+    if task.get("parent"):
+        _print_attempts(task, indent + ("    " if last else "│   "))
+
+
+def _print_subtask_count(subs: list[dict[str, Any]], indent: str, last: bool) -> None:
+    """Many subtasks: one line of counts by state, then only those that failed or wait on a human."""
+    counts: dict[str, int] = {}
+    for sub in subs:
+        counts[sub["state"]] = counts.get(sub["state"], 0) + 1
+    done = sum(s["progress_step"] or 0 for s in subs if s["state"] != "succeeded")
+    what = ", ".join(f"{n} {state}" for state, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    progress = f", {done} items in progress" if done else ""
+    troubled = [s for s in subs if s["state"] in ("failed", "blocked", "waiting_retry")]
+    print(f"{indent}{'└─' if last and not troubled else '├─'} {len(subs)} subtasks: {what}{progress}")
+    for k, sub in enumerate(troubled):
+        _print_task(sub, indent, last and k == len(troubled) - 1, [], "")
+
+
+def _print_attempts(task: dict[str, Any], pipe: str) -> None:
+    for k, job in enumerate(task["attempts"]):
+        twig = "└─" if k == len(task["attempts"]) - 1 else "├─"
+        err = f"  {str(job['error']).splitlines()[-1][:80]}" if job["error"] else ""
+        worker = f" on {job['worker']}" if job["worker"] else ""
+        print(f"{pipe}{twig} attempt {job['attempt']}: {job['state']}{worker}{err}")
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
@@ -268,6 +307,12 @@ def cmd_describe(args: argparse.Namespace) -> int:
     with store.engine.connect() as conn:
         metrics = _rows(conn, "SELECT task, name, value, attempt FROM metrics WHERE ticket = :t", t=args.ticket)
         artifacts = _rows(conn, "SELECT id, kind, task, attempt FROM artifacts WHERE ticket = :t", t=args.ticket)
+        checks = _rows(
+            conn,
+            "SELECT task, attempt, phase, expected, ok, observed, value, retryable, evaluated_at "
+            "FROM step_checks WHERE ticket = :t ORDER BY seq",
+            t=args.ticket,
+        )
     events = [r.as_json() for r in store.read(0, stream=args.ticket)]
     spec = next((e["data"]["spec"] for e in reversed(events) if e["type"] == "TicketSubmitted"), None)
     acceptance = next((e["data"] for e in reversed(events) if e["type"] == "AcceptanceEvaluated"), None)
@@ -277,6 +322,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
         "metrics": metrics,
         "artifacts": artifacts,
         "acceptance": acceptance,
+        "step_checks": checks,
         "events": len(events),
     }
     if args.json:
@@ -289,6 +335,12 @@ def cmd_describe(args: argparse.Namespace) -> int:
         print("\nmetrics:")
         for m in metrics:
             print(f"  {m['task']}.{m['name']} = {m['value']:g}  (attempt {m['attempt']})")
+    if checks:
+        print("\nprobes (before dispatch) and expectations (on success):")
+        for r in checks:
+            mark = colour("pass", "32") if r["ok"] else colour("FAIL", "31")
+            when = "" if r["phase"] == "probe" else f" attempt {r['attempt']}"
+            print(f"  {mark}  {r['phase']:<6} {r['task']}{when}: {r['expected']}  (observed {r['observed']})")
     if acceptance:
         print("\nacceptance:")
         for r in acceptance["results"]:

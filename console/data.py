@@ -92,7 +92,8 @@ def _spec(conn: sa.Connection, tid: str) -> dict[str, Any] | None:
 
 
 def ticket(engine: sa.Engine, tid: str, event_limit: int = 50) -> dict[str, Any] | None:
-    """One ticket: summary, spec, task -> attempt tree, curves, acceptance, metrics, artifacts, events."""
+    """One ticket: summary, spec, task -> attempt tree, curves, probes and expectations, acceptance,
+    metrics, artifacts, events."""
     now = now_naive()
     with engine.connect() as conn:
         rows = rm.select(conn, "tickets", id=tid)
@@ -103,6 +104,7 @@ def ticket(engine: sa.Engine, tid: str, event_limit: int = 50) -> dict[str, Any]
         metrics = rm.select(conn, "metrics", ("task", "name"), ticket=tid)
         artifacts = rm.select(conn, "artifacts", ("recorded_at",), ticket=tid)
         proposals = rm.select(conn, "proposals", ("opened_at",), ticket=tid)
+        checks = rm.select(conn, "step_checks", ("seq",), ticket=tid)
         spec = _spec(conn, tid)
         acceptance = events_where(conn, f"stream = :s AND {BY_STREAM} = 'AcceptanceEvaluated'", {"s": tid}, 1)
         progress_sql = sa.text(
@@ -131,6 +133,7 @@ def ticket(engine: sa.Engine, tid: str, event_limit: int = 50) -> dict[str, Any]
         "tasks": tree,
         "curves": curves(progress),
         "acceptance": acceptance[0].data if acceptance else None,
+        "step_checks": checks,
         "metrics": metrics,
         "artifacts": artifacts,
         "proposals": [{"id": p["id"], "state": p["state"], "kind": p["kind"]} for p in proposals],

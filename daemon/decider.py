@@ -16,10 +16,10 @@ from typing import Any, Literal
 from daemon import commands as cmd
 from daemon.state import State, TaskState, TicketState, evolve
 from schema import events as ev
-from schema.plan import ACCEPT_PREFIX, LIVE
+from schema.plan import ACCEPT_PREFIX, LIVE, PROBE_FAILED, plan_subtasks
 from schema.plans import spec_hash
 from schema.policy import DEFAULT_CHECK_BINARIES, binary_of, code_grant, inline_code
-from schema.ticket import MetricCheck
+from schema.ticket import MetricCheck, MetricProbe, Step
 
 BACKOFF_BASE_S = 2.0
 BACKOFF_MAX_S = 300.0
@@ -200,6 +200,8 @@ def resolved_params(ticket: TicketState, task: TaskState, state: State | None = 
     inputs = {n: ticket.tasks[n].outputs for n in task.needs if ticket.tasks[n].outputs}
     if inputs:
         params["_inputs"] = inputs
+    if task.subtasks:
+        params["_subtasks"] = list(task.subtasks)  # the join: these inputs are its subtasks' outputs
     if task.kind == "check":
         granted = state.granted_binaries if state is not None else set()
         params["_allowed_binaries"] = sorted(ticket.allowed_binaries | granted)
@@ -212,23 +214,99 @@ def _advance(out: _Emitter, ticket: TicketState, now: datetime) -> None:
     """Schedule what became runnable; end the ticket when nothing more can happen."""
     if ticket.status != "running" or ticket.awaiting:
         return
-    for task in ticket.tasks.values():
-        if _runnable(ticket, task) and _policy_allows(out, ticket, task, now):
-            _schedule(out, ticket, task, now)
+    for task in list(ticket.tasks.values()):  # fanning out adds tasks
+        if _runnable(ticket, task):
+            _start(out, ticket, task, now)
     failed = [t for t in ticket.tasks.values() if t.status == "failed"]
     if failed:
         first = failed[0]
         what = "acceptance check" if first.id.startswith(ACCEPT_PREFIX) else "task"
+        if first.parent is not None:
+            what = f"subtask {first.id} of step"
+        name = first.parent or first.id
         out.emit(
             ev.TicketFailed(
                 at=now,
                 ticket=ticket.id,
-                reason=f"{what} {first.id} failed: {first.reason or first.last_error}",
+                reason=f"{what} {name} failed: {first.reason or first.last_error}",
             )
         )
         return
     if all(t.status == "succeeded" for t in ticket.tasks.values()):
         _accept(out, ticket, now)
+
+
+def _step_spec(ticket: TicketState, task_id: str) -> Step | None:
+    """The ticket's step of that id (None for subtasks and acceptance checks)."""
+    return next((s for s in ticket.spec.steps if s.id == task_id), None)
+
+
+def _start(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime) -> None:
+    """Act on a runnable task: probe its inputs (a failed probe blocks it), fan it out into subtasks
+    (scheduled at once; the step's own job, the join, runs when they have all succeeded), or
+    schedule its job."""
+    if not _policy_allows(out, ticket, task, now):
+        return
+    step = _step_spec(ticket, task.id)
+    if step is not None and not task.subtasks:  # a joining step was probed before it fanned out
+        if step.probe and not _probes_pass(out, ticket, task, step, now):
+            return
+        planned = plan_subtasks(step)
+        if planned:
+            subtasks = [{"id": p.id, "params": p.params} for p in planned]
+            out.emit(ev.SubtasksPlanned(at=now, ticket=ticket.id, task=task.id, subtasks=subtasks))
+            for p in planned:
+                _schedule(out, ticket, out.task(ticket.id, p.id), now)
+            return
+    _schedule(out, ticket, out.task(ticket.id, task.id), now)
+
+
+def _probes_pass(out: _Emitter, ticket: TicketState, task: TaskState, step: Step, now: datetime) -> bool:
+    """Evaluate the step's probes (one event each); block the step when one fails."""
+    failed = []
+    for probe in step.probe:
+        value: float | None = None
+        if isinstance(probe, MetricProbe):
+            value = ticket.tasks[probe.step].metrics.get(probe.name)
+            ok = value is not None and probe.holds(value)
+            observed = "no such metric reported" if value is None else f"{value:g}"
+        else:
+            have = out.state.core_components
+            ok = probe.core in have
+            observed = f"core v{out.state.core_version} holds " + (", ".join(sorted(have)) or "no components")
+        out.emit(
+            ev.StepCheckEvaluated(
+                at=now, ticket=ticket.id, task=task.id, phase="probe", check=probe.text(), ok=ok,
+                observed=observed, value=value,
+            )
+        )
+        if not ok:
+            failed.append(f"{probe.text()} ({observed})")
+    if not failed:
+        return True
+    out.emit(
+        ev.TaskBlocked(
+            at=now,
+            ticket=ticket.id,
+            task=task.id,
+            reason=f"{PROBE_FAILED}: {'; '.join(failed)}; fix the input, then "
+            f"`jbctl retry {ticket.id} --task {task.id}` (a core probe is retried when the core changes)",
+        )
+    )
+    return False
+
+
+def _reprobe(out: _Emitter, now: datetime, actor: str) -> None:
+    """The core changed: steps a probe blocked get another go (their probes run again)."""
+    for tid in [t.id for t in out.state.tickets.values() if t.status == "running"]:
+        ticket = out.ticket(tid)
+        blocked = [
+            t.id for t in ticket.tasks.values() if t.status == "blocked" and (t.reason or "").startswith(PROBE_FAILED)
+        ]
+        for task_id in blocked:
+            out.emit(ev.TaskRetried(at=now, ticket=tid, task=task_id, actor=actor))
+        if blocked:
+            _advance(out, ticket, now)
 
 
 def _binary_allowed(state: State, ticket: TicketState, binary: str) -> bool:
@@ -359,7 +437,7 @@ def _schedule_task(out: _Emitter, c: cmd.ScheduleTask) -> None:
         return
     task = ticket.tasks[c.task]
     if _runnable(ticket, task):
-        _schedule(out, ticket, task, c.now)
+        _start(out, ticket, task, c.now)
 
 
 def _retry(out: _Emitter, c: cmd.RetryTask) -> None:
@@ -407,9 +485,10 @@ def _current(out: _Emitter, c: cmd._Report) -> tuple[TicketState, TaskState] | N
     return ticket, out.task(ticket.id, task.id)
 
 
-def _about(c: cmd._Report) -> dict[str, Any]:
+def _about(c: cmd._Report, report_seq: bool = True) -> dict[str, Any]:
     """The fields every report event repeats from its command."""
-    return {"at": c.now, "ticket": c.ticket, "task": c.task, "attempt": c.attempt, "report_seq": c.report_seq}
+    about = {"at": c.now, "ticket": c.ticket, "task": c.task, "attempt": c.attempt}
+    return about | {"report_seq": c.report_seq} if report_seq else about
 
 
 def _started(out: _Emitter, c: cmd.RecordJobStarted) -> None:
@@ -433,34 +512,72 @@ def _artifact(out: _Emitter, c: cmd.RecordArtifact) -> None:
 
 
 def _succeeded(out: _Emitter, c: cmd.RecordJobSucceeded) -> None:
-    if found := _current(out, c):
-        out.emit(ev.AttemptSucceeded(**_about(c), metrics=c.metrics, outputs=c.outputs))
-        _advance(out, found[0], c.now)
-
-
-def _failed(out: _Emitter, c: cmd.RecordJobFailed) -> None:
     found = _current(out, c)
     if not found:
         return
     ticket, task = found
-    if c.violation:
+    step = _step_spec(ticket, task.id)
+    failed, retryable = [], False
+    for exp in step.expect if step is not None else []:
+        value = c.metrics.get(exp.name)
+        ok = value is not None and exp.holds(value)
+        reported = ", ".join(sorted(c.metrics)) or "none"
+        observed = f"no such metric reported (reported: {reported})" if value is None else f"{value:g}"
         out.emit(
-            ev.SafetyViolation(
-                at=c.now, what=c.violation, detail=_last_line(c.error), ticket=c.ticket, task=c.task, attempt=c.attempt
+            ev.StepCheckEvaluated(
+                **_about(c, report_seq=False), phase="expect", check=exp.text(), ok=ok, observed=observed,
+                value=value, retryable=exp.retryable,
             )
         )
-    fp = fingerprint(task.kind, task.params, c.error)
-    can_retry = c.retryable and not c.violation and task.attempt <= task.retries
+        if not ok:
+            failed.append(f"{exp.text()} (observed {observed})")
+            retryable = retryable or exp.retryable
+    if failed:
+        # The job ran, but its result is not what the step promised: downstream steps must not use it.
+        error = f"ExpectationFailed: {'; '.join(failed)}"
+        _fail_attempt(out, c, ticket, task, error, retryable=retryable, cause="job", violation=None)
+        return
+    out.emit(ev.AttemptSucceeded(**_about(c), metrics=c.metrics, outputs=c.outputs))
+    _advance(out, ticket, c.now)
+
+
+def _failed(out: _Emitter, c: cmd.RecordJobFailed) -> None:
+    found = _current(out, c)
+    if found:
+        _fail_attempt(out, c, *found, c.error, retryable=c.retryable, cause=c.cause, violation=c.violation)
+
+
+def _fail_attempt(
+    out: _Emitter,
+    c: cmd._Report,
+    ticket: TicketState,
+    task: TaskState,
+    error: str,
+    *,
+    retryable: bool,
+    cause: ev.FailureCause,
+    violation: str | None,
+) -> None:
+    """The attempt failed: retry it with back-off (within the step's retries), block it on a loop, or
+    fail the task (and so the ticket)."""
+    if violation:
+        out.emit(
+            ev.SafetyViolation(
+                at=c.now, what=violation, detail=_last_line(error), ticket=c.ticket, task=c.task, attempt=c.attempt
+            )
+        )
+    fp = fingerprint(task.kind, task.params, error)
+    can_retry = retryable and not violation and task.attempt <= task.retries
     retry_at = c.now + timedelta(seconds=backoff_seconds(c.ticket, c.task, c.attempt)) if can_retry else None
     out.emit(
         ev.AttemptFailed(
-            **_about(c), error=c.error[-4000:], fingerprint=fp, retry_at=retry_at, retryable=c.retryable, cause=c.cause
+            **_about(c), error=error[-4000:], fingerprint=fp, retry_at=retry_at, retryable=retryable, cause=cause
         )
     )
     if retry_at is not None:
         # A lost worker or job says nothing about the job: the infrastructure's failures are retried
         # with back-off (within the step's retries) and never taken for a loop.
-        pattern = _loop_pattern(task.failures) if c.cause == "job" else None
+        pattern = _loop_pattern(task.failures) if cause == "job" else None
         if pattern:
             out.emit(
                 ev.LoopDetected(
@@ -482,8 +599,8 @@ def _failed(out: _Emitter, c: cmd.RecordJobFailed) -> None:
                 )
             )
         return
-    why = "not retryable" if not c.retryable or c.violation else f"failed after {task.attempt} attempts"
-    out.emit(ev.TaskFailed(at=c.now, ticket=c.ticket, task=c.task, reason=f"{why}: {_last_line(c.error)}"))
+    why = "not retryable" if not retryable or violation else f"failed after {task.attempt} attempts"
+    out.emit(ev.TaskFailed(at=c.now, ticket=c.ticket, task=c.task, reason=f"{why}: {_last_line(error)}"))
     _advance(out, ticket, c.now)
 
 
@@ -580,6 +697,7 @@ def _approve(out: _Emitter, c: cmd.ApproveProposal) -> None:
         ticket = out.ticket(proposal.ticket)
         if ticket.status == "running":
             out.emit(ev.TicketCompleted(at=c.now, ticket=ticket.id))
+        _reprobe(out, c.now, actor)
     else:
         _advance(out, out.ticket(proposal.ticket), c.now)
 
@@ -652,6 +770,7 @@ def _rollback(out: _Emitter, c: cmd.RollbackCore) -> None:
             note=c.note,
         )
     )
+    _reprobe(out, c.now, c.actor or "unknown")
 
 
 def _violation(out: _Emitter, c: cmd.RecordViolation) -> None:

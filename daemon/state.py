@@ -44,6 +44,8 @@ class TaskState:
     failures: list[str] = field(default_factory=list)  # the job's own failures' fingerprints, oldest first
     last_error: str | None = None
     reason: str | None = None
+    parent: str | None = None  # a subtask's step
+    subtasks: list[str] = field(default_factory=list)  # a fanned-out step's subtasks (also in its needs)
 
 
 @dataclass
@@ -64,6 +66,8 @@ class TicketState:
     forged: int = 0
     allowed_binaries: set[str] = field(default_factory=set)  # installation extras + grants for this ticket
     awaiting: str | None = None  # the open core proposal this ticket waits on
+    # Attempt numbers of an earlier revision's subtasks: a subtask planned again keeps counting.
+    prior_attempts: dict[str, int] = field(default_factory=dict)
     # Copy-on-write bookkeeping of scratch copies (not part of the state's value).
     shared: bool = field(default=False, compare=False, repr=False)
     owned: set[str] = field(default_factory=set, compare=False, repr=False)
@@ -91,6 +95,7 @@ class TicketState:
                 metrics=dict(task.metrics),
                 outputs=dict(task.outputs),
                 failures=list(task.failures),
+                subtasks=list(task.subtasks),
             )
             self.tasks[task_id] = task
             self.owned.add(task_id)
@@ -184,11 +189,14 @@ def _submitted(state: State, e: ev.TicketSubmitted) -> None:
     spec = Ticket.model_validate(e.spec)
     previous = state.tickets.get(e.ticket)
     tasks = tasks_for(spec)
+    prior: dict[str, int] = {}
     if previous is not None:
         # Attempt numbers keep counting across revisions, so (ticket, task, attempt) stays unique.
         for tid, task in tasks.items():
             if tid in previous.tasks:
                 task.attempt = previous.tasks[tid].attempt
+        prior = dict(previous.prior_attempts)
+        prior.update({t.id: t.attempt for t in previous.tasks.values() if t.parent is not None})
     state.tickets[e.ticket] = TicketState(
         id=e.ticket,
         spec=spec,
@@ -198,6 +206,7 @@ def _submitted(state: State, e: ev.TicketSubmitted) -> None:
         submitted_at=e.at,
         tasks=tasks,
         allowed_binaries=set(e.allowed_binaries),
+        prior_attempts=prior,
     )
     state.files[e.path] = e.content_hash
     state.file_tickets[e.path] = e.ticket
@@ -279,6 +288,28 @@ def _failed(state: State, e: ev.AttemptFailed) -> None:
         task.status, task.retry_at = "waiting_retry", e.retry_at
     else:
         task.status = "failed"
+
+
+def _subtasks_planned(state: State, e: ev.SubtasksPlanned) -> None:
+    ticket = state.tickets[e.ticket]
+    step = ticket.task_for_update(e.task)
+    ids = [str(sub["id"]) for sub in e.subtasks]
+    for sub, sid in zip(e.subtasks, ids, strict=True):
+        ticket.tasks[sid] = TaskState(
+            id=sid,
+            kind=step.kind,
+            needs=list(step.needs),  # the step's inputs, already succeeded
+            queue=step.queue,
+            params=dict(step.params) | dict(sub.get("params") or {}),
+            timeout=step.timeout,
+            retries=step.retries,
+            attempt=ticket.prior_attempts.get(sid, 0),
+            parent=step.id,
+        )
+        if ticket.shared:
+            ticket.owned.add(sid)  # created in this copy: safe to change in place
+    step.subtasks = ids
+    step.needs = [*step.needs, *ids]  # the join runs once every subtask has succeeded
 
 
 def _task_failed(state: State, e: ev.TaskFailed) -> None:
@@ -400,6 +431,7 @@ _HANDLERS: dict[type, Callable[[State, Any], None]] = {
     ev.AttemptFailed: _failed,
     ev.TaskFailed: _task_failed,
     ev.TaskBlocked: _blocked,
+    ev.SubtasksPlanned: _subtasks_planned,
     ev.TaskRetried: _retried,
     ev.LoopDetected: _loop,
     ev.AcceptanceEvaluated: _accepted,

@@ -151,7 +151,8 @@ class TaskFailed(TaskEvent):
 
 
 class TaskBlocked(TaskEvent):
-    """Loop detection stopped the retries; a human `jbctl retry` is the way out."""
+    """Loop detection stopped the retries, or a probe on the step's inputs failed; a human
+    `jbctl retry` is the way out."""
 
     reason: str
 
@@ -160,6 +161,28 @@ class TaskRetried(TaskEvent):
     """A human asked for another go at a failed or blocked task."""
 
     actor: str | None = None
+
+
+class SubtasksPlanned(TaskEvent):
+    """A step fanned out: each subtask is a task of the step's kind with the step's parameters plus
+    its own (`params`), its own attempts and retries. The step waits for all of them, then runs its
+    own job (the join) with their outputs as inputs (`_subtasks` names them)."""
+
+    subtasks: list[dict[str, Any]]  # {id, params}
+    join: Literal["job"] = "job"  # how the step joins its subtasks (a sweep may add others)
+
+
+class StepCheckEvaluated(TaskEvent):
+    """One probe (before dispatch, on the step's inputs) or expectation (when an attempt succeeds, on
+    its own metrics): what was predicted (`check`) and what was seen (`observed`)."""
+
+    phase: Literal["probe", "expect"]
+    check: str
+    ok: bool
+    observed: str  # as a human reads it: the number, "no such metric reported (...)", the core's components
+    value: float | None = None  # the observed number, when there is one
+    attempt: int = 0  # the attempt an expectation judged; 0 for a probe (no attempt yet)
+    retryable: bool = False
 
 
 class AcceptanceEvaluated(TicketEvent):

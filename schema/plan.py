@@ -9,13 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from schema.ticket import RunCheck, Ticket
+from schema.ticket import RunCheck, Step, Ticket, shard_files
 
 TaskStatus = Literal["pending", "scheduled", "running", "waiting_retry", "succeeded", "failed", "blocked", "cancelled"]
 
 LIVE: frozenset[str] = frozenset({"scheduled", "running"})  # a job is out for the task (jobs use the same two)
 OPEN: frozenset[str] = LIVE | {"pending", "waiting_retry"}  # not ended: an ended ticket cancels these
 
+PROBE_FAILED = "probe failed"  # how a TaskBlocked reason starts when a probe of the step's inputs failed
 ACCEPT_PREFIX = "accept-"  # task id of the n-th acceptance check that runs a command: accept-<n>
 
 
@@ -44,3 +45,52 @@ def task_plan(ticket: Ticket) -> list[PlannedTask]:
                 PlannedTask(f"{ACCEPT_PREFIX}{n}", "check", "cpu", step_ids, {"run": list(check.run)}, check.timeout, 0)
             )
     return plan
+
+
+# --- subtasks --------------------------------------------------------------------------------------
+# A step may fan out into subtasks: tasks of the same kind, each its own job with its own attempts and
+# retries, which the step then joins (its own job runs last, with the subtasks' outputs as inputs).
+# Subtask ids are `<step>-S<k>`: the capital S can never appear in a step id, so they never collide.
+SUBTASK_MARK = "-S"
+
+
+@dataclass(frozen=True)
+class PlannedSubtask:
+    """One subtask: its id and the parameters it adds to its step's (keys starting with `_`)."""
+
+    id: str
+    params: dict[str, Any]
+
+
+def subtask_id(step: str, k: int) -> str:
+    return f"{step}{SUBTASK_MARK}{k}"
+
+
+def parent_of(task_id: str) -> str | None:
+    """The step a subtask id belongs to, or None for a step (or check) id."""
+    step, mark, k = task_id.rpartition(SUBTASK_MARK)
+    return step if mark and k.isdigit() else None
+
+
+def plan_subtasks(step: Step) -> list[PlannedSubtask]:
+    """The subtasks a step fans out into when it becomes runnable (none: it runs as one job). The one
+    place that decides it: a sweep adds its planner here (one subtask per parameter combination)."""
+    return shard_subtasks(step)
+
+
+def shard_subtasks(step: Step) -> list[PlannedSubtask]:
+    """A synthesize step with `shards: N` as N subtasks, each generating a contiguous, balanced range
+    `[first, stop)` of the dataset's shard files (the files a single job would write, in order, so
+    the join's manifest is the single job's). One shard, or any other kind: no subtasks.
+
+    A sweep (one subtask per parameter combination) is the same shape: other overlays, same join."""
+    if step.shards <= 1 or step.kind != "synthesize":
+        return []
+    files, n = shard_files(step), step.shards
+    return [
+        PlannedSubtask(
+            subtask_id(step.id, k),
+            {"_shard": {"subtask": k, "of": n, "first": k * files // n, "stop": (k + 1) * files // n}},
+        )
+        for k in range(n)
+    ]

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from schema import events as ev
 from schema.consistency import consistency_score
-from schema.plan import LIVE, OPEN, task_plan
+from schema.plan import LIVE, OPEN, PROBE_FAILED, task_plan
 from schema.tables import PROJECTION_TABLES, SQLModel
 from schema.ticket import Ticket
 
@@ -206,8 +206,64 @@ def _submitted(rows: Rows, seq: int, e: ev.TicketSubmitted) -> None:
                 "last_error": None,
                 "retry_at": None,
                 "updated_at": _naive(e.at),
+                "parent": None,
             },
         )
+
+
+def _subtasks_planned(rows: Rows, seq: int, e: ev.SubtasksPlanned) -> None:
+    """The step's subtasks become task rows (with `parent`); the step now also needs them."""
+    step = rows.get("tasks", (e.ticket, e.task))
+    if step is None:
+        return
+    ids = [str(sub["id"]) for sub in e.subtasks]
+    for sid in ids:
+        old = rows.get("tasks", (e.ticket, sid))
+        rows.put(
+            "tasks",
+            (e.ticket, sid),
+            {
+                **step,
+                "task": sid,
+                "state": "pending",
+                "attempt": old["attempt"] if old else 0,
+                "needs": list(step["needs"] or []),
+                "progress_step": None,
+                "progress_total": None,
+                "worker": None,
+                "last_error": None,
+                "retry_at": None,
+                "updated_at": _naive(e.at),
+                "parent": e.task,
+            },
+        )
+    _update(rows, "tasks", (e.ticket, e.task), needs=[*(step["needs"] or []), *ids], updated_at=_naive(e.at))
+    row = rows.get("tickets", (e.ticket,))
+    if row is not None:
+        row["tasks_total"] += len(ids)
+        rows.put("tickets", (e.ticket,), row)
+    _touch_ticket(rows, seq, e.ticket, e.at)
+
+
+def _step_check(rows: Rows, seq: int, e: ev.StepCheckEvaluated) -> None:
+    rows.put(
+        "step_checks",
+        (seq,),
+        {
+            "seq": seq,
+            "ticket": e.ticket,
+            "task": e.task,
+            "attempt": e.attempt,
+            "phase": e.phase,
+            "expected": e.check,
+            "ok": e.ok,
+            "observed": e.observed,
+            "value": e.value,
+            "retryable": e.retryable,
+            "evaluated_at": _naive(e.at),
+        },
+    )
+    _touch_ticket(rows, seq, e.ticket, e.at)
 
 
 _FRESH_COUNTS = {
@@ -391,6 +447,8 @@ def _task_state(state: str) -> Callable[[Rows, int, Any], None]:
             fields["last_error"] = None
         else:
             fields["retry_at"] = None
+        if state == "blocked" and e.reason.startswith(PROBE_FAILED):  # say what the step's inputs lack
+            fields["last_error"] = e.reason
         _update_task(rows, e.ticket, e.task, **fields)
         _touch_ticket(rows, seq, e.ticket, e.at)
 
@@ -495,6 +553,8 @@ _PROJECTORS: dict[type, Callable[[Rows, int, Any], None]] = {
     ev.AttemptFailed: _failed,
     ev.TaskFailed: _task_state("failed"),
     ev.TaskBlocked: _task_state("blocked"),
+    ev.SubtasksPlanned: _subtasks_planned,
+    ev.StepCheckEvaluated: _step_check,
     ev.TaskRetried: _task_state("pending"),
     ev.TicketCompleted: _completed,
     ev.ProposalOpened: _proposal_opened,

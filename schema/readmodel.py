@@ -11,6 +11,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from schema.plan import PROBE_FAILED
 from schema.tables import SQLModel
 
 AUDIT_TYPES = [
@@ -76,9 +77,13 @@ def waiting_on(task_rows: list[dict[str, Any]], now: datetime, awaiting: str | N
     if awaiting:
         return f"approval: jbctl approve {awaiting}"
     by_id = {t["task"]: t for t in task_rows}
-    for t in task_rows:
+    for t in task_rows:  # a human's action first: nothing else frees a blocked task
         if t["state"] == "blocked":
+            why = str(t.get("last_error") or "")
+            if why.startswith(PROBE_FAILED):  # say what the step's inputs lack, not only who can act
+                return f"{t['task']}: {why.split('; fix the input')[0]} (then jbctl retry --task {t['task']})"
             return f"human: jbctl retry --task {t['task']}"
+    for t in task_rows:
         if t["state"] == "waiting_retry" and t["retry_at"] is not None:
             return f"retry of {t['task']} in {age(now, naive_dt(t['retry_at']))}".replace(" in -", " in ")
         if t["state"] == "scheduled":

@@ -108,6 +108,8 @@ class TaskRow(SQLModel, table=True):
     last_error: str | None = None
     retry_at: datetime | None = _ts()
     updated_at: datetime | None = _ts()
+    # A subtask's step (a step fanned out with `shards:`); NULL for the ticket's own steps and checks.
+    parent: str | None = Field(default=None, max_length=100)
 
 
 class JobRow(SQLModel, table=True):
@@ -171,6 +173,25 @@ class MetricRow(SQLModel, table=True):
     recorded_at: datetime | None = _ts()
 
 
+class StepCheckRow(SQLModel, table=True):
+    """Every probe (a step's inputs, before dispatch) and expectation (its own metrics, when an attempt
+    succeeds): what was predicted and what was seen. One row per StepCheckEvaluated event."""
+
+    __tablename__ = "step_checks"
+
+    seq: int = Field(sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=False))
+    ticket: str = Field(max_length=100, index=True)
+    task: str = Field(max_length=100)
+    attempt: int  # the attempt an expectation judged; 0 for a probe
+    phase: str = Field(max_length=10)  # probe | expect
+    expected: str  # the check, as written: what was predicted
+    ok: bool
+    observed: str
+    value: float | None = None
+    retryable: bool
+    evaluated_at: datetime | None = _ts()
+
+
 class CoreVersionRow(SQLModel, table=True):
     """The abstract core's history: one row per version (promotions and rollbacks)."""
 
@@ -186,7 +207,16 @@ class CoreVersionRow(SQLModel, table=True):
     promoted_at: datetime | None = _ts()
 
 
-PROJECTION_TABLES: list[str] = ["tickets", "tasks", "jobs", "proposals", "artifacts", "metrics", "core_versions"]
+PROJECTION_TABLES: list[str] = [
+    "tickets",
+    "tasks",
+    "jobs",
+    "proposals",
+    "artifacts",
+    "metrics",
+    "core_versions",
+    "step_checks",
+]
 
 # Plain SQL views (dialect-neutral) for the questions users ask most.
 VIEWS: dict[str, str] = {

@@ -26,6 +26,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    StrictInt,
     Tag,
     ValidationError,
     field_validator,
@@ -59,6 +60,17 @@ DEFAULT_QUEUE: dict[str, Queue] = {
     "infer": "gpu",
     "check": "cpu",
     "diag": "cpu",
+}
+# A step may fan out into at most this many subtasks (`shards:`); each is a task the scheduler walks.
+MAX_SHARDS = 64
+MAX_SUBTASKS = 256  # over all steps of a ticket: with MAX_STEPS, what the scheduler walks stays bounded
+DEFAULT_SHARD_SIZE = 10_000  # a synthesize step's `shard_size` when it names none (workers use it too)
+# The metrics a job kind always reports, for kinds whose set is closed: an `expect:` or `probe:` on any
+# other name is an error at load time. Kinds not listed (train, evaluate, infer, diag) report metrics
+# that depend on their parameters; a check on a name they did not report fails when it is evaluated.
+KIND_METRICS: dict[str, tuple[str, ...]] = {
+    "synthesize": ("count", "seconds"),
+    "check": ("returncode", "seconds"),
 }
 # Parameters whose value names data: they must point at a step this one needs, or an artifact id.
 DATA_KEYS = ("data", "dataset", "train_data", "test_data", "checkpoint", "encoder")
@@ -105,6 +117,104 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
 
+_OPS = {
+    ">=": lambda a, b: a >= b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    "<": lambda a, b: a < b,
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+}
+Op = Literal[">=", "<=", ">", "<", "==", "!="]
+
+
+class Expectation(_Strict):
+    """`expect:` on a step: `<name> op value` on the step's own metrics (`<step>.<name>` also reads)."""
+
+    metric: str = Field(description="a metric this step reports, e.g. count (or data.count)")
+    op: Op
+    value: float
+    retryable: bool = Field(default=False, description="a failed expectation may be retried (within retries)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_commands(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "run" in value:
+            raise ValueError(
+                "an expectation is a metric check (metric, op, value); a command to run belongs in "
+                "`acceptance` or a `check` step"
+            )
+        return value
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, value: str) -> str:
+        if not value or value.startswith(".") or value.endswith("."):
+            raise ValueError(f"metric {value!r}: name one of this step's metrics, e.g. count")
+        return value
+
+    @property
+    def name(self) -> str:
+        return self.metric.rpartition(".")[2]
+
+    def holds(self, observed: float) -> bool:
+        return bool(_OPS[self.op](observed, self.value))
+
+    def text(self) -> str:
+        return f"{self.name} {self.op} {self.value:g}"
+
+
+class MetricProbe(_Strict):
+    """`probe:` on a step's input: `<needed step>.<name> op value`, read before the step is dispatched."""
+
+    metric: str = Field(description="<step>.<name> of a step this one needs, e.g. data.count")
+    op: Op
+    value: float
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, value: str) -> str:
+        step, _, name = value.partition(".")
+        if not step or not name:
+            raise ValueError(f"metric {value!r} must be written <step>.<name>, e.g. data.count")
+        return value
+
+    @property
+    def step(self) -> str:
+        return self.metric.partition(".")[0]
+
+    @property
+    def name(self) -> str:
+        return self.metric.partition(".")[2]
+
+    def holds(self, observed: float) -> bool:
+        return bool(_OPS[self.op](observed, self.value))
+
+    def text(self) -> str:
+        return f"{self.metric} {self.op} {self.value:g}"
+
+
+class CoreProbe(_Strict):
+    """`probe: {core: COMPONENT}`: the abstract core holds that component (e.g. a trained encoder)."""
+
+    core: str = Field(min_length=1, max_length=100, description="a component the core must hold, e.g. encoder")
+
+    def text(self) -> str:
+        return f"core has {self.core}"
+
+
+def _probe_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "core" if "core" in value else "metric"
+    return "core" if isinstance(value, CoreProbe) else "metric"
+
+
+ProbeCheck = Annotated[
+    Annotated[MetricProbe, Tag("metric")] | Annotated[CoreProbe, Tag("core")],
+    Discriminator(_probe_kind),
+]
+
+
 class Step(_Strict):
     """One task of the ticket."""
 
@@ -115,6 +225,22 @@ class Step(_Strict):
     queue: Queue | None = Field(default=None, description="defaults by kind: train/evaluate/infer on gpu")
     timeout: Duration = Field(default=3600.0, description="seconds, or e.g. 30m; an attempt past it fails")
     retries: int = Field(default=2, ge=0, le=20, description="extra attempts after a failure")
+    shards: StrictInt = Field(
+        default=1,
+        ge=1,
+        le=MAX_SHARDS,
+        description="synthesize only: run as this many subtasks (jobs), each generating a contiguous range of "
+        "the dataset's shard files, joined into the one manifest a single job would write",
+    )
+    expect: list[Expectation] = Field(
+        default_factory=list,
+        description="checks on this step's own metrics, evaluated when it succeeds; a failed one fails the attempt",
+    )
+    probe: list[ProbeCheck] = Field(
+        default_factory=list,
+        description="checks on the step's inputs (needed steps' metrics, the core's components) before it is "
+        "dispatched; a failed one blocks the step",
+    )
 
     @field_validator("id")
     @classmethod
@@ -272,6 +398,14 @@ class Ticket(_Strict):
                 if need == step.id:
                     raise _located(("steps", n, "needs", k), f"step {step.id!r} needs itself")
             _check_params(step, n)
+            _check_step_checks(step, n, {s.id: s for s in self.steps})
+            _check_shards(step, n)
+        subtasks = 0
+        for n, step in enumerate(self.steps):
+            subtasks += step.shards if step.shards > 1 else 0
+            if subtasks > MAX_SUBTASKS:
+                message = f"more than {MAX_SUBTASKS} subtasks in all: a ticket's fan-out is limited"
+                raise _located(("steps", n, "shards"), message)
         cycle = _find_cycle({s.id: list(s.needs) for s in self.steps})
         if cycle:
             n = ids.index(cycle[0])
@@ -329,6 +463,62 @@ def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
                 state[nxt] = 1
                 stack.append((nxt, 0))
     return None
+
+
+def _known_metric(kind: str, name: str, loc: tuple[str | int, ...], what: str) -> None:
+    """Refuse a metric a kind with a closed set of metrics never reports (with a hint)."""
+    known = KIND_METRICS.get(kind)
+    if known is not None and name not in known:
+        hint = _did_you_mean(name, list(known))
+        raise _located(loc, f"{what} names metric {name!r}, which a {kind} step never reports{hint}; "
+                       f"it reports {', '.join(known)}")
+
+
+def _check_step_checks(step: Step, n: int, steps: dict[str, Step]) -> None:
+    """`expect:` reads the step's own metrics; `probe:` reads the steps it needs (or the core)."""
+    for k, exp in enumerate(step.expect):
+        loc: tuple[str | int, ...] = ("steps", n, "expect", k, "metric")
+        owner, dot, _ = exp.metric.rpartition(".")
+        if dot and owner != step.id:
+            raise _located(loc, f"expect checks this step's own metrics: write {exp.name!r} "
+                           f"(probe a needed step's metrics with `probe:`)")
+        _known_metric(step.kind, exp.name, loc, "expect")
+    for k, probe in enumerate(step.probe):
+        if isinstance(probe, MetricProbe):
+            loc = ("steps", n, "probe", k, "metric")
+            if probe.step not in step.needs:
+                where = "unknown step" if probe.step not in steps else "a step that is not in this step's needs"
+                hint = _did_you_mean(probe.step, list(step.needs)) if probe.step not in steps else ""
+                raise _located(loc, f"probe reads {where} {probe.step!r}{hint}: a probe checks this step's inputs")
+            _known_metric(steps[probe.step].kind, probe.name, loc, "probe")
+
+
+def shard_files(step: Step) -> int:
+    """How many shard files a synthesize step's dataset has (`count` over `shard_size`, rounded up)."""
+    count = int(step.with_.get("count") or 0)
+    size = int(step.with_.get("shard_size") or DEFAULT_SHARD_SIZE)
+    return -(-count // size)
+
+
+def _check_shards(step: Step, n: int) -> None:
+    """`shards:` splits a synthesize step's shard files among subtasks: the files must be enough."""
+    if step.shards == 1:
+        return
+    if step.kind != "synthesize":
+        raise _located(("steps", n, "shards"), f"shards: only a synthesize step fans out into shards, not {step.kind}")
+    for key, default in (("count", None), ("shard_size", DEFAULT_SHARD_SIZE)):
+        value = step.with_.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            where = ("steps", n, "with", key) if key in step.with_ else ("steps", n, "with")
+            raise _located(where, f"shards: {step.shards} needs an integer `{key}` >= 1 in `with` (got {value!r})")
+    files = shard_files(step)
+    if step.shards > files:
+        count, size = step.with_["count"], step.with_.get("shard_size", DEFAULT_SHARD_SIZE)
+        raise _located(
+            ("steps", n, "shards"),
+            f"shards: {step.shards} but count {count} at shard_size {size} makes only {files} shard file(s); "
+            f"set shard_size to at most {max(1, count // step.shards)} or use fewer shards",
+        )
 
 
 def _check_params(step: Step, n: int) -> None:
@@ -546,6 +736,7 @@ def _field_names(model: type[BaseModel]) -> list[str]:
 # (tickets' acceptance checks; a plan's deliverables and tickets).
 _UNION_TAGS: dict[str, tuple[str, ...]] = {
     "acceptance": ("metric", "run"),
+    "probe": ("metric", "core"),
     "deliverables": ("acceptance", "metric", "artifact"),
     "tickets": ("file", "inline"),
 }

@@ -211,6 +211,12 @@ TICKETS = [
         "  - {id: k, kind: check, needs: [t], with: {run: [shellcheck]}}\n",
         extra="update: core\nexpires: 1m\n",
     ),
+    make_ticket(  # subtasks, a probe and an expectation
+        "TICKET-4",
+        steps="  - {id: d, kind: synthesize, shards: 2, with: {generator: shapes, count: 20, shard_size: 10},"
+        " expect: [{metric: count, op: '>=', value: 0.2, retryable: true}]}\n"
+        "  - {id: p, kind: diag, needs: [d], probe: [{metric: d.count, op: '>=', value: 0.3}]}\n",
+    ),
 ]
 
 op = st.tuples(st.integers(0, 9), st.integers(0, 5), st.integers(0, 3), st.floats(0, 1))
@@ -237,7 +243,7 @@ def interpret(state: State, n: int, code: tuple[int, int, int, float], now: date
         return c.RecordProgress(now=now, ticket=ticket.id, task=task.id, attempt=attempt, report_seq=seq, step=n)
     if kind in (4, 5, 6):
         return c.RecordJobSucceeded(
-            now=now, ticket=ticket.id, task=task.id, attempt=attempt, report_seq=seq, metrics={"m": x}
+            now=now, ticket=ticket.id, task=task.id, attempt=attempt, report_seq=seq, metrics={"m": x, "count": x}
         )
     if kind == 7:
         return c.RecordJobFailed(

@@ -24,10 +24,10 @@ from typing import IO, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schema.artifacts import Lineage
+from schema.artifacts import Lineage, ShardInfo
 from schema.policy import DEFAULT_CHECK_BINARIES, binary_of, code_grant, inline_code
 from workers.context import JobContext, write_atomic
-from workers.synth.base import SynthesisRequest, synthesize
+from workers.synth.base import SynthesisRequest, generate_shards, merge_manifest, synthesize
 
 
 class JobResult(BaseModel):
@@ -257,27 +257,74 @@ def _check_env(ctx: JobContext, params: dict[str, Any], workspace: Path) -> dict
 # --- synthesize --------------------------------------------------------------------------------
 
 
+class ShardRange(BaseModel):
+    """A synthesize subtask's part of the dataset: shard files `first..stop-1` (`_shard`)."""
+
+    subtask: int = Field(ge=0)
+    of: int = Field(ge=1)
+    first: int = Field(ge=0)
+    stop: int = Field(ge=1)
+
+
 def run_synthesize(ctx: JobContext, params: dict[str, Any]) -> JobResult:
+    """Generate a dataset; as a subtask (`_shard`) only its range of shard files; as the join of
+    subtasks (`_subtasks`) only the manifest, from the shards they report."""
     req = SynthesisRequest.model_validate(own_params(params))
     started = time.monotonic()
-    manifest = synthesize(
-        req.generator,
-        req.params,
-        req.seed,
-        req.count,
-        req.shard_size,
-        ctx.store,
-        Lineage(ticket=ctx.ticket, task=ctx.task, attempt=ctx.attempt),
-        fmt=req.format,
-        progress=lambda done, total: ctx.progress(done, total),
-    )
+    if "_shard" in params:
+        part = ShardRange.model_validate(params["_shard"])
+        shards = generate_shards(req, part.first, part.stop, ctx.store, progress=ctx.progress)
+        seconds = time.monotonic() - started
+        return JobResult(
+            metrics={"count": float(sum(s.count for s in shards)), "seconds": seconds},
+            outputs={"shards": [s.model_dump(mode="json") for s in shards], "seconds": seconds},
+        )
+    generated = 0.0  # the subtasks' generation time, so that `seconds` means what one job's does
+    if "_subtasks" in params:
+        parts = [input_outputs(params, str(sub)) for sub in params["_subtasks"]]
+        shards = [ShardInfo.model_validate(info) for part_out in parts for info in part_out.get("shards", [])]
+        generated = sum(float(part_out.get("seconds", 0.0)) for part_out in parts)
+        for shard in shards:  # a lost or cut-off shard fails the join, not the steps that read the data
+            _shard_present(ctx, shard)
+        manifest = merge_manifest(
+            req.generator,
+            req.params,
+            req.seed,
+            req.count,
+            req.shard_size,
+            shards,
+            ctx.store,
+            Lineage(ticket=ctx.ticket, task=ctx.task, attempt=ctx.attempt),
+        )
+    else:
+        manifest = synthesize(
+            req.generator,
+            req.params,
+            req.seed,
+            req.count,
+            req.shard_size,
+            ctx.store,
+            Lineage(ticket=ctx.ticket, task=ctx.task, attempt=ctx.attempt),
+            fmt=req.format,
+            progress=lambda done, total: ctx.progress(done, total),
+        )
     manifest_id = manifest.manifest_id()
     ctx.record(manifest_id, "dataset", {"generator": req.generator, "count": req.count})
-    seconds = time.monotonic() - started
+    seconds = generated + time.monotonic() - started
     return JobResult(
         metrics={"count": float(req.count), "seconds": seconds},
         outputs={"dataset": manifest_id, "generator": req.generator},
     )
+
+
+def _shard_present(ctx: JobContext, shard: ShardInfo) -> None:
+    """The shard a subtask reported is in the store at its size (readers re-hash it on first open;
+    hashing every shard here would cost the join what the fan-out saved)."""
+    path = ctx.store.path(shard.id)
+    size = path.stat().st_size if path.is_file() else None
+    if size != shard.size:
+        found = "missing" if size is None else f"{size} bytes, expected {shard.size}"
+        raise RuntimeError(f"shard {shard.index} ({shard.id[:16]}) reported by a subtask is {found} in the store")
 
 
 def finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from schema.artifact_store import ArtifactStore
 from schema.artifacts import CorruptArtifactError, FieldSpec, Lineage, Manifest, ShardInfo
+from schema.ticket import DEFAULT_SHARD_SIZE
 
 ShardFormat = Literal["npz", "safetensors"]
 Arrays = dict[str, np.ndarray]
@@ -156,7 +157,7 @@ class SynthesisRequest(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     seed: int = Field(default=0, ge=0, lt=2**63)
     count: int = Field(ge=1, le=100_000_000)
-    shard_size: int = Field(default=10_000, ge=1, le=10_000_000)
+    shard_size: int = Field(default=DEFAULT_SHARD_SIZE, ge=1, le=10_000_000)
     format: ShardFormat = "npz"
 
     @field_validator("generator")
@@ -480,6 +481,29 @@ def synthesize(
         if progress is not None:
             progress(done, count)
     return merge_manifest(gen, p, seed, count, shard_size, shards, store, lineage, created_at)
+
+
+def generate_shards(
+    request: SynthesisRequest,
+    first: int,
+    stop: int,
+    store: ArtifactStore,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[ShardInfo]:
+    """Shard files `first..stop-1` of the dataset `request` describes (a subtask's part of it): the very
+    files `synthesize` writes for those indices."""
+    plan = shard_counts(request.count, request.shard_size)
+    if not 0 <= first < stop <= len(plan):
+        raise SynthError(f"shard range {first}..{stop - 1} is outside the dataset's {len(plan)} shard files")
+    gen = get_generator(request.generator)
+    p = validate_params(gen, request.params)
+    out, done, total = [], 0, sum(plan[first:stop])
+    for index in range(first, stop):
+        out.append(generate_shard(gen, p, request.seed, index, plan[index], store, request.format))
+        done += plan[index]
+        if progress is not None:
+            progress(done, total)
+    return out
 
 
 def load_arrays(manifest: Manifest, store: ArtifactStore, limit: int | None = None) -> Arrays:

@@ -1,0 +1,150 @@
+"""Subtask benchmark: one synthesize step as 1 shard on 1 worker against 4 shards on 2 workers.
+
+    .venv/bin/python bench/shards.py                 # 20,000 shapes images, 3 rounds (docs/BENCHMARKS.md)
+    .venv/bin/python bench/shards.py --count 2000 --rounds 1   # a quick run
+
+One run: a private Redis, a real `jbctl daemon` and two `jbctl worker --queue cpu` processes, both
+warmed up first. Each round submits the same step (shapes, `count` images in 4 shard files) twice:
+`shards: 1` (one job: it runs on one worker, the other has nothing to take), then `shards: 4` (four
+subtasks over the two workers, then the join). Time = TicketSubmitted to
+TicketCompleted, from the events' recorded times (dispatch, reports and the join included). Both
+tickets' manifests must list the same shard files, and each must be byte-identical to what
+`synthesize` writes for that step (same lineage and time). The machine's load is printed: the
+speed-up needs two idle cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.dispatch import _stop, _worker  # noqa: E402
+from cli.embedded import start_redis  # noqa: E402
+from schema.artifact_store import ArtifactStore  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def _ticket(tid: str, count: int, shards: int) -> str:
+    size = -(-count // 4)
+    return (
+        f"id: {tid}\ntitle: shards bench\ngoal: measure fan-out\nsteps:\n"
+        f"  - {{id: data, kind: synthesize, shards: {shards}, "
+        f"with: {{generator: shapes, count: {count}, shard_size: {size}}}}}\n"
+    )
+
+
+def _events(db: Path, tid: str) -> list[tuple[str, datetime, dict]]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    rows = conn.execute("SELECT type, recorded_at, data FROM events WHERE stream = ? ORDER BY seq", (tid,)).fetchall()
+    conn.close()
+    return [(t, datetime.fromisoformat(r), json.loads(d)) for t, r, d in rows]
+
+
+def _run(home: Path, tid: str, count: int, shards: int, timeout: float = 600) -> tuple[float, str, float]:
+    """Submit, wait for the end; (seconds from submission to completion, the dataset's manifest id, the
+    step's `seconds` metric: the generation time of its job, or of its subtasks summed, plus the join)."""
+    db = home / "jetbox.db"
+    (home / "tickets" / f"{tid}.yaml").write_text(_ticket(tid, count, shards))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            found = _events(db, tid) if db.exists() else []
+        except sqlite3.OperationalError:
+            found = []
+        if any(t == "TicketFailed" for t, _, _ in found):
+            raise RuntimeError(f"{tid} failed: {found[-1][2]}")
+        if any(t == "TicketCompleted" for t, _, _ in found):
+            span = (found[-1][1] - found[0][1]).total_seconds()
+            step = next(d for t, _, d in found if t == "AttemptSucceeded" and d["task"] == "data")
+            return span, step["outputs"]["dataset"], float(step["metrics"]["seconds"])
+        time.sleep(0.05)
+    raise TimeoutError(f"{tid} did not finish")
+
+
+def _same_as_one_job(store: ArtifactStore, manifest_id: str, scratch: Path) -> bool:
+    """The manifest is byte for byte what one `synthesize` call writes for the step (same lineage and
+    time: the only fields that name who wrote it and when)."""
+    from workers.synth.base import synthesize
+
+    m = store.load_manifest(manifest_id)
+    one = synthesize(
+        m.generator, m.params, m.seed, m.count, m.shard_size, ArtifactStore(scratch), m.lineage, created_at=m.created_at
+    )
+    return one.to_bytes() == m.to_bytes()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=20_000, help="images per dataset (4 shard files)")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="jetbox-shards-") as tmp_name:
+        tmp = Path(os.environ.get("JETBOX_BENCH_KEEP") or tmp_name)
+        home = tmp / "home"
+        (home / "tickets").mkdir(parents=True)
+        server = start_redis(tmp / "run")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JETBOX_")}
+        env.update(JETBOX_HOME=str(home), JETBOX_REDIS_URL=server.url)
+        jbctl = str(BIN / "jbctl")
+        procs: list[subprocess.Popen[bytes]] = []
+        one_s: list[float] = []
+        four_s: list[float] = []
+        work: dict[int, list[float]] = {1: [], 4: []}
+        loads: list[float] = []
+        try:
+            procs.append(_worker([jbctl, "daemon"], env, tmp / "daemon.log"))
+            for n in (1, 2):
+                procs.append(_worker([jbctl, "worker", "--queue", "cpu"], env, tmp / f"worker{n}.log"))
+            for w in range(2):  # warm up both workers (the generator's imports), not timed
+                _run(home, f"TICKET-W{w}", 64, 2)
+            datasets: list[str] = []
+            for r in range(args.rounds):
+                loads.append(os.getloadavg()[0])
+                seconds, one_id, busy = _run(home, f"TICKET-A{r}", args.count, 1)
+                one_s.append(seconds)
+                work[1].append(busy)
+                loads.append(os.getloadavg()[0])
+                seconds, four_id, busy = _run(home, f"TICKET-B{r}", args.count, 4)
+                four_s.append(seconds)
+                work[4].append(busy)
+                datasets += [one_id, four_id]
+            store = ArtifactStore(home / "artifacts")
+            shard_lists = {tuple(s.id for s in store.load_manifest(d).shards) for d in datasets}
+            identical = all(_same_as_one_job(store, d, tmp / f"one-{n}") for n, d in enumerate(datasets))
+        finally:
+            for proc in reversed(procs):
+                _stop(proc)
+            server.stop()
+    one, four = statistics.median(one_s), statistics.median(four_s)
+    ratio = one / four
+    print(
+        f"jetbox bench/shards.py: shapes, {args.count:,} images in 4 shard files, {args.rounds} round(s), "
+        f"{os.cpu_count()} cores, 1-minute load {min(loads):.1f}..{max(loads):.1f}"
+    )
+    for name, spans, shards in (("1 shard  on 1 worker ", one_s, 1), ("4 shards on 2 workers", four_s, 4)):
+        print(
+            f"  {name}: median {statistics.median(spans):6.2f} s   ({', '.join(f'{s:.2f}' for s in spans)}); "
+            f"the step's seconds metric (the work): median {statistics.median(work[shards]):.2f}"
+        )
+    print(f"  manifests: {'the same shard files' if len(shard_lists) == 1 else 'DIFFERENT shard files'}, "
+          f"{'byte-identical to one synthesize call' if identical else 'NOT identical to one synthesize call'}")
+    print(f"  speed-up (1 shard / 4 shards): {ratio:.2f}x   goal >= 1.8x: {'met' if ratio >= 1.8 else 'not met'}")
+    if len(shard_lists) != 1 or not identical:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
