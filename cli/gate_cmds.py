@@ -50,10 +50,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_core)
 
-    p = sub.add_parser("retry", help="retry a blocked task, or re-evaluate a stale proposal")
-    p.add_argument("target", help="TICKET (with --task) or P-n (with --reevaluate)")
-    p.add_argument("--task")
-    p.add_argument("--reevaluate", action="store_true")
+    p = sub.add_parser(
+        "retry", help="retry a blocked task, rerun an ended ticket from a step, or re-evaluate a stale proposal"
+    )
+    p.add_argument("target", help="TICKET (with --task or --from) or P-n (with --reevaluate)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--task", help="a blocked task of a running ticket: try it again")
+    how.add_argument(
+        "--from",
+        dest="from_step",
+        metavar="STEP",
+        help="an ended ticket: run STEP and everything after it again (never from the cache), keep what is upstream",
+    )
+    how.add_argument("--reevaluate", action="store_true")
     p.set_defaults(func=cmd_retry)
 
     p = sub.add_parser("audit", help="approvals, rejections, policy, violations, forged reports, loops")
@@ -337,10 +346,19 @@ def cmd_retry(args: argparse.Namespace) -> int:
         handler.handle(ReevaluateProposal(now=now, proposal=proposal.id, actor=user), meta=meta)
         print(f"{proposal.id} withdrawn; its evaluation runs again against core v{handler.state.core_version}")
         return 0
-    if not args.task:
-        raise CliError("which task? `jbctl retry TICKET --task T` (or `jbctl retry P-n --reevaluate`)")
     from daemon import gate
 
+    if args.from_step:
+        outcome = gate.retry_from(handler, args.target, args.from_step, actor=user, meta=meta)
+        if not outcome.ok:
+            raise CliError(outcome.message)
+        print(outcome.message)
+        return 0
+    if not args.task:
+        raise CliError(
+            "which task? `jbctl retry TICKET --task T`, `jbctl retry TICKET --from STEP` "
+            "(or `jbctl retry P-n --reevaluate`)"
+        )
     outcome = gate.retry(handler, args.target, args.task, actor=user, meta=meta)
     if not outcome.ok:
         raise CliError(outcome.message)

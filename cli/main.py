@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "cli.units",
     "cli.run_cmds",
     "cli.gate_cmds",
+    "cli.cache_cmds",
     "cli.infer_cmds",
     "cli.console_cmds",
 ]

@@ -316,6 +316,21 @@ def cmd_describe(args: argparse.Namespace) -> int:
     events = [r.as_json() for r in store.read(0, stream=args.ticket)]
     spec = next((e["data"]["spec"] for e in reversed(events) if e["type"] == "TicketSubmitted"), None)
     acceptance = next((e["data"] for e in reversed(events) if e["type"] == "AcceptanceEvaluated"), None)
+    run_start = max((n for n, e in enumerate(events) if e["type"] == "TicketSubmitted"), default=0)
+    reused_by: dict[str, dict] = {}  # this revision's steps that took a cached result, and still hold it
+    waiting: dict[str, dict] = {}  # its steps that wait for the same step running elsewhere
+    for e in events[run_start:]:
+        task = e["data"].get("task")
+        if e["type"] in ("AttemptScheduled", "AttemptReused", "TaskRetried"):
+            reused_by.pop(task, None)
+            waiting.pop(task, None)
+        if e["type"] == "AttemptReused":
+            reused_by[task] = e["data"]
+        elif e["type"] == "TaskWaiting":
+            waiting[task] = e["data"]
+    reused = list(reused_by.values())
+    if data[0]["state"] != "running":
+        waiting.clear()
     info = {
         **data[0],
         "spec": spec,
@@ -323,6 +338,8 @@ def cmd_describe(args: argparse.Namespace) -> int:
         "artifacts": artifacts,
         "acceptance": acceptance,
         "step_checks": checks,
+        "reused": reused,
+        "waiting_for_same_step": list(waiting.values()),
         "events": len(events),
     }
     if args.json:
@@ -351,6 +368,14 @@ def cmd_describe(args: argparse.Namespace) -> int:
         print("\nartifacts:")
         for a in artifacts:
             print(f"  {a['id'][:16]}  {a['kind']}  from {a['task']} attempt {a['attempt']}")
+    if reused:
+        print("\nreused from the step cache (no job ran):")
+        for r in reused:
+            print(f"  {r['task']}  <- {r['source_ticket']}/{r['source_task']} attempt {r['source_attempt']}")
+    if waiting:
+        print("\nwaiting for the same step running elsewhere (reused when it succeeds):")
+        for w in waiting.values():
+            print(f"  {w['task']}  -> {w['holder_ticket']}/{w['holder_task']}")
     print(f"\n{len(events)} events: jbctl events --ticket {args.ticket}")
     return 0
 

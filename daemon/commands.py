@@ -56,6 +56,21 @@ class RetryTask(Command):
     task: str
 
 
+class RetryFrom(Command):
+    """`jbctl retry TICKET --from STEP`: run an ended ticket again from STEP, keeping what is upstream."""
+
+    ticket: str
+    task: str
+
+
+class ClearCache(Command):
+    """`jbctl cache clear`: forget the recorded successes that match every filter given (all: none given)."""
+
+    kind: str | None = None
+    ticket: str | None = None
+    key: str | None = None  # a key or a prefix of one
+
+
 class _Report(Command):
     ticket: str
     task: str

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from daemon import commands as cmd
 from daemon.state import State, TaskState, TicketState, evolve
 from schema import events as ev
+from schema.cache import BUDGET_KEYS, NEVER_CACHED, budget_grew, cache_key, cacheable, resume_key
 from schema.plan import ACCEPT_PREFIX, LIVE, PROBE_FAILED, plan_subtasks
 from schema.plans import spec_hash
 from schema.policy import DEFAULT_CHECK_BINARIES, binary_of, code_grant, inline_code
@@ -78,6 +79,7 @@ def _run(state: State, command: cmd.Command) -> _Emitter:
     """`decide`, keeping the scratch state the rules worked on (tests compare it with a replay)."""
     out = _Emitter(state)
     _DECIDERS[type(command)](out, command)
+    _release_waiters(out, command.now)
     return out
 
 
@@ -174,8 +176,16 @@ def _runnable(ticket: TicketState, task: TaskState) -> bool:
     return task.status == "pending" and all(ticket.tasks[n].status == "succeeded" for n in task.needs)
 
 
-def _schedule(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime) -> None:
+def _schedule(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime) -> bool:
+    """Schedule the task's next attempt, or reuse a recorded success of its key (True: reused, the
+    caller advances the ticket), or leave it pending while the same key runs elsewhere."""
     spec = ticket.spec
+    params = resolved_params(ticket, task, out.state)
+    key = _cache_key_of(ticket, task, params)
+    held = _reused_or_waiting(out, ticket, task, key, now) if key is not None else None
+    if held is not None:
+        return held == "reused"
+    resume = resume_key(task.kind, params) if task.kind == "train" else None
     out.emit(
         ev.AttemptScheduled(
             at=now,
@@ -184,13 +194,16 @@ def _schedule(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime
             attempt=task.attempt + 1,
             kind=task.kind,
             queue=task.queue,
-            params=resolved_params(ticket, task, out.state),
+            params=params,
             timeout=task.timeout,
-            resume_checkpoint=task.checkpoint,
+            resume_checkpoint=task.checkpoint or _carried_checkpoint(task, resume),
             network=spec.constraints.network,
             device=spec.constraints.device,
+            cache_key=key,
+            resume_key=resume,
         )
     )
+    return False
 
 
 def resolved_params(ticket: TicketState, task: TaskState, state: State | None = None) -> dict[str, Any]:
@@ -214,9 +227,12 @@ def _advance(out: _Emitter, ticket: TicketState, now: datetime) -> None:
     """Schedule what became runnable; end the ticket when nothing more can happen."""
     if ticket.status != "running" or ticket.awaiting:
         return
-    for task in list(ticket.tasks.values()):  # fanning out adds tasks
-        if _runnable(ticket, task):
-            _start(out, ticket, task, now)
+    reused = True
+    while reused:  # a reused step makes the steps that need it runnable at once
+        reused = False
+        for task in list(ticket.tasks.values()):  # fanning out adds tasks
+            if _runnable(ticket, task):
+                reused = _start(out, ticket, task, now) or reused
     failed = [t for t in ticket.tasks.values() if t.status == "failed"]
     if failed:
         first = failed[0]
@@ -241,24 +257,25 @@ def _step_spec(ticket: TicketState, task_id: str) -> Step | None:
     return next((s for s in ticket.spec.steps if s.id == task_id), None)
 
 
-def _start(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime) -> None:
+def _start(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime) -> bool:
     """Act on a runnable task: probe its inputs (a failed probe blocks it), fan it out into subtasks
     (scheduled at once; the step's own job, the join, runs when they have all succeeded), or
-    schedule its job."""
+    schedule its job. True when a result was reused from the step cache (the caller advances)."""
     if not _policy_allows(out, ticket, task, now):
-        return
+        return False
     step = _step_spec(ticket, task.id)
     if step is not None and not task.subtasks:  # a joining step was probed before it fanned out
         if step.probe and not _probes_pass(out, ticket, task, step, now):
-            return
+            return False
         planned = plan_subtasks(step)
         if planned:
             subtasks = [{"id": p.id, "params": p.params} for p in planned]
             out.emit(ev.SubtasksPlanned(at=now, ticket=ticket.id, task=task.id, subtasks=subtasks))
-            for p in planned:
-                _schedule(out, ticket, out.task(ticket.id, p.id), now)
-            return
-    _schedule(out, ticket, out.task(ticket.id, task.id), now)
+            reused = False
+            for p in planned:  # each shard is cached on its own key
+                reused = _schedule(out, ticket, out.task(ticket.id, p.id), now) or reused
+            return reused
+    return _schedule(out, ticket, out.task(ticket.id, task.id), now)
 
 
 def _probes_pass(out: _Emitter, ticket: TicketState, task: TaskState, step: Step, now: datetime) -> bool:
@@ -382,10 +399,12 @@ def _open_core_proposal(out: _Emitter, ticket: TicketState, now: datetime) -> No
     for task in ticket.tasks.values():
         component = task.outputs.get("component")
         if task.kind == "train" and component:
+            # A training reused from the step cache names the attempt that trained the weights.
+            source = task.reused_from or (ticket.id, task.id, task.attempt)
             candidate[str(component)] = {k: v for k, v in task.outputs.items() if k != "component"} | {
-                "ticket": ticket.id,
-                "task": task.id,
-                "attempt": task.attempt,
+                "ticket": source[0],
+                "task": source[1],
+                "attempt": source[2],
             }
     cand: dict[str, float] = {}
     current: dict[str, float] = {}
@@ -436,8 +455,8 @@ def _schedule_task(out: _Emitter, c: cmd.ScheduleTask) -> None:
     if ticket is None or ticket.status != "running" or c.task not in ticket.tasks:
         return
     task = ticket.tasks[c.task]
-    if _runnable(ticket, task):
-        _start(out, ticket, task, c.now)
+    if _runnable(ticket, task) and _start(out, ticket, task, c.now):
+        _advance(out, ticket, c.now)
 
 
 def _retry(out: _Emitter, c: cmd.RetryTask) -> None:
@@ -464,9 +483,12 @@ def _tick(out: _Emitter, c: cmd.Tick) -> None:
                 ev.TicketFailed(at=c.now, ticket=ticket.id, reason=f"deadline exceeded: max_wall_minutes={limit:g}")
             )
             continue
+        reused = False
         for task in ticket.tasks.values():
             if task.status == "waiting_retry" and task.retry_at is not None and task.retry_at <= c.now:
-                _schedule(out, ticket, task, c.now)
+                reused = _schedule(out, ticket, task, c.now) or reused
+        if reused:
+            _advance(out, ticket, c.now)
 
 
 # --- reports from workers ----------------------------------------------------------------------
@@ -795,6 +817,158 @@ def _plan(out: _Emitter, c: cmd.PlanMilestones) -> None:
         )
 
 
+# --- the step cache and reruns ------------------------------------------------------------------
+
+
+def _cache_key_of(ticket: TicketState, task: TaskState, params: dict[str, Any]) -> str | None:
+    """The task's cache key, or None when it is not cached (its kind, `cache: false`, network)."""
+    if task.kind in NEVER_CACHED:
+        return None
+    step = _step_spec(ticket, task.parent or task.id)  # a subtask follows its step's `cache:`
+    if not cacheable(task.kind, step.cache if step else None, ticket.spec.cache, ticket.spec.constraints.network):
+        return None
+    return cache_key(task.kind, params)
+
+
+def _in_flight(state: State, key: str) -> tuple[str, str] | None:
+    """The (ticket, task) running the step with this key now (live or waiting to retry), if any."""
+    holder = state.inflight.get(key)
+    if holder is None:
+        return None
+    ticket = state.tickets.get(holder[0])
+    task = ticket.tasks.get(holder[1]) if ticket is not None else None
+    if ticket is None or task is None or ticket.status != "running" or task.cache_key != key:
+        return None
+    return holder if task.status in LIVE or task.status == "waiting_retry" else None
+
+
+def _reused_or_waiting(
+    out: _Emitter, ticket: TicketState, task: TaskState, key: str, now: datetime
+) -> Literal["reused", "waiting"] | None:
+    """Reuse the recorded success of `key` (AttemptReused), or wait while another task runs the same
+    step (it stays pending; `_release_waiters` comes back to it). None: run it."""
+    if task.fresh:  # `jbctl retry --from` asked for it to run again
+        return None
+    entry = out.state.cache.get(key)
+    if entry is not None and _meets_expectations(ticket, task, entry.metrics):
+        out.emit(
+            ev.AttemptReused(
+                at=now,
+                ticket=ticket.id,
+                task=task.id,
+                cache_key=key,
+                source_ticket=entry.ticket,
+                source_task=entry.task,
+                source_attempt=entry.attempt,
+                metrics=dict(entry.metrics),
+                outputs=dict(entry.outputs),
+            )
+        )
+        return "reused"
+    holder = _in_flight(out.state, key)
+    if task.status != "pending" or holder is None or holder == (ticket.id, task.id):
+        return None
+    if out.state.tickets[ticket.id].tasks[task.id].waiting_on != key:  # said once, not on every pass
+        out.emit(
+            ev.TaskWaiting(
+                at=now, ticket=ticket.id, task=task.id, cache_key=key, holder_ticket=holder[0], holder_task=holder[1]
+            )
+        )
+    return "waiting"
+
+
+def _meets_expectations(ticket: TicketState, task: TaskState, metrics: dict[str, float]) -> bool:
+    """Whether a cached result holds this step's `expect:` checks (not in the key: another ticket's
+    step may expect more of the same result). One that does not is not reused: the step runs."""
+    step = _step_spec(ticket, task.id)
+    for exp in step.expect if step is not None else []:
+        value = metrics.get(exp.name)
+        if value is None or not exp.holds(value):
+            return False
+    return True
+
+
+def _carried_checkpoint(task: TaskState, resume: str | None) -> str | None:
+    """The last checkpoint of this train step in an earlier revision, when the step is the same but
+    for a budget that grew (more steps): training goes on from there instead of from zero."""
+    if task.carried is None or resume is None:
+        return None
+    key, checkpoint, params = task.carried
+    old_budget = {k: params.get(k) for k in BUDGET_KEYS}
+    new_budget = {k: task.params.get(k) for k in BUDGET_KEYS}
+    return checkpoint if key == resume and budget_grew(old_budget, new_budget) else None
+
+
+_FREES_KEY = (ev.AttemptSucceeded, ev.AttemptFailed, ev.TaskFailed, ev.TaskBlocked)
+_ENDS_TICKET = (ev.TicketCancelled, ev.TicketFailed)
+_FREEING = frozenset(_FREES_KEY + _ENDS_TICKET)
+
+
+def _release_waiters(out: _Emitter, now: datetime) -> None:
+    """Tasks left pending while another ran the same step get their turn when it ends: they reuse
+    its success, or one of them runs the step itself (the holder failed or was cancelled)."""
+    done = 0
+    while done < len(out.events) and out.state.waiting:  # nobody waits: nothing to release
+        freed: set[str] = set()
+        for e in out.events[done:]:
+            if type(e) not in _FREEING:  # most commands: a progress report
+                continue
+            if isinstance(e, _ENDS_TICKET):
+                ended = out.state.tickets[e.ticket]
+                freed |= {t.cache_key for t in ended.tasks.values() if t.cache_key}
+            elif isinstance(e, _FREES_KEY):
+                task = out.state.tickets[e.ticket].tasks.get(e.task)
+                if task is not None and task.cache_key:
+                    freed.add(task.cache_key)
+        done = len(out.events)
+        waiters = {
+            tid
+            for key in freed
+            if _in_flight(out.state, key) is None
+            for tid, _task in out.state.waiting.get(key, ())
+        }
+        for tid in sorted(waiters):  # _advance reuses the result, or runs the step, or waits again
+            _advance(out, out.ticket(tid), now)
+
+
+def descendants(ticket: TicketState, task_id: str) -> set[str]:
+    """`task_id` and every task that needs it, directly or not."""
+    found = {task_id}
+    grew = True
+    while grew:
+        more = {t.id for t in ticket.tasks.values() if t.id not in found and found & set(t.needs)}
+        found |= more
+        grew = bool(more)
+    return found
+
+
+def _retry_from(out: _Emitter, c: cmd.RetryFrom) -> None:
+    """An ended ticket runs again from a step: it and what needs it run afresh (never from the
+    cache), whatever did not succeed runs again, and what succeeded upstream is kept."""
+    ticket = out.get_ticket(c.ticket)
+    if ticket is None or c.task not in ticket.tasks or ticket.status == "running":
+        return
+    again = descendants(ticket, c.task)
+    out.emit(ev.TicketRetried(at=c.now, ticket=ticket.id, from_task=c.task, actor=c.actor))
+    for task in list(ticket.tasks.values()):
+        if task.id in again or task.status != "succeeded":
+            out.emit(ev.TaskRetried(at=c.now, ticket=ticket.id, task=task.id, actor=c.actor, fresh=task.id in again))
+    _advance(out, ticket, c.now)
+
+
+def _clear_cache(out: _Emitter, c: cmd.ClearCache) -> None:
+    keys = sorted(
+        key
+        for key, entry in out.state.cache.items()
+        if (c.kind is None or entry.kind == c.kind)
+        and (c.ticket is None or entry.ticket == c.ticket)
+        and (c.key is None or key.startswith(c.key))
+    )
+    if keys:
+        what = ", ".join(f"{k}={v}" for k, v in (("kind", c.kind), ("ticket", c.ticket), ("key", c.key)) if v)
+        out.emit(ev.CacheCleared(at=c.now, keys=keys, actor=c.actor, reason=what or "all"))
+
+
 _DECIDERS: dict[type, Callable[[_Emitter, Any], None]] = {
     cmd.RecordHomeOwner: _record_owner,
     cmd.SubmitTicket: _submit,
@@ -815,4 +989,6 @@ _DECIDERS: dict[type, Callable[[_Emitter, Any], None]] = {
     cmd.ReevaluateProposal: _reevaluate,
     cmd.RollbackCore: _rollback,
     cmd.PlanMilestones: _plan,
+    cmd.RetryFrom: _retry_from,
+    cmd.ClearCache: _clear_cache,
 }

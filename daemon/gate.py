@@ -106,6 +106,27 @@ def cancel(handler: CommandHandler, tid: str, *, actor: str, meta: Mapping[str, 
     return Outcome(True, f"cancelled {tid}", recorded)
 
 
+def retry_from(handler: CommandHandler, tid: str, task: str, *, actor: str, meta: Mapping[str, Any]) -> Outcome:
+    """`jbctl retry TICKET --from STEP`: an ended ticket runs again from STEP, keeping what is upstream."""
+    ticket = handler.state.tickets.get(tid)
+    if ticket is None:
+        known = ", ".join(sorted(handler.state.tickets)[:10]) or "none yet"
+        return Outcome(False, f"no ticket {tid!r} (known: {known})")
+    if task not in ticket.tasks:
+        return Outcome(False, f"{tid} has no step {task!r} (steps: {', '.join(ticket.tasks)})")
+    if ticket.status == "running":
+        return Outcome(
+            False,
+            f"{tid} is still running; --from reruns an ended ticket (completed, failed or cancelled): "
+            f"cancel it first, or `jbctl retry {tid} --task T` for a blocked task",
+        )
+    recorded = handler.handle(cmd.RetryFrom(now=datetime.now(UTC), ticket=tid, task=task, actor=actor), meta=meta)
+    if not recorded:
+        return Outcome(False, f"{tid} could not be rerun from {task} (nothing recorded)")
+    again = [r.data["task"] for r in recorded if r.type == "TaskRetried"]
+    return Outcome(True, f"rerunning {tid} from {task}: {', '.join(again)} run again; the rest is kept", recorded)
+
+
 def retry(handler: CommandHandler, tid: str, task: str, *, actor: str, meta: Mapping[str, Any]) -> Outcome:
     ticket = handler.state.tickets.get(tid)
     if ticket is None:

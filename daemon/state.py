@@ -46,6 +46,29 @@ class TaskState:
     reason: str | None = None
     parent: str | None = None  # a subtask's step
     subtasks: list[str] = field(default_factory=list)  # a fanned-out step's subtasks (also in its needs)
+    cache_key: str | None = None  # the key of the last attempt scheduled (None: not cached)
+    resume_key: str | None = None  # a train step's key without its budget (schema.cache.resume_key)
+    fresh: bool = False  # `jbctl retry --from`: run it even if its key has a recorded success
+    waiting_on: str | None = None  # the key it waits on while another task runs that step (TaskWaiting)
+    reused_from: tuple[str, str, int] | None = None  # (ticket, task, attempt) of a reused success
+    # A train step's last run in an earlier revision: (resume_key, checkpoint, its own params), resumed
+    # from when only the budget grew.
+    carried: tuple[str, str, dict] | None = None
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """A recorded success under a step key: what a later step with the same key reuses."""
+
+    key: str
+    kind: str
+    ticket: str
+    task: str
+    attempt: int
+    at: datetime
+    metrics: dict
+    outputs: dict
+    hits: int = 0  # how many steps reused it (AttemptReused)
 
 
 @dataclass
@@ -131,6 +154,20 @@ class State:
     violations: int = 0
     last_seq: int = 0
     milestones: dict[str, dict] = field(default_factory=dict)  # id -> {plan, revision, hash, spec}
+    cache: dict[str, CacheEntry] = field(default_factory=dict)  # step key -> its recorded success
+    inflight: dict[str, tuple[str, str]] = field(default_factory=dict)  # step key -> (ticket, task) last scheduled
+    # step key -> the (ticket, task)s that wait for it (TaskWaiting; entries may be stale: check waiting_on)
+    waiting: dict[str, frozenset[tuple[str, str]]] = field(default_factory=dict)
+    # Copy-on-write of the maps above in a scratch state: named ones are still the caller's (not part
+    # of the state's value). Copying a cache of every step ever run for each command would dominate.
+    shared_maps: set[str] = field(default_factory=set, compare=False, repr=False)
+
+    def writable(self, name: Literal["cache", "inflight", "waiting"]) -> dict:
+        """One of the step-cache maps, safe to change in place."""
+        if name in self.shared_maps:
+            setattr(self, name, dict(getattr(self, name)))
+            self.shared_maps.discard(name)
+        return getattr(self, name)  # type: ignore[no-any-return]
 
     def scratch(self, ticket_ids: list[str]) -> State:
         """A copy that `evolve` may change, sharing every ticket except those named."""
@@ -148,6 +185,10 @@ class State:
             violations=self.violations,
             last_seq=self.last_seq,
             milestones=dict(self.milestones),
+            cache=self.cache,
+            inflight=self.inflight,
+            waiting=self.waiting,
+            shared_maps={"cache", "inflight", "waiting"},
         )
         for tid in ticket_ids:
             if tid in out.tickets:
@@ -194,9 +235,20 @@ def _submitted(state: State, e: ev.TicketSubmitted) -> None:
         # Attempt numbers keep counting across revisions, so (ticket, task, attempt) stays unique.
         for tid, task in tasks.items():
             if tid in previous.tasks:
-                task.attempt = previous.tasks[tid].attempt
+                old = previous.tasks[tid]
+                task.attempt = old.attempt
+                if task.kind == "train" and old.kind == "train":
+                    # Its last checkpoint, for a revision that only gives the training a larger budget.
+                    if old.checkpoint is not None and old.resume_key is not None:
+                        task.carried = (old.resume_key, old.checkpoint, dict(old.params))
+                    else:
+                        task.carried = old.carried
         prior = dict(previous.prior_attempts)
         prior.update({t.id: t.attempt for t in previous.tasks.values() if t.parent is not None})
+    if previous is not None:  # a new run: the old one's tasks wait for nothing any more
+        for old in previous.tasks.values():
+            if old.waiting_on is not None:
+                _unindex_waiter(state, old.waiting_on, e.ticket, old.id)
     state.tickets[e.ticket] = TicketState(
         id=e.ticket,
         spec=spec,
@@ -226,27 +278,55 @@ def _forget_revised_file(state: State, ticket: TicketState) -> None:
         state.files.pop(ticket.path, None)
 
 
-def _end_live_tasks(ticket: TicketState) -> None:
+def _end_live_tasks(ticket: TicketState, state: State) -> None:
     for tid, task in list(ticket.tasks.items()):
         if task.status in OPEN:
-            ticket.task_for_update(tid).status = "cancelled"
+            task = ticket.task_for_update(tid)
+            task.status = "cancelled"
+            _stop_waiting(state, ticket.id, task)
 
 
 def _cancelled(state: State, e: ev.TicketCancelled) -> None:
     ticket = state.tickets[e.ticket]
     ticket.status, ticket.reason, ticket.ended_at = "cancelled", e.reason, e.at
-    _end_live_tasks(ticket)
+    _end_live_tasks(ticket, state)
     if e.path is not None:  # the file is gone: restoring it, even unchanged, starts a new run
         state.files.pop(e.path, None)
     else:
         _forget_revised_file(state, ticket)
 
 
+def _unindex_waiter(state: State, key: str, ticket: str, task: str) -> None:
+    left = state.waiting.get(key, frozenset()) - {(ticket, task)}
+    if left:
+        state.writable("waiting")[key] = left
+    else:
+        state.writable("waiting").pop(key, None)
+
+
+def _stop_waiting(state: State, ticket: str, task: TaskState) -> None:
+    if task.waiting_on is not None:
+        _unindex_waiter(state, task.waiting_on, ticket, task.id)
+        task.waiting_on = None
+
+
+def _waiting(state: State, e: ev.TaskWaiting) -> None:
+    task = _task(state, e)
+    _stop_waiting(state, e.ticket, task)
+    task.waiting_on = e.cache_key
+    state.writable("waiting")[e.cache_key] = state.waiting.get(e.cache_key, frozenset()) | {(e.ticket, e.task)}
+
+
 def _scheduled(state: State, e: ev.AttemptScheduled) -> None:
     task = _task(state, e)
+    _stop_waiting(state, e.ticket, task)
     task.status, task.attempt, task.last_report_seq = "scheduled", e.attempt, 0
     task.scheduled_at, task.started_at, task.worker, task.retry_at = e.at, None, None, None
     task.progress = None
+    task.cache_key, task.resume_key = e.cache_key, e.resume_key
+    task.reused_from = None
+    if e.cache_key is not None:
+        state.writable("inflight")[e.cache_key] = (e.ticket, e.task)
 
 
 def _started(state: State, e: ev.AttemptStarted) -> None:
@@ -276,6 +356,36 @@ def _succeeded(state: State, e: ev.AttemptSucceeded) -> None:
     task = _task(state, e)
     task.status, task.metrics, task.outputs = "succeeded", dict(e.metrics), dict(e.outputs)
     task.last_report_seq = max(task.last_report_seq, e.report_seq)
+    task.fresh = False
+    if task.cache_key is not None:
+        # The entry shares the task's dicts: evolve replaces them, never changes them in place.
+        state.writable("cache")[task.cache_key] = CacheEntry(
+            task.cache_key, task.kind, e.ticket, e.task, e.attempt, e.at, task.metrics, task.outputs
+        )
+        if state.inflight.get(task.cache_key) == (e.ticket, e.task):
+            del state.writable("inflight")[task.cache_key]  # done (entries left by failures are checked on use)
+
+
+def _reused(state: State, e: ev.AttemptReused) -> None:
+    task = _task(state, e)
+    _stop_waiting(state, e.ticket, task)
+    task.status, task.metrics, task.outputs = "succeeded", dict(e.metrics), dict(e.outputs)
+    task.cache_key, task.fresh, task.reason = e.cache_key, False, None
+    task.reused_from = (e.source_ticket, e.source_task, e.source_attempt)
+    entry = state.cache.get(e.cache_key)
+    if entry is not None:
+        state.writable("cache")[e.cache_key] = replace(entry, hits=entry.hits + 1)
+
+
+def _cache_cleared(state: State, e: ev.CacheCleared) -> None:
+    for key in e.keys:
+        state.writable("cache").pop(key, None)
+
+
+def _ticket_retried(state: State, e: ev.TicketRetried) -> None:
+    ticket = state.tickets[e.ticket]
+    ticket.status, ticket.reason, ticket.ended_at = "running", None, None
+    ticket.acceptance, ticket.awaiting = [], None
 
 
 def _failed(state: State, e: ev.AttemptFailed) -> None:
@@ -324,7 +434,10 @@ def _blocked(state: State, e: ev.TaskBlocked) -> None:
 
 def _retried(state: State, e: ev.TaskRetried) -> None:
     task = _task(state, e)
+    if e.fresh and task.status == "succeeded":
+        task.checkpoint = None  # a finished run starts over; a failed one resumes from its checkpoint
     task.status, task.reason, task.failures = "pending", None, []
+    task.fresh = task.fresh or e.fresh
 
 
 def _loop(state: State, e: ev.LoopDetected) -> None:
@@ -344,7 +457,7 @@ def _completed(state: State, e: ev.TicketCompleted) -> None:
 def _ticket_failed(state: State, e: ev.TicketFailed) -> None:
     ticket = state.tickets[e.ticket]
     ticket.status, ticket.reason, ticket.ended_at = "failed", e.reason, e.at
-    _end_live_tasks(ticket)
+    _end_live_tasks(ticket, state)
     _forget_revised_file(state, ticket)
 
 
@@ -446,4 +559,8 @@ _HANDLERS: dict[type, Callable[[State, Any], None]] = {
     ev.CorePromoted: _promoted,
     ev.HomeOwnerRecorded: _home_owner,
     ev.MilestonePlanned: _milestone_planned,
+    ev.AttemptReused: _reused,
+    ev.TaskWaiting: _waiting,
+    ev.CacheCleared: _cache_cleared,
+    ev.TicketRetried: _ticket_retried,
 }

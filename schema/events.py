@@ -95,6 +95,45 @@ class AttemptScheduled(AttemptEvent):
     resume_checkpoint: str | None = None
     network: Literal["deny", "allow"] = "deny"
     device: str = "auto"
+    cache_key: str | None = None  # set when the step is cached: its success is recorded under this key
+    resume_key: str | None = None  # the key without the training budget (resuming when only it grew)
+
+
+class AttemptReused(TaskEvent):
+    """A step's key had a recorded success: its outputs are reused at once, no job runs. The source
+    names the attempt that produced them (possibly in another ticket)."""
+
+    cache_key: str
+    source_ticket: str
+    source_task: str
+    source_attempt: int
+    metrics: dict[str, float] = Field(default_factory=dict)
+    outputs: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskWaiting(TaskEvent):
+    """The task's step (same key) is running in another task: it stays pending, no job is queued,
+    and it reuses that result when it succeeds (or runs itself if it does not)."""
+
+    cache_key: str
+    holder_ticket: str
+    holder_task: str
+
+
+class CacheCleared(Event):
+    """`jbctl cache clear`: these keys' recorded successes are forgotten (the steps run again)."""
+
+    keys: list[str]
+    actor: str | None = None
+    reason: str = ""
+
+
+class TicketRetried(TicketEvent):
+    """`jbctl retry TICKET --from STEP`: an ended ticket runs again from STEP (its TaskRetried follow);
+    the steps upstream of it keep their results."""
+
+    from_task: str
+    actor: str | None = None
 
 
 class AttemptStarted(AttemptEvent):
@@ -161,6 +200,7 @@ class TaskRetried(TaskEvent):
     """A human asked for another go at a failed or blocked task."""
 
     actor: str | None = None
+    fresh: bool = False  # run it, even if its key has a recorded success (`jbctl retry --from`)
 
 
 class SubtasksPlanned(TaskEvent):

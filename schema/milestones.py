@@ -70,6 +70,9 @@ class MilestoneBook:
     proposals: dict[str, dict[str, Any]] = field(default_factory=dict)
     core: list[dict[str, Any]] = field(default_factory=list)
     head: int = 0
+    # (ticket, task, attempt) -> the artifacts it recorded, across revisions: a step reused from the
+    # step cache (AttemptReused) shows its source attempt's artifacts.
+    produced: dict[tuple[str, str, int], list[dict[str, Any]]] = field(default_factory=dict)
 
     def apply(self, seq: int, e: ev.Event) -> None:
         self.head = max(self.head, seq)
@@ -102,18 +105,24 @@ class MilestoneBook:
         run = self.tickets.get(tid)
         if run is None:
             return
-        if isinstance(e, ev.AttemptSucceeded):
+        if isinstance(e, ev.AttemptSucceeded | ev.AttemptReused):
             for name, value in e.metrics.items():
                 run.metrics[(e.task, name)] = (float(value), seq)
             run.blocked.pop(e.task, None)
+            if isinstance(e, ev.AttemptReused):  # the source's artifacts count for this ticket too
+                made = self.produced.get((e.source_ticket, e.source_task, e.source_attempt), [])
+                run.artifacts += [{**a, "task": e.task, "seq": seq} for a in made]
         elif isinstance(e, ev.ArtifactRecorded):
             run.artifacts.append({"id": e.artifact, "kind": e.kind, "task": e.task, "seq": seq})
+            self.produced.setdefault((tid, e.task, e.attempt), []).append({"id": e.artifact, "kind": e.kind})
         elif isinstance(e, ev.ProgressRecorded) and e.metrics:
             run.curves.setdefault(e.task, {}).setdefault(e.attempt, []).append((e.step, dict(e.metrics)))
         elif isinstance(e, ev.TaskBlocked):
             run.blocked[e.task] = e.reason
         elif isinstance(e, ev.TaskRetried):
             run.blocked.pop(e.task, None)
+        elif isinstance(e, ev.TicketRetried):
+            run.state, run.reason, run.ended_at, run.ended_seq = "running", None, None, None
         elif isinstance(e, ev.AcceptanceEvaluated):
             run.acceptance = {"results": list(e.results), "passed": e.passed, "seq": seq}
         elif isinstance(e, ev.TicketCompleted | ev.TicketFailed | ev.TicketCancelled):

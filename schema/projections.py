@@ -416,6 +416,30 @@ def _succeeded(rows: Rows, seq: int, e: ev.AttemptSucceeded) -> None:
     _touch_ticket(rows, seq, e.ticket, e.at)
 
 
+def _reused(rows: Rows, seq: int, e: ev.AttemptReused) -> None:
+    """A cached success: the task succeeds with the source's metrics; no job row (no job ran)."""
+    _update_task(rows, e.ticket, e.task, state="succeeded", last_error=None, updated_at=_naive(e.at))
+    task = rows.get("tasks", (e.ticket, e.task))
+    for name, value in e.metrics.items():
+        rows.put(
+            "metrics",
+            (e.ticket, e.task, name),
+            {
+                "ticket": e.ticket,
+                "task": e.task,
+                "name": name,
+                "attempt": task["attempt"] if task is not None else 0,
+                "value": float(value),
+                "recorded_at": _naive(e.at),
+            },
+        )
+    _touch_ticket(rows, seq, e.ticket, e.at)
+
+
+def _ticket_retried(rows: Rows, seq: int, e: ev.TicketRetried) -> None:
+    _touch_ticket(rows, seq, e.ticket, e.at, state="running", reason=None, ended_at=None, awaiting=None)
+
+
 def _failed(rows: Rows, seq: int, e: ev.AttemptFailed) -> None:
     state = "waiting_retry" if e.retry_at is not None else "failed"
     _update_task(
@@ -566,6 +590,8 @@ _PROJECTORS: dict[type, Callable[[Rows, int, Any], None]] = {
     ev.SafetyViolation: _violation,
     ev.AcceptanceEvaluated: _acceptance,
     ev.CorePromoted: _promoted,
+    ev.AttemptReused: _reused,
+    ev.TicketRetried: _ticket_retried,
 }
 
 

@@ -26,6 +26,8 @@ AUDIT_TYPES = [
     "LoopDetected",
     "TaskBlocked",
     "TaskRetried",
+    "TicketRetried",
+    "CacheCleared",
     "TicketCancelled",
 ]
 
@@ -292,6 +294,10 @@ def audit_row(rec: Any) -> dict[str, Any]:
         )
     if rec.type == "SafetyViolation":
         detail = f"{d.get('what')}: {d.get('detail')}"
+    if rec.type == "TicketRetried":
+        detail = f"from {d.get('from_task')}"
+    if rec.type == "CacheCleared":
+        detail = f"{len(d.get('keys') or [])} cached results ({d.get('reason') or 'all'})"
     return {
         "seq": rec.seq,
         "at": rec.recorded_at.isoformat(timespec="seconds"),

@@ -241,6 +241,11 @@ class Step(_Strict):
         description="checks on the step's inputs (needed steps' metrics, the core's components) before it is "
         "dispatched; a failed one blocks the step",
     )
+    cache: bool | None = Field(
+        default=None,
+        description="reuse a recorded success with the same key (default: yes, except diag, check and infer); "
+        "false: always run",
+    )
 
     @field_validator("id")
     @classmethod
@@ -355,6 +360,7 @@ class Ticket(_Strict):
     milestone: str | None = Field(
         default=None, description="the plan milestone this ticket serves (set by `jbctl plan apply`), e.g. M2"
     )
+    cache: bool = Field(default=True, description="false: no step of this ticket reuses or records a cached result")
 
     @field_validator("id")
     @classmethod

@@ -28,6 +28,10 @@ echo
 "$jbctl" verify
 "$jbctl" replay --check
 echo
+echo "== the step cache: TICKET-4's shapes step is TICKET-1's, generated once (REUSED 1)"
+"$jbctl" cache ls
+"$jbctl" events --type AttemptReused
+echo
 echo "== proposals waiting for a human (the core changes only with jbctl approve)"
 "$jbctl" proposals --detail
 echo

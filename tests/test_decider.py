@@ -10,7 +10,7 @@ from hypothesis import event as hyp_event
 from hypothesis import strategies as st
 
 from daemon import commands as c
-from daemon.decider import _Emitter, _run, backoff_seconds, decide
+from daemon.decider import _cache_key_of, _Emitter, _in_flight, _run, backoff_seconds, decide, resolved_params
 from daemon.state import State, evolve
 from schema import events as ev
 from schema.plan import LIVE
@@ -217,6 +217,8 @@ TICKETS = [
         " expect: [{metric: count, op: '>=', value: 0.2, retryable: true}]}\n"
         "  - {id: p, kind: diag, needs: [d], probe: [{metric: d.count, op: '>=', value: 0.3}]}\n",
     ),
+    # The same train step as TICKET-3's under another id: it waits for that job, or reuses its success.
+    make_ticket("TICKET-5", steps="  - {id: t2, kind: train}\n  - {id: d, kind: diag, needs: [t2]}\n"),
 ]
 
 op = st.tuples(st.integers(0, 9), st.integers(0, 5), st.integers(0, 3), st.floats(0, 1))
@@ -293,6 +295,15 @@ def check_invariants(state: State) -> None:
         for task in ticket.tasks.values():
             if task.status in LIVE or task.status == "succeeded":
                 assert all(ticket.tasks[n].status == "succeeded" for n in task.needs), (ticket.id, task.id)
+        if ticket.status == "running" and not ticket.awaiting:
+            # Nothing is forgotten: a runnable task waits only on a policy proposal (checks) or on
+            # the same step running in another task (the step cache).
+            for task in ticket.tasks.values():
+                needs_done = all(ticket.tasks[n].status == "succeeded" for n in task.needs)
+                if task.status == "pending" and task.kind != "check" and needs_done:
+                    key = _cache_key_of(ticket, task, resolved_params(ticket, task, state))
+                    assert key is not None and _in_flight(state, key) not in (None, (ticket.id, task.id))
+                    assert task.waiting_on == key and (ticket.id, task.id) in state.waiting[key]
         if ticket.status == "completed":
             assert all(t.status == "succeeded" for t in ticket.tasks.values())
             assert len(ticket.acceptance) == len(ticket.spec.acceptance)
@@ -363,7 +374,9 @@ CORE_STEPS = (
 
 
 def _run_core_ticket(s: State, tid: str, approvers: str = "", now: datetime = T0) -> ev.ProposalOpened:
-    apply(s, submit(make_ticket(tid, steps=CORE_STEPS, extra=f"update: core\nexpires: 1h\n{approvers}"), now))
+    # cache: false: these tests run the same steps in several tickets and report each one's jobs
+    extra = f"update: core\nexpires: 1h\ncache: false\n{approvers}"
+    apply(s, submit(make_ticket(tid, steps=CORE_STEPS, extra=extra), now))
     apply(
         s,
         report(

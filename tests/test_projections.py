@@ -15,8 +15,9 @@ from schema.projections import MemoryRows, project
 from tests.helpers import make_ticket, property_examples, submit
 from tests.test_decider import T0, apply, interpret, report, types
 
-# interpret()'s command kinds, plus: 10 re-evaluate an open core proposal, 11 retry a blocked task.
-op = st.tuples(st.integers(0, 11), st.integers(0, 5), st.integers(0, 3), st.floats(0, 1))
+# interpret()'s command kinds, plus: 10 re-evaluate an open core proposal, 11 retry a blocked task,
+# 12 rerun an ended ticket from one of its tasks, 13 clear the step cache.
+op = st.tuples(st.integers(0, 13), st.integers(0, 5), st.integers(0, 3), st.floats(0, 1))
 
 
 def command(state: State, n: int, code: tuple[int, int, int, float], now: object) -> c.Command:
@@ -31,6 +32,13 @@ def command(state: State, n: int, code: tuple[int, int, int, float], now: object
         if blocked:
             tid, task = blocked[pick % len(blocked)]
             return c.RetryTask(now=now, ticket=tid, task=task, actor="a")
+    if kind == 12:
+        ended = sorted((t.id, sorted(t.tasks)) for t in state.tickets.values() if t.status != "running")
+        if ended:
+            tid, task_ids = ended[pick % len(ended)]
+            return c.RetryFrom(now=now, ticket=tid, task=task_ids[code[2] % len(task_ids)], actor="a")
+    if kind == 13:
+        return c.ClearCache(now=now, kind=[None, "train", "evaluate"][code[2] % 3])
     return interpret(state, n, (kind % 10, *code[1:]), now)  # type: ignore[arg-type]
 
 
@@ -75,7 +83,7 @@ def test_reevaluation_counts_the_evaluation_once() -> None:
         return types(events)
 
     for tid in ("TICKET-1", "TICKET-2"):
-        run(submit(make_ticket(tid, steps=steps, extra="update: core\n"), T0))
+        run(submit(make_ticket(tid, steps=steps, extra="update: core\ncache: false\n"), T0))  # both tickets train
         run(report(c.RecordJobSucceeded, "train", 1, 0, tid, outputs={"component": "reasoner"}))
         run(report(c.RecordJobSucceeded, "eval", 1, 0, tid, metrics={"acc": 0.5}))
     run(c.ApproveProposal(now=T0, proposal="P-1", actor="a"))
