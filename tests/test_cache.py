@@ -363,7 +363,8 @@ def test_every_job_kind_has_a_code_version() -> None:
 
 
 def test_the_demo_generates_the_shapes_of_ticket_1_and_4_once() -> None:
-    """`make demo` shows a cache hit: TICKET-4's shapes step is TICKET-1's (keep them identical)."""
+    """`make demo` shows a cache hit: TICKET-4's shapes step is TICKET-1's (keep them identical), both
+    fanned out into two shards: each shard and the join run once, for TICKET-1."""
     from pathlib import Path
 
     from schema.ticket import load_ticket
@@ -371,9 +372,15 @@ def test_the_demo_generates_the_shapes_of_ticket_1_and_4_once() -> None:
     examples = Path(__file__).resolve().parent.parent / "tickets" / "examples"
     s = State()
     first = apply(s, submit(load_ticket(examples / "TICKET-1.yaml"), T0))
-    assert scheduled(first) == ["TICKET-1/shapes"]
-    assert scheduled(apply(s, submit(load_ticket(examples / "TICKET-4.yaml"), T0))) == []
-    events = apply(s, report(c.RecordJobSucceeded, "shapes", 1, outputs=OUTPUTS["data"]))
+    assert scheduled(first) == ["TICKET-1/shapes-S0", "TICKET-1/shapes-S1"]
+    events = apply(s, submit(load_ticket(examples / "TICKET-4.yaml"), T0))
+    assert scheduled(events) == [] and types(events).count("TaskWaiting") == 2
+    for shard in ("shapes-S0", "shapes-S1"):
+        events = apply(s, report(c.RecordJobSucceeded, shard, 1, outputs={"shard": shard}))
+        assert reused(events) == [f"TICKET-4/{shard}"]
+    assert scheduled(events) == ["TICKET-1/shapes"]  # the join; TICKET-4's waits for it
+    done = {"count": 2000.0}
+    events = apply(s, report(c.RecordJobSucceeded, "shapes", 1, metrics=done, outputs=OUTPUTS["data"]))
     assert reused(events) == ["TICKET-4/shapes"]
     assert scheduled(events) == ["TICKET-1/train", "TICKET-4/train"]
 
