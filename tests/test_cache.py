@@ -487,3 +487,28 @@ def test_a_core_proposal_names_the_attempt_that_trained_a_reused_candidate() -> 
     component = opened.candidate["image-encoder"]
     assert (component["ticket"], component["task"], component["attempt"]) == ("TICKET-1", "train", 1)
     assert component["checkpoint"] == OUTPUTS["train"]["checkpoint"]
+
+
+def test_a_cached_result_that_misses_this_steps_expectations_is_not_reused() -> None:
+    """`expect:` is not in the key: a step that expects more of the same result runs its own job."""
+    s = State()
+    apply(s, pipeline(steps=SYNTH))
+    apply(s, report(c.RecordJobSucceeded, "data", 1, metrics={"count": 100.0}, outputs=OUTPUTS["data"]))
+    strict = SYNTH.replace("seed: 1}}", "seed: 1}, expect: [{metric: count, op: '>=', value: 200}]}")
+    assert scheduled(apply(s, pipeline("TICKET-2", strict))) == ["TICKET-2/data"]
+    met = SYNTH.replace("seed: 1}}", "seed: 1}, expect: [{metric: count, op: '==', value: 100}]}")
+    assert reused(apply(s, pipeline("TICKET-3", met))) == ["TICKET-3/data"]
+
+
+def test_shards_are_cached_one_by_one_and_follow_their_steps_cache_setting() -> None:
+    s = State()
+    sharded = "  - {id: data, kind: synthesize, shards: 2, with: {generator: shapes, count: 20, shard_size: 10}}\n"
+    log = apply(s, pipeline(steps=sharded))
+    for task in ("data-S0", "data-S1", "data"):
+        log += apply(s, report(c.RecordJobSucceeded, task, 1, outputs={"part": task}))
+    assert scheduled(log) == ["TICKET-1/data-S0", "TICKET-1/data-S1", "TICKET-1/data"]
+    events = apply(s, pipeline("TICKET-2", sharded))
+    assert reused(events) == ["TICKET-2/data-S0", "TICKET-2/data-S1", "TICKET-2/data"] and scheduled(events) == []
+    opted_out = sharded.replace("shards: 2,", "shards: 2, cache: false,")
+    events = apply(s, pipeline("TICKET-3", opted_out))
+    assert reused(events) == [] and scheduled(events) == ["TICKET-3/data-S0", "TICKET-3/data-S1"]
