@@ -949,6 +949,7 @@ def _retry_from(out: _Emitter, c: cmd.RetryFrom) -> None:
     if ticket is None or c.task not in ticket.tasks or ticket.status == "running":
         return
     again = descendants(ticket, c.task)
+    again |= {sub for t in list(again) for sub in ticket.tasks[t].subtasks}  # a fanned-out step: its shards too
     out.emit(ev.TicketRetried(at=c.now, ticket=ticket.id, from_task=c.task, actor=c.actor))
     for task in list(ticket.tasks.values()):
         if task.id in again or task.status != "succeeded":

@@ -512,3 +512,14 @@ def test_shards_are_cached_one_by_one_and_follow_their_steps_cache_setting() -> 
     opted_out = sharded.replace("shards: 2,", "shards: 2, cache: false,")
     events = apply(s, pipeline("TICKET-3", opted_out))
     assert reused(events) == [] and scheduled(events) == ["TICKET-3/data-S0", "TICKET-3/data-S1"]
+
+
+def test_retry_from_a_fanned_out_step_reruns_its_shards() -> None:
+    s = State()
+    sharded = "  - {id: data, kind: synthesize, shards: 2, with: {generator: shapes, count: 20, shard_size: 10}}\n"
+    apply(s, pipeline(steps=sharded))
+    for task in ("data-S0", "data-S1", "data"):
+        apply(s, report(c.RecordJobSucceeded, task, 1, outputs={"part": task}))
+    assert s.tickets["TICKET-1"].status == "completed"
+    events = apply(s, c.RetryFrom(now=T0, ticket="TICKET-1", task="data"))
+    assert scheduled(events) == ["TICKET-1/data-S0", "TICKET-1/data-S1"] and reused(events) == []
