@@ -28,7 +28,7 @@ echo
 "$jbctl" verify
 "$jbctl" replay --check
 echo
-echo "== the step cache: TICKET-4's shapes step is TICKET-1's, generated once (REUSED 1)"
+echo "== the step cache: TICKET-4's shapes step (two shards and their join) is TICKET-1's, generated once (REUSED 1)"
 "$jbctl" cache ls
 "$jbctl" events --type AttemptReused
 echo
