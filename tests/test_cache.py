@@ -321,13 +321,17 @@ def test_jbctl_cache_and_retry_from(store: object, capsys: pytest.CaptureFixture
 @pytest.mark.integration
 def test_identical_steps_run_once_on_real_processes_and_across_a_daemon_restart(tmp_path: object) -> None:
     """A real daemon, Redis and worker: two tickets dropped together with the same synthesize step
-    generate once; after the daemon restarts (its state replayed from the log) a third reuses it."""
+    (two shards) generate once; after the daemon restarts (its state replayed from the log) a third
+    reuses it."""
     from pathlib import Path
 
     from tests.harness import Setup
 
     setup = Setup(Path(str(tmp_path)) / "home")
-    step = "  - {id: shapes, kind: synthesize, with: {generator: shapes, count: 8, seed: 5, params: {size: 16}}}\n"
+    step = (
+        "  - {id: shapes, kind: synthesize, shards: 2,"
+        " with: {generator: shapes, count: 8, shard_size: 4, seed: 5, params: {size: 16}}}\n"
+    )
     try:
         setup.daemon.start()
         setup.worker("cpu")
@@ -341,8 +345,11 @@ def test_identical_steps_run_once_on_real_processes_and_across_a_daemon_restart(
         rows = setup.daemon.rows()
         jobs = [r for r in rows if r["type"] == "AttemptScheduled"]
         reuses = [r["data"] for r in rows if r["type"] == "AttemptReused"]
-        assert len(jobs) == 1, jobs  # one job for three tickets
-        assert sorted(r["ticket"] for r in reuses) == ["TICKET-2", "TICKET-3"]
+        # Two shards and their join, once for three tickets.
+        assert sorted(j["data"]["task"] for j in jobs) == ["shapes", "shapes-S0", "shapes-S1"], jobs
+        assert sorted((r["ticket"], r["task"]) for r in reuses) == [
+            (t, task) for t in ("TICKET-2", "TICKET-3") for task in ("shapes", "shapes-S0", "shapes-S1")
+        ]
         assert {r["source_ticket"] for r in reuses} == {jobs[0]["data"]["ticket"]}
         from schema.store import EventStore, replay_differences
 
