@@ -162,3 +162,10 @@ class PlanMilestones(Command):
     plan: str
     path: str
     milestones: list[dict[str, Any]]
+
+
+class RetireAdapter(Command):
+    """`jbctl adapters retire A-n`: the adapter stops applying (inference and later tickets refuse it)."""
+
+    adapter: str
+    reason: str = "retired by a user"

@@ -220,7 +220,24 @@ def resolved_params(ticket: TicketState, task: TaskState, state: State | None = 
         params["_allowed_binaries"] = sorted(ticket.allowed_binaries | granted)
     if state is not None and task.kind in ("train", "evaluate", "infer") and state.core_version:
         params["_core"] = {"version": state.core_version, "components": dict(state.core_components)}
+    if state is not None:
+        ref = _adapter_ref(task)
+        if ref is not None:
+            # The worker refuses a reference that did not resolve, or to a retired adapter, saying which.
+            params["_adapter"] = find_adapter(state, ref, str(task.params.get("component") or "reasoner")) or {
+                "missing": ref
+            }
     return params
+
+
+def _adapter_ref(task: TaskState) -> str | None:
+    """The adapter a step names: an `infer` step's `adapter:`, or a train step's `adapter: {start: ...}`."""
+    spec = task.params.get("adapter")
+    if task.kind == "infer" and isinstance(spec, str):
+        return spec
+    if task.kind == "train" and isinstance(spec, dict) and isinstance(spec.get("start"), str):
+        return str(spec["start"])
+    return None
 
 
 def _advance(out: _Emitter, ticket: TicketState, now: datetime) -> None:
@@ -440,14 +457,97 @@ def _accept(out: _Emitter, ticket: TicketState, now: datetime) -> None:
             if t.kind == "train" and t.outputs.get("adapter")
         }
         if ticket.spec.update == "adapter" and adapters:
-            out.emit(
-                ev.AdapterActivated(at=now, ticket=ticket.id, adapters=adapters, core_version=out.state.core_version)
-            )
+            _activate_adapters(out, ticket, adapters, now)
         out.emit(ev.TicketCompleted(at=now, ticket=ticket.id))
     else:
         bad = next(r for r in results if not r["ok"])
         seen = "no such metric reported" if bad["observed"] is None else f"observed {bad['observed']:g}"
         out.emit(ev.TicketFailed(at=now, ticket=ticket.id, reason=f"acceptance check failed: {bad['check']} ({seen})"))
+
+
+# --- working memory (adapters) ------------------------------------------------------------------
+
+
+def _next_adapter_number(state: State) -> int:
+    numbers = [int(a[2:]) for a in state.adapters if a[2:].isdigit()]
+    return max(numbers, default=0) + 1
+
+
+def _activate_adapters(out: _Emitter, ticket: TicketState, adapters: dict[str, Any], now: datetime) -> None:
+    """Name each new adapter A-<n>; the ticket's older adapter of the same component is replaced by it."""
+    n = _next_adapter_number(out.state)
+    ids = {component: f"A-{n + i}" for i, component in enumerate(sorted(adapters))}
+    metrics = {c: dict(ticket.tasks[str(o["task"])].metrics) for c, o in adapters.items() if o["task"] in ticket.tasks}
+    older = [
+        a
+        for a in out.state.adapters.values()
+        if a["active"] and a["ticket"] == ticket.id and a["component"] in adapters
+    ]
+    for a in sorted(older, key=lambda a: str(a["id"])):
+        out.emit(
+            ev.AdapterRetired(
+                at=now,
+                ticket=ticket.id,
+                adapter=a["id"],
+                reason="replaced",
+                detail=f"{ticket.id} trained a new {a['component']} adapter ({ids[a['component']]})",
+                replaced_by=ids[a["component"]],
+            )
+        )
+    out.emit(
+        ev.AdapterActivated(
+            at=now, ticket=ticket.id, adapters=adapters, core_version=out.state.core_version, ids=ids, metrics=metrics
+        )
+    )
+
+
+def _retire_rolled_past(out: _Emitter, now: datetime) -> None:
+    """After a promotion or rollback: an adapter whose component's core weights changed no longer fits.
+
+    An adapter is a delta on the exact core checkpoint it was trained on; a new core version that
+    keeps that checkpoint (another component changed) keeps the adapter active."""
+    for a in sorted(out.state.adapters.values(), key=lambda a: str(a["id"])):
+        if not a["active"]:
+            continue
+        now_ckpt = (out.state.core_components.get(a["component"]) or {}).get("checkpoint")
+        if a["core_checkpoint"] is not None and now_ckpt == a["core_checkpoint"]:
+            continue
+        out.emit(
+            ev.AdapterRetired(
+                at=now,
+                ticket=a["ticket"],
+                adapter=a["id"],
+                reason="core_rolled",
+                detail=(
+                    f"core v{out.state.core_version} changed the {a['component']} it was trained on "
+                    f"(core v{a['base_core_version']})"
+                ),
+                core_version=out.state.core_version,
+            )
+        )
+
+
+def _retire_adapter(out: _Emitter, c: cmd.RetireAdapter) -> None:
+    adapter = out.state.adapters.get(c.adapter)
+    if adapter is None or not adapter["active"]:
+        return
+    out.emit(
+        ev.AdapterRetired(
+            at=c.now, ticket=adapter["ticket"], adapter=adapter["id"], reason="manual", detail=c.reason, actor=c.actor
+        )
+    )
+
+
+def find_adapter(state: State, ref: str, component: str | None = None) -> dict[str, Any] | None:
+    """The adapter `ref` names: `A-<n>`, or a ticket id (its active adapter, of `component` when given)."""
+    if ref in state.adapters:
+        return dict(state.adapters[ref])
+    found = [
+        a
+        for a in state.adapters.values()
+        if a["ticket"] == ref and a["active"] and (component is None or a["component"] == component)
+    ]
+    return dict(found[-1]) if found else None
 
 
 def _schedule_task(out: _Emitter, c: cmd.ScheduleTask) -> None:
@@ -716,6 +816,7 @@ def _approve(out: _Emitter, c: cmd.ApproveProposal) -> None:
                 note=c.note,
             )
         )
+        _retire_rolled_past(out, c.now)
         ticket = out.ticket(proposal.ticket)
         if ticket.status == "running":
             out.emit(ev.TicketCompleted(at=c.now, ticket=ticket.id))
@@ -792,6 +893,7 @@ def _rollback(out: _Emitter, c: cmd.RollbackCore) -> None:
             note=c.note,
         )
     )
+    _retire_rolled_past(out, c.now)
     _reprobe(out, c.now, c.actor or "unknown")
 
 
@@ -992,4 +1094,5 @@ _DECIDERS: dict[type, Callable[[_Emitter, Any], None]] = {
     cmd.PlanMilestones: _plan,
     cmd.RetryFrom: _retry_from,
     cmd.ClearCache: _clear_cache,
+    cmd.RetireAdapter: _retire_adapter,
 }

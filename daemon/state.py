@@ -168,6 +168,9 @@ class State:
             setattr(self, name, dict(getattr(self, name)))
             self.shared_maps.discard(name)
         return getattr(self, name)  # type: ignore[no-any-return]
+    # Working memory: A-<n> -> {id, ticket, component, base_core_version, checkpoint, core_checkpoint, active}.
+    # Each record is replaced, never changed in place, so a scratch copy may share them.
+    adapters: dict[str, dict] = field(default_factory=dict)
 
     def scratch(self, ticket_ids: list[str]) -> State:
         """A copy that `evolve` may change, sharing every ticket except those named."""
@@ -189,6 +192,7 @@ class State:
             inflight=self.inflight,
             waiting=self.waiting,
             shared_maps={"cache", "inflight", "waiting"},
+            adapters=dict(self.adapters),
         )
         for tid in ticket_ids:
             if tid in out.tickets:
@@ -530,6 +534,25 @@ def _milestone_planned(state: State, e: ev.MilestonePlanned) -> None:
     state.milestones[e.milestone] = {"plan": e.plan, "revision": e.revision, "hash": e.content_hash, "spec": e.spec}
 
 
+def _adapter_activated(state: State, e: ev.AdapterActivated) -> None:
+    for component, out in e.adapters.items():
+        aid = ev.adapter_id(e, component)
+        state.adapters[aid] = {
+            "id": aid,
+            "ticket": e.ticket,
+            "component": component,
+            "base_core_version": e.core_version,
+            "checkpoint": out.get("checkpoint"),
+            "core_checkpoint": out.get("core_checkpoint"),
+            "active": True,
+        }
+
+
+def _adapter_retired(state: State, e: ev.AdapterRetired) -> None:
+    if e.adapter in state.adapters:
+        state.adapters[e.adapter] = {**state.adapters[e.adapter], "active": False}
+
+
 _HANDLERS: dict[type, Callable[[State, Any], None]] = {
     ev.TicketSubmitted: _submitted,
     ev.TicketRejected: _rejected,
@@ -563,4 +586,6 @@ _HANDLERS: dict[type, Callable[[State, Any], None]] = {
     ev.TaskWaiting: _waiting,
     ev.CacheCleared: _cache_cleared,
     ev.TicketRetried: _ticket_retried,
+    ev.AdapterActivated: _adapter_activated,
+    ev.AdapterRetired: _adapter_retired,
 }

@@ -299,8 +299,26 @@ class CorePromoted(Event):
 class AdapterActivated(TicketEvent):
     """Working memory: a ticket's adapters apply on top of the core version they were trained on."""
 
-    adapters: dict[str, Any]
+    adapters: dict[str, Any]  # component -> the train step's outputs (checkpoint, core_checkpoint, rank, task)
     core_version: int
+    ids: dict[str, str] = Field(default_factory=dict)  # component -> A-<n>; empty in logs from before ids
+    metrics: dict[str, dict[str, float]] = Field(default_factory=dict)  # component -> the train step's metrics
+
+
+def adapter_id(event: AdapterActivated, component: str) -> str:
+    """The adapter's id: the one the decider gave it, or (logs written before ids) one named after it."""
+    return event.ids.get(component) or f"A-{event.ticket}.{component}"
+
+
+class AdapterRetired(TicketEvent):
+    """An adapter stops applying: replaced by a newer one of its ticket, its core rolled past, or by hand."""
+
+    adapter: str  # A-<n>
+    reason: Literal["replaced", "core_rolled", "manual"]
+    detail: str = ""
+    replaced_by: str | None = None
+    core_version: int | None = None  # the core version that rolled past it
+    actor: str | None = None
 
 
 class HomeOwnerRecorded(Event):

@@ -559,6 +559,48 @@ def _proposal_decided(rows: Rows, seq: int, e: Any) -> None:
     _touch_ticket(rows, seq, e.ticket, e.at, **cleared)
 
 
+def _adapter_activated(rows: Rows, seq: int, e: ev.AdapterActivated) -> None:
+    for component, out in e.adapters.items():
+        aid = ev.adapter_id(e, component)
+        rank = out.get("rank")
+        rows.put(
+            "adapters",
+            (aid,),
+            {
+                "id": aid,
+                "ticket": e.ticket,
+                "task": out.get("task"),
+                "component": component,
+                "base_core_version": e.core_version,
+                "core_checkpoint": out.get("core_checkpoint"),
+                "artifact": out.get("checkpoint"),
+                "rank": int(rank) if isinstance(rank, int | float) else None,
+                "metrics": dict(e.metrics.get(component, {})),
+                "active": True,
+                "activated_at": _naive(e.at),
+                "retired_at": None,
+                "retired_reason": None,
+                "retired_detail": None,
+                "replaced_by": None,
+            },
+        )
+    _touch_ticket(rows, seq, e.ticket, e.at)
+
+
+def _adapter_retired(rows: Rows, seq: int, e: ev.AdapterRetired) -> None:
+    _update(
+        rows,
+        "adapters",
+        (e.adapter,),
+        active=False,
+        retired_at=_naive(e.at),
+        retired_reason=e.reason,
+        retired_detail=e.detail or None,
+        replaced_by=e.replaced_by,
+    )
+    _touch_ticket(rows, seq, e.ticket, e.at)
+
+
 def _other(rows: Rows, seq: int, e: Any) -> None:
     ticket = getattr(e, "ticket", None)
     if isinstance(ticket, str):
@@ -592,6 +634,8 @@ _PROJECTORS: dict[type, Callable[[Rows, int, Any], None]] = {
     ev.CorePromoted: _promoted,
     ev.AttemptReused: _reused,
     ev.TicketRetried: _ticket_retried,
+    ev.AdapterActivated: _adapter_activated,
+    ev.AdapterRetired: _adapter_retired,
 }
 
 

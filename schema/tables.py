@@ -207,6 +207,28 @@ class CoreVersionRow(SQLModel, table=True):
     promoted_at: datetime | None = _ts()
 
 
+class AdapterRow(SQLModel, table=True):
+    """Working memory: one row per adapter, active until replaced, rolled past, or retired by hand."""
+
+    __tablename__ = "adapters"
+
+    id: str = Field(primary_key=True, max_length=120)  # A-<n>
+    ticket: str = Field(max_length=100, index=True)
+    task: str | None = Field(default=None, max_length=100)
+    component: str = Field(max_length=40)
+    base_core_version: int
+    core_checkpoint: str | None = Field(default=None, max_length=80)  # the core weights it is a delta on
+    artifact: str | None = Field(default=None, max_length=80)  # the adapter file (sha256)
+    rank: int | None = None
+    metrics: dict | None = _json()
+    active: bool = Field(index=True)
+    activated_at: datetime | None = _ts()
+    retired_at: datetime | None = _ts()
+    retired_reason: str | None = Field(default=None, max_length=20)  # replaced | core_rolled | manual
+    retired_detail: str | None = None
+    replaced_by: str | None = Field(default=None, max_length=120)
+
+
 PROJECTION_TABLES: list[str] = [
     "tickets",
     "tasks",
@@ -216,6 +238,7 @@ PROJECTION_TABLES: list[str] = [
     "metrics",
     "core_versions",
     "step_checks",
+    "adapters",
 ]
 
 # Plain SQL views (dialect-neutral) for the questions users ask most.
