@@ -17,7 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", type=Path, help="a sudoku puzzle: one row per line, 0 or . for blanks")
     src.add_argument("--image", type=Path, help="a PNG image (RGB)")
-    p.add_argument("--checkpoint", help="sha256:<id> of a checkpoint artifact (default: the current core's)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", help="sha256:<id> of a checkpoint artifact (default: the current core's)")
+    which.add_argument("--adapter", metavar="A-N", help="apply this adapter (working memory) on its core")
+    which.add_argument("--memory", metavar="TICKET", help="apply the active adapter this ticket trained")
     p.add_argument("--queue", default="gpu", choices=["gpu", "cpu"])
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--json", action="store_true")
@@ -74,6 +77,14 @@ def cmd_infer(args: argparse.Namespace) -> int:
         params["image"] = read_image(args.image)
     if args.checkpoint:
         params["checkpoint"] = args.checkpoint
+    if args.adapter or args.memory:
+        from daemon.memory import ADAPTER_ID, TICKET_ID
+
+        if args.adapter and not ADAPTER_ID.match(args.adapter):
+            raise CliError(f"--adapter {args.adapter!r}: an adapter id looks like A-3 (`jbctl adapters` lists them)")
+        if args.memory and not TICKET_ID.match(args.memory):
+            raise CliError(f"--memory {args.memory!r}: not a ticket id (e.g. TICKET-7)")
+        params["adapter"] = args.adapter or args.memory
     try:
         out = infer(settings, open_store(settings).engine, params, queue=args.queue, timeout=args.timeout)
     except InferenceError as exc:
@@ -89,8 +100,11 @@ def cmd_infer(args: argparse.Namespace) -> int:
         head = json.dumps([round(v, 3) for v in out["head"]])
         print(f"embedding: dim {out['dim']}, norm {out['norm']:.3f}, head {head}")
     warm = "warm" if out["warm"] else "cold (loaded now)"
+    memory = ""
+    if out.get("adapter"):
+        memory = f" + adapter {out['adapter']} (swapped in {out.get('swap_ms', 0.0):.1f} ms)"
     print(
-        f"core v{out['core_version']} {args.component} {out['checkpoint'][:12]}: forward {out['forward_ms']:.1f} ms, "
-        f"{warm}, end to end {total_ms:.1f} ms"
+        f"core v{out['core_version']} {args.component} {out['checkpoint'][:12]}{memory}: "
+        f"forward {out['forward_ms']:.1f} ms, {warm}, end to end {total_ms:.1f} ms"
     )
     return 0

@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "cli.gate_cmds",
     "cli.cache_cmds",
     "cli.infer_cmds",
+    "cli.adapters_cmds",
     "cli.console_cmds",
 ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -74,31 +75,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return run_dedicated_worker(settings.redis_url, args.ticket, name=args.name)
     from workers.worker import run_worker
 
+    queues = args.queue or ["gpu", "cpu"]
     if args.warm:
-        _warm(settings)
-    return run_worker(settings.redis_url, args.queue or ["gpu", "cpu"], burst=args.burst, name=args.name)
+        _warm(settings, args.name or f"{socket.gethostname()}.{os.getpid()}", queues)
+    return run_worker(settings.redis_url, queues, burst=args.burst, name=args.name)
 
 
-def _warm(settings: Any) -> None:
-    """Keep-alive: load the current core (as the dispatcher last published it) into the model cache."""
-    import json
+def _warm(settings: Any, name: str, queues: list[str]) -> None:
+    """Keep-alive: load the current core (as the dispatcher last published it) before the first job, then
+    follow it: a promoted or rolled-back core is loaded in the background and switched to when ready."""
+    from workers.keepalive import CoreFollower
 
-    import redis
-
-    from schema.wire import CORE_KEY
-    from workers.inference import warm_core
-
-    raw = redis.Redis.from_url(settings.redis_url).get(CORE_KEY)
-    if not raw:
-        print("jetbox worker: no core to warm yet", file=sys.stderr)
-        return
-    core = json.loads(raw)
-    n = warm_core(
-        core.get("components", {}),
-        settings.artifacts_path,
-        log=lambda line: print(f"jetbox worker: {line}", file=sys.stderr),
-    )
-    print(f"jetbox worker: warmed {n} component(s) of core v{core.get('version')}", file=sys.stderr)
+    follower = CoreFollower(settings.redis_url, name, settings.artifacts_path, queues)
+    try:
+        follower.step()
+    except Exception as exc:  # Redis not there yet: the follower keeps trying
+        print(f"jetbox worker: core not warmed yet ({exc})", file=sys.stderr)
+    if follower.held is None:
+        print("jetbox worker: no core to warm yet; following it", file=sys.stderr)
+    follower.start()
 
 
 def systemd_is_init() -> bool:
@@ -299,7 +294,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not stopping:
             children.start("daemon", [JBCTL, "daemon"], env, logs / "daemon.log")
             for q in ("cpu", "gpu"):
-                children.start(f"worker-{q}", [JBCTL, "worker", "--queue", q], env, logs / f"worker-{q}.log")
+                warm = ["--warm"] if q == "gpu" else []  # the inference worker keeps the core loaded, following it
+                children.start(f"worker-{q}", [JBCTL, "worker", "--queue", q, *warm], env, logs / f"worker-{q}.log")
             if args.console_port:
                 port = str(args.console_port)
                 children.start("console", [JBCTL, "console", "--port", port], env, logs / "console.log")

@@ -210,7 +210,34 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(colour(line, "33"))
     busy = any(d["state"] == "running" and not d["awaiting_approval"] for d in data)
     print(daemon_line(settings.home, work_waiting=busy))
+    for line in warm_lines(settings):
+        print(line)
     return 0
+
+
+def warm_lines(settings: Any) -> list[str]:
+    """One line per warm worker: the core version it holds (and the one it is loading), from Redis."""
+    url = settings.redis_url_or_private()
+    if not url:
+        return []
+    import redis
+
+    from schema.wire import warm_workers
+
+    try:
+        conn = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+        found = warm_workers(conn)
+    except (redis.RedisError, OSError):
+        return []
+    lines = []
+    for w in found:
+        held = f"core v{w['core_version']}" if w.get("core_version") is not None else "no core yet"
+        if w.get("loading") is not None:
+            held += f", loading v{w['loading']} in the background"
+        if w.get("error"):
+            held += colour(f", could not load {w['error']}", "31")
+        lines.append(f"warm worker {w['worker']} ({', '.join(w.get('queues') or [])}): {held}")
+    return lines
 
 
 def daemon_line(home: Path, work_waiting: bool = True) -> str:

@@ -75,7 +75,14 @@ def infer(
         raise InferenceError("no Redis configured (JETBOX_REDIS_URL): inference runs on a worker (try `jbctl up`)")
     component = params["component"]
     core = current_core(engine)
-    if not params.get("checkpoint") and component not in core["components"]:
+    if params.get("adapter"):
+        from daemon.memory import AdapterError, adapter_params, resolve_adapter
+
+        try:
+            params = {**params, "_adapter": adapter_params(resolve_adapter(engine, str(params["adapter"]), component))}
+        except AdapterError as exc:
+            raise InferenceError(str(exc)) from None
+    if not params.get("checkpoint") and not params.get("_adapter") and component not in core["components"]:
         raise InferenceError(
             f"the core (v{core['version']}) has no {component}: approve a proposal first, "
             "or pass --checkpoint sha256:<id>"

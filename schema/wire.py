@@ -138,3 +138,21 @@ def dedicated_queue(ticket: str) -> str:
 
 
 CORE_KEY = "jetbox:core"  # the current core ({version, components}), for workers that warm it up
+WARM_PREFIX = "jetbox:warm:"  # + worker name: the core version a warm worker holds (JSON, with a TTL)
+
+
+def warm_key(worker: str) -> str:
+    return WARM_PREFIX + worker
+
+
+def warm_workers(conn: Any) -> list[dict[str, Any]]:
+    """What each warm worker last reported under `warm_key` (one that stopped reporting has expired)."""
+    out = []
+    for key in sorted(conn.scan_iter(match=WARM_PREFIX + "*", count=200)):
+        raw = conn.get(key)
+        if raw:
+            try:
+                out.append(json.loads(raw))
+            except ValueError:
+                continue
+    return out

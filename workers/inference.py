@@ -12,7 +12,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ class Loaded:
     model: Any
     info: dict[str, Any]
     nbytes: int
+    adapter: str | None = None  # the adapter merged into the weights now (workers/memory.py)
+    pristine: dict[str, Any] = field(default_factory=dict)  # the core's own weights of the layers adapters touch
 
 
 def model_bytes(model: Any) -> int:
@@ -48,6 +50,7 @@ class ModelCache:
     def __init__(self, budget_bytes: int) -> None:
         self.budget = budget_bytes
         self.items: OrderedDict[str, Loaded] = OrderedDict()
+        self.loading: dict[str, threading.Event] = {}
         self.lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0
 
@@ -55,22 +58,40 @@ class ModelCache:
     def used(self) -> int:
         return sum(item.nbytes for item in self.items.values())
 
+    def has(self, key: str) -> bool:
+        with self.lock:
+            return key in self.items
+
     def get(self, key: str, load: Callable[[], tuple[Any, dict[str, Any]]]) -> tuple[Loaded, bool]:
-        """The model for `key`, loading it on a miss; returns (loaded, was_warm)."""
-        with self.lock:
-            if key in self.items:
+        """The model for `key`, loading it on a miss; returns (loaded, was_warm).
+
+        A model enters the cache only once fully loaded. One loader per key at a time: a request for a
+        model the keep-alive thread is loading in the background waits for that load, not a second one."""
+        while True:
+            with self.lock:
+                if key in self.items:
+                    self.items.move_to_end(key)
+                    self.hits += 1
+                    return self.items[key], True
+                pending = self.loading.get(key)
+                if pending is None:
+                    pending = self.loading[key] = threading.Event()
+                    break
+            pending.wait()  # someone else's load ended (or failed): look again
+        try:
+            model, info = load()
+            loaded = Loaded(model, info, model_bytes(model))
+            with self.lock:
+                self.misses += 1
+                self.items[key] = loaded
                 self.items.move_to_end(key)
-                self.hits += 1
-                return self.items[key], True
-        model, info = load()
-        loaded = Loaded(model, info, model_bytes(model))
-        with self.lock:
-            self.misses += 1
-            self.items[key] = loaded
-            self.items.move_to_end(key)
-            while self.used > self.budget and len(self.items) > 1:
-                self.items.popitem(last=False)
-                self.evictions += 1
+                while self.used > self.budget and len(self.items) > 1:
+                    self.items.popitem(last=False)
+                    self.evictions += 1
+        finally:
+            with self.lock:
+                self.loading.pop(key, None)
+            pending.set()
         return loaded, False
 
     def clear(self) -> None:
@@ -145,6 +166,9 @@ class InferParams(BaseModel):
     image: list[list[list[int]]] | None = Field(default=None, description="an HxWx3 uint8 image (image-encoder)")
     data: str | None = Field(default=None, description="a synthesize step whose first examples to run")
     limit: int = Field(default=8, ge=1, le=10_000)
+    adapter: str | None = Field(
+        default=None, description="working memory to apply: an adapter id (A-3) or the ticket that trained it"
+    )
 
 
 def _checkpoint(ctx: JobContext, params: dict[str, Any], p: InferParams) -> tuple[str, Path]:
@@ -158,20 +182,54 @@ def _checkpoint(ctx: JobContext, params: dict[str, Any], p: InferParams) -> tupl
     return full, Path(ctx.store.path(full))
 
 
+def _adapter(params: dict[str, Any], p: InferParams) -> dict[str, Any] | None:
+    """The adapter to apply (resolved by the daemon into `_adapter`), or None; refuses what does not apply."""
+    found = params.get("_adapter")
+    if found is None:
+        if p.adapter is not None:
+            raise JobFailed(f"adapter {p.adapter!r} was not resolved: no such adapter in the working memory")
+        return None
+    if "missing" in found:
+        raise JobFailed(f"no adapter {found['missing']!r} in the working memory (`jbctl adapters` lists them)")
+    if not found.get("active", True):
+        raise JobFailed(f"adapter {found['id']} is retired; it no longer applies (`jbctl adapters`)")
+    if found.get("component") != p.component:
+        raise JobFailed(f"adapter {found.get('id')} adapts the {found.get('component')}, not the {p.component}")
+    if p.checkpoint is not None:
+        raise JobFailed("pass either an adapter or a checkpoint: an adapter runs on the core it was trained on")
+    return dict(found)
+
+
 def run_infer(ctx: JobContext, params: dict[str, Any]) -> JobResult:
+    from workers.memory import FILES, apply_adapter
+
     p = InferParams.model_validate({k: v for k, v in own_params(params).items()})
     if p.component not in LOADERS:
         raise JobFailed(f"unknown component {p.component!r} (known: {', '.join(LOADERS)})")
+    adapter = _adapter(params, p)
+    if adapter is not None and adapter.get("core_checkpoint"):
+        # The weights it is a delta on: the current core's while it is active.
+        p = p.model_copy(update={"checkpoint": "sha256:" + str(adapter["core_checkpoint"]).removeprefix("sha256:")})
     artifact, path = _checkpoint(ctx, params, p)
     started = time.perf_counter()
     loaded, warm = CACHE.get(f"{p.component}:{artifact}", lambda: LOADERS[p.component](path))
     load_ms = 1000 * (time.perf_counter() - started)
+    t0 = time.perf_counter()
+    if adapter is not None:
+        full = ctx.store.resolve(str(adapter["checkpoint"]).removeprefix("sha256:"))
+        apply_adapter(loaded, full, FILES.get(full, Path(ctx.store.path(full))))
+    else:
+        apply_adapter(loaded, None, None)
+    swap_ms = 1000 * (time.perf_counter() - t0)
     t0 = time.perf_counter()
     outputs: dict[str, Any] = {
         "component": p.component,
         "checkpoint": artifact,
         "warm": warm,
         "core_version": (params.get("_core") or {}).get("version", 0),
+        "adapter": adapter["id"] if adapter is not None else None,
+        "adapter_base_core_version": adapter.get("base_core_version") if adapter is not None else None,
+        "swap_ms": swap_ms,
     }
     if p.component == "reasoner":
         data: dict[str, Any] | None = None
@@ -204,7 +262,7 @@ def run_infer(ctx: JobContext, params: dict[str, Any]) -> JobResult:
         )
         metrics = {"norm": float(norms.mean()), "images": float(len(images))}
     forward_ms = 1000 * (time.perf_counter() - t0)
-    metrics.update(load_ms=load_ms, forward_ms=forward_ms)
+    metrics.update(load_ms=load_ms, forward_ms=forward_ms, swap_ms=swap_ms)
     outputs.update(load_ms=load_ms, forward_ms=forward_ms)
     return JobResult(metrics=metrics, outputs=outputs)
 

@@ -151,10 +151,11 @@ def _train_adapter(ctx: JobContext, params: dict[str, Any]) -> JobResult:
     core = core_checkpoint(ctx, params, "reasoner")
     if core is None:
         raise JobFailed("an adapter needs a core reasoner to adapt: approve a reasoner proposal first")
-    train, test = _reasoner_data(ctx, params)
-    metrics, path = train_adapter(ctx, p, core, train, test)
-    artifact = ctx.artifact(path, "adapter", {"rank": p.adapter.rank, "component": "reasoner"})
     core_info = params.get("_core") or {}
+    start = _start_adapter(ctx, params, p.adapter.start, core_info)
+    train, test = _reasoner_data(ctx, params)
+    metrics, path = train_adapter(ctx, p, core, train, test, start_from=start)
+    artifact = ctx.artifact(path, "adapter", {"rank": p.adapter.rank, "component": "reasoner"})
     return JobResult(
         metrics=finite_metrics(metrics),
         outputs={
@@ -165,6 +166,22 @@ def _train_adapter(ctx: JobContext, params: dict[str, Any]) -> JobResult:
             "core_checkpoint": core_info.get("components", {}).get("reasoner", {}).get("checkpoint"),
         },
     )
+
+
+def _start_adapter(ctx: JobContext, params: dict[str, Any], ref: str | None, core: dict[str, Any]) -> Path | None:
+    """The file of the adapter a train step starts from (`adapter: {start: A-3}`), checked against the core."""
+    if ref is None:
+        return None
+    found = params.get("_adapter") or {"missing": ref}
+    if "missing" in found:
+        raise JobFailed(f"no adapter {ref!r} in the working memory to start from (`jbctl adapters` lists them)")
+    if not found.get("active", True):
+        raise JobFailed(f"adapter {found['id']} is retired: start from an active one (its core was rolled past?)")
+    current = str((core.get("components", {}).get("reasoner") or {}).get("checkpoint") or "")
+    if found.get("core_checkpoint") and str(found["core_checkpoint"]) != current:
+        raise JobFailed(f"adapter {found['id']} was trained on another core reasoner than the current one")
+    full = ctx.store.resolve(str(found["checkpoint"]).removeprefix("sha256:"))
+    return Path(ctx.store.path(full))
 
 
 # --- evaluate ----------------------------------------------------------------------------------

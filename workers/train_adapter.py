@@ -32,6 +32,9 @@ class AdapterSpec(BaseModel):
 
     rank: int = Field(4, ge=1, le=256)
     alpha: float = Field(8.0, gt=0)
+    start: str | None = Field(
+        default=None, description="an adapter (A-3, or the ticket that trained it) to start from instead of zero"
+    )
 
 
 class AdapterParams(BaseModel):
@@ -63,8 +66,10 @@ def train_adapter(
     core_checkpoint: Path,
     train: dict[str, np.ndarray],
     test: dict[str, np.ndarray],
+    start_from: Path | None = None,
 ) -> tuple[dict[str, float], Path]:
-    """Train an adapter; returns metrics (with the core alone beside them) and the adapter file."""
+    """Train an adapter (from zero, or from the adapter file `start_from`); returns metrics (with the core
+    alone beside them) and the adapter file."""
     torch.manual_seed(params.seed)
     rng = np.random.default_rng(params.seed)
     model, info = load_reasoner(core_checkpoint)
@@ -75,6 +80,16 @@ def train_adapter(
         raise JobFailed(f"the core reasoner reads {info['cells']} cells; these puzzles have {n * n}")
     base = _evaluate(model, held, info["copy_givens"])
     add_adapters(model, params.adapter.rank, params.adapter.alpha)
+    if start_from is not None:
+        saved = torch.load(start_from, map_location="cpu", weights_only=False)
+        if int(saved.get("rank", -1)) != params.adapter.rank:
+            rank = params.adapter.rank
+            raise JobFailed(f"the starting adapter has rank {saved.get('rank')}; this step asks for {rank}")
+        try:
+            load_adapter(model, saved["adapter"])
+        except (ValueError, RuntimeError) as exc:
+            raise JobFailed(f"the starting adapter does not fit the core reasoner: {exc}") from None
+    start_metrics = _evaluate(model, held, info["copy_givens"]) if start_from is not None else None
     opt = torch.optim.AdamW(trainable(model), lr=params.lr, weight_decay=0.0)
     task = Task("sudoku", n, n)
     augment = sudoku_augment() if params.augment else None
@@ -143,4 +158,6 @@ def train_adapter(
         "final_loss": float(np.mean(losses[-10:])) if losses else float("nan"),
         "adapter_params": float(sum(p.numel() for p in trainable(model))),
     }
+    if start_metrics is not None:
+        metrics["blank_acc_start"] = start_metrics["blank_acc"]
     return metrics, out_path
