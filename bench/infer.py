@@ -10,6 +10,14 @@ One run, one machine, one model (a small TRM reasoner on 6x6 sudoku, trained for
 - cold: a fresh process per request that imports torch, loads the checkpoint and runs one forward
   (what inference costs without a warm worker).
 Goal: warm p50 within 2x the bare forward time plus 10 ms.
+
+Working memory (`--adapters`, on by default): two rank-4 adapters trained on that core for a few steps;
+- swap: making the other adapter the applied one on the warm core (`workers/memory.py`: restore the
+  touched weights, merge the other's deltas), p50 over alternating swaps, beside a cold load of core +
+  adapter in this process (read the checkpoint, build the model, read the adapter, merge);
+  goal: swap p50 under 5 % of the cold load;
+- forward with an adapter merged against the core alone, in process, and through the warm worker
+  (`_adapter` in the envelope, as `jbctl infer --adapter` sends it); goal: within 10 %.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -40,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--cold", type=int, default=5, help="cold starts to time (each a fresh process)")
+    parser.add_argument("--no-adapters", dest="adapters", action="store_false", help="skip the working-memory part")
     args = parser.parse_args()
 
     import numpy as np
@@ -86,6 +96,10 @@ def main() -> None:
             solve_grids(loaded, grid)
             bare.append(time.perf_counter() - t0)
 
+        mem: dict[str, Any] = {}
+        if args.adapters:
+            mem = _adapters_in_process(Ctx, home, artifacts, data, ckpt, loaded, grid, args.requests)
+
         # warm, through Jetbox
         server = start_redis(home / "run")
         env = {k: v for k, v in os.environ.items() if not k.startswith("JETBOX_")}
@@ -119,6 +133,19 @@ def main() -> None:
         try:
             first = request()  # loads the model into the worker's cache
             warm = [request() for _ in range(args.requests)]
+            if args.adapters:
+                # The same requests with working memory: one adapter (applied once, then reused) ...
+                params = {"component": "reasoner", "puzzle": puzzle, "_adapter": mem["envelope"][0]}
+                request()
+                mem["warm_adapter"] = [request() for _ in range(args.requests)]
+                # ... and two alternating, so that every request swaps.
+                swapped = []
+                for n in range(args.requests):
+                    params = {"component": "reasoner", "puzzle": puzzle, "_adapter": mem["envelope"][n % 2]}
+                    swapped.append(request())
+                mem["warm_swapping"] = swapped
+                params = {"component": "reasoner", "checkpoint": f"sha256:{ckpt}", "puzzle": puzzle}
+                mem["warm_plain_after"] = [request() for _ in range(args.requests)]
         finally:
             os.killpg(worker.pid, signal.SIGTERM)
             worker.wait(20)
@@ -154,6 +181,90 @@ def main() -> None:
     goal = 2 * bare_p50 + 10
     print(f"  goal warm p50 <= 2 x bare + 10 ms = {goal:.2f} ms: {'met' if warm_p50 <= goal else 'not met'}")
     print(f"  cold/warm ratio: {statistics.mean(cold) * ms / warm_p50:.0f}x")
+    if mem:
+        _report_adapters(mem, args.requests)
+
+
+def _adapters_in_process(
+    Ctx: Any, home: Path, artifacts: Path, data: Any, ckpt: str, loaded: Any, grid: Any, n: int
+) -> dict[str, Any]:
+    """Train two small adapters on the core; time swaps, cold loads of core + adapter, forwards."""
+    from schema.artifact_store import ArtifactStore
+    from workers.inference import LOADERS, Loaded, solve_grids
+    from workers.memory import apply_adapter, read_adapter
+    from workers.ml_jobs import run_train
+
+    store = ArtifactStore(artifacts)
+    core = {"version": 1, "components": {"reasoner": {"checkpoint": ckpt}}}
+    adapters = []
+    for seed in (0, 1):
+        done = run_train(
+            Ctx(workdir=home / f"adapter{seed}"),
+            {
+                "model": "trm",
+                "data": "p",
+                "adapter": {"rank": 4},
+                "max_steps": 5,
+                "seed": seed,
+                "_inputs": {"p": data.outputs},
+                "_core": core,
+            },
+        )
+        adapters.append(done.outputs["checkpoint"])
+    files = [read_adapter(store.path(a)) for a in adapters]
+    core_path = store.path(ckpt)
+
+    cold = []
+    for _ in range(max(5, n // 20)):
+        t0 = time.perf_counter()
+        model, info = LOADERS["reasoner"](core_path)
+        fresh = Loaded(model, info, 0)
+        apply_adapter(fresh, adapters[0], read_adapter(store.path(adapters[0])))
+        cold.append(time.perf_counter() - t0)
+    swaps = []
+    apply_adapter(loaded, adapters[1], files[1])
+    for k in range(n):
+        t0 = time.perf_counter()
+        apply_adapter(loaded, adapters[k % 2], files[k % 2])
+        swaps.append(time.perf_counter() - t0)
+    with_adapter, without = [], []
+    for _ in range(n):  # alternate, so that drift in the machine's load hits both alike
+        apply_adapter(loaded, adapters[0], files[0])
+        t0 = time.perf_counter()
+        solve_grids(loaded, grid)
+        with_adapter.append(time.perf_counter() - t0)
+        apply_adapter(loaded, None, None)
+        t0 = time.perf_counter()
+        solve_grids(loaded, grid)
+        without.append(time.perf_counter() - t0)
+    envelope = [
+        {"id": f"A-{k + 1}", "component": "reasoner", "checkpoint": a, "core_checkpoint": ckpt, "active": True}
+        for k, a in enumerate(adapters)
+    ]
+    return {"cold": cold, "swaps": swaps, "with": with_adapter, "without": without, "envelope": envelope}
+
+
+def _report_adapters(mem: dict[str, Any], n: int) -> None:
+    ms = 1000.0
+    swap, cold = statistics.median(mem["swaps"]) * ms, statistics.median(mem["cold"]) * ms
+    print(f"  working memory: two rank-4 adapters on that core, {n} swaps")
+    print(f"    swap on the warm core        p50 {swap:8.3f} ms  p99 {_pct(mem['swaps'], 0.99) * ms:8.3f} ms")
+    print(f"    cold load core + adapter     p50 {cold:8.2f} ms over {len(mem['cold'])} loads (in process)")
+    print(
+        f"    swap / cold load: {100 * swap / cold:.2f} %  (goal < 5 %: {'met' if swap < 0.05 * cold else 'not met'})"
+    )
+    w, wo = statistics.median(mem["with"]) * ms, statistics.median(mem["without"]) * ms
+    print(
+        f"    forward with adapter p50 {w:8.2f} ms, without {wo:8.2f} ms: {100 * (w / wo - 1):+.1f} %"
+        f"  (goal within 10 %: {'met' if abs(w / wo - 1) <= 0.10 else 'not met'})"
+    )
+    if "warm_adapter" in mem:
+        a, p = statistics.median(mem["warm_adapter"]) * ms, statistics.median(mem["warm_plain_after"]) * ms
+        sw = statistics.median(mem["warm_swapping"]) * ms
+        print(
+            f"    warm worker end to end p50: core alone {p:8.2f} ms, with an adapter {a:8.2f} ms "
+            f"({100 * (a / p - 1):+.1f} %), swapping adapters every request {sw:8.2f} ms"
+        )
 
 
 if __name__ == "__main__":

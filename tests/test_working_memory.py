@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 from daemon import commands as c
 from daemon.state import State
@@ -136,3 +137,71 @@ def test_projection_follows_the_lifecycle_and_reads_old_logs() -> None:
     assert not a1["active"] and a1["retired_reason"] == "core_rolled" and "core v2" in a1["retired_detail"]
     legacy = rows.data["adapters"][("A-TICKET-7.reasoner",)]
     assert legacy["active"] and legacy["base_core_version"] == 2 and legacy["metrics"] == {}
+
+
+def test_swapping_adapters_on_a_warm_core_merges_and_restores_exactly() -> None:
+    import copy
+
+    import pytest
+    import torch
+    from torch import nn
+
+    from workers.inference import Loaded
+    from workers.jobs import JobFailed
+    from workers.memory import apply_adapter
+    from workers.models.lora import adapter_state, add_adapters
+
+    torch.manual_seed(0)
+    core = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(5, 8)
+    plain = core(x).detach()
+
+    def trained(seed: int) -> tuple[nn.Module, dict]:
+        torch.manual_seed(seed)
+        wrapped = copy.deepcopy(core)
+        add_adapters(wrapped, rank=2, alpha=4.0)
+        for name, p in wrapped.named_parameters():
+            if "lora_b" in name:
+                p.data.normal_()
+        return wrapped, {"adapter": adapter_state(wrapped), "rank": 2, "alpha": 4.0}
+
+    (net_a, file_a), (net_b, file_b) = trained(1), trained(2)
+    loaded = Loaded(core, {}, 0)
+    assert apply_adapter(loaded, "a", file_a) and loaded.adapter == "a"
+    assert torch.allclose(core(x), net_a(x), atol=1e-5) and not torch.allclose(core(x), plain)
+    assert not apply_adapter(loaded, "a", file_a)  # already applied: nothing to do
+    apply_adapter(loaded, "b", file_b)
+    assert torch.allclose(core(x), net_b(x), atol=1e-5)
+    apply_adapter(loaded, None, None)
+    assert torch.equal(core(x), plain)  # the core's own weights, bit for bit
+    bad = {"adapter": {"0.lora_a": torch.zeros(2, 3), "0.lora_b": torch.zeros(16, 2)}, "rank": 2}
+    with pytest.raises(JobFailed, match="does not fit this core"):
+        apply_adapter(loaded, "bad", bad)
+    assert loaded.adapter is None and torch.equal(core(x), plain)
+    missing = {"adapter": {"9.lora_a": torch.zeros(2, 8), "9.lora_b": torch.zeros(16, 2)}, "rank": 2}
+    with pytest.raises(JobFailed, match="does not fit this core"):
+        apply_adapter(loaded, "other", missing)
+
+
+def test_infer_refuses_adapters_that_do_not_apply(tmp_path: Path) -> None:
+    import pytest
+
+    from workers.context import LocalContext
+    from workers.inference import run_infer
+    from workers.jobs import JobFailed
+
+    ctx = LocalContext(workdir=tmp_path / "w", artifact_root=tmp_path / "a")
+    base = {"component": "reasoner", "puzzle": [[1, 0], [0, 1]]}
+    cases = [
+        ({**base, "adapter": "A-3"}, "was not resolved"),
+        ({**base, "adapter": "A-3", "_adapter": {"missing": "A-3"}}, "no adapter 'A-3'"),
+        ({**base, "_adapter": {"id": "A-1", "active": False, "component": "reasoner"}}, "A-1 is retired"),
+        ({**base, "_adapter": {"id": "A-1", "active": True, "component": "image-encoder"}}, "not the reasoner"),
+        (
+            {**base, "checkpoint": "sha256:" + "a" * 64, "_adapter": {"id": "A-1", "component": "reasoner"}},
+            "either an adapter or a checkpoint",
+        ),
+    ]
+    for params, message in cases:
+        with pytest.raises(JobFailed, match=message):
+            run_infer(ctx, params)

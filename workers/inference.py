@@ -246,6 +246,8 @@ def run_infer(ctx: JobContext, params: dict[str, Any]) -> JobResult:
         if p.puzzle is None and data is not None and "solutions" in data:
             right = answers == np.asarray(data["solutions"][: p.limit])
             metrics["exact_acc"] = float(right.reshape(len(right), -1).all(-1).mean())
+            blank = puzzles == 0
+            metrics["blank_acc"] = float(right[blank].mean()) if blank.any() else 1.0
         outputs["answers"] = answers.tolist() if p.puzzle is None else None
     else:
         if p.image is not None:
