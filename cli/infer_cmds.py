@@ -66,7 +66,12 @@ def current_core(store: Any) -> dict[str, Any]:
 
 def cmd_infer(args: argparse.Namespace) -> int:
     from daemon.adhoc import InferenceError, infer
+    from daemon.memory import ADAPTER_ID, TICKET_ID
 
+    if args.adapter and not ADAPTER_ID.match(args.adapter):
+        raise CliError(f"--adapter {args.adapter!r}: an adapter id looks like A-3 (`jbctl adapters` lists them)")
+    if args.memory and not TICKET_ID.match(args.memory):
+        raise CliError(f"--memory {args.memory!r}: not a ticket id (e.g. TICKET-7)")
     settings = settings_from(args)
     if not settings.redis_url_or_private():
         raise CliError("no Redis configured (JETBOX_REDIS_URL): inference runs on a worker (try `jbctl up`)")
@@ -78,12 +83,6 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if args.checkpoint:
         params["checkpoint"] = args.checkpoint
     if args.adapter or args.memory:
-        from daemon.memory import ADAPTER_ID, TICKET_ID
-
-        if args.adapter and not ADAPTER_ID.match(args.adapter):
-            raise CliError(f"--adapter {args.adapter!r}: an adapter id looks like A-3 (`jbctl adapters` lists them)")
-        if args.memory and not TICKET_ID.match(args.memory):
-            raise CliError(f"--memory {args.memory!r}: not a ticket id (e.g. TICKET-7)")
         params["adapter"] = args.adapter or args.memory
     try:
         out = infer(settings, open_store(settings).engine, params, queue=args.queue, timeout=args.timeout)

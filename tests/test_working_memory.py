@@ -205,3 +205,74 @@ def test_infer_refuses_adapters_that_do_not_apply(tmp_path: Path) -> None:
     for params, message in cases:
         with pytest.raises(JobFailed, match=message):
             run_infer(ctx, params)
+
+
+def test_jbctl_adapters_lists_retires_and_refuses_bad_input(store: object, capsys: object) -> None:
+    import json
+
+    import pytest
+
+    from cli.main import main as jbctl
+    from daemon.handler import CommandHandler
+
+    cap: pytest.CaptureFixture[str] = capsys  # type: ignore[assignment]
+    handler = CommandHandler(store)  # type: ignore[arg-type]
+    assert jbctl(["adapters"]) == 0 and "no adapters yet" in cap.readouterr().out
+    s = handler.state
+    # The same commands as the decider tests, recorded through the store (projections in the same transaction).
+    steps = "  - {id: train, kind: train, with: {model: trm}}\n  - {id: eval, kind: evaluate, needs: [train]}\n"
+    handler.handle(submit(make_ticket("TICKET-1", steps=steps, extra="update: core\n"), T0))
+    out = {"component": "reasoner", "checkpoint": CORE_A}
+    handler.handle(report(c.RecordJobSucceeded, "train", 1, ticket="TICKET-1", outputs=out))
+    handler.handle(report(c.RecordJobSucceeded, "eval", 1, ticket="TICKET-1"))
+    handler.handle(c.ApproveProposal(now=T0, proposal="P-1", actor="bob", approvers=["bob"]))
+    assert s.core_version == 1
+    tune = "  - {id: tune, kind: train, with: {model: trm, adapter: {rank: 4}}}\n"
+    handler.handle(submit(make_ticket("TICKET-2", steps=tune, extra="update: adapter\n"), T0))
+    adapter = {"adapter": "reasoner", "checkpoint": "c" * 64, "rank": 4, "core_checkpoint": CORE_A}
+    metrics = {"blank_acc_gain": 0.07}
+    handler.handle(report(c.RecordJobSucceeded, "tune", 1, ticket="TICKET-2", outputs=adapter, metrics=metrics))
+
+    assert jbctl(["adapters"]) == 0
+    table = cap.readouterr().out
+    assert "A-1" in table and "TICKET-2" in table and "+0.070" in table and "active" in table
+    for argv, message in [
+        (["adapters", "retire"], "which adapter?"),
+        (["adapters", "retire", "A-1; rm -rf /"], "is not an adapter id"),
+        (["adapters", "retire", "A-9"], "no adapter A-9 (active: A-1)"),
+        (["adapters", "list", "A-1"], "did you mean `jbctl adapters retire A-1`"),
+        (["infer", "--component", "reasoner", "--input", "/dev/null", "--adapter", "TICKET-2"], "looks like A-3"),
+    ]:
+        assert jbctl(argv) == 1, argv
+        assert message in cap.readouterr().err, argv
+    assert jbctl(["adapters", "retire", "A-1", "-m", "wrong task"]) == 0
+    assert "A-1 retired" in cap.readouterr().out
+    assert jbctl(["adapters", "retire", "A-1"]) == 1 and "already retired" in cap.readouterr().err
+    assert jbctl(["adapters", "--json"]) == 0
+    row = json.loads(cap.readouterr().out)[0]
+    assert row["active"] is False and row["retired_reason"] == "manual" and row["retired_detail"] == "wrong task"
+
+
+def test_adhoc_inference_resolves_adapters_from_the_projection(store: object) -> None:
+    import pytest
+
+    from daemon.handler import CommandHandler
+    from daemon.memory import AdapterError, resolve_adapter
+
+    handler = CommandHandler(store)  # type: ignore[arg-type]
+    engine = store.engine  # type: ignore[attr-defined]
+    with pytest.raises(AdapterError, match="no adapter A-1"):
+        resolve_adapter(engine, "A-1", "reasoner")
+    tune = make_ticket("TICKET-2", steps="  - {id: tune, kind: train}\n", extra="update: adapter\n")
+    handler.handle(submit(tune, T0))
+    out = {"adapter": "reasoner", "checkpoint": "c" * 64, "core_checkpoint": CORE_A}
+    handler.handle(report(c.RecordJobSucceeded, "tune", 1, ticket="TICKET-2", outputs=out))
+    assert resolve_adapter(engine, "TICKET-2", "reasoner")["id"] == "A-1"
+    assert resolve_adapter(engine, "A-1", "reasoner")["core_checkpoint"] == CORE_A
+    with pytest.raises(AdapterError, match="TICKET-2 has no image-encoder adapter"):
+        resolve_adapter(engine, "TICKET-2", "image-encoder")
+    with pytest.raises(AdapterError, match="neither an adapter id"):
+        resolve_adapter(engine, "../etc", "reasoner")
+    handler.handle(c.RetireAdapter(now=T0, adapter="A-1", actor="bob"))
+    with pytest.raises(AdapterError, match="A-1 is retired"):
+        resolve_adapter(engine, "TICKET-2", "reasoner")
