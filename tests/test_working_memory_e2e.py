@@ -18,8 +18,7 @@ from tests.jbdaemon import JBCTL, wait_for
 from tests.test_recovery import TINY_CORE
 
 # The adapter's own task: 4x4 puzzles of another seed, on a core trained two steps (blank accuracy near
-# chance). 60 steps at lr 0.01 measured +0.07 held-out blank accuracy over the core (bench/infer.py
-# --adapter-task measures a larger task).
+# chance). 60 steps at lr 0.01 measured +0.073 held-out blank accuracy over the core.
 ADAPTER = (
     "  - {id: puzzles, kind: synthesize, with: {generator: sudoku, count: 200, seed: 5, params: {n: 4}}}\n"
     "  - {id: adapt, kind: train, needs: [puzzles], queue: cpu, with: {model: trm, data: puzzles,"
@@ -91,7 +90,9 @@ def test_adapter_applies_at_inference_and_the_warm_worker_follows_the_core(tmp_p
         core, memory = done["core"], done["memory"]
         assert memory["outputs"]["adapter"] == "A-1" and core["outputs"]["adapter"] is None
         assert memory["outputs"]["answers"] != core["outputs"]["answers"]  # the adapter changes answers
-        # ... and is better on its task: measured 0.xx -> 0.xx blank-cell accuracy on 64 unseen puzzles.
+        # ... and is better on its task: measured 0.245 -> 0.292 blank-cell accuracy on these 64 unseen
+        # puzzles (+0.047; +0.073 on the adapter's own held-out split), one torch thread; the margin asked
+        # for is 0.03.
         gain = memory["metrics"]["blank_acc"] - core["metrics"]["blank_acc"]
         assert gain >= 0.03, (core["metrics"], memory["metrics"])
 
