@@ -68,3 +68,17 @@ def test_adapter_learns_on_a_frozen_core(tmp_path: Path) -> None:
     assert m["adapter_params"] < core.metrics["params"] / 2
     with pytest.raises(JobFailed, match="approve a reasoner proposal first"):
         run_train(_ctx(tmp_path, "none"), {**params, "_core": {}})
+    # A later ticket starts from this adapter (`adapter: {start: A-1}`, resolved by the decider into
+    # `_adapter`): it begins where this one ended, on the same held-out puzzles.
+    first = {"id": "A-1", "component": "reasoner", "checkpoint": result.outputs["checkpoint"],
+             "core_checkpoint": core.outputs["checkpoint"], "active": True}
+    more = {**params, "adapter": {"rank": 4, "start": "A-1"}, "max_steps": 1, "_adapter": first}
+    assert abs(run_train(_ctx(tmp_path, "more"), more).metrics["blank_acc_start"] - m["blank_acc"]) < 1e-9
+    for bad, message in [
+        ({"adapter": {"rank": 8, "start": "A-1"}}, "has rank 4; this step asks for 8"),
+        ({"_adapter": {**first, "core_checkpoint": "0" * 64}}, "trained on another core reasoner"),
+        ({"_adapter": {**first, "active": False}}, "A-1 is retired"),
+        ({"_adapter": {"missing": "A-1"}}, "no adapter 'A-1'"),
+    ]:
+        with pytest.raises(JobFailed, match=message):
+            run_train(_ctx(tmp_path, "bad"), {**more, **bad})

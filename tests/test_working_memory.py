@@ -276,3 +276,88 @@ def test_adhoc_inference_resolves_adapters_from_the_projection(store: object) ->
     handler.handle(c.RetireAdapter(now=T0, adapter="A-1", actor="bob"))
     with pytest.raises(AdapterError, match="A-1 is retired"):
         resolve_adapter(engine, "TICKET-2", "reasoner")
+
+
+def test_one_load_per_model_and_a_request_waits_for_a_background_load() -> None:
+    import threading
+
+    from workers.inference import ModelCache
+
+    cache = ModelCache(1 << 30)
+    gate, calls = threading.Event(), []
+
+    class Model:
+        def parameters(self) -> list:
+            return []
+
+        def buffers(self) -> list:
+            return []
+
+    def load() -> tuple[Model, dict]:
+        calls.append(1)
+        gate.wait(5)
+        return Model(), {}
+
+    background = threading.Thread(target=cache.get, args=("core:v2", load))
+    background.start()
+    while not cache.loading:
+        pass
+    assert not cache.has("core:v2")  # half-loaded models are not in the cache
+    got: list = []
+    request = threading.Thread(target=lambda: got.append(cache.get("core:v2", load)))
+    request.start()
+    gate.set()
+    background.join(5)
+    request.join(5)
+    assert len(calls) == 1 and got and got[0][1] is True  # the request got the background's model, warm
+
+
+def test_warm_worker_switches_to_a_new_core_only_once_loaded(tmp_path: Path) -> None:
+    import json
+    import threading
+
+    import redis
+
+    from cli.embedded import start_redis
+    from schema.wire import CORE_KEY, warm_key, warm_workers
+    from workers.keepalive import CoreFollower
+
+    server = start_redis(tmp_path / "run")
+    try:
+        conn = redis.Redis.from_url(server.url)
+        release, warmed = threading.Event(), []
+
+        def warm(components: dict, root: Path, log: object = None) -> int:
+            if components.get("reasoner", {}).get("checkpoint") == "bad":
+                raise RuntimeError("no artifact bad")
+            if components.get("reasoner", {}).get("checkpoint") == "v2":
+                release.wait(5)
+            warmed.append(components)
+            return 1
+
+        follower = CoreFollower(server.url, "w1", tmp_path, ["gpu"], poll_s=0.01, warm=warm)
+        follower.step()
+        assert json.loads(conn.get(warm_key("w1")))["core_version"] is None  # no core published yet
+        conn.set(CORE_KEY, json.dumps({"version": 1, "components": {"reasoner": {"checkpoint": "v1"}}}))
+        follower.step()
+        assert follower.held is not None and follower.held["version"] == 1
+        conn.set(CORE_KEY, json.dumps({"version": 2, "components": {"reasoner": {"checkpoint": "v2"}}}))
+        stepping = threading.Thread(target=follower.step)
+        stepping.start()
+        seen = None
+        for _ in range(500):
+            seen = json.loads(conn.get(warm_key("w1")))
+            if seen["loading"] == 2:
+                break
+            threading.Event().wait(0.01)
+        assert seen is not None and seen["loading"] == 2 and seen["core_version"] == 1  # still serving v1
+        release.set()
+        stepping.join(5)
+        [info] = warm_workers(conn)
+        assert info["core_version"] == 2 and info["loading"] is None and info["queues"] == ["gpu"]
+        conn.set(CORE_KEY, json.dumps({"version": 3, "components": {"reasoner": {"checkpoint": "bad"}}}))
+        follower.step()
+        info = warm_workers(conn)[0]
+        assert info["core_version"] == 2 and "no artifact bad" in info["error"]  # keeps the core it has
+    finally:
+        server.stop()

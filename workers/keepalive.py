@@ -25,6 +25,7 @@ import redis
 from schema.wire import CORE_KEY, warm_key
 
 PUBLISH_TTL_S = 15
+RETRY_S = 30.0  # how soon a core version that failed to load is tried again
 
 
 def _log(line: str) -> None:
@@ -49,6 +50,7 @@ class CoreFollower(threading.Thread):
         self.held: dict[str, Any] | None = None  # {version, components} fully loaded
         self.loading: int | None = None
         self.error: str | None = None
+        self.failed: tuple[Any, float] | None = None  # (version, when) of the last load that failed
         self.stopping = threading.Event()
         if warm is None:
             from workers.inference import warm_core  # the cache this worker's jobs read
@@ -70,6 +72,9 @@ class CoreFollower(threading.Thread):
     def step(self) -> None:
         raw = self.conn.get(CORE_KEY)
         core = json.loads(raw) if raw else None
+        failed = self.failed
+        if core is not None and failed and failed[0] == core.get("version") and time.monotonic() - failed[1] < RETRY_S:
+            core = None  # that version failed to load a moment ago: try again later, not every poll
         if core is not None and (self.held is None or core.get("version") != self.held.get("version")):
             self.loading = int(core.get("version", 0))
             self.publish()
@@ -78,9 +83,10 @@ class CoreFollower(threading.Thread):
                 self.warm(core.get("components", {}), self.root, log=_log)
             except Exception as exc:  # a missing artifact, a bad checkpoint: say so, keep the old core
                 self.error = f"core v{self.loading}: {exc}"
+                self.failed = (core.get("version"), time.monotonic())
                 _log(f"could not warm {self.error}")
             else:
-                self.held, self.error = core, None
+                self.held, self.error, self.failed = core, None, None
                 _log(f"now holds core v{core.get('version')} (loaded in {time.perf_counter() - started:.1f} s)")
             self.loading = None
         self.publish()
