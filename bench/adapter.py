@@ -2,6 +2,12 @@
 
     python bench/adapter.py --seeds 3                      # the example tickets as they are
     python bench/adapter.py --seeds 3 --set max_steps=200 --synth givens=14
+    python bench/adapter.py --seeds 2 --transpose --set max_steps=200 --set augment=false
+
+`--transpose` gives the adapter a task the core cannot already do: every puzzle (and solution) is
+transposed, so the 6x6 boxes are 3x2 instead of the 2x3 the core was trained on (a valid sudoku of
+another geometry; the canonical keys, and so the train/test split, are unchanged). Sudoku
+augmentation assumes 2x3 boxes, hence `augment=false` with it.
 
 Runs the same job code the workers run (`run_synthesize`, `run_train`) with the steps' `with:` read
 from `tickets/examples/TICKET-2.yaml` and `TICKET-7.yaml`, on one CPU thread. The core is trained
@@ -20,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -63,6 +70,25 @@ def core_reasoner(work: Path) -> dict[str, Any]:
     return core
 
 
+def _transposed(work: Path, name: str, params: dict[str, Any], core: dict[str, Any]) -> dict[str, float]:
+    """The adapter job's own code on the same puzzles, split as the job splits them, then transposed."""
+    from workers.loading import load_dataset
+    from workers.ml_jobs import _model_params, _split_sudoku
+    from workers.train_adapter import AdapterParams, train_adapter
+
+    ctx = _ctx(work, name)
+    arrays = load_dataset(ctx, params)
+    assert arrays is not None
+    train, test = _split_sudoku(arrays, float(params.get("test_fraction", 0.2)))
+    for part in (train, test):
+        for key in ("puzzles", "solutions"):
+            part[key] = np.ascontiguousarray(part[key].transpose(0, 2, 1))
+    p = AdapterParams.model_validate(_model_params(params))
+    core_path = Path(ctx.store.path(ctx.store.resolve(core["components"]["reasoner"]["checkpoint"])))
+    metrics, _ = train_adapter(ctx, p, core_path, train, test)
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3)
@@ -72,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--synth", action="append", default=[], metavar="KEY=VALUE", help="override the puzzles' params")
     ap.add_argument("--count", type=int, help="override the number of puzzles synthesized")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--transpose", action="store_true", help="3x2 boxes: a distribution shift the core fails on")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -90,7 +117,10 @@ def main(argv: list[str] | None = None) -> None:
         data = run_synthesize(_ctx(args.work, f"{run}/puzzles"), {**synth, "seed": int(synth.get("seed", 0)) + seed})
         inputs = {"puzzles": data.outputs}
         params = {**adapt, "seed": int(adapt.get("seed", 0)) + seed, "_inputs": inputs, "_core": core}
-        m = run_train(_ctx(args.work, f"{run}/adapt"), params).metrics
+        if args.transpose:
+            m = _transposed(args.work, f"{run}/adapt", params, core)
+        else:
+            m = run_train(_ctx(args.work, f"{run}/adapt"), params).metrics
         m["wall_s"], m["cpu_s"] = time.monotonic() - started, time.process_time() - cpu
         rows.append(m)
         print(
