@@ -262,11 +262,20 @@ def workers(redis_url: str | None) -> dict[str, Any]:
     from rq import Queue, Worker
     from rq.registry import FailedJobRegistry, StartedJobRegistry
 
+    from schema.wire import warm_workers
+
     safe = redis_url.split("@")[-1] if "@" in redis_url else redis_url
     try:
         conn = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
         found = []
+        warm = {(str(h.get("host")), h.get("pid")): h for h in warm_workers(conn)}  # keep-alive: the core held
         for w in Worker.all(connection=conn):
+            held = warm.get((str(w.hostname), w.pid))
+            core = ""
+            if held is not None:
+                core = f"v{held['core_version']}" if held.get("core_version") is not None else "none yet"
+                if held.get("loading") is not None:
+                    core += f" (loading v{held['loading']})"
             found.append(
                 {
                     "name": w.name,
@@ -278,6 +287,7 @@ def workers(redis_url: str | None) -> dict[str, Any]:
                     "pid": w.pid,
                     "successful": w.successful_job_count,
                     "failed": w.failed_job_count,
+                    "core": core,
                 }
             )
         queues = []
