@@ -367,6 +367,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
         "step_checks": checks,
         "reused": reused,
         "waiting_for_same_step": list(waiting.values()),
+        "adapters": _adapters_of(store.engine, args.ticket),
         "events": len(events),
     }
     if args.json:
@@ -403,8 +404,22 @@ def cmd_describe(args: argparse.Namespace) -> int:
         print("\nwaiting for the same step running elsewhere (reused when it succeeds):")
         for w in waiting.values():
             print(f"  {w['task']}  -> {w['holder_ticket']}/{w['holder_task']}")
+    if info["adapters"]:
+        print("\nworking memory:")
+        for a in info["adapters"]:
+            state = "active" if a["active"] else f"retired ({a['retired_reason']}: {a['retired_detail'] or ''})"
+            print(f"  {a['id']}  {a['component']} on core v{a['base_core_version']}  {state}")
     print(f"\n{len(events)} events: jbctl events --ticket {args.ticket}")
     return 0
+
+
+def _adapters_of(engine: Any, ticket: str) -> list[dict[str, Any]]:
+    from daemon.memory import adapter_rows
+
+    return [
+        {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
+        for row in adapter_rows(engine, ticket=ticket)
+    ]
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:

@@ -245,12 +245,16 @@ def test_jbctl_adapters_lists_retires_and_refuses_bad_input(store: object, capsy
     ]:
         assert jbctl(argv) == 1, argv
         assert message in cap.readouterr().err, argv
+    assert jbctl(["describe", "TICKET-2", "--json"]) == 0
+    assert [a["id"] for a in json.loads(cap.readouterr().out)["adapters"]] == ["A-1"]
     assert jbctl(["adapters", "retire", "A-1", "-m", "wrong task"]) == 0
     assert "A-1 retired" in cap.readouterr().out
     assert jbctl(["adapters", "retire", "A-1"]) == 1 and "already retired" in cap.readouterr().err
     assert jbctl(["adapters", "--json"]) == 0
     row = json.loads(cap.readouterr().out)[0]
     assert row["active"] is False and row["retired_reason"] == "manual" and row["retired_detail"] == "wrong task"
+    assert jbctl(["describe", "TICKET-2"]) == 0
+    assert "A-1  reasoner on core v1  retired (manual: wrong task)" in cap.readouterr().out
 
 
 def test_adhoc_inference_resolves_adapters_from_the_projection(store: object) -> None:
