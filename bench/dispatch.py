@@ -129,11 +129,13 @@ def _wait_done(db: Path, tid: str, timeout: float) -> list[tuple[str, datetime, 
     raise TimeoutError(f"{tid} did not finish")
 
 
-def jetbox(url: str, n: int, tmp: Path) -> tuple[list[float], float]:
+def jetbox(url: str, n: int, tmp: Path, queue_limits: str | None = None) -> tuple[list[float], float]:
     home = tmp / "home"
     (home / "tickets").mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("JETBOX_")}
     env.update(JETBOX_HOME=str(home), JETBOX_REDIS_URL=url)
+    if queue_limits:  # the scheduling rules in the path (docs/SCHEDULING.md)
+        env.update(JETBOX_QUEUE_LIMITS=queue_limits)
     daemon = _worker([str(BIN / "jbctl"), "daemon"], env, tmp / "daemon.log")
     worker = _worker([str(BIN / "jbctl"), "worker", "--queue", "cpu"], env, tmp / "worker.log")
     db = home / "jetbox.db"
@@ -162,6 +164,7 @@ def _pct(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=500)
+    parser.add_argument("--queue-limits", help='JSON for the daemon\'s queue_limits, e.g. \'{"cpu": 1}\'')
     args = parser.parse_args()
     keep = os.environ.get("JETBOX_BENCH_KEEP")
     with tempfile.TemporaryDirectory(prefix="jetbox-dispatch-") as tmp_name:
@@ -172,12 +175,12 @@ def main() -> None:
             raw_lat, raw_tput = raw_rq(server.url, args.jobs, tmp)
             server.stop()
             server = start_redis(tmp / "run")
-            jb_lat, jb_tput = jetbox(server.url, args.jobs, tmp)
+            jb_lat, jb_tput = jetbox(server.url, args.jobs, tmp, args.queue_limits)
         finally:
             server.stop()
     print(
         f"jetbox bench/dispatch.py: {args.jobs} no-op jobs each way, one SimpleWorker-based worker, "
-        f"{os.cpu_count()} cores"
+        f"{os.cpu_count()} cores" + (f", queue_limits {args.queue_limits}" if args.queue_limits else "")
     )
     print(
         f"  raw RQ   latency p50 {1000 * statistics.median(raw_lat):7.2f} ms  p99 {1000 * _pct(raw_lat, 0.99):7.2f} ms"

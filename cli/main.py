@@ -15,6 +15,7 @@ from collections.abc import Sequence
 # Modules that add subcommands, in the order they appear in `jbctl --help`.
 COMMAND_MODULES = [
     "cli.tickets",
+    "cli.sched_cmds",
     "cli.plans",
     "cli.store_cmds",
     "cli.artifacts",

@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("submit", help="validate a ticket and copy it atomically into the tickets folder")
     p.add_argument("file", type=Path)
+    p.add_argument(
+        "--hold", action="store_true", help="it arrives held (adds `hold: true`): review, then jbctl release"
+    )
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("status", help="tickets at a glance, or one ticket's task tree")
@@ -101,9 +104,29 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if ticket is None:
         return 1
     dest = settings.tickets_path / f"{ticket.id}.yaml"
-    atomic_write_bytes(dest, args.file.read_bytes())
-    print(f"submitted {ticket.id} -> {dest}")
+    data = args.file.read_bytes()
+    if args.hold and not ticket.hold:
+        data = with_hold(data, args.file)
+    atomic_write_bytes(dest, data)
+    print(f"submitted {ticket.id} -> {dest}" + (f" (held: jbctl release {ticket.id})" if args.hold else ""))
     return 0
+
+
+def with_hold(data: bytes, path: Path) -> bytes:
+    """The ticket's bytes with `hold: true` appended as a top-level key (the copy in the tickets folder
+    is what runs; the user's file is left as it is)."""
+    import re
+
+    from schema.ticket import TicketInvalid, parse_ticket
+
+    if re.search(rb"(?m)^hold\s*:", data):
+        raise CliError(f"{path}: the ticket says `hold:` already; set it to true there, or drop --hold")
+    held = data + (b"" if data.endswith(b"\n") else b"\n") + b"hold: true\n"
+    try:
+        parse_ticket(held, path.name)
+    except TicketInvalid as exc:  # e.g. a flow-style document that cannot take another key
+        raise CliError(f"{path}: cannot add `hold: true` to this ticket ({exc.errors[0]}); add it yourself") from None
+    return held
 
 
 def _rows(conn: sa.Connection, sql: str, **params: Any) -> list[dict[str, Any]]:
@@ -150,6 +173,8 @@ def status_data(
                 "waiting_on": _waiting_on(mine, now, t["awaiting"]) if t["state"] == "running" else "",
                 "reason": t["reason"],
                 "awaiting_approval": t["awaiting"],
+                "held": t.get("held"),
+                "priority": t.get("priority", 0),
                 "background": _background(home, t["id"]),
                 "consistency": t["consistency"],
                 "trouble": {k: t[k] for k in ("retries", "loops", "forged", "violations", "contradictions")},
@@ -209,6 +234,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         line = f"{len(awaiting)} proposal(s) await approval: {', '.join(awaiting)} (jbctl proposals)"
         print(colour(line, "33"))
     busy = any(d["state"] == "running" and not d["awaiting_approval"] for d in data)
+    paused = installation_paused(store)
+    if paused:
+        print(colour(f"installation paused ({paused}): nothing new is scheduled; jbctl resume", "33"))
     print(daemon_line(settings.home, work_waiting=busy))
     for line in warm_lines(settings):
         print(line)
@@ -240,6 +268,16 @@ def warm_lines(settings: Any) -> list[str]:
     return lines
 
 
+def installation_paused(store: Any) -> str | None:
+    """Why the installation is paused (the last InstallationPaused not followed by a resume), or None."""
+    last = None
+    for rec in store.read(0, stream="system", types=["InstallationPaused", "InstallationResumed"]):
+        last = rec
+    if last is None or last.type != "InstallationPaused":
+        return None
+    return str(last.data.get("reason") or "paused")
+
+
 def daemon_line(home: Path, work_waiting: bool = True) -> str:
     """What the daemon last said (its STATUS= line, from run/daemon.json), or that none is running (in red
     when tickets have work that waits for it)."""
@@ -265,6 +303,10 @@ def _print_tree(d: dict[str, Any]) -> None:
         print(f"  reason: {d['reason']}")
     if d["waiting_on"]:
         print(f"  waiting on: {d['waiting_on']}")
+    if d.get("held"):
+        print(f"  held: {d['held']} (jbctl release {d['ticket']})")
+    if d.get("priority"):
+        print(f"  priority: {d['priority']}")
     if d.get("background"):
         print(f"  background worker: {d['background']}")
     trouble = ", ".join(f"{k} {v}" for k, v in d["trouble"].items() if v)
@@ -298,6 +340,8 @@ def _print_task(task: dict[str, Any], indent: str, last: bool, needs: list[str],
         progress = f"  {task['progress_step']}/{task['progress_total'] or '?'}"
     after = f"  needs {', '.join(needs)}" if needs else ""
     state = colour(task["state"], STATE_COLOURS.get(task["state"], "0"))
+    if task.get("waiting") and task["state"] in ("pending", "waiting_retry"):
+        extra += f"  waiting: {task['waiting']}"  # held, paused, after:, a limit (docs/SCHEDULING.md)
     print(f"{indent}{branch} {task['task']} [{task['kind']}/{task['queue']}] {state}{progress}{after}{extra}")
     if task.get("parent"):
         _print_attempts(task, indent + ("    " if last else "│   "))

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from schema.events import FailureCause
-from schema.ticket import Ticket
+from schema.ticket import MAX_PRIORITY, Ticket
 
 
 class Command(BaseModel):
@@ -27,6 +27,7 @@ class SubmitTicket(Command):
     ticket_id: str | None = None  # best guess from the file name, for rejected files
     errors: list[str] = Field(default_factory=list)
     allowed_binaries: list[str] = Field(default_factory=list)  # the installation's extra check allowlist
+    after_line: int = 1  # where the file says `after:` (for a cycle through other tickets)
 
 
 class TicketFileRemoved(Command):
@@ -169,3 +170,38 @@ class RetireAdapter(Command):
 
     adapter: str
     reason: str = "retired by a user"
+
+
+class HoldTicket(Command):
+    """Schedule nothing more of the ticket until released; `stop`: live attempts stop at their next
+    checkpoint (and resume from it on release) instead of finishing."""
+
+    ticket: str
+    reason: str | None = None
+    stop: bool = False
+
+
+class ReleaseTicket(Command):
+    ticket: str
+
+
+class SetPriority(Command):
+    ticket: str
+    priority: int = Field(ge=-MAX_PRIORITY, le=MAX_PRIORITY)
+
+
+class PauseInstallation(Command):
+    """Maintenance: nothing new is scheduled anywhere; live attempts finish."""
+
+    reason: str | None = None
+
+
+class ResumeInstallation(Command):
+    pass
+
+
+class SetQueueLimits(Command):
+    """The daemon's `queue_limits` setting (at start and on reload); recorded only when it changed."""
+
+    limits: dict[str, int]
+    gpu_memory: dict[str, int] = Field(default_factory=dict)  # queue_gpu_memory, in bytes

@@ -20,7 +20,7 @@ from schema.cache import BUDGET_KEYS, NEVER_CACHED, budget_grew, cache_key, cach
 from schema.plan import ACCEPT_PREFIX, LIVE, PROBE_FAILED, plan_subtasks
 from schema.plans import spec_hash
 from schema.policy import DEFAULT_CHECK_BINARIES, binary_of, code_grant, inline_code
-from schema.ticket import MetricCheck, MetricProbe, Step
+from schema.ticket import CoreAfter, MetricCheck, MetricProbe, Step, after_tickets
 
 BACKOFF_BASE_S = 2.0
 BACKOFF_MAX_S = 300.0
@@ -41,6 +41,7 @@ class _Emitter:
         self.state = state.scratch([])
         self._copied: set[str] = set()
         self.events: list[ev.Event] = []
+        self.filled = False  # a pass over waiting tasks ran (`_fill`)
 
     def get_ticket(self, tid: str | None) -> TicketState | None:
         """The scratch copy of ticket `tid` (made on first access), or None when there is none."""
@@ -80,6 +81,12 @@ def _run(state: State, command: cmd.Command) -> _Emitter:
     out = _Emitter(state)
     _DECIDERS[type(command)](out, command)
     _release_waiters(out, command.now)
+    if out.state.deferred and type(command) not in _NO_FREED_SLOT:
+        # A gate may have opened (a release, a resume, a ticket or the core `after:` names): look at
+        # everything that waits. Otherwise a slot may have freed: the rule already ran, or run it.
+        gates = type(command) in _OPENS_GATES or any(isinstance(e, _GATE_EVENTS) for e in out.events)
+        if gates or not out.filled:
+            _fill(out, command.now, [], everything=gates)
     return out
 
 
@@ -139,6 +146,18 @@ def _submit(out: _Emitter, c: cmd.SubmitTicket) -> None:
             )
         )
         return
+    cycle = _after_cycle(out.state, c.ticket.id, after_tickets(c.ticket))
+    if cycle:
+        out.emit(
+            ev.TicketRejected(
+                at=c.now,
+                path=c.path,
+                content_hash=c.content_hash,
+                ticket=c.ticket.id,
+                errors=[f"{c.path}:{c.after_line}:1: after: waiting would never end: {' -> '.join(cycle)} (a cycle)"],
+            )
+        )
+        return
     revision = existing.revision + 1 if existing else 1
     out.emit(
         ev.TicketSubmitted(
@@ -151,7 +170,30 @@ def _submit(out: _Emitter, c: cmd.SubmitTicket) -> None:
             allowed_binaries=sorted(set(c.allowed_binaries)),
         )
     )
+    if c.ticket.hold:
+        out.emit(ev.TicketHeld(at=c.now, ticket=c.ticket.id, reason="hold: true in the ticket", actor=c.actor))
     _advance(out, out.ticket(c.ticket.id), c.now)
+
+
+def _after_cycle(state: State, tid: str, after: list[str]) -> list[str] | None:
+    """A chain of `after:` through running tickets that leads back to `tid` (they would wait on each
+    other forever), or None. Completed tickets end a chain: what waits for them can run. Iterative:
+    a chain may be as long as the installation's history."""
+    parent: dict[str, str] = {}
+    stack = [(tid, dep) for dep in reversed(after)]
+    while stack:
+        via, dep = stack.pop()
+        if dep == tid:
+            chain = [dep, via]
+            while chain[-1] != tid:
+                chain.append(parent[chain[-1]])
+            return chain[::-1]
+        other = state.tickets.get(dep)
+        if dep in parent or other is None or other.status != "running":
+            continue
+        parent[dep] = via
+        stack.extend((dep, nxt) for nxt in reversed(after_tickets(other.spec)))
+    return None
 
 
 def _file_removed(out: _Emitter, c: cmd.TicketFileRemoved) -> None:
@@ -186,6 +228,7 @@ def _schedule(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime
     if held is not None:
         return held == "reused"
     resume = resume_key(task.kind, params) if task.kind == "train" else None
+    waited_since = task.deferred_since
     out.emit(
         ev.AttemptScheduled(
             at=now,
@@ -201,9 +244,204 @@ def _schedule(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime
             device=spec.constraints.device,
             cache_key=key,
             resume_key=resume,
+            priority=ticket.priority,
+            waited_since=waited_since,
+            gpu_memory=gpu_claim(out.state, task),
         )
     )
     return False
+
+
+# --- what waits, and in which order (docs/SCHEDULING.md) --------------------------------------
+
+AGING_S = 600.0  # a waiting task gains one priority point per 10 minutes waited: nothing starves
+
+
+def _ready(ticket: TicketState, task: TaskState, now: datetime) -> bool:
+    """Whether `task` would be scheduled now but for the scheduling rules (`_wait_reason`)."""
+    if ticket.status != "running" or ticket.awaiting:
+        return False
+    if task.status == "waiting_retry":
+        return task.retry_at is not None and task.retry_at <= now
+    return _runnable(ticket, task)
+
+
+def effective_priority(ticket: TicketState, task: TaskState, now: datetime) -> int:
+    """The ticket's priority plus one per AGING_S the task has waited (the starvation rule)."""
+    waited = (now - task.deferred_since).total_seconds() if task.deferred_since is not None else 0.0
+    return ticket.priority + max(0, int(waited // AGING_S))
+
+
+def _after_reason(state: State, ticket: TicketState) -> str | None:
+    """What of the ticket's `after:` is not met yet, in words."""
+    for dep in ticket.spec.after:
+        if isinstance(dep, CoreAfter):
+            if dep.core not in state.core_components:
+                have = ", ".join(sorted(state.core_components)) or "nothing yet"
+                return f"after: the core has no {dep.core!r} yet (it has {have}; approve a proposal that trains one)"
+            continue
+        other = state.tickets.get(dep)
+        if other is None:
+            return f"after: {dep} (not submitted yet)"
+        if other.status != "completed":
+            more = "" if other.status == "running" else "; resubmit it, or cancel this ticket"
+            return f"after: {dep} ({other.status}{more})"
+    return None
+
+
+def _wait_reason(
+    state: State, ticket: TicketState, task: TaskState, out_per_queue: dict[str, int], gpu_used: dict[str, int]
+) -> tuple[ev.WaitRule, str] | None:
+    """Why a ready task may not be scheduled now (its rule and the words), or None. In this order."""
+    if state.paused is not None:
+        return "paused", f"installation paused ({state.paused}): jbctl resume"
+    if ticket.held is not None:
+        return "held", _held_reason(ticket)
+    after = _after_reason(state, ticket)
+    if after is not None:
+        return "after", after
+    limit = ticket.spec.max_parallel
+    if limit is not None:
+        out = sum(1 for t in ticket.tasks.values() if t.status in LIVE)
+        if out >= limit:
+            return "max_parallel", f"max_parallel: {out} of this ticket's {limit} jobs are out"
+    qlimit = state.queue_limits.get(task.queue)
+    if qlimit is not None and out_per_queue.get(task.queue, 0) >= qlimit:
+        n = out_per_queue[task.queue]
+        return "queue_limit", f"queue {task.queue} is full: {n} of {qlimit} jobs out (queue_limits)"
+    need = gpu_claim(state, task)
+    if need is not None:
+        budget = state.queue_gpu_memory[task.queue]
+        free = budget - gpu_used.get(task.queue, 0)
+        if need > free:
+            if need > budget:
+                return "gpu_memory", (
+                    f"needs {_size(need)} of GPU memory, more than queue {task.queue}'s card has "
+                    f"({_size(budget)}, queue_gpu_memory): lower the step's gpu_memory or raise the setting"
+                )
+            return "gpu_memory", f"waiting for a GPU with {_size(need)} free ({_size(free)} of {_size(budget)} free)"
+    return None
+
+
+def gpu_claim(state: State, task: TaskState) -> int | None:
+    """The GPU memory an attempt of `task` claims on its queue's card: what the step declares, or the
+    whole card when it declares nothing. None where the queue's memory is not counted."""
+    budget = state.queue_gpu_memory.get(task.queue)
+    if budget is None:
+        return None
+    return task.gpu_memory or budget
+
+
+def _size(n: int) -> str:
+    for unit, factor in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= factor:
+            return f"{n / factor:.3g}{unit}"
+    return f"{n}B"
+
+
+def _out_counts(state: State) -> tuple[dict[str, int], dict[str, int]]:
+    """Jobs out per queue, and the GPU memory they claim per queue whose memory is counted."""
+    out_per_queue: dict[str, int] = {}
+    gpu_used: dict[str, int] = {}
+    for (tid, task_id), queue in state.live.items():
+        out_per_queue[queue] = out_per_queue.get(queue, 0) + 1
+        if queue in state.queue_gpu_memory:
+            gpu_used[queue] = gpu_used.get(queue, 0) + state.tickets[tid].tasks[task_id].claimed
+    return out_per_queue, gpu_used
+
+
+def _full(state: State, queue: str, out_per_queue: dict[str, int]) -> bool:
+    limit = state.queue_limits.get(queue)
+    return limit is not None and out_per_queue.get(queue, 0) >= limit
+
+
+def _held_reason(ticket: TicketState) -> str:
+    return f"held ({ticket.held}): jbctl release {ticket.id}"
+
+
+def _fill(out: _Emitter, now: datetime, candidates: list[tuple[str, str]], everything: bool = False) -> None:
+    """Schedule ready tasks, the highest effective priority first, then arrival order; record why
+    each of the rest waits (when that changed). Looked at: `candidates`, and the tasks waiting for a
+    slot (a limit); with `everything`, every waiting task (a gate may have opened: a release, a
+    resume, a ticket or core that `after:` names). While paused nothing is ranked: new waits are
+    recorded, and the pause's own pass (`everything`) re-words what already waited."""
+    out.filled = True
+    st = out.state
+    if everything:
+        keys = [*st.deferred, *candidates]
+    elif st.paused is not None:
+        keys = candidates
+    else:
+        keys = [k for k, rule in st.deferred.items() if rule in ev.CAPACITY_RULES] + candidates
+    out_per_queue, gpu_used = _out_counts(st)
+    ranked: list[tuple[int, int, str, str]] = []
+    tickets = st.tickets
+    fresh = set(candidates)  # asked about now: always looked at in full (a hold may have changed why)
+    for key in dict.fromkeys(keys):
+        # Loose and cheap (this loop sees every task waiting for a slot): `_ready` is checked exactly
+        # below, for the few that get as far as a free slot.
+        ticket = tickets.get(key[0])
+        task = ticket.tasks.get(key[1]) if ticket is not None else None
+        if task is None or ticket is None or ticket.status != "running" or ticket.awaiting:
+            continue
+        if (
+            not everything
+            and key not in fresh
+            and task.deferred_rule == "queue_limit"
+            and _full(st, task.queue, out_per_queue)
+        ):
+            continue  # its queue is still full: it keeps waiting, for the same reason
+        if st.paused is None and ticket.held is not None and task.deferred == _held_reason(ticket):
+            continue  # still held, and already says so
+        since = task.deferred_since
+        aging = int((now - since).total_seconds() // AGING_S) if since is not None and now > since else 0
+        ranked.append((-(ticket.priority + aging), ticket.arrival, *key))
+    if not ranked:
+        return
+    ranked.sort(key=lambda r: (r[0], r[1]))  # stable: a ticket's tasks keep their plan order
+    advance: list[str] = []
+    gpu_behind: dict[str, str] = {}  # queue -> the first task that waits for its GPU memory
+    for *_, tid, task_id in ranked:
+        ticket = st.tickets[tid]  # read only: a ticket is copied (out.ticket) only to act on it
+        task = ticket.tasks[task_id]
+        if (
+            not everything
+            and (tid, task_id) not in fresh
+            and task.deferred_rule == "queue_limit"
+            and _full(st, task.queue, out_per_queue)
+        ):
+            continue  # a task ranked above it took the last slot: it waits, for the same reason
+        if not _ready(ticket, task, now):  # not runnable (yet, or any more: this pass ended its ticket)
+            continue
+        why = _wait_reason(st, ticket, task, out_per_queue, gpu_used)
+        if why is None and task.queue in gpu_behind:
+            # No backfill: a task ranked lower never takes the memory a higher one waits for (it
+            # would starve a large step forever); it waits behind it.
+            why = "gpu_memory", f"behind {gpu_behind[task.queue]} on queue {task.queue} (GPU memory)"
+        if why is not None and why[0] == "gpu_memory":
+            gpu_behind.setdefault(task.queue, f"{tid}/{task_id}")
+        if why is not None:
+            if why[1] != task.deferred:
+                out.emit(ev.TaskDeferred(at=now, ticket=tid, task=task_id, rule=why[0], reason=why[1]))
+            continue
+        ticket = out.ticket(tid)
+        before = len(out.events)
+        if task.status == "waiting_retry":
+            reused = _schedule(out, ticket, out.task(tid, task_id), now)
+        else:
+            reused = _start(out, ticket, ticket.tasks[task_id], now)  # probes, a fan-out, or the job
+        if reused:
+            advance.append(tid)  # a result reused from the step cache: what needs it may run now
+        if any(isinstance(e, ev.SubtasksPlanned | ev.AttemptReused) for e in out.events[before:]):
+            out_per_queue, gpu_used = _out_counts(st)  # others were scheduled meanwhile (a fan-out, an advance)
+            continue
+        task = st.tickets[tid].tasks[task_id]
+        if task.status in LIVE:
+            out_per_queue[task.queue] = out_per_queue.get(task.queue, 0) + 1
+            if task.queue in st.queue_gpu_memory:
+                gpu_used[task.queue] = gpu_used.get(task.queue, 0) + task.claimed
+    for tid in dict.fromkeys(advance):
+        _advance(out, out.ticket(tid), now)
 
 
 def resolved_params(ticket: TicketState, task: TaskState, state: State | None = None) -> dict[str, Any]:
@@ -244,12 +482,10 @@ def _advance(out: _Emitter, ticket: TicketState, now: datetime) -> None:
     """Schedule what became runnable; end the ticket when nothing more can happen."""
     if ticket.status != "running" or ticket.awaiting:
         return
-    reused = True
-    while reused:  # a reused step makes the steps that need it runnable at once
-        reused = False
-        for task in list(ticket.tasks.values()):  # fanning out adds tasks
-            if _runnable(ticket, task):
-                reused = _start(out, ticket, task, now) or reused
+    _fill(out, now, [(ticket.id, t.id) for t in ticket.tasks.values() if _runnable(ticket, t)])
+    ticket = out.ticket(ticket.id)
+    if ticket.status != "running" or ticket.awaiting:
+        return  # a reused result let `_fill` advance it to its end already
     failed = [t for t in ticket.tasks.values() if t.status == "failed"]
     if failed:
         first = failed[0]
@@ -288,10 +524,10 @@ def _start(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime) -
         if planned:
             subtasks = [{"id": p.id, "params": p.params} for p in planned]
             out.emit(ev.SubtasksPlanned(at=now, ticket=ticket.id, task=task.id, subtasks=subtasks))
-            reused = False
-            for p in planned:  # each shard is cached on its own key
-                reused = _schedule(out, ticket, out.task(ticket.id, p.id), now) or reused
-            return reused
+            # Subtasks are scheduled by the same rules as steps (limits, priority, holds); `_fill`
+            # advances the ticket past any whose result was reused from the cache.
+            _fill(out, now, [(ticket.id, p.id) for p in planned])
+            return False
     return _schedule(out, ticket, out.task(ticket.id, task.id), now)
 
 
@@ -554,9 +790,8 @@ def _schedule_task(out: _Emitter, c: cmd.ScheduleTask) -> None:
     ticket = out.get_ticket(c.ticket)
     if ticket is None or ticket.status != "running" or c.task not in ticket.tasks:
         return
-    task = ticket.tasks[c.task]
-    if _runnable(ticket, task) and _start(out, ticket, task, c.now):
-        _advance(out, ticket, c.now)
+    if _runnable(ticket, ticket.tasks[c.task]):
+        _fill(out, c.now, [(ticket.id, c.task)])
 
 
 def _retry(out: _Emitter, c: cmd.RetryTask) -> None:
@@ -575,6 +810,7 @@ def _tick(out: _Emitter, c: cmd.Tick) -> None:
         if proposal.status == "open" and proposal.expires_at is not None and proposal.expires_at <= c.now:
             out.emit(ev.ProposalExpired(at=c.now, ticket=proposal.ticket, proposal=proposal.id))
             _after_decision(out, proposal.id, c.now, f"proposal {proposal.id} expired undecided")
+    due: list[tuple[str, str]] = []
     for tid in [t.id for t in out.state.tickets.values() if t.status == "running"]:
         ticket = out.ticket(tid)
         limit = ticket.spec.constraints.max_wall_minutes
@@ -583,12 +819,10 @@ def _tick(out: _Emitter, c: cmd.Tick) -> None:
                 ev.TicketFailed(at=c.now, ticket=ticket.id, reason=f"deadline exceeded: max_wall_minutes={limit:g}")
             )
             continue
-        reused = False
-        for task in ticket.tasks.values():
-            if task.status == "waiting_retry" and task.retry_at is not None and task.retry_at <= c.now:
-                reused = _schedule(out, ticket, task, c.now) or reused
-        if reused:
-            _advance(out, ticket, c.now)
+        due.extend(
+            (tid, t.id) for t in ticket.tasks.values() if t.status == "waiting_retry" and _ready(ticket, t, c.now)
+        )
+    _fill(out, c.now, due)
 
 
 # --- reports from workers ----------------------------------------------------------------------
@@ -665,8 +899,17 @@ def _succeeded(out: _Emitter, c: cmd.RecordJobSucceeded) -> None:
 
 def _failed(out: _Emitter, c: cmd.RecordJobFailed) -> None:
     found = _current(out, c)
-    if found:
-        _fail_attempt(out, c, *found, c.error, retryable=c.retryable, cause=c.cause, violation=c.violation)
+    if not found:
+        return
+    ticket, task = found
+    if task.stop_attempt == c.attempt and not c.violation:
+        # `jbctl hold --stop` asked this attempt to stop (at a checkpoint; or it failed meanwhile): the
+        # task runs again, from its last checkpoint, once the ticket is released (or at once, if it
+        # was released before the attempt stopped).
+        out.emit(ev.AttemptStopped(**_about(c), error=c.error[-4000:]))
+        _advance(out, ticket, c.now)
+        return
+    _fail_attempt(out, c, ticket, task, c.error, retryable=c.retryable, cause=c.cause, violation=c.violation)
 
 
 def _fail_attempt(
@@ -1070,6 +1313,47 @@ def _clear_cache(out: _Emitter, c: cmd.ClearCache) -> None:
     if keys:
         what = ", ".join(f"{k}={v}" for k, v in (("kind", c.kind), ("ticket", c.ticket), ("key", c.key)) if v)
         out.emit(ev.CacheCleared(at=c.now, keys=keys, actor=c.actor, reason=what or "all"))
+# --- steering: hold, release, priority, pause, limits -----------------------------------------
+
+
+def _hold(out: _Emitter, c: cmd.HoldTicket) -> None:
+    ticket = out.get_ticket(c.ticket)
+    if ticket is None or ticket.status != "running" or (ticket.held is not None and ticket.stop_held >= c.stop):
+        return
+    who = f"by {c.actor}" if c.actor else "by a user"
+    out.emit(ev.TicketHeld(at=c.now, ticket=ticket.id, reason=c.reason or who, actor=c.actor, stop=c.stop))
+    _advance(out, out.ticket(ticket.id), c.now)  # record why its ready tasks now wait
+
+
+def _release(out: _Emitter, c: cmd.ReleaseTicket) -> None:
+    ticket = out.get_ticket(c.ticket)
+    if ticket is None or ticket.status != "running" or ticket.held is None:
+        return
+    out.emit(ev.TicketReleased(at=c.now, ticket=ticket.id, actor=c.actor))
+    _advance(out, out.ticket(ticket.id), c.now)
+
+
+def _set_priority(out: _Emitter, c: cmd.SetPriority) -> None:
+    ticket = out.get_ticket(c.ticket)
+    if ticket is None or ticket.status != "running" or ticket.priority == c.priority:
+        return
+    out.emit(ev.PriorityChanged(at=c.now, ticket=ticket.id, priority=c.priority, actor=c.actor))
+
+
+def _pause(out: _Emitter, c: cmd.PauseInstallation) -> None:
+    if out.state.paused is None:
+        out.emit(ev.InstallationPaused(at=c.now, reason=c.reason or f"by {c.actor or 'a user'}", actor=c.actor))
+        _fill(out, c.now, [], everything=True)  # record the new reason of what already waits
+
+
+def _resume(out: _Emitter, c: cmd.ResumeInstallation) -> None:
+    if out.state.paused is not None:
+        out.emit(ev.InstallationResumed(at=c.now, actor=c.actor))
+
+
+def _queue_limits(out: _Emitter, c: cmd.SetQueueLimits) -> None:
+    if dict(c.limits) != out.state.queue_limits or dict(c.gpu_memory) != out.state.queue_gpu_memory:
+        out.emit(ev.QueueLimitsSet(at=c.now, limits=dict(c.limits), gpu_memory=dict(c.gpu_memory)))
 
 
 _DECIDERS: dict[type, Callable[[_Emitter, Any], None]] = {
@@ -1095,4 +1379,29 @@ _DECIDERS: dict[type, Callable[[_Emitter, Any], None]] = {
     cmd.RetryFrom: _retry_from,
     cmd.ClearCache: _clear_cache,
     cmd.RetireAdapter: _retire_adapter,
+    cmd.HoldTicket: _hold,
+    cmd.ReleaseTicket: _release,
+    cmd.SetPriority: _set_priority,
+    cmd.PauseInstallation: _pause,
+    cmd.ResumeInstallation: _resume,
+    cmd.SetQueueLimits: _queue_limits,
 }
+# Commands (and events) after which every waiting task is looked at again: a gate may have opened.
+_OPENS_GATES: frozenset[type] = frozenset(
+    {cmd.ReleaseTicket, cmd.ResumeInstallation, cmd.SetQueueLimits}
+)
+_GATE_EVENTS = (ev.TicketSubmitted, ev.TicketCompleted, ev.TicketFailed, ev.TicketCancelled, ev.CorePromoted)
+# Commands that cannot open a gate or free a slot: no pass over the waiting tasks after them.
+_NO_FREED_SLOT: frozenset[type] = frozenset(
+    {
+        cmd.RecordProgress,
+        cmd.RecordCheckpoint,
+        cmd.RecordArtifact,
+        cmd.RecordJobStarted,
+        cmd.RecordViolation,
+        cmd.RecordHomeOwner,
+        cmd.PlanMilestones,
+        cmd.HoldTicket,
+        cmd.PauseInstallation,
+    }
+)

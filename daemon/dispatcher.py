@@ -36,7 +36,7 @@ from schema.wire import (
 
 log = logging.getLogger("jetbox.dispatcher")
 CHECKPOINT = "dispatcher"
-_WATCHED = ["AttemptScheduled", "TicketCancelled", "TicketFailed", "TicketCompleted", "CorePromoted"]
+_WATCHED = ["AttemptScheduled", "TicketCancelled", "TicketFailed", "TicketCompleted", "CorePromoted", "TicketHeld"]
 PAGE = 1000
 KEEP_S = 7 * 86400  # how long RQ keeps a finished job (and so remembers its id)
 
@@ -148,6 +148,8 @@ class Dispatcher:
                 self.enqueued += 1
         elif isinstance(event, ev.TicketCancelled | ev.TicketFailed):
             self.stop_ticket(event.ticket)
+        elif isinstance(event, ev.TicketHeld) and event.stop:
+            self.stop_held(event.ticket)
         if isinstance(event, ev.TicketCancelled | ev.TicketFailed | ev.TicketCompleted):
             self.conn.set(ended_key(event.ticket), "1", ex=KEEP_S)
         if isinstance(event, ev.CorePromoted):
@@ -169,6 +171,17 @@ class Dispatcher:
                 continue
             if job.get_status(refresh=False) in ("queued", "deferred", "scheduled"):
                 job.cancel()
+
+    def stop_held(self, ticket: str) -> None:
+        """`jbctl hold --stop`: tell the attempts it asked to stop to stop at their next checkpoint (queued
+        ones stop as they start); the decider records each as AttemptStopped. Attempts scheduled since
+        (after a release) are not touched."""
+        state = self.handler.state.tickets.get(ticket)
+        if state is None:
+            return
+        for task in state.tasks.values():
+            if task.status in LIVE and task.stop_attempt == task.attempt:
+                self.conn.set(cancel_key(job_id(ticket, task.id, task.attempt)), "1", ex=KEEP_S)
 
     def close(self) -> None:
         self._persist(force=True)

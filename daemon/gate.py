@@ -142,3 +142,82 @@ def retry(handler: CommandHandler, tid: str, task: str, *, actor: str, meta: Map
             "can be retried",
         )
     return Outcome(True, f"retrying {tid}/{task}", recorded)
+
+
+# --- steering the schedule: hold, release, priority, pause, resume ---------------------------------
+
+
+def _running(handler: CommandHandler, tid: str, verb: str) -> Any | Outcome:
+    ticket = handler.state.tickets.get(tid)
+    if ticket is None:
+        return Outcome(False, f"no ticket {tid!r}")
+    if ticket.status != "running":
+        return Outcome(False, f"{tid} is {ticket.status}; only a running ticket can be {verb}")
+    return ticket
+
+
+def hold(
+    handler: CommandHandler,
+    tid: str,
+    *,
+    actor: str,
+    meta: Mapping[str, Any],
+    reason: str | None = None,
+    stop: bool = False,
+) -> Outcome:
+    """Hold `tid`: nothing more is scheduled; with `stop`, live attempts stop at their next checkpoint."""
+    ticket = _running(handler, tid, "held")
+    if isinstance(ticket, Outcome):
+        return ticket
+    command = cmd.HoldTicket(now=datetime.now(UTC), ticket=tid, reason=reason, stop=stop, actor=actor)
+    recorded = handler.handle(command, meta=meta)
+    if not recorded:
+        return Outcome(False, f"{tid} is already held ({handler.state.tickets[tid].held})")
+    live = [t.id for t in handler.state.tickets[tid].tasks.values() if t.status in ("scheduled", "running")]
+    then = ""
+    if live:
+        then = (
+            f"; {', '.join(live)} told to stop at the next checkpoint" if stop else f"; {', '.join(live)} will finish"
+        )
+    return Outcome(True, f"held {tid}{then} (jbctl release {tid})", recorded)
+
+
+def release(handler: CommandHandler, tid: str, *, actor: str, meta: Mapping[str, Any]) -> Outcome:
+    ticket = _running(handler, tid, "released")
+    if isinstance(ticket, Outcome):
+        return ticket
+    recorded = handler.handle(cmd.ReleaseTicket(now=datetime.now(UTC), ticket=tid, actor=actor), meta=meta)
+    if not recorded:
+        return Outcome(False, f"{tid} is not held")
+    started = [r.data["task"] for r in recorded if r.type == "AttemptScheduled" and r.data["ticket"] == tid]
+    return Outcome(True, f"released {tid}" + (f": scheduled {', '.join(started)}" if started else ""), recorded)
+
+
+def set_priority(handler: CommandHandler, tid: str, priority: int, *, actor: str, meta: Mapping[str, Any]) -> Outcome:
+    from schema.ticket import MAX_PRIORITY
+
+    if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
+        return Outcome(False, f"priority {priority} is out of range: -{MAX_PRIORITY} to {MAX_PRIORITY}")
+    ticket = _running(handler, tid, "reprioritised")
+    if isinstance(ticket, Outcome):
+        return ticket
+    command = cmd.SetPriority(now=datetime.now(UTC), ticket=tid, priority=priority, actor=actor)
+    recorded = handler.handle(command, meta=meta)
+    if not recorded:
+        return Outcome(True, f"{tid} already has priority {priority}")
+    return Outcome(True, f"{tid}: priority {priority}", recorded)
+
+
+def pause(handler: CommandHandler, *, actor: str, meta: Mapping[str, Any], reason: str | None = None) -> Outcome:
+    recorded = handler.handle(cmd.PauseInstallation(now=datetime.now(UTC), reason=reason, actor=actor), meta=meta)
+    if not recorded:
+        return Outcome(False, f"already paused ({handler.state.paused}); jbctl resume")
+    return Outcome(True, "paused: nothing new is scheduled; running jobs finish (jbctl resume)", recorded)
+
+
+def resume(handler: CommandHandler, *, actor: str, meta: Mapping[str, Any]) -> Outcome:
+    recorded = handler.handle(cmd.ResumeInstallation(now=datetime.now(UTC), actor=actor), meta=meta)
+    if not recorded:
+        return Outcome(False, "not paused")
+    started = sum(r.type == "AttemptScheduled" for r in recorded)
+    return Outcome(True, f"resumed: {started} waiting task(s) scheduled", recorded)

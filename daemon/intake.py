@@ -36,7 +36,7 @@ from daemon.commands import Command, SubmitTicket, TicketFileRemoved
 from daemon.state import State
 from schema import events as ev
 from schema.store import EventStore, Recorded
-from schema.ticket import MAX_TICKET_BYTES, TicketInvalid, parse_ticket
+from schema.ticket import MAX_TICKET_BYTES, TicketInvalid, key_line, parse_ticket
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +340,10 @@ class Intake:
             log.exception("validating %s failed", path)
             errors = [f"{path}:1:1: internal error while validating ({type(exc).__name__}); please report it"]
         else:
-            return SubmitTicket(now=now, actor=owner, path=path, content_hash=digest, ticket=ticket)
+            line = key_line(data, "after") if ticket.after else 1
+            return SubmitTicket(
+                now=now, actor=owner, path=path, content_hash=digest, ticket=ticket, after_line=line
+            )
         return SubmitTicket(
             now=now,
             actor=owner,

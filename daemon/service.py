@@ -32,7 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import sqlalchemy.exc
 
-from daemon.commands import Command, Tick
+from daemon.commands import Command, SetQueueLimits, Tick
 from daemon.handler import CommandHandler, ensure_home_owner
 from daemon.intake import Intake
 from daemon.notify import Notifier
@@ -210,6 +210,7 @@ class Daemon:
         self._keeper = wal_keeper(s.db_url)
         self.handler = CommandHandler(self.store)
         ensure_home_owner(self.handler, s.home)  # the default approver, recorded at the first start
+        self._record_queue_limits()
         self.notifier.watchdog()
         self.reactors = [factory(self.handler, s) for factory in self.factories]
         self._start_intake(s.tickets_path)
@@ -353,6 +354,7 @@ class Daemon:
             log.warning("home and database changes need a restart; keeping %s", old.db_url)
             new = new.model_copy(update={"home": old.home, "database_url": old.database_url})
         self.settings = new
+        self._record_queue_limits()
         if new.tickets_path != old.tickets_path and self.intake is not None:
             log.info("tickets folder changed: %s -> %s", old.tickets_path, new.tickets_path)
             self.intake.stop()
@@ -364,18 +366,30 @@ class Daemon:
         log.info("reloaded settings (tickets %s, rescan every %gs)", new.tickets_path, new.rescan_seconds)
         self.notifier.ready(self._status_text())
 
+    def _record_queue_limits(self) -> None:
+        """The `queue_limits` setting into the log (QueueLimitsSet, only when it changed): the decider
+        reads limits from its state, so a replay explains every wait."""
+        assert self.handler is not None
+        from schema.ticket import parse_memory
+
+        limits = dict(self.settings.queue_limits)
+        gpu = {q: parse_memory(size) for q, size in self.settings.queue_gpu_memory.items()}
+        if limits != self.handler.state.queue_limits or gpu != self.handler.state.queue_gpu_memory:
+            self._commit([SetQueueLimits(now=datetime.now(UTC), limits=limits, gpu_memory=gpu)])
+
     # --- status --------------------------------------------------------------------------------
 
     def _status_text(self) -> str:
         """One line for `systemctl status`: what runs, what waits, what intake holds."""
         if self.handler is None:
             return "starting"
-        running = queued = active = retrying = blocked = awaiting = 0
+        running = queued = active = retrying = blocked = awaiting = held = 0
         for ticket in self.handler.state.tickets.values():
             if ticket.status != "running":
                 continue
             running += 1
             awaiting += ticket.awaiting is not None
+            held += ticket.held is not None
             for task in ticket.tasks.values():
                 queued += task.status == "scheduled"
                 active += task.status == "running"
@@ -385,8 +399,13 @@ class Daemon:
             f"tickets: {running} running; tasks: {queued} queued, {active} running, "
             f"{retrying} waiting retry, {blocked} blocked"
         )
+        waiting = len(self.handler.state.deferred)
+        if waiting:
+            text += f"; {waiting} waiting" + (f" ({held} tickets held)" if held else "")
         if awaiting:
             text += f"; {awaiting} awaiting approval (jbctl proposals)"
+        if self.handler.state.paused is not None:
+            text = f"PAUSED ({self.handler.state.paused}; jbctl resume); " + text
         if not self.settings.redis_url:
             text += "; NOT DISPATCHING: no Redis (--no-dispatch)"
         pending = self.intake.pending() if self.intake is not None else 0

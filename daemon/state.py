@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from schema import events as ev
-from schema.plan import OPEN, TaskStatus, task_plan
+from schema.plan import LIVE, OPEN, TaskStatus, task_plan
 from schema.policy import code_grant
 from schema.ticket import Ticket
 
@@ -54,6 +54,12 @@ class TaskState:
     # A train step's last run in an earlier revision: (resume_key, checkpoint, its own params), resumed
     # from when only the budget grew.
     carried: tuple[str, str, dict] | None = None
+    deferred: str | None = None  # why a ready task is not scheduled (TaskDeferred)
+    deferred_rule: str | None = None  # which rule (TaskDeferred.rule)
+    deferred_since: datetime | None = None
+    gpu_memory: int = 0  # what the step declares (bytes); 0: the whole card where the queue's memory is counted
+    claimed: int = 0  # GPU memory the live attempt claims (AttemptScheduled.gpu_memory)
+    stop_attempt: int = 0  # the attempt `jbctl hold --stop` asked to stop (its failure is a stop)
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,10 @@ class TicketState:
     awaiting: str | None = None  # the open core proposal this ticket waits on
     # Attempt numbers of an earlier revision's subtasks: a subtask planned again keeps counting.
     prior_attempts: dict[str, int] = field(default_factory=dict)
+    held: str | None = None  # why it is held (TicketHeld), None when not
+    stop_held: bool = False  # held with --stop: a failed live attempt is a stopped one
+    priority: int = 0
+    arrival: int = 0  # submission order over the installation: equal priorities keep it
     # Copy-on-write bookkeeping of scratch copies (not part of the state's value).
     shared: bool = field(default=False, compare=False, repr=False)
     owned: set[str] = field(default_factory=set, compare=False, repr=False)
@@ -171,6 +181,13 @@ class State:
     # Working memory: A-<n> -> {id, ticket, component, base_core_version, checkpoint, core_checkpoint, active}.
     # Each record is replaced, never changed in place, so a scratch copy may share them.
     adapters: dict[str, dict] = field(default_factory=dict)
+    paused: str | None = None  # why the installation is paused (InstallationPaused)
+    queue_limits: dict[str, int] = field(default_factory=dict)  # queue -> most jobs out at once
+    queue_gpu_memory: dict[str, int] = field(default_factory=dict)  # queue -> bytes its workers share
+    arrivals: int = 0
+    # Indexes kept by `evolve` from the tasks themselves: what is out per queue, and what waits.
+    live: dict[tuple[str, str], str] = field(default_factory=dict)  # (ticket, task) -> queue
+    deferred: dict[tuple[str, str], str] = field(default_factory=dict)  # ready tasks not scheduled -> their rule
 
     def scratch(self, ticket_ids: list[str]) -> State:
         """A copy that `evolve` may change, sharing every ticket except those named."""
@@ -193,6 +210,12 @@ class State:
             waiting=self.waiting,
             shared_maps={"cache", "inflight", "waiting"},
             adapters=dict(self.adapters),
+            paused=self.paused,
+            queue_limits=dict(self.queue_limits),
+            queue_gpu_memory=dict(self.queue_gpu_memory),
+            arrivals=self.arrivals,
+            live=dict(self.live),
+            deferred=dict(self.deferred),
         )
         for tid in ticket_ids:
             if tid in out.tickets:
@@ -202,6 +225,7 @@ class State:
 
 def tasks_for(ticket: Ticket) -> dict[str, TaskState]:
     """The task states of a fresh run, as `task_plan` lays it out."""
+    gpu = {s.id: s.gpu_memory_bytes for s in ticket.steps if s.gpu_memory}
     return {
         t.id: TaskState(
             id=t.id,
@@ -211,6 +235,7 @@ def tasks_for(ticket: Ticket) -> dict[str, TaskState]:
             params=dict(t.params),
             timeout=t.timeout,
             retries=t.retries,
+            gpu_memory=gpu.get(t.id, 0),
         )
         for t in task_plan(ticket)
     }
@@ -223,7 +248,42 @@ def evolve(state: State, event: ev.Event) -> State:
     handler = _HANDLERS.get(type(event))
     if handler is not None:
         handler(state, event)
+    tid = getattr(event, "ticket", None)
+    if isinstance(tid, str) and tid in state.tickets:
+        task_id = getattr(event, "task", None)
+        _index(
+            state,
+            state.tickets[tid],
+            [task_id] if isinstance(task_id, str) else None,
+            type(event) is ev.TicketSubmitted,
+        )
     return state
+
+
+def _index(state: State, ticket: TicketState, task_ids: list[str] | None, fresh: bool = False) -> None:
+    """Keep `live` and `deferred` in step with the tasks an event touched (all of a ticket's for a
+    ticket-level event; `fresh`: a new run, whose tasks replace the last run's)."""
+    if fresh:
+        for key in [k for k in (*state.live, *state.deferred) if k[0] == ticket.id]:
+            if key[1] not in ticket.tasks:
+                state.live.pop(key, None)
+                state.deferred.pop(key, None)
+    if task_ids is None:
+        task_ids = list(ticket.tasks)
+    running = ticket.status == "running"
+    for task_id in task_ids:
+        task = ticket.tasks.get(task_id)
+        if task is None:
+            continue
+        key = (ticket.id, task_id)
+        if running and task.status in LIVE:
+            state.live[key] = task.queue
+        else:
+            state.live.pop(key, None)
+        if running and task.deferred_rule is not None and task.status in ("pending", "waiting_retry"):
+            state.deferred[key] = task.deferred_rule
+        else:
+            state.deferred.pop(key, None)
 
 
 def _task(state: State, event: ev.TaskEvent) -> TaskState:
@@ -263,7 +323,10 @@ def _submitted(state: State, e: ev.TicketSubmitted) -> None:
         tasks=tasks,
         allowed_binaries=set(e.allowed_binaries),
         prior_attempts=prior,
+        priority=spec.priority,
+        arrival=state.arrivals,
     )
+    state.arrivals += 1
     state.files[e.path] = e.content_hash
     state.file_tickets[e.path] = e.ticket
 
@@ -331,6 +394,8 @@ def _scheduled(state: State, e: ev.AttemptScheduled) -> None:
     task.reused_from = None
     if e.cache_key is not None:
         state.writable("inflight")[e.cache_key] = (e.ticket, e.task)
+    task.deferred, task.deferred_rule, task.deferred_since = None, None, None
+    task.claimed = e.gpu_memory or 0
 
 
 def _started(state: State, e: ev.AttemptStarted) -> None:
@@ -442,6 +507,7 @@ def _retried(state: State, e: ev.TaskRetried) -> None:
         task.checkpoint = None  # a finished run starts over; a failed one resumes from its checkpoint
     task.status, task.reason, task.failures = "pending", None, []
     task.fresh = task.fresh or e.fresh
+    task.deferred, task.deferred_rule, task.deferred_since = None, None, None
 
 
 def _loop(state: State, e: ev.LoopDetected) -> None:
@@ -530,6 +596,50 @@ def _violation(state: State, e: ev.SafetyViolation) -> None:
             ticket.forged += 1
 
 
+def _held(state: State, e: ev.TicketHeld) -> None:
+    ticket = state.tickets[e.ticket]
+    ticket.held, ticket.stop_held = e.reason, e.stop
+    if e.stop:  # the attempts out now are asked to stop, even if the ticket is released before they do
+        for tid in [t.id for t in ticket.tasks.values() if t.status in LIVE]:
+            task = ticket.task_for_update(tid)
+            task.stop_attempt = task.attempt
+
+
+def _released(state: State, e: ev.TicketReleased) -> None:
+    ticket = state.tickets[e.ticket]
+    ticket.held, ticket.stop_held = None, False
+
+
+def _priority(state: State, e: ev.PriorityChanged) -> None:
+    state.tickets[e.ticket].priority = e.priority
+
+
+def _paused(state: State, e: ev.InstallationPaused) -> None:
+    state.paused = e.reason
+
+
+def _resumed(state: State, e: ev.InstallationResumed) -> None:
+    state.paused = None
+
+
+def _limits(state: State, e: ev.QueueLimitsSet) -> None:
+    state.queue_limits = dict(e.limits)
+    state.queue_gpu_memory = dict(e.gpu_memory)
+
+
+def _deferred(state: State, e: ev.TaskDeferred) -> None:
+    task = _task(state, e)
+    if task.deferred is None:
+        task.deferred_since = e.at  # a changed reason keeps the wait's start (aging counts from it)
+    task.deferred, task.deferred_rule = e.reason, e.rule
+
+
+def _stopped(state: State, e: ev.AttemptStopped) -> None:
+    task = _task(state, e)
+    task.status, task.worker, task.progress = "pending", None, None
+    task.last_report_seq = max(task.last_report_seq, e.report_seq)
+
+
 def _milestone_planned(state: State, e: ev.MilestonePlanned) -> None:
     state.milestones[e.milestone] = {"plan": e.plan, "revision": e.revision, "hash": e.content_hash, "spec": e.spec}
 
@@ -588,4 +698,12 @@ _HANDLERS: dict[type, Callable[[State, Any], None]] = {
     ev.TicketRetried: _ticket_retried,
     ev.AdapterActivated: _adapter_activated,
     ev.AdapterRetired: _adapter_retired,
+    ev.TicketHeld: _held,
+    ev.TicketReleased: _released,
+    ev.PriorityChanged: _priority,
+    ev.InstallationPaused: _paused,
+    ev.InstallationResumed: _resumed,
+    ev.QueueLimitsSet: _limits,
+    ev.TaskDeferred: _deferred,
+    ev.AttemptStopped: _stopped,
 }

@@ -95,6 +95,11 @@ class AttemptScheduled(AttemptEvent):
     resume_checkpoint: str | None = None
     network: Literal["deny", "allow"] = "deny"
     device: str = "auto"
+    # Placement: the ticket's priority when it was chosen, since when it had waited (None: at once),
+    # and the GPU memory it claims on its queue (bytes; None where the queue's memory is not counted).
+    priority: int = 0
+    waited_since: datetime | None = None
+    gpu_memory: int | None = None
     cache_key: str | None = None  # set when the step is cached: its success is recorded under this key
     resume_key: str | None = None  # the key without the training budget (resuming when only it grew)
 
@@ -236,6 +241,69 @@ class TicketCompleted(TicketEvent):
 
 class TicketFailed(TicketEvent):
     reason: str
+
+
+# --- scheduling a researcher steers (docs/SCHEDULING.md) --------------------------------------
+
+
+class TicketHeld(TicketEvent):
+    """Nothing more of the ticket is scheduled until TicketReleased. `stop`: its live attempts were
+    told to stop at their next checkpoint (and run again from it on release)."""
+
+    reason: str
+    actor: str | None = None
+    stop: bool = False
+
+
+class TicketReleased(TicketEvent):
+    actor: str | None = None
+
+
+class PriorityChanged(TicketEvent):
+    """`jbctl priority`: the ticket's priority from now on (its spec's `priority:` until then)."""
+
+    priority: int
+    actor: str | None = None
+
+
+class InstallationPaused(Event):
+    """`jbctl pause`: nothing new is scheduled anywhere until InstallationResumed; live attempts finish."""
+
+    reason: str
+    actor: str | None = None
+
+
+class InstallationResumed(Event):
+    actor: str | None = None
+
+
+class QueueLimitsSet(Event):
+    """The `queue_limits` setting as the daemon found it: at most N jobs out per queue (absent: no limit);
+    and `queue_gpu_memory`: the bytes of GPU memory a queue's workers share (absent: not counted)."""
+
+    limits: dict[str, int]
+    gpu_memory: dict[str, int] = Field(default_factory=dict)
+
+
+WaitRule = Literal["paused", "held", "after", "max_parallel", "queue_limit", "gpu_memory"]
+CAPACITY_RULES: frozenset[str] = frozenset({"max_parallel", "queue_limit", "gpu_memory"})  # a freed slot may end these
+
+
+class TaskDeferred(TaskEvent):
+    """A ready task was not scheduled, and why (held, paused, after, a limit). Recorded when the reason
+    changes, so the log explains every wait; AttemptScheduled ends it. `rule`: which rule holds it
+    (paused, held, after, max_parallel, queue_limit)."""
+
+    reason: str
+    rule: WaitRule = "held"
+
+
+class AttemptStopped(AttemptEvent):
+    """A live attempt stopped because its ticket was held with `--stop`: the task waits again, and its
+    next attempt resumes from the last checkpoint."""
+
+    error: str = ""
+    report_seq: int = 0
 
 
 # --- proposals and the core --------------------------------------------------------------------

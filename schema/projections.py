@@ -180,6 +180,8 @@ def _submitted(rows: Rows, seq: int, e: ev.TicketSubmitted) -> None:
             "ended_at": None,
             "last_seq": seq,
             "awaiting": None,
+            "held": None,
+            "priority": int(spec.get("priority", 0) or 0),
             **_FRESH_COUNTS,
         },
     )
@@ -207,6 +209,7 @@ def _submitted(rows: Rows, seq: int, e: ev.TicketSubmitted) -> None:
                 "retry_at": None,
                 "updated_at": _naive(e.at),
                 "parent": None,
+                "waiting": None,
             },
         )
 
@@ -235,6 +238,7 @@ def _subtasks_planned(rows: Rows, seq: int, e: ev.SubtasksPlanned) -> None:
                 "retry_at": None,
                 "updated_at": _naive(e.at),
                 "parent": e.task,
+                "waiting": None,
             },
         )
     _update(rows, "tasks", (e.ticket, e.task), needs=[*(step["needs"] or []), *ids], updated_at=_naive(e.at))
@@ -344,6 +348,7 @@ def _scheduled(rows: Rows, seq: int, e: ev.AttemptScheduled) -> None:
         state="scheduled",
         attempt=e.attempt,
         retry_at=None,
+        waiting=None,
         progress_step=None,
         progress_total=None,
         worker=None,
@@ -466,7 +471,7 @@ def _failed(rows: Rows, seq: int, e: ev.AttemptFailed) -> None:
 
 def _task_state(state: str) -> Callable[[Rows, int, Any], None]:
     def apply(rows: Rows, seq: int, e: Any) -> None:
-        fields: dict[str, Any] = {"state": state, "updated_at": _naive(e.at)}
+        fields: dict[str, Any] = {"state": state, "updated_at": _naive(e.at), "waiting": None}
         if state == "pending":
             fields["last_error"] = None
         else:
@@ -598,6 +603,28 @@ def _adapter_retired(rows: Rows, seq: int, e: ev.AdapterRetired) -> None:
         retired_detail=e.detail or None,
         replaced_by=e.replaced_by,
     )
+
+
+def _held(rows: Rows, seq: int, e: ev.TicketHeld) -> None:
+    _touch_ticket(rows, seq, e.ticket, e.at, held=e.reason)
+
+
+def _released(rows: Rows, seq: int, e: ev.TicketReleased) -> None:
+    _touch_ticket(rows, seq, e.ticket, e.at, held=None)
+
+
+def _priority(rows: Rows, seq: int, e: ev.PriorityChanged) -> None:
+    _touch_ticket(rows, seq, e.ticket, e.at, priority=e.priority)
+
+
+def _deferred(rows: Rows, seq: int, e: ev.TaskDeferred) -> None:
+    _update_task(rows, e.ticket, e.task, waiting=e.reason, updated_at=_naive(e.at))
+    _touch_ticket(rows, seq, e.ticket, e.at)
+
+
+def _stopped(rows: Rows, seq: int, e: ev.AttemptStopped) -> None:
+    _update_task(rows, e.ticket, e.task, state="pending", worker=None, updated_at=_naive(e.at))
+    _update(rows, "jobs", (e.ticket, e.task, e.attempt), state="stopped", error=e.error or None, ended_at=_naive(e.at))
     _touch_ticket(rows, seq, e.ticket, e.at)
 
 
@@ -636,6 +663,11 @@ _PROJECTORS: dict[type, Callable[[Rows, int, Any], None]] = {
     ev.TicketRetried: _ticket_retried,
     ev.AdapterActivated: _adapter_activated,
     ev.AdapterRetired: _adapter_retired,
+    ev.TicketHeld: _held,
+    ev.TicketReleased: _released,
+    ev.PriorityChanged: _priority,
+    ev.TaskDeferred: _deferred,
+    ev.AttemptStopped: _stopped,
 }
 
 

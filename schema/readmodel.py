@@ -86,6 +86,9 @@ def waiting_on(task_rows: list[dict[str, Any]], now: datetime, awaiting: str | N
                 return f"{t['task']}: {why.split('; fix the input')[0]} (then jbctl retry --task {t['task']})"
             return f"human: jbctl retry --task {t['task']}"
     for t in task_rows:
+        if t.get("waiting") and t["state"] in ("pending", "waiting_retry"):
+            return f"{t['task']}: {t['waiting']}"  # held, paused, after:, a limit (TaskWaiting)
+    for t in task_rows:
         if t["state"] == "waiting_retry" and t["retry_at"] is not None:
             return f"retry of {t['task']} in {age(now, naive_dt(t['retry_at']))}".replace(" in -", " in ")
         if t["state"] == "scheduled":

@@ -6,7 +6,7 @@ import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -121,6 +121,24 @@ class Settings(BaseSettings):
     # (root), else the in-process guard, said in the job's log; required = refuse such jobs on a worker
     # that cannot isolate; guard = the in-process guard only.
     network_isolation: Literal["auto", "required", "guard"] = "auto"
+    # At most this many jobs out (scheduled or running) per queue, e.g. {gpu = 1}; a queue not named has
+    # no limit. What waits is ordered by priority (docs/SCHEDULING.md).
+    queue_limits: dict[str, Annotated[int, Field(ge=1, le=10_000)]] = Field(default_factory=dict)
+    # GPU memory the workers of a queue share, e.g. {gpu = "24G"}: one card per queue (two workers on one
+    # card may then run two steps that both fit); steps declare `gpu_memory` (none: the whole card).
+    queue_gpu_memory: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("queue_gpu_memory")
+    @classmethod
+    def _gpu_memory(cls, value: dict[str, str]) -> dict[str, str]:
+        from schema.ticket import parse_memory
+
+        for queue, size in value.items():
+            try:
+                parse_memory(size)
+            except ValueError as exc:
+                raise ValueError(f"queue_gpu_memory.{queue}: {exc}") from None
+        return value
 
     @field_validator("home", "tickets_dir", "secret_file", mode="after")
     @classmethod

@@ -90,6 +90,8 @@ class TicketRow(SQLModel, table=True):
     consistency: float = Field(default=1.0, sa_column=sa.Column(sa.Float, nullable=False, server_default="1.0"))
     # Attempts the infrastructure lost (dead worker, vanished job): retried, outside the score.
     infra_failures: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
+    held: str | None = None  # why it is held (TicketHeld); None when not
+    priority: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
 
 
 class TaskRow(SQLModel, table=True):
@@ -110,6 +112,7 @@ class TaskRow(SQLModel, table=True):
     updated_at: datetime | None = _ts()
     # A subtask's step (a step fanned out with `shards:`); NULL for the ticket's own steps and checks.
     parent: str | None = Field(default=None, max_length=100)
+    waiting: str | None = None  # why a ready task is not scheduled (TaskWaiting); None when it is not waiting
 
 
 class JobRow(SQLModel, table=True):

@@ -42,11 +42,13 @@ MAX_NODES = 5_000  # values (keys, scalars, mappings, lists), counted after expa
 MAX_STEPS = 200
 MAX_NEEDS = 2_000  # `needs` entries over all steps (edges of the task graph)
 MAX_KEY_CHARS = 128
+MAX_PRIORITY = 1000  # `priority:` is within +-this
 MAX_INT = 2**63 - 1  # integers must fit in 64 bits (JSON consumers, SQL, numpy)
 MAX_ERRORS = 20  # errors reported per file (the rest are counted)
 MAX_MESSAGE_CHARS = 400  # one error message, quoted values included
 TICKET_ID = re.compile(r"TICKET-[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # always fullmatch: `$` accepts a final \n
 MILESTONE_ID = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
+COMPONENT = re.compile(r"[a-z][a-z0-9_-]{0,63}")  # a core component's name (`after: {core: NAME}`)
 STEP_ID = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 ARTIFACT_REF = re.compile(r"^sha256:[0-9a-f]{8,64}$")
 URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -246,6 +248,30 @@ class Step(_Strict):
         description="reuse a recorded success with the same key (default: yes, except diag, check and infer); "
         "false: always run",
     )
+    gpu_memory: str | None = Field(
+        default=None,
+        description="GPU memory the step needs, e.g. 12G (a gpu step that declares none takes the whole card)",
+    )
+
+    @field_validator("gpu_memory", mode="before")
+    @classmethod
+    def _gpu_memory(cls, value: Any) -> Any:
+        if value is not None:
+            parse_memory(value)
+            return str(value)
+        return value
+
+    @model_validator(mode="after")
+    def _gpu_memory_queue(self) -> Step:
+        if self.gpu_memory is not None and self.effective_queue != "gpu":
+            raise _located(
+                ("gpu_memory",), f"gpu_memory: only a gpu step can ask for GPU memory (queue {self.effective_queue})"
+            )
+        return self
+
+    @property
+    def gpu_memory_bytes(self) -> int:
+        return parse_memory(self.gpu_memory) if self.gpu_memory else 0
 
     @field_validator("id")
     @classmethod
@@ -338,6 +364,20 @@ def _check_kind(value: Any) -> str:
     return "run" if isinstance(value, RunCheck) else "metric"
 
 
+class CoreAfter(_Strict):
+    """`after: {core: reasoner}`: wait until the abstract core has this component."""
+
+    core: str
+
+
+TicketAfter = Annotated[str, Field(pattern=TICKET_ID.pattern)]
+
+
+def after_tickets(ticket: Ticket) -> list[str]:
+    """The ticket ids a ticket waits for (`after:`)."""
+    return [a for a in ticket.after if isinstance(a, str)]
+
+
 AcceptanceCheck = Annotated[
     Annotated[MetricCheck, Tag("metric")] | Annotated[RunCheck, Tag("run")],
     Discriminator(_check_kind),
@@ -361,6 +401,19 @@ class Ticket(_Strict):
         default=None, description="the plan milestone this ticket serves (set by `jbctl plan apply`), e.g. M2"
     )
     cache: bool = Field(default=True, description="false: no step of this ticket reuses or records a cached result")
+    hold: bool = Field(default=False, description="arrive held: nothing is scheduled until `jbctl release`")
+    priority: int = Field(
+        default=0,
+        ge=-MAX_PRIORITY,
+        le=MAX_PRIORITY,
+        description="higher runs first among tasks waiting for the same queue; equal keeps arrival order",
+    )
+    after: list[TicketAfter | CoreAfter] = Field(
+        default_factory=list,
+        description="wait until these tickets have completed (TICKET-2) or the core has a component "
+        "({core: reasoner})",
+    )
+    max_parallel: int | None = Field(default=None, ge=1, le=1000, description="at most this many jobs out at once")
 
     @field_validator("id")
     @classmethod
@@ -373,6 +426,39 @@ class Ticket(_Strict):
     @classmethod
     def _expires(cls, value: Any) -> float | None:
         return None if value is None else parse_duration(value)
+
+    @field_validator("hold", mode="before")
+    @classmethod
+    def _hold(cls, value: Any) -> Any:
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, not {value!r}")
+        return value
+
+    @field_validator("priority", "max_parallel", mode="before")
+    @classmethod
+    def _whole(cls, value: Any) -> Any:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"expected a whole number, not {value!r}")
+        return value
+
+    @field_validator("after", mode="before")
+    @classmethod
+    def _after(cls, value: Any) -> Any:
+        """`after: TICKET-2`, `after: {core: reasoner}` and lists of either; anything else is refused here
+        with the accepted forms (pydantic's union error would list every member's complaint)."""
+        items = value if isinstance(value, list) else [value]
+        for n, item in enumerate(items):
+            if isinstance(item, str) and TICKET_ID.fullmatch(item):
+                continue
+            if isinstance(item, dict) and set(item) == {"core"} and isinstance(item["core"], str):
+                if not COMPONENT.fullmatch(item["core"]):
+                    raise ValueError(f"invalid core component {item['core']!r}: e.g. reasoner, encoder")
+                continue
+            where = f" (item {n + 1})" if isinstance(value, list) else ""
+            raise ValueError(
+                f"{item!r}{where} is not a ticket id (TICKET-2) or {{core: COMPONENT}} (e.g. {{core: reasoner}})"
+            )
+        return items
 
     @field_validator("milestone")
     @classmethod
@@ -416,6 +502,9 @@ class Ticket(_Strict):
         if cycle:
             n = ids.index(cycle[0])
             raise _located(("steps", n, "needs"), "needs form a cycle: " + " -> ".join(cycle))
+        for n, dep in enumerate(self.after):
+            if dep == self.id:
+                raise _located(("after", n), f"after: ticket {self.id} cannot wait for itself")
         for n, check in enumerate(self.acceptance):
             if isinstance(check, MetricCheck) and check.step not in seen:
                 hint = _did_you_mean(check.step, ids)
@@ -842,6 +931,13 @@ def parse_ticket(data: bytes, filename: str = "<ticket>") -> Ticket:
         message = f"id {ticket.id!r} does not match the file name {Path(filename).name!r}"
         raise TicketInvalid([TicketError(filename, line, col, _clip(message))])
     return ticket
+
+
+def key_line(data: bytes, key: str) -> int:
+    """The 1-based line of a top-level `key:` in a ticket's bytes (1 when not found): for errors the
+    decider finds later, such as an `after:` cycle through other tickets."""
+    match = re.search(rb"(?m)^" + re.escape(key.encode()) + rb"\s*:", data)
+    return data.count(b"\n", 0, match.start()) + 1 if match else 1
 
 
 def _clip(message: str) -> str:

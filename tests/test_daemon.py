@@ -263,11 +263,12 @@ def test_status_line_counts_tickets_awaiting_approval(home: Path) -> None:
     settings = load_settings().model_copy(update={"redis_url": "unix:///nonexistent.sock"})
     daemon = Daemon(settings, [], notifier=Notifier({}), install_signals=False)
     tickets = {
-        "T1": SimpleNamespace(status="running", awaiting="P-1", tasks={}),
-        "T2": SimpleNamespace(status="running", awaiting=None, tasks={}),
-        "T3": SimpleNamespace(status="completed", awaiting=None, tasks={}),
+        "T1": SimpleNamespace(status="running", awaiting="P-1", held=None, tasks={}),
+        "T2": SimpleNamespace(status="running", awaiting=None, held=None, tasks={}),
+        "T3": SimpleNamespace(status="completed", awaiting=None, held=None, tasks={}),
     }
-    daemon.handler = SimpleNamespace(state=SimpleNamespace(tickets=tickets))  # type: ignore[assignment]
+    state = SimpleNamespace(tickets=tickets, deferred={}, paused=None)
+    daemon.handler = SimpleNamespace(state=state)  # type: ignore[assignment]
     text = daemon._status_text()
     assert text.startswith("tickets: 2 running;") and "; 1 awaiting approval (jbctl proposals)" in text
     assert "NOT DISPATCHING" not in text
