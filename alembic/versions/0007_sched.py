@@ -1,7 +1,7 @@
 """scheduling: tickets.held and tickets.priority, tasks.waiting (why a ready task waits)
 
-Revision ID: 0006_sched
-Revises: 0005_fanout
+Revision ID: 0007_sched
+Revises: 0006_adapters
 Create Date: 2026-11-27 20:00:00
 """
 
@@ -12,8 +12,8 @@ import sqlmodel
 from alembic import op
 
 
-revision: str = '0006_sched'
-down_revision: str | None = '0005_fanout'
+revision: str = '0007_sched'
+down_revision: str | None = '0006_adapters'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
