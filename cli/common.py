@@ -47,18 +47,33 @@ def print_table(headers: list[str], rows: list[list[Any]]) -> None:
 
 def open_store(settings: Settings, migrate: bool = False) -> Any:
     """The event store for these settings; a clear error when there is no migrated database yet."""
-    from cli.main import CliError
     from schema import migrations
     from schema.store import EventStore
 
-    url = settings.db_url
     if migrate:
-        migrations.upgrade(url)
-    elif url.startswith("sqlite:///") and not os.path.exists(url.split("///", 1)[1]):
+        migrations.upgrade(settings.db_url)
+    else:
+        _check_database(settings.db_url)
+    return EventStore(settings.db_url, settings.sqlite_synchronous)
+
+
+def open_reader(settings: Settings) -> Any:
+    """A read-only engine on the event store (the same checks as `open_store`): reads take no write
+    lock, so a busy daemon neither waits for nor delays them."""
+    from schema.store import open_readonly
+
+    _check_database(settings.db_url)
+    return open_readonly(settings.db_url)
+
+
+def _check_database(url: str) -> None:
+    from cli.main import CliError
+    from schema import migrations
+
+    if url.startswith("sqlite:///") and not os.path.exists(url.split("///", 1)[1]):
         raise CliError(f"no database at {url.split('///', 1)[1]}: run `jbctl migrate` (or start `jbctl daemon`)")
-    elif migrations.current(url) is None:
+    if migrations.current(url) is None:
         raise CliError(f"database {_safe(url)} is not initialised: run `jbctl migrate`")
-    return EventStore(url, settings.sqlite_synchronous)
 
 
 def _safe(url: str) -> str:

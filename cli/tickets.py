@@ -6,20 +6,16 @@ import argparse
 import json
 import os
 import sys
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
-from cli.common import colour, open_store, print_json, print_table, settings_from
+from cli.common import colour, open_reader, open_store, print_json, print_table, settings_from
 from cli.main import CliError
-from schema.readmodel import age as _age
-from schema.readmodel import current_step as _current_step
-from schema.readmodel import naive_dt as _naive_dt
-from schema.readmodel import select as _select
-from schema.readmodel import topo as _topo
-from schema.readmodel import waiting_on as _waiting_on
+from schema import readmodel as rm
 
 STATE_COLOURS = {"running": "36", "completed": "32", "failed": "31", "cancelled": "33", "blocked": "35"}
 
@@ -43,7 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="tickets at a glance, or one ticket's task tree")
     p.add_argument("ticket", nargs="?")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--all", action="store_true", help="include finished tickets older than a day")
+    p.add_argument("--all", action="store_true", help="every ticket, not only the live and recently ended")
+    p.add_argument("--limit", type=int, help=f"the newest N tickets (default {DEFAULT_LIMIT}; --all: every one)")
+    p.add_argument("--since", help="ended tickets since an age (90m, 36h, 7d) or date (default: a day)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("describe", help="everything about one ticket: spec, tasks, attempts, metrics, events")
@@ -133,64 +131,75 @@ def _rows(conn: sa.Connection, sql: str, **params: Any) -> list[dict[str, Any]]:
     return [dict(r) for r in conn.execute(sa.text(sql), params).mappings()]
 
 
+DEFAULT_LIMIT = 50  # rows of the default view
+DEFAULT_SINCE = timedelta(days=1)  # ended tickets the default view still shows
+
+
+def parse_since(text: str, now: datetime) -> datetime:
+    """`--since`: an age (`90m`, `36h`, `7d`, `2w`) or an ISO date/time (UTC when it names no zone)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    value = text.strip()
+    if value[:-1].isdigit() and value[-1:] in units:
+        return now - timedelta(seconds=int(value[:-1]) * units[value[-1]])
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise CliError(
+            f"--since {text!r}: give an age such as 90m, 36h, 7d or 2w, or a date such as 2026-11-01"
+        ) from None
+    return when.astimezone(UTC).replace(tzinfo=None) if when.tzinfo else when
+
+
+class StatusView:
+    """Which tickets `jbctl status` lists: the default (live, or ended since a time; the newest
+    `limit`), or every ticket (`--all`, optionally the newest `limit`). Rows are streamed."""
+
+    def __init__(
+        self, conn: sa.Connection, now: datetime, *, everything: bool, since: datetime | None, limit: int | None
+    ) -> None:
+        self.conn, self.now, self.everything = conn, now, everything
+        self.since = since or now - DEFAULT_SINCE
+        self.counts = rm.counts_by_state(conn)
+        self.total = sum(self.counts.values())
+        if everything:
+            self.keys = rm.newest_keys(conn, limit) if limit is not None else None
+            self.matching = self.total
+        else:
+            self.keys, self.matching = rm.status_keys(conn, self.since, limit)
+        self.shown = self.total if self.keys is None else len(self.keys)
+
+    def rows(self, home: Path | None) -> Iterator[dict[str, Any]]:
+        for row in rm.iter_status(self.conn, self.now, self.keys):
+            row["background"] = _background(home, row["ticket"])
+            yield row
+
+    def rest(self) -> str:
+        """What the view leaves out and how to see it; empty when it shows every ticket."""
+        if self.shown >= self.total:
+            return ""
+        if self.everything:
+            return f"showing the newest {self.shown:,} of {self.total:,} tickets: --limit N for more"
+        parts = []
+        if self.matching > self.shown:
+            parts.append(f"showing the newest {self.shown:,} of {self.matching:,} live or recently ended")
+        if self.total > self.matching:
+            parts.append(f"{self.total - self.matching:,} more ended before {self.since:%Y-%m-%d %H:%M} UTC")
+        return "; ".join(parts) + ": jbctl status --all | --since 7d | --limit N"
+
+
 def status_data(
     engine: sa.Engine, ticket: str | None = None, include_old: bool = True, home: Path | None = None
 ) -> list[dict[str, Any]]:
-    """Tickets with their tasks and attempts, as plain dicts (what `status --json` prints)."""
+    """Tickets with their tasks and attempts, as plain dicts (what `status --json` prints): one ticket,
+    every ticket, or the default view's (a list in memory: for tests and small homes; `jbctl status`
+    streams)."""
     now = datetime.now(UTC).replace(tzinfo=None)
-    where = {"ticket": ticket} if ticket else {}
     with engine.connect() as conn:
-        tickets = _select(conn, "tickets", ("submitted_at", "id"), **({"id": ticket} if ticket else {}))
-        tasks = _select(conn, "tasks", ("ticket",), **where)
-        jobs = _select(conn, "jobs", ("ticket", "task", "attempt"), **where)
-    # Grouped once: scanning every task and job for each ticket made this quadratic in the history.
-    tasks_of: dict[str, list[dict[str, Any]]] = {}
-    for k in tasks:
-        tasks_of.setdefault(k["ticket"], []).append(k)
-    jobs_of: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for j in jobs:
-        jobs_of.setdefault((j["ticket"], j["task"]), []).append(j)
-    out = []
-    for t in tickets:
-        ended = _naive_dt(t["ended_at"]) if t["ended_at"] else None
-        if not include_old and ended is not None and (now - ended).total_seconds() > 86400:
-            continue
-        mine = tasks_of.get(t["id"], [])
-        order = {k["task"]: n for n, k in enumerate(_topo(mine))}
-        mine.sort(key=lambda k: order.get(k["task"], 0))
-        step, progress = _current_step(mine)
-        out.append(
-            {
-                "ticket": t["id"],
-                "title": t["title"],
-                "state": t["state"],
-                "revision": t["revision"],
-                "current_step": step,
-                "progress": progress,
-                "tasks_done": t["tasks_done"],
-                "tasks_total": t["tasks_total"],
-                "age": _age(_naive_dt(t["submitted_at"]), now),
-                "waiting_on": _waiting_on(mine, now, t["awaiting"]) if t["state"] == "running" else "",
-                "reason": t["reason"],
-                "awaiting_approval": t["awaiting"],
-                "held": t.get("held"),
-                "priority": t.get("priority", 0),
-                "background": _background(home, t["id"]),
-                "consistency": t["consistency"],
-                "trouble": {k: t[k] for k in ("retries", "loops", "forged", "violations", "contradictions")},
-                "tasks": [
-                    {
-                        **{k: v for k, v in task.items() if k != "ticket"},
-                        "attempts": [
-                            {k: v for k, v in j.items() if k not in ("ticket", "task")}
-                            for j in jobs_of.get((t["id"], task["task"]), [])
-                        ],
-                    }
-                    for task in mine
-                ],
-            }
-        )
-    return out
+        if ticket is not None:
+            row = rm.ticket_status(conn, ticket, now)
+            return [] if row is None else [{**row, "background": _background(home, ticket)}]
+        view = StatusView(conn, now, everything=include_old, since=None, limit=None)
+        return list(view.rows(home))
 
 
 def _background(home: Path | None, tid: str) -> str | None:
@@ -204,37 +213,44 @@ def _background(home: Path | None, tid: str) -> str | None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    store = open_store(settings)
-    data = status_data(store.engine, args.ticket, include_old=args.all or bool(args.ticket), home=settings.home)
-    if args.ticket and not data:
-        raise CliError(f"no ticket {args.ticket!r} (see `jbctl status`)")
-    if args.json:
-        print_json(data)
-        return 0
-    if args.ticket:
-        _print_tree(data[0])
-        return 0
-    if not data:
-        print("no tickets yet: drop a ticket into the tickets folder or run `jbctl submit FILE`")
-        return 0
-    rows = [
-        [
-            d["ticket"],
-            colour(d["state"], STATE_COLOURS.get(d["state"], "0")),
-            d["current_step"] or ("—" if d["state"] != "running" else ""),
-            f"{d['tasks_done']}/{d['tasks_total']} tasks" + (f", {d['progress']}" if d["progress"] else ""),
-            d["age"],
-            d["waiting_on"] or (d["reason"] or "")[:60],
-        ]
-        for d in data
-    ]
-    print_table(["TICKET", "STATE", "CURRENT STEP", "PROGRESS", "AGE", "WAITING ON / REASON"], rows)
-    awaiting = sorted({d["awaiting_approval"] for d in data if d["state"] == "running" and d["awaiting_approval"]})
-    if awaiting:
-        line = f"{len(awaiting)} proposal(s) await approval: {', '.join(awaiting)} (jbctl proposals)"
-        print(colour(line, "33"))
-    busy = any(d["state"] == "running" and not d["awaiting_approval"] for d in data)
-    paused = installation_paused(store)
+    if args.limit is not None and args.limit < 1:
+        raise CliError(f"--limit {args.limit}: give a number of tickets, 1 or more")
+    if args.all and args.since:
+        raise CliError("--all and --since: choose one (--all lists every ticket; --since, those ended since then)")
+    now = datetime.now(UTC).replace(tzinfo=None)
+    since = parse_since(args.since, now) if args.since else None
+    engine = open_reader(settings)
+    with engine.connect() as conn:
+        if args.ticket:
+            row = rm.ticket_status(conn, args.ticket, now)
+            if row is None:
+                raise CliError(f"no ticket {args.ticket!r} (see `jbctl status`)")
+            row["background"] = _background(settings.home, args.ticket)
+            if args.json:
+                print_json([row])
+            else:
+                _print_tree(row)
+            return 0
+        limit = args.limit if args.limit is not None else (None if args.all else DEFAULT_LIMIT)
+        view = StatusView(conn, now, everything=args.all, since=since, limit=limit)
+        if args.json:
+            _stream_json(view.rows(settings.home))
+            if view.rest():
+                print(view.rest(), file=sys.stderr)
+            return 0
+        if not view.total:
+            print("no tickets yet: drop a ticket into the tickets folder or run `jbctl submit FILE`")
+            return 0
+        rows = [_table_row(d) for d in view.rows(settings.home)]
+        print_table(["TICKET", "STATE", "CURRENT STEP", "PROGRESS", "AGE", "WAITING ON / REASON"], rows)
+        if view.rest():
+            print(view.rest())
+        awaiting = rm.awaited_proposals(conn)
+        if awaiting:
+            line = f"{len(awaiting)} proposal(s) await approval: {', '.join(awaiting)} (jbctl proposals)"
+            print(colour(line, "33"))
+        busy = rm.work_waiting(conn)
+        paused = installation_paused(conn)
     if paused:
         print(colour(f"installation paused ({paused}): nothing new is scheduled; jbctl resume", "33"))
     print(daemon_line(settings.home, work_waiting=busy))
@@ -268,14 +284,41 @@ def warm_lines(settings: Any) -> list[str]:
     return lines
 
 
-def installation_paused(store: Any) -> str | None:
-    """Why the installation is paused (the last InstallationPaused not followed by a resume), or None."""
-    last = None
-    for rec in store.read(0, stream="system", types=["InstallationPaused", "InstallationResumed"]):
-        last = rec
-    if last is None or last.type != "InstallationPaused":
+def installation_paused(conn: sa.Connection) -> str | None:
+    """Why the installation is paused (the last InstallationPaused not followed by a resume), or None.
+    One row, read backwards off the stream index (not every `system` event since the first)."""
+    last = conn.execute(
+        sa.text(
+            "SELECT type, data FROM events WHERE stream = 'system' "
+            "AND type IN ('InstallationPaused', 'InstallationResumed') ORDER BY seq DESC LIMIT 1"
+        )
+    ).first()
+    if last is None or last[0] != "InstallationPaused":
         return None
-    return str(last.data.get("reason") or "paused")
+    data = json.loads(last[1]) if isinstance(last[1], str) else dict(last[1] or {})
+    return str(data.get("reason") or "paused")
+
+
+def _table_row(d: dict[str, Any]) -> list[Any]:
+    return [
+        d["ticket"],
+        colour(d["state"], STATE_COLOURS.get(d["state"], "0")),
+        d["current_step"] or ("—" if d["state"] != "running" else ""),
+        f"{d['tasks_done']}/{d['tasks_total']} tasks" + (f", {d['progress']}" if d["progress"] else ""),
+        d["age"],
+        d["waiting_on"] or (d["reason"] or "")[:60],
+    ]
+
+
+def _stream_json(rows: Iterator[dict[str, Any]]) -> None:
+    """A JSON array written one element at a time (what `print_json` prints, without holding it)."""
+    out = sys.stdout
+    first = True
+    for row in rows:
+        body = json.dumps(row, indent=2, default=str).replace("\n", "\n  ")
+        out.write(("[\n  " if first else ",\n  ") + body)
+        first = False
+    out.write("[]\n" if first else "\n]\n")
 
 
 def daemon_line(home: Path, work_waiting: bool = True) -> str:

@@ -61,14 +61,9 @@ def events_where(
     return [_recorded(r) for r in conn.execute(sql, {**params, "limit": limit, "offset": offset})]
 
 
-def counts_by_state(conn: sa.Connection) -> dict[str, int]:
-    rows = conn.execute(sa.text("SELECT state, COUNT(*) FROM tickets GROUP BY state")).all()
-    return {str(s): int(n) for s, n in rows}
-
-
 def tickets(engine: sa.Engine, state: str | None, search: str | None, limit: int, offset: int) -> dict[str, Any]:
     with engine.connect() as conn:
-        counts = counts_by_state(conn)  # one covering-index scan; gives the total unless searching
+        counts = rm.counts_by_state(conn)  # one covering-index scan; gives the total unless searching
         known = None if search else (counts.get(state, 0) if state else sum(counts.values()))
         rows, total = rm.ticket_page(
             conn, now_naive(), state=state, search=search, limit=limit, offset=offset, total=known

@@ -6,6 +6,7 @@ are read with LIMIT/OFFSET on an index, and only the tasks of the tickets on the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -141,7 +142,6 @@ def ticket_page(
     Only the tickets of the page and their tasks are read (the `submitted_at` indexes order them).
     """
     tickets = SQLModel.metadata.tables["tickets"]
-    tasks = SQLModel.metadata.tables["tasks"]
     where = []
     if state:
         where.append(tickets.c.state == state)
@@ -158,12 +158,19 @@ def ticket_page(
         .offset(offset)
     )
     rows = [dict(r) for r in conn.execute(query).mappings()]
-    ids = [r["id"] for r in rows]
+    by_ticket = tasks_of(conn, [r["id"] for r in rows])
+    return [summary(t, by_ticket[t["id"]], now) for t in rows], total
+
+
+def tasks_of(conn: sa.Connection, ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """The tasks of these tickets (one query on the tasks' primary key), each ticket's in `topo` order."""
+    tasks = SQLModel.metadata.tables["tasks"]
     by_ticket: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
     if ids:
-        for r in conn.execute(sa.select(tasks).where(tasks.c.ticket.in_(ids))).mappings():
+        query = sa.select(tasks).where(tasks.c.ticket.in_(ids)).order_by(tasks.c.ticket, tasks.c.task)
+        for r in conn.execute(query).mappings():
             by_ticket[r["ticket"]].append(dict(r))
-    return [summary(t, topo(by_ticket[t["id"]]), now) for t in rows], total
+    return {i: topo(v) for i, v in by_ticket.items()}
 
 
 def summary(t: dict[str, Any], task_rows: list[dict[str, Any]], now: datetime) -> dict[str, Any]:
@@ -188,10 +195,147 @@ def summary(t: dict[str, Any], task_rows: list[dict[str, Any]], now: datetime) -
         "waiting_on": waiting_on(task_rows, now, t["awaiting"]) if t["state"] == "running" else "",
         "reason": t["reason"],
         "awaiting_approval": t["awaiting"],
+        "held": t.get("held"),
+        "priority": t.get("priority", 0),
         "consistency": t["consistency"],
         "trouble": {k: t[k] for k in ("retries", "loops", "forged", "violations", "contradictions")},
         "last_seq": t["last_seq"],
     }
+
+
+# --- status: the tickets with their task trees, streamed -----------------------------------------
+
+STATUS_CHUNK = 500  # tickets read (with their tasks and attempts) per query
+
+
+def status_row(
+    t: dict[str, Any], task_rows: list[dict[str, Any]], job_rows: list[dict[str, Any]], now: datetime
+) -> dict[str, Any]:
+    """A ticket as `jbctl status --json` prints it: its list row (`summary`) and its task -> attempt tree."""
+    attempts: dict[str, list[dict[str, Any]]] = {}
+    for j in job_rows:
+        attempts.setdefault(j["task"], []).append({k: v for k, v in j.items() if k not in ("ticket", "task")})
+    return {
+        **summary(t, task_rows, now),
+        "tasks": [
+            {**{k: v for k, v in task.items() if k != "ticket"}, "attempts": attempts.get(task["task"], [])}
+            for task in task_rows
+        ],
+    }
+
+
+def status_rows(conn: sa.Connection, rows: list[dict[str, Any]], now: datetime) -> list[dict[str, Any]]:
+    """`status_row` for each of these ticket rows: their tasks and attempts in two indexed queries."""
+    jobs = SQLModel.metadata.tables["jobs"]
+    ids = [r["id"] for r in rows]
+    by_ticket = tasks_of(conn, ids)
+    jobs_of: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
+    if ids:
+        query = sa.select(jobs).where(jobs.c.ticket.in_(ids)).order_by(jobs.c.ticket, jobs.c.task, jobs.c.attempt)
+        for r in conn.execute(query).mappings():
+            jobs_of[r["ticket"]].append(dict(r))
+    return [status_row(t, by_ticket[t["id"]], jobs_of[t["id"]], now) for t in rows]
+
+
+def ticket_status(conn: sa.Connection, tid: str, now: datetime) -> dict[str, Any] | None:
+    """One ticket's `status_row`, or None when there is no such ticket (three primary-key lookups)."""
+    tickets = SQLModel.metadata.tables["tickets"]
+    rows = [dict(r) for r in conn.execute(sa.select(tickets).where(tickets.c.id == tid)).mappings()]
+    return status_rows(conn, rows, now)[0] if rows else None
+
+
+Key = tuple[Any, str]  # (submitted_at, id): the order tickets are listed in
+
+
+def status_keys(conn: sa.Connection, ended_since: datetime, limit: int | None) -> tuple[list[Key], int]:
+    """The newest `limit` (all when None) tickets that are live (not ended) or ended at or after
+    `ended_since`, oldest first; and how many there are in all.
+
+    Both parts come off the `(ended_at, submitted_at, id)` index alone: the live tickets in order
+    (ended_at NULL), the recently ended as a range. Only keys are held, never rows.
+    """
+    import heapq
+
+    t = SQLModel.metadata.tables["tickets"]
+    live_q = sa.select(t.c.submitted_at, t.c.id).where(t.c.ended_at.is_(None))
+    live_q = live_q.order_by(t.c.submitted_at.desc(), t.c.id.desc())
+    if limit is not None:
+        live_q = live_q.limit(limit)
+    live = [(r[0], r[1]) for r in conn.execute(live_q)]
+    ended = ((r[0], r[1]) for r in conn.execute(sa.select(t.c.submitted_at, t.c.id).where(t.c.ended_at >= ended_since)))
+    recent = heapq.nlargest(limit, ended, key=_order) if limit is not None else list(ended)
+    keys = sorted(live + recent, key=_order)
+    if limit is not None:
+        keys = keys[-limit:] if limit else []
+    n_live = len(live) if limit is None or len(live) < limit else _count(conn, t.c.ended_at.is_(None))
+    n_recent = len(recent) if limit is None or len(recent) < limit else _count(conn, t.c.ended_at >= ended_since)
+    return keys, n_live + n_recent
+
+
+def newest_keys(conn: sa.Connection, limit: int) -> list[Key]:
+    """The newest `limit` tickets of all, oldest first (off the `(submitted_at, id)` index)."""
+    t = SQLModel.metadata.tables["tickets"]
+    query = sa.select(t.c.submitted_at, t.c.id).order_by(t.c.submitted_at.desc(), t.c.id.desc()).limit(limit)
+    return sorted(((r[0], r[1]) for r in conn.execute(query)), key=_order)
+
+
+def _order(key: Key) -> tuple[Any, str]:
+    return (key[0] or datetime.min, key[1])
+
+
+def _count(conn: sa.Connection, where: Any) -> int:
+    t = SQLModel.metadata.tables["tickets"]
+    return int(conn.execute(sa.select(sa.func.count()).select_from(t).where(where)).scalar() or 0)
+
+
+def iter_status(conn: sa.Connection, now: datetime, keys: list[Key] | None = None) -> Iterator[dict[str, Any]]:
+    """`status_row`s, oldest first, `STATUS_CHUNK` tickets at a time: of these keys, or of every
+    ticket when `keys` is None (a keyset walk of the `(submitted_at, id)` index). Memory holds one
+    chunk, whatever the number of tickets."""
+    t = SQLModel.metadata.tables["tickets"]
+    if keys is not None:
+        for lo in range(0, len(keys), STATUS_CHUNK):
+            ids = [k[1] for k in keys[lo : lo + STATUS_CHUNK]]
+            found = {r["id"]: dict(r) for r in conn.execute(sa.select(t).where(t.c.id.in_(ids))).mappings()}
+            yield from status_rows(conn, [found[i] for i in ids if i in found], now)
+        return
+    # Keyset walk: each chunk starts after the last one's (submitted_at, id), so no OFFSET re-scans.
+    dated = sa.select(t).where(t.c.submitted_at.is_not(None)).order_by(t.c.submitted_at, t.c.id).limit(STATUS_CHUNK)
+    rows = [dict(r) for r in conn.execute(dated).mappings()]
+    while rows:
+        yield from status_rows(conn, rows, now)
+        last = rows[-1]
+        after = sa.or_(
+            t.c.submitted_at > last["submitted_at"],
+            sa.and_(t.c.submitted_at == last["submitted_at"], t.c.id > last["id"]),
+        )
+        rows = [dict(r) for r in conn.execute(dated.where(after)).mappings()]
+    # Rows without a submission time (none are written so; kept reachable all the same), by id.
+    undated = sa.select(t).where(t.c.submitted_at.is_(None)).order_by(t.c.id).limit(STATUS_CHUNK)
+    rows = [dict(r) for r in conn.execute(undated).mappings()]
+    while rows:
+        yield from status_rows(conn, rows, now)
+        rows = [dict(r) for r in conn.execute(undated.where(t.c.id > rows[-1]["id"])).mappings()]
+
+
+def counts_by_state(conn: sa.Connection) -> dict[str, int]:
+    """Tickets per state (one covering-index scan)."""
+    rows = conn.execute(sa.text("SELECT state, COUNT(*) FROM tickets GROUP BY state")).all()
+    return {str(s): int(n) for s, n in rows}
+
+
+def awaited_proposals(conn: sa.Connection) -> list[str]:
+    """The proposals running tickets wait on (off the `(awaiting, state)` index)."""
+    t = SQLModel.metadata.tables["tickets"]
+    query = sa.select(t.c.awaiting).where(t.c.awaiting.is_not(None), t.c.state == "running").distinct()
+    return sorted(str(r[0]) for r in conn.execute(query))
+
+
+def work_waiting(conn: sa.Connection) -> bool:
+    """Whether some running ticket has work for the daemon (it does not only wait for an approval)."""
+    t = SQLModel.metadata.tables["tickets"]
+    query = sa.select(t.c.id).where(t.c.state == "running", t.c.awaiting.is_(None)).limit(1)
+    return conn.execute(query).first() is not None
 
 
 # --- proposals -----------------------------------------------------------------------------------
@@ -254,7 +398,6 @@ def delta_mark(name: str, delta: float | None) -> str:
     if abs(delta) < 1e-12:
         return "same"
     return "better" if delta * direction > 0 else "worse"
-
 
 
 def comparison(metrics: dict[str, Any] | None, focus: list[str] | None = None) -> list[dict[str, Any]]:

@@ -64,6 +64,10 @@ class TicketRow(SQLModel, table=True):
     __table_args__ = (
         sa.Index("ix_tickets_submitted_at_id", "submitted_at", "id"),
         sa.Index("ix_tickets_state_submitted_at_id", "state", "submitted_at", "id"),
+        # `jbctl status`: the live tickets (ended_at NULL) newest first, and those that ended since a
+        # time, read off the index alone; the tickets waiting on a proposal, without a table scan.
+        sa.Index("ix_tickets_ended_at_submitted_at_id", "ended_at", "submitted_at", "id"),
+        sa.Index("ix_tickets_state_awaiting", "state", "awaiting"),
     )
 
     id: str = Field(primary_key=True, max_length=100)
