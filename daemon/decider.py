@@ -811,7 +811,7 @@ def _tick(out: _Emitter, c: cmd.Tick) -> None:
             out.emit(ev.ProposalExpired(at=c.now, ticket=proposal.ticket, proposal=proposal.id))
             _after_decision(out, proposal.id, c.now, f"proposal {proposal.id} expired undecided")
     due: list[tuple[str, str]] = []
-    for tid in [t.id for t in out.state.tickets.values() if t.status == "running"]:
+    for tid in list(out.state.running):
         ticket = out.ticket(tid)
         limit = ticket.spec.constraints.max_wall_minutes
         if limit is not None and c.now - ticket.submitted_at > timedelta(minutes=limit):

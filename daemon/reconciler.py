@@ -57,9 +57,8 @@ class Reconciler:
         self.last_run = mono
         commands: list[cmd.Command] = []
         live: set[str] = set()
-        for ticket in list(self.handler.state.tickets.values()):
-            if ticket.status != "running":
-                continue
+        state = self.handler.state
+        for ticket in [state.tickets[tid] for tid in state.running]:
             for task in ticket.tasks.values():
                 if task.status in LIVE:
                     jid = job_id(ticket.id, task.id, task.attempt)

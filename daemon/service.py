@@ -384,9 +384,8 @@ class Daemon:
         if self.handler is None:
             return "starting"
         running = queued = active = retrying = blocked = awaiting = held = 0
-        for ticket in self.handler.state.tickets.values():
-            if ticket.status != "running":
-                continue
+        state = self.handler.state
+        for ticket in (state.tickets[tid] for tid in state.running):
             running += 1
             awaiting += ticket.awaiting is not None
             held += ticket.held is not None

@@ -6,7 +6,7 @@ million events linear; `decide` never mutates the state it is given (it works on
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
@@ -149,6 +149,72 @@ class ProposalState:
     approvers: list[str] | None
 
 
+class Overlay(MutableMapping[str, Any]):
+    """A mapping that reads through to a `base` it never changes; writes and deletions stay here.
+
+    A scratch state is made for every command: copying dicts of 100,000 tickets (and their streams'
+    versions, and the ticket files) each time made every command's cost grow with the history.
+    """
+
+    __slots__ = ("_size", "base", "gone", "local", "moved")
+
+    def __init__(self, base: Mapping[str, Any]) -> None:
+        self.base = base
+        self.local: dict[str, Any] = {}
+        self.gone: set[str] = set()  # base keys deleted here
+        self.moved: set[str] = set()  # base keys deleted here and set again
+        self._size = len(base)
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self.local:
+            return self.local[key]
+        if key in self.gone:
+            raise KeyError(key)
+        return self.base[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.local or (key not in self.gone and key in self.base)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key in self.local:
+            return self.local[key]
+        if key in self.gone:
+            return default
+        return self.base.get(key, default)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key not in self:
+            self._size += 1
+        if key in self.gone:
+            self.gone.discard(key)
+            self.moved.add(key)
+        self.local[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self.local.pop(key, None)
+        if key in self.base:
+            self.gone.add(key)
+            self.moved.discard(key)
+        self._size -= 1
+
+    def __iter__(self) -> Iterator[str]:
+        # A dict's order: base keys where they stand, unless deleted (and maybe set again: then last).
+        for key in self.base:
+            if key not in self.gone and key not in self.moved:
+                yield key
+        for key in self.local:
+            if key not in self.base or key in self.moved:
+                yield key
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __repr__(self) -> str:
+        return f"Overlay({dict(self)!r})"
+
+
 @dataclass
 class State:
     tickets: dict[str, TicketState] = field(default_factory=dict)
@@ -188,20 +254,23 @@ class State:
     # Indexes kept by `evolve` from the tasks themselves: what is out per queue, and what waits.
     live: dict[tuple[str, str], str] = field(default_factory=dict)  # (ticket, task) -> queue
     deferred: dict[tuple[str, str], str] = field(default_factory=dict)  # ready tasks not scheduled -> their rule
+    # The running tickets' ids, in the order they started running (an ordered set): what the clock,
+    # the STATUS line and the reconciler walk, so their cost follows live work, not history.
+    running: dict[str, None] = field(default_factory=dict)
 
     def scratch(self, ticket_ids: list[str]) -> State:
         """A copy that `evolve` may change, sharing every ticket except those named."""
         out = State(
-            tickets=dict(self.tickets),
+            tickets=Overlay(self.tickets),  # type: ignore[arg-type]
             proposals={k: replace(v) for k, v in self.proposals.items()},
             core_version=self.core_version,
             core_components=dict(self.core_components),
             core_history=list(self.core_history),
             granted_binaries=set(self.granted_binaries),
             home_owner=self.home_owner,
-            versions=dict(self.versions),
-            files=dict(self.files),
-            file_tickets=dict(self.file_tickets),
+            versions=Overlay(self.versions),  # type: ignore[arg-type]
+            files=Overlay(self.files),  # type: ignore[arg-type]
+            file_tickets=Overlay(self.file_tickets),  # type: ignore[arg-type]
             violations=self.violations,
             last_seq=self.last_seq,
             milestones=dict(self.milestones),
@@ -216,6 +285,7 @@ class State:
             arrivals=self.arrivals,
             live=dict(self.live),
             deferred=dict(self.deferred),
+            running=dict(self.running),
         )
         for tid in ticket_ids:
             if tid in out.tickets:
@@ -329,6 +399,7 @@ def _submitted(state: State, e: ev.TicketSubmitted) -> None:
     state.arrivals += 1
     state.files[e.path] = e.content_hash
     state.file_tickets[e.path] = e.ticket
+    state.running.setdefault(e.ticket, None)
 
 
 def _rejected(state: State, e: ev.TicketRejected) -> None:
@@ -356,6 +427,7 @@ def _end_live_tasks(ticket: TicketState, state: State) -> None:
 def _cancelled(state: State, e: ev.TicketCancelled) -> None:
     ticket = state.tickets[e.ticket]
     ticket.status, ticket.reason, ticket.ended_at = "cancelled", e.reason, e.at
+    state.running.pop(e.ticket, None)
     _end_live_tasks(ticket, state)
     if e.path is not None:  # the file is gone: restoring it, even unchanged, starts a new run
         state.files.pop(e.path, None)
@@ -521,12 +593,14 @@ def _accepted(state: State, e: ev.AcceptanceEvaluated) -> None:
 def _completed(state: State, e: ev.TicketCompleted) -> None:
     ticket = state.tickets[e.ticket]
     ticket.status, ticket.ended_at, ticket.reason = "completed", e.at, None
+    state.running.pop(e.ticket, None)
     _forget_revised_file(state, ticket)
 
 
 def _ticket_failed(state: State, e: ev.TicketFailed) -> None:
     ticket = state.tickets[e.ticket]
     ticket.status, ticket.reason, ticket.ended_at = "failed", e.reason, e.at
+    state.running.pop(e.ticket, None)
     _end_live_tasks(ticket, state)
     _forget_revised_file(state, ticket)
 

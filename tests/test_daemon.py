@@ -267,7 +267,8 @@ def test_status_line_counts_tickets_awaiting_approval(home: Path) -> None:
         "T2": SimpleNamespace(status="running", awaiting=None, held=None, tasks={}),
         "T3": SimpleNamespace(status="completed", awaiting=None, held=None, tasks={}),
     }
-    state = SimpleNamespace(tickets=tickets, deferred={}, paused=None)
+    running = {"T1": None, "T2": None}  # the state's index of running tickets (what the line walks)
+    state = SimpleNamespace(tickets=tickets, deferred={}, paused=None, running=running)
     daemon.handler = SimpleNamespace(state=state)  # type: ignore[assignment]
     text = daemon._status_text()
     assert text.startswith("tickets: 2 running;") and "; 1 awaiting approval (jbctl proposals)" in text

@@ -291,6 +291,8 @@ def _replay_through_handles(state: State, events: list[ev.Event]) -> State:
 
 
 def check_invariants(state: State) -> None:
+    # The index of running tickets (what the clock and the STATUS line walk) is exactly the running ones.
+    assert set(state.running) == {t.id for t in state.tickets.values() if t.status == "running"}
     for ticket in state.tickets.values():
         for task in ticket.tasks.values():
             if task.status in LIVE or task.status == "succeeded":
