@@ -7,6 +7,7 @@
     .venv/bin/python bench/scale.py --tickets 2000        # one size
     .venv/bin/python bench/scale.py --quick               # a smoke run (seconds)
     .venv/bin/python bench/scale.py --profile             # and a cProfile of the live tickets, per size
+    .venv/bin/python bench/scale.py --big --keep DIR      # keep the filled homes in DIR, reuse them next time
 
 For each size, a fresh home is filled through the store's own append path (`bench/console.py`'s
 `fill()`: the command handler's group commit, 500 tickets a transaction, a tenth completed, the
@@ -25,6 +26,7 @@ import cProfile
 import io
 import os
 import pstats
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from bench.console import fill, pct  # noqa: E402
 from daemon import commands as c  # noqa: E402
 from daemon.handler import CommandHandler  # noqa: E402
+from schema.migrations import upgrade  # noqa: E402
 from schema.store import EventStore  # noqa: E402
 from tests.conftest import JBCTL  # noqa: E402
 from tests.helpers import make_ticket, submit  # noqa: E402
@@ -120,14 +123,25 @@ def live_figures(store: EventStore, n: int, live: int, profile: bool) -> dict[st
     return {"state load": load_s * 1000, "tickets/s": live / wall}
 
 
-def run(n: int, runs: int, live: int, profile: bool) -> dict[str, Any]:
+def run(n: int, runs: int, live: int, profile: bool, keep: Path | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="jetbox-bench-scale-") as tmp:
-        home = Path(tmp)
-        store, fill_s = fill(home, n)
+        home = keep / f"home-{n}" if keep else Path(tmp) / "home"
+        db = home / "jetbox.db"
+        if db.exists():  # a home filled by an earlier --keep run: live tickets go into a copy
+            filled = Path(tmp) / "home"
+            shutil.copytree(home, filled, ignore=shutil.ignore_patterns("run", "tickets", "*.log"))
+            home, fill_s = filled, float("nan")
+            upgrade(f"sqlite:///{home / 'jetbox.db'}")
+            store = EventStore(f"sqlite:///{home / 'jetbox.db'}", "NORMAL")
+        else:
+            home.mkdir(parents=True, exist_ok=True)
+            store, fill_s = fill(home, n)
         print(f"{n:,} tickets ({store.head():,} events) recorded in {fill_s:.1f} s", flush=True)
         figures: dict[str, Any] = {"fill s": fill_s, "events": store.head()}
         figures.update(status_figures(home, n, runs))
         figures.update(daemon_figures(home))
+        if keep and not (keep / f"home-{n}" / "jetbox.db").exists():
+            shutil.copytree(home, keep / f"home-{n}", dirs_exist_ok=True)
         figures.update(live_figures(store, n, live, profile))
         store.close()
     for k, v in figures.items():
@@ -167,6 +181,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5, help="runs of each `jbctl status` form")
     parser.add_argument("--live", type=int, default=200, help="live tickets timed on top")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the live tickets")
+    parser.add_argument("--keep", type=Path, help="keep each filled home under DIR/home-N and reuse it next time")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     sizes = args.tickets or ([200] if args.quick else [1000, 10_000])
@@ -175,7 +190,7 @@ def main() -> int:
     if args.quick:
         args.runs, args.live = 2, 20
     print(f"scale benchmark: python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
-    results = {n: run(n, args.runs, args.live, args.profile) for n in sizes}
+    results = {n: run(n, args.runs, args.live, args.profile, args.keep) for n in sizes}
     print(table(results))
     return 0
 

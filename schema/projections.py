@@ -42,15 +42,22 @@ class MemoryRows:
 
     def __init__(self) -> None:
         self.data: dict[str, dict[Key, dict[str, Any]]] = {t: {} for t in PROJECTION_TABLES}
+        # ticket -> its task keys, in the order of `data["tasks"]`: finding a ticket's tasks by
+        # scanning every task made a rebuild (`jbctl replay`) quadratic in the number of tickets.
+        self.task_keys: dict[Any, dict[Key, None]] = {}
 
     def get(self, table: str, key: Key) -> dict[str, Any] | None:
         return self.data[table].get(key)
 
     def put(self, table: str, key: Key, row: dict[str, Any]) -> None:
         self.data[table][key] = row
+        if table == "tasks":
+            self.task_keys.setdefault(key[0], {})[key] = None
 
     def delete(self, table: str, key: Key) -> None:
         self.data[table].pop(key, None)
+        if table == "tasks":
+            self.task_keys.get(key[0], {}).pop(key, None)
 
     def flush(self, conn: sa.Connection) -> None:
         for name in PROJECTION_TABLES:
@@ -326,7 +333,7 @@ def _tasks_of(rows: Rows, ticket: str) -> list[dict[str, Any]]:
 
 def _task_keys(rows: Rows, ticket: str) -> list[Key]:
     if isinstance(rows, MemoryRows):
-        return [k for k in rows.data["tasks"] if k[0] == ticket]
+        return list(rows.task_keys.get(ticket, ()))
     if isinstance(rows, SqlRows):
         t = _table("tasks")
         stored = {

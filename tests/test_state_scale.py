@@ -103,3 +103,31 @@ def test_running_index_follows_ends_and_revisions() -> None:
     for e in decide(state, submit(revised, T0 + timedelta(hours=1))):
         evolve(state, e)
     assert list(state.running) == ["TICKET-2", "TICKET-1"]
+
+
+class NoScan(dict[Any, Any]):
+    """A table of rows that fails when a lookup walks it whole."""
+
+    def __iter__(self) -> Iterator[Any]:
+        raise AssertionError("scanned every task")
+
+
+def test_rebuild_finds_a_tickets_tasks_without_scanning_all() -> None:
+    """`jbctl replay` rebuilds the projections in memory: each cancel, failure or revision looked for
+    its ticket's tasks by walking every task, quadratic over a long history."""
+    from schema.projections import MemoryRows, project
+
+    state, rows, seq = State(), MemoryRows(), 0
+    rows.data["tasks"] = NoScan()
+    for cmd in (
+        submit(make_ticket("TICKET-1"), T0),
+        submit(make_ticket("TICKET-2"), T0),
+        c.CancelTicket(now=T0, ticket="TICKET-1"),
+        submit(make_ticket("TICKET-2").model_copy(update={"title": "revised"}), T0),
+    ):
+        for e in decide(state, cmd):
+            evolve(state, e)
+            seq += 1
+            project(rows, seq, e)
+    assert rows.get("tasks", ("TICKET-1", "a"))["state"] == "cancelled"  # type: ignore[index]
+    assert rows.get("tasks", ("TICKET-2", "a"))["state"] == "scheduled"  # type: ignore[index]
