@@ -51,8 +51,9 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def fill(home: Path, n: int, batch: int = 500) -> tuple[EventStore, float]:
-    """`n` tickets through the command handler (one transaction per `batch`): a tenth completed."""
+def fill(home: Path, n: int, batch: int = 500, done_every: int = 10) -> tuple[EventStore, float]:
+    """`n` tickets through the command handler (one transaction per `batch`): every `done_every`-th
+    completed (a tenth by default), the rest running."""
     url = f"sqlite:///{home / 'jetbox.db'}"
     upgrade(url)
     store = EventStore(url, "NORMAL")
@@ -71,7 +72,7 @@ def fill(home: Path, n: int, batch: int = 500) -> tuple[EventStore, float]:
         handler.handle_many(cmds)
         done = []
         for i in range(lo, min(n + 1, lo + batch)):
-            if i % 10 == 0:
+            if i % done_every == 0:
                 tid = f"TICKET-{i}"
                 done.append(c.RecordJobSucceeded(now=T0, ticket=tid, task="a", attempt=1))
         handler.handle_many(done)

@@ -285,7 +285,7 @@ class State:
             arrivals=self.arrivals,
             live=dict(self.live),
             deferred=dict(self.deferred),
-            running=dict(self.running),
+            running=Overlay(self.running),  # type: ignore[arg-type]
         )
         for tid in ticket_ids:
             if tid in out.tickets:
