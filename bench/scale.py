@@ -11,12 +11,13 @@
 
 For each size, a fresh home is filled through the store's own append path (`bench/console.py`'s
 `fill()`: the command handler's group commit, 500 tickets a transaction, every one completed: a
-year's history is ended work). Then, each as a new process the way a user runs it: `jbctl status` (the default
-view), `status --json`, `status TICKET-n` and `status --all --json` (its peak RSS shows whether the
-output is streamed). Then `jbctl daemon --no-dispatch` is started on the home: the time until
-READY=1 and its RSS then. Last, live tickets on top, in-process through a `CommandHandler` that
-holds the whole state (as the daemon does): each ticket submitted, its two steps reported
-succeeded, each command its own transaction; tickets per second.
+year's history is ended work), and 100 tickets submitted now wait for a worker. Then, each as a new
+process the way a user runs it: `jbctl status` (the default view), `status --json`, `status
+TICKET-n` and `status --all --json` (its peak RSS shows whether the output is streamed); and the
+same work in-process, without Python's start-up. Then `jbctl daemon --no-dispatch` is started on
+the home: the time until READY=1 and its RSS then. Last, live tickets on top, in-process through a
+`CommandHandler` that holds the whole state (as the daemon does): each ticket submitted, its two
+steps reported succeeded, each command its own transaction; tickets per second.
 """
 
 from __future__ import annotations
@@ -41,15 +42,28 @@ sys.path.insert(0, str(ROOT))
 from bench.console import fill, pct  # noqa: E402
 from daemon import commands as c  # noqa: E402
 from daemon.handler import CommandHandler  # noqa: E402
+from daemon.state import State  # noqa: E402
 from schema.migrations import upgrade  # noqa: E402
 from schema.store import EventStore  # noqa: E402
 from tests.conftest import JBCTL  # noqa: E402
 from tests.helpers import make_ticket, submit  # noqa: E402
 from tests.jbdaemon import Daemon  # noqa: E402
 
-
 # History is ended work: every filled ticket completed; the live tickets come on top.
 DONE_EVERY = 1
+
+
+RUNNING = 100  # tickets running when `status` is timed (its default view shows the newest 50)
+
+
+def running(store: EventStore, n: int) -> None:
+    """`RUNNING` tickets submitted now, each waiting for a worker (decided on a fresh state: they
+    are new tickets, independent of the history)."""
+    handler = CommandHandler(store, State(last_seq=store.head()))
+    template = make_ticket("TICKET-1")
+    now = datetime.now(UTC)
+    ids = range(n + 100_001, n + 100_001 + RUNNING)
+    handler.handle_many([submit(template.model_copy(update={"id": f"TICKET-{i}"}), now) for i in ids])
 
 
 def timed_process(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
@@ -101,7 +115,7 @@ def status_in_process(home: Path, n: int, runs: int) -> dict[str, Any]:
             rows = list(view.rows(home))
             view.rest(), rm.awaited_proposals(conn), rm.work_waiting(conn)
         view_ms.append((time.perf_counter() - started) * 1000)
-        assert rows
+        assert len(rows) == DEFAULT_LIMIT
         started = time.perf_counter()
         with engine.connect() as conn:
             assert rm.ticket_status(conn, f"TICKET-{max(1, n // 2)}", now) is not None
@@ -169,6 +183,7 @@ def run(n: int, runs: int, live: int, profile: bool, keep: Path | None) -> dict[
         upgrade(f"sqlite:///{home / 'jetbox.db'}")
         store = EventStore(f"sqlite:///{home / 'jetbox.db'}", "NORMAL")
         print(f"{n:,} tickets ({store.head():,} events) recorded in {fill_s:.1f} s", flush=True)
+        running(store, n)
         figures: dict[str, Any] = {"fill s": fill_s, "events": store.head()}
         figures.update(status_figures(home, n, runs))
         figures.update(daemon_figures(home))
