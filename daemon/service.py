@@ -47,6 +47,7 @@ TICK_S = 1.0  # how often the decider hears the time (retries due, deadlines, ex
 IDLE_WAIT_S = 0.1  # longest sleep when nothing happened: reactors are polled at least this often
 STATUS_EVERY_S = 5.0  # a STATUS= line is sent on change, and at least this often
 STATUS_CHECK_S = 0.25  # how often the loop looks for a change
+READY_BACKLOG = 256  # ticket files read before READY=1 at start-up; more are read after it
 MAX_DB_FAILURES = 30  # consecutive failed commits before the daemon gives up (systemd restarts it)
 
 
@@ -220,8 +221,14 @@ class Daemon:
             if attach is not None:
                 attach(self.intake.wakeup)
         # Drain the start-up rescan before READY, so READY means "caught up with the folder"
-        # (files still settling are left to the loop).
+        # (files still settling are left to the loop). A folder of thousands of files would hold
+        # READY past systemd's start timeout: then READY comes first and the loop takes the files in
+        # batches, the STATUS line (and `jbctl status`) counting those pending.
         assert self.intake is not None
+        backlog = self.intake.pending()
+        if backlog > READY_BACKLOG:
+            log.info("%d ticket files to read: ready first, then taken in batches", backlog)
+            return
         while not self._stop:
             due = self.intake.next_due()
             if due is None or due > time.monotonic():

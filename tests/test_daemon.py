@@ -275,3 +275,46 @@ def test_status_line_counts_tickets_awaiting_approval(home: Path) -> None:
     assert "NOT DISPATCHING" not in text
     tickets["T1"].awaiting = None
     assert "awaiting approval" not in daemon._status_text()
+
+
+class _ReadyRecorder(Notifier):
+    """Keeps what READY=1 said, and how many tickets the daemon held then."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.at_ready: tuple[str | None, int] | None = None
+        self.daemon: Daemon | None = None
+
+    def ready(self, status: str | None = None) -> bool:
+        held = len(self.daemon.handler.state.tickets) if self.daemon and self.daemon.handler else -1
+        self.at_ready = (status, held)
+        return False
+
+
+@pytest.mark.integration
+def test_a_full_folder_signals_ready_first_and_is_taken_in_batches(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Thousands of files at start-up would hold READY=1 past systemd's start timeout: above the
+    backlog limit READY comes first, saying how many files are pending, and the loop reads them."""
+    from daemon import service
+
+    monkeypatch.setattr(service, "READY_BACKLOG", 4)  # stands for the 256 of a real start
+    settings = load_settings()
+    settings.tickets_path.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 11):
+        atomic_write(settings.tickets_path / f"TICKET-{i}.yaml", valid_ticket(f"TICKET-{i}"))
+    notifier = _ReadyRecorder()
+    daemon = Daemon(settings, [], notifier=notifier, install_signals=False)
+    notifier.daemon = daemon
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    try:
+        assert daemon.ready.wait(30)
+        assert notifier.at_ready is not None
+        status, held = notifier.at_ready
+        assert held == 0 and status is not None and "intake: 10 files pending" in status, notifier.at_ready
+        wait_for("every file taken", lambda: daemon.handler is not None and len(daemon.handler.state.tickets) == 10)
+        wait_for("the backlog gone from STATUS", lambda: "intake:" not in daemon._status_text())
+    finally:
+        daemon.stop()
+        thread.join(15)
+    assert not thread.is_alive()
