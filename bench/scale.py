@@ -127,7 +127,8 @@ def status_in_process(home: Path, n: int, runs: int) -> dict[str, Any]:
 def daemon_figures(home: Path) -> dict[str, Any]:
     daemon = Daemon(home, rescan=None)
     started = time.perf_counter()
-    daemon.start()
+    daemon.start(wait=False)
+    daemon.wait_message("READY=1", timeout=900)
     ready_ms = (time.perf_counter() - started) * 1000
     assert daemon.proc is not None
     rss = _rss_mb(daemon.proc.pid)
