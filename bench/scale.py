@@ -132,8 +132,10 @@ def daemon_figures(home: Path) -> dict[str, Any]:
     ready_ms = (time.perf_counter() - started) * 1000
     assert daemon.proc is not None
     rss = _rss_mb(daemon.proc.pid)
-    daemon.stop()
-    return {"daemon ready": ready_ms, "daemon rss": rss}
+    stopping = time.perf_counter()
+    daemon.stop(timeout=600)
+    stop_ms = (time.perf_counter() - stopping) * 1000
+    return {"daemon stop": stop_ms, "daemon ready": ready_ms, "daemon rss": rss}
 
 
 def _rss_mb(pid: int) -> float:
@@ -206,6 +208,7 @@ ROWS = [
     ("`status --all --json` peak RSS, MB", "status --all --json rss", "{:,.0f}"),
     ("daemon start to READY=1, ms", "daemon ready", "{:,.0f}"),
     ("daemon RSS at READY, MB", "daemon rss", "{:,.0f}"),
+    ("daemon SIGTERM to exit, ms", "daemon stop", "{:,.0f}"),
     ("handler state load (replay), ms", "state load", "{:,.0f}"),
     ("live tickets/s on top (3 commands each)", "tickets/s", "{:,.1f}"),
     ("fill through the append path, s", "fill s", "{:,.0f}"),
