@@ -87,3 +87,35 @@ def now_utc() -> Any:
     from datetime import UTC, datetime
 
     return datetime.now(UTC)
+
+
+class Progress:
+    """`done / total events (pct), about N s left` on one line of stderr, rewritten in place; only
+    when stderr is a terminal (a pipe or a log gets nothing)."""
+
+    def __init__(self, label: str, total: int, stream: Any = None, tty: bool | None = None) -> None:
+        import sys
+        import time
+
+        self.label, self.total = label, max(1, total)
+        self.stream = stream if stream is not None else sys.stderr
+        self.on = self.stream.isatty() if tty is None else tty
+        self.clock = time.monotonic
+        self.started = self.clock()
+        self.shown = False
+
+    def __call__(self, done: int) -> None:
+        if not self.on:
+            return
+        spent = self.clock() - self.started
+        left = spent / done * (self.total - done) if done else 0.0
+        pct = 100 * done / self.total
+        self.stream.write(f"\r{self.label}: {done:,} / {self.total:,} events ({pct:.0f}%), about {left:.0f} s left ")
+        self.stream.flush()
+        self.shown = True
+
+    def end(self) -> None:
+        """Clear the line, so the result prints on a clean one."""
+        if self.shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()

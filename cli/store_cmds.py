@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cli.common import colour, open_store, print_json, print_table, settings_from
+from cli.common import Progress, colour, open_store, print_json, print_table, settings_from
 from cli.main import CliError
 
 
@@ -124,8 +124,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     store = open_store(settings_from(args))
     started = time.perf_counter()
+    progress = Progress("replay", store.head())
     if args.check:
-        diffs = replay_differences(store)
+        diffs = replay_differences(store, progress=progress)
+        progress.end()
         if diffs:
             for d in diffs:
                 print(d, file=sys.stderr)
@@ -135,14 +137,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
             f"replay --check: projections match the log ({store.head()} events, {time.perf_counter() - started:.2f}s)"
         )
         return 0
-    n = store.replay()
+    n = store.replay(progress)
+    progress.end()
     print(f"replayed {n} events into the projections in {time.perf_counter() - started:.2f}s")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     store = open_store(settings_from(args))
-    count, bad, reason = store.verify()
+    progress = Progress("verify", store.head())
+    count, bad, reason = store.verify(progress)
+    progress.end()
     if args.json:
         print_json({"checked": count, "first_bad_seq": bad, "reason": reason, "ok": bad is None})
     elif bad is None:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import sqlite3
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -132,6 +132,10 @@ def _engine(url: str, synchronous: str = "FULL", readonly: bool = False) -> sa.E
 
 def _sqlite_ro(path: str) -> Any:
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, check_same_thread=False)
+
+
+Progress = Callable[[int], None]  # told the seq reached, every PROGRESS_EVERY events
+PROGRESS_EVERY = 5000
 
 
 class EventStore:
@@ -303,10 +307,13 @@ class EventStore:
 
     # --- integrity and rebuilding ----------------------------------------------------------------
 
-    def verify(self) -> tuple[int, int | None, str]:
-        """Recompute the chain: (rows checked, first bad seq or None, reason)."""
+    def verify(self, progress: Progress | None = None) -> tuple[int, int | None, str]:
+        """Recompute the chain: (rows checked, first bad seq or None, reason); `progress(seq)` is
+        called every `PROGRESS_EVERY` rows."""
         prev, expected_seq, count = GENESIS, 1, 0
         for seq, stream, version, type_, data, meta, recorded_at, digest_stored in self._raw_rows():
+            if progress is not None and seq % PROGRESS_EVERY == 0:
+                progress(seq)
             if seq != expected_seq:
                 return count, expected_seq, f"seq {expected_seq} is missing (next row is {seq})"
             digest = chain_hash(prev, seq, stream, version, type_, data, meta, recorded_at)
@@ -341,16 +348,18 @@ class EventStore:
                     digest,
                 )
 
-    def rebuild_rows(self) -> MemoryRows:
-        """Every projection row, computed from the events alone."""
+    def rebuild_rows(self, progress: Progress | None = None) -> MemoryRows:
+        """Every projection row, computed from the events alone (`progress(seq)` now and then)."""
         rows = MemoryRows()
         for seq, event in self.read_events(0):
             project(rows, seq, event)
+            if progress is not None and seq % PROGRESS_EVERY == 0:
+                progress(seq)
         return rows
 
-    def replay(self) -> int:
+    def replay(self, progress: Progress | None = None) -> int:
         """Replace the live projections with ones rebuilt from the log; returns events read."""
-        rows = self.rebuild_rows()
+        rows = self.rebuild_rows(progress)
         with self.engine.begin() as conn:
             for name in reversed(PROJECTION_TABLES):
                 conn.execute(SQLModel.metadata.tables[name].delete())
@@ -391,9 +400,9 @@ def open_readonly(url: str) -> sa.Engine:
     return _engine(url, readonly=True)
 
 
-def replay_differences(store: EventStore, limit: int = 20) -> list[str]:
+def replay_differences(store: EventStore, limit: int = 20, progress: Progress | None = None) -> list[str]:
     """Rebuild the projections into a scratch database and list how they differ from the live ones."""
-    rows = store.rebuild_rows()
+    rows = store.rebuild_rows(progress)
     with tempfile.TemporaryDirectory(prefix="jetbox-replay-") as tmp:
         scratch = sa.create_engine(f"sqlite:///{Path(tmp) / 'scratch.db'}")
         tables = [SQLModel.metadata.tables[n] for n in PROJECTION_TABLES]

@@ -245,3 +245,31 @@ def test_up_stops_on_sigint_even_when_started_with_it_ignored(tmp_path: Path, wh
                 os.kill(int(line.split("pid ")[1].rstrip(")")), 0)
     leftovers = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True)
     assert leftovers.stdout.strip() == ""
+
+
+def test_replay_and_verify_report_progress_on_a_terminal_only(
+    filled: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 100,000 tickets `replay --check` and `verify` take minutes: on a TTY they say how far."""
+    import io
+
+    import schema.store
+    from cli.common import Progress
+
+    monkeypatch.setattr(schema.store, "PROGRESS_EVERY", 2)
+    head = filled.head()
+    seen: list[int] = []
+    assert filled.verify(seen.append)[1] is None
+    assert seen == list(range(2, head + 1, 2))
+    seen.clear()
+    filled.rebuild_rows(seen.append)
+    assert seen == list(range(2, head + 1, 2))
+    terminal = io.StringIO()
+    progress = Progress("verify", 100, stream=terminal, tty=True)
+    progress(50)
+    progress.end()
+    assert "\rverify: 50 / 100 events (50%), about " in terminal.getvalue()
+    assert terminal.getvalue().endswith("\r\033[K")  # the result then prints on a clean line
+    piped = io.StringIO()  # not a TTY: nothing, so logs and pipes stay clean
+    Progress("verify", 100, stream=piped)(50)
+    assert piped.getvalue() == ""
