@@ -54,12 +54,19 @@ def ensure_home_owner(handler: CommandHandler, home: Path) -> None:
     handler.handle(command, meta={"actor": local_actor()})
 
 
-def load_state(store: EventStore, state: State | None = None) -> State:
-    """Fold every event after `state.last_seq` into `state` (a fresh one by default)."""
+def load_state(store: EventStore, state: State | None = None, before: int | None = None) -> State:
+    """Fold every event after `state.last_seq` (and before seq `before`, when given) into `state`
+    (a fresh one by default)."""
     state = state or State()
-    for seq, event in store.read_events(state.last_seq):
-        evolve(state, event)
-        state.last_seq = seq
+    events = store.read_events(state.last_seq)
+    try:
+        for seq, event in events:
+            if before is not None and seq >= before:
+                break
+            evolve(state, event)
+            state.last_seq = seq
+    finally:
+        events.close()  # type: ignore[attr-defined]
     return state
 
 
@@ -108,6 +115,11 @@ class CommandHandler:
                 time.sleep(random.uniform(0, 0.002 * (attempt + 1)))
                 self.refresh()
                 continue
+            if recorded[0].seq > self.state.last_seq + 1:
+                # Other writers appended since this state last read the log (on other streams, or
+                # the append would have conflicted): fold theirs first, in log order. Skipping
+                # them left this state blind to them for good (a later refresh starts after ours).
+                load_state(self.store, self.state, before=recorded[0].seq)
             for rec in recorded:
                 evolve(self.state, rec.event)
                 self.state.last_seq = rec.seq

@@ -151,3 +151,14 @@ def test_several_processes_write_at_once(store: EventStore, tmp_path: Path) -> N
 def test_unknown_event_type_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown event type 'Nope'"):
         ev.event_from("Nope", {})
+
+
+def test_a_handler_folds_what_other_writers_appended_before_its_own(store: EventStore) -> None:
+    """`jbctl cancel` appends while the daemon decides: the daemon's next append lands after it, and
+    its state must hold both (a refresh only reads after the daemon's own last event)."""
+    daemon, cli = CommandHandler(store), CommandHandler(store)
+    cli.handle(submit(make_ticket("TICKET-1"), T0))
+    daemon.handle(submit(make_ticket("TICKET-2"), T0))
+    daemon.refresh()
+    assert list(daemon.state.tickets) == ["TICKET-1", "TICKET-2"]
+    assert daemon.state.last_seq == store.head()
