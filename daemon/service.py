@@ -33,14 +33,17 @@ from typing import Any, Protocol, runtime_checkable
 
 import sqlalchemy.exc
 
+from daemon import snapshot
 from daemon.commands import Command, SetQueueLimits, Tick
 from daemon.handler import CommandHandler, ensure_home_owner
 from daemon.intake import Intake
 from daemon.notify import Notifier
 from daemon.reactors import default_factories
+from daemon.state import State
 from schema import migrations
 from schema.settings import Settings, load_settings
 from schema.store import EventStore, wal_keeper
+from schema.wire import SecretError, load_secret
 
 log = logging.getLogger("jetbox.daemon")
 
@@ -210,7 +213,10 @@ class Daemon:
             log.info("migrating %s", s.db_url.split("@")[-1])
             migrations.upgrade(s.db_url)
         self._keeper = wal_keeper(s.db_url)
-        self.handler = CommandHandler(self.store)
+        state, why = self._load_snapshot()
+        state_seq = state.last_seq if state is not None else 0
+        self.handler = CommandHandler(self.store, state)  # the log's tail (or all of it) folded in
+        log.info("state: %s, %d events after it replayed", why, self.handler.state.last_seq - state_seq)
         # The state just loaded lives as long as the daemon: moved out of the collector's reach, a
         # full collection no longer walks every ticket held, nor does the one at exit (with 100,000
         # tickets that alone held SIGTERM up for over 15 s). Only in a process of its own (the one
@@ -242,6 +248,41 @@ class Daemon:
                 break
             self._drain(datetime.now(UTC))
             self.notifier.watchdog()
+
+    @property
+    def snapshot_path(self) -> Path:
+        return self.settings.home / "state.snapshot"
+
+    def _snapshot_key(self) -> bytes | None:
+        try:
+            return load_secret(self.settings.secret_path, create=True)
+        except (OSError, SecretError) as exc:
+            log.warning("no state snapshots: %s", exc)
+            return None
+
+    def _load_snapshot(self) -> tuple[State | None, str]:
+        assert self.store is not None
+        key = self._snapshot_key()
+        if key is None:
+            return None, "no snapshot key"
+        try:
+            return snapshot.load(self.snapshot_path, self.store, key)
+        except Exception as exc:  # a snapshot is an optimisation: never a reason not to start
+            log.warning("state snapshot not used: %s", exc)
+            return None, f"snapshot failed to load ({type(exc).__name__})"
+
+    def _save_snapshot(self) -> None:
+        if self.store is None or self.handler is None:
+            return
+        key = self._snapshot_key()
+        if key is None:
+            return
+        try:
+            self.handler.refresh()
+            if snapshot.save(self.snapshot_path, self.handler.state, self.store, key):
+                log.info("state snapshot written at seq %d", self.handler.state.last_seq)
+        except Exception:
+            log.exception("state snapshot not written (the next start replays the log)")
 
     def _start_intake(self, folder: Path) -> None:
         assert self.store is not None and self.handler is not None
@@ -474,6 +515,8 @@ class Daemon:
                 reactor.close()
             except Exception:
                 log.exception("reactor %s failed to close", reactor.name)
+        if self.ready.is_set():  # a start that got as far as READY has a whole state to keep
+            self._save_snapshot()
         if self.store is not None:
             self.store.close()
         if self._keeper is not None:
