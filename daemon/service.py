@@ -153,6 +153,7 @@ class Daemon:
         self.intake: Intake | None = None
         self.reactors: list[Reactor] = []
         self.ready = threading.Event()  # set once READY=1 would be sent (for in-process callers)
+        self._snapshot_seq = 0  # the seq of the state snapshot the start-up used (0: none)
         self._stop = False
         self._reload = False
         self._last_status = ""
@@ -214,7 +215,7 @@ class Daemon:
             migrations.upgrade(s.db_url)
         self._keeper = wal_keeper(s.db_url)
         state, why = self._load_snapshot()
-        state_seq = state.last_seq if state is not None else 0
+        state_seq = self._snapshot_seq = state.last_seq if state is not None else 0
         self.handler = CommandHandler(self.store, state)  # the log's tail (or all of it) folded in
         log.info("state: %s, %d events after it replayed", why, self.handler.state.last_seq - state_seq)
         # The state just loaded lives as long as the daemon: moved out of the collector's reach, a
@@ -279,6 +280,8 @@ class Daemon:
             return
         try:
             self.handler.refresh()
+            if self.handler.state.last_seq == self._snapshot_seq:
+                return  # nothing happened since the snapshot it started from: that one still holds
             if snapshot.save(self.snapshot_path, self.handler.state, self.store, key):
                 log.info("state snapshot written at seq %d", self.handler.state.last_seq)
         except Exception:

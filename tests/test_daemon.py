@@ -318,3 +318,38 @@ def test_a_full_folder_signals_ready_first_and_is_taken_in_batches(home: Path, m
         daemon.stop()
         thread.join(15)
     assert not thread.is_alive()
+
+
+@pytest.mark.integration
+def test_a_restart_starts_from_the_state_snapshot_and_replays_the_tail(home: Path) -> None:
+    """A clean stop writes the decider's state; the next start folds only what came after it, and
+    ends with the state a full replay gives."""
+    from datetime import UTC
+
+    from daemon.handler import load_state
+    from tests.helpers import make_ticket, submit
+
+    settings = load_settings()
+    settings.tickets_path.mkdir(parents=True, exist_ok=True)
+    atomic_write(settings.tickets_path / "TICKET-1.yaml", valid_ticket("TICKET-1"))
+
+    def run_once() -> Daemon:
+        daemon = Daemon(settings, [], notifier=Notifier({}), install_signals=False)
+        thread = threading.Thread(target=daemon.run)
+        thread.start()
+        try:
+            assert daemon.ready.wait(30)
+            wait_for("TICKET-1", lambda: daemon.handler is not None and "TICKET-1" in daemon.handler.state.tickets)
+        finally:
+            daemon.stop()
+            thread.join(15)
+        return daemon
+
+    first = run_once()
+    assert first._snapshot_seq == 0 and (settings.home / "state.snapshot").exists()
+    assert first.store is not None
+    CommandHandler(first.store).handle(submit(make_ticket("TICKET-2"), datetime.now(UTC)))  # while it is down
+    second = run_once()
+    assert second._snapshot_seq > 0 and second.handler is not None and second.store is not None
+    assert "TICKET-2" in second.handler.state.tickets
+    assert second.handler.state == load_state(second.store)
