@@ -568,7 +568,7 @@ def _probes_pass(out: _Emitter, ticket: TicketState, task: TaskState, step: Step
 
 def _reprobe(out: _Emitter, now: datetime, actor: str) -> None:
     """The core changed: steps a probe blocked get another go (their probes run again)."""
-    for tid in [t.id for t in out.state.tickets.values() if t.status == "running"]:
+    for tid in list(out.state.running):
         ticket = out.ticket(tid)
         blocked = [
             t.id for t in ticket.tasks.values() if t.status == "blocked" and (t.reason or "").startswith(PROBE_FAILED)

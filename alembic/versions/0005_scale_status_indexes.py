@@ -1,7 +1,7 @@
 """tickets indexes for `jbctl status` at 100,000 tickets (live or recently ended; awaiting a proposal)
 
 Revision ID: 0005_scale
-Revises: 0004_console
+Revises: 0005_fanout
 Create Date: 2026-11-27 20:00:00
 """
 
@@ -11,7 +11,7 @@ from alembic import op
 
 
 revision: str = "0005_scale"
-down_revision: str | None = "0004_console"
+down_revision: str | None = "0005_fanout"  # chained after main's 0005 at rebase (the lead may re-chain)
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
