@@ -125,23 +125,12 @@ def status_in_process(home: Path, n: int, runs: int) -> dict[str, Any]:
 
 
 def daemon_figures(home: Path) -> dict[str, Any]:
-    daemon = Daemon(home, rescan=None)
-    started = time.perf_counter()
-    daemon.start(wait=False)
-    daemon.wait_message("READY=1", timeout=900)
-    ready_ms = (time.perf_counter() - started) * 1000
-    assert daemon.proc is not None
-    rss = _rss_mb(daemon.proc.pid)
+    """A start with no snapshot (the whole log replayed), a stop (which writes one), a start from it."""
+    daemon, ready_ms, rss = _started(home)
     stopping = time.perf_counter()
-    daemon.stop(timeout=600)  # writes the state snapshot
+    daemon.stop(timeout=600)
     stop_ms = (time.perf_counter() - stopping) * 1000
-    again = Daemon(home, rescan=None)
-    started = time.perf_counter()
-    again.start(wait=False)
-    again.wait_message("READY=1", timeout=900)
-    warm_ms = (time.perf_counter() - started) * 1000
-    assert again.proc is not None
-    warm_rss = _rss_mb(again.proc.pid)
+    again, warm_ms, warm_rss = _started(home)
     again.stop(timeout=600)
     return {
         "daemon stop": stop_ms,
@@ -150,6 +139,17 @@ def daemon_figures(home: Path) -> dict[str, Any]:
         "daemon ready snapshot": warm_ms,
         "daemon rss snapshot": warm_rss,
     }
+
+
+def _started(home: Path) -> tuple[Daemon, float, float]:
+    """A `jbctl daemon --no-dispatch` on `home`, ms from spawn to READY=1, and its RSS (MB) then."""
+    daemon = Daemon(home, rescan=None)
+    started = time.perf_counter()
+    daemon.start(wait=False)
+    daemon.wait_message("READY=1", timeout=900)
+    ready_ms = (time.perf_counter() - started) * 1000
+    assert daemon.proc is not None
+    return daemon, ready_ms, _rss_mb(daemon.proc.pid)
 
 
 def _rss_mb(pid: int) -> float:
