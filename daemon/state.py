@@ -274,10 +274,11 @@ class State:
             violations=self.violations,
             last_seq=self.last_seq,
             milestones=dict(self.milestones),
-            cache=self.cache,
-            inflight=self.inflight,
-            waiting=self.waiting,
-            shared_maps={"cache", "inflight", "waiting"},
+            # Read through like the tickets: the step cache holds every step ever run, and copying
+            # it whole on a command's first write to it made that command's cost follow history.
+            cache=Overlay(self.cache),  # type: ignore[arg-type]
+            inflight=Overlay(self.inflight),  # type: ignore[arg-type]
+            waiting=Overlay(self.waiting),  # type: ignore[arg-type]
             adapters=dict(self.adapters),
             paused=self.paused,
             queue_limits=dict(self.queue_limits),
@@ -527,6 +528,7 @@ def _ticket_retried(state: State, e: ev.TicketRetried) -> None:
     ticket = state.tickets[e.ticket]
     ticket.status, ticket.reason, ticket.ended_at = "running", None, None
     ticket.acceptance, ticket.awaiting = [], None
+    state.running.setdefault(e.ticket, None)
 
 
 def _failed(state: State, e: ev.AttemptFailed) -> None:

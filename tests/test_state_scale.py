@@ -76,6 +76,8 @@ def test_a_command_does_not_copy_every_ticket_file_and_stream() -> None:
     state.versions = NoWalk(state.versions)  # type: ignore[assignment]
     state.files = NoWalk(state.files)  # type: ignore[assignment]
     state.file_tickets = NoWalk(state.file_tickets)  # type: ignore[assignment]
+    state.cache = NoWalk(state.cache)  # type: ignore[assignment]
+    state.inflight = NoWalk(state.inflight)  # type: ignore[assignment]
     events = decide(state, c.RecordJobSucceeded(now=T0, ticket="TICKET-2", task="a", attempt=1))
     assert [e.type for e in events] == ["AttemptSucceeded", "AttemptScheduled"]
     assert decide(state, c.Tick(now=T0 + timedelta(minutes=1))) == []  # walks the running tickets only
