@@ -1,7 +1,7 @@
 """tickets indexes for `jbctl status` at 100,000 tickets (live or recently ended; awaiting a proposal)
 
-Revision ID: 0005_scale
-Revises: 0005_fanout
+Revision ID: 0008_scale
+Revises: 0007_sched
 Create Date: 2026-11-27 20:00:00
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from alembic import op
 
 
-revision: str = "0005_scale"
-down_revision: str | None = "0005_fanout"  # chained after main's 0005 at rebase (the lead may re-chain)
+revision: str = "0008_scale"
+down_revision: str | None = "0007_sched"  # on top of main at rebase time (the lead may re-chain)
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
