@@ -151,7 +151,10 @@ class Inbox:
             while self._watching:
                 try:
                     found = conn.xread({REPORT_STREAM: last}, count=100, block=1000)
-                except redis.RedisError:
+                except (redis.RedisError, OSError, ValueError):
+                    # ValueError/OSError: `close()` pulled the socket from under this read at shutdown.
+                    if not self._watching:
+                        return
                     time.sleep(0.5)
                     last = "$"
                     continue
