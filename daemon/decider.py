@@ -8,6 +8,7 @@ one command's later rules see the effect of its earlier events.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -17,7 +18,7 @@ from daemon import commands as cmd
 from daemon.state import State, TaskState, TicketState, evolve
 from schema import events as ev
 from schema.cache import BUDGET_KEYS, NEVER_CACHED, budget_grew, cache_key, cacheable, resume_key
-from schema.plan import ACCEPT_PREFIX, LIVE, PROBE_FAILED, plan_subtasks
+from schema.plan import ACCEPT_PREFIX, LIVE, PROBE_FAILED, join_of, plan_subtasks
 from schema.plans import spec_hash
 from schema.policy import DEFAULT_CHECK_BINARIES, binary_of, code_grant, inline_code
 from schema.ticket import CoreAfter, MetricCheck, MetricProbe, Step, after_tickets
@@ -413,7 +414,8 @@ def _fill(out: _Emitter, now: datetime, candidates: list[tuple[str, str]], every
             continue  # a task ranked above it took the last slot: it waits, for the same reason
         if not _ready(ticket, task, now):  # not runnable (yet, or any more: this pass ended its ticket)
             continue
-        why = _wait_reason(st, ticket, task, out_per_queue, gpu_used)
+        # A sweep's join runs no job: no slot, memory or hold keeps it waiting.
+        why = None if _joins_by_select(task) else _wait_reason(st, ticket, task, out_per_queue, gpu_used)
         if why is None and task.queue in gpu_behind:
             # No backfill: a task ranked lower never takes the memory a higher one waits for (it
             # would starve a large step forever); it waits behind it.
@@ -517,18 +519,88 @@ def _start(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime) -
     if not _policy_allows(out, ticket, task, now):
         return False
     step = _step_spec(ticket, task.id)
+    if step is not None and _joins_by_select(task):
+        return _join_sweep(out, ticket, task, step, now)
     if step is not None and not task.subtasks:  # a joining step was probed before it fanned out
         if step.probe and not _probes_pass(out, ticket, task, step, now):
             return False
         planned = plan_subtasks(step)
         if planned:
             subtasks = [{"id": p.id, "params": p.params} for p in planned]
-            out.emit(ev.SubtasksPlanned(at=now, ticket=ticket.id, task=task.id, subtasks=subtasks))
+            out.emit(
+                ev.SubtasksPlanned(at=now, ticket=ticket.id, task=task.id, subtasks=subtasks, join=join_of(step))
+            )
             # Subtasks are scheduled by the same rules as steps (limits, priority, holds); `_fill`
             # advances the ticket past any whose result was reused from the cache.
             _fill(out, now, [(ticket.id, p.id) for p in planned])
             return False
     return _schedule(out, ticket, out.task(ticket.id, task.id), now)
+
+
+def _joins_by_select(task: TaskState) -> bool:
+    """A fanned-out `matrix:` step, whose join picks the best combination instead of running a job."""
+    return task.join == "select" and bool(task.subtasks)
+
+
+def _join_sweep(out: _Emitter, ticket: TicketState, task: TaskState, step: Step, now: datetime) -> bool:
+    """Every combination succeeded: record the table and the best by `select:` (SweepJoined), or fail
+    the step when the compared metric is missing (or not a number) for every combination that should
+    report it. True: the step succeeded (the caller advances the ticket)."""
+    subs = [ticket.tasks[sid] for sid in task.subtasks]
+    keys = list(step.matrix or {})
+    rows = [{"subtask": t.id, "params": {k: t.params.get(k) for k in keys}, "metrics": dict(t.metrics)} for t in subs]
+    best, metric = subs[0], None
+    if step.select is not None and len(subs) > 1:
+        metric = step.select.name(step.id)
+        unranked = [t.id for t in subs if not _number(t.metrics.get(metric))]
+        if unranked:
+            first = ticket.tasks[unranked[0]]
+            seen = f" ({first.id} reported: {', '.join(sorted(first.metrics)) or 'no metrics'})"
+            out.emit(
+                ev.TaskFailed(
+                    at=now,
+                    ticket=ticket.id,
+                    task=task.id,
+                    reason=f"select: metric {metric!r} is missing or not a number for {', '.join(unranked)}{seen}",
+                )
+            )
+            return False
+        sign = 1.0 if step.select.mode == "max" else -1.0
+        for t in subs[1:]:
+            if sign * t.metrics[metric] > sign * best.metrics[metric]:  # strictly better: ties keep the first
+                best = t
+    out.emit(
+        ev.SweepJoined(
+            at=now,
+            ticket=ticket.id,
+            task=task.id,
+            rows=rows,
+            best=best.id,
+            metric=metric,
+            mode=step.select.mode if metric is not None and step.select is not None else None,
+            metrics=sweep_metrics(best.metrics, [t.metrics for t in subs]),
+            outputs=dict(best.outputs),
+        )
+    )
+    return True
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def sweep_metrics(best: dict[str, float], table: list[dict[str, float]]) -> dict[str, float]:
+    """The best combination's metrics plus `<name>_mean` and `<name>_std` (population) of every metric
+    over the combinations that report it as a finite number. A metric of the best's own that already
+    bears such a name keeps its value."""
+    aggregated: dict[str, float] = {}
+    for name in sorted({n for m in table for n in m}):
+        values = [float(m[name]) for m in table if _number(m.get(name))]
+        if values:
+            mean = math.fsum(values) / len(values)
+            aggregated[f"{name}_mean"] = mean
+            aggregated[f"{name}_std"] = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values))
+    return aggregated | dict(best)
 
 
 def _probes_pass(out: _Emitter, ticket: TicketState, task: TaskState, step: Step, now: datetime) -> bool:

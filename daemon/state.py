@@ -46,6 +46,8 @@ class TaskState:
     reason: str | None = None
     parent: str | None = None  # a subtask's step
     subtasks: list[str] = field(default_factory=list)  # a fanned-out step's subtasks (also in its needs)
+    join: str = "job"  # how a fanned-out step joins them (SubtasksPlanned.join): its own job, or "select"
+    best: str | None = None  # a joined sweep's chosen subtask (SweepJoined.best)
     cache_key: str | None = None  # the key of the last attempt scheduled (None: not cached)
     resume_key: str | None = None  # a train step's key without its budget (schema.cache.resume_key)
     fresh: bool = False  # `jbctl retry --from`: run it even if its key has a recorded success
@@ -561,8 +563,14 @@ def _subtasks_planned(state: State, e: ev.SubtasksPlanned) -> None:
         )
         if ticket.shared:
             ticket.owned.add(sid)  # created in this copy: safe to change in place
-    step.subtasks = ids
+    step.subtasks, step.join = ids, e.join
     step.needs = [*step.needs, *ids]  # the join runs once every subtask has succeeded
+
+
+def _sweep_joined(state: State, e: ev.SweepJoined) -> None:
+    task = _task(state, e)
+    task.status, task.metrics, task.outputs = "succeeded", dict(e.metrics), dict(e.outputs)
+    task.best, task.reason, task.fresh = e.best, None, False
 
 
 def _task_failed(state: State, e: ev.TaskFailed) -> None:
@@ -754,6 +762,7 @@ _HANDLERS: dict[type, Callable[[State, Any], None]] = {
     ev.TaskFailed: _task_failed,
     ev.TaskBlocked: _blocked,
     ev.SubtasksPlanned: _subtasks_planned,
+    ev.SweepJoined: _sweep_joined,
     ev.TaskRetried: _retried,
     ev.LoopDetected: _loop,
     ev.AcceptanceEvaluated: _accepted,

@@ -214,7 +214,23 @@ class SubtasksPlanned(TaskEvent):
     own job (the join) with their outputs as inputs (`_subtasks` names them)."""
 
     subtasks: list[dict[str, Any]]  # {id, params}
-    join: Literal["job"] = "job"  # how the step joins its subtasks (a sweep may add others)
+    # How the step joins its subtasks: "job" runs its own job (shards); "select" runs none, the
+    # decider picks the best combination of a `matrix:` sweep (SweepJoined).
+    join: Literal["job", "select"] = "job"
+
+
+class SweepJoined(TaskEvent):
+    """A `matrix:` step's combinations all succeeded: the step succeeds without a job. `rows` is the
+    table, one per combination in plan order ({subtask, params, metrics}); `best` the subtask chosen
+    by `select:` (first in combination order on a tie); `metrics` the best's metrics plus `<name>_mean`
+    and `<name>_std` (population std) of every metric across combinations; `outputs` the best's."""
+
+    rows: list[dict[str, Any]]
+    best: str
+    metric: str | None = None  # what `select:` compared (None: a single combination)
+    mode: Literal["max", "min"] | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    outputs: dict[str, Any] = Field(default_factory=dict)
 
 
 class StepCheckEvaluated(TaskEvent):

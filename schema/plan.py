@@ -74,8 +74,22 @@ def parent_of(task_id: str) -> str | None:
 
 def plan_subtasks(step: Step) -> list[PlannedSubtask]:
     """The subtasks a step fans out into when it becomes runnable (none: it runs as one job). The one
-    place that decides it: a sweep adds its planner here (one subtask per parameter combination)."""
-    return shard_subtasks(step)
+    place that decides it: shards of a synthesize step, or one subtask per `matrix:` combination."""
+    return matrix_subtasks(step) if step.matrix else shard_subtasks(step)
+
+
+def join_of(step: Step) -> Literal["job", "select"]:
+    """How a fanned-out step joins its subtasks: its own job (shards), or by selecting the best (matrix)."""
+    return "select" if step.matrix else "job"
+
+
+def matrix_subtasks(step: Step) -> list[PlannedSubtask]:
+    """A `matrix:` step as one subtask per combination of its values (the product, the first key
+    varying slowest, as written), each with its combination overlaid on the step's `with:`."""
+    combos: list[dict[str, Any]] = [{}]
+    for key, values in (step.matrix or {}).items():
+        combos = [{**c, key: v} for c in combos for v in values]
+    return [PlannedSubtask(subtask_id(step.id, k), combo) for k, combo in enumerate(combos)]
 
 
 def shard_subtasks(step: Step) -> list[PlannedSubtask]:

@@ -430,22 +430,48 @@ def _succeeded(rows: Rows, seq: int, e: ev.AttemptSucceeded) -> None:
 
 def _reused(rows: Rows, seq: int, e: ev.AttemptReused) -> None:
     """A cached success: the task succeeds with the source's metrics; no job row (no job ran)."""
-    _update_task(rows, e.ticket, e.task, state="succeeded", last_error=None, updated_at=_naive(e.at))
-    task = rows.get("tasks", (e.ticket, e.task))
-    for name, value in e.metrics.items():
+    _succeeded_without_job(rows, seq, e.ticket, e.task, e.at, e.metrics)
+
+
+def _succeeded_without_job(rows: Rows, seq: int, ticket: str, task_id: str, at: Any, metrics: dict) -> None:
+    _update_task(rows, ticket, task_id, state="succeeded", last_error=None, updated_at=_naive(at))
+    task = rows.get("tasks", (ticket, task_id))
+    for name, value in metrics.items():
         rows.put(
             "metrics",
-            (e.ticket, e.task, name),
+            (ticket, task_id, name),
             {
-                "ticket": e.ticket,
-                "task": e.task,
+                "ticket": ticket,
+                "task": task_id,
                 "name": name,
                 "attempt": task["attempt"] if task is not None else 0,
                 "value": float(value),
-                "recorded_at": _naive(e.at),
+                "recorded_at": _naive(at),
             },
         )
-    _touch_ticket(rows, seq, e.ticket, e.at)
+    _touch_ticket(rows, seq, ticket, at)
+
+
+def _sweep_joined(rows: Rows, seq: int, e: ev.SweepJoined) -> None:
+    """A matrix step's table (one `sweeps` row per combination) and its joined metrics (no job ran)."""
+    for position, row in enumerate(e.rows):
+        sub = str(row["subtask"])
+        rows.put(
+            "sweeps",
+            (e.ticket, e.task, sub),
+            {
+                "ticket": e.ticket,
+                "task": e.task,
+                "subtask": sub,
+                "seq": seq,
+                "position": position,
+                "params": row.get("params") or {},
+                "metrics": row.get("metrics") or {},
+                "best": sub == e.best,
+                "joined_at": _naive(e.at),
+            },
+        )
+    _succeeded_without_job(rows, seq, e.ticket, e.task, e.at, e.metrics)
 
 
 def _ticket_retried(rows: Rows, seq: int, e: ev.TicketRetried) -> None:
@@ -667,6 +693,7 @@ _PROJECTORS: dict[type, Callable[[Rows, int, Any], None]] = {
     ev.AcceptanceEvaluated: _acceptance,
     ev.CorePromoted: _promoted,
     ev.AttemptReused: _reused,
+    ev.SweepJoined: _sweep_joined,
     ev.TicketRetried: _ticket_retried,
     ev.AdapterActivated: _adapter_activated,
     ev.AdapterRetired: _adapter_retired,

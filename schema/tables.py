@@ -236,6 +236,24 @@ class AdapterRow(SQLModel, table=True):
     replaced_by: str | None = Field(default=None, max_length=120)
 
 
+class SweepRow(SQLModel, table=True):
+    """One combination of a joined `matrix:` step (SweepJoined): its parameters, its metrics, and
+    whether the step chose it. A later join of the same step rewrites its rows (`seq` names the join:
+    rows of an earlier join with another matrix keep their older seq)."""
+
+    __tablename__ = "sweeps"
+
+    ticket: str = Field(primary_key=True, max_length=100)
+    task: str = Field(primary_key=True, max_length=100)  # the step
+    subtask: str = Field(primary_key=True, max_length=100)
+    seq: int = Field(sa_column=sa.Column(sa.BigInteger, nullable=False))  # the SweepJoined event
+    position: int  # combination order (the tie rule: the first wins)
+    params: dict | None = _json()
+    metrics: dict | None = _json()
+    best: bool
+    joined_at: datetime | None = _ts()
+
+
 PROJECTION_TABLES: list[str] = [
     "tickets",
     "tasks",
@@ -246,6 +264,7 @@ PROJECTION_TABLES: list[str] = [
     "core_versions",
     "step_checks",
     "adapters",
+    "sweeps",
 ]
 
 # Plain SQL views (dialect-neutral) for the questions users ask most.

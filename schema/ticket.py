@@ -66,6 +66,8 @@ DEFAULT_QUEUE: dict[str, Queue] = {
 # A step may fan out into at most this many subtasks (`shards:`); each is a task the scheduler walks.
 MAX_SHARDS = 64
 MAX_SUBTASKS = 256  # over all steps of a ticket: with MAX_STEPS, what the scheduler walks stays bounded
+MAX_COMBINATIONS = 256  # a step's `matrix:` fans out into at most this many subtasks (and counts toward MAX_SUBTASKS)
+MATRIX_KINDS = ("train", "evaluate", "synthesize", "diag")  # the kinds a `matrix:` may sweep
 DEFAULT_SHARD_SIZE = 10_000  # a synthesize step's `shard_size` when it names none (workers use it too)
 # The metrics a job kind always reports, for kinds whose set is closed: an `expect:` or `probe:` on any
 # other name is an error at load time. Kinds not listed (train, evaluate, infer, diag) report metrics
@@ -217,6 +219,17 @@ ProbeCheck = Annotated[
 ]
 
 
+class SweepSelect(_Strict):
+    """`select:` of a `matrix:` step: the combination whose metric is best names the step's result."""
+
+    metric: str = Field(description="a metric the step reports, e.g. blank_acc (or <this step>.blank_acc)")
+    mode: Literal["max", "min"] = Field(description="max: the highest value wins; min: the lowest")
+
+    def name(self, step: str) -> str:
+        """The metric's name on the step's own metrics (`<step>.` stripped)."""
+        return self.metric.removeprefix(f"{step}.")
+
+
 class Step(_Strict):
     """One task of the ticket."""
 
@@ -233,6 +246,14 @@ class Step(_Strict):
         le=MAX_SHARDS,
         description="synthesize only: run as this many subtasks (jobs), each generating a contiguous range of "
         "the dataset's shard files, joined into the one manifest a single job would write",
+    )
+    matrix: dict[str, Any] | None = Field(
+        default=None,
+        description="train/evaluate/synthesize/diag: parameter name -> list of values; one subtask per "
+        "combination, each with its values overlaid on `with`; the step's result is the best one (`select`)",
+    )
+    select: SweepSelect | None = Field(
+        default=None, description="with matrix: the metric that picks the best combination, and max or min"
     )
     expect: list[Expectation] = Field(
         default_factory=list,
@@ -288,6 +309,23 @@ class Step(_Strict):
     @property
     def effective_queue(self) -> Queue:
         return self.queue or DEFAULT_QUEUE[self.kind]
+
+    @property
+    def combinations(self) -> int:
+        """How many subtasks the step's `matrix:` fans out into (0: no matrix; capped past MAX_COMBINATIONS)."""
+        if not self.matrix:
+            return 0
+        n = 1
+        for values in self.matrix.values():
+            n *= len(values) if isinstance(values, list) else 1
+            if n > MAX_COMBINATIONS:
+                return MAX_COMBINATIONS + 1
+        return n
+
+    @property
+    def fan_out(self) -> int:
+        """How many subtasks the step fans out into (0: it runs as one job)."""
+        return self.combinations or (self.shards if self.shards > 1 else 0)
 
 
 class Constraints(_Strict):
@@ -492,12 +530,13 @@ class Ticket(_Strict):
             _check_params(step, n)
             _check_step_checks(step, n, {s.id: s for s in self.steps})
             _check_shards(step, n)
+            _check_matrix(step, n)
         subtasks = 0
         for n, step in enumerate(self.steps):
-            subtasks += step.shards if step.shards > 1 else 0
+            subtasks += step.fan_out
             if subtasks > MAX_SUBTASKS:
-                message = f"more than {MAX_SUBTASKS} subtasks in all: a ticket's fan-out is limited"
-                raise _located(("steps", n, "shards"), message)
+                message = f"more than {MAX_SUBTASKS} subtasks in all (shards and matrix combinations): a ticket's fan-out is limited"
+                raise _located(("steps", n, "matrix" if step.matrix else "shards"), message)
         cycle = _find_cycle({s.id: list(s.needs) for s in self.steps})
         if cycle:
             n = ids.index(cycle[0])
@@ -616,36 +655,81 @@ def _check_shards(step: Step, n: int) -> None:
         )
 
 
+def _check_matrix(step: Step, n: int) -> None:
+    """`matrix:` values are parameters like `with:`'s (same rules); `select:` picks among them."""
+    where: tuple[str | int, ...] = ("steps", n)
+    if step.matrix is None:
+        if step.select is not None:
+            raise _located((*where, "select"), "select: only a step with a `matrix:` selects a combination")
+        return
+    if step.kind not in MATRIX_KINDS:
+        raise _located((*where, "matrix"), f"matrix: a {step.kind} step cannot sweep (only {', '.join(MATRIX_KINDS)})")
+    if step.shards > 1:
+        raise _located((*where, "matrix"), "matrix: cannot be combined with shards (each combination would fan out again)")
+    if step.expect:
+        raise _located((*where, "expect"), "expect: not supported on a matrix step yet (select the best with `select:`)")
+    if not step.matrix:
+        raise _located((*where, "matrix"), "matrix: needs at least one parameter (name: [values, ...])")
+    for key, values in step.matrix.items():
+        loc: tuple[str | int, ...] = (*where, "matrix", key)
+        if key.startswith("_") or not key:
+            raise _located(loc, f"matrix: {key!r} is reserved (parameters starting with _ are the orchestrator's)")
+        if not isinstance(values, list):
+            raise _located(loc, f"matrix: {key} must be a list of values, e.g. [1, 2] (got {type(values).__name__})")
+        if not values:
+            raise _located(loc, f"matrix: {key} is an empty list: give at least one value")
+        for k, value in enumerate(values):
+            _check_strings(value, (*loc, k))
+            if key in DATA_KEYS and value is not None:
+                _check_ref(step, key, value, (*loc, k))
+    if step.combinations > MAX_COMBINATIONS:
+        raise _located((*where, "matrix"), f"matrix: more than {MAX_COMBINATIONS} combinations: sweep fewer values")
+    if step.select is None:
+        if step.combinations > 1:
+            raise _located((*where, "matrix"), f"matrix: {step.combinations} combinations need "
+                           "`select: {metric: NAME, mode: max|min}` to name the best")
+        return
+    loc = (*where, "select", "metric")
+    name = step.select.name(step.id)
+    if not name or "." in name:
+        raise _located(loc, f"select reads this step's own metrics: write NAME or {step.id}.NAME (got {step.select.metric!r})")
+    _known_metric(step.kind, name, loc, "select")
+
+
+def _check_strings(value: Any, loc: tuple[str | int, ...]) -> None:
+    """Synthetic-only and no-escape rules for every string in a parameter value."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_strings(item, (*loc, key))
+    elif isinstance(value, list):
+        for k, item in enumerate(value):
+            _check_strings(item, (*loc, k))
+    elif isinstance(value, str):
+        if URL.match(value):
+            raise _located(loc, f"{value!r} is a URL: Jetbox trains on synthetic data only")
+        if value.startswith(("/", "~")) or ".." in Path(value).parts or value.startswith("\\"):
+            raise _located(loc, f"{value!r} is a path outside the workspace (absolute or with ..)")
+
+
 def _check_params(step: Step, n: int) -> None:
     """Synthetic-only and no-escape rules for every string in `with`."""
-
-    def walk(value: Any, loc: tuple[str | int, ...]) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(item, (*loc, key))
-        elif isinstance(value, list):
-            for k, item in enumerate(value):
-                walk(item, (*loc, k))
-        elif isinstance(value, str):
-            if URL.match(value):
-                raise _located(loc, f"{value!r} is a URL: Jetbox trains on synthetic data only")
-            if value.startswith(("/", "~")) or ".." in Path(value).parts or value.startswith("\\"):
-                raise _located(loc, f"{value!r} is a path outside the workspace (absolute or with ..)")
-
-    walk(step.with_, ("steps", n, "with"))
+    _check_strings(step.with_, ("steps", n, "with"))
     for key in DATA_KEYS:
         ref = step.with_.get(key)
-        if ref is None:
-            continue
-        loc: tuple[str | int, ...] = ("steps", n, "with", key)
-        if not isinstance(ref, str):
-            raise _located(loc, f"{key} must name a step id or an artifact (sha256:...)")
-        if ARTIFACT_REF.match(ref):
-            continue
-        if ref not in step.needs:
-            if "/" in ref or "." in ref:
-                raise _located(loc, f"{ref!r} looks like a file: {key} must name a synthesize step or sha256:<id>")
-            raise _located(loc, f"{key} refers to step {ref!r}, which is not in this step's needs")
+        if ref is not None:
+            _check_ref(step, key, ref, ("steps", n, "with", key))
+
+
+def _check_ref(step: Step, key: str, ref: Any, loc: tuple[str | int, ...]) -> None:
+    """A data parameter names a step this one needs, or an artifact."""
+    if not isinstance(ref, str):
+        raise _located(loc, f"{key} must name a step id or an artifact (sha256:...)")
+    if ARTIFACT_REF.match(ref):
+        return
+    if ref not in step.needs:
+        if "/" in ref or "." in ref:
+            raise _located(loc, f"{ref!r} looks like a file: {key} must name a synthesize step or sha256:<id>")
+        raise _located(loc, f"{key} refers to step {ref!r}, which is not in this step's needs")
 
 
 # ---------------------------------------------------------------------------------------------

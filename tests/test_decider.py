@@ -219,6 +219,11 @@ TICKETS = [
     ),
     # The same train step as TICKET-3's under another id: it waits for that job, or reuses its success.
     make_ticket("TICKET-5", steps="  - {id: t2, kind: train}\n  - {id: d, kind: diag, needs: [t2]}\n"),
+    make_ticket(  # a sweep: one subtask per combination, joined by selecting the best (no job)
+        "TICKET-6",
+        steps="  - {id: s, kind: diag, matrix: {seed: [0, 1]}, select: {metric: m, mode: max}}\n"
+        "  - {id: u, kind: diag, needs: [s]}\n",
+    ),
 ]
 
 op = st.tuples(st.integers(0, 9), st.integers(0, 5), st.integers(0, 3), st.floats(0, 1))
