@@ -427,7 +427,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
             "FROM step_checks WHERE ticket = :t ORDER BY seq",
             t=args.ticket,
         )
-        sweeps = sweep_rows(conn, args.ticket)
+        sweeps = rm.sweep_rows(conn, args.ticket)
     events = [r.as_json() for r in store.read(0, stream=args.ticket)]
     spec = next((e["data"]["spec"] for e in reversed(events) if e["type"] == "TicketSubmitted"), None)
     acceptance = next((e["data"] for e in reversed(events) if e["type"] == "AcceptanceEvaluated"), None)
@@ -504,33 +504,14 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
-def sweep_rows(conn: sa.Connection, ticket: str) -> list[dict[str, Any]]:
-    """The ticket's joined `matrix:` steps, one row per combination (the latest join of each step)."""
-    from schema.tables import SweepRow
-
-    t = SweepRow.__table__  # type: ignore[attr-defined]
-    x = t.alias("x")
-    latest = sa.select(sa.func.max(x.c.seq)).where(x.c.ticket == t.c.ticket, x.c.task == t.c.task).scalar_subquery()
-    query = (
-        sa.select(t.c.task, t.c.subtask, t.c.position, t.c.params, t.c.metrics, t.c.best)
-        .where(t.c.ticket == ticket, t.c.seq == latest)
-        .order_by(t.c.task, t.c.position)
-    )
-    return [dict(r) for r in conn.execute(query).mappings()]
-
-
 def _print_sweeps(rows: list[dict[str, Any]]) -> None:
     """Each sweep as a table: combination -> metrics, the chosen one marked with *."""
-    by_step: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        by_step.setdefault(r["task"], []).append(r)
-    for step, table in by_step.items():
-        keys = list(dict.fromkeys(k for r in table for k in (r["params"] or {})))
-        names = sorted({n for r in table for n in (r["metrics"] or {})})
+    for sweep in rm.sweep_tables(rows):
+        step, table, keys, names = sweep["step"], sweep["rows"], sweep["params"], sweep["metrics"]
         head = ["", "subtask", *keys, *names]
         body = [
-            ["*" if r["best"] else "", r["subtask"], *(_cell((r["params"] or {}).get(k)) for k in keys),
-             *(_cell((r["metrics"] or {}).get(n)) for n in names)]
+            ["*" if r["best"] else "", r["subtask"], *(_cell(r["params"].get(k)) for k in keys),
+             *(_cell(r["metrics"].get(n)) for n in names)]
             for r in table
         ]
         widths = [max(len(str(row[i])) for row in [head, *body]) for i in range(len(head))]

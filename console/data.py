@@ -100,6 +100,7 @@ def ticket(engine: sa.Engine, tid: str, event_limit: int = 50) -> dict[str, Any]
         artifacts = rm.select(conn, "artifacts", ("recorded_at",), ticket=tid)
         proposals = rm.select(conn, "proposals", ("opened_at",), ticket=tid)
         checks = rm.select(conn, "step_checks", ("seq",), ticket=tid)
+        sweeps = rm.sweep_tables(rm.sweep_rows(conn, tid))
         spec = _spec(conn, tid)
         acceptance = events_where(conn, f"stream = :s AND {BY_STREAM} = 'AcceptanceEvaluated'", {"s": tid}, 1)
         progress_sql = sa.text(
@@ -129,6 +130,7 @@ def ticket(engine: sa.Engine, tid: str, event_limit: int = 50) -> dict[str, Any]
         "curves": curves(progress),
         "acceptance": acceptance[0].data if acceptance else None,
         "step_checks": checks,
+        "sweeps": sweeps,
         "metrics": metrics,
         "artifacts": artifacts,
         "proposals": [{"id": p["id"], "state": p["state"], "kind": p["kind"]} for p in proposals],

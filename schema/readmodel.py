@@ -126,6 +126,35 @@ def select(conn: sa.Connection, name: str, order: tuple[str, ...] = (), **equal:
     return [dict(r) for r in conn.execute(query).mappings()]
 
 
+def sweep_rows(conn: sa.Connection, ticket: str) -> list[dict[str, Any]]:
+    """The ticket's joined `matrix:` steps, one row per combination (the latest join of each step)."""
+    t = SQLModel.metadata.tables["sweeps"]
+    x = t.alias("x")
+    latest = sa.select(sa.func.max(x.c.seq)).where(x.c.ticket == t.c.ticket, x.c.task == t.c.task).scalar_subquery()
+    query = (
+        sa.select(t.c.task, t.c.subtask, t.c.position, t.c.params, t.c.metrics, t.c.best)
+        .where(t.c.ticket == ticket, t.c.seq == latest)
+        .order_by(t.c.task, t.c.position)
+    )
+    return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def sweep_tables(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`sweep_rows` grouped by step: {step, rows, params (the matrix keys), metrics (every name)}."""
+    by_step: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_step.setdefault(r["task"], []).append({**r, "params": r["params"] or {}, "metrics": r["metrics"] or {}})
+    return [
+        {
+            "step": step,
+            "rows": table,
+            "params": list(dict.fromkeys(k for r in table for k in r["params"])),
+            "metrics": sorted({n for r in table for n in r["metrics"]}),
+        }
+        for step, table in by_step.items()
+    ]
+
+
 def ticket_page(
     conn: sa.Connection,
     now: datetime,

@@ -535,7 +535,10 @@ class Ticket(_Strict):
         for n, step in enumerate(self.steps):
             subtasks += step.fan_out
             if subtasks > MAX_SUBTASKS:
-                message = f"more than {MAX_SUBTASKS} subtasks in all (shards and matrix combinations): a ticket's fan-out is limited"
+                message = (
+                    f"more than {MAX_SUBTASKS} subtasks in all (shards and matrix combinations): "
+                    "a ticket's fan-out is limited"
+                )
                 raise _located(("steps", n, "matrix" if step.matrix else "shards"), message)
         cycle = _find_cycle({s.id: list(s.needs) for s in self.steps})
         if cycle:
@@ -663,11 +666,13 @@ def _check_matrix(step: Step, n: int) -> None:
             raise _located((*where, "select"), "select: only a step with a `matrix:` selects a combination")
         return
     if step.kind not in MATRIX_KINDS:
-        raise _located((*where, "matrix"), f"matrix: a {step.kind} step cannot sweep (only {', '.join(MATRIX_KINDS)})")
+        only = ", ".join(MATRIX_KINDS)
+        raise _located((*where, "matrix"), f"matrix: a {step.kind} step cannot sweep (only {only})")
     if step.shards > 1:
-        raise _located((*where, "matrix"), "matrix: cannot be combined with shards (each combination would fan out again)")
+        message = "matrix: cannot be combined with shards (each combination would fan out again)"
+        raise _located((*where, "matrix"), message)
     if step.expect:
-        raise _located((*where, "expect"), "expect: not supported on a matrix step yet (select the best with `select:`)")
+        raise _located((*where, "expect"), "expect: not supported on a matrix step yet (choose with `select:`)")
     if not step.matrix:
         raise _located((*where, "matrix"), "matrix: needs at least one parameter (name: [values, ...])")
     for key, values in step.matrix.items():
@@ -692,7 +697,8 @@ def _check_matrix(step: Step, n: int) -> None:
     loc = (*where, "select", "metric")
     name = step.select.name(step.id)
     if not name or "." in name:
-        raise _located(loc, f"select reads this step's own metrics: write NAME or {step.id}.NAME (got {step.select.metric!r})")
+        message = f"select reads this step's own metrics: write NAME or {step.id}.NAME (got {step.select.metric!r})"
+        raise _located(loc, message)
     _known_metric(step.kind, name, loc, "select")
 
 

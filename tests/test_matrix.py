@@ -13,6 +13,7 @@ from daemon import commands as c
 from daemon.state import State, evolve
 from schema import events as ev
 from schema.projections import MemoryRows, project
+from schema.store import EventStore, replay_differences
 from schema.ticket import TicketInvalid, parse_ticket
 from tests.helpers import make_ticket, submit, ticket_yaml
 from tests.test_decider import T0, apply, report, types
@@ -114,10 +115,12 @@ def test_a_failed_combination_retries_alone_and_one_lost_for_good_fails_the_tick
 
 
 def test_a_combination_without_the_selected_metric_fails_the_step_saying_which() -> None:
-    s, log = run_sweep([0.1, None, 0.2, math.nan, 0.4, 0.5])
+    _, log = run_sweep([0.1, None, 0.2, math.nan, 0.4, 0.5])
     assert types(log)[-3:] == ["AttemptSucceeded", "TaskFailed", "TicketFailed"]
     assert log[-2].task == "ev"
-    assert log[-2].reason == "select: metric 'acc' is missing or not a number for ev-S1, ev-S3 (ev-S1 reported: no metrics)"
+    assert log[-2].reason == (
+        "select: metric 'acc' is missing or not a number for ev-S1, ev-S3 (ev-S1 reported: no metrics)"
+    )
     assert log[-1].reason.startswith("task ev failed: select: metric 'acc'")
 
 
@@ -140,6 +143,38 @@ def test_replay_of_the_log_gives_the_same_state_and_projection_shows_the_table()
     assert step is not None and step["state"] == "succeeded"
     acc = rows.get("metrics", ("TICKET-1", "ev", "acc_mean"))
     assert acc is not None and math.isclose(acc["value"], 0.25)
+
+
+def test_the_sweeps_table_in_sql_for_describe_and_console_and_a_replay_rebuilds_it(store: EventStore) -> None:
+    """Through the real store (SQLite migrated to head): the sweeps rows, the console's tables, and
+    `replay --check`'s comparison. A revision with another matrix shows only its latest join."""
+    from console import data
+    from daemon.handler import CommandHandler
+    from schema import readmodel as rm
+
+    handler = CommandHandler(store)
+    handler.handle(submit(swept(), T0))
+    for k, acc in enumerate([0.1, 0.5, 0.3, 0.2, 0.4, 0.0]):
+        handler.handle(report(c.RecordJobSucceeded, f"ev-S{k}", 1, metrics={"acc": acc}, outputs={"model": f"m{k}"}))
+    with store.engine.connect() as conn:
+        rows = rm.sweep_rows(conn, "TICKET-1")
+    assert [(r["subtask"], r["best"]) for r in rows][:2] == [("ev-S0", False), ("ev-S1", True)]
+    page = data.ticket(store.engine, "TICKET-1")
+    assert page is not None
+    [sweep] = page["sweeps"]
+    assert (sweep["step"], sweep["params"], sweep["metrics"]) == ("ev", ["lr", "seed"], ["acc"])
+    assert sweep["rows"][1]["params"] == {"lr": 0.1, "seed": 1} and sweep["rows"][1]["metrics"] == {"acc": 0.5}
+    handler.handle(report(c.RecordJobFailed, "use", 1, error="x", retryable=False))  # ends it: revise it
+    revised = swept("{seed: [5, 6]}")
+    handler.handle(c.SubmitTicket(now=T0, path="/t/TICKET-1.yaml", content_hash="h2", ticket=revised))
+    for k, acc in enumerate([0.9, 0.8]):
+        handler.handle(report(c.RecordJobSucceeded, f"ev-S{k}", 2, metrics={"acc": acc}, outputs={"model": "r"}))
+    with store.engine.connect() as conn:
+        rows = rm.sweep_rows(conn, "TICKET-1")
+    assert [(r["subtask"], r["params"], r["best"]) for r in rows] == [
+        ("ev-S0", {"seed": 5}, True), ("ev-S1", {"seed": 6}, False)
+    ]  # the first join's ev-S2..S5 rows are older: not shown
+    assert replay_differences(store) == []
 
 
 def test_the_join_runs_no_job_so_a_hold_does_not_keep_it_but_keeps_what_follows() -> None:
@@ -187,7 +222,7 @@ def test_matrix_with_shards_on_other_kinds_and_over_the_ticket_cap_is_refused() 
     assert "matrix: cannot be combined with shards" in message
     assert "matrix: a infer step cannot sweep" in parse_error("    matrix: {seed: [0]}\n", kind="infer")
     assert "matrix: a check step cannot sweep" in parse_error("    matrix: {seed: [0]}\n", kind="check")
-    assert "expect: not supported on a matrix step" in parse_error(
+    assert "expect: not supported on a matrix step yet" in parse_error(
         "    matrix: {seed: [0]}\n    expect: [{metric: acc, op: '>', value: 0}]\n"
     )
     wide = "[" + ", ".join(str(k) for k in range(200)) + "]"
