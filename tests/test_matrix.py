@@ -235,6 +235,7 @@ def test_matrix_with_shards_on_other_kinds_and_over_the_ticket_cap_is_refused() 
 
 @pytest.mark.integration
 def test_a_diag_sweep_on_a_real_worker_joins_and_describe_shows_the_table(tmp_path: Path) -> None:
+    from tests.console_server import ConsoleServer
     from tests.harness import Setup
 
     setup = Setup(tmp_path / "home")
@@ -261,6 +262,12 @@ def test_a_diag_sweep_on_a_real_worker_joins_and_describe_shows_the_table(tmp_pa
         best = joined[0]["best"]
         marked = [line.split()[:2] for line in described.stdout.splitlines() if line.strip().startswith("*")]
         assert marked == [["*", best]]
+        console = ConsoleServer(setup.home, env=setup.env)  # the ticket page shows the same table
+        try:
+            code, page = console.request("GET", "/tickets/TICKET-1")
+        finally:
+            console.stop()
+        assert code == 200 and "Sweep sweep" in page.decode() and page.decode().count("★") == 2  # legend + best
         setup.assert_consistent()
     finally:
         setup.close()
