@@ -947,10 +947,7 @@ def _succeeded(out: _Emitter, c: cmd.RecordJobSucceeded) -> None:
     step = _step_spec(ticket, task.id)
     failed, retryable = [], False
     for exp in step.expect if step is not None else []:
-        value = c.metrics.get(exp.name)
-        ok = value is not None and exp.holds(value)
-        reported = ", ".join(sorted(c.metrics)) or "none"
-        observed = f"no such metric reported (reported: {reported})" if value is None else f"{value:g}"
+        ok, observed, value = exp.judge(c.metrics, c.outputs)
         out.emit(
             ev.StepCheckEvaluated(
                 **_about(c, report_seq=False), phase="expect", check=exp.text(), ok=ok, observed=observed,
@@ -1267,7 +1264,7 @@ def _reused_or_waiting(
     if task.fresh:  # `jbctl retry --from` asked for it to run again
         return None
     entry = out.state.cache.get(key)
-    if entry is not None and _meets_expectations(ticket, task, entry.metrics):
+    if entry is not None and _meets_expectations(ticket, task, entry.metrics, entry.outputs):
         out.emit(
             ev.AttemptReused(
                 at=now,
@@ -1294,15 +1291,13 @@ def _reused_or_waiting(
     return "waiting"
 
 
-def _meets_expectations(ticket: TicketState, task: TaskState, metrics: dict[str, float]) -> bool:
+def _meets_expectations(
+    ticket: TicketState, task: TaskState, metrics: dict[str, float], outputs: dict[str, Any]
+) -> bool:
     """Whether a cached result holds this step's `expect:` checks (not in the key: another ticket's
     step may expect more of the same result). One that does not is not reused: the step runs."""
     step = _step_spec(ticket, task.id)
-    for exp in step.expect if step is not None else []:
-        value = metrics.get(exp.name)
-        if value is None or not exp.holds(value):
-            return False
-    return True
+    return all(exp.judge(metrics, outputs)[0] for exp in (step.expect if step is not None else []))
 
 
 def _carried_checkpoint(task: TaskState, resume: str | None) -> str | None:

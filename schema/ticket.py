@@ -133,11 +133,15 @@ Op = Literal[">=", "<=", ">", "<", "==", "!="]
 
 
 class Expectation(_Strict):
-    """`expect:` on a step: `<name> op value` on the step's own metrics (`<step>.<name>` also reads)."""
+    """`expect:` on a step: `<name> op value` on the step's own metrics (`<step>.<name>` also reads), or
+    `output: NAME`, an output the step's result must carry (e.g. dataset, checkpoint)."""
 
-    metric: str = Field(description="a metric this step reports, e.g. count (or data.count)")
-    op: Op
-    value: float
+    metric: str | None = Field(default=None, description="a metric this step reports, e.g. count (or data.count)")
+    op: Op | None = None
+    value: float | None = None
+    output: str | None = Field(
+        default=None, min_length=1, max_length=100, description="an output this step must produce, e.g. dataset"
+    )
     retryable: bool = Field(default=False, description="a failed expectation may be retried (within retries)")
 
     @model_validator(mode="before")
@@ -145,26 +149,54 @@ class Expectation(_Strict):
     def _no_commands(cls, value: Any) -> Any:
         if isinstance(value, dict) and "run" in value:
             raise ValueError(
-                "an expectation is a metric check (metric, op, value); a command to run belongs in "
-                "`acceptance` or a `check` step"
+                "an expectation is a metric check (metric, op, value) or an output (output: NAME); a command "
+                "to run belongs in `acceptance` or a `check` step"
             )
         return value
 
     @field_validator("metric")
     @classmethod
-    def _metric(cls, value: str) -> str:
-        if not value or value.startswith(".") or value.endswith("."):
+    def _metric(cls, value: str | None) -> str | None:
+        if value is not None and (not value or value.startswith(".") or value.endswith(".")):
             raise ValueError(f"metric {value!r}: name one of this step's metrics, e.g. count")
         return value
 
+    @model_validator(mode="after")
+    def _one_form(self) -> Expectation:
+        if self.output is not None:
+            if self.metric is not None or self.op is not None or self.value is not None:
+                raise ValueError("an expectation is either {metric, op, value} or {output: NAME}, not both")
+        elif self.metric is None or self.op is None or self.value is None:
+            missing = [k for k in ("metric", "op", "value") if getattr(self, k) is None]
+            raise ValueError(
+                f"an expectation needs metric, op and value (missing: {', '.join(missing)}), or output: NAME"
+            )
+        return self
+
     @property
     def name(self) -> str:
-        return self.metric.rpartition(".")[2]
+        return self.output if self.output is not None else str(self.metric).rpartition(".")[2]
 
     def holds(self, observed: float) -> bool:
+        assert self.op is not None and self.value is not None
         return bool(_OPS[self.op](observed, self.value))
 
+    def judge(self, metrics: dict[str, float], outputs: dict[str, Any]) -> tuple[bool, str, float | None]:
+        """(holds, what was observed in words, the metric's value) on one result."""
+        if self.output is not None:
+            found = outputs.get(self.output)
+            named = ", ".join(sorted(outputs)) or "none"
+            if found in (None, "", [], {}):
+                return False, f"no output {self.output!r} (outputs: {named})", None
+            return True, str(found)[:200], None
+        value = metrics.get(self.name)
+        if value is None:
+            return False, f"no such metric reported (reported: {', '.join(sorted(metrics)) or 'none'})", None
+        return self.holds(value), f"{value:g}", value
+
     def text(self) -> str:
+        if self.output is not None:
+            return f"output {self.output}"
         return f"{self.name} {self.op} {self.value:g}"
 
 
@@ -614,6 +646,8 @@ def _known_metric(kind: str, name: str, loc: tuple[str | int, ...], what: str) -
 def _check_step_checks(step: Step, n: int, steps: dict[str, Step]) -> None:
     """`expect:` reads the step's own metrics; `probe:` reads the steps it needs (or the core)."""
     for k, exp in enumerate(step.expect):
+        if exp.metric is None:
+            continue  # `output:`: what a job kind outputs is open (a diag's are whatever it reports)
         loc: tuple[str | int, ...] = ("steps", n, "expect", k, "metric")
         owner, dot, _ = exp.metric.rpartition(".")
         if dot and owner != step.id:

@@ -122,6 +122,31 @@ def test_expectations_fail_the_step_at_once_or_retry_as_declared() -> None:
     assert types(events) == ["StepCheckEvaluated", "StepCheckEvaluated", "AttemptSucceeded", "AttemptScheduled"]
 
 
+def test_an_output_expectation_fails_a_result_without_that_output() -> None:
+    """`expect: [{output: dataset}]`: a synthesize whose result carries no dataset fails at once, with
+    what it did output; one that carries it succeeds, and the observed value is the output's id."""
+    steps = (
+        "  - id: data\n    kind: synthesize\n    with: " + SYNTH + "\n"
+        "    expect: [{output: dataset}]\n"
+        "  - {id: use, kind: diag, needs: [data]}\n"
+    )
+    s = State()
+    apply(s, submit(make_ticket(steps=steps), T0))
+    events = apply(s, report(c.RecordJobSucceeded, "data", 1, metrics={"count": 400.0}, outputs={"log": "abc"}))
+    assert types(events) == ["StepCheckEvaluated", "AttemptFailed", "TaskFailed", "TicketFailed"]
+    check = events[0]
+    assert (check.check, check.ok, check.observed, check.value) == (
+        "output dataset", False, "no output 'dataset' (outputs: log)", None
+    )
+    assert "ExpectationFailed: output dataset (observed no output 'dataset' (outputs: log))" in events[-1].reason
+
+    s = State()
+    apply(s, submit(make_ticket(steps=steps), T0))
+    events = apply(s, report(c.RecordJobSucceeded, "data", 1, metrics={"count": 400.0}, outputs={"dataset": "d1"}))
+    assert types(events) == ["StepCheckEvaluated", "AttemptSucceeded", "AttemptScheduled"]
+    assert events[0].ok and events[0].observed == "d1"
+
+
 def test_a_failed_probe_blocks_the_step_until_its_input_is_there() -> None:
     steps = (
         "  - {id: data, kind: synthesize, with: " + SYNTH + "}\n"
@@ -184,6 +209,10 @@ def test_projections_show_subtasks_and_every_check() -> None:
          "synthesize step never reports; it reports count, seconds"),
         ("expect: [{metric: use.count, op: '>', value: 1}]", "8:15", "expect checks this step's own metrics"),
         ("expect: [{run: [true]}]", "8:14", "an expectation is a metric check (metric, op, value)"),
+        ("expect: [{output: dataset, metric: count, op: '>', value: 1}]", "8:14", "either {metric, op, value} or"),
+        ("expect: [{metric: count, op: '>'}]", "8:14", "needs metric, op and value (missing: value)"),
+        ("expect: [{output: ''}]", "8:15", "String should have at least 1 character"),
+        ("expect: [{}]", "8:14", "needs metric, op and value (missing: metric, op, value), or output: NAME"),
         ("probe: [{metric: dta.count, op: '>', value: 1}]", "8:14", "probe reads unknown step 'dta'"),
         ("probe: [{core: ''}]", "8:14", "String should have at least 1 character"),
     ],
