@@ -41,7 +41,8 @@ def _ticket(tid: str, count: int, shards: int) -> str:
     size = -(-count // 4)
     return (
         f"id: {tid}\ntitle: shards bench\ngoal: measure fan-out\nsteps:\n"
-        f"  - {{id: data, kind: synthesize, shards: {shards}, "
+        # cache: false: every round generates (the step cache would reuse the first round's dataset)
+        f"  - {{id: data, kind: synthesize, shards: {shards}, cache: false, "
         f"with: {{generator: shapes, count: {count}, shard_size: {size}}}}}\n"
     )
 
