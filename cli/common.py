@@ -7,8 +7,8 @@ import os
 import sys
 from typing import Any
 
-from schema.readmodel import human_age as human_age  # re-exported: the CLI's modules import it from here
 from schema.settings import Settings, load_settings
+from schema.status_rows import human_age as human_age  # re-exported: the CLI's modules import it from here
 
 
 def settings_from(args: Any) -> Settings:
@@ -60,10 +60,24 @@ def open_store(settings: Settings, migrate: bool = False) -> Any:
 def open_reader(settings: Settings) -> Any:
     """A read-only engine on the event store (the same checks as `open_store`): reads take no write
     lock, so a busy daemon neither waits for nor delays them."""
-    from schema.store import open_readonly
+    from schema.engines import open_readonly
 
     _check_database(settings.db_url)
     return open_readonly(settings.db_url)
+
+
+def check_sqlite(url: str) -> str:
+    """The path of a SQLite database URL, with `_check_database`'s errors, read with sqlite3 alone
+    (no SQLAlchemy: `jbctl status` does not import it)."""
+    from cli.main import CliError
+    from schema.status_sqlite import migrated
+
+    path = url.split("///", 1)[1]
+    if not os.path.exists(path):
+        raise CliError(f"no database at {path}: run `jbctl migrate` (or start `jbctl daemon`)")
+    if not migrated(path):
+        raise CliError(f"database {_safe(url)} is not initialised: run `jbctl migrate`")
+    return path
 
 
 def _check_database(url: str) -> None:

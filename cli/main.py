@@ -12,22 +12,26 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-# Modules that add subcommands, in the order they appear in `jbctl --help`.
-COMMAND_MODULES = [
-    "cli.tickets",
-    "cli.sched_cmds",
-    "cli.plans",
-    "cli.store_cmds",
-    "cli.artifacts",
-    "cli.daemon_cmds",
-    "cli.units",
-    "cli.run_cmds",
-    "cli.gate_cmds",
-    "cli.cache_cmds",
-    "cli.infer_cmds",
-    "cli.adapters_cmds",
-    "cli.console_cmds",
-]
+# Modules that add subcommands, in the order they appear in `jbctl --help`, with the subcommands each
+# adds: `jbctl status` imports only `cli.tickets` (and what it needs), not every area's dependencies.
+# tests/test_cli.py checks this table against what the modules register.
+COMMANDS: dict[str, tuple[str, ...]] = {
+    "cli.tickets": ("validate", "schema", "submit", "status", "describe", "cancel"),
+    "cli.sched_cmds": ("hold", "release", "priority", "pause", "resume"),
+    "cli.plans": ("plan", "milestones", "milestone"),
+    "cli.store_cmds": ("events", "sql", "replay", "verify", "backup", "migrate"),
+    "cli.artifacts": ("artifacts",),
+    "cli.daemon_cmds": ("daemon",),
+    "cli.units": ("install-units", "uninstall-units"),
+    "cli.run_cmds": ("worker", "run", "up"),
+    "cli.gate_cmds": ("proposals", "approve", "reject", "core", "retry", "audit"),
+    "cli.cache_cmds": ("cache",),
+    "cli.infer_cmds": ("infer",),
+    "cli.adapters_cmds": ("adapters",),
+    "cli.console_cmds": ("console",),
+}
+COMMAND_MODULES = list(COMMANDS)
+MODULE_OF = {command: module for module, commands in COMMANDS.items() for command in commands}
 
 
 class CliError(Exception):
@@ -38,11 +42,29 @@ class CliError(Exception):
         self.code = code
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_word(argv: Sequence[str]) -> str | None:
+    """The subcommand these arguments name (skipping `--home DIR`), or None (none, or help asked first)."""
+    args = list(argv)
+    while args:
+        word = args.pop(0)
+        if word == "--home":
+            if args:
+                args.pop(0)
+            continue
+        if word.startswith("--home="):
+            continue
+        return None if word.startswith("-") else word
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or (given a known subcommand) one with only the area that adds it: the
+    others' modules, and what they import, stay unloaded. Usage lines and errors read the same."""
     parser = argparse.ArgumentParser(prog="jbctl", description="Jetbox: event-sourced ML research orchestrator")
     parser.add_argument("--home", help="state directory (overrides JETBOX_HOME)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    only = MODULE_OF.get(command) if command is not None else None
+    for name in [only] if only else COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -54,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(command_word(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -9,13 +9,13 @@ import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
-
-import sqlalchemy as sa
+from typing import TYPE_CHECKING, Any
 
 from cli.common import colour, open_reader, open_store, print_json, print_table, settings_from
 from cli.main import CliError
-from schema import readmodel as rm
+
+if TYPE_CHECKING:  # SQLAlchemy and readmodel are imported where used: `jbctl status` on SQLite needs neither
+    import sqlalchemy as sa
 
 STATE_COLOURS = {"running": "36", "completed": "32", "failed": "31", "cancelled": "33", "blocked": "35"}
 
@@ -128,6 +128,8 @@ def with_hold(data: bytes, path: Path) -> bytes:
 
 
 def _rows(conn: sa.Connection, sql: str, **params: Any) -> list[dict[str, Any]]:
+    import sqlalchemy as sa
+
     return [dict(r) for r in conn.execute(sa.text(sql), params).mappings()]
 
 
@@ -150,26 +152,67 @@ def parse_since(text: str, now: datetime) -> datetime:
     return when.astimezone(UTC).replace(tzinfo=None) if when.tzinfo else when
 
 
+class Readmodel:
+    """readmodel's status questions over a SQLAlchemy connection (PostgreSQL; any database), with the
+    method names of schema.status_sqlite.SqliteStatus, which asks them of SQLite with sqlite3."""
+
+    def __init__(self, conn: sa.Connection) -> None:
+        from schema import readmodel
+
+        self.conn, self.rm = conn, readmodel
+
+    def counts_by_state(self) -> dict[str, int]:
+        return self.rm.counts_by_state(self.conn)
+
+    def status_keys(self, ended_since: datetime, limit: int | None) -> tuple[list[Any], int]:
+        return self.rm.status_keys(self.conn, ended_since, limit)
+
+    def newest_keys(self, limit: int) -> list[Any]:
+        return self.rm.newest_keys(self.conn, limit)
+
+    def iter_status(self, now: datetime, keys: list[Any] | None = None) -> Iterator[dict[str, Any]]:
+        return self.rm.iter_status(self.conn, now, keys)
+
+    def ticket_status(self, tid: str, now: datetime) -> dict[str, Any] | None:
+        return self.rm.ticket_status(self.conn, tid, now)
+
+    def awaited_proposals(self) -> list[str]:
+        return self.rm.awaited_proposals(self.conn)
+
+    def work_waiting(self) -> bool:
+        return self.rm.work_waiting(self.conn)
+
+    def installation_paused(self) -> str | None:
+        return installation_paused(self.conn)
+
+
+def status_reader(conn: Any) -> Any:
+    """A status reader for a SQLAlchemy connection (wrapped in `Readmodel`) or a `SqliteStatus`."""
+    return conn if hasattr(conn, "iter_status") else Readmodel(conn)
+
+
 class StatusView:
     """Which tickets `jbctl status` lists: the default (live, or ended since a time; the newest
-    `limit`), or every ticket (`--all`, optionally the newest `limit`). Rows are streamed."""
+    `limit`), or every ticket (`--all`, optionally the newest `limit`). Rows are streamed. `conn`: a
+    SQLAlchemy connection or a status reader (`status_reader`)."""
 
     def __init__(
-        self, conn: sa.Connection, now: datetime, *, everything: bool, since: datetime | None, limit: int | None
+        self, conn: Any, now: datetime, *, everything: bool, since: datetime | None, limit: int | None
     ) -> None:
-        self.conn, self.now, self.everything = conn, now, everything
+        self.reader = status_reader(conn)
+        self.now, self.everything = now, everything
         self.since = since or now - DEFAULT_SINCE
-        self.counts = rm.counts_by_state(conn)
+        self.counts = self.reader.counts_by_state()
         self.total = sum(self.counts.values())
         if everything:
-            self.keys = rm.newest_keys(conn, limit) if limit is not None else None
+            self.keys = self.reader.newest_keys(limit) if limit is not None else None
             self.matching = self.total
         else:
-            self.keys, self.matching = rm.status_keys(conn, self.since, limit)
+            self.keys, self.matching = self.reader.status_keys(self.since, limit)
         self.shown = self.total if self.keys is None else len(self.keys)
 
     def rows(self, home: Path | None) -> Iterator[dict[str, Any]]:
-        for row in rm.iter_status(self.conn, self.now, self.keys):
+        for row in self.reader.iter_status(self.now, self.keys):
             row["background"] = _background(home, row["ticket"])
             yield row
 
@@ -196,7 +239,7 @@ def status_data(
     now = datetime.now(UTC).replace(tzinfo=None)
     with engine.connect() as conn:
         if ticket is not None:
-            row = rm.ticket_status(conn, ticket, now)
+            row = Readmodel(conn).ticket_status(ticket, now)
             return [] if row is None else [{**row, "background": _background(home, ticket)}]
         view = StatusView(conn, now, everything=include_old, since=None, limit=None)
         return list(view.rows(home))
@@ -219,38 +262,57 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise CliError("--all and --since: choose one (--all lists every ticket; --since, those ended since then)")
     now = datetime.now(UTC).replace(tzinfo=None)
     since = parse_since(args.since, now) if args.since else None
+    url = settings.db_url
+    if url.startswith("sqlite:///"):  # sqlite3 directly: SQLAlchemy's import costs more than the reads
+        from cli.common import check_sqlite
+        from schema.status_sqlite import SqliteStatus, connect
+
+        path = check_sqlite(url)
+        conn = connect(path)
+        try:
+            return _status(args, settings, SqliteStatus(conn), now, since)
+        finally:
+            conn.close()
     engine = open_reader(settings)
-    with engine.connect() as conn:
-        if args.ticket:
-            row = rm.ticket_status(conn, args.ticket, now)
-            if row is None:
-                raise CliError(f"no ticket {args.ticket!r} (see `jbctl status`)")
-            row["background"] = _background(settings.home, args.ticket)
-            if args.json:
-                print_json([row])
-            else:
-                _print_tree(row)
-            return 0
-        limit = args.limit if args.limit is not None else (None if args.all else DEFAULT_LIMIT)
-        view = StatusView(conn, now, everything=args.all, since=since, limit=limit)
+    try:
+        with engine.connect() as sa_conn:
+            return _status(args, settings, Readmodel(sa_conn), now, since)
+    finally:
+        engine.dispose()
+
+
+def _status(args: argparse.Namespace, settings: Any, reader: Any, now: datetime, since: datetime | None) -> int:
+    """`jbctl status` on a status reader (`SqliteStatus` or `Readmodel`)."""
+    if args.ticket:
+        row = reader.ticket_status(args.ticket, now)
+        if row is None:
+            raise CliError(f"no ticket {args.ticket!r} (see `jbctl status`)")
+        row["background"] = _background(settings.home, args.ticket)
         if args.json:
-            _stream_json(view.rows(settings.home))
-            if view.rest():
-                print(view.rest(), file=sys.stderr)
-            return 0
-        if not view.total:
-            print("no tickets yet: drop a ticket into the tickets folder or run `jbctl submit FILE`")
-            return 0
-        rows = [_table_row(d) for d in view.rows(settings.home)]
-        print_table(["TICKET", "STATE", "CURRENT STEP", "PROGRESS", "AGE", "WAITING ON / REASON"], rows)
+            print_json([row])
+        else:
+            _print_tree(row)
+        return 0
+    limit = args.limit if args.limit is not None else (None if args.all else DEFAULT_LIMIT)
+    view = StatusView(reader, now, everything=args.all, since=since, limit=limit)
+    if args.json:
+        _stream_json(view.rows(settings.home))
         if view.rest():
-            print(view.rest())
-        awaiting = rm.awaited_proposals(conn)
-        if awaiting:
-            line = f"{len(awaiting)} proposal(s) await approval: {', '.join(awaiting)} (jbctl proposals)"
-            print(colour(line, "33"))
-        busy = rm.work_waiting(conn)
-        paused = installation_paused(conn)
+            print(view.rest(), file=sys.stderr)
+        return 0
+    if not view.total:
+        print("no tickets yet: drop a ticket into the tickets folder or run `jbctl submit FILE`")
+        return 0
+    rows = [_table_row(d) for d in view.rows(settings.home)]
+    print_table(["TICKET", "STATE", "CURRENT STEP", "PROGRESS", "AGE", "WAITING ON / REASON"], rows)
+    if view.rest():
+        print(view.rest())
+    awaiting = reader.awaited_proposals()
+    if awaiting:
+        line = f"{len(awaiting)} proposal(s) await approval: {', '.join(awaiting)} (jbctl proposals)"
+        print(colour(line, "33"))
+    busy = reader.work_waiting()
+    paused = reader.installation_paused()
     if paused:
         print(colour(f"installation paused ({paused}): nothing new is scheduled; jbctl resume", "33"))
     print(daemon_line(settings.home, work_waiting=busy))
@@ -287,6 +349,8 @@ def warm_lines(settings: Any) -> list[str]:
 def installation_paused(conn: sa.Connection) -> str | None:
     """Why the installation is paused (the last InstallationPaused not followed by a resume), or None.
     One row, read backwards off the stream index (not every `system` event since the first)."""
+    import sqlalchemy as sa
+
     last = conn.execute(
         sa.text(
             "SELECT type, data FROM events WHERE stream = 'system' "
@@ -413,6 +477,8 @@ def _print_attempts(task: dict[str, Any], pipe: str) -> None:
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
+    from schema import readmodel as rm
+
     settings = settings_from(args)
     store = open_store(settings)
     data = status_data(store.engine, args.ticket, home=settings.home)
@@ -506,6 +572,8 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
 def _print_sweeps(rows: list[dict[str, Any]]) -> None:
     """Each sweep as a table: combination -> metrics, the chosen one marked with *."""
+    from schema import readmodel as rm
+
     for sweep in rm.sweep_tables(rows):
         step, table, keys, names = sweep["step"], sweep["rows"], sweep["params"], sweep["metrics"]
         head = ["", "subtask", *keys, *names]

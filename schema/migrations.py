@@ -38,7 +38,7 @@ def current(url: str) -> str | None:
     importing alembic's runtime costs every `jbctl` command a tenth of a second)."""
     import sqlalchemy as sa
 
-    from schema.store import _engine
+    from schema.engines import _engine
 
     engine = _engine(url)
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from schema.reasons import PROBE_FAILED as PROBE_FAILED  # re-exported: the planner's callers import it here
 from schema.ticket import RunCheck, Step, Ticket, shard_files
 
 TaskStatus = Literal["pending", "scheduled", "running", "waiting_retry", "succeeded", "failed", "blocked", "cancelled"]
@@ -16,7 +17,6 @@ TaskStatus = Literal["pending", "scheduled", "running", "waiting_retry", "succee
 LIVE: frozenset[str] = frozenset({"scheduled", "running"})  # a job is out for the task (jobs use the same two)
 OPEN: frozenset[str] = LIVE | {"pending", "waiting_retry"}  # not ended: an ended ticket cancels these
 
-PROBE_FAILED = "probe failed"  # how a TaskBlocked reason starts when a probe of the step's inputs failed
 ACCEPT_PREFIX = "accept-"  # task id of the n-th acceptance check that runs a command: accept-<n>
 
 

@@ -131,6 +131,8 @@ class Settings(BaseSettings):
     @field_validator("queue_gpu_memory")
     @classmethod
     def _gpu_memory(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:  # the usual case: no import of the ticket models (every `jbctl` command loads settings)
+            return value
         from schema.ticket import parse_memory
 
         for queue, size in value.items():

@@ -1,0 +1,65 @@
+"""SQLAlchemy engines on the event store's database, per dialect (SQLite pragmas, read-only engines).
+
+Kept apart from `schema.store` so a reader (`jbctl status`, `migrations.current`) opens the database
+without importing the event classes and projections that only writers need.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+
+
+def _engine(url: str, synchronous: str = "FULL", readonly: bool = False) -> sa.Engine:
+    if url.startswith("sqlite"):
+        if readonly:
+            path = url.split("///", 1)[1]
+            engine = sa.create_engine("sqlite://", creator=lambda: _sqlite_ro(path), poolclass=sa.pool.NullPool)
+        else:
+            # A pooled connection keeps the WAL open between commits; closing the last connection
+            # would checkpoint and delete it every time (about 11 ms per append here).
+            engine = sa.create_engine(
+                url,
+                connect_args={"timeout": 30, "check_same_thread": False},
+                poolclass=sa.pool.QueuePool,
+                pool_size=2,
+                max_overflow=8,
+            )
+
+        @sa_event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _rec: Any) -> None:
+            # Let SQLAlchemy's "begin" hook issue BEGIN itself (pysqlite would defer it).
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            if not readonly:
+                cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA synchronous={synchronous}")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @sa_event.listens_for(engine, "begin")
+        def _begin(conn: sa.Connection) -> None:
+            # IMMEDIATE takes the write lock up front, so two writers never deadlock on upgrade.
+            conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+        return engine
+    if url.startswith("postgresql") and "+" not in url.split("://", 1)[0]:
+        url = url.replace("postgresql://", "postgresql+psycopg://", 1)
+    options = {"postgresql_readonly": True} if readonly else {}
+    engine = sa.create_engine(url, pool_pre_ping=True)
+    if options:
+        engine = engine.execution_options(**options)
+    return engine
+
+
+def _sqlite_ro(path: str) -> Any:
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, check_same_thread=False)
+
+
+def open_readonly(url: str) -> sa.Engine:
+    """An engine whose connections refuse writes (SQLite mode=ro; PostgreSQL read-only transactions)."""
+    return _engine(url, readonly=True)
