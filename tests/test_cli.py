@@ -143,6 +143,41 @@ def test_jbctl_and_daemon_never_import_torch() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_the_command_table_matches_what_the_modules_register() -> None:
+    """cli.main.COMMANDS (which module adds which subcommand, read without importing any) is true."""
+    import argparse
+    import importlib
+
+    import cli.main as m
+
+    for module, commands in m.COMMANDS.items():
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(module).register(sub)
+        assert tuple(sub.choices) == commands, module
+    assert m.command_word(["--home", "/x", "status", "--json"]) == "status"
+    assert m.command_word(["--home=/x", "sql", "-h"]) == "sql"
+    assert m.command_word(["--help"]) is None and m.command_word([]) is None
+    assert m.build_parser("status").format_usage() == m.build_parser().format_usage()
+
+
+@pytest.mark.integration
+def test_jbctl_status_imports_neither_sqlalchemy_nor_other_areas(filled: EventStore, home: Path) -> None:
+    """`jbctl status` on a SQLite home reads with sqlite3: no SQLAlchemy, Redis, RQ, alembic, ticket
+    models or other subcommands' modules (their imports cost more than the reads; bench/cli.py)."""
+    code = (
+        "import sys; from cli.main import main; rc = main(['status']);"
+        "heavy = ('sqlalchemy', 'sqlmodel', 'redis', 'rq', 'alembic', 'torch');"
+        "light = ('schema.ticket', 'schema.events', 'schema.store', 'schema.tables', 'cli.gate_cmds', 'cli.run_cmds');"
+        "bad = sorted(k for k in sys.modules if k.split('.')[0] in heavy or k in light);"
+        "print('IMPORTED', bad, file=sys.stderr); sys.exit(rc or (1 if bad else 0))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "TICKET-2  running" in proc.stdout and "IMPORTED []" in proc.stderr
+
+
 @pytest.mark.integration
 def test_jbctl_help_via_process() -> None:
     proc = subprocess.run([JBCTL, "--help"], capture_output=True, text=True)

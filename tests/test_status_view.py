@@ -10,9 +10,11 @@ import pytest
 import sqlalchemy as sa
 
 from cli.main import main as jbctl
+from cli.tickets import Readmodel
 from daemon import commands as c
 from daemon.handler import CommandHandler
 from schema import readmodel as rm
+from schema import status_sqlite
 from schema.store import EventStore
 from tests.helpers import make_ticket, submit
 
@@ -58,6 +60,7 @@ def test_all_limit_json_and_one_ticket(
     crowded: EventStore, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(rm, "STATUS_CHUNK", 7)  # several chunks, and a keyset walk across them
+    monkeypatch.setattr(status_sqlite, "STATUS_CHUNK", 7)  # what `jbctl status` reads SQLite with
     assert jbctl(["status", "--all"]) == 0
     shown = listed(capsys.readouterr().out)
     assert shown[:4] == ["TICKET-1", "TICKET-2", "TICKET-3", "TICKET-4"] and len(shown) == 60 and len(set(shown)) == 60
@@ -113,3 +116,41 @@ def test_status_reads_come_off_indexes(crowded: EventStore) -> None:
             assert plan.startswith("SEARCH tickets USING") and "INDEX" in plan and "ORDER BY" not in plan, plan
         keys, matching = rm.status_keys(conn, since, 3)
     assert [k[1] for k in keys] == ["TICKET-154", "TICKET-155", "TICKET-900"] and matching == 60
+
+
+def test_the_sqlite3_reader_knows_the_tables_columns() -> None:
+    """status_sqlite's column lists and conversions are the models' (a new column must be added there)."""
+    for name, columns in status_sqlite.COLUMNS.items():
+        table = rm.SQLModel.metadata.tables[name]
+        assert columns == tuple(c.name for c in table.columns), name
+        for col in table.columns:
+            converted = (name, col.name) in status_sqlite.JSON_COLUMNS or col.name in status_sqlite.DATETIME
+            assert converted == isinstance(col.type, sa.DateTime | sa.JSON), (name, col.name, col.type)
+
+
+def test_the_sqlite3_reader_answers_as_readmodel(crowded: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`jbctl status` on SQLite (sqlite3) and on PostgreSQL (readmodel through SQLAlchemy): the same rows."""
+    monkeypatch.setattr(rm, "STATUS_CHUNK", 7)
+    monkeypatch.setattr(status_sqlite, "STATUS_CHUNK", 7)
+    CommandHandler(crowded).handle(c.PauseInstallation(now=datetime.now(UTC), reason="disk swap"))
+    now = datetime.now(UTC).replace(tzinfo=None)
+    path = crowded.engine.url.database
+    assert path
+    fast = status_sqlite.SqliteStatus(status_sqlite.connect(path))
+    with crowded.engine.connect() as conn:
+        slow = Readmodel(conn)
+        for since, limit in [(datetime(2026, 1, 1), 3), (datetime(2026, 1, 1, 0, 30), None), (now, 50), (now, 1)]:
+            assert fast.status_keys(since, limit) == slow.status_keys(since, limit)
+        assert fast.newest_keys(5) == slow.newest_keys(5)
+        every = list(slow.iter_status(now))
+        assert len(every) == 60 and list(fast.iter_status(now)) == every  # datetimes, JSON, key order
+        keys = slow.newest_keys(9)
+        assert list(fast.iter_status(now, keys)) == list(slow.iter_status(now, keys))
+        assert fast.ticket_status("TICKET-103", now) == slow.ticket_status("TICKET-103", now)
+        assert fast.ticket_status("NO-SUCH", now) is None
+        assert fast.counts_by_state() == slow.counts_by_state() == {"running": 55, "cancelled": 5}
+        assert fast.awaited_proposals() == slow.awaited_proposals()
+        assert fast.work_waiting() == slow.work_waiting() is True
+        assert fast.installation_paused() == slow.installation_paused() == "disk swap"
+    fast.conn.close()
+    assert status_sqlite.migrated(path) and not status_sqlite.migrated(path + ".missing")
