@@ -9,7 +9,6 @@ from typing import Any
 
 from cli.common import colour, human_age, open_store, print_json, print_table, settings_from
 from cli.main import CliError
-from schema.readmodel import AUDIT_TYPES, audit_row, delta_mark, metric_sections
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -185,6 +184,8 @@ def side_by_side(proposal: Any, focus: list[str] | None = None, all_metrics: boo
     cand, cur, delta = (proposal.metrics.get(k, {}) for k in ("candidate", "current", "delta"))
     if not cur:
         lines.append(f"  (core v{proposal.base_core_version} has no such component yet: nothing to compare against)")
+    from schema.readmodel import delta_mark, metric_sections  # here: `jbctl --help` need not load SQLAlchemy
+
     sections = metric_sections(list(cand), focus or [])
     if not all_metrics:
         checked, gains, other, _ = sections
@@ -367,6 +368,8 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def audit_rows(store: Any, since: int) -> list[dict[str, Any]]:
+    from schema.readmodel import AUDIT_TYPES, audit_row
+
     return [audit_row(rec) for rec in store.read(since, types=AUDIT_TYPES)]
 
 

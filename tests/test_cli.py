@@ -176,6 +176,15 @@ def test_jbctl_status_imports_neither_sqlalchemy_nor_other_areas(filled: EventSt
     )
     assert proc.returncode == 0, proc.stderr
     assert "TICKET-2  running" in proc.stdout and "IMPORTED []" in proc.stderr
+    # `jbctl --help` lists every area (so imports every command module) but still not SQLAlchemy.
+    code = (
+        "import sys; from cli.main import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "bad = sorted(k for k in sys.modules if k.split('.')[0] in ('sqlalchemy', 'sqlmodel', 'redis', 'rq'))\n"
+        "print('IMPORTED', bad, file=sys.stderr)"
+    )
+    root = Path(__file__).parent.parent
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60)
+    assert "status" in proc.stdout and "IMPORTED []" in proc.stderr, proc.stderr
 
 
 @pytest.mark.integration
