@@ -69,6 +69,7 @@ def run(tickets: int, runs: int) -> float:
         store, _ = fill(home, tickets)
         store.close()
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("JETBOX_")}, "JETBOX_HOME": str(home)}
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])  # this checkout
         shown = subprocess.run([jbctl, "status"], env=env, check=True, capture_output=True, text=True).stdout
         rows = max(0, len(shown.splitlines()) - 2)  # less the header and the daemon line
         floor = home / "floor.py"

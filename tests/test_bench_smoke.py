@@ -42,3 +42,17 @@ def test_bench_store_quick(tmp_path: Path) -> None:
         assert phase in out
     assert "chain verified" in out
     assert not any(tmp_path.iterdir()), "the benchmark left its databases behind"
+
+
+def test_bench_cli_quick() -> None:
+    """bench/cli.py: `jbctl status` and the typer + rich floor, timed in one run, with their ratio."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "cli.py"), "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "jbctl status" in proc.stdout and "floor: typer + rich table" in proc.stdout
+    assert "ratio jbctl status / floor (p50):" in proc.stdout
