@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/cli.py                 # 300 tickets, 15 runs of each (the figures in docs)
     .venv/bin/python bench/cli.py --quick         # a smoke run (seconds)
+    .venv/bin/python bench/cli.py --baseline ../main   # and another checkout's `jbctl status`, same run
 
 One run, same machine, same minutes: a fresh home with `--tickets` tickets recorded through the real
 append path (bench/console.py's `fill`), then, interleaved so that load hits all alike, `--runs` new
@@ -60,7 +61,7 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
     return (time.perf_counter() - t) * 1000
 
 
-def run(tickets: int, runs: int) -> float:
+def run(tickets: int, runs: int, baseline: Path | None = None) -> float:
     from bench.console import fill
 
     jbctl = str(Path(sys.executable).parent / "jbctl")
@@ -71,7 +72,7 @@ def run(tickets: int, runs: int) -> float:
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("JETBOX_")}, "JETBOX_HOME": str(home)}
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])  # this checkout
         shown = subprocess.run([jbctl, "status"], env=env, check=True, capture_output=True, text=True).stdout
-        rows = max(0, len(shown.splitlines()) - 2)  # less the header and the daemon line
+        rows = sum(line.startswith("TICKET-") for line in shown.splitlines())
         floor = home / "floor.py"
         floor.write_text(FLOOR.format(rows=rows))
         cases = {
@@ -79,17 +80,24 @@ def run(tickets: int, runs: int) -> float:
             "floor: typer + rich table": [sys.executable, str(floor)],
             "bare: python -c pass": [sys.executable, "-c", "pass"],
         }
-        for cmd in cases.values():  # warm the page cache and .pyc files
-            timed(cmd, env)
+        envs = {name: env for name in cases}
+        if baseline is not None:  # another checkout's `jbctl status` on the same home (e.g. main, before a change)
+            cases["jbctl status, baseline"] = [jbctl, "status"]
+            envs["jbctl status, baseline"] = {**env, "PYTHONPATH": str(baseline.resolve())}
+        for name, cmd in cases.items():  # warm the page cache and .pyc files
+            timed(cmd, envs[name])
         times: dict[str, list[float]] = {name: [] for name in cases}
         for _ in range(runs):
             for name, cmd in cases.items():
-                times[name].append(timed(cmd, env))
+                times[name].append(timed(cmd, envs[name]))
     print(f"{tickets} tickets ({rows} rows shown), {runs} runs of each, load {os.getloadavg()[0]:.2f}")
     for name, values in times.items():
         print(f"  {name:<28} p50 {pct(values, 50):7.1f} ms   p90 {pct(values, 90):7.1f} ms")
     ratio = pct(times["jbctl status"], 50) / pct(times["floor: typer + rich table"], 50)
     print(f"  ratio jbctl status / floor (p50): {ratio:.2f}x   (goal: at most 1.5x)")
+    if baseline is not None:
+        before = pct(times["jbctl status, baseline"], 50) / pct(times["floor: typer + rich table"], 50)
+        print(f"  ratio baseline / floor (p50): {before:.2f}x   ({baseline})")
     return ratio
 
 
@@ -98,10 +106,11 @@ def main() -> int:
     parser.add_argument("--tickets", type=int, default=300)
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="20 tickets, 3 runs")
+    parser.add_argument("--baseline", type=Path, help="also time this checkout's `jbctl status` (e.g. /work/main)")
     args = parser.parse_args()
     if args.quick:
         args.tickets, args.runs = 20, 3
-    run(args.tickets, args.runs)
+    run(args.tickets, args.runs, args.baseline)
     return 0
 
 
