@@ -11,11 +11,16 @@ TicketCompleted, from the events' recorded times (dispatch, reports and the join
 tickets' manifests must list the same shard files, and each must be byte-identical to what
 `synthesize` writes for that step (same lineage and time). The machine's load is printed: the
 speed-up needs two idle cores.
+
+`--breakdown` prints, per sharded round, where the time between the work went: the events'
+recorded times (the daemon's commits) beside the report stream's entry ids (Redis's clock at each
+worker's XADD, the same host), median ms over the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sqlite3
@@ -33,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from bench.dispatch import _stop, _worker  # noqa: E402
 from cli.embedded import start_redis  # noqa: E402
 from schema.artifact_store import ArtifactStore  # noqa: E402
+from schema.wire import REPORT_STREAM  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -75,6 +81,48 @@ def _run(home: Path, tid: str, count: int, shards: int, timeout: float = 600) ->
     raise TimeoutError(f"{tid} did not finish")
 
 
+def _breakdown(db: Path, tid: str, reports: list[tuple[float, dict]]) -> dict[str, float]:
+    """Milliseconds spent outside the work in one sharded round (see `--breakdown`)."""
+    evs = _events(db, tid)
+    t0 = evs[0][1].timestamp()
+    at = {(t, d.get("task")): r.timestamp() - t0 for t, r, d in evs}
+    mine = [(ts - t0, r) for ts, r in reports if r["ticket"] == tid]
+    sent = {(r["kind"], r["task"]): ts for ts, r in mine}
+    subs = sorted({r["task"] for _, r in mine if r["task"] != "data"})
+    out = {"submit -> first started (dispatch, dequeue, job set-up)": min(sent[("started", t)] for t in subs)}
+    gaps, lags = [], []
+    by_worker: dict[str, list[tuple[float, dict]]] = {}
+    for ts, r in mine:
+        by_worker.setdefault(r["worker"], []).append((ts, r))
+    for seq in by_worker.values():
+        for (a, ra), (b, rb) in itertools.pairwise(seq):
+            if ra["kind"] == "succeeded" and rb["kind"] == "started":
+                gaps.append(b - a)  # the worker between two jobs: RQ's bookkeeping, dequeue, set-up
+    for t in subs:
+        lags.append(at[("AttemptSucceeded", t)] - sent[("succeeded", t)])
+    last = max(sent[("succeeded", t)] for t in subs)
+    out["worker: result sent -> next job started (mean)"] = statistics.mean(gaps) if gaps else 0.0
+    out["inbox: subtask result sent -> recorded (mean)"] = statistics.mean(lags)
+    out["last subtask result sent -> join scheduled"] = at[("AttemptScheduled", "data")] - last
+    out["join scheduled -> join started"] = sent[("started", "data")] - at[("AttemptScheduled", "data")]
+    out["join's own run (started -> result sent)"] = sent[("succeeded", "data")] - sent[("started", "data")]
+    out["join result sent -> ticket completed"] = at[("TicketCompleted", None)] - sent[("succeeded", "data")]
+    ends = [max(ts for ts, r in seq if r["kind"] == "succeeded" and r["task"] in subs)
+            for seq in by_worker.values() if any(r["task"] in subs for _, r in seq)]
+    out["idle worker waiting for the other's last shard"] = max(ends) - min(ends) if len(ends) > 1 else 0.0
+    return {k: v * 1000 for k, v in out.items()}
+
+
+def _reports(url: str) -> list[tuple[float, dict]]:
+    """Every report in the stream with the time Redis took it (the entry id's milliseconds)."""
+    import redis
+
+    conn = redis.Redis.from_url(url)
+    return [
+        (int(mid.split(b"-")[0]) / 1000, json.loads(f[b"report"])) for mid, f in conn.xrange(REPORT_STREAM)
+    ]
+
+
 def _same_as_one_job(store: ArtifactStore, manifest_id: str, scratch: Path) -> bool:
     """The manifest is byte for byte what one `synthesize` call writes for the step (same lineage and
     time: the only fields that name who wrote it and when)."""
@@ -91,6 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=20_000, help="images per dataset (4 shard files)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--breakdown", action="store_true", help="where the sharded rounds' overhead went")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="jetbox-shards-") as tmp_name:
         tmp = Path(os.environ.get("JETBOX_BENCH_KEEP") or tmp_name)
@@ -122,6 +171,10 @@ def main() -> None:
                 four_s.append(seconds)
                 work[4].append(busy)
                 datasets += [one_id, four_id]
+            parts: list[dict[str, float]] = []
+            if args.breakdown:
+                reports = _reports(server.url)
+                parts = [_breakdown(home / "jetbox.db", f"TICKET-B{r}", reports) for r in range(args.rounds)]
             store = ArtifactStore(home / "artifacts")
             shard_lists = {tuple(s.id for s in store.load_manifest(d).shards) for d in datasets}
             identical = all(_same_as_one_job(store, d, tmp / f"one-{n}") for n, d in enumerate(datasets))
@@ -143,6 +196,10 @@ def main() -> None:
     print(f"  manifests: {'the same shard files' if len(shard_lists) == 1 else 'DIFFERENT shard files'}, "
           f"{'byte-identical to one synthesize call' if identical else 'NOT identical to one synthesize call'}")
     print(f"  speed-up (1 shard / 4 shards): {ratio:.2f}x   goal >= 1.8x: {'met' if ratio >= 1.8 else 'not met'}")
+    if parts:
+        print("  overhead of the sharded rounds, median ms:")
+        for name in parts[0]:
+            print(f"    {name:58s} {statistics.median(p[name] for p in parts):7.1f}")
     if len(shard_lists) != 1 or not identical:
         sys.exit(1)
 

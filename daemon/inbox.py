@@ -69,6 +69,19 @@ def to_command(report: Report, now: datetime) -> cmd.Command:
     return cmd.RecordViolation(now=now, what=str(b.get("what", "violation")), detail=str(b.get("detail", "")))
 
 
+TERMINAL = frozenset({"succeeded", "failed"})
+
+
+def burst_over(fields: dict[bytes, bytes]) -> bool:
+    """Whether a stream message is a job's result (`succeeded`/`failed`): the last of its burst.
+    Only a hint for batching (the signature is checked later, in `parse`); unreadable is False."""
+    try:
+        data = json.loads(fields.get(b"report", b""))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("kind") in TERMINAL
+
+
 class Inbox:
     """Reactor: stream of signed reports → commands → events, then XACK."""
 
@@ -121,9 +134,11 @@ class Inbox:
             messages = [m for m in pending if m[1]]
             if not messages:
                 messages = self._read(">")
-                if messages and len(messages) < BATCH:
+                if messages and len(messages) < BATCH and not burst_over(messages[-1][1]):
                     # A job's reports come in bursts (started, progress, result): wait a moment and
-                    # take the rest of the burst into the same commit.
+                    # take the rest of the burst into the same commit. Not after a result: that
+                    # ends its burst, and what waits on it (the next step, a join, the ticket's
+                    # end) would wait for nothing.
                     time.sleep(COALESCE_S)
                     messages += self._read(">")
         except redis.ResponseError as exc:

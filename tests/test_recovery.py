@@ -414,3 +414,40 @@ def test_worker_outlives_redis_dying_under_a_job(running: Setup) -> None:
     assert running.wait_done("TICKET-1", timeout=90) == "TicketCompleted"
     assert len(running.workers) == 1 and worker.poll() is None
     running.assert_consistent()
+
+
+def test_a_result_ends_the_inbox_burst_and_is_still_verified(store: EventStore, tmp_path: Path) -> None:
+    """The inbox waits a moment after a report for the rest of a job's burst, but not after its result
+    (what waits on a result, a join or the next step, would wait for nothing); that hint never skips
+    the signature check: a forged result is still a violation, and every report is applied."""
+    from daemon.inbox import Inbox, burst_over
+    from schema.settings import load_settings
+    from schema.wire import REPORT_STREAM, Report, load_secret
+
+    server = start_redis(tmp_path / "run")
+    try:
+        settings = load_settings(redis_url=server.url)
+        inbox = Inbox(CommandHandler(store), settings)
+        key = load_secret(settings.secret_path, create=False)
+
+        def fields(kind: str, seq: int, sign_with: bytes = key) -> dict[bytes, bytes]:
+            report = Report(kind=kind, ticket="-", task="-", attempt=1, seq=seq, worker="w", body={})  # type: ignore[arg-type]
+            return {k.encode(): v.encode() for k, v in report.signed(sign_with).items()}
+
+        assert burst_over(fields("succeeded", 3)) and burst_over(fields("failed", 3))
+        assert not burst_over(fields("started", 1)) and not burst_over(fields("progress", 2))
+        assert not burst_over({b"report": b"\xff{not json"}) and not burst_over({})
+        assert not burst_over({b"report": b'["succeeded"]'})
+        # A forged result ends the burst too, and is still judged by its signature.
+        forged = fields("succeeded", 3, sign_with=b"not-the-key" * 3)
+        assert burst_over(forged)
+        conn = redis.Redis.from_url(server.url)
+        conn.xadd(REPORT_STREAM, forged)  # type: ignore[arg-type]
+        assert inbox.poll(T0)
+        recorded = [r.event for r in store.read(0)]
+        assert [type(e).__name__ for e in recorded][-1] == "SafetyViolation"
+        assert recorded[-1].what == "forged_report"  # type: ignore[attr-defined]
+        assert conn.xpending(REPORT_STREAM, "jetbox-daemon")["pending"] == 0  # applied, then acknowledged
+        inbox.close()
+    finally:
+        server.stop()
