@@ -107,8 +107,11 @@ def _breakdown(db: Path, tid: str, reports: list[tuple[float, dict]]) -> dict[st
     out["join scheduled -> join started"] = sent[("started", "data")] - at[("AttemptScheduled", "data")]
     out["join's own run (started -> result sent)"] = sent[("succeeded", "data")] - sent[("started", "data")]
     out["join result sent -> ticket completed"] = at[("TicketCompleted", None)] - sent[("succeeded", "data")]
-    ends = [max(ts for ts, r in seq if r["kind"] == "succeeded" and r["task"] in subs)
-            for seq in by_worker.values() if any(r["task"] in subs for _, r in seq)]
+    ends = [
+        max(ts for ts, r in seq if r["kind"] == "succeeded" and r["task"] in subs)
+        for seq in by_worker.values()
+        if any(r["task"] in subs for _, r in seq)
+    ]
     out["idle worker waiting for the other's last shard"] = max(ends) - min(ends) if len(ends) > 1 else 0.0
     return {k: v * 1000 for k, v in out.items()}
 
@@ -118,9 +121,7 @@ def _reports(url: str) -> list[tuple[float, dict]]:
     import redis
 
     conn = redis.Redis.from_url(url)
-    return [
-        (int(mid.split(b"-")[0]) / 1000, json.loads(f[b"report"])) for mid, f in conn.xrange(REPORT_STREAM)
-    ]
+    return [(int(mid.split(b"-")[0]) / 1000, json.loads(f[b"report"])) for mid, f in conn.xrange(REPORT_STREAM)]
 
 
 def _same_as_one_job(store: ArtifactStore, manifest_id: str, scratch: Path) -> bool:
@@ -193,8 +194,10 @@ def main() -> None:
             f"  {name}: median {statistics.median(spans):6.2f} s   ({', '.join(f'{s:.2f}' for s in spans)}); "
             f"the step's seconds metric (the work): median {statistics.median(work[shards]):.2f}"
         )
-    print(f"  manifests: {'the same shard files' if len(shard_lists) == 1 else 'DIFFERENT shard files'}, "
-          f"{'byte-identical to one synthesize call' if identical else 'NOT identical to one synthesize call'}")
+    print(
+        f"  manifests: {'the same shard files' if len(shard_lists) == 1 else 'DIFFERENT shard files'}, "
+        f"{'byte-identical to one synthesize call' if identical else 'NOT identical to one synthesize call'}"
+    )
     print(f"  speed-up (1 shard / 4 shards): {ratio:.2f}x   goal >= 1.8x: {'met' if ratio >= 1.8 else 'not met'}")
     if parts:
         print("  overhead of the sharded rounds, median ms:")
