@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cli.embedded import start_redis  # noqa: E402
+from schema.ticket import MAX_STEPS  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -163,9 +164,12 @@ def _pct(values: list[float], q: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=500)
+    # The Jetbox side is one ticket with a step per job: at most a ticket's MAX_STEPS.
+    parser.add_argument("--jobs", type=int, default=MAX_STEPS, help=f"jobs per side (1..{MAX_STEPS})")
     parser.add_argument("--queue-limits", help='JSON for the daemon\'s queue_limits, e.g. \'{"cpu": 1}\'')
     args = parser.parse_args()
+    if not 1 <= args.jobs <= MAX_STEPS:
+        parser.error(f"--jobs {args.jobs}: the Jetbox side runs one ticket, which holds 1..{MAX_STEPS} steps")
     keep = os.environ.get("JETBOX_BENCH_KEEP")
     with tempfile.TemporaryDirectory(prefix="jetbox-dispatch-") as tmp_name:
         tmp_name = keep or tmp_name
