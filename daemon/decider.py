@@ -113,26 +113,22 @@ def fingerprint(kind: str, params: dict[str, Any], error: str) -> str:
 # --- intake ------------------------------------------------------------------------------------
 
 
+def _refuse_file(out: _Emitter, c: cmd.SubmitTicket, ticket: str | None, errors: list[str]) -> None:
+    """The file is refused as a whole: nothing of it is recorded but the reasons."""
+    out.emit(ev.TicketRejected(at=c.now, path=c.path, content_hash=c.content_hash, ticket=ticket, errors=errors))
+
+
 def _submit(out: _Emitter, c: cmd.SubmitTicket) -> None:
     st = out.state
     if st.files.get(c.path) == c.content_hash:
         return  # an unchanged save records nothing
     if c.ticket is None:
-        out.emit(
-            ev.TicketRejected(at=c.now, path=c.path, content_hash=c.content_hash, ticket=c.ticket_id, errors=c.errors)
-        )
+        _refuse_file(out, c, c.ticket_id, c.errors)
         return
     existing = out.get_ticket(c.ticket.id)
     if existing is not None and existing.path != c.path and existing.status == "running":
-        out.emit(
-            ev.TicketRejected(
-                at=c.now,
-                path=c.path,
-                content_hash=c.content_hash,
-                ticket=c.ticket.id,
-                errors=[f"{c.path}:1:1: ticket {c.ticket.id} is already running from {existing.path}"],
-            )
-        )
+        why = f"{c.path}:1:1: ticket {c.ticket.id} is already running from {existing.path}"
+        _refuse_file(out, c, c.ticket.id, [why])
         return
     if existing is not None and existing.status == "running":
         if existing.content_hash == c.content_hash:
@@ -149,15 +145,8 @@ def _submit(out: _Emitter, c: cmd.SubmitTicket) -> None:
         return
     cycle = _after_cycle(out.state, c.ticket.id, after_tickets(c.ticket))
     if cycle:
-        out.emit(
-            ev.TicketRejected(
-                at=c.now,
-                path=c.path,
-                content_hash=c.content_hash,
-                ticket=c.ticket.id,
-                errors=[f"{c.path}:{c.after_line}:1: after: waiting would never end: {' -> '.join(cycle)} (a cycle)"],
-            )
-        )
+        why = f"{c.path}:{c.after_line}:1: after: waiting would never end: {' -> '.join(cycle)} (a cycle)"
+        _refuse_file(out, c, c.ticket.id, [why])
         return
     revision = existing.revision + 1 if existing else 1
     out.emit(
