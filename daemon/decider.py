@@ -21,7 +21,8 @@ from schema.cache import BUDGET_KEYS, NEVER_CACHED, budget_grew, cache_key, cach
 from schema.plan import ACCEPT_PREFIX, LIVE, PROBE_FAILED, join_of, plan_subtasks
 from schema.plans import spec_hash
 from schema.policy import DEFAULT_CHECK_BINARIES, binary_of, code_grant, inline_code
-from schema.ticket import CoreAfter, MetricCheck, MetricProbe, Step, after_tickets
+from schema.suite import SUITE_PATH, suite_ticket
+from schema.ticket import CoreAfter, MetricCheck, MetricProbe, Step, Ticket, after_tickets
 
 BACKOFF_BASE_S = 2.0
 BACKOFF_MAX_S = 300.0
@@ -447,7 +448,9 @@ def resolved_params(ticket: TicketState, task: TaskState, state: State | None = 
     if task.kind == "check":
         granted = state.granted_binaries if state is not None else set()
         params["_allowed_binaries"] = sorted(ticket.allowed_binaries | granted)
-    if state is not None and task.kind in ("train", "evaluate", "infer") and state.core_version:
+    # A suite step measures a named checkpoint, whatever the core is (its cache key must not see the core).
+    core_reader = task.kind in ("train", "evaluate", "infer") and "suite" not in params
+    if state is not None and core_reader and state.core_version:
         params["_core"] = {"version": state.core_version, "components": dict(state.core_components)}
     if state is not None:
         ref = _adapter_ref(task)
@@ -516,9 +519,7 @@ def _start(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime) -
         planned = plan_subtasks(step)
         if planned:
             subtasks = [{"id": p.id, "params": p.params} for p in planned]
-            out.emit(
-                ev.SubtasksPlanned(at=now, ticket=ticket.id, task=task.id, subtasks=subtasks, join=join_of(step))
-            )
+            out.emit(ev.SubtasksPlanned(at=now, ticket=ticket.id, task=task.id, subtasks=subtasks, join=join_of(step)))
             # Subtasks are scheduled by the same rules as steps (limits, priority, holds); `_fill`
             # advances the ticket past any whose result was reused from the cache.
             _fill(out, now, [(ticket.id, p.id) for p in planned])
@@ -607,8 +608,14 @@ def _probes_pass(out: _Emitter, ticket: TicketState, task: TaskState, step: Step
             observed = f"core v{out.state.core_version} holds " + (", ".join(sorted(have)) or "no components")
         out.emit(
             ev.StepCheckEvaluated(
-                at=now, ticket=ticket.id, task=task.id, phase="probe", check=probe.text(), ok=ok,
-                observed=observed, value=value,
+                at=now,
+                ticket=ticket.id,
+                task=task.id,
+                phase="probe",
+                check=probe.text(),
+                ok=ok,
+                observed=observed,
+                value=value,
             )
         )
         if not ok:
@@ -728,6 +735,71 @@ def _open_core_proposal(out: _Emitter, ticket: TicketState, now: datetime) -> No
             current.update({f"{task.id}.{k}": float(v) for k, v in (task.outputs.get("core_metrics") or {}).items()})
     delta = {k: cand[k] - current[k] for k in cand if k in current}
     _propose(out, ticket, now, "core", candidate, {"candidate": cand, "current": current, "delta": delta})
+    if ticket.spec.suite:
+        proposal = f"P-{len(out.state.proposals)}"
+        _file_suite(out, now, proposal, candidate, core_version=None, proposal=proposal)
+
+
+def _file_suite_for_core(out: _Emitter, now: datetime) -> None:
+    version = out.state.core_version
+    components = {k: dict(v) for k, v in out.state.core_components.items()}
+    _file_suite(out, now, f"v{version}", components, core_version=version, proposal=None)
+
+
+def _file_suite(
+    out: _Emitter,
+    now: datetime,
+    subject: str,
+    components: dict[str, Any],
+    *,
+    core_version: int | None,
+    proposal: str | None,
+) -> None:
+    """File the suite ticket that measures `components` (a new core version's, or a proposal's
+    candidate) on the standing evaluation suite: a ticket like any other, without a file."""
+    built = suite_ticket(subject, components, core_version=core_version, proposal=proposal)
+    if built is None:
+        return
+    spec = Ticket.model_validate(built[0]).model_dump(mode="json", by_alias=True)
+    existing = out.get_ticket(spec["id"])
+    if existing is not None and existing.status == "running":
+        return  # a suite run for this subject is still going (e.g. a rollback to the version it measures)
+    out.emit(
+        ev.TicketSubmitted(
+            at=now,
+            ticket=spec["id"],
+            path=SUITE_PATH,
+            content_hash=spec_hash(spec),
+            revision=existing.revision + 1 if existing else 1,
+            spec=spec,
+        )
+    )
+    _advance(out, out.ticket(spec["id"]), now)
+
+
+def _record_suite(
+    out: _Emitter, ticket: TicketState, task_id: str, now: datetime, metrics: dict[str, Any], *, reused: bool
+) -> None:
+    """A suite step succeeded: record its metrics as the suite's row for its subject."""
+    task = ticket.tasks[task_id]
+    suite = task.params.get("suite")
+    if task.kind != "evaluate" or not isinstance(suite, dict) or ticket.path != SUITE_PATH:
+        return
+    out.emit(
+        ev.SuiteEvaluated(
+            at=now,
+            ticket=ticket.id,
+            task=task_id,
+            component=str(suite.get("component")),
+            yardstick=str(suite.get("yardstick")),
+            seed=int(suite.get("seed") or 0),
+            core_version=suite.get("core_version"),
+            proposal=suite.get("proposal"),
+            checkpoint=str(task.params.get("checkpoint") or ""),
+            metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)},
+            reused=reused,
+        )
+    )
 
 
 def _accept(out: _Emitter, ticket: TicketState, now: datetime) -> None:
@@ -939,8 +1011,13 @@ def _succeeded(out: _Emitter, c: cmd.RecordJobSucceeded) -> None:
         ok, observed, value = exp.judge(c.metrics, c.outputs)
         out.emit(
             ev.StepCheckEvaluated(
-                **_about(c, report_seq=False), phase="expect", check=exp.text(), ok=ok, observed=observed,
-                value=value, retryable=exp.retryable,
+                **_about(c, report_seq=False),
+                phase="expect",
+                check=exp.text(),
+                ok=ok,
+                observed=observed,
+                value=value,
+                retryable=exp.retryable,
             )
         )
         if not ok:
@@ -952,6 +1029,7 @@ def _succeeded(out: _Emitter, c: cmd.RecordJobSucceeded) -> None:
         _fail_attempt(out, c, ticket, task, error, retryable=retryable, cause="job", violation=None)
         return
     out.emit(ev.AttemptSucceeded(**_about(c), metrics=c.metrics, outputs=c.outputs))
+    _record_suite(out, ticket, task.id, c.now, c.metrics, reused=False)
     _advance(out, ticket, c.now)
 
 
@@ -1074,9 +1152,7 @@ def may_approve(state: State, proposal: Any, actor: str, configured: list[str]) 
         allowed = [a for a in narrowed if installation is None or a in installation]
         if actor not in allowed:
             within = "" if installation is None else f", within {', '.join(installation)} ({source})"
-            return (
-                f"{actor} is not an approver of {proposal.id} (the ticket names {', '.join(narrowed)}{within})"
-            )
+            return f"{actor} is not an approver of {proposal.id} (the ticket names {', '.join(narrowed)}{within})"
     elif installation is not None and actor not in installation:
         return f"{actor} is not an approver of {proposal.id} (approvers: {', '.join(installation)}: {source})"
     if proposal.kind == "core" and proposal.base_core_version != state.core_version:
@@ -1121,6 +1197,8 @@ def _approve(out: _Emitter, c: cmd.ApproveProposal) -> None:
         ticket = out.ticket(proposal.ticket)
         if ticket.status == "running":
             out.emit(ev.TicketCompleted(at=c.now, ticket=ticket.id))
+        if ticket.spec.suite:
+            _file_suite_for_core(out, c.now)
         _reprobe(out, c.now, actor)
     else:
         _advance(out, out.ticket(proposal.ticket), c.now)
@@ -1195,6 +1273,7 @@ def _rollback(out: _Emitter, c: cmd.RollbackCore) -> None:
         )
     )
     _retire_rolled_past(out, c.now)
+    _file_suite_for_core(out, c.now)
     _reprobe(out, c.now, c.actor or "unknown")
 
 
@@ -1267,6 +1346,7 @@ def _reused_or_waiting(
                 outputs=dict(entry.outputs),
             )
         )
+        _record_suite(out, out.ticket(ticket.id), task.id, now, dict(entry.metrics), reused=True)
         return "reused"
     holder = _in_flight(out.state, key)
     if task.status != "pending" or holder is None or holder == (ticket.id, task.id):
@@ -1323,10 +1403,7 @@ def _release_waiters(out: _Emitter, now: datetime) -> None:
                     freed.add(task.cache_key)
         done = len(out.events)
         waiters = {
-            tid
-            for key in freed
-            if _in_flight(out.state, key) is None
-            for tid, _task in out.state.waiting.get(key, ())
+            tid for key in freed if _in_flight(out.state, key) is None for tid, _task in out.state.waiting.get(key, ())
         }
         for tid in sorted(waiters):  # _advance reuses the result, or runs the step, or waits again
             _advance(out, out.ticket(tid), now)
@@ -1369,6 +1446,8 @@ def _clear_cache(out: _Emitter, c: cmd.ClearCache) -> None:
     if keys:
         what = ", ".join(f"{k}={v}" for k, v in (("kind", c.kind), ("ticket", c.ticket), ("key", c.key)) if v)
         out.emit(ev.CacheCleared(at=c.now, keys=keys, actor=c.actor, reason=what or "all"))
+
+
 # --- steering: hold, release, priority, pause, limits -----------------------------------------
 
 
@@ -1443,9 +1522,7 @@ _DECIDERS: dict[type, Callable[[_Emitter, Any], None]] = {
     cmd.SetQueueLimits: _queue_limits,
 }
 # Commands (and events) after which every waiting task is looked at again: a gate may have opened.
-_OPENS_GATES: frozenset[type] = frozenset(
-    {cmd.ReleaseTicket, cmd.ResumeInstallation, cmd.SetQueueLimits}
-)
+_OPENS_GATES: frozenset[type] = frozenset({cmd.ReleaseTicket, cmd.ResumeInstallation, cmd.SetQueueLimits})
 _GATE_EVENTS = (ev.TicketSubmitted, ev.TicketCompleted, ev.TicketFailed, ev.TicketCancelled, ev.CorePromoted)
 # Commands that cannot open a gate or free a slot: no pass over the waiting tasks after them.
 _NO_FREED_SLOT: frozenset[type] = frozenset(

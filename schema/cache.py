@@ -66,6 +66,10 @@ def _digest(material: dict[str, Any]) -> str:
 def cache_key(kind: str, params: dict[str, Any]) -> str:
     """The key of a step of `kind` with resolved `params` (as `AttemptScheduled.params` carries them)."""
     body = {k: v for k, v in params.items() if k not in _NOT_IN_KEY}
+    if "suite" in body:
+        # A suite step's subject (which core version or proposal it measures) is not what it computes:
+        # the promoted core reuses its candidate's suite result.
+        body["suite"] = True
     return _digest({"kind": kind, "params": body, "code": CODE_VERSIONS.get(kind, "?"), "package": PACKAGE_VERSION})
 
 

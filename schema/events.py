@@ -233,6 +233,22 @@ class SweepJoined(TaskEvent):
     outputs: dict[str, Any] = Field(default_factory=dict)
 
 
+class SuiteEvaluated(TaskEvent):
+    """A step of a suite ticket measured one core component (or a proposal's candidate for it) on the
+    standing evaluation suite's fixed held-out data (`schema/suite.py`). Exactly one of `core_version`
+    and `proposal` names the subject. `reused`: the step cache supplied the result (same checkpoint,
+    same data, same code), so no job ran."""
+
+    component: str
+    yardstick: str  # e.g. "sudoku:6x6": the suite's data for this component
+    seed: int  # the generator seed of that data
+    core_version: int | None = None
+    proposal: str | None = None
+    checkpoint: str
+    metrics: dict[str, float] = Field(default_factory=dict)
+    reused: bool = False
+
+
 class StepCheckEvaluated(TaskEvent):
     """One probe (before dispatch, on the step's inputs) or expectation (when an attempt succeeds, on
     its own metrics): what was predicted (`check`) and what was seen (`observed`)."""

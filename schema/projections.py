@@ -452,6 +452,30 @@ def _succeeded_without_job(rows: Rows, seq: int, ticket: str, task_id: str, at: 
     _touch_ticket(rows, seq, ticket, at)
 
 
+def _suite_evaluated(rows: Rows, seq: int, e: ev.SuiteEvaluated) -> None:
+    """The suite's row for a core version or a candidate: one `evaluations` row per metric."""
+    subject = e.proposal or f"v{e.core_version}"
+    for metric, value in e.metrics.items():
+        rows.put(
+            "evaluations",
+            (subject, e.component, metric),
+            {
+                "subject": subject,
+                "component": e.component,
+                "metric": metric,
+                "value": float(value),
+                "core_version": e.core_version,
+                "proposal": e.proposal,
+                "yardstick": e.yardstick,
+                "seed": e.seed,
+                "checkpoint": e.checkpoint,
+                "ticket": e.ticket,
+                "seq": seq,
+                "evaluated_at": _naive(e.at),
+            },
+        )
+
+
 def _sweep_joined(rows: Rows, seq: int, e: ev.SweepJoined) -> None:
     """A matrix step's table (one `sweeps` row per combination) and its joined metrics (no job ran)."""
     for position, row in enumerate(e.rows):
@@ -694,6 +718,7 @@ _PROJECTORS: dict[type, Callable[[Rows, int, Any], None]] = {
     ev.CorePromoted: _promoted,
     ev.AttemptReused: _reused,
     ev.SweepJoined: _sweep_joined,
+    ev.SuiteEvaluated: _suite_evaluated,
     ev.TicketRetried: _ticket_retried,
     ev.AdapterActivated: _adapter_activated,
     ev.AdapterRetired: _adapter_retired,

@@ -254,6 +254,27 @@ class SweepRow(SQLModel, table=True):
     joined_at: datetime | None = _ts()
 
 
+class EvaluationRow(SQLModel, table=True):
+    """One metric of the standing evaluation suite (SuiteEvaluated) for a core version (`v3`) or a
+    proposal's candidate (`P-4`): every version's row side by side is the core's history as a table.
+    A later run for the same subject and component rewrites its rows."""
+
+    __tablename__ = "evaluations"
+
+    subject: str = Field(primary_key=True, max_length=40)  # v<N> or P-<n>
+    component: str = Field(primary_key=True, max_length=100)
+    metric: str = Field(primary_key=True, max_length=200)
+    value: float
+    core_version: int | None = Field(default=None, index=True)
+    proposal: str | None = Field(default=None, max_length=40)
+    yardstick: str = Field(max_length=100)
+    seed: int
+    checkpoint: str = Field(max_length=200)
+    ticket: str = Field(max_length=100)
+    seq: int = Field(sa_column=sa.Column(sa.BigInteger, nullable=False))
+    evaluated_at: datetime | None = _ts()
+
+
 PROJECTION_TABLES: list[str] = [
     "tickets",
     "tasks",
@@ -265,6 +286,7 @@ PROJECTION_TABLES: list[str] = [
     "step_checks",
     "adapters",
     "sweeps",
+    "evaluations",
 ]
 
 # Plain SQL views (dialect-neutral) for the questions users ask most.

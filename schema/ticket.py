@@ -471,6 +471,11 @@ class Ticket(_Strict):
         default=None, description="the plan milestone this ticket serves (set by `jbctl plan apply`), e.g. M2"
     )
     cache: bool = Field(default=True, description="false: no step of this ticket reuses or records a cached result")
+    suite: bool = Field(
+        default=True,
+        description="update: core only: measure the candidate on the standing evaluation suite (a TICKET-suite-P-<n> "
+        "filed with the proposal) and the core it becomes (TICKET-suite-v<N>); false: neither",
+    )
     hold: bool = Field(default=False, description="arrive held: nothing is scheduled until `jbctl release`")
     priority: int = Field(
         default=0,
@@ -480,8 +485,7 @@ class Ticket(_Strict):
     )
     after: list[TicketAfter | CoreAfter] = Field(
         default_factory=list,
-        description="wait until these tickets have completed (TICKET-2) or the core has a component "
-        "({core: reasoner})",
+        description="wait until these tickets have completed (TICKET-2) or the core has a component ({core: reasoner})",
     )
     max_parallel: int | None = Field(default=None, ge=1, le=1000, description="at most this many jobs out at once")
 
@@ -639,8 +643,9 @@ def _known_metric(kind: str, name: str, loc: tuple[str | int, ...], what: str) -
     known = KIND_METRICS.get(kind)
     if known is not None and name not in known:
         hint = _did_you_mean(name, list(known))
-        raise _located(loc, f"{what} names metric {name!r}, which a {kind} step never reports{hint}; "
-                       f"it reports {', '.join(known)}")
+        raise _located(
+            loc, f"{what} names metric {name!r}, which a {kind} step never reports{hint}; it reports {', '.join(known)}"
+        )
 
 
 def _check_step_checks(step: Step, n: int, steps: dict[str, Step]) -> None:
@@ -651,8 +656,11 @@ def _check_step_checks(step: Step, n: int, steps: dict[str, Step]) -> None:
         loc: tuple[str | int, ...] = ("steps", n, "expect", k, "metric")
         owner, dot, _ = exp.metric.rpartition(".")
         if dot and owner != step.id:
-            raise _located(loc, f"expect checks this step's own metrics: write {exp.name!r} "
-                           f"(probe a needed step's metrics with `probe:`)")
+            raise _located(
+                loc,
+                f"expect checks this step's own metrics: write {exp.name!r} "
+                f"(probe a needed step's metrics with `probe:`)",
+            )
         _known_metric(step.kind, exp.name, loc, "expect")
     for k, probe in enumerate(step.probe):
         if isinstance(probe, MetricProbe):
@@ -725,8 +733,11 @@ def _check_matrix(step: Step, n: int) -> None:
         raise _located((*where, "matrix"), f"matrix: more than {MAX_COMBINATIONS} combinations: sweep fewer values")
     if step.select is None:
         if step.combinations > 1:
-            raise _located((*where, "matrix"), f"matrix: {step.combinations} combinations need "
-                           "`select: {metric: NAME, mode: max|min}` to name the best")
+            raise _located(
+                (*where, "matrix"),
+                f"matrix: {step.combinations} combinations need "
+                "`select: {metric: NAME, mode: max|min}` to name the best",
+            )
         return
     loc = (*where, "select", "metric")
     name = step.select.name(step.id)
@@ -961,9 +972,7 @@ _UNION_TAGS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _message(
-    err: dict[str, Any], doc: Any, root: type[BaseModel] | None = None
-) -> tuple[tuple[str | int, ...], str]:
+def _message(err: dict[str, Any], doc: Any, root: type[BaseModel] | None = None) -> tuple[tuple[str | int, ...], str]:
     loc = tuple(err.get("loc", ()))
     ctx_error = (err.get("ctx") or {}).get("error")
     # Drop pydantic's union tags ('metric', 'run' for acceptance checks, ...) from the location.

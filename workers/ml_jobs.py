@@ -27,7 +27,7 @@ COMPONENT = {
     "trm": "reasoner",
     "direct": "reasoner",
 }
-ORCHESTRATION_KEYS = ("data", "train_data", "test_data", "checkpoint", "test_fraction", "_core", "visual")
+ORCHESTRATION_KEYS = ("data", "train_data", "test_data", "checkpoint", "test_fraction", "_core", "visual", "suite")
 
 
 class _LastCheckpoint:
@@ -133,13 +133,18 @@ def run_train(ctx: JobContext, params: dict[str, Any]) -> JobResult:
         metrics = train_jepa(tracked, p, data)  # type: ignore[arg-type]
         return _finish_training(ctx, tracked, model, metrics, {"preset": p.preset})
     if model in REASONERS:
-        from workers.train_reasoning import ReasonerTrainParams, train_reasoner  # torch: only when the job runs
+        # torch: only when the job runs
+        from workers.train_reasoning import ReasonerTrainParams, as_grids, train_reasoner
 
         rp = ReasonerTrainParams.model_validate(_model_params(params))
         train, test = _reasoner_data(ctx, params)
         visual = _visual(ctx, params)
         metrics = train_reasoner(tracked, rp, train, test, visual=visual)  # type: ignore[arg-type]
-        return _finish_training(ctx, tracked, model, metrics, {"visual": visual is not None})
+        result = _finish_training(ctx, tracked, model, metrics, {"visual": visual is not None})
+        if visual is None:  # the evaluation suite picks its yardstick by the grid (schema/suite.py)
+            task, _ = as_grids(test)
+            result.outputs["grid"] = f"{task.name}:{task.height}x{task.width}"
+        return result
     raise JobFailed(f"unknown model {model!r} for a train step (known: {', '.join(JEPA_MODELS + REASONERS)})")
 
 
@@ -191,7 +196,9 @@ def run_evaluate(ctx: JobContext, params: dict[str, Any]) -> JobResult:
     model = str(params.get("model", ""))
     ckpt = checkpoint_path(ctx, params)
     component = COMPONENT.get(model, "")
-    core_ckpt = core_checkpoint(ctx, params, component)
+    # A suite step measures one checkpoint on the suite's data; the suite's row of the current core is
+    # the comparison (`evaluations`), so the core is not evaluated again here.
+    core_ckpt = None if params.get("suite") else core_checkpoint(ctx, params, component)
     if model in JEPA_MODELS:
         from workers.eval.encoders import EvalParams, evaluate_encoder  # torch: only when the job runs
 
@@ -228,4 +235,3 @@ def run_evaluate(ctx: JobContext, params: dict[str, Any]) -> JobResult:
             "model": model,
         },
     )
-
