@@ -155,10 +155,28 @@ def proposal_detail(handler: Any, proposal: Any, all_metrics: bool = False, how_
         when += f", expires in {human_age((proposal.expires_at - now).total_seconds())}"
     lines = [f"{proposal.id}: {proposal.status} ({when})"]
     lines.append(side_by_side(proposal, acceptance_metrics(handler, proposal), all_metrics=all_metrics))
+    if proposal.kind == "core":
+        lines.append(suite_comparison(handler, proposal))
     if proposal.status == "open" and how_to_decide:
         lines.append(f"  to approve: jbctl approve {proposal.id} -m 'why'   (add --yes in a script)")
         lines.append(f"  to reject:  jbctl reject {proposal.id} -m 'why'")
     return "\n".join(lines)
+
+
+def suite_comparison(handler: Any, proposal: Any) -> str:
+    """The candidate's suite row beside the current core's: the same held-out data for both."""
+    from cli.suite_cmds import suite_section
+
+    current = f"v{handler.state.core_version}"
+    suite = handler.state.tickets.get(f"TICKET-suite-{proposal.id}")
+    head = f"  evaluation suite: {proposal.id} against core {current} on the suite's fixed held-out data"
+    if suite is not None and suite.status == "running":
+        head += f" ({suite.id} is still running)"
+    elif suite is not None and suite.status != "completed":
+        head += f" ({suite.id} {suite.status}: `jbctl status {suite.id}`)"
+    elif suite is None:
+        head += f" (not run: `jbctl eval {proposal.id}`)"
+    return head + "\n" + suite_section(handler.store, [current, proposal.id])
 
 
 def side_by_side(proposal: Any, focus: list[str] | None = None, all_metrics: bool = False) -> str:
@@ -304,9 +322,15 @@ def cmd_core(args: argparse.Namespace) -> int:
         )
         print(f"core rolled back to v{args.version}'s components as v{recorded[0].data['version']}")
         return 0
+    from cli.suite_cmds import suite_rows, suite_section
+    from schema.suite import suite_table
+
     history = [{**h, "at": h["at"].isoformat()} for h in state.core_history]
     if args.json:
-        print_json({"version": state.core_version, "components": state.core_components, "history": history})
+        suite = suite_table(suite_rows(handler.store))
+        print_json(
+            {"version": state.core_version, "components": state.core_components, "history": history, "suite": suite}
+        )
         return 0
     if not state.core_version:
         print("core: v0 (empty: no proposal approved yet)")
@@ -328,6 +352,9 @@ def cmd_core(args: argparse.Namespace) -> int:
             for h in history
         ],
     )
+    print()
+    print("evaluation suite (every version on the same held-out data; `jbctl eval --table --all-metrics`):")
+    print(suite_section(handler.store, [f"v{h['version']}" for h in history]))
     return 0
 
 

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "cli.cache_cmds": ("cache",),
     "cli.infer_cmds": ("infer",),
     "cli.adapters_cmds": ("adapters",),
+    "cli.suite_cmds": ("eval",),
     "cli.console_cmds": ("console",),
 }
 COMMAND_MODULES = list(COMMANDS)

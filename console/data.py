@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from schema import readmodel as rm
 from schema.store import Recorded
+from schema.suite import suite_table
 from schema.tables import SQLModel
 
 T = SQLModel.metadata.tables
@@ -193,7 +194,9 @@ def proposal(engine: sa.Engine, pid: str) -> dict[str, Any] | None:
             100,
         )
         core = int(conn.execute(sa.text("SELECT COALESCE(MAX(version), 0) FROM core_versions")).scalar() or 0)
+        suite_rows = rm.evaluation_rows(conn, [f"v{core}", pid])
     view = _proposal_view(rows[0], spec, now_naive())
+    view["suite"] = suite_table(suite_rows, all_metrics=False)
     view["history"] = [rm.audit_row(r) for r in history if r.data.get("proposal") == pid]
     view["core_version"] = core
     view["stale"] = view["kind"] == "core" and view["base_core_version"] != core
@@ -230,12 +233,14 @@ def _proposal_view(r: dict[str, Any], spec: dict[str, Any] | None, now: datetime
 def core(engine: sa.Engine) -> dict[str, Any]:
     with engine.connect() as conn:
         history = rm.select(conn, "core_versions", ("version",))
+        suite_rows = rm.evaluation_rows(conn, [f"v{h['version']}" for h in history])
     history.reverse()
     current = history[0] if history else None
     return {
         "version": current["version"] if current else 0,
         "components": (current or {}).get("components") or {},
         "history": history,
+        "suite": suite_table(suite_rows),
     }
 
 

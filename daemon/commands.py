@@ -157,6 +157,14 @@ class RollbackCore(Command):
     note: str | None = None
 
 
+class RunSuite(Command):
+    """`jbctl eval`: measure a core version (`core_version`) or a core proposal's candidate
+    (`proposal`) on the standing evaluation suite, as a suite ticket."""
+
+    core_version: int | None = None
+    proposal: str | None = None
+
+
 class PlanMilestones(Command):
     """`jbctl plan apply`: the plan's milestones (each as MilestonePlanned records its `spec`)."""
 

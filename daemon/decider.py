@@ -777,6 +777,21 @@ def _file_suite(
     _advance(out, out.ticket(spec["id"]), now)
 
 
+def _run_suite(out: _Emitter, c: cmd.RunSuite) -> None:
+    if c.proposal is not None:
+        proposal = out.state.proposals.get(c.proposal)
+        if proposal is None or proposal.kind != "core":
+            return
+        components = {k: dict(v) for k, v in proposal.candidate.items()}
+        _file_suite(out, c.now, proposal.id, components, core_version=None, proposal=proposal.id)
+        return
+    version = out.state.core_version if c.core_version is None else c.core_version
+    found = next((h for h in out.state.core_history if h["version"] == version), None)
+    if found is not None:
+        components = {k: dict(v) for k, v in found["components"].items()}
+        _file_suite(out, c.now, f"v{version}", components, core_version=version, proposal=None)
+
+
 def _record_suite(
     out: _Emitter, ticket: TicketState, task_id: str, now: datetime, metrics: dict[str, Any], *, reused: bool
 ) -> None:
@@ -1510,6 +1525,7 @@ _DECIDERS: dict[type, Callable[[_Emitter, Any], None]] = {
     cmd.RejectProposal: _reject,
     cmd.ReevaluateProposal: _reevaluate,
     cmd.RollbackCore: _rollback,
+    cmd.RunSuite: _run_suite,
     cmd.PlanMilestones: _plan,
     cmd.RetryFrom: _retry_from,
     cmd.ClearCache: _clear_cache,

@@ -67,6 +67,15 @@ def sweep_rows(conn: sa.Connection, ticket: str) -> list[dict[str, Any]]:
     return [dict(r) for r in conn.execute(query).mappings()]
 
 
+def evaluation_rows(conn: sa.Connection, subjects: list[str] | None = None) -> list[dict[str, Any]]:
+    """The standing evaluation suite's rows (`evaluations`), for some subjects (`v3`, `P-4`) or all."""
+    t = SQLModel.metadata.tables["evaluations"]
+    query = sa.select(t).order_by(t.c.component, t.c.metric, t.c.subject)
+    if subjects is not None:
+        query = query.where(t.c.subject.in_(subjects))
+    return [dict(r) for r in conn.execute(query).mappings()]
+
+
 def sweep_tables(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`sweep_rows` grouped by step: {step, rows, params (the matrix keys), metrics (every name)}."""
     by_step: dict[str, list[dict[str, Any]]] = {}

@@ -139,3 +139,46 @@ def regressions(
         if delta * metric_direction(name) < -tolerance:
             out[name] = delta
     return out
+
+
+def subject_order(subject: str) -> tuple[int, int]:
+    """Core versions first, oldest first, then candidates by proposal number."""
+    kind, _, n = subject.partition("-") if subject.startswith("P-") else ("v", "", subject[1:])
+    return (0 if kind == "v" else 1, int(n) if n.isdigit() else 0)
+
+
+def suite_table(
+    rows: list[dict[str, Any]], *, all_metrics: bool = False, subjects: list[str] | None = None
+) -> dict[str, Any]:
+    """The suite as a table: one line per (component, yardstick, metric), one column per subject (core
+    versions, then candidates). A cell is `{value, delta, regression}`: the delta is against the
+    previous core version that has the metric (for a candidate: the newest core version), and a
+    regression is a judged metric that dropped by more than `TOLERANCE`."""
+    values: dict[tuple[str, str, str], dict[str, float]] = {}
+    seen: set[str] = set()
+    for r in rows:
+        if subjects is not None and r["subject"] not in subjects:
+            continue
+        values.setdefault((r["component"], r["yardstick"], r["metric"]), {})[r["subject"]] = float(r["value"])
+        seen.add(r["subject"])
+    columns = sorted(seen, key=subject_order)
+    lines = []
+    for (component, yardstick, metric), by_subject in sorted(values.items()):
+        is_judged = metric in judged(component, yardstick)
+        if not all_metrics and not is_judged:
+            continue
+        cells: dict[str, dict[str, Any]] = {}
+        last_version: float | None = None
+        for subject in columns:
+            value = by_subject.get(subject)
+            if value is None:
+                continue
+            delta = None if last_version is None else value - last_version
+            bad = bool(is_judged and delta is not None and delta * metric_direction(metric) < -TOLERANCE)
+            cells[subject] = {"value": value, "delta": delta, "regression": bad}
+            if subject.startswith("v"):
+                last_version = value
+        lines.append(
+            {"component": component, "yardstick": yardstick, "metric": metric, "judged": is_judged, "cells": cells}
+        )
+    return {"columns": columns, "lines": lines, "tolerance": TOLERANCE}
