@@ -60,6 +60,11 @@ def _step_id(prefix: str, name: str) -> str:
     return f"{prefix}-{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}"
 
 
+def _ref(checkpoint: str) -> str:
+    """An artifact reference a step accepts (a bare content id would read as a step name)."""
+    return checkpoint if checkpoint.startswith("sha256:") else f"sha256:{checkpoint}"
+
+
 def yardstick_for(component: str, entry: dict[str, Any]) -> Yardstick | None:
     """The yardstick of a core component entry (None: the suite has none for it, e.g. a maze reasoner)."""
     if component == "reasoner":
@@ -93,7 +98,7 @@ def suite_ticket(
                 "with": {
                     "model": entry["model"],
                     "data": data["id"],
-                    "checkpoint": str(entry["checkpoint"]),
+                    "checkpoint": _ref(str(entry["checkpoint"])),
                     "suite": {
                         "component": component,
                         "yardstick": stick.name,

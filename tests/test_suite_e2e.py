@@ -17,6 +17,8 @@ from tests.test_recovery import TINY_CORE
 @pytest.mark.integration
 def test_suite_runs_on_the_candidate_and_on_promotion(tmp_path: Path) -> None:
     setup = Setup(tmp_path / "home")
+    # Heartbeats are not what this test is about: a loaded machine must not turn a slow report into a retry.
+    setup.env["JETBOX_HEARTBEAT_TIMEOUT_SECONDS"] = "15"
     try:
         setup.daemon.start()
         setup.worker("cpu", "gpu")
