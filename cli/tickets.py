@@ -347,20 +347,9 @@ def warm_lines(settings: Any) -> list[str]:
 
 
 def installation_paused(conn: sa.Connection) -> str | None:
-    """Why the installation is paused (the last InstallationPaused not followed by a resume), or None.
-    One row, read backwards off the stream index (not every `system` event since the first)."""
-    import sqlalchemy as sa
+    from schema.readmodel import installation_paused as paused
 
-    last = conn.execute(
-        sa.text(
-            "SELECT type, data FROM events WHERE stream = 'system' "
-            "AND type IN ('InstallationPaused', 'InstallationResumed') ORDER BY seq DESC LIMIT 1"
-        )
-    ).first()
-    if last is None or last[0] != "InstallationPaused":
-        return None
-    data = json.loads(last[1]) if isinstance(last[1], str) else dict(last[1] or {})
-    return str(data.get("reason") or "paused")
+    return paused(conn)
 
 
 def _table_row(d: dict[str, Any]) -> list[Any]:

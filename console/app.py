@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 PAGE_SIZE = 50
 SQL_MAX_ROWS = 1000
 LOCAL_HOSTS = {"127.0.0.1", "::1", "localhost"}
+Call = tuple[Any, tuple[Any, ...], dict[str, Any]]  # a `daemon.gate` function, its arguments, its keywords
 
 
 @dataclass
@@ -177,6 +178,122 @@ def create_app(config: Config) -> FastAPI:
             )
         return RedirectResponse(f"{back}?{urlencode({'msg': outcome.message, 'ok': int(outcome.ok)})}", 303)
 
+    # --- writes: every change is one `daemon.gate` command, as in jbctl ---------------------------
+
+    def command(path: str, why: str, back: str) -> Any:
+        """Register `POST path` and its `/api` twin for a change of state.
+
+        The decorated function turns (user, form, path parameters) into the `daemon.gate` call to make,
+        `(function, args, kwargs)`, or an `Outcome` when the input is refused before any command. The
+        route does the rest the same way for every change: the acting user (a bearer token, or a session
+        with its CSRF token; else 403 and nothing is recorded), the command run by this process's one
+        handler with the web user as actor, and the outcome as JSON or a redirect to `back` with a message.
+        """
+
+        def register(build: Any) -> Any:
+            async def route(request: Request) -> Any:
+                from daemon.gate import Outcome
+
+                params = dict(request.path_params)
+                user, form = await writer_user(request)
+                if user is None:
+                    return refused(request, why)
+                call: Call | Outcome = build(user, form, **params)
+                if not isinstance(call, Outcome):
+                    fn, args, kwargs = call
+                    call = await asyncio.to_thread(
+                        writer.run, fn, *args, actor=user, meta=meta_for(request, user), **kwargs
+                    )
+                return outcome_response(request, call, back.format(**params))
+
+            route.__name__ = build.__name__
+            for url in (path, "/api" + path):
+                app.add_api_route(url, route, methods=["POST"], name=f"{build.__name__}:{url}")
+            return build
+
+        return register
+
+    def text(form: dict[str, Any], *names: str) -> str:
+        for name in names:
+            value = str(form.get(name) or "").strip()
+            if value:
+                return value
+        return ""
+
+    @command("/tickets/{tid}/cancel", "log in first: cancelling a ticket needs a console token", "/tickets/{tid}")
+    def ticket_cancel(user: str, form: dict[str, Any], tid: str) -> Call:
+        from daemon import gate
+
+        return gate.cancel, (tid,), {"reason": text(form, "reason") or f"cancelled by {user} in the console"}
+
+    @command("/tickets/{tid}/retry", "log in first: retrying a task needs a console token", "/tickets/{tid}")
+    def ticket_retry(user: str, form: dict[str, Any], tid: str) -> Call:
+        from daemon import gate
+
+        return gate.retry, (tid, text(form, "task")), {}
+
+    @command("/tickets/{tid}/hold", "log in first: holding a ticket needs a console token", "/tickets/{tid}")
+    def ticket_hold(user: str, form: dict[str, Any], tid: str) -> Call:
+        from daemon import gate
+
+        stop = str(form.get("stop") or "").lower() in ("1", "on", "true", "yes")
+        return gate.hold, (tid,), {"reason": text(form, "reason") or None, "stop": stop}
+
+    @command("/tickets/{tid}/release", "log in first: releasing a ticket needs a console token", "/tickets/{tid}")
+    def ticket_release(user: str, form: dict[str, Any], tid: str) -> Call:
+        from daemon import gate
+
+        return gate.release, (tid,), {}
+
+    @command("/tickets/{tid}/priority", "log in first: changing a priority needs a console token", "/tickets/{tid}")
+    def ticket_priority(user: str, form: dict[str, Any], tid: str) -> Any:
+        from daemon import gate
+
+        raw = form.get("priority")
+        try:
+            # A whole number only (True, 1.5 and "1e3" are refused, as `jbctl priority` refuses them).
+            if isinstance(raw, bool) or not isinstance(raw, int | str):
+                raise ValueError
+            priority = int(raw)
+        except ValueError:
+            return gate.Outcome(False, f"priority must be a whole number, not {raw!r}")
+        return gate.set_priority, (tid, priority), {}
+
+    @command("/pause", "log in first: pausing the installation needs a console token", "/")
+    def installation_pause(user: str, form: dict[str, Any]) -> Call:
+        from daemon import gate
+
+        return gate.pause, (), {"reason": text(form, "reason") or None}
+
+    @command("/resume", "log in first: resuming the installation needs a console token", "/")
+    def installation_resume(user: str, form: dict[str, Any]) -> Call:
+        from daemon import gate
+
+        return gate.resume, (), {}
+
+    @command(
+        "/proposals/{pid}/approve", "log in first: approving needs an approver's console token", "/proposals/{pid}"
+    )
+    def proposal_approve(user: str, form: dict[str, Any], pid: str) -> Call:
+        from daemon import gate
+
+        kwargs = {
+            "approver_list": gate.approvers(settings),
+            "home": settings.home,
+            "note": text(form, "note") or None,
+            "scope": "all" if form.get("scope") == "all" else "ticket",
+        }
+        return gate.approve, (pid,), kwargs
+
+    @command("/proposals/{pid}/reject", "log in first: rejecting needs an approver's console token", "/proposals/{pid}")
+    def proposal_reject(user: str, form: dict[str, Any], pid: str) -> Any:
+        from daemon import gate
+
+        reason = text(form, "note", "reason")
+        if not reason:
+            return gate.Outcome(False, "a reason is required to reject")
+        return gate.reject, (pid,), {"reason": reason}
+
     # --- pages -----------------------------------------------------------------------------------
 
     @app.get("/healthz")
@@ -210,32 +327,6 @@ def create_app(config: Config) -> FastAPI:
             )
         return page(request, "ticket.html", found)
 
-    @app.post("/tickets/{tid}/cancel")
-    @app.post("/api/tickets/{tid}/cancel")
-    async def ticket_cancel(request: Request, tid: str) -> Any:
-        from daemon import gate
-
-        user, form = await writer_user(request)
-        if user is None:
-            return refused(request, "log in first: cancelling a ticket needs a console token")
-        reason = str(form.get("reason") or "").strip() or f"cancelled by {user} in the console"
-        outcome = await asyncio.to_thread(
-            writer.run, gate.cancel, tid, actor=user, meta=meta_for(request, user), reason=reason
-        )
-        return outcome_response(request, outcome, f"/tickets/{tid}")
-
-    @app.post("/tickets/{tid}/retry")
-    @app.post("/api/tickets/{tid}/retry")
-    async def ticket_retry(request: Request, tid: str) -> Any:
-        from daemon import gate
-
-        user, form = await writer_user(request)
-        if user is None:
-            return refused(request, "log in first: retrying a task needs a console token")
-        task = str(form.get("task") or "")
-        outcome = await asyncio.to_thread(writer.run, gate.retry, tid, task, actor=user, meta=meta_for(request, user))
-        return outcome_response(request, outcome, f"/tickets/{tid}")
-
     @app.get("/proposals", response_class=HTMLResponse)
     @app.get("/api/proposals")
     def proposals_page(request: Request, all: int = 1) -> Any:
@@ -252,45 +343,6 @@ def create_app(config: Config) -> FastAPI:
         if found is None:
             return page(request, "missing.html", {"what": f"proposal {pid}", "error": f"no proposal {pid!r}"}, 404)
         return page(request, "proposal.html", found)
-
-    @app.post("/proposals/{pid}/approve")
-    @app.post("/api/proposals/{pid}/approve")
-    async def proposal_approve(request: Request, pid: str) -> Any:
-        from daemon import gate
-
-        user, form = await writer_user(request)
-        if user is None:
-            return refused(request, "log in first: approving needs an approver's console token")
-        note = str(form.get("note") or "").strip() or None
-        scope = "all" if form.get("scope") == "all" else "ticket"
-        outcome = await asyncio.to_thread(
-            writer.run,
-            gate.approve,
-            pid,
-            actor=user,
-            meta=meta_for(request, user),
-            approver_list=gate.approvers(settings),
-            home=settings.home,
-            note=note,
-            scope=scope,
-        )
-        return outcome_response(request, outcome, f"/proposals/{pid}")
-
-    @app.post("/proposals/{pid}/reject")
-    @app.post("/api/proposals/{pid}/reject")
-    async def proposal_reject(request: Request, pid: str) -> Any:
-        from daemon import gate
-
-        user, form = await writer_user(request)
-        if user is None:
-            return refused(request, "log in first: rejecting needs an approver's console token")
-        reason = str(form.get("note") or form.get("reason") or "").strip()
-        if not reason:
-            return outcome_response(request, gate.Outcome(False, "a reason is required to reject"), f"/proposals/{pid}")
-        outcome = await asyncio.to_thread(
-            writer.run, gate.reject, pid, actor=user, meta=meta_for(request, user), reason=reason
-        )
-        return outcome_response(request, outcome, f"/proposals/{pid}")
 
     @app.get("/core", response_class=HTMLResponse)
     @app.get("/api/core")

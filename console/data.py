@@ -70,6 +70,7 @@ def tickets(engine: sa.Engine, state: str | None, search: str | None, limit: int
             conn, now_naive(), state=state, search=search, limit=limit, offset=offset, total=known
         )
         head = int(conn.execute(sa.text("SELECT COALESCE(MAX(seq), 0) FROM events")).scalar() or 0)
+        paused = rm.installation_paused(conn)
     return {
         "tickets": rows,
         "total": total,
@@ -79,6 +80,7 @@ def tickets(engine: sa.Engine, state: str | None, search: str | None, limit: int
         "search": search,
         "counts": counts,
         "head_seq": head,
+        "paused": paused,
     }
 
 
@@ -110,6 +112,7 @@ def ticket(engine: sa.Engine, tid: str, event_limit: int = 50) -> dict[str, Any]
         progress = [_loads(r[0]) for r in conn.execute(progress_sql, {"s": tid})]
         events = events_where(conn, "stream = :s", {"s": tid}, event_limit)
         n_events = int(conn.execute(sa.text("SELECT COUNT(*) FROM events WHERE stream = :s"), {"s": tid}).scalar() or 0)
+        paused = rm.installation_paused(conn)
     by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for j in jobs:
         by_task[j["task"]].append(j)
@@ -137,6 +140,7 @@ def ticket(engine: sa.Engine, tid: str, event_limit: int = 50) -> dict[str, Any]
         "proposals": [{"id": p["id"], "state": p["state"], "kind": p["kind"]} for p in proposals],
         "events": [r.as_json() for r in events],
         "events_total": n_events,
+        "paused": paused,
     }
 
 

@@ -404,3 +404,20 @@ def readonly_query(url: str, query: str, max_rows: int | None = None) -> tuple[l
         raise ReadOnlyQueryError(f"SQL error: {getattr(exc, 'orig', None) or exc}") from None
     finally:
         engine.dispose()
+
+
+def installation_paused(conn: sa.Connection) -> str | None:
+    """Why the installation is paused (the last InstallationPaused not followed by a resume), or None.
+    One row, read backwards off the stream index (not every `system` event since the first)."""
+    import json
+
+    last = conn.execute(
+        sa.text(
+            "SELECT type, data FROM events WHERE stream = 'system' "
+            "AND type IN ('InstallationPaused', 'InstallationResumed') ORDER BY seq DESC LIMIT 1"
+        )
+    ).first()
+    if last is None or last[0] != "InstallationPaused":
+        return None
+    data = json.loads(last[1]) if isinstance(last[1], str) else dict(last[1] or {})
+    return str(data.get("reason") or "paused")

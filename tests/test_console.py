@@ -246,6 +246,67 @@ def test_writes_need_a_token_and_go_through_the_commands(store: EventStore, home
 
 
 @pytest.mark.integration
+def test_scheduling_from_the_console_goes_through_the_clis_commands(
+    store: EventStore, home: Path, console: ConsoleServer
+) -> None:
+    """Hold, release, priority, pause and resume: the commands `jbctl hold/...` run, the web user as actor."""
+    handler = CommandHandler(store)
+    handler.handle(submit(make_ticket("TICKET-1"), NOW))
+    head = store.head()
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    for path in ("/tickets/TICKET-1/hold", "/tickets/TICKET-1/priority", "/pause", "/resume"):
+        code, body = console.request("POST", path, b"priority=5", form)
+        assert code == 403 and b"Nothing was recorded" in body, path
+    assert store.head() == head
+    auth = {"Content-Type": "application/json", "Authorization": f"Bearer {token_for(home, 'ada')}"}
+
+    def post(path: str, body: dict[str, object]) -> tuple[int, dict[str, Any]]:
+        code, raw = console.request("POST", path, json.dumps(body).encode(), auth)
+        return code, json.loads(raw)
+
+    code, answer = post("/api/tickets/TICKET-1/hold", {"reason": "gpu maintenance"})
+    assert code == 200 and answer["message"].startswith("held TICKET-1"), answer
+    code, answer = post("/api/tickets/TICKET-1/hold", {})
+    assert code == 409 and "already held" in answer["message"]
+    row = console.get_json("/api/tickets")["tickets"][0]
+    assert row["held"] == "gpu maintenance"
+    assert console.get_json("/api/tickets/TICKET-1")["held"] == "gpu maintenance"
+    # Hostile priorities: a clear refusal, nothing recorded.
+    head = store.head()
+    for bad, why in (("high", "whole number"), (1.5, "whole number"), (True, "whole number"), (5000, "out of range")):
+        code, answer = post("/api/tickets/TICKET-1/priority", {"priority": bad})
+        assert code == 409 and why in answer["message"], (bad, answer)
+    code, answer = post("/api/tickets/NOPE/priority", {"priority": 3})
+    assert code == 409 and "no ticket 'NOPE'" in answer["message"]
+    assert store.head() == head
+    code, answer = post("/api/tickets/TICKET-1/priority", {"priority": "7"})
+    assert code == 200 and answer["message"] == "TICKET-1: priority 7"
+    assert console.get_json("/api/tickets")["tickets"][0]["priority"] == 7
+    code, answer = post("/api/tickets/TICKET-1/release", {})
+    assert code == 200 and answer["message"].startswith("released TICKET-1")
+    code, answer = post("/api/tickets/TICKET-1/release", {})
+    assert code == 409 and "is not held" in answer["message"]
+    code, answer = post("/api/pause", {"reason": "disk swap"})
+    assert code == 200 and answer["message"].startswith("paused")
+    assert console.get_json("/api/tickets")["paused"] == "disk swap"
+    code, body = console.request("GET", "/")
+    assert b"Scheduling is paused" in body and b"disk swap" in body
+    code, answer = post("/api/resume", {})
+    assert code == 200 and answer["message"].startswith("resumed")
+    assert console.get_json("/api/tickets")["paused"] is None
+    kinds = ["TicketHeld", "TicketReleased", "PriorityChanged", "InstallationPaused", "InstallationResumed"]
+    recorded = list(store.read(0, types=kinds))
+    assert sorted({r.type for r in recorded}) == sorted(kinds)
+    for r in recorded:
+        assert r.meta["actor"]["user"] == "ada" and r.meta["actor"]["via"] == "console", r
+        assert r.data.get("actor") == "ada", r
+    # `jbctl status --json` agrees with the list about what the console changed.
+    status = json.loads(subprocess.run([JBCTL, "status", "--json"], capture_output=True, text=True, check=True).stdout)
+    assert status[0]["priority"] == 7 and status[0]["held"] is None
+    assert replay_differences(store) == []
+
+
+@pytest.mark.integration
 def test_session_cookie_needs_its_csrf_token(store: EventStore, home: Path, console: ConsoleServer) -> None:
     import http.client
 
