@@ -475,13 +475,15 @@ def create_app(config: Config) -> FastAPI:
         puzzle = str(form.get("puzzle") or "")
         queue = "cpu" if form.get("queue") == "cpu" else "gpu"
         payload = playground_payload(puzzle, queue)
+        payload["adapter"] = str(form.get("adapter") or "").strip()
         status = 200
         try:
             grid = parse_puzzle_text(puzzle, "puzzle")
             payload["grid"] = grid
-            payload["result"] = await asyncio.to_thread(
-                infer, settings, engine, {"component": "reasoner", "puzzle": grid}, queue=queue, timeout=120
-            )
+            params: dict[str, Any] = {"component": "reasoner", "puzzle": grid}
+            if payload["adapter"]:
+                params["adapter"] = payload["adapter"]
+            payload["result"] = await asyncio.to_thread(infer, settings, engine, params, queue=queue, timeout=120)
             answer = payload["result"].get("answer")
             payload["solved"] = bool(answer) and sudoku_solved(grid, answer)
         except ValueError as exc:
@@ -489,6 +491,53 @@ def create_app(config: Config) -> FastAPI:
         except InferenceError as exc:
             payload["error"], status = str(exc), 409
         return page(request, "playground.html", payload, status)
+
+    def image_payload(form: dict[str, Any]) -> dict[str, Any]:
+        from daemon.adhoc import current_core, default_gallery
+
+        core = current_core(engine)
+        return {
+            "core_version": core["version"],
+            "encoder": core["components"].get("image-encoder"),
+            "default_gallery": default_gallery(engine, core),
+            "gallery": str(form.get("gallery") or "").strip(),
+            "adapter": str(form.get("adapter") or "").strip(),
+            "queue": "cpu" if form.get("queue") == "cpu" else "gpu",
+            "top_k": 5 if form.get("top_k") in (None, "") else form.get("top_k"),
+            "picture": None,
+            "redis": settings.redis_url_or_private() is not None,
+            "result": None,
+            "error": None,
+        }
+
+    @app.get("/playground/image", response_class=HTMLResponse)
+    @app.get("/api/playground/image")
+    def image_playground(request: Request) -> Any:
+        if (r := reader_refused(request)) is not None:
+            return r
+        return page(request, "playground_image.html", image_payload({}))
+
+    @app.post("/playground/image")
+    @app.post("/api/playground/image")
+    async def image_look(request: Request) -> Any:
+        """What the core's image encoder sees in a picture, on a warm worker through the queue."""
+        from daemon.adhoc import InferenceError, infer
+
+        if (r := reader_refused(request)) is not None:
+            return r
+        _, form = await writer_user(request)
+        payload = image_payload(form)
+        status = 200
+        try:
+            params = picture_params(form, payload)
+            payload["result"] = await asyncio.to_thread(
+                infer, settings, engine, params, queue=payload["queue"], timeout=120
+            )
+        except ValueError as exc:
+            payload["error"], status = str(exc), 422
+        except InferenceError as exc:
+            payload["error"], status = str(exc), 409
+        return page(request, "playground_image.html", payload, status)
 
     # --- login -----------------------------------------------------------------------------------
 
@@ -579,6 +628,64 @@ def sudoku_solved(puzzle: list[list[int]], answer: list[list[int]]) -> bool:
         for bc in range(0, n, box_cols):
             groups.append([answer[r][c] for r in range(br, br + box_rows) for c in range(bc, bc + box_cols)])
     return all(set(g) == want for g in groups)
+
+
+PICTURE_MAX_CHARS = 6 * 2**20  # base64 of the 4 MiB a worker accepts
+PICTURE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+
+
+def picture_params(form: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    """The `infer` parameters of a playground picture (ValueError names what is wrong with the request).
+
+    The picture arrives as a base64 PNG or JPEG (`image_png`, a `data:` URL from the page's canvas), or as
+    `image`, HxWx3 numbers, from scripts. The console checks only its shape; the worker decodes it."""
+    import base64
+    import binascii
+    import re
+
+    params: dict[str, Any] = {"component": "image-encoder"}
+    encoded, image = form.get("image_png"), form.get("image")
+    if encoded and image is not None:
+        raise ValueError("send either image_png or image, not both")
+    if encoded:
+        if not isinstance(encoded, str) or len(encoded) > PICTURE_MAX_CHARS:
+            raise ValueError(f"image_png: a base64 PNG or JPEG of at most {PICTURE_MAX_CHARS:,} characters")
+        body = encoded.split(",", 1)[1] if encoded.startswith("data:") else encoded
+        try:
+            head = base64.b64decode(body[:24], validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("image_png: not base64") from None
+        if not head.startswith(PICTURE_MAGIC):
+            raise ValueError("image_png: not a PNG or JPEG picture")
+        params["image_png"] = encoded
+        payload["picture"] = encoded if encoded.startswith("data:") else None
+    elif image is not None:
+        if not (
+            isinstance(image, list)
+            and 0 < len(image) <= 512
+            and all(isinstance(row, list) and len(row) == len(image[0]) for row in image)
+            and all(isinstance(px, list) and len(px) == 3 for row in image for px in row)
+            and all(type(v) is int and 0 <= v <= 255 for row in image for px in row for v in px)
+        ):
+            raise ValueError("image: HxWx3 whole numbers 0..255 (at most 512 rows), rows of equal length")
+        params["image"] = image
+    else:
+        raise ValueError("no picture: draw one or choose a PNG/JPEG file (image_png), or send `image`")
+    gallery = payload["gallery"] or payload["default_gallery"]
+    if gallery:
+        if not re.fullmatch(r"sha256:[0-9a-f]{8,64}", gallery):
+            raise ValueError(f"gallery: {gallery!r} is not sha256:<dataset id>")
+        params["gallery"] = gallery
+    try:
+        top_k = int(payload["top_k"])
+    except (TypeError, ValueError):
+        raise ValueError(f"top_k: {payload['top_k']!r} is not a whole number") from None
+    if not 1 <= top_k <= 50:
+        raise ValueError(f"top_k: {top_k} is out of range 1..50")
+    params["top_k"] = payload["top_k"] = top_k
+    if payload["adapter"]:
+        params["adapter"] = payload["adapter"]
+    return params
 
 
 def _pasted_name(text: str) -> str:

@@ -114,3 +114,17 @@ def infer(
     out = dict(result["outputs"])
     out["end_to_end_ms"] = total_ms
     return out
+
+
+def default_gallery(engine: sa.Engine, core: dict[str, Any]) -> str | None:
+    """The captioned images to compare a picture with: a `shapes` dataset of the ticket that trained the
+    core's image encoder (what it learned from), else the newest `shapes` dataset; None when there is none."""
+    table = SQLModel.metadata.tables["artifacts"]
+    trained_by = str((core["components"].get("image-encoder") or {}).get("ticket") or "")
+    query = sa.select(table.c.id, table.c.ticket, table.c.meta).where(table.c.kind == "dataset")
+    with engine.connect() as conn:
+        rows = conn.execute(query.order_by(table.c.recorded_at.desc()).limit(500)).all()
+    captioned = [r for r in rows if (r.meta or {}).get("generator") == "shapes"]
+    for r in sorted(captioned, key=lambda r: r.ticket != trained_by):  # stable: newest first within each
+        return f"sha256:{r.id}"
+    return None

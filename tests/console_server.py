@@ -30,7 +30,7 @@ class ConsoleServer:
         self.proc = subprocess.Popen(
             [JBCTL, "console", "--port", str(self.port), *extra], env=env, stdout=self.log, stderr=subprocess.STDOUT
         )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90  # a loaded CI machine can take long to import the app
         while True:
             try:
                 self.get_json("/healthz")

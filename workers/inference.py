@@ -21,8 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from schema.artifact_store import ArtifactStore
 from workers.context import JobContext
+from workers.gallery import decode_picture, fit_image, gallery, look
 from workers.jobs import JobFailed, JobResult, own_params
 from workers.loading import load_dataset, load_image_encoder, load_reasoner
+from workers.synth.base import load_arrays
 
 COMPONENTS = ("reasoner", "image-encoder")
 
@@ -164,6 +166,15 @@ class InferParams(BaseModel):
     checkpoint: str | None = Field(default=None, description="sha256:<id>; default: the current core's")
     puzzle: list[list[int]] | None = Field(default=None, description="a sudoku grid, 0 = blank (reasoner)")
     image: list[list[list[int]]] | None = Field(default=None, description="an HxWx3 uint8 image (image-encoder)")
+    image_png: str | None = Field(
+        default=None, description="a base64 PNG or JPEG (image-encoder), resized to the encoder's input size"
+    )
+    gallery: str | None = Field(
+        default=None,
+        description="sha256:<dataset> of captioned images (image-encoder): the picture's nearest captions and "
+        "kNN probe predictions",
+    )
+    top_k: int = Field(default=5, ge=1, le=50, description="neighbours in the gallery")
     data: str | None = Field(default=None, description="a synthesize step whose first examples to run")
     limit: int = Field(default=8, ge=1, le=10_000)
     adapter: str | None = Field(
@@ -250,18 +261,51 @@ def run_infer(ctx: JobContext, params: dict[str, Any]) -> JobResult:
             metrics["blank_acc"] = float(right[blank].mean()) if blank.any() else 1.0
         outputs["answers"] = answers.tolist() if p.puzzle is None else None
     else:
-        if p.image is not None:
-            images = np.asarray([p.image], dtype=np.uint8)
+        size = int(loaded.info.get("img_size") or 0)
+        picture: np.ndarray | None = None
+        if p.image is not None and p.image_png is not None:
+            raise JobFailed("pass either `image` or `image_png`, not both")
+        if p.image_png is not None:
+            picture = decode_picture(p.image_png, size or 32)
+        elif p.image is not None:
+            try:
+                picture = np.asarray(p.image, dtype=np.uint8)
+            except ValueError:
+                raise JobFailed("image: rows of unequal length; an image is HxWx3") from None
+            picture = fit_image(picture, size) if size else picture
+        if picture is not None:
+            images = picture[None]
         else:
             found = load_dataset(ctx, params)
             if found is None:
-                raise JobFailed("an image-encoder needs `image` (HxWx3) or `data` (a synthesize step)")
+                raise JobFailed("an image-encoder needs `image` (HxWx3), `image_png` or `data` (a synthesize step)")
             images = np.asarray(found["images"][: p.limit], dtype=np.uint8)
         z = embed_images(loaded, images)
         norms = np.linalg.norm(z, axis=-1)
         outputs.update(
             dim=int(z.shape[-1]), norm=float(norms[0]), head=[float(v) for v in z[0][:8]], images=len(images)
         )
+        if p.gallery is not None:
+            if picture is None:
+                raise JobFailed("`gallery` needs a picture: `image` or `image_png`")
+            ref = p.gallery.removeprefix("sha256:")
+
+            def arrays() -> tuple[str, dict[str, np.ndarray]]:
+                try:
+                    manifest = ctx.store.load_manifest(ref)
+                except Exception as exc:
+                    raise JobFailed(f"gallery {p.gallery}: not a dataset in the artifact store ({exc})") from None
+                return manifest.generator, dict(load_arrays(manifest, ctx.store))
+
+            key = f"{p.component}:{artifact}:{outputs['adapter'] or ''}:{ref}"
+            found_gallery, gallery_warm = gallery(key, arrays, lambda imgs: embed_images(loaded, imgs))
+            outputs.update(
+                look(found_gallery, z[0], p.top_k),
+                gallery=ref,
+                gallery_size=len(found_gallery.captions),
+                gallery_warm=gallery_warm,
+            )
+        outputs["image_size"] = int(images.shape[1])
         metrics = {"norm": float(norms.mean()), "images": float(len(images))}
     forward_ms = 1000 * (time.perf_counter() - t0)
     metrics.update(load_ms=load_ms, forward_ms=forward_ms, swap_ms=swap_ms)
@@ -286,4 +330,3 @@ def warm_core(components: dict[str, Any], artifact_root: Path, log: Callable[[st
         log(f"warmed {name} ({full[:12]}) in {1000 * (time.perf_counter() - started):.0f} ms")
         loaded += 1
     return loaded
-

@@ -78,4 +78,4 @@ def load_image_encoder(path: Path) -> tuple[Any, dict[str, Any]]:
 
     model, params, _ = load_model(path)
     model.eval()
-    return model, {"preset": params.preset, "model": params.model}
+    return model, {"preset": params.preset, "model": params.model, "img_size": params.image_config().img_size}
