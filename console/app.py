@@ -72,6 +72,7 @@ def create_app(config: Config) -> FastAPI:
     engine = open_readonly(settings.db_url)
     broadcaster = Broadcaster(engine, config.poll_interval)
     writer = Writer(settings.db_url, settings.sqlite_synchronous)
+    milestones = data.Milestones(engine)
     key = auth.session_key(settings.home)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["tojson_pretty"] = lambda v: json.dumps(v, indent=2, default=str)
@@ -350,6 +351,41 @@ def create_app(config: Config) -> FastAPI:
         if (r := reader_refused(request)) is not None:
             return r
         return page(request, "core.html", data.core(engine))
+
+    @app.get("/milestones", response_class=HTMLResponse)
+    @app.get("/api/milestones")
+    async def milestones_page(request: Request) -> Any:
+        if (r := reader_refused(request)) is not None:
+            return r
+        return page(request, "milestones.html", await asyncio.to_thread(milestones.listing))
+
+    @app.get("/milestones/{mid}", response_class=HTMLResponse)
+    @app.get("/api/milestones/{mid}")
+    async def milestone_page(request: Request, mid: str) -> Any:
+        if (r := reader_refused(request)) is not None:
+            return r
+        found = await asyncio.to_thread(milestones.one, mid)
+        if found is None:
+            return page(request, "missing.html", {"what": f"milestone {mid}", "error": f"no milestone {mid!r}"}, 404)
+        return page(request, "milestone.html", found)
+
+    @app.get("/milestones/{mid}/report")
+    async def milestone_report(request: Request, mid: str, format: str = "html") -> Any:
+        """The report `jbctl milestone MID --report html|md` writes (not stored as an artifact from here)."""
+        from datetime import UTC
+
+        from cli.milestone_report import render
+
+        if (r := reader_refused(request)) is not None:
+            return r
+        if format not in ("html", "md"):
+            return Response(f"format: {format!r}; use html or md\n", status_code=400, media_type="text/plain")
+        book = await asyncio.to_thread(milestones.current)
+        if mid not in book.milestones:
+            return Response(f"no milestone {mid!r}\n", status_code=404, media_type="text/plain")
+        body, _ = await asyncio.to_thread(render, book, mid, format, datetime.now(UTC))
+        media = "text/html; charset=utf-8" if format == "html" else "text/markdown; charset=utf-8"
+        return Response(body, media_type=media)
 
     @app.get("/workers", response_class=HTMLResponse)
     @app.get("/api/workers")

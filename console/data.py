@@ -7,6 +7,7 @@ HTML and served as JSON.
 from __future__ import annotations
 
 import json
+import threading
 from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
@@ -314,3 +315,47 @@ def workers(redis_url: str | None) -> dict[str, Any]:
         "workers": sorted(found, key=lambda w: w["name"]),
         "queues": sorted(queues, key=lambda q: q["name"]),
     }
+
+
+class Milestones:
+    """The milestone book (`schema/milestones.py`, what `jbctl milestones` folds), kept by this console
+    process and caught up with the new events on each read: the log is folded once, not per page."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        from schema.milestones import MilestoneBook
+
+        self.engine = engine
+        self.book = MilestoneBook()
+        self.seq = 0
+        self._lock = threading.Lock()
+
+    def current(self) -> Any:
+        """The book, up to date with the log (no fold at all while no milestone was ever planned)."""
+        from schema.store import decode_events
+
+        with self._lock:
+            if not self.book.milestones:
+                with self.engine.connect() as conn:
+                    planned = conn.execute(
+                        sa.text("SELECT 1 FROM events WHERE type = 'MilestonePlanned' LIMIT 1")
+                    ).first()
+                if planned is None:
+                    return self.book
+            for seq, event in decode_events(self.engine, self.seq):
+                self.book.apply(seq, event)
+                self.seq = seq
+            return self.book
+
+    def listing(self) -> dict[str, Any]:
+        return {"milestones": self.current().views()}
+
+    def one(self, mid: str) -> dict[str, Any] | None:
+        book = self.current()
+        if mid not in book.milestones:
+            return None
+        from cli.plans import checklist_lines
+
+        view = book.view(mid)
+        view["checklist"] = checklist_lines(view)
+        view["known"] = sorted(book.milestones)
+        return view

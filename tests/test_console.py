@@ -22,6 +22,7 @@ from schema.store import EventStore, replay_differences
 from tests.conftest import JBCTL, ROOT
 from tests.console_server import ConsoleServer
 from tests.helpers import make_ticket, submit
+from tests.test_postgres import pg_url  # noqa: F401  (the fixture: a fresh PostgreSQL database per test)
 
 NOW = datetime.now(UTC)
 CHROMIUM = "/usr/bin/chromium"
@@ -304,6 +305,86 @@ def test_scheduling_from_the_console_goes_through_the_clis_commands(
     status = json.loads(subprocess.run([JBCTL, "status", "--json"], capture_output=True, text=True, check=True).stdout)
     assert status[0]["priority"] == 7 and status[0]["held"] is None
     assert replay_differences(store) == []
+
+
+@pytest.mark.integration
+def test_milestones_pages_follow_the_log(store: EventStore, console: ConsoleServer, tmp_path: Path) -> None:
+    from tests.test_milestones import _report, plan_command, write_plan
+
+    assert console.get_json("/api/milestones") == {"milestones": []}
+    handler = CommandHandler(store)
+    command, loaded = plan_command(write_plan(tmp_path / "plan").parent)
+    handler.handle(command)
+    tickets = {t.ticket.id: t.ticket for t in loaded.tickets}
+    handler.handle(submit(tickets["TICKET-1"], NOW))
+    handler.handle(_report(c.RecordJobSucceeded, "TICKET-1", "a", metrics={"score": 0.9}, now=NOW))
+    listing = console.get_json("/api/milestones")["milestones"]
+    assert [(m["milestone"], m["state"], m["done"], m["total"]) for m in listing] == [
+        ("M1", "in progress", 2, 3),
+        ("M2", "planned", 0, 1),
+    ]
+    # The same views as `jbctl milestones --json`.
+    cli = json.loads(subprocess.run([JBCTL, "milestones", "--json"], capture_output=True, text=True, check=True).stdout)
+    assert [(m["milestone"], m["state"], m["open"]) for m in cli] == [
+        (m["milestone"], m["state"], m["open"]) for m in listing
+    ]
+    one = console.get_json("/api/milestones/M1")
+    assert one["checklist"][0].startswith("[x] first accepted") and one["checklist"][2].startswith("[ ] smoke output")
+    code, body = console.request("GET", "/milestones")
+    assert code == 200 and b'data-milestone="M1"' in body and b'href="/milestones"' in body
+    code, body = console.request("GET", "/milestones/M1")
+    assert code == 200 and b"first accepted" in body and b"TICKET-2: not submitted" in body
+    code, body = console.request("GET", "/milestones/M1/report")
+    assert code == 200 and b"<h1>Milestone M1: First</h1>" in body
+    code, body = console.request("GET", "/milestones/M1/report?format=md")
+    assert code == 200 and body.startswith(b"# Milestone M1: First")
+    assert console.request("GET", "/milestones/M1/report?format=pdf")[0] == 400
+    assert console.request("GET", "/milestones/M9")[0] == 404
+    # New events are folded into the console's book on the next read: M1 is done.
+    handler.handle(submit(tickets["TICKET-2"], NOW))
+    handler.handle(_report(c.RecordJobSucceeded, "TICKET-2", "b", metrics={"loss": 1.0}, now=NOW))
+    handler.handle(_report(c.RecordArtifact, "TICKET-2", "smoke", artifact="ab" * 32, kind="check-output", now=NOW))
+    handler.handle(_report(c.RecordJobSucceeded, "TICKET-2", "smoke", now=NOW))
+    m1 = console.get_json("/api/milestones/M1")
+    assert (m1["state"], m1["done"], m1["open"]) == ("done", 3, [])
+
+
+@pytest.mark.integration
+@pytest.mark.postgres
+def test_console_on_postgresql(home: Path, pg_url: str) -> None:  # noqa: F811  (the imported fixture)
+    """The pages, writes and the live poller on PostgreSQL (skipped without a server, as tests/test_postgres.py)."""
+    from schema.migrations import upgrade
+
+    url = pg_url
+    upgrade(url)
+    store = EventStore(url)
+    handler = CommandHandler(store)
+    assert core_ticket(handler, "TICKET-1") == "P-1"
+    handler.handle(submit(make_ticket("TICKET-2"), NOW))
+    server = ConsoleServer(home, env={**APPROVERS, "JETBOX_DATABASE_URL": url})
+    try:
+        listing = server.get_json("/api/tickets")
+        assert [t["ticket"] for t in listing["tickets"]] == ["TICKET-2", "TICKET-1"] and listing["paused"] is None
+        assert server.get_json("/api/tickets?q=ticket-2")["total"] == 1
+        assert len(server.get_json("/api/tickets/TICKET-1")["curves"]) == 2
+        for path in ("/", "/tickets/TICKET-1", "/proposals/P-1", "/core", "/audit", "/milestones", "/playground"):
+            assert server.request("GET", path)[0] == 200, path
+        auth = {"Content-Type": "application/json", "Authorization": f"Bearer {token_for(home, 'ada')}"}
+        code, body = server.request("POST", "/api/tickets/TICKET-2/priority", b'{"priority": 4}', auth)
+        assert code == 200, body
+        code, body = server.request("POST", "/api/proposals/P-1/approve", b'{"note": "on pg"}', auth)
+        assert code == 200 and b"core is now v1" in body, body
+        assert server.get_json("/api/core")["version"] == 1
+        assert next(iter(store.read(0, types=["CorePromoted"]))).data["actor"] == "ada"
+        assert server.get_json("/api/tickets?q=ticket-2")["tickets"][0]["priority"] == 4
+        deadline = time.monotonic() + 10
+        while server.get_json("/healthz")["last_seq"] != store.head():  # the live poller reads PostgreSQL
+            assert time.monotonic() < deadline, server.get_json("/healthz")
+            time.sleep(0.05)
+    finally:
+        server.stop()
+    assert replay_differences(store) == []
+    store.close()
 
 
 @pytest.mark.integration
