@@ -652,6 +652,61 @@ def test_browser_approve_records_the_web_user(
 
 @pytest.mark.integration
 @browser_needed
+def test_browser_hold_priority_pause_and_milestones(
+    store: EventStore, home: Path, console: ConsoleServer, browser: object, tmp_path: Path
+) -> None:
+    """Steering from the page (the web user recorded as actor), and the milestones pages."""
+    from tests.test_milestones import _report, plan_command, write_plan
+
+    handler = CommandHandler(store)
+    command, loaded = plan_command(write_plan(tmp_path / "plan").parent)
+    handler.handle(command)
+    tickets = {t.ticket.id: t.ticket for t in loaded.tickets}
+    handler.handle(submit(tickets["TICKET-1"], NOW))
+    handler.handle(_report(c.RecordJobSucceeded, "TICKET-1", "a", metrics={"score": 0.9}, now=NOW))
+    handler.handle(submit(tickets["TICKET-2"], NOW))
+    page = browser.new_page(viewport={"width": 1280, "height": 800})  # type: ignore[attr-defined]
+    login(page, console, token_for(home, "ada"), "/tickets/TICKET-2")
+    page.fill("#hold-form input[name=reason]", "waiting for the new GPU")
+    page.click("#hold")
+    page.wait_for_selector("#flash")
+    assert page.locator("#flash").inner_text().startswith("held TICKET-2")
+    assert "waiting for the new GPU" in page.locator("#held").inner_text()
+    page.fill("#priority-form input[name=priority]", "5")
+    page.click("#set-priority")
+    page.wait_for_selector("#flash")
+    assert page.locator("#flash").inner_text() == "TICKET-2: priority 5"
+    shot(page, "ticket-steer", full_page=False)
+    page.goto(console.url + "/")
+    row = page.locator('tr[data-ticket="TICKET-2"]')
+    assert "held" in row.inner_text() and "5" in row.locator("td.num").first.inner_text()
+    page.fill("#pause-form input[name=reason]", "disk swap")
+    page.click("#pause")
+    page.wait_for_selector("#paused-banner")
+    assert "disk swap" in page.locator("#paused-banner").inner_text()
+    shot(page, "tickets-paused")
+    page.click("#resume")
+    page.wait_for_selector("#pause-form")
+    page.goto(console.url + "/tickets/TICKET-2")
+    page.click("#release")
+    page.wait_for_selector("#flash")
+    assert page.locator("#flash").inner_text().startswith("released TICKET-2")
+    kinds = ["TicketHeld", "PriorityChanged", "InstallationPaused", "InstallationResumed", "TicketReleased"]
+    recorded = list(store.read(0, types=kinds))
+    assert [r.type for r in recorded] == kinds
+    assert all(r.meta["actor"]["user"] == "ada" for r in recorded)
+    page.click("header nav a[href='/milestones']")
+    page.wait_for_selector("#milestones")
+    assert page.locator('tr[data-milestone="M1"]').get_attribute("data-state") == "in progress"
+    shot(page, "milestones")
+    page.click('a[href="/milestones/M1"]')
+    page.wait_for_selector("#deliverables")
+    assert page.locator('#deliverables tr[data-ok="1"]').count() == 2
+    shot(page, "milestone")
+
+
+@pytest.mark.integration
+@browser_needed
 def test_browser_bad_ticket_shows_errors_at_their_line(
     store: EventStore, home: Path, console: ConsoleServer, browser: object
 ) -> None:
