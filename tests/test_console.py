@@ -116,7 +116,7 @@ def token_for(home: Path, user: str) -> str:
 def test_console_never_imports_torch_or_workers() -> None:
     code = (
         "import sys, console.app, console.data, console.live, console.auth, cli.console_cmds;"
-        "import daemon.gate;"
+        "import daemon.gate, daemon.adhoc, cli.plans, cli.milestone_report, schema.milestones;"
         "bad = [k for k in sys.modules if k.split('.')[0] in ('torch', 'workers', 'timm', 'gradio')];"
         "print(bad); sys.exit(1 if bad else 0)"
     )
