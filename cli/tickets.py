@@ -567,8 +567,12 @@ def _print_sweeps(rows: list[dict[str, Any]]) -> None:
         step, table, keys, names = sweep["step"], sweep["rows"], sweep["params"], sweep["metrics"]
         head = ["", "subtask", *keys, *names]
         body = [
-            ["*" if r["best"] else "", r["subtask"], *(_cell(r["params"].get(k)) for k in keys),
-             *(_cell(r["metrics"].get(n)) for n in names)]
+            [
+                "*" if r["best"] else "",
+                r["subtask"],
+                *(_cell(r["params"].get(k)) for k in keys),
+                *(_cell(r["metrics"].get(n)) for n in names),
+            ]
             for r in table
         ]
         widths = [max(len(str(row[i])) for row in [head, *body]) for i in range(len(head))]
