@@ -613,6 +613,8 @@ def test_browser_ticket_list_updates_by_itself(store: EventStore, console: Conso
         ("audit", "/audit"),
         ("workers", "/workers"),
         ("playground-empty", "/playground"),
+        ("playground-image-empty", "/playground/image"),
+        ("milestones-empty", "/milestones"),
         ("sql", "/sql?q=SELECT+id,+state,+title+FROM+tickets"),
     ):
         page.goto(console.url + path)
