@@ -13,7 +13,7 @@ from cli.main import CliError
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("infer", help="run a core component on an input, through the queue, on a worker")
-    p.add_argument("--component", required=True, choices=["reasoner", "image-encoder"])
+    p.add_argument("--component", required=True, choices=["reasoner", "image-encoder", "image-text-encoder"])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", type=Path, help="a sudoku puzzle: one row per line, 0 or . for blanks")
     src.add_argument("--image", type=Path, help="a PNG image (RGB)")

@@ -529,13 +529,18 @@ def create_app(config: Config) -> FastAPI:
         return page(request, "playground.html", payload, status)
 
     def image_payload(form: dict[str, Any]) -> dict[str, Any]:
-        from daemon.adhoc import current_core, default_gallery
+        from daemon.adhoc import IMAGE_COMPONENTS, current_core, default_gallery
 
         core = current_core(engine)
+        have = [name for name in IMAGE_COMPONENTS if name in core["components"]]
+        # The one asked for, else the core's image encoder, else its image-text encoder.
+        component = str(form.get("component") or (have[0] if have else IMAGE_COMPONENTS[0]))
         return {
             "core_version": core["version"],
-            "encoder": core["components"].get("image-encoder"),
-            "default_gallery": default_gallery(engine, core),
+            "components": have,
+            "component": component,
+            "encoder": core["components"].get(component),
+            "default_gallery": default_gallery(engine, core, component),
             "gallery": str(form.get("gallery") or "").strip(),
             "adapter": str(form.get("adapter") or "").strip(),
             "queue": "cpu" if form.get("queue") == "cpu" else "gpu",
@@ -679,7 +684,11 @@ def picture_params(form: dict[str, Any], payload: dict[str, Any]) -> dict[str, A
     import binascii
     import re
 
-    params: dict[str, Any] = {"component": "image-encoder"}
+    from daemon.adhoc import IMAGE_COMPONENTS
+
+    if payload["component"] not in IMAGE_COMPONENTS:
+        raise ValueError(f"component: {payload['component']!r}; one of {', '.join(IMAGE_COMPONENTS)}")
+    params: dict[str, Any] = {"component": payload["component"]}
     encoded, image = form.get("image_png"), form.get("image")
     if encoded and image is not None:
         raise ValueError("send either image_png or image, not both")

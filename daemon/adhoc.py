@@ -116,11 +116,14 @@ def infer(
     return out
 
 
-def default_gallery(engine: sa.Engine, core: dict[str, Any]) -> str | None:
+IMAGE_COMPONENTS = ("image-encoder", "image-text-encoder")
+
+
+def default_gallery(engine: sa.Engine, core: dict[str, Any], component: str = "image-encoder") -> str | None:
     """The captioned images to compare a picture with: a `shapes` dataset of the ticket that trained the
-    core's image encoder (what it learned from), else the newest `shapes` dataset; None when there is none."""
+    core's `component` (what it learned from), else the newest `shapes` dataset; None when there is none."""
     table = SQLModel.metadata.tables["artifacts"]
-    trained_by = str((core["components"].get("image-encoder") or {}).get("ticket") or "")
+    trained_by = str((core["components"].get(component) or {}).get("ticket") or "")
     query = sa.select(table.c.id, table.c.ticket, table.c.meta).where(table.c.kind == "dataset")
     with engine.connect() as conn:
         rows = conn.execute(query.order_by(table.c.recorded_at.desc()).limit(500)).all()

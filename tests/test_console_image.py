@@ -1,4 +1,4 @@
-"""The console's picture playground, the whole way: a tiny image encoder is trained on `shapes` by a real
+"""The console's picture playground, the whole way: a tiny image encoder (jepa-text) is trained on `shapes` by a real
 worker, promoted by a web user, then a picture (a PNG, as the page's canvas sends it) goes through the
 queue to the warm worker, which answers with the nearest captions and kNN probe predictions."""
 
@@ -16,13 +16,12 @@ import pytest
 from tests.console_server import ConsoleServer
 from tests.test_console import APPROVERS, BROWSER_ARGS, CHROMIUM, shot, token_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]  # trains an encoder on a worker
-
 TINY_JEPA = "{embed_dim: 48, depth: 2, num_heads: 2, pred_dim: 24, pred_depth: 1, pred_heads: 2}"
+TINY_TEXT = "{hidden: 32, layers: 1, heads: 2, pred_hidden: 32, vocab_size: 128}"
 STEPS = (
     "  - {id: shapes, kind: synthesize, with: {generator: shapes, count: 64, seed: 1}}\n"
     "  - {id: train, kind: train, needs: [shapes], queue: cpu,"
-    f" with: {{model: jepa, data: shapes, steps: 3, batch_size: 16, arch: {TINY_JEPA}}}}}\n"
+    f" with: {{model: jepa-text, data: shapes, steps: 3, batch_size: 16, arch: {TINY_JEPA}, text: {TINY_TEXT}}}}}\n"
     "  - {id: eval, kind: evaluate, needs: [train, shapes], queue: cpu,"
     " with: {model: jepa, data: shapes, checkpoint: train, max_examples: 40, knn_k: 5}}\n"
 )
@@ -43,13 +42,15 @@ def png(draw: str = "circle") -> str:
     return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
 
 
+@pytest.mark.integration
+@pytest.mark.slow  # trains an encoder on a worker
 def test_picture_playground_on_a_warm_worker(running: Any) -> None:
     running.drop("TICKET-1", STEPS, "update: core\nexpires: 1d\n")
     running.daemon.wait_event("ProposalOpened", ticket="TICKET-1", timeout=300)
     server = ConsoleServer(running.home, env={**running.env, **APPROVERS})
     try:
         before = server.get_json("/api/playground/image")
-        assert before["core_version"] == 0 and before["encoder"] is None
+        assert before["core_version"] == 0 and before["encoder"] is None and before["components"] == []
         dataset = next(
             r for r in running.daemon.rows() if r["type"] == "ArtifactRecorded" and r["data"]["kind"] == "dataset"
         )
@@ -67,7 +68,7 @@ def test_picture_playground_on_a_warm_worker(running: Any) -> None:
         code, first = post("/api/playground/image", {"image_png": png(), "queue": "cpu", "top_k": 7})
         assert code == 200, first
         result = first["result"]
-        assert result["core_version"] == 1 and result["adapter"] is None and result["component"] == "image-encoder"
+        assert result["core_version"] == 1 and result["adapter"] is None and result["component"] == "image-text-encoder"
         assert result["gallery"] == dataset["data"]["artifact"] and result["gallery_size"] == 64
         assert result["image_size"] == 32 and len(result["neighbours"]) == 7 == result["k"]
         sims = [n["similarity"] for n in result["neighbours"]]
@@ -79,6 +80,10 @@ def test_picture_playground_on_a_warm_worker(running: Any) -> None:
         assert result["probes"]["shape"]["prediction"] in SHAPES
         assert result["probes"]["colour"]["prediction"] in COLOURS
         assert sum(result["probes"]["colour"]["votes"].values()) == 7
+        # A jepa-text encoder also predicts the caption's latent: the nearest distinct captions in text space.
+        matches = result["text_matches"]
+        assert len(matches) == 7 and len({m["caption"] for m in matches}) == 7
+        assert [m["similarity"] for m in matches] == sorted((m["similarity"] for m in matches), reverse=True)
         # The second picture finds the encoder and the embedded gallery warm on the worker.
         code, second = post("/api/playground/image", {"image_png": png("square"), "queue": "cpu"})
         assert code == 200 and second["result"]["warm"] and second["result"]["gallery_warm"], second
@@ -94,6 +99,7 @@ def test_picture_playground_on_a_warm_worker(running: Any) -> None:
             ({"image_png": png(), "image": [[[1, 2, 3]]]}, 422, "not both"),
             ({"queue": "cpu"}, 422, "no picture"),
             ({"image_png": png(), "top_k": 0, "queue": "cpu"}, 422, "top_k: 0 is out of range"),
+            ({"image_png": png(), "component": "reasoner", "queue": "cpu"}, 422, "component: 'reasoner'"),
             ({"image_png": png(), "top_k": "many", "queue": "cpu"}, 422, "not a whole number"),
             ({"image_png": png(), "gallery": "sha256:zz'; drop", "queue": "cpu"}, 422, "is not sha256:"),
             ({"image_png": png(), "adapter": "A-99", "queue": "cpu"}, 409, "no adapter A-99"),
@@ -119,9 +125,33 @@ def in_browser(server: ConsoleServer) -> None:
         page.select_option("select[name=queue]", "cpu")
         page.click("#look")
         page.wait_for_selector("#seen", timeout=120_000)
-        assert "core v1 image encoder" in page.locator("#produced-by").inner_text()
+        assert "core v1 image-text-encoder" in page.locator("#produced-by").inner_text()
         assert "adapter: none" in page.locator("#produced-by").inner_text()
         assert page.locator("#probes tr[data-label=shape]").count() == 1
         assert page.locator("#captions tbody tr").count() == 5
+        assert page.locator("#text-matches tbody tr").count() == 5
         shot(page, "playground-image")
         browser.close()
+
+
+def test_gallery_look_votes_and_names() -> None:
+    """The worker's nearest-captions and kNN vote on a hand-made gallery (no model, no jepa-text side)."""
+    import numpy as np
+
+    from workers.gallery import Gallery, look
+
+    z = np.array([[1, 0], [0.9, 0.1], [0, 1], [-1, 0]], dtype=np.float32)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    found = Gallery(
+        z=z,
+        captions=["a red circle", "a red circle", "a blue square", "a green star"],
+        labels={"shape": np.array([0, 0, 1, 4]), "count": np.array([1, 2, 1, 3])},
+        names={"shape": ["circle", "square", "triangle", "cross", "star", "ring"]},
+    )
+    out = look(found, np.array([1.0, 0.05]), 3)
+    assert [n["index"] for n in out["neighbours"]] == [0, 1, 2]
+    assert out["captions"] == ["a red circle", "a blue square"]  # distinct, nearest first
+    assert out["probes"]["shape"] == {"prediction": "circle", "share": 2 / 3, "votes": {"circle": 2, "square": 1}}
+    assert out["probes"]["count"]["prediction"] == "1"  # no names for counts: the value itself
+    assert out["text_matches"] is None
+    assert look(found, np.array([1.0, 0.0]), 50)["k"] == 4  # k is capped by the gallery

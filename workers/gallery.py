@@ -33,6 +33,8 @@ class Gallery:
     captions: list[str]
     labels: dict[str, np.ndarray]  # label -> [N] ids
     names: dict[str, list[str]]  # label -> the name of each id, where the generator names them
+    texts: list[str] | None = None  # the distinct captions, for an encoder with a text side (jepa-text)
+    text_z: np.ndarray | None = None  # [T, D'] their text latents, unit vectors
 
 
 _CACHE: OrderedDict[str, Gallery] = OrderedDict()
@@ -85,9 +87,13 @@ def _names(generator: str) -> dict[str, list[str]]:
 
 
 def gallery(
-    key: str, arrays: Callable[[], tuple[str, dict[str, np.ndarray]]], embed: Callable[[np.ndarray], np.ndarray]
+    key: str,
+    arrays: Callable[[], tuple[str, dict[str, np.ndarray]]],
+    embed: Callable[[np.ndarray], np.ndarray],
+    embed_texts: Callable[[list[str]], np.ndarray] | None = None,
 ) -> tuple[Gallery, bool]:
-    """The embedded gallery for `key` (encoder, adapter, dataset), embedding it on a miss; (gallery, was_warm)."""
+    """The embedded gallery for `key` (encoder, adapter, dataset), embedding it on a miss; (gallery, was_warm).
+    With `embed_texts` (a jepa-text encoder) its distinct captions are put in the text space too."""
     with _LOCK:
         if key in _CACHE:
             _CACHE.move_to_end(key)
@@ -104,6 +110,9 @@ def gallery(
         labels=labels,
         names=_names(generator),
     )
+    if embed_texts is not None:
+        found.texts = sorted(set(found.captions))
+        found.text_z = _unit(embed_texts(found.texts))
     with _LOCK:
         _CACHE[key] = found
         while len(_CACHE) > KEEP:
@@ -111,8 +120,10 @@ def gallery(
     return found, False
 
 
-def look(found: Gallery, z: np.ndarray, k: int) -> dict[str, Any]:
-    """The k nearest gallery images of one embedding: their captions, and the kNN vote on each label."""
+def look(found: Gallery, z: np.ndarray, k: int, z_text: np.ndarray | None = None) -> dict[str, Any]:
+    """The k nearest gallery images of one embedding: their captions, and the kNN vote on each label.
+    With `z_text` (the encoder's prediction of the picture's caption latent), also the k captions
+    nearest to it in the text space (`text_matches`)."""
     sims = found.z @ _unit(z.reshape(1, -1))[0]
     k = min(k, len(sims))
     order = np.argsort(-sims, kind="stable")[:k]
@@ -137,4 +148,9 @@ def look(found: Gallery, z: np.ndarray, k: int) -> dict[str, Any]:
             "share": votes[best] / k,
             "votes": {name(v): c for v, c in sorted(votes.items(), key=lambda item: -item[1])},
         }
-    return {"neighbours": neighbours, "captions": captions, "probes": probes, "k": k}
+    text_matches = None
+    if z_text is not None and found.text_z is not None and found.texts is not None:
+        scores = found.text_z @ _unit(z_text.reshape(1, -1))[0]
+        nearest = np.argsort(-scores, kind="stable")[: min(k, len(scores))]
+        text_matches = [{"caption": found.texts[i], "similarity": float(scores[i])} for i in nearest]
+    return {"neighbours": neighbours, "captions": captions, "probes": probes, "k": k, "text_matches": text_matches}

@@ -26,7 +26,7 @@ from workers.jobs import JobFailed, JobResult, own_params
 from workers.loading import load_dataset, load_image_encoder, load_reasoner
 from workers.synth.base import load_arrays
 
-COMPONENTS = ("reasoner", "image-encoder")
+COMPONENTS = ("reasoner", "image-encoder", "image-text-encoder")
 
 
 @dataclass
@@ -110,6 +110,7 @@ CACHE = ModelCache(int(float(os.environ.get("JETBOX_MODEL_CACHE_MB", "4096")) * 
 LOADERS: dict[str, Callable[[Path], tuple[Any, dict[str, Any]]]] = {
     "reasoner": load_reasoner,
     "image-encoder": load_image_encoder,
+    "image-text-encoder": load_image_encoder,  # jepa-text: the same image encoder, with a text side
 }
 
 
@@ -154,6 +155,33 @@ def embed_images(loaded: Loaded, images: np.ndarray) -> np.ndarray:
     return embed(loaded.model, images, batch=64, device=torch.device("cpu"))
 
 
+def text_space(loaded: Loaded) -> tuple[Callable[[list[str]], np.ndarray], Callable[[np.ndarray], np.ndarray]] | None:
+    """For a jepa-text encoder: (captions -> text latents, image latents -> predicted text latents); else None."""
+    tok = loaded.info.get("tokenizer")
+    model = loaded.model
+    if tok is None or not hasattr(model, "img2txt"):
+        return None
+    import torch  # torch: only when a model runs
+
+    from workers.models.text import tokenize
+
+    def captions(texts: list[str]) -> np.ndarray:
+        with torch.no_grad():
+            out = []
+            for i in range(0, len(texts), 256):
+                ids, mask = tokenize(tok, texts[i : i + 256], model.text_cfg.max_len)
+                device = next(model.parameters()).device
+                out.append(model.embed_text(ids.to(device), mask.to(device)).float().cpu())
+            return torch.cat(out).numpy()
+
+    def predict(z: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            return model.img2txt(torch.from_numpy(z).to(device)).float().cpu().numpy()
+
+    return captions, predict
+
+
 # --- the job -----------------------------------------------------------------------------------
 
 
@@ -162,7 +190,7 @@ class InferParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    component: str = Field(description="reasoner or image-encoder")
+    component: str = Field(description="reasoner, image-encoder or image-text-encoder")
     checkpoint: str | None = Field(default=None, description="sha256:<id>; default: the current core's")
     puzzle: list[list[int]] | None = Field(default=None, description="a sudoku grid, 0 = blank (reasoner)")
     image: list[list[list[int]]] | None = Field(default=None, description="an HxWx3 uint8 image (image-encoder)")
@@ -298,9 +326,12 @@ def run_infer(ctx: JobContext, params: dict[str, Any]) -> JobResult:
                 return manifest.generator, dict(load_arrays(manifest, ctx.store))
 
             key = f"{p.component}:{artifact}:{outputs['adapter'] or ''}:{ref}"
-            found_gallery, gallery_warm = gallery(key, arrays, lambda imgs: embed_images(loaded, imgs))
+            text = text_space(loaded)
+            found_gallery, gallery_warm = gallery(
+                key, arrays, lambda imgs: embed_images(loaded, imgs), text[0] if text else None
+            )
             outputs.update(
-                look(found_gallery, z[0], p.top_k),
+                look(found_gallery, z[0], p.top_k, text[1](z[:1])[0] if text else None),
                 gallery=ref,
                 gallery_size=len(found_gallery.captions),
                 gallery_warm=gallery_warm,

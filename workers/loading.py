@@ -76,6 +76,8 @@ def load_reasoner(path: Path) -> tuple[Any, dict[str, Any]]:
 def load_image_encoder(path: Path) -> tuple[Any, dict[str, Any]]:
     from workers.train_jepa import load_model  # torch: only when a model loads
 
-    model, params, _ = load_model(path)
+    model, params, tok = load_model(path)
     model.eval()
-    return model, {"preset": params.preset, "model": params.model, "img_size": params.image_config().img_size}
+    # `tokenizer`: a jepa-text encoder's, to put captions in its text space (the playground's matches).
+    info = {"preset": params.preset, "model": params.model, "img_size": params.image_config().img_size}
+    return model, {**info, "tokenizer": tok}
