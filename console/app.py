@@ -372,18 +372,13 @@ def create_app(config: Config) -> FastAPI:
     @app.get("/milestones/{mid}/report")
     async def milestone_report(request: Request, mid: str, format: str = "html") -> Any:
         """The report `jbctl milestone MID --report html|md` writes (not stored as an artifact from here)."""
-        from datetime import UTC
-
-        from cli.milestone_report import render
-
         if (r := reader_refused(request)) is not None:
             return r
         if format not in ("html", "md"):
             return Response(f"format: {format!r}; use html or md\n", status_code=400, media_type="text/plain")
-        book = await asyncio.to_thread(milestones.current)
-        if mid not in book.milestones:
+        body = await asyncio.to_thread(milestones.report, mid, format)
+        if body is None:
             return Response(f"no milestone {mid!r}\n", status_code=404, media_type="text/plain")
-        body, _ = await asyncio.to_thread(render, book, mid, format, datetime.now(UTC))
         media = "text/html; charset=utf-8" if format == "html" else "text/markdown; charset=utf-8"
         return Response(body, media_type=media)
 

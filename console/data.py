@@ -329,33 +329,46 @@ class Milestones:
         self.seq = 0
         self._lock = threading.Lock()
 
-    def current(self) -> Any:
-        """The book, up to date with the log (no fold at all while no milestone was ever planned)."""
+    def _catch_up(self) -> bool:
+        """Fold the new events into the book (under the lock); False while no milestone was ever planned,
+        so a log without plans is never folded."""
         from schema.store import decode_events
 
-        with self._lock:
-            if not self.book.milestones:
-                with self.engine.connect() as conn:
-                    planned = conn.execute(
-                        sa.text("SELECT 1 FROM events WHERE type = 'MilestonePlanned' LIMIT 1")
-                    ).first()
-                if planned is None:
-                    return self.book
-            for seq, event in decode_events(self.engine, self.seq):
-                self.book.apply(seq, event)
-                self.seq = seq
-            return self.book
+        if not self.book.milestones:
+            with self.engine.connect() as conn:
+                planned = conn.execute(sa.text("SELECT 1 FROM events WHERE type = 'MilestonePlanned' LIMIT 1")).first()
+            if planned is None:
+                return False
+        for seq, event in decode_events(self.engine, self.seq):
+            self.book.apply(seq, event)
+            self.seq = seq
+        return True
+
+    # Views are read under the lock too: another request may be folding new events into the same book.
 
     def listing(self) -> dict[str, Any]:
-        return {"milestones": self.current().views()}
+        with self._lock:
+            self._catch_up()
+            return {"milestones": self.book.views()}
 
     def one(self, mid: str) -> dict[str, Any] | None:
-        book = self.current()
-        if mid not in book.milestones:
-            return None
         from cli.plans import checklist_lines
 
-        view = book.view(mid)
+        with self._lock:
+            self._catch_up()
+            if mid not in self.book.milestones:
+                return None
+            view = self.book.view(mid)
         view["checklist"] = checklist_lines(view)
-        view["known"] = sorted(book.milestones)
         return view
+
+    def report(self, mid: str, fmt: str) -> bytes | None:
+        """The report `jbctl milestone MID --report FMT` writes (without storing it), or None: no such milestone."""
+        from cli.milestone_report import render
+
+        with self._lock:
+            self._catch_up()
+            if mid not in self.book.milestones:
+                return None
+            body, _ = render(self.book, mid, fmt, datetime.now(UTC))
+        return body
