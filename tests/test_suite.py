@@ -52,7 +52,8 @@ def test_a_core_proposal_files_a_suite_ticket_for_its_candidate() -> None:
     steps = {st["id"]: st for st in filed.spec["steps"]}
     assert steps["data-sudoku-6x6"]["with"] == {"generator": "sudoku", "count": 600, "seed": 90_006, "params": {"n": 6}}
     ev_with = steps["eval-reasoner"]["with"]
-    assert ev_with["checkpoint"] == f"sha256:{CKPT_A}" and ev_with["model"] == "trm" and ev_with["data"] == "data-sudoku-6x6"
+    assert ev_with["checkpoint"] == f"sha256:{CKPT_A}" and ev_with["model"] == "trm"
+    assert ev_with["data"] == "data-sudoku-6x6"
     assert ev_with["suite"]["proposal"] == "P-1" and ev_with["suite"]["core_version"] is None
     # The suite ticket has no proposal of its own, and its steps do not read the core.
     ticket = s.tickets["TICKET-suite-P-1"]
@@ -66,7 +67,8 @@ def test_its_result_is_a_suite_row_and_promotion_reuses_it_for_the_new_core() ->
     done = _run_suite_ticket(s, "TICKET-suite-P-1", {"exact_acc": 0.4, "blank_acc": 0.8})
     row = next(e for e in done if isinstance(e, ev.SuiteEvaluated))
     assert (row.proposal, row.core_version, row.component, row.yardstick) == ("P-1", None, "reasoner", "sudoku:6x6")
-    assert row.metrics == {"exact_acc": 0.4, "blank_acc": 0.8} and row.checkpoint == f"sha256:{CKPT_A}" and not row.reused
+    assert row.metrics == {"exact_acc": 0.4, "blank_acc": 0.8}
+    assert row.checkpoint == f"sha256:{CKPT_A}" and not row.reused
     assert s.tickets["TICKET-suite-P-1"].status == "completed"
     promoted = apply(s, c.ApproveProposal(now=T0, proposal="P-1", actor="bob"))
     assert "TicketSubmitted" in types(promoted)
