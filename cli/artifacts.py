@@ -86,7 +86,7 @@ def _list_options(p: argparse.ArgumentParser, default: Any) -> None:
 
 
 def _store(args: argparse.Namespace) -> ArtifactStore:
-    return ArtifactStore(settings_from(args).artifacts_path)
+    return ArtifactStore.from_settings(settings_from(args))
 
 
 def _resolve(store: ArtifactStore, prefix: str) -> str:
@@ -191,12 +191,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     """`jbctl artifacts show ID`: the manifest, then a preview (text, and a PNG for images)."""
     settings = settings_from(args)
-    store = ArtifactStore(settings.artifacts_path)
+    store = ArtifactStore.from_settings(settings)
     full = _resolve(store, args.id)
     entry = store.entry(full)
     as_json = getattr(args, "json", False)
     if entry is None or entry.kind != MANIFEST_KIND:
-        info: dict[str, Any] = {"id": full, "size": store.path(full).stat().st_size, "path": str(store.path(full))}
+        info: dict[str, Any] = {"id": full, "size": store.size(full), "path": store.where(full)}
         if entry is not None:
             info["entry"] = entry.model_dump(mode="json")
         info["listed_by"] = [f"{mid} shard {s.index}" for mid, m in store.manifests() for s in m.shards if s.id == full]
@@ -332,8 +332,8 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
 
 
 def referenced_by_log(args: argparse.Namespace) -> set[str] | None:
-    """Artifact ids the event log refers to (recorded artifacts, step outputs, core components),
-    or None when there is no database to ask."""
+    """Artifact ids the event log refers to (recorded artifacts, step outputs, core components, the
+    last checkpoint of each task), or None when there is no database to ask."""
     import re
 
     from cli.common import open_store, settings_from
@@ -365,6 +365,12 @@ def referenced_by_log(args: argparse.Namespace) -> set[str] | None:
         collect(rec.data.get("components"))
         collect(rec.data.get("candidate"))
         collect(rec.data.get("adapters"))
+    # The last checkpoint of each task: what its next attempt (here or on another host) resumes from.
+    last: dict[tuple[str, str], Any] = {}
+    for rec in store.read(0, types=["CheckpointSaved"]):
+        last[(str(rec.data.get("ticket")), str(rec.data.get("task")))] = rec.data.get("path")
+    for ref in last.values():
+        collect(ref)
     store.close()
     return keep
 

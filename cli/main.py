@@ -97,9 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as exc:
+        from schema.artifacts import ArtifactError
         from schema.store import ConcurrencyError, StoreError
 
-        if isinstance(exc, StoreError | ConcurrencyError):
+        # An artifact store that cannot be used as configured (JETBOX_ARTIFACTS_URL): the message says why.
+        if isinstance(exc, StoreError | ConcurrencyError | ArtifactError):
             print(f"jbctl: {exc}", file=sys.stderr)
             return 1
         raise

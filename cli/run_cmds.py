@@ -84,9 +84,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def _warm(settings: Any, name: str, queues: list[str]) -> None:
     """Keep-alive: load the current core (as the dispatcher last published it) before the first job, then
     follow it: a promoted or rolled-back core is loaded in the background and switched to when ready."""
+    from schema.artifact_store import ArtifactStore
     from workers.keepalive import CoreFollower
 
-    follower = CoreFollower(settings.redis_url, name, settings.artifacts_path, queues)
+    follower = CoreFollower(settings.redis_url, name, ArtifactStore.from_settings(settings), queues)
     try:
         follower.step()
     except Exception as exc:  # Redis not there yet: the follower keeps trying

@@ -5,8 +5,12 @@ prefix lookup, the index, manifests, verification and gc decisions. A backend on
 blobs named by their id. The store stages every write as a complete local file (hashed while it
 is written), then hands it to `put`, so a backend never sees a partial object and never hashes.
 
-A second backend (an object store such as S3, with a local cache behind `path`) implements this
-protocol and is passed as `ArtifactStore(root, backend=...)`; no caller changes.
+The index entries (`ArtifactEntry` JSON, one small document per recorded artifact) go through the
+backend too, so that every host that shares an object store also shares its catalogue: `gc` on one
+host must see the manifests another host wrote, or it would delete their shards.
+
+`S3Backend` (`schema/artifact_s3.py`, an object store with a worker-local read cache behind `path`)
+implements this protocol and is chosen by `JETBOX_ARTIFACTS_URL`; no caller changes.
 
 Stdlib only.
 """
@@ -18,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
-from schema.artifacts import HEX64, UnknownArtifactError, fsync_dir
+from schema.artifacts import HEX64, UnknownArtifactError, atomic_write_bytes, fsync_dir
 
 
 @runtime_checkable
@@ -64,16 +68,38 @@ class ArtifactBackend(Protocol):
         """(name, location) of whatever sits among the objects without being one (for verify)."""
         ...
 
+    def where(self, artifact_id: str) -> str:
+        """Where the object lives, for messages (a file path, an s3:// URL)."""
+        ...
+
+    def put_entry(self, artifact_id: str, data: bytes) -> None:
+        """Write (or replace) the index entry of an object, atomically."""
+        ...
+
+    def get_entry(self, artifact_id: str) -> bytes | None:
+        """The index entry's bytes, or None when there is none."""
+        ...
+
+    def entry_ids(self) -> Iterator[str]:
+        """The ids that have an index entry (their objects may be gone)."""
+        ...
+
+    def delete_entry(self, artifact_id: str) -> None:
+        """Remove the index entry if present."""
+        ...
+
 
 class LocalDirBackend:
-    """Objects as files `root/ab/abcdef...` (the first two hex characters name the folder).
+    """Objects as files `root/ab/abcdef...` (the first two hex characters name the folder); index
+    entries as `index/<id>.json` beside `root` (by default `root/../index`).
 
     `put` renames a staged file into place and fsyncs the folder, so the staged file must be on the
     same file system (the store stages under its own `tmp/`, beside `objects/`).
     """
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, index: Path | str | None = None) -> None:
         self.root = Path(root)
+        self.index = Path(index) if index is not None else self.root.parent / "index"
 
     def path(self, artifact_id: str) -> Path:
         return self.root / artifact_id[:2] / artifact_id
@@ -121,6 +147,28 @@ class LocalDirBackend:
 
     def delete(self, artifact_id: str) -> None:
         self.path(artifact_id).unlink(missing_ok=True)
+
+    def where(self, artifact_id: str) -> str:
+        return str(self.path(artifact_id))
+
+    def put_entry(self, artifact_id: str, data: bytes) -> None:
+        atomic_write_bytes(self.index / f"{artifact_id}.json", data, tmp_dir=self.root.parent / "tmp")
+
+    def get_entry(self, artifact_id: str) -> bytes | None:
+        try:
+            return (self.index / f"{artifact_id}.json").read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def entry_ids(self) -> Iterator[str]:
+        if not self.index.is_dir():
+            return
+        for item in sorted(self.index.glob("*.json")):
+            if HEX64.match(item.stem):
+                yield item.stem
+
+    def delete_entry(self, artifact_id: str) -> None:
+        (self.index / f"{artifact_id}.json").unlink(missing_ok=True)
 
     def strays(self) -> Iterator[tuple[str, str]]:
         if not self.root.is_dir():

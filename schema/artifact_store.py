@@ -39,7 +39,6 @@ from schema.artifacts import (
     Manifest,
     Problem,
     UnknownArtifactError,
-    atomic_write_bytes,
 )
 
 
@@ -51,12 +50,26 @@ class ArtifactStore:
         self.objects = self.root / "objects"
         self.index = self.root / "index"
         self.tmp = self.root / "tmp"  # writes are staged here, complete and hashed, before `backend.put`
-        self.backend: ArtifactBackend = backend if backend is not None else LocalDirBackend(self.objects)
+        self.backend: ArtifactBackend = (
+            backend if backend is not None else LocalDirBackend(self.objects, index=self.index)
+        )
 
     @classmethod
     def from_settings(cls, settings: Any) -> ArtifactStore:
-        """The store of a `schema.settings.Settings` (its `artifacts_path`)."""
-        return cls(settings.artifacts_path)
+        """The store a `schema.settings.Settings` names: the local folder `artifacts_path` by default, or
+        the object store of `artifacts_url` (then `artifacts_path` only stages writes, and the read cache
+        lives under `artifacts_cache_path`)."""
+        url = getattr(settings, "artifacts_url", None)
+        if not url:
+            return cls(settings.artifacts_path)
+        from schema.artifact_s3 import S3Backend  # boto3: only where an object store is configured
+
+        backend = S3Backend(url, cache_dir=settings.artifacts_cache_path, cache_bytes=settings.artifacts_cache_limit)
+        return cls(settings.artifacts_path, backend=backend)
+
+    def where(self, artifact_id: str) -> str:
+        """Where the object lives, for messages (a file path, an s3:// URL)."""
+        return self.backend.where(artifact_id)
 
     # -- paths and lookup -----------------------------------------------------------------
 
@@ -187,13 +200,13 @@ class ArtifactStore:
         data = self.backend.get(self._checked(artifact_id))
         if verify and hashlib.sha256(data).hexdigest() != artifact_id:
             raise CorruptArtifactError(
-                f"artifact {artifact_id} is corrupt: its content hash changed ({self.path(artifact_id)})"
+                f"artifact {artifact_id} is corrupt: its content hash changed ({self.where(artifact_id)})"
             )
         return data
 
     def check(self, artifact_id: str, expected_size: int | None = None) -> None:
         """Raise CorruptArtifactError unless the object exists, has the size given and hashes to its id."""
-        path = self.path(artifact_id)
+        path = self.where(self._checked(artifact_id))
         if not self.has(artifact_id):
             raise CorruptArtifactError(f"artifact {artifact_id} is missing ({path})")
         digest, size = self._digest(artifact_id)
@@ -210,8 +223,7 @@ class ArtifactStore:
         """Add (or replace) the index entry of an existing object (descriptive data, not the log's record)."""
         if not self.has(entry.id):
             raise UnknownArtifactError(f"cannot record {entry.id}: no such object")
-        data = entry.model_dump_json(indent=None).encode()
-        atomic_write_bytes(self.index / f"{entry.id}.json", data, tmp_dir=self.tmp)
+        self.backend.put_entry(entry.id, entry.model_dump_json(indent=None).encode())
 
     def put_artifact(
         self,
@@ -273,22 +285,22 @@ class ArtifactStore:
     def entries(self) -> list[ArtifactEntry]:
         """Every index entry, oldest first (then by id)."""
         out: list[ArtifactEntry] = []
-        if not self.index.is_dir():
-            return out
-        for item in self.index.glob("*.json"):
-            try:
-                out.append(ArtifactEntry.model_validate_json(item.read_bytes()))
-            except (OSError, ValueError):
-                continue  # a damaged entry is reported by verify, never fatal for listing
+        for artifact_id in self.backend.entry_ids():
+            entry = self.entry(artifact_id)
+            if entry is not None:  # a damaged entry is never fatal for listing
+                out.append(entry)
         return sorted(out, key=lambda e: (e.created_at.isoformat() if e.created_at else "", e.id))
 
     def entry(self, artifact_id: str) -> ArtifactEntry | None:
         """The index entry of a full id, if recorded."""
-        item = self.index / f"{artifact_id}.json"
-        if not item.is_file():
+        try:
+            data = self.backend.get_entry(artifact_id)
+        except OSError:
+            return None
+        if data is None:
             return None
         try:
-            return ArtifactEntry.model_validate_json(item.read_bytes())
+            return ArtifactEntry.model_validate_json(data)
         except ValueError:
             return None
 
@@ -331,7 +343,7 @@ class ArtifactStore:
                         id=entry.id,
                         problem="missing",
                         detail=f"indexed {entry.kind} has no object",
-                        path=str(self.path(entry.id)),
+                        path=self.where(entry.id),
                     )
                 )
                 continue
@@ -344,7 +356,7 @@ class ArtifactStore:
                             id=entry.id,
                             problem="bad-manifest",
                             detail=str(exc).splitlines()[0],
-                            path=str(self.path(entry.id)),
+                            path=self.where(entry.id),
                         )
                     )
                     continue
@@ -356,11 +368,11 @@ class ArtifactStore:
                                 id=shard.id,
                                 problem="missing",
                                 detail=f"shard {shard.index} of dataset {entry.id[:12]}",
-                                path=str(self.path(shard.id)),
+                                path=self.where(shard.id),
                             )
                         )
         for artifact_id in self.ids():
-            path = self.path(artifact_id)
+            path = self.where(artifact_id)
             digest, size = self._digest(artifact_id)
             if digest == artifact_id:
                 continue
@@ -368,13 +380,13 @@ class ArtifactStore:
             if want is not None and size < want:
                 problems.append(
                     Problem(
-                        id=artifact_id, problem="truncated", detail=f"{size} bytes, expected {want}", path=str(path)
+                        id=artifact_id, problem="truncated", detail=f"{size} bytes, expected {want}", path=path
                     )
                 )
             else:
                 problems.append(
                     Problem(
-                        id=artifact_id, problem="corrupt", detail=f"content hashes to {digest[:16]}", path=str(path)
+                        id=artifact_id, problem="corrupt", detail=f"content hashes to {digest[:16]}", path=path
                     )
                 )
         for name, where in self.backend.strays():
@@ -419,7 +431,7 @@ class ArtifactStore:
             freed += self.backend.size(artifact_id) or 0
             removed.append(artifact_id)
             if not dry_run:
-                (self.index / f"{artifact_id}.json").unlink(missing_ok=True)
+                self.backend.delete_entry(artifact_id)
                 self.backend.delete(artifact_id)
         temps: list[str] = []
         if self.tmp.is_dir():
@@ -431,7 +443,7 @@ class ArtifactStore:
                         item.unlink(missing_ok=True)
         if not dry_run:
             # Index entries whose object is gone would list phantom artifacts.
-            for item in self.index.glob("*.json") if self.index.is_dir() else []:
-                if not self.has(item.stem):
-                    item.unlink(missing_ok=True)
+            for artifact_id in list(self.backend.entry_ids()):
+                if not self.has(artifact_id):
+                    self.backend.delete_entry(artifact_id)
         return GcReport(dry_run=dry_run, removed=removed, freed_bytes=freed, kept=kept, temp_files=temps)

@@ -127,6 +127,36 @@ class Settings(BaseSettings):
     # GPU memory the workers of a queue share, e.g. {gpu = "24G"}: one card per queue (two workers on one
     # card may then run two steps that both fit); steps declare `gpu_memory` (none: the whole card).
     queue_gpu_memory: dict[str, str] = Field(default_factory=dict)
+    # Where artifacts (datasets, checkpoints, reports) live: unset = the folder JETBOX_HOME/artifacts;
+    # `s3://bucket/prefix` = an S3-compatible object store shared by every host (endpoint and credentials
+    # from the usual AWS_* variables), read through a local cache of at most `artifacts_cache_size`.
+    artifacts_url: str | None = None
+    artifacts_cache_dir: Path | None = None
+    artifacts_cache_size: str = "20G"
+
+    @field_validator("artifacts_url")
+    @classmethod
+    def _artifacts_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from schema.artifact_s3 import parse_url  # stdlib only until a request is made
+
+        try:
+            parse_url(value)
+        except Exception as exc:  # ArtifactBackendError: said as a settings error
+            raise ValueError(str(exc)) from None
+        return value.strip()
+
+    @field_validator("artifacts_cache_size")
+    @classmethod
+    def _cache_size(cls, value: str) -> str:
+        from schema.ticket import parse_memory
+
+        try:
+            parse_memory(value)
+        except ValueError as exc:
+            raise ValueError(f"JETBOX_ARTIFACTS_CACHE_SIZE: {exc}") from None
+        return value
 
     @field_validator("queue_gpu_memory")
     @classmethod
@@ -142,7 +172,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"queue_gpu_memory.{queue}: {exc}") from None
         return value
 
-    @field_validator("home", "tickets_dir", "secret_file", mode="after")
+    @field_validator("home", "tickets_dir", "secret_file", "artifacts_cache_dir", mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser().absolute() if value is not None else None
@@ -170,6 +200,17 @@ class Settings(BaseSettings):
     @property
     def artifacts_path(self) -> Path:
         return self.home / "artifacts"
+
+    @property
+    def artifacts_cache_path(self) -> Path:
+        """The worker-local read cache of an object-store backend."""
+        return self.artifacts_cache_dir or self.home / "cache" / "artifacts"
+
+    @property
+    def artifacts_cache_limit(self) -> int:
+        from schema.ticket import parse_memory
+
+        return parse_memory(self.artifacts_cache_size)
 
     @property
     def secret_path(self) -> Path:

@@ -66,6 +66,39 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+def _need_moto() -> None:
+    from tests.s3server import have_moto
+
+    if not have_moto():
+        why = "boto3 and moto's server are not installed (pip install -e '.[s3,dev]')"
+        if os.environ.get("CI"):
+            pytest.fail(f"{why}: CI installs them with `make test`")  # never a silent skip there
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """moto's standalone S3 server on a free loopback port for the whole session, stopped by pid."""
+    _need_moto()
+    from tests.s3server import start_s3_server
+
+    server = start_s3_server(tmp_path_factory.mktemp("moto"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_url(s3_server: object, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket on the session's S3 server; the AWS_* variables and JETBOX_ARTIFACTS_URL point at it."""
+    from tests.s3server import S3Server
+
+    assert isinstance(s3_server, S3Server)
+    url = f"s3://{s3_server.create_bucket()}/jetbox"
+    for key, value in s3_server.env(url).items():
+        monkeypatch.setenv(key, value)
+    return url
+
+
 @pytest.fixture
 def store(home: Path) -> Iterator[object]:
     from schema.migrations import upgrade

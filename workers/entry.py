@@ -16,6 +16,7 @@ import redis
 from pydantic import ValidationError
 from rq import get_current_job
 
+from schema.artifact_store import ArtifactStore
 from schema.settings import load_settings
 from schema.wire import REPORT_STREAM, Envelope, Report, load_secret, verify
 from workers.context import JobCancelled
@@ -120,7 +121,7 @@ def run_job(signed: dict[str, Any]) -> dict[str, Any]:
     heartbeat = Heartbeat(conn, envelope.job_id, settings.heartbeat_seconds, settings.heartbeat_timeout_seconds)
     heartbeat.beat()
     heartbeat.start()
-    ctx = RuntimeContext(envelope, reporter, conn, workdir, settings.artifacts_path)
+    ctx = RuntimeContext(envelope, reporter, conn, workdir, ArtifactStore.from_settings(settings))
     reporter.send("started")
     try:
         with _network_policy(envelope.network, settings, ctx) as denied:

@@ -39,7 +39,7 @@ class CoreFollower(threading.Thread):
         self,
         redis_url: str,
         name: str,
-        artifact_root: Path,
+        artifact_root: Any,  # the ArtifactStore (or the folder of a local one) checkpoints are read from
         queues: list[str],
         poll_s: float = 1.0,
         warm: Callable[..., int] | None = None,

@@ -97,21 +97,37 @@ class RuntimeContext:
         reporter: Reporter,
         conn: redis.Redis,
         workdir: Path,
-        artifact_root: Path,
+        artifacts: ArtifactStore | Path,
     ) -> None:
         self.envelope = envelope
         self.ticket, self.task, self.attempt = envelope.ticket, envelope.task, envelope.attempt
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.resume_from = Path(envelope.resume_checkpoint) if envelope.resume_checkpoint else None
         self.reporter = reporter
         self.conn = conn
         self.network: str = envelope.network
-        self.store = ArtifactStore(artifact_root)
+        self.store = artifacts if isinstance(artifacts, ArtifactStore) else ArtifactStore(artifacts)
         self._last_progress = 0.0
         self._last_cancel_check = 0.0
         self._cancelled = False
         self._log = (workdir / "job.log").open("a", buffering=1)
+        self.resume_from = self._resume_path(envelope.resume_checkpoint)
+
+    def _resume_path(self, ref: str | None) -> Path | None:
+        """A local file with the checkpoint to resume from. Checkpoints are artifacts (`sha256:<id>`), so
+        any worker that shares the store can resume them; a bare path is from a log written before that."""
+        if not ref:
+            return None
+        if not ref.startswith("sha256:"):
+            return Path(ref)
+        artifact_id = ref.removeprefix("sha256:")
+        path = self.store.path(artifact_id)
+        if path.is_file():
+            return path
+        # Gone (gc'd, or a store this worker does not share): starting over is slower, never wrong.
+        self.log(f"checkpoint {artifact_id[:12]} is not in the artifact store ({self.store.where(artifact_id)}); "
+                 "starting from scratch")
+        return None
 
     def progress(self, step: int, total: int | None = None, **metrics: float) -> None:
         now = time.monotonic()
@@ -123,7 +139,9 @@ class RuntimeContext:
         self.reporter.send("progress", step=int(step), total=total, metrics=clean)
 
     def checkpoint(self, path: Path, step: int) -> None:
-        self.reporter.send("checkpoint", path=str(Path(path).resolve()), step=int(step))
+        # Into the artifact store: a retry on another host (sharing an object store) resumes from it.
+        artifact_id = self.store.put_file(path)
+        self.reporter.send("checkpoint", path=f"sha256:{artifact_id}", step=int(step))
 
     def artifact(self, path: Path, kind: str, meta: dict[str, Any] | None = None) -> str:
         lineage = Lineage(ticket=self.ticket, task=self.task, attempt=self.attempt)
