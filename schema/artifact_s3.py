@@ -17,6 +17,12 @@ hash or nothing. Files larger than `PART_SIZE` go up in parts (several in flight
 is aborted by the transfer manager. A bucket should also have a lifecycle rule that aborts incomplete
 multipart uploads after a day (docs/OPERATIONS.md), for uploads cut by a killed process.
 
+Requests run on one long-lived I/O thread per process (`_IoThread`), started when the first backend is
+built: a job under `network: deny` runs in a network namespace of its own (workers/netns.py), which
+its thread and every thread it starts inherit, so its own sockets reach nothing; the store's requests,
+made on the I/O thread, still leave through the worker's network (and the in-process guard lets the
+store's endpoint through, as it does Redis: `S3Backend.endpoints`).
+
 Reads: `open`/`get` stream from the object store (so `verify` checks what is stored, not a copy);
 `path` (the readers that need a file: memory-mapped shards, `torch.load`) downloads into a worker-local
 cache, checks the hash while downloading, and keeps at most `cache_bytes` there, evicting the least
@@ -28,10 +34,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import queue
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from urllib.parse import urlparse
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -66,6 +76,45 @@ def parse_url(url: str) -> tuple[str, str]:
     return bucket, prefix
 
 
+class _IoThread:
+    """Runs callables on one daemon thread, created where this object is (see the module's docstring)."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        self.pid = os.getpid()
+        self.thread = threading.Thread(target=self._loop, name="jetbox-artifact-io", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            fn, future = self.jobs.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+    def run(self, fn: Callable[[], T]) -> T:
+        if threading.current_thread() is self.thread:
+            return fn()
+        future: Future[T] = Future()
+        self.jobs.put((fn, future))
+        return future.result()
+
+
+_io: _IoThread | None = None
+_io_lock = threading.Lock()
+
+
+def io_thread() -> _IoThread:
+    """The process's I/O thread (a new one in a forked child, where the parent's thread does not exist)."""
+    global _io
+    with _io_lock:
+        if _io is None or _io.pid != os.getpid() or not _io.thread.is_alive():
+            _io = _IoThread()
+        return _io
+
+
 class S3Backend:
     """Objects in `s3://bucket/prefix/objects/`, index entries in `.../index/`, a read cache on disk."""
 
@@ -83,6 +132,7 @@ class S3Backend:
         self._client = client
         self.part_size = PART_SIZE
         self._checked = False
+        self._io = io_thread()  # now, in the caller's network namespace
 
     # -- the client -----------------------------------------------------------------------
 
@@ -111,14 +161,27 @@ class S3Backend:
     def endpoint(self) -> str:
         return str(getattr(getattr(self.client, "meta", None), "endpoint_url", "") or "the default AWS endpoint")
 
+    def endpoints(self) -> list[tuple[str, int]]:
+        """(host, port) pairs the requests go to: the endpoint, and the bucket's virtual host on it."""
+        url = urlparse(self.endpoint() if "://" in self.endpoint() else "https://s3.amazonaws.com")
+        if not url.hostname:
+            return []
+        port = url.port or (443 if url.scheme == "https" else 80)
+        if re.fullmatch(r"[0-9.]+|\[?[0-9a-fA-F:]+\]?", url.hostname):
+            return [(url.hostname, port)]  # an address: no virtual host of the bucket
+        return [(url.hostname, port), (f"{self.bucket}.{url.hostname}", port)]
+
     def _call(self, what: str, fn: Callable[[], T], on_missing: Callable[[], T] | None = None) -> T:
-        """Run one request, turning the client's errors into an ArtifactBackendError that says which
-        setting to look at; a missing key gives `on_missing()` where the caller expects that."""
+        """Run one request on the I/O thread, turning the client's errors into an ArtifactBackendError that
+        says which setting to look at; a missing key gives `on_missing()` where the caller expects that."""
+        return self._io.run(lambda: self._call_here(what, fn, on_missing))
+
+    def _call_here(self, what: str, fn: Callable[[], T], on_missing: Callable[[], T] | None = None) -> T:
         from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
         if not self._checked:
             self._checked = True  # before the first request: a wrong bucket or key is said plainly, once
-            self._call(f"bucket {self.bucket}", lambda: self.client.head_bucket(Bucket=self.bucket))
+            self._call_here(f"bucket {self.bucket}", lambda: self.client.head_bucket(Bucket=self.bucket))
         try:
             return fn()
         except ClientError as exc:
@@ -215,7 +278,7 @@ class S3Backend:
             _touch(local)
             return local
         try:
-            self._download(artifact_id, local)
+            self._io.run(lambda: self._download(artifact_id, local))
         except UnknownArtifactError:
             return local  # absent: like the local backend, a path that does not exist
         return local

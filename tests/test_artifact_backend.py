@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -367,3 +368,66 @@ def test_jbctl_says_what_is_wrong_with_the_store(
     err = capsys.readouterr().err
     assert "JETBOX_ARTIFACTS_URL=s3://never-created/x" in err and "does not exist" in err
     assert "Traceback" not in err
+
+
+# --- checkpoints follow the job to another host -----------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_checkpoint_written_on_one_host_resumes_on_another(
+    s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Host A trains (under `network: deny`: its requests leave through the store's I/O thread), host B
+    (another home, an empty cache, the same JETBOX_ARTIFACTS_URL) continues from A's last checkpoint."""
+    import json
+
+    import redis
+
+    from cli.embedded import start_redis
+    from schema.settings import load_settings
+    from schema.wire import REPORT_STREAM, Envelope, load_secret
+    from workers import entry
+    from workers.synth.sudoku import GENERATOR, SudokuParams  # noqa: F401  (the generator is registered)
+
+    server = start_redis(tmp_path / "redis")
+    try:
+        for key in [k for k in os.environ if k.startswith("JETBOX_") and k != "JETBOX_ARTIFACTS_URL"]:
+            monkeypatch.delenv(key)
+        monkeypatch.setenv("JETBOX_REDIS_URL", server.url)
+        homes = [tmp_path / "host-a", tmp_path / "host-b"]
+        secret = load_secret(homes[0] / "secret.key", create=True)
+        (homes[1]).mkdir()
+        (homes[1] / "secret.key").write_bytes((homes[0] / "secret.key").read_bytes())
+        (homes[1] / "secret.key").chmod(0o600)
+        main = ArtifactStore.from_settings(load_settings(home=tmp_path / "main"))
+        data = synthesize("sudoku", {"n": 4}, 0, 64, 64, main, Lineage(ticket="T-1", task="data"), created_at=WHEN)
+        tiny = {
+            "model": "trm", "d_model": 16, "n_heads": 2, "n_layers": 2, "batch_size": 8, "max_segments": 3,
+            "h_cycles": 2, "l_cycles": 1, "warmup_steps": 2, "checkpoint_every": 3, "log_every": 2, "seed": 3,
+            "data": f"sha256:{data.manifest_id()}", "test_fraction": 0.25,
+        }  # fmt: skip
+
+        def run(home: Path, attempt: int, max_steps: int, resume: str | None) -> list[dict[str, Any]]:
+            monkeypatch.setenv("JETBOX_HOME", str(home))
+            entry._settings_and_key.cache_clear()
+            env = Envelope(kind="train", ticket="T-1", task="train", attempt=attempt,
+                           params={**tiny, "max_steps": max_steps}, resume_checkpoint=resume)
+            out = entry.run_job(env.signed(secret))
+            assert out["status"] == "succeeded", out
+            rows = redis.Redis.from_url(server.url).xrange(REPORT_STREAM)
+            reports = [json.loads(fields[b"report"]) for _, fields in rows]
+            return [r for r in reports if r["attempt"] == attempt]
+
+        first = run(homes[0], 1, 6, None)
+        ckpts = [r["body"]["path"] for r in first if r["kind"] == "checkpoint"]
+        assert ckpts and all(c.startswith("sha256:") for c in ckpts)
+        assert not (homes[1] / "cache").exists()
+        second = run(homes[1], 2, 12, ckpts[-1])
+        steps = [r["body"]["step"] for r in second if r["kind"] == "progress"]
+        assert steps and min(steps) > 6  # it went on from A's step 6 instead of starting over
+        log = (homes[1] / "work" / "T-1" / "train" / "attempt-2" / "job.log").read_text()
+        assert "resumed from" in log and str(homes[1] / "cache" / "artifacts") in log
+        assert main.verify() == []
+    finally:
+        server.stop()

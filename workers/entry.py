@@ -72,7 +72,13 @@ def _network_policy(network: str, settings: Any, ctx: RuntimeContext) -> Iterato
         ctx.log(f"network: deny enforced by the in-process guard only ({why})")
     ns = JobNamespace() if kernel_ok else None
     failure: BaseException | None = None
-    with ns if ns is not None else contextlib.nullcontext(), network_denied(settings.redis_url) as denied:
+    # The artifact store's requests run on its own I/O thread, outside the job's namespace; the guard is
+    # process-wide, so it lets the store's endpoint through as it does Redis. The guard goes up first: it
+    # resolves the names it allows (a TCP Redis, the store's endpoint), which inside the namespace would
+    # fail and count as refused attempts.
+    store_endpoints = getattr(ctx.store.backend, "endpoints", list)()
+    guard = network_denied(settings.redis_url, also=store_endpoints)
+    with guard as denied, ns if ns is not None else contextlib.nullcontext():
         try:
             yield denied
         except BaseException as exc:  # judged below, once the namespace has been left and counted

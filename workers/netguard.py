@@ -1,4 +1,5 @@
-"""The in-process network guard: under `network: deny`, a job may reach its worker's Redis and nothing else.
+"""The in-process network guard: under `network: deny`, a job may reach its worker's Redis (and the
+artifact store's endpoint, when that is an object store) and nothing else.
 
 Installed around the job's code (the worker runs jobs in its own process, so the guard is lifted
 again afterwards). It patches the socket layer: connections and name lookups other than to the
@@ -12,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlparse
@@ -25,25 +26,29 @@ class NetworkDenied(ConnectionRefusedError):
 
 
 class _Allowed:
-    def __init__(self, redis_url: str | None) -> None:
+    def __init__(self, redis_url: str | None, also: Sequence[tuple[str, int]] = ()) -> None:
         self.unix: set[str] = set()
         self.hosts: set[str] = set()
         self.addrs: set[tuple[str, int]] = set()
+        for host, port in also:
+            self._allow(host, port)
         if not redis_url:
             return
         url = urlparse(redis_url)
         if url.scheme == "unix":
             self.unix.add(url.path)
         elif url.hostname:
-            port = url.port or 6379
-            self.hosts.add(url.hostname)
-            try:  # resolved before the guard goes up
-                infos = _REAL["getaddrinfo"](url.hostname, port)
-            except OSError:
-                infos = []
-            for info in infos:
-                self.addrs.add((str(info[4][0]), port))
-            self.addrs.add((url.hostname, port))
+            self._allow(url.hostname, url.port or 6379)
+
+    def _allow(self, host: str, port: int) -> None:
+        self.hosts.add(host)
+        try:  # resolved before the guard goes up
+            infos = _REAL["getaddrinfo"](host, port)
+        except OSError:
+            infos = []
+        for info in infos:
+            self.addrs.add((str(info[4][0]), port))
+        self.addrs.add((host, port))
 
 
 _REAL: dict[str, Callable[..., Any]] = {
@@ -72,9 +77,10 @@ def _describe(address: Any) -> str:
 
 
 @contextmanager
-def network_denied(redis_url: str | None) -> Iterator[list[str]]:
-    """Deny the network except Redis while the block runs; yields the list of denied attempts."""
-    allowed = _Allowed(redis_url)
+def network_denied(redis_url: str | None, also: Sequence[tuple[str, int]] = ()) -> Iterator[list[str]]:
+    """Deny the network except Redis (and the (host, port) pairs in `also`) while the block runs; yields
+    the list of denied attempts."""
+    allowed = _Allowed(redis_url, also)
     denied: list[str] = []
 
     def refuse(what: str) -> NetworkDenied:
