@@ -358,8 +358,9 @@ def referenced_by_log(args: argparse.Namespace) -> set[str] | None:
             for item in value:
                 collect(item)
 
-    for rec in store.read(0, types=["ArtifactRecorded", "AttemptSucceeded", "CorePromoted", "AdapterActivated",
-                                    "ProposalOpened"]):
+    for rec in store.read(
+        0, types=["ArtifactRecorded", "AttemptSucceeded", "CorePromoted", "AdapterActivated", "ProposalOpened"]
+    ):
         collect(rec.data.get("artifact"))
         collect(rec.data.get("outputs"))
         collect(rec.data.get("components"))

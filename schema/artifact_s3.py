@@ -31,19 +31,20 @@ recently used files (their modification time is bumped on each use: atime is unr
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import os
-import re
 import queue
+import re
 import shutil
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from urllib.parse import urlparse
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
+from urllib.parse import urlparse
 
 from schema.artifacts import CHUNK, HEX64, ArtifactError, CorruptArtifactError, UnknownArtifactError
 
@@ -161,7 +162,7 @@ class S3Backend:
     def endpoint(self) -> str:
         return str(getattr(getattr(self.client, "meta", None), "endpoint_url", "") or "the default AWS endpoint")
 
-    def endpoints(self) -> list[tuple[str, int]]:
+    def endpoints(self) -> builtins.list[tuple[str, int]]:
         """(host, port) pairs the requests go to: the endpoint, and the bucket's virtual host on it."""
         url = urlparse(self.endpoint() if "://" in self.endpoint() else "https://s3.amazonaws.com")
         if not url.hostname:
@@ -270,7 +271,7 @@ class S3Backend:
 
     def open(self, artifact_id: str) -> BinaryIO:
         body = self._get_body(self._object_key(artifact_id), artifact_id)
-        return _Stream(body)
+        return cast(BinaryIO, _Stream(body))
 
     def path(self, artifact_id: str) -> Path:
         local = self._cached(artifact_id)
@@ -329,9 +330,7 @@ class S3Backend:
     def _keys(self, start: str) -> Iterator[str]:
         """Every key that starts with `start`, in S3's (lexicographic) order."""
         paginator = self.client.get_paginator("list_objects_v2")
-        pages = self._call(
-            f"LIST {start}", lambda: iter(paginator.paginate(Bucket=self.bucket, Prefix=start))
-        )
+        pages = self._call(f"LIST {start}", lambda: iter(paginator.paginate(Bucket=self.bucket, Prefix=start)))
         while True:
             page = self._call(f"LIST {start}", lambda: next(pages, None))
             if page is None:
@@ -382,8 +381,8 @@ class S3Backend:
         """Bytes held in the read cache."""
         return sum(size for _, size, _ in self._cache_files())
 
-    def _cache_files(self) -> list[tuple[float, int, Path]]:
-        out = []
+    def _cache_files(self) -> builtins.list[tuple[float, int, Path]]:
+        out: builtins.list[tuple[float, int, Path]] = []
         if not self.cache.is_dir():
             return out
         for sub in self.cache.iterdir():

@@ -379,15 +379,11 @@ class ArtifactStore:
             want = expected_sizes.get(artifact_id)
             if want is not None and size < want:
                 problems.append(
-                    Problem(
-                        id=artifact_id, problem="truncated", detail=f"{size} bytes, expected {want}", path=path
-                    )
+                    Problem(id=artifact_id, problem="truncated", detail=f"{size} bytes, expected {want}", path=path)
                 )
             else:
                 problems.append(
-                    Problem(
-                        id=artifact_id, problem="corrupt", detail=f"content hashes to {digest[:16]}", path=path
-                    )
+                    Problem(id=artifact_id, problem="corrupt", detail=f"content hashes to {digest[:16]}", path=path)
                 )
         for name, where in self.backend.strays():
             problems.append(Problem(id=name, problem="stray", detail="not an object file", path=where))

@@ -252,8 +252,9 @@ def test_one_setting_selects_the_object_store(s3_url: str, tmp_path: Path) -> No
     other = ArtifactStore.from_settings(load_settings(home=tmp_path / "other"))
     assert other.get_bytes(artifact_id) == b"shared"
     assert not (tmp_path / "home" / "artifacts" / "objects").exists()
-    assert isinstance(ArtifactStore.from_settings(load_settings(home=tmp_path / "x", artifacts_url="")).backend,
-                      LocalDirBackend)
+    assert isinstance(
+        ArtifactStore.from_settings(load_settings(home=tmp_path / "x", artifacts_url="")).backend, LocalDirBackend
+    )
 
 
 @pytest.mark.integration
@@ -325,7 +326,7 @@ def test_a_missing_bucket_is_named(s3_url: str, s3_server: Any, tmp_path: Path) 
     from schema.artifact_s3 import ArtifactBackendError, S3Backend
 
     store = ArtifactStore(tmp_path, backend=S3Backend("s3://no-such-bucket/p", cache_dir=tmp_path / "c"))
-    with pytest.raises(ArtifactBackendError, match="JETBOX_ARTIFACTS_URL=s3://no-such-bucket/p .*does not exist"):
+    with pytest.raises(ArtifactBackendError, match=r"JETBOX_ARTIFACTS_URL=s3://no-such-bucket/p .*does not exist"):
         store.put_bytes(b"x")
 
 
@@ -339,7 +340,7 @@ def test_wrong_credentials_are_named(s3_server: Any, tmp_path: Path, monkeypatch
         for key, value in strict.env().items():
             monkeypatch.setenv(key, value)
         store = ArtifactStore(tmp_path, backend=S3Backend("s3://jetbox/p", cache_dir=tmp_path / "c"))
-        with pytest.raises(ArtifactBackendError, match="JETBOX_ARTIFACTS_URL=.*refused the credentials.*AWS_ACCESS"):
+        with pytest.raises(ArtifactBackendError, match=r"JETBOX_ARTIFACTS_URL=.*refused the credentials.*AWS_ACCESS"):
             store.has("0" * 64)
     finally:
         strict.stop()
@@ -352,7 +353,7 @@ def test_a_server_that_is_down_is_named(s3_url: str, tmp_path: Path, monkeypatch
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nobody listens there
     store = ArtifactStore(tmp_path, backend=S3Backend(s3_url, cache_dir=tmp_path / "c"))
-    with pytest.raises(ArtifactBackendError, match="cannot reach the S3 endpoint .*AWS_ENDPOINT_URL"):
+    with pytest.raises(ArtifactBackendError, match=r"cannot reach the S3 endpoint .*AWS_ENDPOINT_URL"):
         list(store.ids())
 
 
@@ -411,8 +412,14 @@ def test_a_checkpoint_written_on_one_host_resumes_on_another(
         def run(home: Path, attempt: int, max_steps: int, resume: str | None) -> list[dict[str, Any]]:
             monkeypatch.setenv("JETBOX_HOME", str(home))
             entry._settings_and_key.cache_clear()
-            env = Envelope(kind="train", ticket="T-1", task="train", attempt=attempt,
-                           params={**tiny, "max_steps": max_steps}, resume_checkpoint=resume)
+            env = Envelope(
+                kind="train",
+                ticket="T-1",
+                task="train",
+                attempt=attempt,
+                params={**tiny, "max_steps": max_steps},
+                resume_checkpoint=resume,
+            )
             out = entry.run_job(env.signed(secret))
             assert out["status"] == "succeeded", out
             rows = redis.Redis.from_url(server.url).xrange(REPORT_STREAM)

@@ -76,7 +76,7 @@ def _network_policy(network: str, settings: Any, ctx: RuntimeContext) -> Iterato
     # process-wide, so it lets the store's endpoint through as it does Redis. The guard goes up first: it
     # resolves the names it allows (a TCP Redis, the store's endpoint), which inside the namespace would
     # fail and count as refused attempts.
-    store_endpoints = getattr(ctx.store.backend, "endpoints", list)()
+    store_endpoints: list[tuple[str, int]] = getattr(ctx.store.backend, "endpoints", list)()
     guard = network_denied(settings.redis_url, also=store_endpoints)
     with guard as denied, ns if ns is not None else contextlib.nullcontext():
         try:

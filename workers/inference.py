@@ -348,9 +348,7 @@ def _bound(loader: Callable[[Path], tuple[Any, dict[str, Any]]], path: Path) -> 
     return lambda: loader(path)
 
 
-def warm_core(
-    components: dict[str, Any], artifacts: ArtifactStore | Path, log: Callable[[str], None] = print
-) -> int:
+def warm_core(components: dict[str, Any], artifacts: ArtifactStore | Path, log: Callable[[str], None] = print) -> int:
     """Load the core's components into the cache before the first request (a worker's --warm)."""
     store = artifacts if isinstance(artifacts, ArtifactStore) else ArtifactStore(artifacts)
     loaded = 0

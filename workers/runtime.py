@@ -125,8 +125,10 @@ class RuntimeContext:
         if path.is_file():
             return path
         # Gone (gc'd, or a store this worker does not share): starting over is slower, never wrong.
-        self.log(f"checkpoint {artifact_id[:12]} is not in the artifact store ({self.store.where(artifact_id)}); "
-                 "starting from scratch")
+        self.log(
+            f"checkpoint {artifact_id[:12]} is not in the artifact store ({self.store.where(artifact_id)}); "
+            "starting from scratch"
+        )
         return None
 
     def progress(self, step: int, total: int | None = None, **metrics: float) -> None:
