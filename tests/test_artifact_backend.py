@@ -438,3 +438,45 @@ def test_a_checkpoint_written_on_one_host_resumes_on_another(
         assert main.verify() == []
     finally:
         server.stop()
+
+
+@pytest.mark.integration
+def test_a_worker_on_another_home_resumes_a_killed_workers_checkpoint(s3_url: str, tmp_path: Path) -> None:
+    """The daemon and two workers with three homes that share only Redis, the key and the object store:
+    worker A is killed after a checkpoint, worker B resumes from it, verify is clean on the daemon's host."""
+    import signal
+    import subprocess
+
+    from tests.harness import Setup
+    from tests.jbdaemon import JBCTL
+
+    setup = Setup(tmp_path / "main")
+    try:
+        setup.daemon.env["JETBOX_ARTIFACTS_URL"] = s3_url
+        setup.daemon.start()
+
+        def worker(name: str) -> subprocess.Popen[bytes]:
+            home = tmp_path / name
+            home.mkdir()
+            env = {**setup.env, "JETBOX_HOME": str(home), "JETBOX_SECRET_FILE": str(setup.home / "secret.key")}
+            with (home / "worker.log").open("ab") as log:
+                proc = subprocess.Popen([JBCTL, "worker", "--queue", "cpu"], env=env, stdout=log, stderr=log,
+                                        start_new_session=True)  # fmt: skip
+            setup.workers.append(proc)
+            return proc
+
+        victim = worker("host-a")
+        setup.drop("TICKET-9", "  - {id: a, kind: diag, retries: 2, with: {steps: 40, sleep: 6, checkpoints: 8}}\n")
+        saved = setup.daemon.wait_event("CheckpointSaved", ticket="TICKET-9", timeout=60)
+        assert str(saved["data"]["path"]).startswith("sha256:")
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+        worker("host-b")
+        assert setup.wait_done("TICKET-9", timeout=120) == "TicketCompleted"
+        done = next(e for e in setup.daemon.rows() if e["type"] == "AttemptSucceeded")
+        assert done["data"]["attempt"] == 2 and done["data"]["metrics"]["resumed_from"] > 0
+        assert (tmp_path / "host-b" / "cache" / "artifacts").is_dir()  # B fetched A's checkpoint
+        verify = setup.jbctl("artifacts", "verify")
+        assert verify.returncode == 0 and verify.stdout.startswith("ok:"), verify.stdout + verify.stderr
+    finally:
+        setup.close()

@@ -319,9 +319,9 @@ def run_synthesize(ctx: JobContext, params: dict[str, Any]) -> JobResult:
 
 def _shard_present(ctx: JobContext, shard: ShardInfo) -> None:
     """The shard a subtask reported is in the store at its size (readers re-hash it on first open;
-    hashing every shard here would cost the join what the fan-out saved)."""
-    path = ctx.store.path(shard.id)
-    size = path.stat().st_size if path.is_file() else None
+    hashing every shard here would cost the join what the fan-out saved; `size` asks the backend, so an
+    object store answers without a download)."""
+    size = ctx.store.size(shard.id)
     if size != shard.size:
         found = "missing" if size is None else f"{size} bytes, expected {shard.size}"
         raise RuntimeError(f"shard {shard.index} ({shard.id[:16]}) reported by a subtask is {found} in the store")
