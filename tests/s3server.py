@@ -20,7 +20,8 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,6 @@ class S3Server:
     proc: subprocess.Popen[bytes]
     log: Path
     auth: bool = False
-    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def endpoint(self) -> str:
@@ -109,9 +109,19 @@ class S3Server:
 
 
 def start_s3_server(
-    log_dir: Path, host: str = "127.0.0.1", auth: bool = False, python: str | None = None, tries: int = 3
+    log_dir: Path,
+    host: str = "127.0.0.1",
+    auth: bool = False,
+    python: str | None = None,
+    tries: int = 3,
+    wrap: Sequence[str] = (),
+    port: int | None = None,
 ) -> S3Server:
-    """Start `python -m moto.server` on a free port of `host` and wait until it answers.
+    """Start `python -m moto.server` on a free port of `host` (or `port`) and wait until it answers.
+
+    `wrap` goes before the command, e.g. `["ip", "netns", "exec", "jb-main"]` to run the server inside
+    a network namespace (then pass `port`, since a free port is probed in this one, and `host` = an
+    address of that namespace that this process can reach).
 
     `auth=True` makes the server check credentials from the first request on (moto's
     INITIAL_NO_AUTH_ACTION_COUNT=0): with no IAM users defined, every key is then refused, which is how
@@ -123,18 +133,18 @@ def start_s3_server(
         env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
     last = ""
     for _ in range(tries):  # a free port can be taken between the probe and the bind: try another
-        port = free_port(host)
-        log = log_dir / f"moto-{port}.log"
+        chosen = port or free_port(host)
+        log = log_dir / f"moto-{chosen}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [python or sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+                [*wrap, python or sys.executable, "-m", "moto.server", "-H", host, "-p", str(chosen)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,
             )
-        server = S3Server(host, port, proc, log, auth)
+        server = S3Server(host, chosen, proc, log, auth)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and server.alive():
             try:

@@ -480,3 +480,36 @@ def test_a_worker_on_another_home_resumes_a_killed_workers_checkpoint(s3_url: st
         assert verify.returncode == 0 and verify.stdout.startswith("ok:"), verify.stdout + verify.stderr
     finally:
         setup.close()
+
+
+@pytest.mark.integration
+def test_a_checkpoint_the_store_cannot_take_is_logged_and_training_goes_on(
+    s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis
+
+    from cli.embedded import start_redis
+    from schema.artifact_s3 import S3Backend
+    from schema.wire import REPORT_STREAM, Envelope
+    from tests.s3server import free_port
+    from workers.runtime import Reporter, RuntimeContext
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # the store is away
+    server = start_redis(tmp_path / "redis")
+    try:
+        conn = redis.Redis.from_url(server.url)
+        env = Envelope(kind="train", ticket="T-1", task="train", attempt=1, resume_checkpoint="sha256:" + "a" * 64)
+        store = ArtifactStore(tmp_path / "a", backend=S3Backend(s3_url, cache_dir=tmp_path / "cache"))
+        ctx = RuntimeContext(env, Reporter(conn, b"k" * 32, env, "w"), conn, tmp_path / "work", store)
+        assert ctx.resume_from is None and "cannot reach the S3 endpoint" in str(ctx.resume_error)
+        ctx.close()  # the entry point raises resume_error inside the attempt: a reported, retried failure
+        env = Envelope(kind="train", ticket="T-1", task="train", attempt=1)
+        ctx = RuntimeContext(env, Reporter(conn, b"k" * 32, env, "w"), conn, tmp_path / "work", store)
+        ckpt = tmp_path / "ckpt.bin"
+        ckpt.write_bytes(b"weights at step 3")
+        ctx.checkpoint(ckpt, 3)  # does not raise
+        ctx.close()
+        assert conn.xlen(REPORT_STREAM) == 0  # nothing claims a checkpoint that is not stored
+        assert "checkpoint at step 3 not stored, training goes on" in (tmp_path / "work" / "job.log").read_text()
+    finally:
+        server.stop()

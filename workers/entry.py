@@ -130,6 +130,8 @@ def run_job(signed: dict[str, Any]) -> dict[str, Any]:
     ctx = RuntimeContext(envelope, reporter, conn, workdir, ArtifactStore.from_settings(settings))
     reporter.send("started")
     try:
+        if ctx.resume_error is not None:
+            raise ctx.resume_error
         with _network_policy(envelope.network, settings, ctx) as denied:
             result = fn(ctx, envelope.params)
         if denied:  # the job caught NetworkDenied and went on: still a violation

@@ -17,7 +17,7 @@ from typing import Any
 import redis
 
 from schema.artifact_store import ArtifactStore
-from schema.artifacts import Lineage
+from schema.artifacts import ArtifactError, Lineage
 from schema.wire import REPORT_STREAM, Envelope, Report, cancel_key, heartbeat_key
 from workers.context import JobCancelled
 
@@ -111,7 +111,13 @@ class RuntimeContext:
         self._last_cancel_check = 0.0
         self._cancelled = False
         self._log = (workdir / "job.log").open("a", buffering=1)
-        self.resume_from = self._resume_path(envelope.resume_checkpoint)
+        # A store that cannot be reached now is the attempt's failure (reported, retried), raised by
+        # the entry point once the attempt has started: starting over would throw the progress away.
+        self.resume_error: ArtifactError | None = None
+        try:
+            self.resume_from = self._resume_path(envelope.resume_checkpoint)
+        except ArtifactError as exc:
+            self.resume_from, self.resume_error = None, exc
 
     def _resume_path(self, ref: str | None) -> Path | None:
         """A local file with the checkpoint to resume from. Checkpoints are artifacts (`sha256:<id>`), so
@@ -142,7 +148,13 @@ class RuntimeContext:
 
     def checkpoint(self, path: Path, step: int) -> None:
         # Into the artifact store: a retry on another host (sharing an object store) resumes from it.
-        artifact_id = self.store.put_file(path)
+        try:
+            artifact_id = self.store.put_file(path)
+        except ArtifactError as exc:
+            # An object store away for a moment must not end hours of training: the next checkpoint tries
+            # again, and a retry meanwhile resumes from the last one that was stored.
+            self.log(f"checkpoint at step {step} not stored, training goes on: {exc}")
+            return
         self.reporter.send("checkpoint", path=f"sha256:{artifact_id}", step=int(step))
 
     def artifact(self, path: Path, kind: str, meta: dict[str, Any] | None = None) -> str:
