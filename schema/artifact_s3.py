@@ -125,8 +125,12 @@ class S3Backend:
         cache_dir: Path | str,
         cache_bytes: int = 20 * 1024**3,
         client: Any = None,
+        aws: dict[str, str] | None = None,
     ) -> None:
         self.url = url.strip()
+        # AWS_* values from JETBOX_HOME/jetbox.env that the environment does not set (the environment wins,
+        # as for every setting); boto3 reads the rest from the environment itself.
+        self.aws = dict(aws or {})
         self.bucket, self.prefix = parse_url(self.url)
         self.cache = Path(cache_dir)
         self.cache_bytes = int(cache_bytes)
@@ -149,7 +153,16 @@ class S3Backend:
                 ) from None
             # Few, short retries: an unreachable endpoint must fail in seconds with a clear error, not hang.
             config = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"})
-            self._client = boto3.session.Session().client("s3", config=config)
+            aws = self.aws
+            session = boto3.session.Session(
+                aws_access_key_id=aws.get("AWS_ACCESS_KEY_ID"),
+                aws_secret_access_key=aws.get("AWS_SECRET_ACCESS_KEY"),
+                aws_session_token=aws.get("AWS_SESSION_TOKEN"),
+                region_name=aws.get("AWS_DEFAULT_REGION") or aws.get("AWS_REGION"),
+                profile_name=aws.get("AWS_PROFILE"),
+            )
+            endpoint = aws.get("AWS_ENDPOINT_URL_S3") or aws.get("AWS_ENDPOINT_URL")
+            self._client = session.client("s3", endpoint_url=endpoint, config=config)
         return self._client
 
     def _transfer_config(self) -> Any:

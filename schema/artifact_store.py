@@ -41,6 +41,8 @@ from schema.artifacts import (
     UnknownArtifactError,
 )
 
+_AWS_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
 
 class ArtifactStore:
     """A content-addressed store of immutable objects under `root` (bytes kept by `backend`)."""
@@ -63,8 +65,20 @@ class ArtifactStore:
         if not url:
             return cls(settings.artifacts_path)
         from schema.artifact_s3 import S3Backend  # boto3: only where an object store is configured
+        from schema.settings import ENV_FILE_NAME, read_env_file
 
-        backend = S3Backend(url, cache_dir=settings.artifacts_cache_path, cache_bytes=settings.artifacts_cache_limit)
+        # The endpoint and keys may sit in jetbox.env beside JETBOX_ARTIFACTS_URL, where the services'
+        # EnvironmentFile= reads them: `jbctl` and a hand-started worker see them too.
+        aws = {
+            key: value
+            for key, value in read_env_file(settings.home / ENV_FILE_NAME).items()
+            if key.startswith("AWS_") and key not in os.environ
+        }
+        if any(k in os.environ for k in _AWS_KEYS):  # a key pair comes whole from one place
+            aws = {k: v for k, v in aws.items() if k not in _AWS_KEYS}
+        backend = S3Backend(
+            url, cache_dir=settings.artifacts_cache_path, cache_bytes=settings.artifacts_cache_limit, aws=aws
+        )
         return cls(settings.artifacts_path, backend=backend)
 
     def where(self, artifact_id: str) -> str:

@@ -513,3 +513,30 @@ def test_a_checkpoint_the_store_cannot_take_is_logged_and_training_goes_on(
         assert "checkpoint at step 3 not stored, training goes on" in (tmp_path / "work" / "job.log").read_text()
     finally:
         server.stop()
+
+
+@pytest.mark.integration
+def test_the_whole_configuration_can_live_in_jetbox_env(
+    s3_server: Any, home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What the units' EnvironmentFile= reads, `jbctl` reads too: the URL and the AWS_* variables."""
+    from cli.main import main
+
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    url = f"s3://{s3_server.create_bucket()}/lab"
+    lines = [f"{k}={v}" for k, v in s3_server.env(url).items()]
+    (home / "jetbox.env").write_text("\n".join(lines) + "\n")
+    src = home / "blob.bin"
+    src.write_bytes(b"from the env file")
+    from schema.settings import load_settings
+
+    artifact_id = ArtifactStore.from_settings(load_settings()).put_file(src)
+    assert main(["artifacts", "verify"]) == 0
+    assert capsys.readouterr().out.startswith("ok: 1 objects verified")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-the-environment")  # the environment wins, as for settings,
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "its-secret")  # and a key pair comes whole from one place
+    store = ArtifactStore.from_settings(load_settings())
+    backend: Any = store.backend
+    assert "AWS_ACCESS_KEY_ID" not in backend.aws and "AWS_SECRET_ACCESS_KEY" not in backend.aws
+    assert store.has(artifact_id) and backend.aws["AWS_ENDPOINT_URL"] == s3_server.endpoint
