@@ -540,3 +540,43 @@ def test_the_whole_configuration_can_live_in_jetbox_env(
     backend: Any = store.backend
     assert "AWS_ACCESS_KEY_ID" not in backend.aws and "AWS_SECRET_ACCESS_KEY" not in backend.aws
     assert store.has(artifact_id) and backend.aws["AWS_ENDPOINT_URL"] == s3_server.endpoint
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("isolation", ["guard", "auto"])
+def test_jobs_under_network_deny_reach_the_store_and_nothing_else(
+    isolation: str, s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the in-process guard alone, and with a kernel namespace where the worker may make one (root):
+    checkpoints reach the object store, a connection the job makes itself is still refused."""
+    import json
+
+    import redis
+
+    from cli.embedded import start_redis
+    from schema.wire import REPORT_STREAM, Envelope, load_secret
+    from tests.s3server import free_port
+    from workers import entry
+
+    server = start_redis(tmp_path / "redis")
+    try:
+        for key in [k for k in os.environ if k.startswith("JETBOX_") and k != "JETBOX_ARTIFACTS_URL"]:
+            monkeypatch.delenv(key)
+        monkeypatch.setenv("JETBOX_REDIS_URL", server.url)
+        monkeypatch.setenv("JETBOX_HOME", str(tmp_path / "home"))
+        monkeypatch.setenv("JETBOX_NETWORK_ISOLATION", isolation)
+        secret = load_secret(tmp_path / "home" / "secret.key", create=True)
+        entry._settings_and_key.cache_clear()
+        ok = Envelope(kind="diag", ticket="T-1", task="a", attempt=1, params={"steps": 4, "checkpoints": 2})
+        assert entry.run_job(ok.signed(secret))["status"] == "succeeded"
+        rows = redis.Redis.from_url(server.url).xrange(REPORT_STREAM)
+        paths = [json.loads(f[b"report"])["body"].get("path") for _, f in rows]
+        ckpts = [p for p in paths if p]
+        assert len(ckpts) == 2 and all(ArtifactStore.from_settings(entry._settings_and_key()[0]).has(
+            p.removeprefix("sha256:")) for p in ckpts)  # fmt: skip
+        bad = Envelope(kind="diag", ticket="T-1", task="b", attempt=1, params={"connect": f"127.0.0.1:{free_port()}"})
+        out = entry.run_job(bad.signed(secret))
+        assert out["status"] == "failed" and "network access denied" in out["error"]
+    finally:
+        entry._settings_and_key.cache_clear()
+        server.stop()
