@@ -20,6 +20,27 @@ TicketStatus = Literal["running", "completed", "failed", "cancelled"]
 ProposalStatus = Literal["open", "approved", "rejected", "expired", "withdrawn"]
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What a step declares beyond its GPU memory (placement, docs/SCHEDULING.md)."""
+
+    gpus: int | None = None  # None: the queue's default (a gpu step: one card)
+    cpus: float = 0.0
+    memory: int = 0  # bytes
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """An advertised worker (WorkerAdvertised), while it lives."""
+
+    name: str
+    node: str
+    queues: tuple[str, ...]
+    gpus: tuple[ev.GpuCard, ...]
+    cpus: float
+    memory: int
+    order: int  # advert order: the later of two adverts naming one card sets its size
+
 
 @dataclass
 class TaskState:
@@ -60,7 +81,9 @@ class TaskState:
     deferred_rule: str | None = None  # which rule (TaskDeferred.rule)
     deferred_since: datetime | None = None
     gpu_memory: int = 0  # what the step declares (bytes); 0: the whole card where the queue's memory is counted
-    claimed: int = 0  # GPU memory the live attempt claims (AttemptScheduled.gpu_memory)
+    claimed: int = 0  # GPU memory the live attempt claims (AttemptScheduled.gpu_memory), on each of its cards
+    needs_res: Needs | None = None  # the step's gpus/cpus/memory (placement); None: it declares none
+    placed: tuple[str, tuple[str, ...]] | None = None  # the live attempt's worker and cards (AttemptScheduled)
     stop_attempt: int = 0  # the attempt `jbctl hold --stop` asked to stop (its failure is a stop)
 
 
@@ -246,6 +269,7 @@ class State:
             setattr(self, name, dict(getattr(self, name)))
             self.shared_maps.discard(name)
         return getattr(self, name)  # type: ignore[no-any-return]
+
     # Working memory: A-<n> -> {id, ticket, component, base_core_version, checkpoint, core_checkpoint, active}.
     # Each record is replaced, never changed in place, so a scratch copy may share them.
     adapters: dict[str, dict] = field(default_factory=dict)
@@ -259,6 +283,8 @@ class State:
     # The running tickets' ids, in the order they started running (an ordered set): what the clock,
     # the STATUS line and the reconciler walk, so their cost follows live work, not history.
     running: dict[str, None] = field(default_factory=dict)
+    workers: dict[str, WorkerInfo] = field(default_factory=dict)  # advertised workers that live, by name
+    adverts: int = 0
 
     def scratch(self, ticket_ids: list[str]) -> State:
         """A copy that `evolve` may change, sharing every ticket except those named."""
@@ -289,6 +315,8 @@ class State:
             live=dict(self.live),
             deferred=dict(self.deferred),
             running=Overlay(self.running),  # type: ignore[arg-type]
+            workers=dict(self.workers),
+            adverts=self.adverts,
         )
         for tid in ticket_ids:
             if tid in out.tickets:
@@ -299,6 +327,11 @@ class State:
 def tasks_for(ticket: Ticket) -> dict[str, TaskState]:
     """The task states of a fresh run, as `task_plan` lays it out."""
     gpu = {s.id: s.gpu_memory_bytes for s in ticket.steps if s.gpu_memory}
+    needs = {
+        s.id: Needs(gpus=s.gpus, cpus=s.cpus or 0.0, memory=s.memory_bytes)
+        for s in ticket.steps
+        if s.gpus is not None or s.cpus or s.memory
+    }
     return {
         t.id: TaskState(
             id=t.id,
@@ -309,6 +342,7 @@ def tasks_for(ticket: Ticket) -> dict[str, TaskState]:
             timeout=t.timeout,
             retries=t.retries,
             gpu_memory=gpu.get(t.id, 0),
+            needs_res=needs.get(t.id),
         )
         for t in task_plan(ticket)
     }
@@ -471,6 +505,7 @@ def _scheduled(state: State, e: ev.AttemptScheduled) -> None:
         state.writable("inflight")[e.cache_key] = (e.ticket, e.task)
     task.deferred, task.deferred_rule, task.deferred_since = None, None, None
     task.claimed = e.gpu_memory or 0
+    task.placed = (e.worker, tuple(e.gpus)) if e.worker is not None else None
 
 
 def _started(state: State, e: ev.AttemptStarted) -> None:
@@ -560,6 +595,8 @@ def _subtasks_planned(state: State, e: ev.SubtasksPlanned) -> None:
             retries=step.retries,
             attempt=ticket.prior_attempts.get(sid, 0),
             parent=step.id,
+            gpu_memory=step.gpu_memory,  # each subtask is one job: it needs what its step declares
+            needs_res=step.needs_res,
         )
         if ticket.shared:
             ticket.owned.add(sid)  # created in this copy: safe to change in place
@@ -724,6 +761,23 @@ def _stopped(state: State, e: ev.AttemptStopped) -> None:
     task.last_report_seq = max(task.last_report_seq, e.report_seq)
 
 
+def _worker_advertised(state: State, e: ev.WorkerAdvertised) -> None:
+    state.adverts += 1
+    state.workers[e.worker] = WorkerInfo(
+        name=e.worker,
+        node=e.node,
+        queues=tuple(e.queues),
+        gpus=tuple(e.gpus),
+        cpus=e.cpus,
+        memory=e.memory,
+        order=state.adverts,
+    )
+
+
+def _worker_gone(state: State, e: ev.WorkerGone) -> None:
+    state.workers.pop(e.worker, None)
+
+
 def _milestone_planned(state: State, e: ev.MilestonePlanned) -> None:
     state.milestones[e.milestone] = {"plan": e.plan, "revision": e.revision, "hash": e.content_hash, "spec": e.spec}
 
@@ -791,4 +845,6 @@ _HANDLERS: dict[type, Callable[[State, Any], None]] = {
     ev.QueueLimitsSet: _limits,
     ev.TaskDeferred: _deferred,
     ev.AttemptStopped: _stopped,
+    ev.WorkerAdvertised: _worker_advertised,
+    ev.WorkerGone: _worker_gone,
 }
