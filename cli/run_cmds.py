@@ -77,6 +77,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         load_secret(settings.secret_path, create=True)
     except SecretError as exc:
         raise CliError(str(exc)) from None
+    queues = args.queue or ["gpu", "cpu"]
+    advert = _advert(args, queues) if args.ticket is None else None  # `jbctl run`'s worker: never placed
     import faulthandler
     import signal
 
@@ -88,7 +90,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return run_dedicated_worker(settings.redis_url, args.ticket, name=args.name)
     from workers.worker import run_worker
 
-    queues = args.queue or ["gpu", "cpu"]
+    if args.warm:
+        _warm(settings, args.name or f"{socket.gethostname()}.{os.getpid()}", queues)
+    return run_worker(settings.redis_url, queues, burst=args.burst, name=args.name, advert=advert)
+
+
+def _advert(args: argparse.Namespace, queues: list[str]) -> Any:
+    """What the worker advertises for placement (None: it does not take part), checked before it starts."""
     from workers.resources import ResourceError, build_advert
 
     name = args.name or f"{socket.gethostname().split('.')[0]}.{os.getpid()}"
@@ -109,13 +117,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         cards = ", ".join(f"{g['id']} {g['memory'] / (1 << 30):.3g}G" for g in advert.gpus) or "no GPU"
         print(
             f"jetbox worker {name}: advertising {cards}, {advert.cpus:g} CPUs, {advert.memory / (1 << 30):.3g}G "
-            f"({'detected' if advert.detected else 'configured'}); placed jobs on queue worker__{name}",
+            f"({'detected' if advert.detected else 'configured'}); placed jobs come on queue worker__{name}",
             file=sys.stderr,
             flush=True,
         )
-    if args.warm:
-        _warm(settings, args.name or f"{socket.gethostname()}.{os.getpid()}", queues)
-    return run_worker(settings.redis_url, queues, burst=args.burst, name=args.name, advert=advert)
+    return advert
 
 
 def _warm(settings: Any, name: str, queues: list[str]) -> None:

@@ -127,8 +127,8 @@ class Advert(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["advertised", "departed"]
-    worker: str = Field(pattern=WORKER_NAME.pattern)
-    node: str = Field(pattern=WORKER_NAME.pattern)
+    worker: str = Field(pattern=f"^{WORKER_NAME.pattern}$")
+    node: str = Field(pattern=f"^{WORKER_NAME.pattern}$")
     queues: list[str] = Field(default_factory=list, max_length=16)
     gpus: list[dict[str, Any]] = Field(default_factory=list, max_length=64)  # {id, index, memory} (GpuCard)
     cpus: float = Field(default=0.0, ge=0, le=4096)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import traceback
 from collections.abc import Iterator
 from typing import Any
@@ -96,6 +97,23 @@ def _lost_redis(exc: BaseException) -> bool:
     return False
 
 
+MODEL_KINDS = frozenset({"train", "evaluate", "infer"})
+
+
+def use_card(envelope: Envelope) -> None:
+    """The decider placed the attempt on this worker's card N (`device: cuda:N`): make it CUDA's current
+    device, so that the job's `cuda` means that card. torch is imported only for the kinds that load it
+    anyway (or where a job already did): a placed diag or check job never pays for it."""
+    if not envelope.device.startswith("cuda:"):
+        return
+    if envelope.kind not in MODEL_KINDS and "torch" not in sys.modules:
+        return
+    import torch  # the model jobs import it right after; see the docstring
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(envelope.device.partition(":")[2]))
+
+
 def run_job(signed: dict[str, Any]) -> dict[str, Any]:
     """RQ entry point (see schema.wire.ENTRY_POINT). The outcome goes to the report stream; the
     return value (RQ's job result) repeats it for callers that wait on the job (`jbctl infer`)."""
@@ -123,6 +141,7 @@ def run_job(signed: dict[str, Any]) -> dict[str, Any]:
     ctx = RuntimeContext(envelope, reporter, conn, workdir, settings.artifacts_path)
     reporter.send("started")
     try:
+        use_card(envelope)
         with _network_policy(envelope.network, settings, ctx) as denied:
             result = fn(ctx, envelope.params)
         if denied:  # the job caught NetworkDenied and went on: still a violation
