@@ -4,19 +4,12 @@
     .venv/bin/python bench/dispatch.py --jobs 50  # a quick run
     .venv/bin/python bench/dispatch.py --placement  # also: the same with placement, in the same run
 
-`--placement` runs the Jetbox side a second time with the worker advertising one 24G card
-(`jbctl worker --queue gpu --gpus 1 --gpu-memory 24G`) and every step on the gpu queue asking for
+`--placement` runs the Jetbox side a second time with the worker advertising one 256G card
+(`jbctl worker --queue gpu --gpus 1 --gpu-memory 256G`) and every step on the gpu queue asking for
 `gpu_memory: 1G`: each attempt is placed by the decider (worker and card recorded on
-AttemptScheduled) and goes to the worker's own queue. At most 24 attempts are out at once (the card's
-memory), which the one worker, running a job at a time, never notices.
-
-Same Redis (a private redis-server on a unix socket), same worker class (RQ's SimpleWorker, which
-Jetbox's worker extends), one worker process each, in one run:
-- latency: jobs one after another. Raw RQ: enqueue, wait for the result, repeat. Jetbox: a ticket
-  whose steps form a chain, so each job is dispatched only after the previous one's report was
-  committed; per-job time = (last success - first schedule) / N, from the events' recorded times.
-- throughput: N independent jobs at once. Raw RQ: enqueue N, wait for all results. Jetbox: a
-  ticket with N independent steps, from TicketSubmitted to TicketCompleted.
+AttemptScheduled, claims counted on the card) and goes to the worker's own queue. The card holds
+all 200 claims, so what differs from the plain run is the placement itself, not a memory limit
+(a smaller card bounds the attempts out, like `--queue-limits`, and so the throughput).
 """
 
 from __future__ import annotations
@@ -107,7 +100,7 @@ def raw_rq(url: str, n: int, tmp: Path) -> tuple[list[float], float]:
 
 
 PLACED_STEP = ", queue: gpu, gpu_memory: 1G"
-PLACED_WORKER = ["--queue", "gpu", "--name", "bench", "--node", "bench", "--gpus", "1", "--gpu-memory", "24G"]
+PLACED_WORKER = ["--queue", "gpu", "--name", "bench", "--node", "bench", "--gpus", "1", "--gpu-memory", "256G"]
 
 
 def _ticket(tid: str, n: int, chain: bool, placed: bool = False) -> str:

@@ -353,3 +353,29 @@ def test_two_real_workers_a_job_lands_where_it_fits_and_two_small_jobs_share_a_c
     assert gone["data"]["reason"] == "departed"
     assert setup.conn().llen(f"rq:queue:{worker_queue('small')}") == 0
     setup.assert_consistent()
+
+
+def test_detection_reads_nvidia_smi_and_honours_cuda_visible_devices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stand-in `nvidia-smi` (a script answering the query the worker makes) on PATH: the cards, their
+    memory, and which of them the worker may use, in CUDA's order."""
+    from workers.resources import Card, build_advert, detect_gpus
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nprintf '0, GPU-aaa, 24576\\n1, GPU-bbb, 81559\\n'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert detect_gpus() == [Card(0, 0, 24576 << 20), Card(1, 1, 81559 << 20)]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert detect_gpus() == [Card(1, 0, 81559 << 20)]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaa,7")  # a UUID, then one CUDA cannot use: it stops there
+    assert detect_gpus() == [Card(0, 0, 24576 << 20)]
+    made = build_advert("w", ["gpu"], node="box")  # nothing configured: detected, so it advertises
+    assert made is not None and made.detected and made.gpus == [{"id": "box/0", "index": 0, "memory": 24576 << 20}]
+    made = build_advert("w", ["gpu"], node="box", gpu_memory="20G")  # configured size wins, detected count
+    assert made is not None and not made.detected and made.gpus[0]["memory"] == 20 * G
+    assert build_advert("w", ["gpu"], node="box", advertise=False) is None
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert build_advert("w", ["cpu"], node="box") is None  # nothing detected, nothing configured: a plain worker
