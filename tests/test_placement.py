@@ -126,6 +126,13 @@ def test_no_worker_has_it_says_what_is_missing_and_blocks_after_a_while_unless_o
         "no worker has 3 GPUs (the most: 2, on big), for 5 minutes: start a worker that has it, "
         "then `jbctl retry TICKET-1 --task a`"
     )
+    # The way out: a worker with 4 cards, then `jbctl retry`; a retry with none waits 5 minutes again.
+    later = T0 + timedelta(seconds=UNPLACEABLE_S + 10)
+    events = apply(s, c.RetryTask(now=later, ticket="TICKET-3", task="a"))
+    assert deferred(events).rule == "no_worker" and not [e for e in events if isinstance(e, ev.TaskBlocked)]
+    apply(s, advert("quad", [(f"quad/{i}", 24) for i in range(4)], now=later))
+    events = apply(s, c.RetryTask(now=later, ticket="TICKET-1", task="a"))
+    assert placed(events) == [("quad", ["quad/0", "quad/1", "quad/2"], 12 * G)]
 
 
 def test_multi_gpu_step_takes_cards_of_one_worker_and_cpu_memory_needs_pick_the_worker() -> None:
