@@ -22,8 +22,9 @@ from schema import events as ev
 
 @dataclass
 class Usage:
-    """What the attempts out hold: jobs per queue, legacy per-queue GPU memory, and, for placed
-    attempts, the memory claimed per card and the jobs per worker."""
+    """What the attempts out hold: jobs per queue and the legacy per-queue GPU memory (counted here),
+    and, for placed attempts, the memory claimed per card and the jobs per worker (the state's own
+    sums, `State.card_used`/`worker_load`, copied: `_fill` adds what it schedules as it goes)."""
 
     out_per_queue: dict[str, int] = field(default_factory=dict)
     gpu_used: dict[str, int] = field(default_factory=dict)  # queue -> bytes (queue_gpu_memory)
@@ -42,15 +43,14 @@ class Usage:
 
 
 def usage(state: State) -> Usage:
-    """One walk over the attempts out (`State.live`); the task itself is read only where it may hold
-    memory or a worker (a placed queue, or one whose memory is counted per queue)."""
-    out = Usage()
-    placed = placed_queues(state)
+    """One walk over the attempts out (`State.live`) for the counts per queue; a task is read only on a
+    queue whose memory is counted per queue. Placed claims come from the state's sums."""
+    out = Usage(card_used=dict(state.card_used), load=dict(state.worker_load))
+    counted = state.queue_gpu_memory
     for (tid, task_id), queue in state.live.items():
-        if queue in placed or queue in state.queue_gpu_memory or state.workers:
-            out.add(state, state.tickets[tid].tasks[task_id])
-        else:
-            out.out_per_queue[queue] = out.out_per_queue.get(queue, 0) + 1
+        out.out_per_queue[queue] = out.out_per_queue.get(queue, 0) + 1
+        if queue in counted and (tid, task_id) not in state.claims:
+            out.gpu_used[queue] = out.gpu_used.get(queue, 0) + state.tickets[tid].tasks[task_id].claimed
     return out
 
 

@@ -285,6 +285,11 @@ class State:
     running: dict[str, None] = field(default_factory=dict)
     workers: dict[str, WorkerInfo] = field(default_factory=dict)  # advertised workers that live, by name
     adverts: int = 0
+    # Placed attempts out (kept by `evolve` with `live`): (ticket, task) -> (worker, cards, claim per card),
+    # and their sums, so placing an attempt never walks the attempts out.
+    claims: dict[tuple[str, str], tuple[str, tuple[str, ...], int]] = field(default_factory=dict)
+    card_used: dict[str, int] = field(default_factory=dict)  # card id -> bytes claimed
+    worker_load: dict[str, int] = field(default_factory=dict)  # worker -> placed attempts out
 
     def scratch(self, ticket_ids: list[str]) -> State:
         """A copy that `evolve` may change, sharing every ticket except those named."""
@@ -317,6 +322,9 @@ class State:
             running=Overlay(self.running),  # type: ignore[arg-type]
             workers=dict(self.workers),
             adverts=self.adverts,
+            claims=dict(self.claims),
+            card_used=dict(self.card_used),
+            worker_load=dict(self.worker_load),
         )
         for tid in ticket_ids:
             if tid in out.tickets:
@@ -375,6 +383,7 @@ def _index(state: State, ticket: TicketState, task_ids: list[str] | None, fresh:
             if key[1] not in ticket.tasks:
                 state.live.pop(key, None)
                 state.deferred.pop(key, None)
+                _unclaim(state, key)
     if task_ids is None:
         task_ids = list(ticket.tasks)
     running = ticket.status == "running"
@@ -385,12 +394,46 @@ def _index(state: State, ticket: TicketState, task_ids: list[str] | None, fresh:
         key = (ticket.id, task_id)
         if running and task.status in LIVE:
             state.live[key] = task.queue
+            claim = (task.placed[0], task.placed[1], task.claimed) if task.placed is not None else None
+            if state.claims.get(key) != claim:
+                _unclaim(state, key)
+                if claim is not None:
+                    _claim(state, key, claim)
         else:
             state.live.pop(key, None)
+            _unclaim(state, key)
         if running and task.deferred_rule is not None and task.status in ("pending", "waiting_retry"):
             state.deferred[key] = task.deferred_rule
         else:
             state.deferred.pop(key, None)
+
+
+def _claim(state: State, key: tuple[str, str], claim: tuple[str, tuple[str, ...], int]) -> None:
+    worker, cards, size = claim
+    state.claims[key] = claim
+    state.worker_load[worker] = state.worker_load.get(worker, 0) + 1
+    for card in cards:
+        state.card_used[card] = state.card_used.get(card, 0) + size
+
+
+def _unclaim(state: State, key: tuple[str, str]) -> None:
+    """Drop a placed attempt's claim (it ended, or its ticket did); sums that reach zero are removed,
+    so a replay and the live state hold the same maps."""
+    claim = state.claims.pop(key, None)
+    if claim is None:
+        return
+    worker, cards, size = claim
+    left = state.worker_load[worker] - 1
+    if left:
+        state.worker_load[worker] = left
+    else:
+        del state.worker_load[worker]
+    for card in cards:
+        used = state.card_used[card] - size
+        if used:
+            state.card_used[card] = used
+        else:
+            del state.card_used[card]
 
 
 def _task(state: State, event: ev.TaskEvent) -> TaskState:

@@ -200,6 +200,11 @@ def _check_cards(state: State) -> None:
     for card, n in used.items():
         if card in sizes:
             assert n <= sizes[card], f"card {card} over-committed: {n} > {sizes[card]}"
+    assert state.card_used == used  # the sums evolve keeps agree with the attempts out
+    load: dict[str, int] = {}
+    for worker, _, _ in state.claims.values():
+        load[worker] = load.get(worker, 0) + 1
+    assert state.worker_load == load
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
