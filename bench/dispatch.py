@@ -194,7 +194,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=MAX_STEPS, help=f"jobs per side (1..{MAX_STEPS})")
     parser.add_argument("--queue-limits", help="JSON for the daemon's queue_limits, e.g. '{\"cpu\": 1}'")
     parser.add_argument("--placement", action="store_true", help="also run Jetbox with placement (see above)")
+    parser.add_argument("--placed-first", action="store_true", help="with --placement: run the placed side first")
     args = parser.parse_args()
+    args.placement = args.placement or args.placed_first
     if not 1 <= args.jobs <= MAX_STEPS:
         parser.error(f"--jobs {args.jobs}: the Jetbox side runs one ticket, which holds 1..{MAX_STEPS} steps")
     keep = os.environ.get("JETBOX_BENCH_KEEP")
@@ -206,11 +208,16 @@ def main() -> None:
             raw_lat, raw_tput = raw_rq(server.url, args.jobs, tmp)
             server.stop()
             server = start_redis(tmp / "run")
-            jb_lat, jb_tput = jetbox(server.url, args.jobs, tmp, args.queue_limits)
-            if args.placement:
+            # `--placed-first`: the placed run before the plain one (the second run of a pair may gain
+            # from warm caches: alternate the order between rounds to see it).
+            order = [True, False] if args.placed_first else [False, True] if args.placement else [False]
+            for placed in order:
+                if placed:
+                    pl_lat, pl_tput = jetbox(server.url, args.jobs, tmp, args.queue_limits, placed=True)
+                else:
+                    jb_lat, jb_tput = jetbox(server.url, args.jobs, tmp, args.queue_limits)
                 server.stop()
                 server = start_redis(tmp / "run")
-                pl_lat, pl_tput = jetbox(server.url, args.jobs, tmp, args.queue_limits, placed=True)
         finally:
             server.stop()
     print(
