@@ -351,7 +351,7 @@ def test_two_real_workers_a_job_lands_where_it_fits_and_two_small_jobs_share_a_c
     assert setup.wait_done("TICKET-2", timeout=60) == "TicketCompleted"
     rows = _scheduled_rows(setup, "TICKET-2")
     assert sorted(r["worker"] for r in rows) == ["big-1", "big-2"] and all(r["gpus"] == ["b/0"] for r in rows)
-    spans = {}
+    spans: dict[str, list[datetime]] = {}
     for r in setup.daemon.rows():
         if r["data"].get("ticket") == "TICKET-2" and r["type"] in ("AttemptStarted", "AttemptSucceeded"):
             spans.setdefault(r["data"]["task"], []).append(datetime.fromisoformat(r["data"]["at"]))
@@ -389,5 +389,6 @@ def test_detection_reads_nvidia_smi_and_honours_cuda_visible_devices(
     made = build_advert("w", ["gpu"], node="box", gpu_memory="20G")  # configured size wins, detected count
     assert made is not None and not made.detected and made.gpus[0]["memory"] == 20 * G
     assert build_advert("w", ["gpu"], node="box", advertise=False) is None
+    assert build_advert("w", ["cpu"], node="box") is None  # a cpu worker does not offer the box's cards
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     assert build_advert("w", ["cpu"], node="box") is None  # nothing detected, nothing configured: a plain worker

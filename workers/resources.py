@@ -140,7 +140,10 @@ def build_advert(
     except ValueError as exc:
         raise ResourceError(f"--memory: {exc}") from None
     configured = any(v is not None for v in (gpus, gpu_memory, cpus, memory))
-    detected = detect_gpus() if gpus != 0 else []
+    # A worker that serves no gpu queue looks for cards only when told to use some: `jbctl up`'s cpu
+    # worker on a GPU box stays a plain queue worker.
+    looks = gpus != 0 and ("gpu" in queues or bool(gpus) or card_memory is not None)
+    detected = detect_gpus() if looks else []
     if gpus is None and card_memory is None:
         cards = detected
     else:
