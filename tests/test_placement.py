@@ -329,7 +329,8 @@ def _scheduled_rows(setup: Any, tid: str) -> list[dict[str, Any]]:
 def test_two_real_workers_a_job_lands_where_it_fits_and_two_small_jobs_share_a_card(running: Any) -> None:
     """Worker `small` advertises one 8G card, workers `big-1` and `big-2` one 24G card they share
     (configured, as `jbctl worker --gpus 1 --gpu-memory 24G` on one machine). A 16G step runs on a big
-    worker; two 10G steps run at the same time on the shared card, one on each big worker."""
+    worker; two 10G steps run at the same time on the shared card, one on each big worker. A worker
+    that stops is recorded as departed; one killed with -9, as lost (the reconciler)."""
     setup = running
     procs: dict[str, subprocess.Popen[bytes]] = {}
     for name, node, mem in (("small", "s", "8G"), ("big-1", "b", "24G"), ("big-2", "b", "24G")):
@@ -364,6 +365,11 @@ def test_two_real_workers_a_job_lands_where_it_fits_and_two_small_jobs_share_a_c
     gone = setup.daemon.wait_event("WorkerGone", timeout=30, worker="small")
     assert gone["data"]["reason"] == "departed"
     assert setup.conn().llen(f"rq:queue:{worker_queue('small')}") == 0
+    # One killed (-9) says nothing: its liveness key expires and the reconciler records it lost.
+    os.killpg(procs["big-2"].pid, signal.SIGKILL)
+    procs["big-2"].wait(30)
+    lost = setup.daemon.wait_event("WorkerGone", timeout=30, worker="big-2")
+    assert lost["data"]["reason"] == "lost" and "no sign of life" in lost["data"]["detail"]
     setup.assert_consistent()
 
 
