@@ -2,14 +2,14 @@
 
     .venv/bin/python bench/dispatch.py            # 500 jobs each way (the figures in docs/BENCHMARKS.md)
     .venv/bin/python bench/dispatch.py --jobs 50  # a quick run
+    .venv/bin/python bench/dispatch.py --placement  # also: the same with placement, in the same run
 
-Same Redis (a private redis-server on a unix socket), same worker class (RQ's SimpleWorker, which
-Jetbox's worker extends), one worker process each, in one run:
-- latency: jobs one after another. Raw RQ: enqueue, wait for the result, repeat. Jetbox: a ticket
-  whose steps form a chain, so each job is dispatched only after the previous one's report was
-  committed; per-job time = (last success - first schedule) / N, from the events' recorded times.
-- throughput: N independent jobs at once. Raw RQ: enqueue N, wait for all results. Jetbox: a
-  ticket with N independent steps, from TicketSubmitted to TicketCompleted.
+`--placement` runs the Jetbox side a second time with the worker advertising one 256G card
+(`jbctl worker --queue gpu --gpus 1 --gpu-memory 256G`) and every step on the gpu queue asking for
+`gpu_memory: 1G`: each attempt is placed by the decider (worker and card recorded on
+AttemptScheduled, claims counted on the card) and goes to the worker's own queue. The card holds
+all 200 claims, so what differs from the plain run is the placement itself, not a memory limit
+(a smaller card bounds the attempts out, like `--queue-limits`, and so the throughput).
 """
 
 from __future__ import annotations
@@ -99,11 +99,15 @@ def raw_rq(url: str, n: int, tmp: Path) -> tuple[list[float], float]:
         _stop(worker)
 
 
-def _ticket(tid: str, n: int, chain: bool) -> str:
+PLACED_STEP = ", queue: gpu, gpu_memory: 1G"
+PLACED_WORKER = ["--queue", "gpu", "--name", "bench", "--node", "bench", "--gpus", "1", "--gpu-memory", "256G"]
+
+
+def _ticket(tid: str, n: int, chain: bool, placed: bool = False) -> str:
     lines = [f"id: {tid}", "title: dispatch bench", "goal: measure", "steps:"]
     for i in range(n):
         needs = f", needs: [s{i - 1}]" if chain and i else ""
-        lines.append(f"  - {{id: s{i}, kind: diag{needs}}}")
+        lines.append(f"  - {{id: s{i}, kind: diag{needs}{PLACED_STEP if placed else ''}}}")
     return "\n".join(lines) + "\n"
 
 
@@ -130,31 +134,53 @@ def _wait_done(db: Path, tid: str, timeout: float) -> list[tuple[str, datetime, 
     raise TimeoutError(f"{tid} did not finish")
 
 
-def jetbox(url: str, n: int, tmp: Path, queue_limits: str | None = None) -> tuple[list[float], float]:
-    home = tmp / "home"
+def jetbox(
+    url: str, n: int, tmp: Path, queue_limits: str | None = None, placed: bool = False
+) -> tuple[list[float], float]:
+    home = tmp / ("home-placed" if placed else "home")
     (home / "tickets").mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("JETBOX_")}
     env.update(JETBOX_HOME=str(home), JETBOX_REDIS_URL=url)
     if queue_limits:  # the scheduling rules in the path (docs/SCHEDULING.md)
         env.update(JETBOX_QUEUE_LIMITS=queue_limits)
     daemon = _worker([str(BIN / "jbctl"), "daemon"], env, tmp / "daemon.log")
-    worker = _worker([str(BIN / "jbctl"), "worker", "--queue", "cpu"], env, tmp / "worker.log")
+    how = PLACED_WORKER if placed else ["--queue", "cpu"]
+    worker = _worker([str(BIN / "jbctl"), "worker", *how], env, tmp / f"worker{'-placed' if placed else ''}.log")
     db = home / "jetbox.db"
     try:
-        (home / "tickets" / "TICKET-0.yaml").write_text(_ticket("TICKET-0", 1, False))  # warm up
+        if placed:  # the advert reaches the log before any step: every attempt is placed
+            _wait_type(db, "WorkerAdvertised", 120)
+        (home / "tickets" / "TICKET-0.yaml").write_text(_ticket("TICKET-0", 1, False, placed))  # warm up
         _wait_done(db, "TICKET-0", 120)
-        (home / "tickets" / "TICKET-1.yaml").write_text(_ticket("TICKET-1", n, True))
+        (home / "tickets" / "TICKET-1.yaml").write_text(_ticket("TICKET-1", n, True, placed))
         chain = _wait_done(db, "TICKET-1", 60 + n)
+        where = {d.get("worker") for t, _, d in chain if t == "AttemptScheduled"}
+        assert where == ({"bench"} if placed else {None}), f"placement not as expected: {where}"
         starts = [at for t, at, _ in chain if t == "AttemptScheduled"]
         ends = [at for t, at, _ in chain if t == "AttemptSucceeded"]
         per_job = [(e - s).total_seconds() for s, e in zip(starts, ends, strict=True)]
-        (home / "tickets" / "TICKET-2.yaml").write_text(_ticket("TICKET-2", n, False))
+        (home / "tickets" / "TICKET-2.yaml").write_text(_ticket("TICKET-2", n, False, placed))
         wide = _wait_done(db, "TICKET-2", 60 + n)
         span = (wide[-1][1] - wide[0][1]).total_seconds()
         return per_job, n / span
     finally:
         _stop(worker)
         _stop(daemon)
+
+
+def _wait_type(db: Path, type_: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            found = conn.execute("SELECT 1 FROM events WHERE type = ? LIMIT 1", (type_,)).fetchone()
+            conn.close()
+            if found:
+                return
+        except sqlite3.OperationalError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"no {type_} recorded")
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -166,8 +192,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # The Jetbox side is one ticket with a step per job: at most a ticket's MAX_STEPS.
     parser.add_argument("--jobs", type=int, default=MAX_STEPS, help=f"jobs per side (1..{MAX_STEPS})")
-    parser.add_argument("--queue-limits", help='JSON for the daemon\'s queue_limits, e.g. \'{"cpu": 1}\'')
+    parser.add_argument("--queue-limits", help="JSON for the daemon's queue_limits, e.g. '{\"cpu\": 1}'")
+    parser.add_argument("--placement", action="store_true", help="also run Jetbox with placement (see above)")
+    parser.add_argument("--placed-first", action="store_true", help="with --placement: run the placed side first")
     args = parser.parse_args()
+    args.placement = args.placement or args.placed_first
     if not 1 <= args.jobs <= MAX_STEPS:
         parser.error(f"--jobs {args.jobs}: the Jetbox side runs one ticket, which holds 1..{MAX_STEPS} steps")
     keep = os.environ.get("JETBOX_BENCH_KEEP")
@@ -179,7 +208,16 @@ def main() -> None:
             raw_lat, raw_tput = raw_rq(server.url, args.jobs, tmp)
             server.stop()
             server = start_redis(tmp / "run")
-            jb_lat, jb_tput = jetbox(server.url, args.jobs, tmp, args.queue_limits)
+            # `--placed-first`: the placed run before the plain one (the second run of a pair may gain
+            # from warm caches: alternate the order between rounds to see it).
+            order = [True, False] if args.placed_first else [False, True] if args.placement else [False]
+            for placed in order:
+                if placed:
+                    pl_lat, pl_tput = jetbox(server.url, args.jobs, tmp, args.queue_limits, placed=True)
+                else:
+                    jb_lat, jb_tput = jetbox(server.url, args.jobs, tmp, args.queue_limits)
+                server.stop()
+                server = start_redis(tmp / "run")
         finally:
             server.stop()
     print(
@@ -194,6 +232,17 @@ def main() -> None:
         f"  Jetbox   latency p50 {1000 * statistics.median(jb_lat):7.2f} ms  p99 {1000 * _pct(jb_lat, 0.99):7.2f} ms"
         f"   throughput {jb_tput:8.1f} jobs/s"
     )
+    if args.placement:
+        print(
+            f"  placed   latency p50 {1000 * statistics.median(pl_lat):7.2f} ms  "
+            f"p99 {1000 * _pct(pl_lat, 0.99):7.2f} ms   throughput {pl_tput:8.1f} jobs/s"
+        )
+        more = 1000 * (statistics.median(pl_lat) - statistics.median(jb_lat))
+        ratio_p50 = statistics.median(pl_lat) / statistics.median(jb_lat)
+        print(
+            f"  placement vs Jetbox: p50 {more:+.2f} ms, p50 ratio {ratio_p50:.2f}, "
+            f"throughput ratio {pl_tput / jb_tput:.2f}"
+        )
     added = 1000 * (statistics.median(jb_lat) - statistics.median(raw_lat))
     ratio = jb_tput / raw_tput
     print(f"  added latency per job (p50): {added:.2f} ms   goal < 15 ms: {'met' if added < 15 else 'not met'}")

@@ -10,6 +10,9 @@ schedules the next step, the path every job takes between two dispatches. Timed 
 - held: the same while W other tickets are held (their tasks wait);
 - ranked: `queue_limits = {cpu: 1}` and W lower-priority tasks waiting for the same queue, so every
   report ranks all of them before scheduling the chain's next step (the worst case).
+- placed: the chain on the gpu queue (`gpu_memory: 1G`) with 8 advertised workers of 2 cards
+  each, and W other 1G attempts out on those cards: every report places the next step (finds a
+  worker and a card, counting the claims of all W).
 The end-to-end dispatch latency (bench/dispatch.py) is ~10 ms per job; compare the figures with it.
 """
 
@@ -50,12 +53,25 @@ def per_report_us(steps: int, waiting: int, mode: str) -> float:
     state = State()
     if mode == "ranked":
         _apply(state, c.SetQueueLimits(now=T0, limits={"cpu": 1}))
-    chain = "".join(f"  - {{id: s{i}, kind: diag{f', needs: [s{i - 1}]' if i else ''}}}\n" for i in range(steps))
+    placed = ", queue: gpu, gpu_memory: 1G" if mode == "placed" else ""
+    if mode == "placed":
+        from schema.events import GpuCard
+
+        for w in range(8):
+            cards = [GpuCard(id=f"n{w}/{i}", index=i, memory=max(1, waiting // 16 + 2) << 30) for i in range(2)]
+            _apply(state, c.RecordWorkerAdvertised(now=T0, worker=f"w{w}", node=f"n{w}", queues=["gpu"], gpus=cards))
+    chain = "".join(
+        f"  - {{id: s{i}, kind: diag{placed}{f', needs: [s{i - 1}]' if i else ''}}}\n" for i in range(steps)
+    )
     # First, so its first step takes the one cpu slot; priority 10 keeps it ahead of all that waits.
     _apply(state, _ticket("TICKET-chain", chain, "priority: 10\n" if mode == "ranked" else ""))
     for i in range(waiting):
-        _apply(state, _ticket(f"TICKET-w{i}", "  - {id: a, kind: diag}\n", "hold: true\n" if mode == "held" else ""))
-    assert mode == "baseline" or len(state.deferred) == waiting, (mode, len(state.deferred))
+        body = f"  - {{id: a, kind: diag{placed}}}\n"
+        _apply(state, _ticket(f"TICKET-w{i}", body, "hold: true\n" if mode == "held" else ""))
+    if mode == "placed":
+        assert len(state.live) == waiting + 1 and not state.deferred, (len(state.live), len(state.deferred))
+    else:
+        assert mode == "baseline" or len(state.deferred) == waiting, (mode, len(state.deferred))
     times = []
     for i in range(steps):
         cmd = c.RecordJobSucceeded(now=T0 + timedelta(seconds=i), ticket="TICKET-chain", task=f"s{i}", attempt=1)
@@ -86,6 +102,9 @@ def main() -> None:
     )
     ranked = per_report_us(args.steps, args.waiting, "ranked")
     print(f"  queue limit, {args.waiting} tasks ranked per report  {ranked:8.1f} us")
+    if hasattr(c, "RecordWorkerAdvertised"):
+        placed = per_report_us(args.steps, args.waiting, "placed")
+        print(f"  placed, 16 cards, {args.waiting} attempts out     {placed:8.1f} us")
 
 
 if __name__ == "__main__":

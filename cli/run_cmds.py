@@ -25,6 +25,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="worker name (default: host and pid)")
     p.add_argument("--ticket", help="work only this ticket's jobs, and exit once it has ended")
     p.add_argument("--warm", action="store_true", help="load the current core's models before the first job")
+    res = p.add_argument_group(
+        "placement",
+        "what the worker has (docs/SCHEDULING.md): a worker advertises itself when any of these is given or a "
+        "GPU is detected (nvidia-smi, torch), and then gets the jobs the daemon places on it",
+    )
+    res.add_argument("--gpus", type=int, help="cards it may use (default: detected)")
+    res.add_argument("--gpu-memory", help="memory of each card, e.g. 24G (default: detected)")
+    res.add_argument("--cpus", type=float, help="CPUs it offers (default: those it may run on)")
+    res.add_argument("--memory", help="memory it offers, e.g. 32G (default: the machine's)")
+    res.add_argument("--node", help="the machine's name in card ids <node>/<index> (default: host name)")
+    adv = res.add_mutually_exclusive_group()
+    adv.add_argument("--advertise", dest="advertise", action="store_true", default=None, help="even with no card")
+    adv.add_argument("--no-advertise", dest="advertise", action="store_false", help="never (a plain queue worker)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("run", help="submit a ticket with a worker of its own (systemd-run, or --detach)")
@@ -64,6 +77,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         load_secret(settings.secret_path, create=True)
     except SecretError as exc:
         raise CliError(str(exc)) from None
+    queues = args.queue or ["gpu", "cpu"]
+    advert = _advert(args, queues) if args.ticket is None else None  # `jbctl run`'s worker: never placed
     import faulthandler
     import signal
 
@@ -75,10 +90,38 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return run_dedicated_worker(settings.redis_url, args.ticket, name=args.name)
     from workers.worker import run_worker
 
-    queues = args.queue or ["gpu", "cpu"]
     if args.warm:
         _warm(settings, args.name or f"{socket.gethostname()}.{os.getpid()}", queues)
-    return run_worker(settings.redis_url, queues, burst=args.burst, name=args.name)
+    return run_worker(settings.redis_url, queues, burst=args.burst, name=args.name, advert=advert)
+
+
+def _advert(args: argparse.Namespace, queues: list[str]) -> Any:
+    """What the worker advertises for placement (None: it does not take part), checked before it starts."""
+    from workers.resources import ResourceError, build_advert
+
+    name = args.name or f"{socket.gethostname().split('.')[0]}.{os.getpid()}"
+    try:
+        advert = build_advert(
+            name,
+            queues,
+            node=args.node,
+            gpus=args.gpus,
+            gpu_memory=args.gpu_memory,
+            cpus=args.cpus,
+            memory=args.memory,
+            advertise=args.advertise,
+        )
+    except ResourceError as exc:
+        raise CliError(f"jbctl worker {exc}") from None
+    if advert is not None:
+        cards = ", ".join(f"{g['id']} {g['memory'] / (1 << 30):.3g}G" for g in advert.gpus) or "no GPU"
+        print(
+            f"jetbox worker {name}: advertising {cards}, {advert.cpus:g} CPUs, {advert.memory / (1 << 30):.3g}G "
+            f"({'detected' if advert.detected else 'configured'}); placed jobs come on queue worker__{name}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return advert
 
 
 def _warm(settings: Any, name: str, queues: list[str]) -> None:

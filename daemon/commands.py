@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schema.events import FailureCause
+from schema.events import FailureCause, GpuCard
 from schema.ticket import MAX_PRIORITY, Ticket
 
 
@@ -213,3 +213,23 @@ class SetQueueLimits(Command):
 
     limits: dict[str, int]
     gpu_memory: dict[str, int] = Field(default_factory=dict)  # queue_gpu_memory, in bytes
+
+
+class RecordWorkerAdvertised(Command):
+    """A worker's signed advert (inbox): what it has. Recorded only when new or changed."""
+
+    worker: str
+    node: str
+    queues: list[str]
+    gpus: list[GpuCard] = Field(default_factory=list)
+    cpus: float = 0.0
+    memory: int = 0
+    detected: bool = False
+
+
+class RecordWorkerGone(Command):
+    """A worker said goodbye (inbox) or its liveness key expired (reconciler)."""
+
+    worker: str
+    reason: Literal["departed", "lost"]
+    detail: str = ""

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from daemon import commands as cmd
+from daemon.placement import Placement, Usage, card_sizes, place, placed_queues, size, usage
 from daemon.state import State, TaskState, TicketState, evolve
 from schema import events as ev
 from schema.cache import BUDGET_KEYS, NEVER_CACHED, budget_grew, cache_key, cacheable, resume_key
@@ -44,6 +45,7 @@ class _Emitter:
         self._copied: set[str] = set()
         self.events: list[ev.Event] = []
         self.filled = False  # a pass over waiting tasks ran (`_fill`)
+        self.placing: dict[tuple[str, str], Placement] = {}  # chosen by `_fill`, recorded by `_schedule`
 
     def get_ticket(self, tid: str | None) -> TicketState | None:
         """The scratch copy of ticket `tid` (made on first access), or None when there is none."""
@@ -220,6 +222,13 @@ def _schedule(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime
         return held == "reused"
     resume = resume_key(task.kind, params) if task.kind == "train" else None
     waited_since = task.deferred_since
+    placed = out.placing.pop((ticket.id, task.id), None)
+    if placed is None and task.queue in placed_queues(out.state):
+        found = place(out.state, task, usage(out.state), card_sizes(out.state))
+        placed = found if isinstance(found, Placement) else None
+    device: str = spec.constraints.device
+    if placed is not None and placed.indices and device != "cpu":
+        device = f"cuda:{placed.indices[0]}"  # the card the decider chose, as the worker's CUDA numbers it
     out.emit(
         ev.AttemptScheduled(
             at=now,
@@ -232,12 +241,14 @@ def _schedule(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime
             timeout=task.timeout,
             resume_checkpoint=task.checkpoint or _carried_checkpoint(task, resume),
             network=spec.constraints.network,
-            device=spec.constraints.device,
+            device=device,
             cache_key=key,
             resume_key=resume,
             priority=ticket.priority,
             waited_since=waited_since,
-            gpu_memory=gpu_claim(out.state, task),
+            gpu_memory=(placed.claim or None) if placed is not None else gpu_claim(out.state, task),
+            worker=placed.worker if placed is not None else None,
+            gpus=list(placed.cards) if placed is not None else [],
         )
     )
     return False
@@ -246,6 +257,14 @@ def _schedule(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime
 # --- what waits, and in which order (docs/SCHEDULING.md) --------------------------------------
 
 AGING_S = 600.0  # a waiting task gains one priority point per 10 minutes waited: nothing starves
+UNPLACEABLE_S = 300.0  # a task no live worker could ever hold is blocked after waiting this long
+
+
+def _unplaceable_too_long(task: TaskState, now: datetime) -> bool:
+    """It already waited because no worker could hold it, and has waited UNPLACEABLE_S in all: a worker
+    that has what it needs is not coming (a restarting one is back well within this), so a human decides."""
+    since = task.deferred_since
+    return task.deferred_rule == "no_worker" and since is not None and (now - since).total_seconds() >= UNPLACEABLE_S
 
 
 def _ready(ticket: TicketState, task: TaskState, now: datetime) -> bool:
@@ -281,7 +300,7 @@ def _after_reason(state: State, ticket: TicketState) -> str | None:
 
 
 def _wait_reason(
-    state: State, ticket: TicketState, task: TaskState, out_per_queue: dict[str, int], gpu_used: dict[str, int]
+    state: State, ticket: TicketState, task: TaskState, use: Usage, placed: set[str]
 ) -> tuple[ev.WaitRule, str] | None:
     """Why a ready task may not be scheduled now (its rule and the words), or None. In this order."""
     if state.paused is not None:
@@ -297,13 +316,13 @@ def _wait_reason(
         if out >= limit:
             return "max_parallel", f"max_parallel: {out} of this ticket's {limit} jobs are out"
     qlimit = state.queue_limits.get(task.queue)
-    if qlimit is not None and out_per_queue.get(task.queue, 0) >= qlimit:
-        n = out_per_queue[task.queue]
+    if qlimit is not None and use.out_per_queue.get(task.queue, 0) >= qlimit:
+        n = use.out_per_queue[task.queue]
         return "queue_limit", f"queue {task.queue} is full: {n} of {qlimit} jobs out (queue_limits)"
-    need = gpu_claim(state, task)
+    need = gpu_claim(state, task) if task.queue not in placed else None  # placement counts per card instead
     if need is not None:
         budget = state.queue_gpu_memory[task.queue]
-        free = budget - gpu_used.get(task.queue, 0)
+        free = budget - use.gpu_used.get(task.queue, 0)
         if need > free:
             if need > budget:
                 return "gpu_memory", (
@@ -323,22 +342,7 @@ def gpu_claim(state: State, task: TaskState) -> int | None:
     return task.gpu_memory or budget
 
 
-def _size(n: int) -> str:
-    for unit, factor in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= factor:
-            return f"{n / factor:.3g}{unit}"
-    return f"{n}B"
-
-
-def _out_counts(state: State) -> tuple[dict[str, int], dict[str, int]]:
-    """Jobs out per queue, and the GPU memory they claim per queue whose memory is counted."""
-    out_per_queue: dict[str, int] = {}
-    gpu_used: dict[str, int] = {}
-    for (tid, task_id), queue in state.live.items():
-        out_per_queue[queue] = out_per_queue.get(queue, 0) + 1
-        if queue in state.queue_gpu_memory:
-            gpu_used[queue] = gpu_used.get(queue, 0) + state.tickets[tid].tasks[task_id].claimed
-    return out_per_queue, gpu_used
+_size = size
 
 
 def _full(state: State, queue: str, out_per_queue: dict[str, int]) -> bool:
@@ -364,7 +368,8 @@ def _fill(out: _Emitter, now: datetime, candidates: list[tuple[str, str]], every
         keys = candidates
     else:
         keys = [k for k, rule in st.deferred.items() if rule in ev.CAPACITY_RULES] + candidates
-    out_per_queue, gpu_used = _out_counts(st)
+    use = usage(st)
+    out_per_queue = use.out_per_queue
     ranked: list[tuple[int, int, str, str]] = []
     tickets = st.tickets
     fresh = set(candidates)  # asked about now: always looked at in full (a hold may have changed why)
@@ -392,6 +397,8 @@ def _fill(out: _Emitter, now: datetime, candidates: list[tuple[str, str]], every
     ranked.sort(key=lambda r: (r[0], r[1]))  # stable: a ticket's tasks keep their plan order
     advance: list[str] = []
     gpu_behind: dict[str, str] = {}  # queue -> the first task that waits for its GPU memory
+    placed = placed_queues(st)
+    sizes = card_sizes(st) if placed else {}
     for *_, tid, task_id in ranked:
         ticket = st.tickets[tid]  # read only: a ticket is copied (out.ticket) only to act on it
         task = ticket.tasks[task_id]
@@ -405,13 +412,32 @@ def _fill(out: _Emitter, now: datetime, candidates: list[tuple[str, str]], every
         if not _ready(ticket, task, now):  # not runnable (yet, or any more: this pass ended its ticket)
             continue
         # A sweep's join runs no job: no slot, memory or hold keeps it waiting.
-        why = None if _joins_by_select(task) else _wait_reason(st, ticket, task, out_per_queue, gpu_used)
+        joins = _joins_by_select(task)
+        why = None if joins else _wait_reason(st, ticket, task, use, placed)
         if why is None and task.queue in gpu_behind:
             # No backfill: a task ranked lower never takes the memory a higher one waits for (it
             # would starve a large step forever); it waits behind it.
-            why = "gpu_memory", f"behind {gpu_behind[task.queue]} on queue {task.queue} (GPU memory)"
-        if why is not None and why[0] == "gpu_memory":
+            rule: ev.WaitRule = "placement" if task.queue in placed else "gpu_memory"
+            why = rule, f"behind {gpu_behind[task.queue]} on queue {task.queue} (GPU memory)"
+        if why is None and not joins and task.queue in placed:
+            found = place(st, task, use, sizes)
+            if isinstance(found, Placement):
+                out.placing[(tid, task_id)] = found
+            else:
+                why = found
+        if why is not None and why[0] in ("gpu_memory", "placement"):
             gpu_behind.setdefault(task.queue, f"{tid}/{task_id}")
+        if why is not None and why[0] == "no_worker" and _unplaceable_too_long(task, now):
+            out.emit(
+                ev.TaskBlocked(
+                    at=now,
+                    ticket=tid,
+                    task=task_id,
+                    reason=f"{why[1]}, for {UNPLACEABLE_S / 60:g} minutes: start a worker that has it, "
+                    f"then `jbctl retry {tid} --task {task_id}`",
+                )
+            )
+            continue
         if why is not None:
             if why[1] != task.deferred:
                 out.emit(ev.TaskDeferred(at=now, ticket=tid, task=task_id, rule=why[0], reason=why[1]))
@@ -424,14 +450,14 @@ def _fill(out: _Emitter, now: datetime, candidates: list[tuple[str, str]], every
             reused = _start(out, ticket, ticket.tasks[task_id], now)  # probes, a fan-out, or the job
         if reused:
             advance.append(tid)  # a result reused from the step cache: what needs it may run now
+        out.placing.pop((tid, task_id), None)  # not scheduled after all (a probe, a policy): chosen afresh
         if any(isinstance(e, ev.SubtasksPlanned | ev.AttemptReused) for e in out.events[before:]):
-            out_per_queue, gpu_used = _out_counts(st)  # others were scheduled meanwhile (a fan-out, an advance)
+            use = usage(st)  # others were scheduled meanwhile (a fan-out, an advance)
+            out_per_queue = use.out_per_queue
             continue
         task = st.tickets[tid].tasks[task_id]
         if task.status in LIVE:
-            out_per_queue[task.queue] = out_per_queue.get(task.queue, 0) + 1
-            if task.queue in st.queue_gpu_memory:
-                gpu_used[task.queue] = gpu_used.get(task.queue, 0) + task.claimed
+            use.add(st, task)
     for tid in dict.fromkeys(advance):
         _advance(out, out.ticket(tid), now)
 
@@ -1511,6 +1537,54 @@ def _queue_limits(out: _Emitter, c: cmd.SetQueueLimits) -> None:
         out.emit(ev.QueueLimitsSet(at=c.now, limits=dict(c.limits), gpu_memory=dict(c.gpu_memory)))
 
 
+def _worker_advertised(out: _Emitter, c: cmd.RecordWorkerAdvertised) -> None:
+    """Recorded when the worker is new, came back, or has something else to offer; a repeated advert
+    (its liveness key set anew after a Redis restart) records nothing."""
+    known = out.state.workers.get(c.worker)
+    offer = (c.node, tuple(c.queues), tuple(c.gpus), c.cpus, c.memory)
+    if known is not None and (known.node, known.queues, known.gpus, known.cpus, known.memory) == offer:
+        return
+    out.emit(
+        ev.WorkerAdvertised(
+            at=c.now,
+            worker=c.worker,
+            node=c.node,
+            queues=list(c.queues),
+            gpus=list(c.gpus),
+            cpus=c.cpus,
+            memory=c.memory,
+            detected=c.detected,
+        )
+    )
+
+
+def _worker_gone(out: _Emitter, c: cmd.RecordWorkerGone) -> None:
+    """What the worker had is no longer offered. Its attempts still waiting in its own queue would wait
+    for nobody: they fail (the infrastructure's doing, retried elsewhere); a running one is the
+    reconciler's to judge by its heartbeat, as for any worker."""
+    if c.worker not in out.state.workers:
+        return
+    out.emit(ev.WorkerGone(at=c.now, worker=c.worker, reason=c.reason, detail=c.detail))
+    stranded = []
+    for tid, task_id in list(out.state.live):
+        task = out.state.tickets[tid].tasks[task_id]
+        if task.status == "scheduled" and task.placed is not None and task.placed[0] == c.worker:
+            stranded.append((tid, task_id, task.attempt))
+    for tid, task_id, attempt in stranded:
+        _failed(
+            out,
+            cmd.RecordJobFailed(
+                now=c.now,
+                ticket=tid,
+                task=task_id,
+                attempt=attempt,
+                error=f"worker {c.worker} {c.reason} before it started the job ({c.detail or 'no detail'})",
+                retryable=True,
+                cause="infrastructure",
+            ),
+        )
+
+
 _DECIDERS: dict[type, Callable[[_Emitter, Any], None]] = {
     cmd.RecordHomeOwner: _record_owner,
     cmd.SubmitTicket: _submit,
@@ -1541,6 +1615,8 @@ _DECIDERS: dict[type, Callable[[_Emitter, Any], None]] = {
     cmd.PauseInstallation: _pause,
     cmd.ResumeInstallation: _resume,
     cmd.SetQueueLimits: _queue_limits,
+    cmd.RecordWorkerAdvertised: _worker_advertised,
+    cmd.RecordWorkerGone: _worker_gone,
 }
 # Commands (and events) after which every waiting task is looked at again: a gate may have opened.
 _OPENS_GATES: frozenset[type] = frozenset({cmd.ReleaseTicket, cmd.ResumeInstallation, cmd.SetQueueLimits})

@@ -32,11 +32,20 @@ from schema.wire import (
     ended_key,
     job_id,
     load_secret,
+    worker_queue,
 )
 
 log = logging.getLogger("jetbox.dispatcher")
 CHECKPOINT = "dispatcher"
-_WATCHED = ["AttemptScheduled", "TicketCancelled", "TicketFailed", "TicketCompleted", "CorePromoted", "TicketHeld"]
+_WATCHED = [
+    "AttemptScheduled",
+    "TicketCancelled",
+    "TicketFailed",
+    "TicketCompleted",
+    "CorePromoted",
+    "TicketHeld",
+    "WorkerGone",
+]
 PAGE = 1000
 KEEP_S = 7 * 86400  # how long RQ keeps a finished job (and so remembers its id)
 
@@ -84,7 +93,10 @@ def envelope_from(e: ev.AttemptScheduled) -> Envelope:
 
 
 def queue_for(conn: redis.Redis, event: ev.AttemptScheduled) -> str:
-    """The ticket's dedicated worker's queue while one runs (`jbctl run --background`), else the step's."""
+    """The queue of the worker the decider placed the attempt on; else the ticket's dedicated worker's
+    queue while one runs (`jbctl run --background`); else the step's."""
+    if event.worker is not None:
+        return worker_queue(event.worker)
     if conn.exists(dedicated_key(event.ticket)):
         return dedicated_queue(event.ticket)
     return event.queue
@@ -152,6 +164,10 @@ class Dispatcher:
             self.stop_held(event.ticket)
         if isinstance(event, ev.TicketCancelled | ev.TicketFailed | ev.TicketCompleted):
             self.conn.set(ended_key(event.ticket), "1", ex=KEEP_S)
+        if isinstance(event, ev.WorkerGone):
+            # Its attempts that never started were failed and will be placed again: nobody takes
+            # what is left in its queue (a worker coming back under the name starts clean).
+            queue(self.conn, worker_queue(event.worker)).empty()
         if isinstance(event, ev.CorePromoted):
             self.conn.set(CORE_KEY, json.dumps({"version": event.version, "components": event.components}))
 

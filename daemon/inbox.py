@@ -20,8 +20,9 @@ from pydantic import ValidationError
 from daemon import commands as cmd
 from daemon.dispatcher import redis_connection
 from daemon.handler import CommandHandler
+from schema.events import GpuCard
 from schema.settings import Settings
-from schema.wire import REPORT_GROUP, REPORT_STREAM, Report, load_secret, verify
+from schema.wire import REPORT_GROUP, REPORT_STREAM, Advert, Report, load_secret, verify
 
 log = logging.getLogger("jetbox.inbox")
 BATCH = 500
@@ -99,6 +100,8 @@ class Inbox:
         ensure_group(self.conn)
 
     def parse(self, fields: dict[bytes, bytes], now: datetime) -> cmd.Command:
+        if b"advert" in fields:
+            return self.parse_advert(fields, now)
         raw = fields.get(b"report", b"")
         sig = fields.get(b"sig", b"").decode(errors="replace")
         try:
@@ -118,6 +121,37 @@ class Inbox:
         except (ValidationError, KeyError, TypeError) as exc:
             return cmd.RecordViolation(
                 now=now, what="malformed_report", detail=f"signed report does not parse: {str(exc)[:300]}"
+            )
+
+    def parse_advert(self, fields: dict[bytes, bytes], now: datetime) -> cmd.Command:
+        """A worker's advert (what it has) or farewell, signed like a report."""
+        raw = fields.get(b"advert", b"")
+        sig = fields.get(b"sig", b"").decode(errors="replace")
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return cmd.RecordViolation(now=now, what="forged_report", detail=f"unreadable advert: {raw[:200]!r}")
+        if not isinstance(data, dict) or not verify(data, sig, self.key):
+            return cmd.RecordViolation(
+                now=now, what="forged_report", detail=f"bad signature on advert {str(data)[:300]}"
+            )
+        try:
+            advert = Advert.model_validate(data)
+            if advert.kind == "departed":
+                return cmd.RecordWorkerGone(now=now, worker=advert.worker, reason="departed", detail="it stopped")
+            return cmd.RecordWorkerAdvertised(
+                now=now,
+                worker=advert.worker,
+                node=advert.node,
+                queues=advert.queues,
+                gpus=[GpuCard.model_validate(g) for g in advert.gpus],
+                cpus=advert.cpus,
+                memory=advert.memory,
+                detected=advert.detected,
+            )
+        except ValidationError as exc:
+            return cmd.RecordViolation(
+                now=now, what="malformed_report", detail=f"signed advert does not parse: {str(exc)[:300]}"
             )
 
     def _read(self, start: str) -> list[tuple[bytes, dict[bytes, bytes]]]:

@@ -28,7 +28,7 @@ from schema import events as ev
 from schema.events import FailureCause
 from schema.plan import LIVE
 from schema.settings import Settings
-from schema.wire import cancel_key, heartbeat_key, job_id, load_secret
+from schema.wire import cancel_key, heartbeat_key, job_id, load_secret, worker_key
 
 log = logging.getLogger("jetbox.reconciler")
 DEAD_JOB_STATES = {"failed", "stopped", "canceled"}
@@ -66,6 +66,8 @@ class Reconciler:
                     found = self.check(ticket, task, jid, now, mono)
                     if found is not None:
                         commands.append(found)
+        commands.extend(self.check_workers(now, mono))
+        live.update(f"worker:{w}" for w in state.workers)
         self.missing_since = {k: v for k, v in self.missing_since.items() if k in live}
         self.recorded = {k: v for k, v in self.recorded.items() if k in live}
         if commands:
@@ -104,6 +106,33 @@ class Reconciler:
         if status == "started" or task.status == "running":
             return self._missing_beat(ticket, task, jid, now, mono, "no heartbeat")
         return None
+
+    def check_workers(self, now: datetime, mono: float) -> list[cmd.Command]:
+        """An advertised worker whose liveness key has been gone for the grace period is lost: what it
+        had is no longer offered (the key's TTL is heartbeat_timeout, refreshed every heartbeat, and a
+        Redis restarted empty gets it back within a beat, so it is noticed within 2 x timeout)."""
+        lost: list[cmd.Command] = []
+        names = list(self.handler.state.workers)
+        if not names:
+            return lost
+        with self.conn.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.exists(worker_key(name))
+            alive = pipe.execute()
+        for name, here in zip(names, alive, strict=True):
+            mark = f"worker:{name}"
+            if here:
+                self.missing_since.pop(mark, None)
+                continue
+            first = self.missing_since.setdefault(mark, mono)
+            if mono - first >= self.grace:
+                self.missing_since.pop(mark, None)
+                lost.append(
+                    cmd.RecordWorkerGone(
+                        now=now, worker=name, reason="lost", detail=f"no sign of life for {self.grace:g}s"
+                    )
+                )
+        return lost
 
     def _missing_beat(
         self, ticket: TicketState, task: TaskState, jid: str, now: datetime, mono: float, why: str

@@ -20,6 +20,27 @@ TicketStatus = Literal["running", "completed", "failed", "cancelled"]
 ProposalStatus = Literal["open", "approved", "rejected", "expired", "withdrawn"]
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What a step declares beyond its GPU memory (placement, docs/SCHEDULING.md)."""
+
+    gpus: int | None = None  # None: the queue's default (a gpu step: one card)
+    cpus: float = 0.0
+    memory: int = 0  # bytes
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """An advertised worker (WorkerAdvertised), while it lives."""
+
+    name: str
+    node: str
+    queues: tuple[str, ...]
+    gpus: tuple[ev.GpuCard, ...]
+    cpus: float
+    memory: int
+    order: int  # advert order: the later of two adverts naming one card sets its size
+
 
 @dataclass
 class TaskState:
@@ -60,7 +81,9 @@ class TaskState:
     deferred_rule: str | None = None  # which rule (TaskDeferred.rule)
     deferred_since: datetime | None = None
     gpu_memory: int = 0  # what the step declares (bytes); 0: the whole card where the queue's memory is counted
-    claimed: int = 0  # GPU memory the live attempt claims (AttemptScheduled.gpu_memory)
+    claimed: int = 0  # GPU memory the live attempt claims (AttemptScheduled.gpu_memory), on each of its cards
+    needs_res: Needs | None = None  # the step's gpus/cpus/memory (placement); None: it declares none
+    placed: tuple[str, tuple[str, ...]] | None = None  # the live attempt's worker and cards (AttemptScheduled)
     stop_attempt: int = 0  # the attempt `jbctl hold --stop` asked to stop (its failure is a stop)
 
 
@@ -246,6 +269,7 @@ class State:
             setattr(self, name, dict(getattr(self, name)))
             self.shared_maps.discard(name)
         return getattr(self, name)  # type: ignore[no-any-return]
+
     # Working memory: A-<n> -> {id, ticket, component, base_core_version, checkpoint, core_checkpoint, active}.
     # Each record is replaced, never changed in place, so a scratch copy may share them.
     adapters: dict[str, dict] = field(default_factory=dict)
@@ -259,6 +283,13 @@ class State:
     # The running tickets' ids, in the order they started running (an ordered set): what the clock,
     # the STATUS line and the reconciler walk, so their cost follows live work, not history.
     running: dict[str, None] = field(default_factory=dict)
+    workers: dict[str, WorkerInfo] = field(default_factory=dict)  # advertised workers that live, by name
+    adverts: int = 0
+    # Placed attempts out (kept by `evolve` with `live`): (ticket, task) -> (worker, cards, claim per card),
+    # and their sums, so placing an attempt never walks the attempts out.
+    claims: dict[tuple[str, str], tuple[str, tuple[str, ...], int]] = field(default_factory=dict)
+    card_used: dict[str, int] = field(default_factory=dict)  # card id -> bytes claimed
+    worker_load: dict[str, int] = field(default_factory=dict)  # worker -> placed attempts out
 
     def scratch(self, ticket_ids: list[str]) -> State:
         """A copy that `evolve` may change, sharing every ticket except those named."""
@@ -289,6 +320,11 @@ class State:
             live=dict(self.live),
             deferred=dict(self.deferred),
             running=Overlay(self.running),  # type: ignore[arg-type]
+            workers=dict(self.workers),
+            adverts=self.adverts,
+            claims=dict(self.claims),
+            card_used=dict(self.card_used),
+            worker_load=dict(self.worker_load),
         )
         for tid in ticket_ids:
             if tid in out.tickets:
@@ -299,6 +335,11 @@ class State:
 def tasks_for(ticket: Ticket) -> dict[str, TaskState]:
     """The task states of a fresh run, as `task_plan` lays it out."""
     gpu = {s.id: s.gpu_memory_bytes for s in ticket.steps if s.gpu_memory}
+    needs = {
+        s.id: Needs(gpus=s.gpus, cpus=s.cpus or 0.0, memory=s.memory_bytes)
+        for s in ticket.steps
+        if s.gpus is not None or s.cpus or s.memory
+    }
     return {
         t.id: TaskState(
             id=t.id,
@@ -309,6 +350,7 @@ def tasks_for(ticket: Ticket) -> dict[str, TaskState]:
             timeout=t.timeout,
             retries=t.retries,
             gpu_memory=gpu.get(t.id, 0),
+            needs_res=needs.get(t.id),
         )
         for t in task_plan(ticket)
     }
@@ -341,6 +383,7 @@ def _index(state: State, ticket: TicketState, task_ids: list[str] | None, fresh:
             if key[1] not in ticket.tasks:
                 state.live.pop(key, None)
                 state.deferred.pop(key, None)
+                _unclaim(state, key)
     if task_ids is None:
         task_ids = list(ticket.tasks)
     running = ticket.status == "running"
@@ -351,12 +394,46 @@ def _index(state: State, ticket: TicketState, task_ids: list[str] | None, fresh:
         key = (ticket.id, task_id)
         if running and task.status in LIVE:
             state.live[key] = task.queue
+            claim = (task.placed[0], task.placed[1], task.claimed) if task.placed is not None else None
+            if state.claims.get(key) != claim:
+                _unclaim(state, key)
+                if claim is not None:
+                    _claim(state, key, claim)
         else:
             state.live.pop(key, None)
+            _unclaim(state, key)
         if running and task.deferred_rule is not None and task.status in ("pending", "waiting_retry"):
             state.deferred[key] = task.deferred_rule
         else:
             state.deferred.pop(key, None)
+
+
+def _claim(state: State, key: tuple[str, str], claim: tuple[str, tuple[str, ...], int]) -> None:
+    worker, cards, size = claim
+    state.claims[key] = claim
+    state.worker_load[worker] = state.worker_load.get(worker, 0) + 1
+    for card in cards:
+        state.card_used[card] = state.card_used.get(card, 0) + size
+
+
+def _unclaim(state: State, key: tuple[str, str]) -> None:
+    """Drop a placed attempt's claim (it ended, or its ticket did); sums that reach zero are removed,
+    so a replay and the live state hold the same maps."""
+    claim = state.claims.pop(key, None)
+    if claim is None:
+        return
+    worker, cards, size = claim
+    left = state.worker_load[worker] - 1
+    if left:
+        state.worker_load[worker] = left
+    else:
+        del state.worker_load[worker]
+    for card in cards:
+        used = state.card_used[card] - size
+        if used:
+            state.card_used[card] = used
+        else:
+            del state.card_used[card]
 
 
 def _task(state: State, event: ev.TaskEvent) -> TaskState:
@@ -471,6 +548,7 @@ def _scheduled(state: State, e: ev.AttemptScheduled) -> None:
         state.writable("inflight")[e.cache_key] = (e.ticket, e.task)
     task.deferred, task.deferred_rule, task.deferred_since = None, None, None
     task.claimed = e.gpu_memory or 0
+    task.placed = (e.worker, tuple(e.gpus)) if e.worker is not None else None
 
 
 def _started(state: State, e: ev.AttemptStarted) -> None:
@@ -560,6 +638,8 @@ def _subtasks_planned(state: State, e: ev.SubtasksPlanned) -> None:
             retries=step.retries,
             attempt=ticket.prior_attempts.get(sid, 0),
             parent=step.id,
+            gpu_memory=step.gpu_memory,  # each subtask is one job: it needs what its step declares
+            needs_res=step.needs_res,
         )
         if ticket.shared:
             ticket.owned.add(sid)  # created in this copy: safe to change in place
@@ -724,6 +804,23 @@ def _stopped(state: State, e: ev.AttemptStopped) -> None:
     task.last_report_seq = max(task.last_report_seq, e.report_seq)
 
 
+def _worker_advertised(state: State, e: ev.WorkerAdvertised) -> None:
+    state.adverts += 1
+    state.workers[e.worker] = WorkerInfo(
+        name=e.worker,
+        node=e.node,
+        queues=tuple(e.queues),
+        gpus=tuple(e.gpus),
+        cpus=e.cpus,
+        memory=e.memory,
+        order=state.adverts,
+    )
+
+
+def _worker_gone(state: State, e: ev.WorkerGone) -> None:
+    state.workers.pop(e.worker, None)
+
+
 def _milestone_planned(state: State, e: ev.MilestonePlanned) -> None:
     state.milestones[e.milestone] = {"plan": e.plan, "revision": e.revision, "hash": e.content_hash, "spec": e.spec}
 
@@ -791,4 +888,6 @@ _HANDLERS: dict[type, Callable[[State, Any], None]] = {
     ev.QueueLimitsSet: _limits,
     ev.TaskDeferred: _deferred,
     ev.AttemptStopped: _stopped,
+    ev.WorkerAdvertised: _worker_advertised,
+    ev.WorkerGone: _worker_gone,
 }

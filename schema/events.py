@@ -100,6 +100,11 @@ class AttemptScheduled(AttemptEvent):
     priority: int = 0
     waited_since: datetime | None = None
     gpu_memory: int | None = None
+    # Placement onto an advertised worker (docs/SCHEDULING.md): the worker whose own queue gets the job,
+    # and the cards it runs on (ids as the worker advertised them); `gpu_memory` is then the claim on
+    # each of those cards. None/empty where the step's queue has no advertised worker.
+    worker: str | None = None
+    gpus: list[str] = Field(default_factory=list)
     cache_key: str | None = None  # set when the step is cached: its success is recorded under this key
     resume_key: str | None = None  # the key without the training budget (resuming when only it grew)
 
@@ -317,8 +322,9 @@ class QueueLimitsSet(Event):
     gpu_memory: dict[str, int] = Field(default_factory=dict)
 
 
-WaitRule = Literal["paused", "held", "after", "max_parallel", "queue_limit", "gpu_memory"]
-CAPACITY_RULES: frozenset[str] = frozenset({"max_parallel", "queue_limit", "gpu_memory"})  # a freed slot may end these
+WaitRule = Literal["paused", "held", "after", "max_parallel", "queue_limit", "gpu_memory", "placement", "no_worker"]
+# A freed slot (or a worker joining) may end these.
+CAPACITY_RULES: frozenset[str] = frozenset({"max_parallel", "queue_limit", "gpu_memory", "placement", "no_worker"})
 
 
 class TaskDeferred(TaskEvent):
@@ -336,6 +342,45 @@ class AttemptStopped(AttemptEvent):
 
     error: str = ""
     report_seq: int = 0
+
+
+# --- workers and what they have (placement) ------------------------------------------------------
+
+
+class GpuCard(BaseModel):
+    """One GPU a worker can use: `id` names the physical card across workers (`<node>/<index>`: two
+    workers on one card advertise the same id and share its memory), `index` is the card as the
+    worker's CUDA sees it (`cuda:<index>`), `memory` its total in bytes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, max_length=200)
+    index: int = Field(ge=0, le=1023)
+    memory: int = Field(gt=0)
+
+
+class WorkerAdvertised(Event):
+    """A worker joined (or came back after it was lost) with what it has: the queues it serves, its
+    cards, CPUs and memory (bytes); `detected`: read from the device (nvidia-smi, torch) rather than
+    configured. Its own queue (`worker__<name>`) gets the jobs placed on it."""
+
+    worker: str
+    node: str
+    queues: list[str]
+    gpus: list[GpuCard] = Field(default_factory=list)
+    cpus: float = 0.0
+    memory: int = 0
+    detected: bool = False
+
+
+class WorkerGone(Event):
+    """A worker left (`departed`: it said so as it stopped) or was lost (`lost`: its liveness key
+    expired); what it had is no longer offered, and its attempts that never started are failed
+    (infrastructure) so they are placed again."""
+
+    worker: str
+    reason: Literal["departed", "lost"]
+    detail: str = ""
 
 
 # --- proposals and the core --------------------------------------------------------------------

@@ -68,6 +68,7 @@ MAX_SHARDS = 64
 MAX_SUBTASKS = 256  # over all steps of a ticket: with MAX_STEPS, what the scheduler walks stays bounded
 MAX_COMBINATIONS = 256  # a step's `matrix:` fans out into at most this many subtasks (and counts toward MAX_SUBTASKS)
 MATRIX_KINDS = ("train", "evaluate", "synthesize", "diag")  # the kinds a `matrix:` may sweep
+MAX_STEP_GPUS = 64  # cards one step may ask for (all on one worker)
 DEFAULT_SHARD_SIZE = 10_000  # a synthesize step's `shard_size` when it names none (workers use it too)
 # The metrics a job kind always reports, for kinds whose set is closed: an `expect:` or `probe:` on any
 # other name is an error at load time. Kinds not listed (train, evaluate, infer, diag) report metrics
@@ -303,12 +304,29 @@ class Step(_Strict):
     )
     gpu_memory: str | None = Field(
         default=None,
-        description="GPU memory the step needs, e.g. 12G (a gpu step that declares none takes the whole card)",
+        description="GPU memory the step needs on each of its cards, e.g. 12G (a gpu step that declares none "
+        "takes whole cards)",
     )
+    gpus: StrictInt | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_STEP_GPUS,
+        description="how many cards the step runs on (a gpu step: 1 unless it says; 0: none), all on one worker",
+    )
+    cpus: float | None = Field(default=None, gt=0, le=1024, description="CPUs the step needs on its worker")
+    memory: str | None = Field(default=None, description="memory the step needs on its worker, e.g. 16G")
 
     @field_validator("gpu_memory", mode="before")
     @classmethod
     def _gpu_memory(cls, value: Any) -> Any:
+        if value is not None:
+            parse_memory(value)
+            return str(value)
+        return value
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory(cls, value: Any) -> Any:
         if value is not None:
             parse_memory(value)
             return str(value)
@@ -320,11 +338,19 @@ class Step(_Strict):
             raise _located(
                 ("gpu_memory",), f"gpu_memory: only a gpu step can ask for GPU memory (queue {self.effective_queue})"
             )
+        if self.gpus and self.effective_queue != "gpu":
+            raise _located(("gpus",), f"gpus: only a gpu step can ask for GPUs (queue {self.effective_queue})")
+        if self.gpus == 0 and self.gpu_memory is not None:
+            raise _located(("gpu_memory",), "gpu_memory: the step asks for gpus: 0 (no card to put it on)")
         return self
 
     @property
     def gpu_memory_bytes(self) -> int:
         return parse_memory(self.gpu_memory) if self.gpu_memory else 0
+
+    @property
+    def memory_bytes(self) -> int:
+        return parse_memory(self.memory) if self.memory else 0
 
     @field_validator("id")
     @classmethod

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
@@ -113,6 +114,40 @@ class Report(BaseModel):
         """Fields for XADD: the JSON report and its signature."""
         data = self.model_dump(mode="json")
         return {"report": json.dumps(data, sort_keys=True), "sig": sign(data, key)}
+
+
+WORKER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+class Advert(BaseModel):
+    """A worker's word about itself, on the report stream beside job reports (field `advert`):
+    `advertised` with what it has (when it starts, and again whenever its liveness key had to be set
+    anew: a Redis that restarted empty), `departed` as it stops. Signed like a report."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["advertised", "departed"]
+    worker: str = Field(pattern=f"^{WORKER_NAME.pattern}$")
+    node: str = Field(pattern=f"^{WORKER_NAME.pattern}$")
+    queues: list[str] = Field(default_factory=list, max_length=16)
+    gpus: list[dict[str, Any]] = Field(default_factory=list, max_length=64)  # {id, index, memory} (GpuCard)
+    cpus: float = Field(default=0.0, ge=0, le=4096)
+    memory: int = Field(default=0, ge=0)
+    detected: bool = False
+
+    def signed(self, key: bytes) -> dict[str, str]:
+        data = self.model_dump(mode="json")
+        return {"advert": json.dumps(data, sort_keys=True), "sig": sign(data, key)}
+
+
+def worker_queue(worker: str) -> str:
+    """The queue of jobs the decider placed on `worker` (AttemptScheduled.worker)."""
+    return f"worker__{worker}"
+
+
+def worker_key(worker: str) -> str:
+    """Set with a TTL while `worker` lives (refreshed every heartbeat); its expiry is the worker's loss."""
+    return f"jetbox:worker:{worker}"
 
 
 def heartbeat_key(jid: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import traceback
 from collections.abc import Iterator
 from typing import Any
@@ -103,6 +104,23 @@ def _lost_redis(exc: BaseException) -> bool:
     return False
 
 
+MODEL_KINDS = frozenset({"train", "evaluate", "infer"})
+
+
+def use_card(envelope: Envelope) -> None:
+    """The decider placed the attempt on this worker's card N (`device: cuda:N`): make it CUDA's current
+    device, so that the job's `cuda` means that card. torch is imported only for the kinds that load it
+    anyway (or where a job already did): a placed diag or check job never pays for it."""
+    if not envelope.device.startswith("cuda:"):
+        return
+    if envelope.kind not in MODEL_KINDS and "torch" not in sys.modules:
+        return
+    import torch  # the model jobs import it right after; see the docstring
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(envelope.device.partition(":")[2]))
+
+
 def run_job(signed: dict[str, Any]) -> dict[str, Any]:
     """RQ entry point (see schema.wire.ENTRY_POINT). The outcome goes to the report stream; the
     return value (RQ's job result) repeats it for callers that wait on the job (`jbctl infer`)."""
@@ -132,6 +150,7 @@ def run_job(signed: dict[str, Any]) -> dict[str, Any]:
     try:
         if ctx.resume_error is not None:
             raise ctx.resume_error
+        use_card(envelope)
         with _network_policy(envelope.network, settings, ctx) as denied:
             result = fn(ctx, envelope.params)
         if denied:  # the job caught NetworkDenied and went on: still a violation

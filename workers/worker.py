@@ -8,6 +8,7 @@ heartbeat key; the reconciler fails the attempt once the key expires (heartbeat_
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import threading
@@ -19,7 +20,17 @@ from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
 from schema.settings import load_settings
-from schema.wire import ENTRY_POINT, dedicated_key, dedicated_queue, ended_key, load_secret
+from schema.wire import (
+    ENTRY_POINT,
+    REPORT_STREAM,
+    Advert,
+    dedicated_key,
+    dedicated_queue,
+    ended_key,
+    load_secret,
+    worker_key,
+    worker_queue,
+)
 from workers.entry import report_violation
 
 
@@ -89,7 +100,61 @@ def _running(pid: int) -> bool:
     return True
 
 
-def run_worker(redis_url: str, queues: list[str], burst: bool = False, name: str | None = None) -> int:
+class Advertiser(threading.Thread):
+    """Keeps an advertised worker known to the daemon: its liveness key (`worker_key`, TTL
+    heartbeat_timeout) is refreshed every heartbeat; whenever the key had to be set anew (the first
+    beat, or a Redis that restarted empty) the signed advert goes out again. `stop` says goodbye."""
+
+    def __init__(self, redis_url: str, advert: Advert) -> None:
+        super().__init__(daemon=True, name="advertise")
+        settings = load_settings()
+        self.conn = redis.Redis.from_url(redis_url)
+        self.key = load_secret(settings.secret_path, create=False)
+        self.advert = advert
+        self.every = settings.heartbeat_seconds
+        self.ttl = max(1, math.ceil(settings.heartbeat_timeout_seconds))
+        self.halt = threading.Event()
+
+    def beat(self) -> None:
+        liveness = worker_key(self.advert.worker)
+        if self.conn.set(liveness, "1", ex=self.ttl, nx=True):
+            self.conn.xadd(REPORT_STREAM, self.advert.signed(self.key))  # type: ignore[arg-type]
+        else:
+            self.conn.expire(liveness, self.ttl)
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            try:
+                self.beat()
+            except redis.RedisError:
+                pass  # Redis away: the next beat advertises again if the key was lost with it
+            self.halt.wait(self.every)
+
+    def stop(self) -> None:
+        self.halt.set()
+        farewell = self.advert.model_copy(update={"kind": "departed"})
+        with contextlib.suppress(redis.RedisError):
+            self.conn.delete(worker_key(self.advert.worker))
+            self.conn.xadd(REPORT_STREAM, farewell.signed(self.key))  # type: ignore[arg-type]
+
+
+def run_worker(
+    redis_url: str, queues: list[str], burst: bool = False, name: str | None = None, advert: Advert | None = None
+) -> int:
+    """`advert`: the worker takes part in placement: it works its own queue (the jobs the decider
+    placed on it) first, then the shared ones (jobs scheduled before placement knew of it), and
+    keeps itself known (`Advertiser`) until it stops."""
+    if advert is None:
+        return _run_worker(redis_url, queues, burst, name)
+    advertiser = Advertiser(redis_url, advert)
+    advertiser.start()
+    try:
+        return _run_worker(redis_url, [worker_queue(advert.worker), *queues], burst, advert.worker)
+    finally:
+        advertiser.stop()
+
+
+def _run_worker(redis_url: str, queues: list[str], burst: bool = False, name: str | None = None) -> int:
     """Work the named queues until stopped (or until empty with burst).
 
     Redis going away (a restart, a failover) is survived: the worker reconnects with back-off
