@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_HOME ?= $(CURDIR)/demo-home
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint typecheck bench clean venv
+.PHONY: demo test test-fast lint typecheck bench bench-peers clean venv
 
 venv: $(STAMP)
 
@@ -35,5 +35,20 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/store.py
 
+# Jetbox beside eventsourcing, DBOS, raw RQ and raw sqlite3 (bench/peers.py). The peers go into their
+# own environment, pinned by bench/peers-constraints.txt, so they never become Jetbox dependencies.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+PEERS_ARGS ?=
+
+$(BENCH_STAMP): pyproject.toml constraints.txt bench/peers-constraints.txt
+	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt \
+		-c bench/peers-constraints.txt -e . eventsourcing dbos
+	@touch $(BENCH_STAMP)
+
+bench-peers: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python bench/peers.py $(PEERS_ARGS)
+
 clean:
-	rm -rf $(VENV) $(DEMO_HOME) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) $(DEMO_HOME) .pytest_cache .mypy_cache .ruff_cache
