@@ -287,8 +287,9 @@ def bench_dbos(workdir: Path, url: str | None, steps: int, jobs: int, rounds: in
 
 def bench_queues(workdir: Path, jobs: int, rounds: int) -> dict[str, dict[str, float]]:
     """Raw RQ and Jetbox with bench/dispatch.py's own functions, alternating, medians over rounds."""
-    from cli.embedded import start_redis
     from dispatch import jetbox, raw_rq
+
+    from cli.embedded import start_redis
 
     results: dict[str, dict[str, list[float]]] = {
         "raw RQ": {"latency": [], "throughput": []},

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from schema import events as ev
 from schema.consistency import consistency_score
 from schema.plan import LIVE, OPEN, PROBE_FAILED, task_plan
+from schema.rawsql import StoreSql
 from schema.tables import PROJECTION_TABLES, SQLModel
 from schema.ticket import Ticket
 
@@ -23,10 +24,6 @@ Key = tuple[Any, ...]
 
 def _table(name: str) -> sa.Table:
     return SQLModel.metadata.tables[name]
-
-
-def _pk(name: str) -> list[str]:
-    return [c.name for c in _table(name).primary_key.columns]
 
 
 class Rows(Protocol):
@@ -70,63 +67,63 @@ class SqlRows:
     """Projection rows read on a live connection and written back once per transaction.
 
     A hundred progress reports in one group commit touch the same task row a hundred times; the
-    row is written once, in one executemany per table, just before the commit.
+    row is written once, in one executemany per table, just before the commit. It works on the
+    append transaction's DBAPI cursor with statements compiled once (`schema.rawsql`).
     """
 
-    def __init__(self, conn: sa.Connection) -> None:
-        self.conn = conn
+    def __init__(self, cur: Any, sql: StoreSql) -> None:
+        self.cur = cur
+        self.sql = sql
         self.cache: dict[tuple[str, Key], dict[str, Any] | None] = {}
         self.existed: set[tuple[str, Key]] = set()
         self.dirty: dict[tuple[str, Key], dict[str, Any]] = {}
 
-    def _where(self, table: str, key: Key) -> Any:
-        t = _table(table)
-        return sa.and_(*(t.c[c] == v for c, v in zip(_pk(table), key, strict=True)))
-
     def get(self, table: str, key: Key) -> dict[str, Any] | None:
-        if (table, key) not in self.cache:
-            found = self.conn.execute(sa.select(_table(table)).where(self._where(table, key))).mappings().first()
-            self.cache[(table, key)] = dict(found) if found is not None else None
+        ck = (table, key)
+        if ck not in self.cache:
+            t = self.sql.table(table)
+            self.cur.execute(t.select, key)
+            found = self.cur.fetchone()
+            self.cache[ck] = t.decode(found, self.cur.description) if found is not None else None
             if found is not None:
-                self.existed.add((table, key))
-        row = self.cache[(table, key)]
+                self.existed.add(ck)
+        row = self.cache[ck]
         return dict(row) if row is not None else None
 
     def put(self, table: str, key: Key, row: dict[str, Any]) -> None:
-        self.get(table, key)  # learn whether it exists in the database
+        if (table, key) not in self.cache:
+            self.get(table, key)  # learn whether it exists in the database
         self.cache[(table, key)] = dict(row)
         self.dirty[(table, key)] = dict(row)
 
     def delete(self, table: str, key: Key) -> None:
         self.dirty.pop((table, key), None)
-        self.conn.execute(_table(table).delete().where(self._where(table, key)))
+        self.cur.execute(self.sql.table(table).delete, key)
         self.cache[(table, key)] = None
         self.existed.discard((table, key))
 
+    def stored_task_keys(self, ticket: str) -> set[Key]:
+        self.cur.execute(self.sql.task_keys, (ticket,))
+        return {(t, k) for t, k in self.cur.fetchall()}
+
     def flush(self) -> None:
-        """Write every changed row: one UPDATE executemany and one INSERT executemany per table."""
-        by_table: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
+        """Write every changed row: one UPDATE executemany and INSERT executemany per table."""
+        by_table: dict[str, tuple[list[tuple[Any, ...]], dict[tuple[str, ...], list[tuple[Any, ...]]]]] = {}
         for (table, key), row in self.dirty.items():
-            updates, inserts = by_table.setdefault(table, ([], []))
+            t = self.sql.table(table)
+            updates, inserts = by_table.setdefault(table, ([], {}))
             if (table, key) in self.existed:
-                updates.append({**row, **{f"pk_{c}": v for c, v in zip(_pk(table), key, strict=True)}})
+                updates.append((*t.encode(t.rest, row), *key))
             else:
-                inserts.append(row)
+                names = tuple(row)
+                inserts.setdefault(names, []).append(t.encode(names, row))
                 self.existed.add((table, key))
         for table, (updates, inserts) in by_table.items():
-            t = _table(table)
-            if inserts:
-                self.conn.execute(t.insert(), inserts)
+            t = self.sql.table(table)
+            for names, values in inserts.items():
+                self.cur.executemany(t.insert(names), values)
             if updates:
-                cols = [c.name for c in t.columns if c.name not in _pk(table)]
-                stmt = (
-                    t.update()
-                    .where(sa.and_(*(t.c[c] == sa.bindparam(f"pk_{c}") for c in _pk(table))))
-                    .values({c: sa.bindparam(c) for c in cols})
-                )
-                self.conn.execute(
-                    stmt, [{k: v for k, v in u.items() if k in cols or k.startswith("pk_")} for u in updates]
-                )
+                self.cur.executemany(t.update, updates)
         self.dirty.clear()
 
 
@@ -335,10 +332,7 @@ def _task_keys(rows: Rows, ticket: str) -> list[Key]:
     if isinstance(rows, MemoryRows):
         return list(rows.task_keys.get(ticket, ()))
     if isinstance(rows, SqlRows):
-        t = _table("tasks")
-        stored = {
-            (r.ticket, r.task) for r in rows.conn.execute(sa.select(t.c.ticket, t.c.task).where(t.c.ticket == ticket))
-        }
+        stored = rows.stored_task_keys(ticket)
         # Rows written or deleted earlier in this transaction are still only in the cache.
         for (table, key), row in rows.cache.items():
             if table == "tasks" and key[0] == ticket:

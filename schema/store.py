@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from schema.engines import _engine as _engine
 from schema.engines import _sqlite_ro as _sqlite_ro
 from schema.engines import open_readonly as open_readonly
 from schema.projections import MemoryRows, SqlRows, project
+from schema.rawsql import StoreSql
 from schema.tables import PROJECTION_TABLES, SQLModel
 
 GENESIS = "0" * 64
@@ -124,61 +126,57 @@ class EventStore:
         if not any(events for events, _, _ in batches):
             return out
         now = datetime.now(UTC).replace(tzinfo=None)
+        sql = self._sql
         with self.engine.begin() as conn:
-            seq, prev = self._lock_head(conn)
-            versions: dict[str, int] = {}
-            rows = SqlRows(conn)
-            for events, expected, meta in batches:
-                for stream, want in (expected or {}).items():
-                    have = versions[stream] if stream in versions else self._version(conn, stream)
-                    versions[stream] = have
-                    if have != want:
-                        raise ConcurrencyError(f"stream {stream!r} is at version {have}, expected {want}")
-                for event in events:
-                    stream = ev.stream_of(event)
-                    version = (versions[stream] if stream in versions else self._version(conn, stream)) + 1
-                    versions[stream] = version
-                    seq += 1
-                    data = ev.event_to_data(event)
-                    meta_json = dict(meta or {})
-                    digest = chain_hash(prev, seq, stream, version, event.type, data, meta_json, now)
-                    rec = Recorded(seq, stream, version, event.type, data, meta_json, now, digest)
-                    out.append(rec)
-                    prev = digest
-                    project(rows, seq, event)
-            conn.execute(
-                _events.insert(),
-                [
-                    {
-                        "seq": r.seq,
-                        "stream": r.stream,
-                        "version": r.version,
-                        "type": r.type,
-                        "data": r.data,
-                        "meta": r.meta,
-                        "recorded_at": r.recorded_at,
-                        "hash": r.hash,
-                    }
-                    for r in out
-                ],
-            )
-            rows.flush()
-            conn.execute(_head.update().where(_head.c.id == 1).values(seq=seq, hash=prev))
+            # The DBAPI cursor of SQLAlchemy's transaction (BEGIN IMMEDIATE on SQLite): the same
+            # transaction and commit, without building statements for each row (schema.rawsql).
+            cur = conn.connection.cursor()
+            try:
+                seq, prev = self._lock_head(cur)
+                versions: dict[str, int] = {}
+                rows = SqlRows(cur, sql)
+                for events, expected, meta in batches:
+                    for stream, want in (expected or {}).items():
+                        have = versions[stream] if stream in versions else self._version(cur, stream)
+                        versions[stream] = have
+                        if have != want:
+                            raise ConcurrencyError(f"stream {stream!r} is at version {have}, expected {want}")
+                    for event in events:
+                        stream = ev.stream_of(event)
+                        version = (versions[stream] if stream in versions else self._version(cur, stream)) + 1
+                        versions[stream] = version
+                        seq += 1
+                        data = ev.event_to_data(event)
+                        meta_json = dict(meta or {})
+                        digest = chain_hash(prev, seq, stream, version, event.type, data, meta_json, now)
+                        out.append(Recorded(seq, stream, version, event.type, data, meta_json, now, digest))
+                        prev = digest
+                        project(rows, seq, event)
+                table = sql.events
+                names = table.columns
+                cur.executemany(sql.event_insert, [table.encode(names, r.__dict__) for r in out])
+                rows.flush()
+                cur.execute(sql.head_update, (seq, prev))
+            finally:
+                cur.close()
         return out
 
-    def _lock_head(self, conn: sa.Connection) -> tuple[int, str]:
-        query = sa.select(_head.c.seq, _head.c.hash).where(_head.c.id == 1)
-        if not self.is_sqlite:
-            query = query.with_for_update()  # SQLite's BEGIN IMMEDIATE already serialises writers
-        row = conn.execute(query).first()
-        if row is None:
-            conn.execute(_head.insert().values(id=1, seq=0, hash=GENESIS))
-            return 0, GENESIS
-        return int(row.seq), str(row.hash)
+    @cached_property
+    def _sql(self) -> StoreSql:
+        return StoreSql(self.engine.dialect)
 
-    def _version(self, conn: sa.Connection, stream: str) -> int:
-        found = conn.execute(sa.select(sa.func.max(_events.c.version)).where(_events.c.stream == stream)).scalar()
-        return int(found or 0)
+    def _lock_head(self, cur: Any) -> tuple[int, str]:
+        cur.execute(self._sql.head)
+        row = cur.fetchone()
+        if row is None:
+            cur.execute(self._sql.head_insert, (0, GENESIS))
+            return 0, GENESIS
+        return int(row[0]), str(row[1])
+
+    def _version(self, cur: Any, stream: str) -> int:
+        cur.execute(self._sql.version, (stream,))
+        found = cur.fetchone()
+        return int(found[0] or 0) if found is not None else 0
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -226,7 +224,8 @@ class EventStore:
 
     def stream_version(self, stream: str) -> int:
         with self.engine.connect() as conn:
-            return self._version(conn, stream)
+            found = conn.execute(sa.select(sa.func.max(_events.c.version)).where(_events.c.stream == stream)).scalar()
+        return int(found or 0)
 
     # --- reactor checkpoints -------------------------------------------------------------------
 
