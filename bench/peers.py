@@ -403,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"jetbox bench/peers.py: python {platform.python_version()}, sqlite {sqlite3.sqlite_version}, "
         f"{os.cpu_count()} cores, load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, rounds {rounds}, "
-        f"eventsourcing {_installed('eventsourcing') or 'not installed'}, dbos {_installed('dbos') or 'not installed'}, "
+        f"eventsourcing {_installed('eventsourcing') or 'not installed'}, "
+        f"dbos {_installed('dbos') or 'not installed'}, "
         f"rq {_installed('rq')}, databases in {workdir}",
         flush=True,
     )

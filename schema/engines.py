@@ -31,15 +31,7 @@ def _engine(url: str, synchronous: str = "FULL", readonly: bool = False) -> sa.E
 
         @sa_event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _rec: Any) -> None:
-            # Let SQLAlchemy's "begin" hook issue BEGIN itself (pysqlite would defer it).
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            if not readonly:
-                cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute(f"PRAGMA synchronous={synchronous}")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
+            sqlite_pragmas(dbapi_conn, synchronous, readonly)
 
         @sa_event.listens_for(engine, "begin")
         def _begin(conn: sa.Connection) -> None:
@@ -54,6 +46,34 @@ def _engine(url: str, synchronous: str = "FULL", readonly: bool = False) -> sa.E
     if options:
         engine = engine.execution_options(**options)
     return engine
+
+
+def sqlite_pragmas(dbapi_conn: sqlite3.Connection, synchronous: str, readonly: bool = False) -> None:
+    """Every SQLite connection's settings: WAL, the durability level, a 30 s busy wait, foreign keys."""
+    # Let the caller issue BEGIN itself (pysqlite would defer it).
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    if not readonly:
+        cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute(f"PRAGMA synchronous={synchronous}")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def sqlite_file(engine: sa.Engine) -> str | None:
+    """The database file of a writable SQLite engine on a plain file path, else None."""
+    url = engine.url
+    if url.get_backend_name() != "sqlite" or url.query or url.database in (None, "", ":memory:"):
+        return None
+    return url.database
+
+
+def sqlite_writer(path: str, synchronous: str) -> sqlite3.Connection:
+    """A plain sqlite3 connection with the engine's settings, for the store's append transactions."""
+    conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+    sqlite_pragmas(conn, synchronous)
+    return conn
 
 
 def _sqlite_ro(path: str) -> Any:

@@ -57,7 +57,7 @@ class TableSql:
         out = []
         for n in names:
             value, proc = row[n], bind[n]
-            out.append(proc(value) if proc is not None and value is not None else value)
+            out.append(proc(value) if proc is not None else value)  # None too: JSON binds it as 'null'
         return tuple(out)
 
     def decode(self, found: Sequence[Any], description: Sequence[Sequence[Any]]) -> dict[str, Any]:
@@ -69,10 +69,7 @@ class TableSql:
                 (n, self.impls[n].result_processor(self.dialect, d[1]))
                 for n, d in zip(self.columns, description, strict=True)
             ]
-        return {
-            n: (proc(v) if proc is not None and v is not None else v)
-            for (n, proc), v in zip(result, found, strict=True)
-        }
+        return {n: (proc(v) if proc is not None else v) for (n, proc), v in zip(result, found, strict=True)}
 
 
 class StoreSql:
@@ -103,4 +100,19 @@ class StoreSql:
 
     @cached_property
     def event_insert(self) -> str:
-        return self.events.insert(tuple(self.events.columns))
+        names = ("seq", "stream", "version", "type", "data", "meta", "recorded_at", "hash")
+        return self.events.insert(names)
+
+    @cached_property
+    def event_binds(self) -> tuple[Callable[[Any], Any], Callable[[Any], Any], Callable[[Any], Any]]:
+        """How `data`, `meta` and `recorded_at` are bound on this dialect (identity where it binds as is)."""
+
+        def bind(name: str) -> Callable[[Any], Any]:
+            proc = self.events.bind[name]
+            return proc if proc is not None else _same
+
+        return bind("data"), bind("meta"), bind("recorded_at")
+
+
+def _same(value: Any) -> Any:
+    return value

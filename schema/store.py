@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -25,6 +28,7 @@ from schema import events as ev
 from schema.engines import _engine as _engine
 from schema.engines import _sqlite_ro as _sqlite_ro
 from schema.engines import open_readonly as open_readonly
+from schema.engines import sqlite_file, sqlite_writer
 from schema.projections import MemoryRows, SqlRows, project
 from schema.rawsql import StoreSql
 from schema.tables import PROJECTION_TABLES, SQLModel
@@ -91,6 +95,21 @@ def chain_hash(prev: str, seq: int, stream: str, version: int, type_: str, data:
     return hashlib.sha256((prev + body).encode()).hexdigest()
 
 
+_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _chain_hash_tail(prev: str, seq: int, stream: str, version: int, type_: str, data: Any, tail: str) -> str:
+    """`chain_hash` with the row's last two items already encoded: `tail` is `,<meta>,<at>]` in
+    canonical JSON, the same for every event of a decision, so the append path encodes it once.
+    A JSON list is its items' encodings joined by commas, so the text hashed is the same."""
+    body = _canonical([seq, stream, version, type_, data])[:-1] + tail
+    return hashlib.sha256((prev + body).encode()).hexdigest()
+
+
+def _hash_tail(meta: Any, at: datetime) -> str:
+    return f",{_canonical(meta)},{_canonical(_iso(at))}]"
+
+
 Progress = Callable[[int], None]  # told the seq reached, every PROGRESS_EVERY events
 PROGRESS_EVERY = 5000
 
@@ -100,11 +119,50 @@ class EventStore:
 
     def __init__(self, url: str, synchronous: str = "FULL") -> None:
         self.url = url
+        self.synchronous = synchronous
         self.engine = _engine(url, synchronous)
         self.is_sqlite = url.startswith("sqlite")
+        # SQLite: appends go through one plain sqlite3 connection of their own (opened on first use,
+        # per process, one transaction at a time): SQLAlchemy's pool check-out, begin hook and
+        # reset cost more than the durable commit's CPU time. Same pragmas, same BEGIN IMMEDIATE.
+        self._sqlite_path = sqlite_file(self.engine)
+        self._writer: sqlite3.Connection | None = None
+        self._writer_pid = 0
+        self._writer_lock = threading.Lock()
 
     def close(self) -> None:
+        with self._writer_lock:
+            if self._writer is not None and self._writer_pid == os.getpid():
+                self._writer.close()
+            self._writer = None
         self.engine.dispose()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        """A DBAPI cursor in a write transaction, committed when the block ends (rolled back on error)."""
+        if self._sqlite_path is None:
+            with self.engine.begin() as conn:  # BEGIN IMMEDIATE on SQLite (schema.engines)
+                cur = conn.connection.cursor()
+                try:
+                    yield cur
+                finally:
+                    cur.close()
+            return
+        with self._writer_lock:
+            if self._writer is None or self._writer_pid != os.getpid():  # a forked child opens its own
+                self._writer, self._writer_pid = sqlite_writer(self._sqlite_path, self.synchronous), os.getpid()
+            writer = self._writer
+            cur = writer.cursor()
+            try:
+                cur.execute("BEGIN IMMEDIATE")  # take the write lock up front: writers never deadlock
+                try:
+                    yield cur
+                except BaseException:
+                    writer.rollback()
+                    raise
+                writer.commit()  # synchronous=FULL: the WAL is on disk when this returns
+            finally:
+                cur.close()
 
     # --- writing -------------------------------------------------------------------------------
 
@@ -127,38 +185,41 @@ class EventStore:
             return out
         now = datetime.now(UTC).replace(tzinfo=None)
         sql = self._sql
-        with self.engine.begin() as conn:
-            # The DBAPI cursor of SQLAlchemy's transaction (BEGIN IMMEDIATE on SQLite): the same
-            # transaction and commit, without building statements for each row (schema.rawsql).
-            cur = conn.connection.cursor()
-            try:
-                seq, prev = self._lock_head(cur)
-                versions: dict[str, int] = {}
-                rows = SqlRows(cur, sql)
-                for events, expected, meta in batches:
-                    for stream, want in (expected or {}).items():
-                        have = versions[stream] if stream in versions else self._version(cur, stream)
-                        versions[stream] = have
-                        if have != want:
-                            raise ConcurrencyError(f"stream {stream!r} is at version {have}, expected {want}")
-                    for event in events:
-                        stream = ev.stream_of(event)
-                        version = (versions[stream] if stream in versions else self._version(cur, stream)) + 1
-                        versions[stream] = version
-                        seq += 1
-                        data = ev.event_to_data(event)
-                        meta_json = dict(meta or {})
-                        digest = chain_hash(prev, seq, stream, version, event.type, data, meta_json, now)
-                        out.append(Recorded(seq, stream, version, event.type, data, meta_json, now, digest))
-                        prev = digest
-                        project(rows, seq, event)
-                table = sql.events
-                names = table.columns
-                cur.executemany(sql.event_insert, [table.encode(names, r.__dict__) for r in out])
-                rows.flush()
-                cur.execute(sql.head_update, (seq, prev))
-            finally:
-                cur.close()
+        # Statements compiled once per dialect on the DBAPI cursor (schema.rawsql): building them
+        # through SQLAlchemy Core for each row cost more than the SQL itself.
+        # The values every row of a decision shares (its meta, the commit's time) are encoded once.
+        bind_data, bind_meta, bind_at = sql.event_binds
+        stored_at = bind_at(now)
+        values: list[tuple[Any, ...]] = []
+        with self._transaction() as cur:
+            seq, prev = self._lock_head(cur)
+            versions: dict[str, int] = {}
+            rows = SqlRows(cur, sql)
+            for events, expected, meta in batches:
+                for stream, want in (expected or {}).items():
+                    have = versions[stream] if stream in versions else self._version(cur, stream)
+                    versions[stream] = have
+                    if have != want:
+                        raise ConcurrencyError(f"stream {stream!r} is at version {have}, expected {want}")
+                if not events:
+                    continue
+                tail = _hash_tail(dict(meta or {}), now)
+                stored_meta = bind_meta(dict(meta or {}))
+                for event in events:
+                    stream = ev.stream_of(event)
+                    version = (versions[stream] if stream in versions else self._version(cur, stream)) + 1
+                    versions[stream] = version
+                    seq += 1
+                    type_ = event.type
+                    data = ev.event_to_data(event)
+                    digest = _chain_hash_tail(prev, seq, stream, version, type_, data, tail)
+                    out.append(Recorded(seq, stream, version, type_, data, dict(meta or {}), now, digest))
+                    values.append((seq, stream, version, type_, bind_data(data), stored_meta, stored_at, digest))
+                    prev = digest
+                    project(rows, seq, event)
+            cur.executemany(sql.event_insert, values)
+            rows.flush()
+            cur.execute(sql.head_update, (seq, prev))
         return out
 
     @cached_property
