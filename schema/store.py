@@ -142,11 +142,11 @@ class EventStore:
         """A DBAPI cursor in a write transaction, committed when the block ends (rolled back on error)."""
         if self._sqlite_path is None:
             with self.engine.begin() as conn:  # BEGIN IMMEDIATE on SQLite (schema.engines)
-                cur = conn.connection.cursor()
+                dbapi_cur = conn.connection.cursor()
                 try:
-                    yield cur
+                    yield dbapi_cur
                 finally:
-                    cur.close()
+                    dbapi_cur.close()
             return
         with self._writer_lock:
             if self._writer is None or self._writer_pid != os.getpid():  # a forked child opens its own
