@@ -139,30 +139,45 @@ class EventStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[Any]:
-        """A DBAPI cursor in a write transaction, committed when the block ends (rolled back on error)."""
+        """A DBAPI cursor in a write transaction, committed when the block ends (rolled back on error).
+
+        Driver errors come out as SQLAlchemy's (`sqlalchemy.exc.OperationalError` for a locked or
+        failing database), as they did when the statements went through SQLAlchemy: the daemon
+        retries on those and treats anything else as a bad command."""
+        dbapi_error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
         if self._sqlite_path is None:
             with self.engine.begin() as conn:  # BEGIN IMMEDIATE on SQLite (schema.engines)
                 dbapi_cur = conn.connection.cursor()
                 try:
                     yield dbapi_cur
+                except dbapi_error as exc:
+                    raise self._sa_error(exc) from exc
                 finally:
                     dbapi_cur.close()
             return
         with self._writer_lock:
-            if self._writer is None or self._writer_pid != os.getpid():  # a forked child opens its own
-                self._writer, self._writer_pid = sqlite_writer(self._sqlite_path, self.synchronous), os.getpid()
-            writer = self._writer
-            cur = writer.cursor()
             try:
-                cur.execute("BEGIN IMMEDIATE")  # take the write lock up front: writers never deadlock
+                if self._writer is None or self._writer_pid != os.getpid():  # a forked child opens its own
+                    self._writer, self._writer_pid = sqlite_writer(self._sqlite_path, self.synchronous), os.getpid()
+                writer = self._writer
+                cur = writer.cursor()
                 try:
-                    yield cur
-                except BaseException:
-                    writer.rollback()
-                    raise
-                writer.commit()  # synchronous=FULL: the WAL is on disk when this returns
-            finally:
-                cur.close()
+                    cur.execute("BEGIN IMMEDIATE")  # take the write lock up front: writers never deadlock
+                    try:
+                        yield cur
+                        writer.commit()  # synchronous=FULL: the WAL is on disk when this returns
+                    except BaseException:
+                        if writer.in_transaction:
+                            writer.rollback()
+                        raise
+                finally:
+                    cur.close()
+            except sqlite3.Error as exc:
+                raise self._sa_error(exc) from exc
+
+    def _sa_error(self, exc: Exception) -> sa.exc.StatementError:
+        dialect = self.engine.dialect
+        return sa.exc.DBAPIError.instance(None, None, exc, dialect.loaded_dbapi.Error, dialect=dialect)
 
     # --- writing -------------------------------------------------------------------------------
 

@@ -153,3 +153,22 @@ def test_projection_writes_bind_none_as_sqlalchemy_does(tmp_path: Path) -> None:
     engine.dispose()
     assert _raw(live, "artifacts") == _raw(ref, "artifacts")
     assert _raw(live, "artifacts")[0][-2:] == ("null", "2026-01-02 03:04:05.000678")
+
+
+def test_a_locked_database_is_sqlalchemys_operational_error(store: EventStore) -> None:
+    """The daemon retries on `sqlalchemy.exc.OperationalError` (daemon/service.py); the writer
+    connection's driver errors must still come out as that, and leave the store usable."""
+    e = ev.TicketCancelled(at=T0, ticket="TICKET-1", reason="x")
+    store.append([e], expected={"TICKET-1": 0})
+    assert store._writer is not None
+    store._writer.execute("PRAGMA busy_timeout=50")
+    other = sqlite3.connect(store.url.split("///", 1)[1], timeout=1, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(sa.exc.OperationalError, match="locked"):
+            store.append([e], expected={"TICKET-1": 1})
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    store.append([e], expected={"TICKET-1": 1})
+    assert store.head() == 2 and store.verify() == (2, None, "ok")
