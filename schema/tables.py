@@ -26,7 +26,7 @@ class EventRow(SQLModel, table=True):
     __table_args__ = (sa.UniqueConstraint("stream", "version", name="uq_events_stream_version"),)
 
     seq: int = Field(sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=False))
-    stream: str = Field(max_length=200, index=True)
+    stream: str = Field(max_length=200)  # found through uq_events_stream_version (stream, version)
     version: int
     type: str = Field(max_length=100, index=True)
     data: dict = Field(sa_column=sa.Column(sa.JSON, nullable=False))
