@@ -10,7 +10,8 @@ never become Jetbox dependencies; a peer that is not installed is reported as su
 empty. Rows (each a median of --rounds interleaved rounds, so that noise from other processes hits
 every side alike):
 
-1. single durable append: one event per transaction, WAL, synchronous=FULL.
+1. single durable append: one event per transaction, WAL, synchronous=FULL. The append rows take
+   turns in slices of a tenth of a round (20 commits, 2 batches by default).
    Jetbox: `EventStore.append` of one ProgressRecorded with its expected version (hash chain and
    projections in the same transaction), as bench/store.py does. eventsourcing: `Application.save`
    of an aggregate with one new event (SQLite recorder, WAL, synchronous=FULL set on each connection).
@@ -55,6 +56,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from store import RawWriter, StoreWriter  # noqa: E402
 
 BATCH = 100
+SLICES = 10  # turns per round in the append rows
 POLL_S = 0.01  # DBOS polls its queue and results (1 s by default): a fair floor for no-op jobs
 
 
@@ -68,14 +70,19 @@ def _installed(name: str) -> str | None:
         return None
 
 
-def _median_rates(rounds: int, runs: dict[str, tuple[Callable[[], None], int]]) -> dict[str, float]:
-    """Interleave the runs `rounds` times; each side's median rate (units/s) over the rounds."""
+def _median_rates(rounds: int, runs: dict[str, tuple[Callable[[], None], int]], slices: int = 1) -> dict[str, float]:
+    """Each side's median rate (units/s) over `rounds`; within a round the sides take turns
+    `slices` times (each slice one call), so a burst of load from other processes hits all alike."""
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
-        for name, (fn, units) in runs.items():
-            started = time.perf_counter()
-            fn()
-            rates[name].append(units / (time.perf_counter() - started))
+        spent = dict.fromkeys(runs, 0.0)
+        for _ in range(slices):
+            for name, (fn, _units) in runs.items():
+                started = time.perf_counter()
+                fn()
+                spent[name] += time.perf_counter() - started
+        for name, (_fn, units) in runs.items():
+            rates[name].append(units * slices / spent[name])
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
@@ -154,10 +161,11 @@ def bench_appends(workdir: Path, n_single: int, n_batches: int, rounds: int) -> 
         writers["eventsourcing"] = EventsourcingWriter(workdir / "eventsourcing.db")
     for w in writers.values():
         w.single(3)  # warm up: first pages, prepared statements
-    single = _median_rates(rounds, {k: ((lambda w=w: w.single(n_single)), n_single) for k, w in writers.items()})
+    # Slices of 1/10 of a round (at least one commit), the sides taking turns.
+    per, per_b = max(1, n_single // SLICES), max(1, n_batches // SLICES)
+    single = _median_rates(rounds, {k: ((lambda w=w: w.single(per)), per) for k, w in writers.items()}, slices=SLICES)
     batched = _median_rates(
-        rounds,
-        {k: ((lambda w=w: w.batch(n_batches, BATCH)), n_batches * BATCH) for k, w in writers.items()},
+        rounds, {k: ((lambda w=w: w.batch(per_b, BATCH)), per_b * BATCH) for k, w in writers.items()}, slices=SLICES
     )
     ok = jetbox.store.verify()
     assert ok[1] is None, f"Jetbox's chain does not verify after the benchmark: {ok}"
@@ -382,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, one round: a smoke run")
     parser.add_argument("--rounds", type=int, help="interleaved rounds, medians reported (default 3; --quick 1)")
     parser.add_argument("--single", type=int, help="single-event appends per side per round (default 200)")
-    parser.add_argument("--batches", type=int, help=f"{BATCH}-event batches per side per round (default 10)")
+    parser.add_argument("--batches", type=int, help=f"{BATCH}-event batches per side per round (default 20)")
     parser.add_argument("--steps", type=int, help="DBOS steps / Jetbox attempts per round (default 50)")
     parser.add_argument("--jobs", type=int, help="queue jobs per side per round (default 100; at most 200)")
     parser.add_argument("--dbos-url", help="DBOS system database (default: SQLite in the bench folder)")
@@ -392,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
     n_single = args.single or (30 if args.quick else 200)
-    n_batches = args.batches or (2 if args.quick else 10)
+    n_batches = args.batches or (2 if args.quick else 20)
     steps = args.steps or (10 if args.quick else 50)
     jobs = args.jobs or (20 if args.quick else 100)
     if not 1 <= jobs <= 200:

@@ -56,3 +56,26 @@ def test_bench_cli_quick() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "jbctl status" in proc.stdout and "floor: typer + rich table" in proc.stdout
     assert "ratio jbctl status / floor (p50):" in proc.stdout
+
+
+def test_bench_peers_quick_runs_without_the_peers(tmp_path: Path) -> None:
+    """bench/peers.py in Jetbox's own environment (no eventsourcing, no dbos: `make bench-peers` adds
+    them in .venv-bench): the Jetbox and raw sqlite3 rows still come out, the peers' say why not."""
+    proc = subprocess.run(
+        [
+            *(sys.executable, str(ROOT / "bench" / "peers.py"), "--quick", "--only", "appends", "--only", "steps"),
+            *("--single", "5", "--batches", "1", "--steps", "3", "--dir", str(tmp_path)),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "| durable single-event append |" in out and "| batched append, 100/txn |" in out
+    assert "| per recorded step / attempt |" in out
+    if "eventsourcing not installed" in out:
+        assert "eventsourcing n/a" in out
+    if "dbos not installed" in out:
+        assert "DBOS: dbos is not installed" in out
