@@ -206,6 +206,7 @@ class EventStore:
         bind_data, bind_meta, bind_at = sql.event_binds
         stored_at = bind_at(now)
         values: list[tuple[Any, ...]] = []
+        encoded: dict[int, tuple[str, Any]] = {}
         with self._transaction() as cur:
             seq, prev = self._lock_head(cur)
             versions: dict[str, int] = {}
@@ -218,8 +219,11 @@ class EventStore:
                         raise ConcurrencyError(f"stream {stream!r} is at version {have}, expected {want}")
                 if not events:
                     continue
-                tail = _hash_tail(dict(meta or {}), now)
-                stored_meta = bind_meta(dict(meta or {}))
+                # A group commit passes the same meta with every decision: encode it once. The
+                # batches hold their metas for the whole call, so an id is not reused meanwhile.
+                if id(meta) not in encoded:
+                    encoded[id(meta)] = (_hash_tail(dict(meta or {}), now), bind_meta(dict(meta or {})))
+                tail, stored_meta = encoded[id(meta)]
                 for event in events:
                     stream = ev.stream_of(event)
                     version = (versions[stream] if stream in versions else self._version(cur, stream)) + 1
