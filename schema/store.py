@@ -110,6 +110,8 @@ def _hash_tail(meta: Any, at: datetime) -> str:
     return f",{_canonical(meta)},{_canonical(_iso(at))}]"
 
 
+_INHERITED: list[sqlite3.Connection] = []  # writer connections a forked child inherited (see _transaction)
+
 Progress = Callable[[int], None]  # told the seq reached, every PROGRESS_EVERY events
 PROGRESS_EVERY = 5000
 
@@ -157,7 +159,11 @@ class EventStore:
             return
         with self._writer_lock:
             try:
-                if self._writer is None or self._writer_pid != os.getpid():  # a forked child opens its own
+                if self._writer is None or self._writer_pid != os.getpid():
+                    if self._writer is not None:
+                        # Inherited through fork: never used nor closed here (closing it in the
+                        # child could touch the parent's WAL); the child opens its own.
+                        _INHERITED.append(self._writer)
                     self._writer, self._writer_pid = sqlite_writer(self._sqlite_path, self.synchronous), os.getpid()
                 writer = self._writer
                 cur = writer.cursor()

@@ -172,3 +172,23 @@ def test_a_locked_database_is_sqlalchemys_operational_error(store: EventStore) -
         other.close()
     store.append([e], expected={"TICKET-1": 1})
     assert store.head() == 2 and store.verify() == (2, None, "ok")
+
+
+def test_a_forked_child_appends_on_its_own_connection(store: EventStore) -> None:
+    import os
+
+    e = ev.TicketCancelled(at=T0, ticket="TICKET-1", reason="x")
+    store.append([e], expected={"TICKET-1": 0})
+    parent_writer = store._writer
+    pid = os.fork()
+    if pid == 0:  # the child: append once, exit without running pytest's teardown
+        code = 1
+        try:
+            store.append([e], expected={"TICKET-1": 1})
+            code = 0 if store._writer is not parent_writer else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    store.append([e], expected={"TICKET-1": 2})  # the parent's connection still works
+    assert store._writer is parent_writer and store.verify() == (3, None, "ok")
