@@ -70,20 +70,26 @@ def _installed(name: str) -> str | None:
         return None
 
 
-def _median_rates(rounds: int, runs: dict[str, tuple[Callable[[], None], int]], slices: int = 1) -> dict[str, float]:
-    """Each side's median rate (units/s) over `rounds`; within a round the sides take turns
+def _median_rates(
+    rounds: int, runs: dict[str, tuple[Callable[[], None], int]], slices: int = 1
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Each side's median rate (units/s) over `rounds`, and its process CPU time per unit (s; user +
+    system, so the commits' write and fsync calls count). Within a round the sides take turns
     `slices` times (each slice one call), so a burst of load from other processes hits all alike."""
     rates: dict[str, list[float]] = {name: [] for name in runs}
+    cpu = dict.fromkeys(runs, 0.0)
     for _ in range(rounds):
         spent = dict.fromkeys(runs, 0.0)
         for _ in range(slices):
             for name, (fn, _units) in runs.items():
-                started = time.perf_counter()
+                started, cpu0 = time.perf_counter(), time.process_time()
                 fn()
                 spent[name] += time.perf_counter() - started
+                cpu[name] += time.process_time() - cpu0
         for name, (_fn, units) in runs.items():
             rates[name].append(units * slices / spent[name])
-    return {name: statistics.median(r) for name, r in rates.items()}
+    per_unit = {name: cpu[name] / (units * slices * rounds) for name, (_fn, units) in runs.items()}
+    return {name: statistics.median(r) for name, r in rates.items()}, per_unit
 
 
 # --- appends -----------------------------------------------------------------------------------
@@ -163,15 +169,17 @@ def bench_appends(workdir: Path, n_single: int, n_batches: int, rounds: int) -> 
         w.single(3)  # warm up: first pages, prepared statements
     # Slices of 1/10 of a round (at least one commit), the sides taking turns.
     per, per_b = max(1, n_single // SLICES), max(1, n_batches // SLICES)
-    single = _median_rates(rounds, {k: ((lambda w=w: w.single(per)), per) for k, w in writers.items()}, slices=SLICES)
-    batched = _median_rates(
+    single, single_cpu = _median_rates(
+        rounds, {k: ((lambda w=w: w.single(per)), per) for k, w in writers.items()}, slices=SLICES
+    )
+    batched, batched_cpu = _median_rates(
         rounds, {k: ((lambda w=w: w.batch(per_b, BATCH)), per_b * BATCH) for k, w in writers.items()}, slices=SLICES
     )
     ok = jetbox.store.verify()
     assert ok[1] is None, f"Jetbox's chain does not verify after the benchmark: {ok}"
     for w in writers.values():
         w.close()
-    return {"single": single, "batched": batched}
+    return {"single": single, "batched": batched, "single_cpu": single_cpu, "batched_cpu": batched_cpu}
 
 
 # --- Jetbox attempts, in-process ---------------------------------------------------------------
@@ -324,6 +332,10 @@ def _fmt_rate(x: float | None, unit: str) -> str:
     return "n/a" if x is None else f"{x:,.0f} {unit}"
 
 
+def _fmt_us(x: float | None) -> str:
+    return "n/a" if x is None else f"{1e6 * x:,.0f} us"
+
+
 def _fmt_ms(x: float | None) -> str:
     return "n/a" if x is None else f"{1000 * x:.2f} ms"
 
@@ -337,7 +349,10 @@ def table(res: dict[str, Any]) -> list[str]:
     def ratio(a: float | None, b: float | None) -> str:
         return "n/a" if a is None or b is None else f"{a / b:.2f}x"
 
-    for label, figures in (("durable single-event append", single), (f"batched append, {BATCH}/txn", batched)):
+    for label, figures, cpu in (
+        ("durable single-event append", single, app.get("single_cpu", {})),
+        (f"batched append, {BATCH}/txn", batched, app.get("batched_cpu", {})),
+    ):
         if not figures:
             continue
         jb, es, raw = figures.get("jetbox"), figures.get("eventsourcing"), figures.get("raw sqlite3")
@@ -347,6 +362,15 @@ def table(res: dict[str, Any]) -> list[str]:
                 _fmt_rate(jb, "ev/s"),
                 f"eventsourcing {_fmt_rate(es, 'ev/s')}; raw sqlite3 {_fmt_rate(raw, 'ev/s')}",
                 f"{ratio(jb, es)} eventsourcing, {ratio(jb, raw)} raw",
+            )
+        )
+        jc, ec, rc = cpu.get("jetbox"), cpu.get("eventsourcing"), cpu.get("raw sqlite3")
+        rows.append(
+            (
+                "  the same, CPU per event (user + sys)",
+                _fmt_us(jc),
+                f"eventsourcing {_fmt_us(ec)}; raw sqlite3 {_fmt_us(rc)}",
+                f"{ratio(ec, jc)} eventsourcing, {ratio(rc, jc)} raw",
             )
         )
     if "attempt_s" in res or dbos:
