@@ -25,7 +25,10 @@ class EventRow(SQLModel, table=True):
     __tablename__ = "events"
     __table_args__ = (sa.UniqueConstraint("stream", "version", name="uq_events_stream_version"),)
 
-    seq: int = Field(sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=False))
+    # On SQLite `seq` is the rowid (INTEGER PRIMARY KEY: no separate key index); 64-bit either way.
+    seq: int = Field(
+        sa_column=sa.Column(sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=False)
+    )
     stream: str = Field(max_length=200)  # found through uq_events_stream_version (stream, version)
     version: int
     type: str = Field(max_length=100, index=True)

@@ -45,3 +45,38 @@ def test_models_and_migrations_agree(tmp_path: Path) -> None:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata())
     engine.dispose()
     assert diff == [], f"autogenerate found differences; write a migration: {diff}"
+
+
+def test_0010_keeps_the_log_and_makes_seq_the_rowid(tmp_path: Path) -> None:
+    """0010_peers copies the SQLite log into a table keyed by its rowid: every row, the chain and the
+    `timeline` view survive the upgrade and the downgrade."""
+    from datetime import UTC, datetime
+
+    from schema import events as ev
+    from schema.store import EventStore
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    migrations.upgrade(url, "0009_matrix")
+    store = EventStore(url)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    for n in range(5):
+        store.append([ev.TicketCancelled(at=at, ticket=f"TICKET-{n}", reason="r")] * 3, meta={"n": n})
+    before = list(store.read(0))
+    store.close()
+
+    def shape() -> tuple[str, set[str]]:
+        engine = sa.create_engine(url)
+        with engine.connect() as conn:
+            sql = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'events'").scalar_one()
+            idx = {r[0] for r in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE tbl_name = 'events'")}
+            assert conn.exec_driver_sql("SELECT count(*) FROM timeline").scalar_one() == 15
+        engine.dispose()
+        return sql, idx
+
+    for revision, seq_type, stream_index in (("head", "INTEGER", False), ("0009_matrix", "BIGINT", True)):
+        (migrations.upgrade if revision == "head" else migrations.downgrade)(url, revision)
+        sql, idx = shape()
+        assert f"seq {seq_type} NOT NULL" in sql and ("ix_events_stream" in idx) is stream_index
+        store = EventStore(url)
+        assert list(store.read(0)) == before and store.verify() == (15, None, "ok")
+        store.close()
