@@ -46,6 +46,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -95,13 +96,28 @@ def _median_rates(
 # --- appends -----------------------------------------------------------------------------------
 
 
+@cache
+def _es_attempt() -> Any:
+    """The eventsourcing aggregate (one class per process: eventsourcing registers it by name)."""
+    from eventsourcing.domain import Aggregate, event
+
+    class Attempt(Aggregate):
+        def __init__(self, ticket: str, task: str) -> None:
+            self.ticket, self.task, self.step = ticket, task, 0
+
+        @event("Progress")
+        def progress(self, step: int, total: int, metrics: dict[str, float], report_seq: int, at: str) -> None:
+            self.step = step
+
+    return Attempt
+
+
 class EventsourcingWriter:
     """eventsourcing's Application with its SQLite recorder: `save` of one aggregate's new events."""
 
     def __init__(self, path: Path) -> None:
         from eventsourcing import sqlite as es_sqlite
         from eventsourcing.application import Application
-        from eventsourcing.domain import Aggregate, event
 
         create = es_sqlite.SQLiteConnectionPool._create_connection
         if not getattr(create, "_jetbox_full", False):
@@ -115,14 +131,7 @@ class EventsourcingWriter:
             _full._jetbox_full = True  # type: ignore[attr-defined]
             es_sqlite.SQLiteConnectionPool._create_connection = _full  # type: ignore[method-assign]
 
-        class Attempt(Aggregate):
-            def __init__(self, ticket: str, task: str) -> None:
-                self.ticket, self.task, self.step = ticket, task, 0
-
-            @event("Progress")
-            def progress(self, step: int, total: int, metrics: dict[str, float], report_seq: int, at: str) -> None:
-                self.step = step
-
+        Attempt = _es_attempt()
         self.app = Application(env={"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": str(path)})
         self.agg = Attempt("TICKET-1", "shapes")
         self.app.save(self.agg)
