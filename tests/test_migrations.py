@@ -47,8 +47,8 @@ def test_models_and_migrations_agree(tmp_path: Path) -> None:
     assert diff == [], f"autogenerate found differences; write a migration: {diff}"
 
 
-def test_0010_keeps_the_log_and_makes_seq_the_rowid(tmp_path: Path) -> None:
-    """0010_peers copies the SQLite log into a table keyed by its rowid: every row, the chain and the
+def test_0011_keeps_the_log_and_makes_seq_the_rowid(tmp_path: Path) -> None:
+    """0011_peers copies the SQLite log into a table keyed by its rowid: every row, the chain and the
     `timeline` view survive the upgrade and the downgrade."""
     from datetime import UTC, datetime
 
@@ -56,7 +56,7 @@ def test_0010_keeps_the_log_and_makes_seq_the_rowid(tmp_path: Path) -> None:
     from schema.store import EventStore
 
     url = f"sqlite:///{tmp_path / 'm.db'}"
-    migrations.upgrade(url, "0009_matrix")
+    migrations.upgrade(url, "0010_evalsuite")
     store = EventStore(url)
     at = datetime(2026, 1, 1, tzinfo=UTC)
     for n in range(5):
@@ -73,7 +73,7 @@ def test_0010_keeps_the_log_and_makes_seq_the_rowid(tmp_path: Path) -> None:
         engine.dispose()
         return sql, idx
 
-    for revision, seq_type, stream_index in (("head", "INTEGER", False), ("0009_matrix", "BIGINT", True)):
+    for revision, seq_type, stream_index in (("head", "INTEGER", False), ("0010_evalsuite", "BIGINT", True)):
         (migrations.upgrade if revision == "head" else migrations.downgrade)(url, revision)
         sql, idx = shape()
         assert f"seq {seq_type} NOT NULL" in sql and ("ix_events_stream" in idx) is stream_index

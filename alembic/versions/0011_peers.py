@@ -9,8 +9,8 @@ batched append and fewer WAL pages per commit (docs/BENCHMARKS.md). PostgreSQL k
 
 The SQLite step copies the log into a new table once (about 10-20 s per million events here).
 
-Revision ID: 0010_peers
-Revises: 0009_matrix
+Revision ID: 0011_peers
+Revises: 0010_evalsuite
 Create Date: 2026-11-27 23:10:00
 """
 
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0010_peers"
-down_revision: str | None = "0009_matrix"  # on top of main at branch time (the lead may re-chain)
+revision: str = "0011_peers"
+down_revision: str | None = "0010_evalsuite"  # on top of main at branch time (the lead may re-chain)
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
