@@ -75,7 +75,8 @@ def _run(home: Path, tid: str, count: int, shards: int, timeout: float = 600) ->
             raise RuntimeError(f"{tid} failed: {found[-1][2]}")
         if any(t == "TicketCompleted" for t, _, _ in found):
             span = (found[-1][1] - found[0][1]).total_seconds()
-            step = next(d for t, _, d in found if t == "AttemptSucceeded" and d["task"] == "data")
+            # the step's result: its job's (one shard, or a join job), or the decider's join of the shards
+            step = next(d for t, _, d in found if t in ("AttemptSucceeded", "ShardsJoined") and d["task"] == "data")
             return span, step["outputs"]["dataset"], float(step["metrics"]["seconds"])
         time.sleep(0.05)
     raise TimeoutError(f"{tid} did not finish")
@@ -103,10 +104,15 @@ def _breakdown(db: Path, tid: str, reports: list[tuple[float, dict]]) -> dict[st
     last = max(sent[("succeeded", t)] for t in subs)
     out["worker: result sent -> next job started (mean)"] = statistics.mean(gaps) if gaps else 0.0
     out["inbox: subtask result sent -> recorded (mean)"] = statistics.mean(lags)
-    out["last subtask result sent -> join scheduled"] = at[("AttemptScheduled", "data")] - last
-    out["join scheduled -> join started"] = sent[("started", "data")] - at[("AttemptScheduled", "data")]
-    out["join's own run (started -> result sent)"] = sent[("succeeded", "data")] - sent[("started", "data")]
-    out["join result sent -> ticket completed"] = at[("TicketCompleted", None)] - sent[("succeeded", "data")]
+    if ("ShardsJoined", "data") in at:  # joined by the decider: no job
+        out["last subtask result sent -> joined (ShardsJoined)"] = at[("ShardsJoined", "data")] - last
+        out["joined -> ticket completed"] = at[("TicketCompleted", None)] - at[("ShardsJoined", "data")]
+    else:  # a join job (the code before ShardsJoined, for A/B runs)
+        out["last subtask result sent -> join scheduled"] = at[("AttemptScheduled", "data")] - last
+        out["join scheduled -> join started"] = sent[("started", "data")] - at[("AttemptScheduled", "data")]
+        out["join's own run (started -> result sent)"] = sent[("succeeded", "data")] - sent[("started", "data")]
+        out["join result sent -> ticket completed"] = at[("TicketCompleted", None)] - sent[("succeeded", "data")]
+    out["last subtask result sent -> ticket completed (the join, all told)"] = at[("TicketCompleted", None)] - last
     ends = [
         max(ts for ts, r in seq if r["kind"] == "succeeded" and r["task"] in subs)
         for seq in by_worker.values()

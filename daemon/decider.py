@@ -14,10 +14,13 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from pydantic import ValidationError
+
 from daemon import commands as cmd
 from daemon.placement import Placement, Usage, card_sizes, place, placed_queues, size, usage
 from daemon.state import State, TaskState, TicketState, evolve
 from schema import events as ev
+from schema.artifacts import JoinError, Lineage, join_manifest
 from schema.cache import BUDGET_KEYS, NEVER_CACHED, budget_grew, cache_key, cacheable, resume_key
 from schema.plan import ACCEPT_PREFIX, LIVE, PROBE_FAILED, join_of, plan_subtasks
 from schema.plans import spec_hash
@@ -411,8 +414,8 @@ def _fill(out: _Emitter, now: datetime, candidates: list[tuple[str, str]], every
             continue  # a task ranked above it took the last slot: it waits, for the same reason
         if not _ready(ticket, task, now):  # not runnable (yet, or any more: this pass ended its ticket)
             continue
-        # A sweep's join runs no job: no slot, memory or hold keeps it waiting.
-        joins = _joins_by_select(task)
+        # A sweep's or the shards' join runs no job: no slot, memory, placement or hold keeps it waiting.
+        joins = _joins_without_job(ticket, task)
         why = None if joins else _wait_reason(st, ticket, task, use, placed)
         if why is None and task.queue in gpu_behind:
             # No backfill: a task ranked lower never takes the memory a higher one waits for (it
@@ -539,6 +542,8 @@ def _start(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime) -
     step = _step_spec(ticket, task.id)
     if step is not None and _joins_by_select(task):
         return _join_sweep(out, ticket, task, step, now)
+    if step is not None and _joins_without_job(ticket, task):
+        return _join_shards(out, ticket, task, step, now)
     if step is not None and not task.subtasks:  # a joining step was probed before it fanned out
         if step.probe and not _probes_pass(out, ticket, task, step, now):
             return False
@@ -556,6 +561,97 @@ def _start(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime) -
 def _joins_by_select(task: TaskState) -> bool:
     """A fanned-out `matrix:` step, whose join picks the best combination instead of running a job."""
     return task.join == "select" and bool(task.subtasks)
+
+
+def _joins_without_job(ticket: TicketState, task: TaskState) -> bool:
+    """A fanned-out step the decider joins itself: a sweep, or shards that each reported the dataset's
+    manifest fields (shards cached before they did are joined by a job, as they were then)."""
+    if _joins_by_select(task):
+        return True
+    return (
+        task.join == "manifest"
+        and bool(task.subtasks)
+        and all(isinstance(ticket.tasks[sid].outputs.get("manifest"), dict) for sid in task.subtasks)
+    )
+
+
+def _join_shards(out: _Emitter, ticket: TicketState, task: TaskState, step: Step, now: datetime) -> bool:
+    """Every shard succeeded: join the dataset's manifest from their reports (ShardsJoined; the
+    dispatcher writes it before acting on anything later), or reuse the step's recorded success.
+    A job would only spend a dispatch and a worker's turn writing a few hundred bytes. The step's
+    `expect:` checks judge the joined result. True: the step succeeded (the caller advances)."""
+    params = resolved_params(ticket, task, out.state)
+    key = _cache_key_of(ticket, task, params)
+    held = _reused_or_waiting(out, ticket, task, key, now) if key is not None else None
+    if held is not None:
+        return held == "reused"
+    subs = [ticket.tasks[sid] for sid in task.subtasks]
+    try:
+        manifest = join_manifest(
+            [t.outputs["manifest"] for t in subs],
+            [shard for t in subs for shard in t.outputs.get("shards") or []],
+            Lineage(ticket=ticket.id, task=task.id),
+            now,
+        )
+    except (JoinError, ValidationError) as exc:
+        out.emit(ev.TaskFailed(at=now, ticket=ticket.id, task=task.id, reason=f"shards: cannot join: {exc}"))
+        return False
+    artifact = manifest.manifest_id()
+    metrics = {
+        "count": float(manifest.count),
+        "seconds": math.fsum(float(t.outputs.get("seconds") or 0.0) for t in subs),  # the work, as one job's
+    }
+    outputs = {"dataset": artifact, "generator": manifest.generator}
+    failed = _judge_expectations(out, ticket, task, step, metrics, outputs, now)
+    if failed:
+        out.emit(ev.TaskFailed(at=now, ticket=ticket.id, task=task.id, reason=f"ExpectationFailed: {failed}"))
+        return False
+    out.emit(
+        ev.ShardsJoined(
+            at=now,
+            ticket=ticket.id,
+            task=task.id,
+            manifest=manifest.model_dump(mode="json"),
+            artifact=artifact,
+            metrics=metrics,
+            outputs=outputs,
+            cache_key=key,
+        )
+    )
+    return True
+
+
+def _judge_expectations(
+    out: _Emitter,
+    ticket: TicketState,
+    task: TaskState,
+    step: Step,
+    metrics: dict[str, float],
+    outputs: dict[str, Any],
+    now: datetime,
+) -> str:
+    """Judge the step's `expect:` checks on a result joined without a job (one event each, attempt 0);
+    the failed ones, as the reason names them ("" when all hold). Joining again would give the same
+    result, so a failure is final whatever `retry:` says."""
+    failed = []
+    for exp in step.expect:
+        ok, observed, value = exp.judge(metrics, outputs)
+        out.emit(
+            ev.StepCheckEvaluated(
+                at=now,
+                ticket=ticket.id,
+                task=task.id,
+                phase="expect",
+                check=exp.text(),
+                ok=ok,
+                observed=observed,
+                value=value,
+                retryable=False,
+            )
+        )
+        if not ok:
+            failed.append(f"{exp.text()} (observed {observed})")
+    return "; ".join(failed)
 
 
 def _join_sweep(out: _Emitter, ticket: TicketState, task: TaskState, step: Step, now: datetime) -> bool:

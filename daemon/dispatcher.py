@@ -1,4 +1,5 @@
-"""The dispatcher: a reactor that turns AttemptScheduled events into RQ jobs, and cancellations into stop flags.
+"""The dispatcher: a reactor that turns AttemptScheduled events into RQ jobs, and cancellations into stop flags;
+it also writes the dataset manifests the decider joined from shards (ShardsJoined), in log order.
 
 It reads the log after its own checkpoint. Enqueueing is idempotent (the RQ job id is derived from
 ticket, task and attempt), so a crash between acting and checkpointing only repeats harmless work.
@@ -20,6 +21,8 @@ from rq.serializers import JSONSerializer
 
 from daemon.handler import CommandHandler
 from schema import events as ev
+from schema.artifact_store import ArtifactStore
+from schema.artifacts import Manifest
 from schema.plan import LIVE
 from schema.settings import Settings
 from schema.wire import (
@@ -45,9 +48,30 @@ _WATCHED = [
     "CorePromoted",
     "TicketHeld",
     "WorkerGone",
+    "ShardsJoined",
 ]
 PAGE = 1000
 KEEP_S = 7 * 86400  # how long RQ keeps a finished job (and so remembers its id)
+
+
+def write_joined_manifest(artifacts: ArtifactStore, event: ev.ShardsJoined) -> None:
+    """Write the manifest the decider joined from a step's shards (idempotent: the same bytes, the same
+    id). Called in log order, before any later event is acted on, so a step that reads the dataset is
+    never dispatched before its manifest exists. A shard lost since its subtask reported it does not
+    stop the write: the manifest names what to regenerate (`jbctl artifacts regenerate`), and readers
+    check every shard they open."""
+    manifest = Manifest.model_validate(event.manifest)
+    if manifest.manifest_id() != event.artifact:  # cannot happen unless the log was edited
+        log.error("%s/%s: joined manifest does not hash to %s; not written", event.ticket, event.task, event.artifact)
+        return
+    missing = [s.index for s in manifest.shards if not artifacts.has(s.id)]
+    if missing:
+        log.warning(
+            "%s/%s: dataset %s lists shard file(s) %s that are not in the store; "
+            "`jbctl artifacts regenerate %s` rebuilds them",
+            event.ticket, event.task, event.artifact[:16], missing, event.artifact[:16],
+        )  # fmt: skip
+    artifacts.put_manifest(manifest, require_shards=False)
 
 
 def redis_connection(settings: Settings) -> redis.Redis:
@@ -118,6 +142,8 @@ class Dispatcher:
         self.store = handler.store
         self.conn = conn or redis_connection(settings)
         self.key = load_secret(settings.secret_path, create=True)
+        self.settings = settings
+        self._artifacts: ArtifactStore | None = None  # where workers write (joined manifests); made on use
         self.enqueued = 0
         self.position: int | None = None
         self.saved = -1
@@ -158,6 +184,10 @@ class Dispatcher:
             live = task is not None and task.attempt == event.attempt and task.status in LIVE
             if live and dispatch(self.conn, self.key, event):
                 self.enqueued += 1
+        elif isinstance(event, ev.ShardsJoined):
+            if self._artifacts is None:
+                self._artifacts = ArtifactStore.from_settings(self.settings)
+            write_joined_manifest(self._artifacts, event)
         elif isinstance(event, ev.TicketCancelled | ev.TicketFailed):
             self.stop_ticket(event.ticket)
         elif isinstance(event, ev.TicketHeld) and event.stop:

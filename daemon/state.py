@@ -67,7 +67,7 @@ class TaskState:
     reason: str | None = None
     parent: str | None = None  # a subtask's step
     subtasks: list[str] = field(default_factory=list)  # a fanned-out step's subtasks (also in its needs)
-    join: str = "job"  # how a fanned-out step joins them (SubtasksPlanned.join): its own job, or "select"
+    join: str = "job"  # how a fanned-out step joins them (SubtasksPlanned.join): "job", "manifest" or "select"
     best: str | None = None  # a joined sweep's chosen subtask (SweepJoined.best)
     cache_key: str | None = None  # the key of the last attempt scheduled (None: not cached)
     resume_key: str | None = None  # a train step's key without its budget (schema.cache.resume_key)
@@ -653,6 +653,16 @@ def _sweep_joined(state: State, e: ev.SweepJoined) -> None:
     task.best, task.reason, task.fresh = e.best, None, False
 
 
+def _shards_joined(state: State, e: ev.ShardsJoined) -> None:
+    task = _task(state, e)
+    task.status, task.metrics, task.outputs = "succeeded", dict(e.metrics), dict(e.outputs)
+    task.cache_key, task.reason, task.fresh = e.cache_key, None, False
+    if e.cache_key is not None:  # attempt 0: joined by the decider, no job ran
+        state.writable("cache")[e.cache_key] = CacheEntry(
+            e.cache_key, task.kind, e.ticket, e.task, 0, e.at, task.metrics, task.outputs
+        )
+
+
 def _task_failed(state: State, e: ev.TaskFailed) -> None:
     task = _task(state, e)
     task.status, task.reason = "failed", e.reason
@@ -860,6 +870,7 @@ _HANDLERS: dict[type, Callable[[State, Any], None]] = {
     ev.TaskBlocked: _blocked,
     ev.SubtasksPlanned: _subtasks_planned,
     ev.SweepJoined: _sweep_joined,
+    ev.ShardsJoined: _shards_joined,
     ev.TaskRetried: _retried,
     ev.LoopDetected: _loop,
     ev.AcceptanceEvaluated: _accepted,

@@ -262,9 +262,10 @@ class ArtifactStore:
         self.record(entry)
         return artifact_id
 
-    def put_manifest(self, manifest: Manifest) -> str:
-        """Store a manifest (after checking its shards are present) and index it; returns its id."""
-        for shard in manifest.shards:
+    def put_manifest(self, manifest: Manifest, require_shards: bool = True) -> str:
+        """Store a manifest (after checking its shards are present, unless told not to) and index it;
+        returns its id."""
+        for shard in manifest.shards if require_shards else []:
             if not self.has(shard.id):
                 raise UnknownArtifactError(f"manifest lists shard {shard.index} ({shard.id}) that is not in the store")
         manifest_id = self.put_bytes(manifest.to_bytes())

@@ -137,6 +137,41 @@ class Manifest(BaseModel):
         return [s.id for s in self.shards]
 
 
+# The fields of a manifest every shard subtask knows (all but its shards, lineage and time): each
+# reports them, so that the step's manifest is joined from the subtasks' outputs without a job.
+HEAD_FIELDS: Final = (
+    "generator", "generator_version", "params", "seed", "count", "shard_size", "label_schema", "split"
+)  # fmt: skip
+
+
+class JoinError(ValueError):
+    """The subtasks' reports do not make the planned dataset (a shard missing, twice, or miscounted)."""
+
+
+def planned_counts(count: int, shard_size: int) -> list[int]:
+    """How many examples each shard file holds: full files, then the remainder."""
+    full, rest = divmod(count, shard_size)
+    return [shard_size] * full + ([rest] if rest else [])
+
+
+def join_manifest(
+    heads: list[dict[str, Any]], shards: list[dict[str, Any]], lineage: Lineage, created_at: datetime
+) -> Manifest:
+    """The dataset's manifest from its shard subtasks' reports (pure: no store, no clock): byte for
+    byte what one job writes for the same step, lineage and time. Raises JoinError naming the fault."""
+    if not heads or any(h != heads[0] for h in heads[1:]):
+        raise JoinError("the shard subtasks describe different datasets (generator, version or parameters)")
+    head = {k: heads[0].get(k) for k in HEAD_FIELDS}
+    ordered = sorted((ShardInfo.model_validate(s) for s in shards), key=lambda s: s.index)
+    plan = planned_counts(int(head["count"] or 0), max(1, int(head["shard_size"] or 1)))
+    if [s.index for s in ordered] != list(range(len(plan))):
+        raise JoinError(f"expected shard files 0..{len(plan) - 1}, the subtasks reported {[s.index for s in ordered]}")
+    for shard, want in zip(ordered, plan, strict=True):
+        if shard.count != want:
+            raise JoinError(f"shard file {shard.index} holds {shard.count} examples, the plan says {want}")
+    return Manifest.model_validate(head | {"shards": ordered, "lineage": lineage, "created_at": created_at})
+
+
 class ArtifactEntry(BaseModel):
     """An index entry: a recorded artifact with its kind and lineage, for listing and gc."""
 

@@ -216,12 +216,26 @@ class TaskRetried(TaskEvent):
 class SubtasksPlanned(TaskEvent):
     """A step fanned out: each subtask is a task of the step's kind with the step's parameters plus
     its own (`params`), its own attempts and retries. The step waits for all of them, then runs its
-    own job (the join) with their outputs as inputs (`_subtasks` names them)."""
+    own job (the join) with their outputs as inputs (`_subtasks` names them), or joins them without one."""
 
     subtasks: list[dict[str, Any]]  # {id, params}
-    # How the step joins its subtasks: "job" runs its own job (shards); "select" runs none, the
-    # decider picks the best combination of a `matrix:` sweep (SweepJoined).
-    join: Literal["job", "select"] = "job"
+    # How the step joins its subtasks: "job" runs its own job (shards planned before ShardsJoined
+    # existed); "manifest" runs none, the decider joins the shards' manifest (ShardsJoined); "select"
+    # runs none, the decider picks the best combination of a `matrix:` sweep (SweepJoined).
+    join: Literal["job", "manifest", "select"] = "job"
+
+
+class ShardsJoined(TaskEvent):
+    """A sharded synthesize step's subtasks all succeeded: the decider joined their reports into the
+    dataset's manifest (`manifest`, its JSON; `artifact` its id), byte for byte what one job writes.
+    No job runs: the dispatcher writes the manifest to the artifact store before it acts on any later
+    event. `metrics`/`outputs` are the step's (as one job's); `cache_key` records it in the step cache."""
+
+    manifest: dict[str, Any]
+    artifact: str  # the manifest's sha256
+    metrics: dict[str, float] = Field(default_factory=dict)
+    outputs: dict[str, Any] = Field(default_factory=dict)
+    cache_key: str | None = None
 
 
 class SweepJoined(TaskEvent):

@@ -105,13 +105,16 @@ class MilestoneBook:
         run = self.tickets.get(tid)
         if run is None:
             return
-        if isinstance(e, ev.AttemptSucceeded | ev.AttemptReused):
+        if isinstance(e, ev.AttemptSucceeded | ev.AttemptReused | ev.ShardsJoined | ev.SweepJoined):
             for name, value in e.metrics.items():
                 run.metrics[(e.task, name)] = (float(value), seq)
             run.blocked.pop(e.task, None)
             if isinstance(e, ev.AttemptReused):  # the source's artifacts count for this ticket too
                 made = self.produced.get((e.source_ticket, e.source_task, e.source_attempt), [])
                 run.artifacts += [{**a, "task": e.task, "seq": seq} for a in made]
+            if isinstance(e, ev.ShardsJoined):  # the manifest the decider joined (attempt 0: no job)
+                run.artifacts.append({"id": e.artifact, "kind": "dataset", "task": e.task, "seq": seq})
+                self.produced.setdefault((tid, e.task, 0), []).append({"id": e.artifact, "kind": "dataset"})
         elif isinstance(e, ev.ArtifactRecorded):
             run.artifacts.append({"id": e.artifact, "kind": e.kind, "task": e.task, "seq": seq})
             self.produced.setdefault((tid, e.task, e.attempt), []).append({"id": e.artifact, "kind": e.kind})

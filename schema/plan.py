@@ -78,9 +78,10 @@ def plan_subtasks(step: Step) -> list[PlannedSubtask]:
     return matrix_subtasks(step) if step.matrix else shard_subtasks(step)
 
 
-def join_of(step: Step) -> Literal["job", "select"]:
-    """How a fanned-out step joins its subtasks: its own job (shards), or by selecting the best (matrix)."""
-    return "select" if step.matrix else "job"
+def join_of(step: Step) -> Literal["manifest", "select"]:
+    """How a fanned-out step joins its subtasks, both without a job: the decider joins the shards'
+    manifest from their reports (ShardsJoined), or selects the best combination (matrix, SweepJoined)."""
+    return "select" if step.matrix else "manifest"
 
 
 def matrix_subtasks(step: Step) -> list[PlannedSubtask]:

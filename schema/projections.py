@@ -492,6 +492,25 @@ def _sweep_joined(rows: Rows, seq: int, e: ev.SweepJoined) -> None:
     _succeeded_without_job(rows, seq, e.ticket, e.task, e.at, e.metrics)
 
 
+def _shards_joined(rows: Rows, seq: int, e: ev.ShardsJoined) -> None:
+    """The shards' manifest, joined by the decider: the step's artifact (attempt 0: no job ran)."""
+    if rows.get("artifacts", (e.artifact,)) is None:
+        rows.put(
+            "artifacts",
+            (e.artifact,),
+            {
+                "id": e.artifact,
+                "kind": "dataset",
+                "ticket": e.ticket,
+                "task": e.task,
+                "attempt": 0,
+                "meta": {"generator": e.outputs.get("generator"), "count": e.manifest.get("count")},
+                "recorded_at": _naive(e.at),
+            },
+        )
+    _succeeded_without_job(rows, seq, e.ticket, e.task, e.at, e.metrics)
+
+
 def _ticket_retried(rows: Rows, seq: int, e: ev.TicketRetried) -> None:
     _touch_ticket(rows, seq, e.ticket, e.at, state="running", reason=None, ended_at=None, awaiting=None)
 
@@ -713,6 +732,7 @@ _PROJECTORS: dict[type, Callable[[Rows, int, Any], None]] = {
     ev.AttemptReused: _reused,
     ev.SweepJoined: _sweep_joined,
     ev.SuiteEvaluated: _suite_evaluated,
+    ev.ShardsJoined: _shards_joined,
     ev.TicketRetried: _ticket_retried,
     ev.AdapterActivated: _adapter_activated,
     ev.AdapterRetired: _adapter_retired,

@@ -345,8 +345,11 @@ def test_identical_steps_run_once_on_real_processes_and_across_a_daemon_restart(
         rows = setup.daemon.rows()
         jobs = [r for r in rows if r["type"] == "AttemptScheduled"]
         reuses = [r["data"] for r in rows if r["type"] == "AttemptReused"]
-        # Two shards and their join, once for three tickets.
-        assert sorted(j["data"]["task"] for j in jobs) == ["shapes", "shapes-S0", "shapes-S1"], jobs
+        # Two shard jobs and their join (by the decider: no job), once for three tickets.
+        assert sorted(j["data"]["task"] for j in jobs) == ["shapes-S0", "shapes-S1"], jobs
+        assert [(r["data"]["ticket"], r["data"]["task"]) for r in rows if r["type"] == "ShardsJoined"] == [
+            ("TICKET-1", "shapes")
+        ]
         assert sorted((r["ticket"], r["task"]) for r in reuses) == [
             (t, task) for t in ("TICKET-2", "TICKET-3") for task in ("shapes", "shapes-S0", "shapes-S1")
         ]
@@ -371,10 +374,12 @@ def test_every_job_kind_has_a_code_version() -> None:
 
 def test_the_demo_generates_the_shapes_of_ticket_1_and_4_once() -> None:
     """`make demo` shows a cache hit: TICKET-4's shapes step is TICKET-1's (keep them identical), both
-    fanned out into two shards: each shard and the join run once, for TICKET-1."""
+    fanned out into two shards: each shard runs once, for TICKET-1, whose step the decider joins
+    (no job); TICKET-4 reuses that very manifest."""
     from pathlib import Path
 
     from schema.ticket import load_ticket
+    from workers.synth.base import SynthesisRequest, manifest_head
 
     examples = Path(__file__).resolve().parent.parent / "tickets" / "examples"
     s = State()
@@ -382,13 +387,15 @@ def test_the_demo_generates_the_shapes_of_ticket_1_and_4_once() -> None:
     assert scheduled(first) == ["TICKET-1/shapes-S0", "TICKET-1/shapes-S1"]
     events = apply(s, submit(load_ticket(examples / "TICKET-4.yaml"), T0))
     assert scheduled(events) == [] and types(events).count("TaskWaiting") == 2
-    for shard in ("shapes-S0", "shapes-S1"):
-        events = apply(s, report(c.RecordJobSucceeded, shard, 1, outputs={"shard": shard}))
-        assert reused(events) == [f"TICKET-4/{shard}"]
-    assert scheduled(events) == ["TICKET-1/shapes"]  # the join; TICKET-4's waits for it
-    done = {"count": 2000.0}
-    events = apply(s, report(c.RecordJobSucceeded, "shapes", 1, metrics=done, outputs=OUTPUTS["data"]))
-    assert reused(events) == ["TICKET-4/shapes"]
+    step = s.tickets["TICKET-1"].tasks["shapes"].params
+    head = manifest_head(SynthesisRequest.model_validate(step))
+    for k, shard in enumerate(("shapes-S0", "shapes-S1")):
+        info = {"index": k, "id": f"{k + 1:064x}", "size": 1, "count": 1000, "format": "npz"}
+        outputs = {"shards": [info], "seconds": 1.0, "manifest": head}
+        events = apply(s, report(c.RecordJobSucceeded, shard, 1, metrics={"count": 1000.0}, outputs=outputs))
+    assert reused(events) == ["TICKET-4/shapes-S1", "TICKET-4/shapes"]  # S0 was reused on its success
+    [joined] = [e for e in events if isinstance(e, ev.ShardsJoined)]
+    assert joined.ticket == "TICKET-1" and s.tickets["TICKET-4"].tasks["shapes"].outputs == joined.outputs
     assert scheduled(events) == ["TICKET-1/train", "TICKET-4/train"]
 
 

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from schema.artifacts import Lineage, ShardInfo
 from schema.policy import DEFAULT_CHECK_BINARIES, binary_of, code_grant, inline_code
 from workers.context import JobContext, write_atomic
-from workers.synth.base import SynthesisRequest, generate_shards, merge_manifest, synthesize
+from workers.synth.base import SynthesisRequest, generate_shards, manifest_head, merge_manifest, synthesize
 
 
 class JobResult(BaseModel):
@@ -277,7 +277,13 @@ def run_synthesize(ctx: JobContext, params: dict[str, Any]) -> JobResult:
         seconds = time.monotonic() - started
         return JobResult(
             metrics={"count": float(sum(s.count for s in shards)), "seconds": seconds},
-            outputs={"shards": [s.model_dump(mode="json") for s in shards], "seconds": seconds},
+            # `manifest`: the dataset's fields but its shards, from which the decider joins the
+            # manifest without a job (schema.artifacts.join_manifest)
+            outputs={
+                "shards": [s.model_dump(mode="json") for s in shards],
+                "seconds": seconds,
+                "manifest": manifest_head(req),
+            },
         )
     generated = 0.0  # the subtasks' generation time, so that `seconds` means what one job's does
     if "_subtasks" in params:

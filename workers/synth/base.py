@@ -30,7 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from schema.artifact_store import ArtifactStore
-from schema.artifacts import CorruptArtifactError, FieldSpec, Lineage, Manifest, ShardInfo
+from schema.artifacts import HEAD_FIELDS, CorruptArtifactError, FieldSpec, Lineage, Manifest, ShardInfo
 from schema.ticket import DEFAULT_SHARD_SIZE
 
 ShardFormat = Literal["npz", "safetensors"]
@@ -404,6 +404,26 @@ def generate_shard(
     data = encode_shard(arrays, fmt)
     shard_id = store.put_bytes(data)
     return ShardInfo(index=shard, id=shard_id, size=len(data), count=count, format=fmt)
+
+
+def manifest_head(request: SynthesisRequest) -> dict[str, Any]:
+    """The manifest's fields but its shards, lineage and time (`schema.artifacts.HEAD_FIELDS`), as
+    JSON: what a shard subtask reports so that its step's manifest is joined without a job."""
+    gen = get_generator(request.generator)
+    p = validate_params(gen, request.params)
+    probe = Manifest(
+        generator=gen.name,
+        generator_version=gen.version,
+        params=p.model_dump(mode="json"),
+        seed=request.seed,
+        count=request.count,
+        shard_size=request.shard_size,
+        shards=[],
+        label_schema=gen.label_schema(p),
+        split=getattr(p, "split", None),
+        created_at=datetime(1970, 1, 1, tzinfo=UTC),
+    ).model_dump(mode="json")
+    return {k: probe[k] for k in HEAD_FIELDS}
 
 
 def merge_manifest(
