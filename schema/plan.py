@@ -94,18 +94,23 @@ def matrix_subtasks(step: Step) -> list[PlannedSubtask]:
 
 
 def shard_subtasks(step: Step) -> list[PlannedSubtask]:
-    """A synthesize step with `shards: N` as N subtasks, each generating a contiguous, balanced range
-    `[first, stop)` of the dataset's shard files (the files a single job would write, in order, so
-    the join's manifest is the single job's). One shard, or any other kind: no subtasks.
+    """A synthesize step with `shards: N` (or a size that implies N) as N subtasks, each generating a
+    contiguous range `[first, stop)` of the dataset's shard files (the files a single job would write,
+    in order, so the joined manifest is the single job's). One shard, or any other kind: none.
 
-    A sweep (one subtask per parameter combination) is the same shape: other overlays, same join."""
-    if step.shards <= 1 or step.kind != "synthesize":
+    Largest first: ranges differ by one file at most, the longer ones first, and the remainder file
+    (when `count` is not a multiple of `shard_size`) is the last; subtasks are dispatched in this
+    order, so the last to start is never longer than one before it and the workers' idle tail
+    (one waiting for the other's last range) stays short."""
+    n = step.shard_count  # `shards:`, or what the step's size implies (schema.ticket.implied_shards)
+    if n <= 1 or step.kind != "synthesize":
         return []
-    files, n = shard_files(step), step.shards
-    return [
-        PlannedSubtask(
-            subtask_id(step.id, k),
-            {"_shard": {"subtask": k, "of": n, "first": k * files // n, "stop": (k + 1) * files // n}},
+    files = shard_files(step)
+    planned, first = [], 0
+    for k in range(n):
+        stop = first + files // n + (1 if k < files % n else 0)
+        planned.append(
+            PlannedSubtask(subtask_id(step.id, k), {"_shard": {"subtask": k, "of": n, "first": first, "stop": stop}})
         )
-        for k in range(n)
-    ]
+        first = stop
+    return planned

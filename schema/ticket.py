@@ -70,6 +70,12 @@ MAX_COMBINATIONS = 256  # a step's `matrix:` fans out into at most this many sub
 MATRIX_KINDS = ("train", "evaluate", "synthesize", "diag")  # the kinds a `matrix:` may sweep
 MAX_STEP_GPUS = 64  # cards one step may ask for (all on one worker)
 DEFAULT_SHARD_SIZE = 10_000  # a synthesize step's `shard_size` when it names none (workers use it too)
+# A synthesize step that does not say `shards:` fans out by its size: one subtask per
+# AUTO_SHARD_EXAMPLES examples (rounded up), at most one per shard file and at most AUTO_SHARDS_MAX
+# (docs/DATA.md). 20,000 shapes images take about 2 s on one core: a subtask costs 30-60 ms of
+# dispatch, so two are worth it from there on; more than 8 rarely find idle workers.
+AUTO_SHARD_EXAMPLES = 10_000
+AUTO_SHARDS_MAX = 8
 # The metrics a job kind always reports, for kinds whose set is closed: an `expect:` or `probe:` on any
 # other name is an error at load time. Kinds not listed (train, evaluate, infer, diag) report metrics
 # that depend on their parameters; a check on a name they did not report fails when it is evaluated.
@@ -273,12 +279,14 @@ class Step(_Strict):
     queue: Queue | None = Field(default=None, description="defaults by kind: train/evaluate/infer on gpu")
     timeout: Duration = Field(default=3600.0, description="seconds, or e.g. 30m; an attempt past it fails")
     retries: int = Field(default=2, ge=0, le=20, description="extra attempts after a failure")
-    shards: StrictInt = Field(
-        default=1,
+    shards: StrictInt | None = Field(
+        default=None,
         ge=1,
         le=MAX_SHARDS,
         description="synthesize only: run as this many subtasks (jobs), each generating a contiguous range of "
-        "the dataset's shard files, joined into the one manifest a single job would write",
+        "the dataset's shard files, joined into the one manifest a single job would write; unset: implied by "
+        f"the size (one per {AUTO_SHARD_EXAMPLES:,} examples, at most one per shard file and {AUTO_SHARDS_MAX}); "
+        "1: one job",
     )
     matrix: dict[str, Any] | None = Field(
         default=None,
@@ -381,9 +389,14 @@ class Step(_Strict):
         return n
 
     @property
+    def shard_count(self) -> int:
+        """How many shard subtasks the step runs as: its `shards:`, or the number its size implies."""
+        return self.shards if self.shards is not None else implied_shards(self)
+
+    @property
     def fan_out(self) -> int:
         """How many subtasks the step fans out into (0: it runs as one job)."""
-        return self.combinations or (self.shards if self.shards > 1 else 0)
+        return self.combinations or (self.shard_count if self.shard_count > 1 else 0)
 
 
 class Constraints(_Strict):
@@ -601,6 +614,8 @@ class Ticket(_Strict):
                     f"more than {MAX_SUBTASKS} subtasks in all (shards and matrix combinations): "
                     "a ticket's fan-out is limited"
                 )
+                if step.shards is None and not step.matrix:
+                    message += f" (this step's size implies {step.shard_count} shards: say `shards:` to run fewer)"
                 raise _located(("steps", n, "matrix" if step.matrix else "shards"), message)
         cycle = _find_cycle({s.id: list(s.needs) for s in self.steps})
         if cycle:
@@ -705,9 +720,22 @@ def shard_files(step: Step) -> int:
     return -(-count // size)
 
 
+def implied_shards(step: Step) -> int:
+    """The subtasks a synthesize step without `shards:` runs as (1: one job): one per
+    AUTO_SHARD_EXAMPLES examples, rounded up, at most one per shard file and AUTO_SHARDS_MAX. A sweep
+    (`matrix:`) never fans out again, and a step whose size is not plain integers runs as one job
+    (its parameters are checked elsewhere)."""
+    count, size = step.with_.get("count"), step.with_.get("shard_size", DEFAULT_SHARD_SIZE)
+    if step.kind != "synthesize" or step.matrix is not None:
+        return 1
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (count, size)):
+        return 1
+    return max(1, min(-(-count // AUTO_SHARD_EXAMPLES), shard_files(step), AUTO_SHARDS_MAX))
+
+
 def _check_shards(step: Step, n: int) -> None:
     """`shards:` splits a synthesize step's shard files among subtasks: the files must be enough."""
-    if step.shards == 1:
+    if step.shards is None or step.shards == 1:
         return
     if step.kind != "synthesize":
         raise _located(("steps", n, "shards"), f"shards: only a synthesize step fans out into shards, not {step.kind}")
@@ -736,7 +764,7 @@ def _check_matrix(step: Step, n: int) -> None:
     if step.kind not in MATRIX_KINDS:
         only = ", ".join(MATRIX_KINDS)
         raise _located((*where, "matrix"), f"matrix: a {step.kind} step cannot sweep (only {only})")
-    if step.shards > 1:
+    if step.shards is not None and step.shards > 1:
         message = "matrix: cannot be combined with shards (each combination would fan out again)"
         raise _located((*where, "matrix"), message)
     if step.expect:

@@ -198,3 +198,65 @@ def test_the_dispatcher_writes_the_joined_manifest_once_and_names_a_lost_shard(
     forged = event.model_copy(update={"artifact": "f" * 64})
     write_joined_manifest(store, forged)
     assert not store.has("f" * 64) and "joined manifest does not hash to" in caplog.text
+
+
+# --- shards implied by a step's size ----------------------------------------------------------
+
+
+def synth_step(with_: str, extra: str = "") -> Any:
+    return make_ticket(
+        steps=f"  - {{id: data, kind: synthesize{extra}, with: {{generator: shapes, {with_}}}}}\n"
+    ).steps[0]
+
+
+@pytest.mark.parametrize(
+    ("with_", "extra", "ranges"),
+    [
+        ("count: 10000", "", []),  # one subtask's worth: one job
+        ("count: 20000, shard_size: 5000", "", [(0, 2), (2, 4)]),  # 2 per 10,000 examples
+        ("count: 35000", "", [(0, 1), (1, 2), (2, 3), (3, 4)]),  # the last range is the 5,000 remainder
+        ("count: 200000, shard_size: 20000", "", [(0, 2), (2, 4), (4, 5), (5, 6), (6, 7), (7, 8), (8, 9), (9, 10)]),
+        ("count: 30000, shard_size: 30000", "", []),  # one shard file: nothing to split
+        ("count: 200000", ", shards: 1", []),  # said: one job
+        ("count: 50000", ", shards: 2", [(0, 3), (3, 5)]),  # said: 2, the longer range first
+    ],
+)
+def test_a_large_synthesize_step_fans_out_by_its_size_unless_it_says_shards(
+    with_: str, extra: str, ranges: list[tuple[int, int]]
+) -> None:
+    from schema.plan import plan_subtasks
+
+    planned = plan_subtasks(synth_step(with_, extra))
+    assert [(p.params["_shard"]["first"], p.params["_shard"]["stop"]) for p in planned] == ranges
+    assert [p.id for p in planned] == [f"data-S{k}" for k in range(len(ranges))]
+
+
+def test_implied_shards_never_apply_to_a_sweep_or_other_kinds_and_count_toward_the_cap() -> None:
+    from schema.ticket import MAX_SUBTASKS, TicketInvalid
+
+    sweep = make_ticket(
+        steps="  - {id: data, kind: synthesize, matrix: {seed: [1, 2]}, select: {metric: count, mode: max},\n"
+        "    with: {generator: shapes, count: 100000}}\n"
+    ).steps[0]
+    assert sweep.shard_count == 1 and sweep.fan_out == 2
+    diag = make_ticket(steps="  - {id: d, kind: diag, with: {count: 100000}}\n").steps[0]
+    assert diag.shard_count == 1 and diag.fan_out == 0
+    many = "".join(
+        f"  - {{id: s{n}, kind: synthesize, with: {{generator: shapes, count: 80000, seed: {n}}}}}\n"
+        for n in range(MAX_SUBTASKS // 8 + 1)
+    )
+    with pytest.raises(TicketInvalid, match=r"this step's size implies 8 shards: say `shards:` to run fewer"):
+        make_ticket(steps=many)
+
+
+def test_an_implied_fan_out_runs_and_joins_like_a_written_one() -> None:
+    s = State()
+    events = apply(
+        s, submit(make_ticket(steps="  - {id: data, kind: synthesize, with: {generator: shapes, count: 20000}}\n"), T0)
+    )
+    assert types(events) == ["TicketSubmitted", "SubtasksPlanned", "AttemptScheduled", "AttemptScheduled"]
+    head = manifest_head(SynthesisRequest(generator="shapes", count=20000))
+    for k in range(2):
+        outputs = {"shards": [shard_info(k, 10000)], "seconds": 1.0, "manifest": head}
+        events = apply(s, report(c.RecordJobSucceeded, f"data-S{k}", 1, outputs=outputs))
+    assert types(events) == ["AttemptSucceeded", "ShardsJoined", "AcceptanceEvaluated", "TicketCompleted"]
