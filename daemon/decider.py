@@ -681,6 +681,12 @@ def _join_sweep(out: _Emitter, ticket: TicketState, task: TaskState, step: Step,
         for t in subs[1:]:
             if sign * t.metrics[metric] > sign * best.metrics[metric]:  # strictly better: ties keep the first
                 best = t
+    metrics = sweep_metrics(best.metrics, [t.metrics for t in subs])
+    # `expect:` judges the joined result: the best's metrics and the aggregates over all combinations.
+    failed = _judge_expectations(out, ticket, task, step, metrics, dict(best.outputs), now)
+    if failed:
+        out.emit(ev.TaskFailed(at=now, ticket=ticket.id, task=task.id, reason=f"ExpectationFailed: {failed}"))
+        return False
     out.emit(
         ev.SweepJoined(
             at=now,
@@ -690,7 +696,7 @@ def _join_sweep(out: _Emitter, ticket: TicketState, task: TaskState, step: Step,
             best=best.id,
             metric=metric,
             mode=step.select.mode if metric is not None and step.select is not None else None,
-            metrics=sweep_metrics(best.metrics, [t.metrics for t in subs]),
+            metrics=metrics,
             outputs=dict(best.outputs),
         )
     )
@@ -702,9 +708,10 @@ def _number(value: Any) -> bool:
 
 
 def sweep_metrics(best: dict[str, float], table: list[dict[str, float]]) -> dict[str, float]:
-    """The best combination's metrics plus `<name>_mean` and `<name>_std` (population) of every metric
-    over the combinations that report it as a finite number. A metric of the best's own that already
-    bears such a name keeps its value."""
+    """The best combination's metrics plus `<name>_mean`, `<name>_std` (population), `<name>_min` and
+    `<name>_max` of every metric over the combinations that report it as a finite number (so that
+    `expect:` can ask for every combination: `acc_min >= 0.8`). A metric of the best's own that
+    already bears such a name keeps its value."""
     aggregated: dict[str, float] = {}
     for name in sorted({n for m in table for n in m}):
         values = [float(m[name]) for m in table if _number(m.get(name))]
@@ -712,6 +719,7 @@ def sweep_metrics(best: dict[str, float], table: list[dict[str, float]]) -> dict
             mean = math.fsum(values) / len(values)
             aggregated[f"{name}_mean"] = mean
             aggregated[f"{name}_std"] = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values))
+            aggregated[f"{name}_min"], aggregated[f"{name}_max"] = min(values), max(values)
     return aggregated | dict(best)
 
 

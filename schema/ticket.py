@@ -679,10 +679,18 @@ def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
     return None
 
 
-def _known_metric(kind: str, name: str, loc: tuple[str | int, ...], what: str) -> None:
-    """Refuse a metric a kind with a closed set of metrics never reports (with a hint)."""
+# What a joined sweep adds to each metric of its combinations (daemon.decider.sweep_metrics).
+SWEEP_AGGREGATES = ("_mean", "_std", "_min", "_max")
+
+
+def _known_metric(kind: str, name: str, loc: tuple[str | int, ...], what: str, sweep: bool = False) -> None:
+    """Refuse a metric a kind with a closed set of metrics never reports (with a hint); a sweep's
+    (`sweep`) also reports each one's aggregates over its combinations (`count_mean`, ...)."""
     known = KIND_METRICS.get(kind)
-    if known is not None and name not in known:
+    base = name
+    if sweep:
+        base = next((name[: -len(a)] for a in SWEEP_AGGREGATES if name.endswith(a) and name[: -len(a)]), name)
+    if known is not None and base not in known:
         hint = _did_you_mean(name, list(known))
         raise _located(
             loc, f"{what} names metric {name!r}, which a {kind} step never reports{hint}; it reports {', '.join(known)}"
@@ -702,7 +710,7 @@ def _check_step_checks(step: Step, n: int, steps: dict[str, Step]) -> None:
                 f"expect checks this step's own metrics: write {exp.name!r} "
                 f"(probe a needed step's metrics with `probe:`)",
             )
-        _known_metric(step.kind, exp.name, loc, "expect")
+        _known_metric(step.kind, exp.name, loc, "expect", sweep=step.matrix is not None)
     for k, probe in enumerate(step.probe):
         if isinstance(probe, MetricProbe):
             loc = ("steps", n, "probe", k, "metric")
@@ -710,7 +718,7 @@ def _check_step_checks(step: Step, n: int, steps: dict[str, Step]) -> None:
                 where = "unknown step" if probe.step not in steps else "a step that is not in this step's needs"
                 hint = _did_you_mean(probe.step, list(step.needs)) if probe.step not in steps else ""
                 raise _located(loc, f"probe reads {where} {probe.step!r}{hint}: a probe checks this step's inputs")
-            _known_metric(steps[probe.step].kind, probe.name, loc, "probe")
+            _known_metric(steps[probe.step].kind, probe.name, loc, "probe", sweep=steps[probe.step].matrix is not None)
 
 
 def shard_files(step: Step) -> int:
@@ -767,8 +775,6 @@ def _check_matrix(step: Step, n: int) -> None:
     if step.shards is not None and step.shards > 1:
         message = "matrix: cannot be combined with shards (each combination would fan out again)"
         raise _located((*where, "matrix"), message)
-    if step.expect:
-        raise _located((*where, "expect"), "expect: not supported on a matrix step yet (choose with `select:`)")
     if not step.matrix:
         raise _located((*where, "matrix"), "matrix: needs at least one parameter (name: [values, ...])")
     for key, values in step.matrix.items():

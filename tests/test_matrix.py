@@ -91,8 +91,8 @@ def test_a_single_combination_needs_no_select_and_aggregates_have_zero_std() -> 
     events = succeed(s, 0, 0.25, loss=2.0)
     joined = events[1]
     assert isinstance(joined, ev.SweepJoined) and joined.best == "ev-S0" and joined.metric is None
-    assert joined.metrics == {"acc": 0.25, "loss": 2.0, "acc_mean": 0.25, "acc_std": 0.0,
-                              "loss_mean": 2.0, "loss_std": 0.0}
+    assert joined.metrics == {"acc": 0.25, "loss": 2.0, "acc_mean": 0.25, "acc_std": 0.0, "acc_min": 0.25,
+                              "acc_max": 0.25, "loss_mean": 2.0, "loss_std": 0.0, "loss_min": 2.0, "loss_max": 2.0}
 
 
 def test_a_failed_combination_retries_alone_and_one_lost_for_good_fails_the_ticket() -> None:
@@ -222,8 +222,9 @@ def test_matrix_with_shards_on_other_kinds_and_over_the_ticket_cap_is_refused() 
     assert "matrix: cannot be combined with shards" in message
     assert "matrix: a infer step cannot sweep" in parse_error("    matrix: {seed: [0]}\n", kind="infer")
     assert "matrix: a check step cannot sweep" in parse_error("    matrix: {seed: [0]}\n", kind="check")
-    assert "expect: not supported on a matrix step yet" in parse_error(
-        "    matrix: {seed: [0]}\n    expect: [{metric: acc, op: '>', value: 0}]\n"
+    closed = "    matrix: {seed: [0, 1]}\n    select: {metric: count, mode: max}\n" + synth
+    assert "expect names metric 'acc_mean', which a synthesize step never reports" in parse_error(
+        closed + "    expect: [{metric: acc_mean, op: '>', value: 0}]\n", kind="synthesize"
     )
     wide = "[" + ", ".join(str(k) for k in range(200)) + "]"
     steps = "".join(
@@ -271,3 +272,36 @@ def test_a_diag_sweep_on_a_real_worker_joins_and_describe_shows_the_table(tmp_pa
         setup.assert_consistent()
     finally:
         setup.close()
+
+
+def test_expect_on_a_matrix_step_judges_the_joined_result_best_and_aggregates() -> None:
+    """`expect:` on a sweep judges what the step hands on: the best's metrics and the aggregates over
+    every combination (`acc_min` asks it of each one); a miss fails the step at once, naming it."""
+    expect = "expect: [{metric: acc, op: '>=', value: 0.4}, {metric: acc_min, op: '>=', value: 0.2}]"
+    s = State()
+    apply(s, submit(swept("{seed: [0, 1, 2]}", select=f"{SELECT_MAX}, {expect}"), T0))
+    for k, acc in enumerate([0.3, 0.5]):
+        succeed(s, k, acc)
+    events = succeed(s, 2, 0.1)
+    assert types(events) == ["AttemptSucceeded", "StepCheckEvaluated", "StepCheckEvaluated", "TaskFailed",
+                             "TicketFailed"]
+    assert [(e.check, e.ok, e.value, e.attempt) for e in events[1:3]] == [
+        ("acc >= 0.4", True, 0.5, 0), ("acc_min >= 0.2", False, 0.1, 0)
+    ]
+    assert events[3].reason == "ExpectationFailed: acc_min >= 0.2 (observed 0.1)"
+
+    s = State()
+    apply(s, submit(swept("{seed: [0, 1]}", select=f"{SELECT_MAX}, {expect}"), T0))
+    succeed(s, 0, 0.3)
+    events = succeed(s, 1, 0.5)
+    assert types(events)[:4] == ["AttemptSucceeded", "StepCheckEvaluated", "StepCheckEvaluated", "SweepJoined"]
+    assert events[3].metrics["acc_min"] == 0.3 and events[3].metrics["acc_max"] == 0.5
+
+
+def test_a_probe_downstream_may_read_a_sweeps_aggregates_even_for_a_closed_kind() -> None:
+    steps = (
+        "  - {id: data, kind: synthesize, matrix: {seed: [0, 1]}, select: {metric: count, mode: max},"
+        " expect: [{metric: count_min, op: '>=', value: 100}], with: {generator: shapes, count: 100}}\n"
+        "  - {id: use, kind: diag, needs: [data], probe: [{metric: data.seconds_max, op: '<', value: 60}]}\n"
+    )
+    assert make_ticket(steps=steps).steps[0].expect[0].name == "count_min"
