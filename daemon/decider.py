@@ -474,6 +474,9 @@ def resolved_params(ticket: TicketState, task: TaskState, state: State | None = 
         params["_inputs"] = inputs
     if task.subtasks:
         params["_subtasks"] = list(task.subtasks)  # the join: these inputs are its subtasks' outputs
+    step = _step_spec(ticket, task.parent or task.id)  # a subtask takes its step's `inputs:`
+    if step is not None and step.inputs:
+        params["_uses"] = {name: _use(ticket, ref.from_, ref.use) for name, ref in step.inputs.items()}
     if task.kind == "check":
         granted = state.granted_binaries if state is not None else set()
         params["_allowed_binaries"] = sorted(ticket.allowed_binaries | granted)
@@ -489,6 +492,26 @@ def resolved_params(ticket: TicketState, task: TaskState, state: State | None = 
                 "missing": ref
             }
     return params
+
+
+def _use(ticket: TicketState, source: str, use: Literal["best", "all"]) -> dict[str, Any] | list[dict[str, Any]]:
+    """What `inputs: {name: {from: source, use: ...}}` hands the job: a row `{subtask, params, metrics,
+    outputs, best}` per combination of a sweep (`all`: every one, in combination order; `best`: the
+    chosen one), or the step's own result as one row (a step that is not a sweep: `subtask` is the step)."""
+    src = ticket.tasks[source]
+    spec = _step_spec(ticket, source)
+    keys = list(spec.matrix or {}) if spec is not None else []
+    combos = [ticket.tasks[sid] for sid in src.subtasks] if src.join == "select" and src.subtasks else []
+
+    def row(t: TaskState, best: bool) -> dict[str, Any]:
+        params = {k: t.params.get(k) for k in keys} if combos else {}
+        return {"subtask": t.id, "params": params, "metrics": dict(t.metrics), "outputs": dict(t.outputs), "best": best}
+
+    if not combos:
+        return row(src, True)
+    if use == "best":
+        return row(ticket.tasks[src.best or combos[0].id], True)
+    return [row(t, t.id == src.best) for t in combos]
 
 
 def _adapter_ref(task: TaskState) -> str | None:

@@ -269,6 +269,17 @@ class SweepSelect(_Strict):
         return self.metric.removeprefix(f"{step}.")
 
 
+class StepInput(_Strict):
+    """One entry of a step's `inputs:`: a needed step's result, by name (`_uses.<name>` in the job)."""
+
+    from_: str = Field(alias="from", description="a step this one needs")
+    use: Literal["best", "all"] = Field(
+        default="best",
+        description="best: the step's result (a sweep's chosen combination); all: every combination of a "
+        "`matrix:` step, in combination order",
+    )
+
+
 class Step(_Strict):
     """One task of the ticket."""
 
@@ -304,6 +315,11 @@ class Step(_Strict):
         default_factory=list,
         description="checks on the step's inputs (needed steps' metrics, the core's components) before it is "
         "dispatched; a failed one blocks the step",
+    )
+    inputs: dict[str, StepInput] = Field(
+        default_factory=dict,
+        description="name -> {from: STEP, use: best|all}: a needed step's result for the job by name; "
+        "`use: all` hands on every combination of a matrix step (params, metrics, outputs), not only the best",
     )
     cache: bool | None = Field(
         default=None,
@@ -606,6 +622,7 @@ class Ticket(_Strict):
             _check_step_checks(step, n, {s.id: s for s in self.steps})
             _check_shards(step, n)
             _check_matrix(step, n)
+            _check_inputs(step, n, {s.id: s for s in self.steps})
         subtasks = 0
         for n, step in enumerate(self.steps):
             subtasks += step.fan_out
@@ -736,9 +753,9 @@ def implied_shards(step: Step) -> int:
     count, size = step.with_.get("count"), step.with_.get("shard_size", DEFAULT_SHARD_SIZE)
     if step.kind != "synthesize" or step.matrix is not None:
         return 1
-    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (count, size)):
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (count, size)):
         return 1
-    return max(1, min(-(-count // AUTO_SHARD_EXAMPLES), shard_files(step), AUTO_SHARDS_MAX))
+    return max(1, min(-(-int(count or 0) // AUTO_SHARD_EXAMPLES), shard_files(step), AUTO_SHARDS_MAX))
 
 
 def _check_shards(step: Step, n: int) -> None:
@@ -760,6 +777,29 @@ def _check_shards(step: Step, n: int) -> None:
             f"shards: {step.shards} but count {count} at shard_size {size} makes only {files} shard file(s); "
             f"set shard_size to at most {max(1, count // step.shards)} or use fewer shards",
         )
+
+
+INPUT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+def _check_inputs(step: Step, n: int, steps: dict[str, Step]) -> None:
+    """`inputs:` names needed steps' results; `use: all` only of a step that has combinations."""
+    for name, ref in step.inputs.items():
+        loc: tuple[str | int, ...] = ("steps", n, "inputs", name)
+        if not INPUT_NAME.match(name):
+            raise _located(loc, f"inputs: {name!r} must be a name of lowercase letters, digits and _ (a letter first)")
+        if name in step.with_:
+            raise _located(loc, f"inputs: {name!r} is also a `with:` parameter; pick another name")
+        if ref.from_ not in step.needs:
+            where = "unknown step" if ref.from_ not in steps else "a step that is not in this step's needs"
+            hint = _did_you_mean(ref.from_, list(step.needs)) if ref.from_ not in steps else ""
+            raise _located((*loc, "from"), f"inputs: {name} reads {where} {ref.from_!r}{hint}")
+        if ref.use == "all" and not steps[ref.from_].matrix:
+            raise _located(
+                (*loc, "use"),
+                f"inputs: {name}: use: all takes every combination of a `matrix:` step; {ref.from_!r} has none "
+                "(use: best, or leave `use` out)",
+            )
 
 
 def _check_matrix(step: Step, n: int) -> None:

@@ -4,6 +4,7 @@ the step joins them without a job, choosing the best by `select:` (SweepJoined).
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -305,3 +306,97 @@ def test_a_probe_downstream_may_read_a_sweeps_aggregates_even_for_a_closed_kind(
         "  - {id: use, kind: diag, needs: [data], probe: [{metric: data.seconds_max, op: '<', value: 60}]}\n"
     )
     assert make_ticket(steps=steps).steps[0].expect[0].name == "count_min"
+
+
+# --- inputs: {NAME: {from: SWEEP, use: all}} --------------------------------------------------
+
+
+def downstream(inputs: str, needs: str = "[ev]") -> Any:
+    return make_ticket(
+        steps="  - {id: ev, kind: evaluate, matrix: {seed: [0, 1, 2]}, select: {metric: acc, mode: max},"
+        " with: {split: test}}\n"
+        f"  - {{id: use, kind: diag, needs: {needs}, inputs: {inputs}}}\n"
+    )
+
+
+def test_use_all_hands_the_downstream_job_every_combination_and_best_only_the_chosen() -> None:
+    s = State()
+    apply(s, submit(downstream("{models: {from: ev, use: all}, top: {from: ev}}"), T0))
+    succeed(s, 0, 0.3)
+    succeed(s, 1, 0.5)
+    events = succeed(s, 2, 0.4)
+    assert types(events) == ["AttemptSucceeded", "SweepJoined", "AttemptScheduled"]
+    uses = events[2].params["_uses"]
+    assert uses["models"] == [
+        {"subtask": f"ev-S{k}", "params": {"seed": k}, "metrics": {"acc": acc}, "outputs": {"model": f"m{k}"},
+         "best": k == 1}
+        for k, acc in enumerate([0.3, 0.5, 0.4])
+    ]
+    assert uses["top"] == uses["models"][1]  # use: best (the default) is the chosen row
+    assert events[2].params["_inputs"] == {"ev": {"model": "m1"}}  # `_inputs` is unchanged: the best's outputs
+    # The rows are part of the step's key: another sweep result is another downstream job.
+    assert events[2].cache_key is None  # diag is never cached; the rows still reach the job
+
+
+def test_inputs_from_a_step_that_is_not_a_sweep_is_its_result_as_one_row() -> None:
+    steps = (
+        "  - {id: a, kind: diag, with: {metrics: {x: 1.0}}}\n"
+        "  - {id: b, kind: diag, needs: [a], inputs: {first: {from: a, use: best}}}\n"
+    )
+    s = State()
+    apply(s, submit(make_ticket(steps=steps), T0))
+    events = apply(s, report(c.RecordJobSucceeded, "a", 1, metrics={"x": 1.0}, outputs={"steps": 1}))
+    assert events[-1].params["_uses"] == {
+        "first": {"subtask": "a", "params": {}, "metrics": {"x": 1.0}, "outputs": {"steps": 1}, "best": True}
+    }
+
+
+@pytest.mark.parametrize(
+    ("inputs", "needs", "message"),
+    [
+        ("{models: {from: ev, use: all}}", "[]", "inputs: models reads a step that is not in this step's needs 'ev'"),
+        ("{models: {from: evv, use: all}}", "[ev]", "inputs: models reads unknown step 'evv' (did you mean 'ev'?)"),
+        ("{Models: {from: ev}}", "[ev]", "inputs: 'Models' must be a name of lowercase letters"),
+        ("{models: {from: ev, use: some}}", "[ev]", "Input should be 'best' or 'all'"),
+        ("{models: {use: all}}", "[ev]", "from"),
+        ("{models: {from: ev, use: all, extra: 1}}", "[ev]", "extra"),
+    ],
+)
+def test_hostile_inputs_are_refused_naming_the_field(inputs: str, needs: str, message: str) -> None:
+    with pytest.raises(TicketInvalid, match=re.escape(message)):
+        downstream(inputs, needs)
+
+
+def test_use_all_of_a_step_without_combinations_is_refused() -> None:
+    steps = "  - {id: a, kind: diag}\n  - {id: b, kind: diag, needs: [a], inputs: {x: {from: a, use: all}}}\n"
+    with pytest.raises(TicketInvalid, match=r"use: all takes every combination of a `matrix:` step; 'a' has none"):
+        make_ticket(steps=steps)
+    clash = "  - {id: a, kind: diag}\n  - {id: b, kind: diag, needs: [a], with: {x: 1}, inputs: {x: {from: a}}}\n"
+    with pytest.raises(TicketInvalid, match=r"inputs: 'x' is also a `with:` parameter"):
+        make_ticket(steps=clash)
+
+
+@pytest.mark.integration
+def test_use_all_downstream_of_a_sweep_on_a_real_worker(tmp_path: Path) -> None:
+    from tests.harness import Setup
+
+    setup = Setup(tmp_path / "home")
+    try:
+        setup.daemon.start()
+        setup.worker("cpu")
+        setup.drop(
+            "TICKET-1",
+            "  - {id: sweep, kind: diag, matrix: {metrics: [{acc: 0.2}, {acc: 0.7}, {acc: 0.5}]},"
+            " select: {metric: acc, mode: max}}\n"
+            "  - {id: after, kind: diag, needs: [sweep], inputs: {runs: {from: sweep, use: all},"
+            " chosen: {from: sweep}}}\n",
+        )
+        assert setup.wait_done("TICKET-1") == "TicketCompleted"
+        rows = setup.daemon.rows()
+        [after] = [r["data"] for r in rows if r["type"] == "AttemptSucceeded" and r["data"]["task"] == "after"]
+        # What the job received, as it reports it: every combination, and the chosen one.
+        assert after["outputs"]["uses"] == {"runs": ["sweep-S0", "sweep-S1", "sweep-S2"], "chosen": ["sweep-S1"]}
+        assert after["metrics"]["runs_rows"] == 3.0 and after["metrics"]["chosen_rows"] == 1.0
+        setup.assert_consistent()
+    finally:
+        setup.close()

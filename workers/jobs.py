@@ -95,7 +95,18 @@ def run_diag(ctx: JobContext, params: dict[str, Any]) -> JobResult:
             ctx.checkpoint(path, done)
     if ctx.attempt <= p.fail_attempts:
         raise RuntimeError(p.error)
-    return JobResult(metrics={**p.metrics, "resumed_from": float(start)}, outputs={"steps": p.steps})
+    metrics = {**p.metrics, "resumed_from": float(start)}
+    outputs: dict[str, Any] = {"steps": p.steps}
+    # `inputs:` (`_uses`): say what arrived, so tests and smoke runs see what a job receives.
+    uses = params.get("_uses") or {}
+    for name, got in uses.items():
+        rows = got if isinstance(got, list) else [got]
+        metrics[f"{name}_rows"] = float(len(rows))
+    if uses:
+        outputs["uses"] = {
+            name: [r.get("subtask") for r in (got if isinstance(got, list) else [got])] for name, got in uses.items()
+        }
+    return JobResult(metrics=metrics, outputs=outputs)
 
 
 def _write_step(step: int, f: IO[bytes]) -> None:
