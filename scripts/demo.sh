@@ -28,7 +28,10 @@ echo
 "$jbctl" verify
 "$jbctl" replay --check
 echo
-echo "== the step cache: TICKET-4's shapes step (two shards and their join) is TICKET-1's, generated once (REUSED 1)"
+echo "== a fanned-out step: TICKET-1's shapes ran as two shard jobs, joined by the decider (no join job)"
+"$jbctl" events --type SubtasksPlanned --type ShardsJoined
+echo
+echo "== the step cache: TICKET-4's shapes step (two shards and their joined manifest) is TICKET-1's, generated once (REUSED 1)"
 "$jbctl" cache ls
 "$jbctl" events --type AttemptReused
 echo
