@@ -541,11 +541,13 @@ def cmd_describe(args: argparse.Namespace) -> int:
     if artifacts:
         print("\nartifacts:")
         for a in artifacts:
-            print(f"  {a['id'][:16]}  {a['kind']}  from {a['task']} attempt {a['attempt']}")
+            origin = f"attempt {a['attempt']}" if a["attempt"] else "(joined from its subtasks, no job)"
+            print(f"  {a['id'][:16]}  {a['kind']}  from {a['task']} {origin}")
     if reused:
         print("\nreused from the step cache (no job ran):")
         for r in reused:
-            print(f"  {r['task']}  <- {r['source_ticket']}/{r['source_task']} attempt {r['source_attempt']}")
+            origin = f"attempt {r['source_attempt']}" if r["source_attempt"] else "(joined, no job)"
+            print(f"  {r['task']}  <- {r['source_ticket']}/{r['source_task']} {origin}")
     if waiting:
         print("\nwaiting for the same step running elsewhere (reused when it succeeds):")
         for w in waiting.values():

@@ -315,6 +315,8 @@ def test_sharded_synthesize_on_a_real_worker_writes_the_unsharded_manifest(tmp_p
         one = synthesize("shapes", {}, 0, 64, 16, ArtifactStore(tmp_path / "one"), joined.lineage,
                          created_at=joined.created_at)
         assert one.to_bytes() == joined.to_bytes() and isinstance(joined, Manifest)
+        described = setup.jbctl("describe", "TICKET-1")
+        assert f"{dataset[:16]}  dataset  from data (joined from its subtasks, no job)" in described.stdout
         setup.assert_consistent()
     finally:
         setup.close()
