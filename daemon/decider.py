@@ -617,7 +617,8 @@ def _join_shards(out: _Emitter, ticket: TicketState, task: TaskState, step: Step
             now,
         )
     except (JoinError, ValidationError) as exc:
-        out.emit(ev.TaskFailed(at=now, ticket=ticket.id, task=task.id, reason=f"shards: cannot join: {exc}"))
+        again = f"`jbctl retry {ticket.id} --from {task.id}` runs the shards again"
+        out.emit(ev.TaskFailed(at=now, ticket=ticket.id, task=task.id, reason=f"shards: cannot join: {exc}; {again}"))
         return False
     artifact = manifest.manifest_id()
     metrics = {

@@ -94,6 +94,7 @@ def test_reports_that_do_not_make_the_dataset_fail_the_step_saying_why(
     assert types(events) == ["AttemptSucceeded", "TaskFailed", "TicketFailed"]
     assert events[1].reason.startswith("shards: cannot join: ")
     assert re.search(message, events[1].reason), events[1].reason
+    assert events[1].reason.endswith("; `jbctl retry TICKET-1 --from data` runs the shards again")
 
 
 def test_a_head_that_is_not_a_manifest_is_refused_not_raised() -> None:
@@ -260,3 +261,41 @@ def test_an_implied_fan_out_runs_and_joins_like_a_written_one() -> None:
         outputs = {"shards": [shard_info(k, 10000)], "seconds": 1.0, "manifest": head}
         events = apply(s, report(c.RecordJobSucceeded, f"data-S{k}", 1, outputs=outputs))
     assert types(events) == ["AttemptSucceeded", "ShardsJoined", "AcceptanceEvaluated", "TicketCompleted"]
+
+
+def test_retry_from_a_joined_step_runs_its_shards_again_and_joins_anew() -> None:
+    s = State()
+    apply(s, submit(fanned(shards=2), T0))
+    succeed(s, "data-S0", [0, 1])
+    first = succeed(s, "data-S1", [2, 3])[1]
+    apply(s, report(c.RecordJobSucceeded, "use", 1))
+    assert s.tickets["TICKET-1"].status == "completed"
+    later = T0.replace(hour=T0.hour + 1)
+    events = apply(s, c.RetryFrom(now=later, ticket="TICKET-1", task="data"))
+    assert [(e.task, e.attempt) for e in events if isinstance(e, ev.AttemptScheduled)] == [
+        ("data-S0", 2),
+        ("data-S1", 2),
+    ]
+    apply(
+        s,
+        report(
+            c.RecordJobSucceeded,
+            "data-S0",
+            2,
+            now=later,
+            outputs={"shards": [shard_info(0), shard_info(1)], "seconds": 0.5, "manifest": HEAD},
+        ),
+    )
+    events = apply(
+        s,
+        report(
+            c.RecordJobSucceeded,
+            "data-S1",
+            2,
+            now=later,
+            outputs={"shards": [shard_info(2), shard_info(3)], "seconds": 0.5, "manifest": HEAD},
+        ),
+    )
+    again = next(e for e in events if isinstance(e, ev.ShardsJoined))  # fresh: not the cached join
+    assert again.artifact != first.artifact and again.manifest["created_at"] != first.manifest["created_at"]
+    assert again.manifest["shards"] == first.manifest["shards"]  # the same data
