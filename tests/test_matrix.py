@@ -400,3 +400,24 @@ def test_use_all_downstream_of_a_sweep_on_a_real_worker(tmp_path: Path) -> None:
         setup.assert_consistent()
     finally:
         setup.close()
+
+
+def test_evaluation_across_datasets_is_a_matrix_over_a_data_key() -> None:
+    """Several datasets fan out like several seeds: `matrix: {data: [a, b]}` over needed steps; each
+    combination's job finds its dataset in `_inputs`, and the joined metrics aggregate over both."""
+    steps = (
+        "  - {id: a, kind: synthesize, with: {generator: shapes, count: 100}}\n"
+        "  - {id: b, kind: synthesize, with: {generator: shapes, count: 100, seed: 1}}\n"
+        "  - {id: ev, kind: evaluate, needs: [a, b], matrix: {data: [a, b]}, select: {metric: acc, mode: max},"
+        " expect: [{metric: acc_min, op: '>', value: 0.1}], with: {model: jepa}}\n"
+    )
+    s = State()
+    apply(s, submit(make_ticket(steps=steps), T0))
+    apply(s, report(c.RecordJobSucceeded, "a", 1, outputs={"dataset": "1" * 64}))
+    events = apply(s, report(c.RecordJobSucceeded, "b", 1, outputs={"dataset": "2" * 64}))
+    scheduled = [e for e in events if isinstance(e, ev.AttemptScheduled)]
+    assert [(e.task, e.params["data"]) for e in scheduled] == [("ev-S0", "a"), ("ev-S1", "b")]
+    assert all(e.params["_inputs"] == {"a": {"dataset": "1" * 64}, "b": {"dataset": "2" * 64}} for e in scheduled)
+    succeed(s, 0, 0.6)
+    joined = next(e for e in succeed(s, 1, 0.4) if isinstance(e, ev.SweepJoined))
+    assert isinstance(joined, ev.SweepJoined) and joined.metrics["acc_mean"] == 0.5 and joined.best == "ev-S0"
