@@ -20,9 +20,9 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from daemon.handler import CommandHandler
+from daemon.manifests import write_joined_manifest
 from schema import events as ev
 from schema.artifact_store import ArtifactStore
-from schema.artifacts import Manifest
 from schema.plan import LIVE
 from schema.settings import Settings
 from schema.wire import (
@@ -52,26 +52,6 @@ _WATCHED = [
 ]
 PAGE = 1000
 KEEP_S = 7 * 86400  # how long RQ keeps a finished job (and so remembers its id)
-
-
-def write_joined_manifest(artifacts: ArtifactStore, event: ev.ShardsJoined) -> None:
-    """Write the manifest the decider joined from a step's shards (idempotent: the same bytes, the same
-    id). Called in log order, before any later event is acted on, so a step that reads the dataset is
-    never dispatched before its manifest exists. A shard lost since its subtask reported it does not
-    stop the write: the manifest names what to regenerate (`jbctl artifacts regenerate`), and readers
-    check every shard they open."""
-    manifest = Manifest.model_validate(event.manifest)
-    if manifest.manifest_id() != event.artifact:  # cannot happen unless the log was edited
-        log.error("%s/%s: joined manifest does not hash to %s; not written", event.ticket, event.task, event.artifact)
-        return
-    missing = [s.index for s in manifest.shards if not artifacts.has(s.id)]
-    if missing:
-        log.warning(
-            "%s/%s: dataset %s lists shard file(s) %s that are not in the store; "
-            "`jbctl artifacts regenerate %s` rebuilds them",
-            event.ticket, event.task, event.artifact[:16], missing, event.artifact[:16],
-        )  # fmt: skip
-    artifacts.put_manifest(manifest, require_shards=False)
 
 
 def redis_connection(settings: Settings) -> redis.Redis:

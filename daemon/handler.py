@@ -12,7 +12,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -73,9 +73,17 @@ def load_state(store: EventStore, state: State | None = None, before: int | None
 class CommandHandler:
     """Decide-and-append for one process; keeps its in-memory state in step with the log."""
 
-    def __init__(self, store: EventStore, state: State | None = None) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        state: State | None = None,
+        before_append: Callable[[Sequence[ev.Event]], None] | None = None,
+    ) -> None:
         self.store = store
         self.state = load_state(store, state)
+        # Effects that must be done before the events that announce them are recorded (the daemon
+        # writes joined manifests: daemon/manifests.py). Idempotent: a conflict decides again.
+        self.before_append = before_append
 
     def refresh(self) -> None:
         """Catch up with events other writers appended."""
@@ -108,6 +116,8 @@ class CommandHandler:
                         evolve(scratch, event)
             if not batches:
                 return []
+            if self.before_append is not None:
+                self.before_append([e for events, _, _ in batches for e in events])
             try:
                 recorded = self.store.append_batches(batches)
             except ConcurrencyError:

@@ -37,6 +37,7 @@ from daemon import snapshot
 from daemon.commands import Command, SetQueueLimits, Tick
 from daemon.handler import CommandHandler, ensure_home_owner
 from daemon.intake import Intake
+from daemon.manifests import manifest_writer
 from daemon.notify import Notifier
 from daemon.reactors import default_factories
 from daemon.state import State
@@ -216,7 +217,8 @@ class Daemon:
         self._keeper = wal_keeper(s.db_url)
         state, why = self._load_snapshot()
         state_seq = self._snapshot_seq = state.last_seq if state is not None else 0
-        self.handler = CommandHandler(self.store, state)  # the log's tail (or all of it) folded in
+        # the log's tail (or all of it) folded in; joined manifests written before they are recorded
+        self.handler = CommandHandler(self.store, state, before_append=manifest_writer(s.artifacts_path))
         log.info("state: %s, %d events after it replayed", why, self.handler.state.last_seq - state_seq)
         # The state just loaded lives as long as the daemon: moved out of the collector's reach, a
         # full collection no longer walks every ticket held, nor does the one at exit (with 100,000

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from daemon import commands as c
-from daemon.dispatcher import write_joined_manifest
+from daemon.manifests import write_joined_manifest
 from daemon.state import State
 from schema import events as ev
 from schema.artifact_store import ArtifactStore
@@ -299,3 +299,33 @@ def test_retry_from_a_joined_step_runs_its_shards_again_and_joins_anew() -> None
     again = next(e for e in events if isinstance(e, ev.ShardsJoined))  # fresh: not the cached join
     assert again.artifact != first.artifact and again.manifest["created_at"] != first.manifest["created_at"]
     assert again.manifest["shards"] == first.manifest["shards"]  # the same data
+
+
+def test_the_daemons_handler_writes_the_manifest_before_the_join_is_recorded(store: Any, tmp_path: Path) -> None:
+    """A ticket is never recorded complete while its joined manifest is not on disk: the daemon's
+    handler writes it before it appends; a write that fails records nothing (the report is retried)."""
+    from daemon.handler import CommandHandler
+    from daemon.manifests import manifest_writer
+
+    artifacts = ArtifactStore(tmp_path / "artifacts")
+    handler = CommandHandler(store, before_append=manifest_writer(tmp_path / "artifacts"))
+    handler.handle(submit(fanned(shards=2), T0))
+    for sub, files in (("data-S0", [0, 1]), ("data-S1", [2, 3])):
+        outputs = {"shards": [shard_info(k) for k in files], "seconds": 0.5, "manifest": HEAD}
+        recorded = handler.handle(report(c.RecordJobSucceeded, sub, 1, outputs=outputs))
+    [joined] = [r.event for r in recorded if isinstance(r.event, ev.ShardsJoined)]
+    assert artifacts.load_manifest(joined.artifact).model_dump(mode="json") == joined.manifest
+
+    def broken(events: Any) -> None:
+        if any(isinstance(e, ev.ShardsJoined) for e in events):
+            raise OSError("No space left on device")
+
+    failing = CommandHandler(store, before_append=broken)
+    failing.handle(submit(fanned(shards=2, tid="TICKET-2", cache=", cache: false"), T0))
+    outputs = {"shards": [shard_info(0), shard_info(1)], "seconds": 0.5, "manifest": HEAD}
+    failing.handle(report(c.RecordJobSucceeded, "data-S0", 1, ticket="TICKET-2", outputs=outputs))
+    head = store.head()
+    last = {"shards": [shard_info(2), shard_info(3)], "seconds": 0.5, "manifest": HEAD}
+    with pytest.raises(OSError, match="No space left"):
+        failing.handle(report(c.RecordJobSucceeded, "data-S1", 1, ticket="TICKET-2", outputs=last))
+    assert store.head() == head  # nothing recorded: the subtask's success comes again with its report
