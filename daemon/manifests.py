@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from typing import Any
 
 from schema import events as ev
 from schema.artifact_store import ArtifactStore
@@ -44,13 +44,17 @@ def write_joined_manifest(artifacts: ArtifactStore, event: ev.ShardsJoined) -> N
     artifacts.put_manifest(manifest, require_shards=False)
 
 
-def manifest_writer(artifacts_path: Path) -> Callable[[Sequence[ev.Event]], None]:
-    """A `CommandHandler(before_append=...)` hook: write every joined manifest among the events."""
-    artifacts = ArtifactStore(artifacts_path)
+def manifest_writer(settings: Any) -> Callable[[Sequence[ev.Event]], None]:
+    """A `CommandHandler(before_append=...)` hook: write every joined manifest among the events, to
+    the store the settings name (the local folder, or the object store of `artifacts_url`: where the
+    workers write; made on first use, so a daemon that never joins shards never opens it)."""
+    artifacts: list[ArtifactStore] = []
 
     def write(events: Sequence[ev.Event]) -> None:
         for event in events:
             if isinstance(event, ev.ShardsJoined):
-                write_joined_manifest(artifacts, event)
+                if not artifacts:
+                    artifacts.append(ArtifactStore.from_settings(settings))
+                write_joined_manifest(artifacts[0], event)
 
     return write

@@ -218,7 +218,7 @@ class Daemon:
         state, why = self._load_snapshot()
         state_seq = self._snapshot_seq = state.last_seq if state is not None else 0
         # the log's tail (or all of it) folded in; joined manifests written before they are recorded
-        self.handler = CommandHandler(self.store, state, before_append=manifest_writer(s.artifacts_path))
+        self.handler = CommandHandler(self.store, state, before_append=manifest_writer(s))
         log.info("state: %s, %d events after it replayed", why, self.handler.state.last_seq - state_seq)
         # The state just loaded lives as long as the daemon: moved out of the collector's reach, a
         # full collection no longer walks every ticket held, nor does the one at exit (with 100,000

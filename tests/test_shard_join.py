@@ -308,7 +308,10 @@ def test_the_daemons_handler_writes_the_manifest_before_the_join_is_recorded(sto
     from daemon.manifests import manifest_writer
 
     artifacts = ArtifactStore(tmp_path / "artifacts")
-    handler = CommandHandler(store, before_append=manifest_writer(tmp_path / "artifacts"))
+    from schema.settings import Settings
+
+    settings = Settings(home=tmp_path)  # its artifacts_path: tmp_path / "artifacts"
+    handler = CommandHandler(store, before_append=manifest_writer(settings))
     handler.handle(submit(fanned(shards=2), T0))
     for sub, files in (("data-S0", [0, 1]), ("data-S1", [2, 3])):
         outputs = {"shards": [shard_info(k) for k in files], "seconds": 0.5, "manifest": HEAD}
