@@ -332,3 +332,27 @@ def test_the_daemons_handler_writes_the_manifest_before_the_join_is_recorded(sto
     with pytest.raises(OSError, match="No space left"):
         failing.handle(report(c.RecordJobSucceeded, "data-S1", 1, ticket="TICKET-2", outputs=last))
     assert store.head() == head  # nothing recorded: the subtask's success comes again with its report
+
+
+@pytest.mark.integration
+def test_the_joined_manifest_goes_to_the_object_store_when_one_is_configured(s3_url: str, tmp_path: Path) -> None:
+    """With JETBOX_ARTIFACTS_URL the daemon writes the joined manifest where the workers write (the
+    object store), not into its own folder: a worker on another machine reads it."""
+    from daemon.manifests import manifest_writer
+    from schema.settings import load_settings
+    from workers.synth.base import generate_shards
+
+    settings = load_settings(home=tmp_path / "daemon-home")
+    worker_store = ArtifactStore.from_settings(load_settings(home=tmp_path / "worker-home"))
+    req = SynthesisRequest(generator="shapes", count=20, shard_size=10)
+    shards = [sh.model_dump(mode="json") for sh in generate_shards(req, 0, 2, worker_store)]
+    m = join_manifest([manifest_head(req)], shards, Lineage(ticket="T", task="data"), T0)
+    event = ev.ShardsJoined(
+        at=T0, ticket="T", task="data", manifest=m.model_dump(mode="json"), artifact=m.manifest_id()
+    )
+    manifest_writer(settings)([event])
+    other = ArtifactStore.from_settings(load_settings(home=tmp_path / "third-home"))
+    assert other.load_manifest(m.manifest_id()).to_bytes() == m.to_bytes()
+    assert not (tmp_path / "daemon-home" / "artifacts" / "objects").exists() or not any(
+        (tmp_path / "daemon-home" / "artifacts" / "objects").rglob("*")
+    )  # nothing kept only on the daemon's disk
