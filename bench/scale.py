@@ -126,30 +126,40 @@ def status_in_process(home: Path, n: int, runs: int) -> dict[str, Any]:
 
 def daemon_figures(home: Path) -> dict[str, Any]:
     """A start with no snapshot (the whole log replayed), a stop (which writes one), a start from it."""
-    daemon, ready_ms, rss = _started(home)
+    for old in home.glob("state.snapshot*"):
+        old.unlink()
+    daemon, ready_ms, rss, cpu_ms = _started(home)
     stopping = time.perf_counter()
     daemon.stop(timeout=600)
     stop_ms = (time.perf_counter() - stopping) * 1000
-    again, warm_ms, warm_rss = _started(home)
+    again, warm_ms, warm_rss, warm_cpu_ms = _started(home)
     again.stop(timeout=600)
     return {
         "daemon stop": stop_ms,
         "daemon ready": ready_ms,
+        "daemon ready cpu": cpu_ms,
         "daemon rss": rss,
         "daemon ready snapshot": warm_ms,
+        "daemon ready snapshot cpu": warm_cpu_ms,
         "daemon rss snapshot": warm_rss,
     }
 
 
-def _started(home: Path) -> tuple[Daemon, float, float]:
-    """A `jbctl daemon --no-dispatch` on `home`, ms from spawn to READY=1, and its RSS (MB) then."""
+def _started(home: Path) -> tuple[Daemon, float, float, float]:
+    """A `jbctl daemon --no-dispatch` on `home`: ms from spawn to READY=1, its RSS (MB) then, and the
+    CPU ms it had used by then (what the wall clock would be on an idle core)."""
     daemon = Daemon(home, rescan=None)
     started = time.perf_counter()
     daemon.start(wait=False)
     daemon.wait_message("READY=1", timeout=900)
     ready_ms = (time.perf_counter() - started) * 1000
     assert daemon.proc is not None
-    return daemon, ready_ms, _rss_mb(daemon.proc.pid)
+    return daemon, ready_ms, _rss_mb(daemon.proc.pid), _cpu_ms(daemon.proc.pid)
+
+
+def _cpu_ms(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def _rss_mb(pid: int) -> float:
@@ -164,6 +174,7 @@ def live_figures(store: EventStore, n: int, live: int, profile: bool) -> dict[st
     started = time.perf_counter()
     handler = CommandHandler(store)
     load_s = time.perf_counter() - started
+    cpu = time.process_time()
     template = make_ticket("TICKET-1")
     profiler = cProfile.Profile() if profile else None
     if profiler:
@@ -176,16 +187,17 @@ def live_figures(store: EventStore, n: int, live: int, profile: bool) -> dict[st
         handler.handle(c.RecordJobSucceeded(now=now, ticket=tid, task="a", attempt=1))
         handler.handle(c.RecordJobSucceeded(now=now, ticket=tid, task="b", attempt=1))
     wall = time.perf_counter() - started
+    cpu = time.process_time() - cpu
     if profiler:
         profiler.disable()
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats(os.environ.get("SORT", "cumulative")).print_stats(25)
         print(text.getvalue())
     assert handler.state.tickets[f"TICKET-{n + live}"].status == "completed"
-    return {"state load": load_s * 1000, "tickets/s": live / wall}
+    return {"state load": load_s * 1000, "tickets/s": live / wall, "cpu ms/ticket": cpu * 1000 / live}
 
 
-def run(n: int, runs: int, live: int, profile: bool, keep: Path | None) -> dict[str, Any]:
+def run(n: int, runs: int, live: int, profile: bool, keep: Path | None, status: bool = True) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="jetbox-bench-scale-") as tmp:
         filled = keep / f"home-{n}" if keep else Path(tmp) / "home"
         fill_s = float("nan")  # a home kept by an earlier --keep run is reused as it is
@@ -202,7 +214,8 @@ def run(n: int, runs: int, live: int, profile: bool, keep: Path | None) -> dict[
         print(f"{n:,} tickets ({store.head():,} events) recorded in {fill_s:.1f} s", flush=True)
         running(store, n)
         figures: dict[str, Any] = {"fill s": fill_s, "events": store.head()}
-        figures.update(status_figures(home, n, runs))
+        if status:
+            figures.update(status_figures(home, n, runs))
         figures.update(daemon_figures(home))
         figures.update(live_figures(store, n, live, profile))
         store.close()
@@ -221,12 +234,15 @@ ROWS = [
     ("`status --all --json` (every ticket), ms", "status --all --json", "{:,.0f}"),
     ("`status --all --json` peak RSS, MB", "status --all --json rss", "{:,.0f}"),
     ("daemon start to READY=1 (no snapshot: the whole log replayed), ms", "daemon ready", "{:,.0f}"),
+    ("  its CPU time by READY, ms", "daemon ready cpu", "{:,.0f}"),
     ("daemon RSS at READY, MB", "daemon rss", "{:,.0f}"),
     ("daemon SIGTERM to exit (writes the snapshot), ms", "daemon stop", "{:,.0f}"),
     ("daemon restarted: to READY=1 from its snapshot, ms", "daemon ready snapshot", "{:,.0f}"),
+    ("  its CPU time by READY, ms", "daemon ready snapshot cpu", "{:,.0f}"),
     ("daemon restarted: RSS at READY, MB", "daemon rss snapshot", "{:,.0f}"),
     ("handler state load (replay), ms", "state load", "{:,.0f}"),
     ("live tickets/s on top (3 commands each)", "tickets/s", "{:,.1f}"),
+    ("  CPU ms per live ticket", "cpu ms/ticket", "{:,.1f}"),
     ("fill through the append path, s", "fill s", "{:,.0f}"),
 ]
 
@@ -235,10 +251,13 @@ def table(results: dict[int, dict[str, Any]]) -> str:
     sizes = sorted(results)
     lines = ["| | " + " | ".join(f"{n:,} tickets" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
     for label, key, fmt in ROWS:
-        lines.append(f"| {label} | " + " | ".join(fmt.format(results[n][key]) for n in sizes) + " |")
+        cells = [fmt.format(results[n][key]) if key in results[n] else "—" for n in sizes]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if len(sizes) > 1:
         lo, hi = results[sizes[0]]["tickets/s"], results[sizes[-1]]["tickets/s"]
         lines.append(f"\nthroughput at {sizes[-1]:,} / at {sizes[0]:,}: {hi / lo:.2f}")
+        lo, hi = results[sizes[0]]["cpu ms/ticket"], results[sizes[-1]]["cpu ms/ticket"]
+        lines.append(f"CPU per live ticket at {sizes[0]:,} / at {sizes[-1]:,}: {lo / hi:.2f} (1.00: no slower)")
     return "\n".join(lines)
 
 
@@ -251,6 +270,7 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the live tickets")
     parser.add_argument("--keep", type=Path, help="keep each filled home under DIR/home-N and reuse it next time")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-status", action="store_true", help="leave out the `jbctl status` figures")
     args = parser.parse_args()
     sizes = args.tickets or ([200] if args.quick else [1000, 10_000])
     if args.big:
@@ -258,7 +278,7 @@ def main() -> int:
     if args.quick:
         args.runs, args.live = 2, 20
     print(f"scale benchmark: python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
-    results = {n: run(n, args.runs, args.live, args.profile, args.keep) for n in sizes}
+    results = {n: run(n, args.runs, args.live, args.profile, args.keep, not args.no_status) for n in sizes}
     print(table(results))
     return 0
 

@@ -101,7 +101,7 @@ def cmd_clear(args: argparse.Namespace) -> int:
     if not (args.kind or args.ticket or args.key or args.all):
         raise CliError("clear what? give --kind, --ticket or --key, or --all for every cached result")
     handler = _state(args)
-    if args.ticket is not None and args.ticket not in handler.state.tickets:
+    if args.ticket is not None and not handler.known(args.ticket):
         raise CliError(f"no ticket {args.ticket!r}")
     who = local_actor()
     command = ClearCache(now=now_utc(), kind=args.kind, ticket=args.ticket, key=args.key, actor=str(who["user"]))

@@ -168,7 +168,7 @@ def suite_comparison(handler: Any, proposal: Any) -> str:
     from cli.suite_cmds import suite_section
 
     current = f"v{handler.state.core_version}"
-    suite = handler.state.tickets.get(f"TICKET-suite-{proposal.id}")
+    suite = handler.state.lookup(f"TICKET-suite-{proposal.id}")  # an ended one is cold: its status is enough
     head = f"  evaluation suite: {proposal.id} against core {current} on the suite's fixed held-out data"
     if suite is not None and suite.status == "running":
         head += f" ({suite.id} is still running)"
@@ -233,7 +233,7 @@ def acceptance_metrics(handler: Any, proposal: Any) -> list[str]:
     """`task.metric` names the proposal's ticket checks: the rows a reviewer looks at first."""
     from schema.ticket import MetricCheck
 
-    ticket = handler.state.tickets.get(proposal.ticket)
+    ticket = handler.ticket(proposal.ticket)
     if ticket is None:
         return []
     return [c.metric for c in ticket.spec.acceptance if isinstance(c, MetricCheck)]

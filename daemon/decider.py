@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from daemon import commands as cmd
 from daemon.placement import Placement, Usage, card_sizes, place, placed_queues, size, usage
-from daemon.state import State, TaskState, TicketState, evolve
+from daemon.state import ColdTicketNeeded, State, TaskState, TicketState, evolve
 from schema import events as ev
 from schema.artifacts import JoinError, Lineage, join_manifest
 from schema.cache import BUDGET_KEYS, NEVER_CACHED, budget_grew, cache_key, cacheable, resume_key
@@ -54,6 +54,8 @@ class _Emitter:
         """The scratch copy of ticket `tid` (made on first access), or None when there is none."""
         if tid is None:
             return None
+        if tid in self.state.cold:
+            raise ColdTicketNeeded(tid)  # the handler loads it from the log and decides again
         ticket = self.state.tickets.get(tid)
         if ticket is not None and tid not in self._copied:
             ticket = self.state.tickets[tid] = ticket.copy()
@@ -194,6 +196,8 @@ def _after_cycle(state: State, tid: str, after: list[str]) -> list[str] | None:
 
 def _file_removed(out: _Emitter, c: cmd.TicketFileRemoved) -> None:
     tid = out.state.file_tickets.get(c.path)
+    if tid is not None and tid in out.state.cold:
+        return  # over already (a folder tidied of old tickets need not load them)
     ticket = out.get_ticket(tid)
     if ticket is not None and ticket.status == "running" and ticket.path == c.path:
         out.emit(
@@ -202,6 +206,8 @@ def _file_removed(out: _Emitter, c: cmd.TicketFileRemoved) -> None:
 
 
 def _cancel(out: _Emitter, c: cmd.CancelTicket) -> None:
+    if c.ticket in out.state.cold:
+        return  # over already
     ticket = out.get_ticket(c.ticket)
     if ticket is not None and ticket.status == "running":
         out.emit(ev.TicketCancelled(at=c.now, ticket=ticket.id, reason=c.reason, actor=c.actor))
@@ -293,7 +299,7 @@ def _after_reason(state: State, ticket: TicketState) -> str | None:
                 have = ", ".join(sorted(state.core_components)) or "nothing yet"
                 return f"after: the core has no {dep.core!r} yet (it has {have}; approve a proposal that trains one)"
             continue
-        other = state.tickets.get(dep)
+        other = state.lookup(dep)
         if other is None:
             return f"after: {dep} (not submitted yet)"
         if other.status != "completed":
@@ -1137,6 +1143,8 @@ def _tick(out: _Emitter, c: cmd.Tick) -> None:
 
 def _current(out: _Emitter, c: cmd._Report) -> tuple[TicketState, TaskState] | None:
     """The ticket and task a report speaks of, if it is for the live attempt and not a duplicate."""
+    if c.ticket in out.state.cold:
+        return None  # a late report for a ticket that is over
     ticket = out.get_ticket(c.ticket)
     if ticket is None or ticket.status != "running":
         return None

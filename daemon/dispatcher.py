@@ -183,7 +183,7 @@ class Dispatcher:
 
     def stop_ticket(self, ticket: str) -> None:
         """Ask every attempt of the ticket to stop, and drop the ones still waiting in a queue."""
-        state = self.handler.state.tickets.get(ticket)
+        state = self.handler.ticket(ticket)  # it has just ended: it may be frozen already
         if state is None:
             return
         for task in state.tasks.values():

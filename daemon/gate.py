@@ -96,21 +96,22 @@ def reject(handler: CommandHandler, pid: str, *, actor: str, meta: Mapping[str, 
 
 
 def cancel(handler: CommandHandler, tid: str, *, actor: str, meta: Mapping[str, Any], reason: str) -> Outcome:
-    if tid not in handler.state.tickets:
+    if not handler.known(tid):
         return Outcome(False, f"no ticket {tid!r}")
     command = cmd.CancelTicket(now=datetime.now(UTC), ticket=tid, reason=reason, actor=actor)
     recorded = handler.handle(command, meta=meta)
     if not recorded:
-        state = handler.state.tickets[tid].status
+        found = handler.state.lookup(tid)
+        state = found.status if found is not None else "unknown"
         return Outcome(False, f"{tid} is {state}; only a running ticket can be cancelled")
     return Outcome(True, f"cancelled {tid}", recorded)
 
 
 def retry_from(handler: CommandHandler, tid: str, task: str, *, actor: str, meta: Mapping[str, Any]) -> Outcome:
     """`jbctl retry TICKET --from STEP`: an ended ticket runs again from STEP, keeping what is upstream."""
-    ticket = handler.state.tickets.get(tid)
+    ticket = handler.ticket(tid)
     if ticket is None:
-        known = ", ".join(sorted(handler.state.tickets)[:10]) or "none yet"
+        known = ", ".join(sorted([*handler.state.tickets, *handler.state.cold])[:10]) or "none yet"
         return Outcome(False, f"no ticket {tid!r} (known: {known})")
     if task not in ticket.tasks:
         return Outcome(False, f"{tid} has no step {task!r} (steps: {', '.join(ticket.tasks)})")
@@ -128,7 +129,7 @@ def retry_from(handler: CommandHandler, tid: str, task: str, *, actor: str, meta
 
 
 def retry(handler: CommandHandler, tid: str, task: str, *, actor: str, meta: Mapping[str, Any]) -> Outcome:
-    ticket = handler.state.tickets.get(tid)
+    ticket = handler.ticket(tid)
     if ticket is None:
         return Outcome(False, f"no ticket {tid!r}")
     found = ticket.tasks.get(task)
@@ -148,7 +149,7 @@ def retry(handler: CommandHandler, tid: str, task: str, *, actor: str, meta: Map
 
 
 def _running(handler: CommandHandler, tid: str, verb: str) -> Any | Outcome:
-    ticket = handler.state.tickets.get(tid)
+    ticket = handler.state.lookup(tid)
     if ticket is None:
         return Outcome(False, f"no ticket {tid!r}")
     if ticket.status != "running":

@@ -6,6 +6,7 @@ version conflict means another writer got there first, so the handler catches up
 
 from __future__ import annotations
 
+import math
 import os
 import pwd
 import random
@@ -19,7 +20,7 @@ from typing import Any
 
 from daemon.commands import Command, RecordHomeOwner
 from daemon.decider import decide
-from daemon.state import State, evolve
+from daemon.state import ColdTicketNeeded, State, TicketState, evolve, freeze, thaw
 from schema import events as ev
 from schema.store import ConcurrencyError, EventStore, Recorded
 
@@ -54,20 +55,68 @@ def ensure_home_owner(handler: CommandHandler, home: Path) -> None:
     handler.handle(command, meta={"actor": local_actor()})
 
 
-def load_state(store: EventStore, state: State | None = None, before: int | None = None) -> State:
+# Ended tickets are frozen (`daemon.state.freeze`) in batches, not at their last event: the events
+# a command records after a ticket ends (a proposal withdrawn, say) then find it still hot.
+FREEZE_BATCH = 1000
+_ENDS = (ev.TicketCompleted, ev.TicketFailed, ev.TicketCancelled)
+_ENDS_TYPES = frozenset(_ENDS)
+
+
+def load_state(
+    store: EventStore, state: State | None = None, before: int | None = None, freeze_batch: int = FREEZE_BATCH
+) -> State:
     """Fold every event after `state.last_seq` (and before seq `before`, when given) into `state`
-    (a fresh one by default)."""
+    (a fresh one by default). Tickets that end on the way are frozen, `freeze_batch` at a time:
+    replaying a year of history holds what is live, not every ticket ever run."""
     state = state or State()
     events = store.read_events(state.last_seq)
+    ended: set[str] = set()
+    stop = before if before is not None else math.inf
+    last = state.last_seq  # set on the state once, at the end (a million attribute writes saved)
     try:
         for seq, event in events:
-            if before is not None and seq >= before:
+            if seq >= stop:
                 break
-            evolve(state, event)
-            state.last_seq = seq
+            try:
+                evolve(state, event)
+            except ColdTicketNeeded as cold:  # a frozen ticket run again (a retry, a revision)
+                state.last_seq = last
+                thaw_ticket(store, state, cold.ticket)
+                evolve(state, event)
+            last = seq
+            if type(event) in _ENDS_TYPES:
+                ended.add(event.ticket)  # type: ignore[attr-defined]
+                if len(ended) >= freeze_batch:
+                    freeze_all(state, ended)
+    finally:
+        state.last_seq = last
+        events.close()  # type: ignore[attr-defined]
+    freeze_all(state, ended)
+    return state
+
+
+def freeze_all(state: State, ids: set[str]) -> None:
+    """Freeze those of `ids` that are over (the rest stay hot), and forget them all."""
+    for tid in ids:
+        freeze(state, tid)
+    ids.clear()
+
+
+def thaw_ticket(store: EventStore, state: State, tid: str) -> TicketState:
+    """Bring cold ticket `tid` back into `state`: its own stream, up to `state.last_seq`, folded
+    into an empty state (a ticket's state is a fold of its own stream alone)."""
+    alone = State()
+    events = store.read_events(0, stream=tid, until=state.last_seq)
+    try:
+        for _seq, event in events:
+            evolve(alone, event)
     finally:
         events.close()  # type: ignore[attr-defined]
-    return state
+    ticket = alone.tickets.get(tid)
+    if ticket is None:
+        raise RuntimeError(f"ticket {tid} is cold but its stream holds no TicketSubmitted")
+    thaw(state, ticket)
+    return ticket
 
 
 class CommandHandler:
@@ -84,10 +133,30 @@ class CommandHandler:
         # Effects that must be done before the events that announce them are recorded (the daemon
         # writes joined manifests: daemon/manifests.py). Idempotent: a conflict decides again.
         self.before_append = before_append
+        # Tickets that ended since the last command: frozen before the next one, so that right after
+        # a command its tickets can still be read whole. Tickets thawed to be read or acted on wait
+        # one command more (the command they were thawed for comes next).
+        self.ended: set[str] = set()
+        self.thawed: set[str] = set()
 
     def refresh(self) -> None:
         """Catch up with events other writers appended."""
         load_state(self.store, self.state)
+
+    def freeze_ended(self) -> None:
+        """Move the tickets that ended since the last command out of the hot state."""
+        freeze_all(self.state, self.ended)
+
+    def known(self, tid: str) -> bool:
+        """Whether ticket `tid` was ever submitted (hot or cold)."""
+        return tid in self.state.tickets or tid in self.state.cold
+
+    def ticket(self, tid: str) -> TicketState | None:
+        """Ticket `tid` whole (loaded from the log when it is cold), or None when there is none."""
+        if tid in self.state.cold:
+            self.thawed.add(tid)
+            return thaw_ticket(self.store, self.state, tid)
+        return self.state.tickets.get(tid)
 
     def handle(self, command: Command, meta: Mapping[str, Any] | None = None) -> list[Recorded]:
         """Decide on `command` and record the events (none is a valid answer)."""
@@ -95,26 +164,17 @@ class CommandHandler:
 
     def handle_many(self, commands: Sequence[Command], meta: Mapping[str, Any] | None = None) -> list[Recorded]:
         """Decide on several commands and record them in one transaction (group commit)."""
+        self.freeze_ended()
         for attempt in range(MAX_CONFLICT_RETRIES):
-            scratch = self.state.scratch([])
-            copied: set[str] = set()
-            batches: list[tuple[list[ev.Event], dict[str, int], Mapping[str, Any] | None]] = []
-            for n, command in enumerate(commands):
-                events = decide(scratch, command)
-                expected = {ev.stream_of(e): scratch.versions.get(ev.stream_of(e), 0) for e in events}
-                # Decisions read the core (proposal bases, `_core` in jobs): if another writer
-                # promoted meanwhile, the append conflicts and we decide again on fresh state.
-                expected.setdefault(ev.CORE_STREAM, scratch.versions.get(ev.CORE_STREAM, 0))
-                if events:
-                    batches.append((events, expected, _meta(command, meta)))
-                if n + 1 < len(commands):  # later commands must see this one's effect
-                    for event in events:
-                        tid = getattr(event, "ticket", None)
-                        if isinstance(tid, str) and tid not in copied and tid in scratch.tickets:
-                            scratch.tickets[tid] = scratch.tickets[tid].copy()
-                            copied.add(tid)
-                        evolve(scratch, event)
+            while True:
+                try:
+                    batches = self._decide(commands, meta)
+                    break
+                except ColdTicketNeeded as cold:  # a command about an ended ticket: load it, decide again
+                    self.ticket(cold.ticket)
             if not batches:
+                self.ended |= self.thawed
+                self.thawed.clear()
                 return []
             if self.before_append is not None:
                 self.before_append([e for events, _, _ in batches for e in events])
@@ -133,8 +193,37 @@ class CommandHandler:
             for rec in recorded:
                 evolve(self.state, rec.event)
                 self.state.last_seq = rec.seq
+                if isinstance(rec.event, _ENDS):
+                    self.ended.add(rec.event.ticket)
+            self.ended |= self.thawed
+            self.thawed.clear()
             return recorded
         raise ConcurrencyError(f"gave up after {MAX_CONFLICT_RETRIES} version conflicts")
+
+    def _decide(
+        self, commands: Sequence[Command], meta: Mapping[str, Any] | None
+    ) -> list[tuple[list[ev.Event], dict[str, int], Mapping[str, Any] | None]]:
+        """Each command's events and the stream versions they expect, decided in turn on one scratch
+        state. Raises `ColdTicketNeeded` when a command needs an ended ticket whole."""
+        scratch = self.state.scratch([])
+        copied: set[str] = set()
+        batches: list[tuple[list[ev.Event], dict[str, int], Mapping[str, Any] | None]] = []
+        for n, command in enumerate(commands):
+            events = decide(scratch, command)
+            expected = {ev.stream_of(e): scratch.versions.get(ev.stream_of(e), 0) for e in events}
+            # Decisions read the core (proposal bases, `_core` in jobs): if another writer
+            # promoted meanwhile, the append conflicts and we decide again on fresh state.
+            expected.setdefault(ev.CORE_STREAM, scratch.versions.get(ev.CORE_STREAM, 0))
+            if events:
+                batches.append((events, expected, _meta(command, meta)))
+            if n + 1 < len(commands):  # later commands must see this one's effect
+                for event in events:
+                    tid = getattr(event, "ticket", None)
+                    if isinstance(tid, str) and tid not in copied and tid in scratch.tickets:
+                        scratch.tickets[tid] = scratch.tickets[tid].copy()
+                        copied.add(tid)
+                    evolve(scratch, event)
+        return batches
 
 
 def _meta(command: Command, extra: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -114,7 +114,7 @@ class Inbox:
                 now=now,
                 what="forged_report",
                 detail=f"bad signature on report {str(data)[:300]}",
-                ticket=claimed if isinstance(claimed, str) and claimed in self.handler.state.tickets else None,
+                ticket=claimed if isinstance(claimed, str) and self.handler.known(claimed) else None,
             )
         try:
             return to_command(Report.model_validate(data), now)

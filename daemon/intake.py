@@ -117,8 +117,18 @@ class Intake:
         return os.path.dirname(path) == self.dir
 
     def load_verdicts(self, store: EventStore) -> None:
-        """Remember what was last decided about each file, so notes can be repaired after a crash."""
-        for rec in store.read(0, types=_VERDICT_TYPES, page=20000):
+        """Remember what was last decided about each file, so notes can be repaired after a crash.
+
+        Only each file's last verdict is read whole (a rejection's errors make its note): decoding
+        every `TicketSubmitted` of a year, each with its ticket, took seconds and hundreds of MB."""
+        last: dict[str, tuple[int, str, str]] = {}
+        for seq, type_, path, digest in store.field_rows(_VERDICT_TYPES, "path", "content_hash"):
+            if isinstance(path, str) and isinstance(digest, str):
+                last[path] = (seq, type_, digest)
+        for path, (_seq, type_, digest) in last.items():
+            if type_ == ev.TicketSubmitted.__name__:
+                self._verdicts[path] = (digest, None)
+        for rec in store.records([seq for seq, type_, _ in last.values() if type_ != ev.TicketSubmitted.__name__]):
             self._remember(rec)
 
     def start(self) -> None:

@@ -154,7 +154,9 @@ class Daemon:
         self.intake: Intake | None = None
         self.reactors: list[Reactor] = []
         self.ready = threading.Event()  # set once READY=1 would be sent (for in-process callers)
-        self._snapshot_seq = 0  # the seq of the state snapshot the start-up used (0: none)
+        self._snapshot_seq = 0  # the seq of the last state snapshot used or written (0: none)
+        self._snapshot_child: tuple[int, int] | None = None  # (pid, seq) of a snapshot being written
+        self._snapshot_tried = 0  # the seq of the last periodic snapshot begun (paces them)
         self._stop = False
         self._reload = False
         self._last_status = ""
@@ -216,9 +218,11 @@ class Daemon:
             migrations.upgrade(s.db_url)
         self._keeper = wal_keeper(s.db_url)
         state, why = self._load_snapshot()
-        state_seq = self._snapshot_seq = state.last_seq if state is not None else 0
+        state_seq = self._snapshot_seq = self._snapshot_tried = state.last_seq if state is not None else 0
         # the log's tail (or all of it) folded in; joined manifests written before they are recorded
         self.handler = CommandHandler(self.store, state, before_append=manifest_writer(s))
+        if state is None and why != "no snapshot":
+            log.warning("state snapshot not used (%s): the whole log replayed", why)
         log.info("state: %s, %d events after it replayed", why, self.handler.state.last_seq - state_seq)
         # The state just loaded lives as long as the daemon: moved out of the collector's reach, a
         # full collection no longer walks every ticket held, nor does the one at exit (with 100,000
@@ -277,6 +281,7 @@ class Daemon:
     def _save_snapshot(self) -> None:
         if self.store is None or self.handler is None:
             return
+        self._reap_snapshot(block=True)
         key = self._snapshot_key()
         if key is None:
             return
@@ -284,10 +289,46 @@ class Daemon:
             self.handler.refresh()
             if self.handler.state.last_seq == self._snapshot_seq:
                 return  # nothing happened since the snapshot it started from: that one still holds
+            self.handler.freeze_ended()
             if snapshot.save(self.snapshot_path, self.handler.state, self.store, key):
                 log.info("state snapshot written at seq %d", self.handler.state.last_seq)
         except Exception:
             log.exception("state snapshot not written (the next start replays the log)")
+
+    def _maybe_snapshot(self) -> None:
+        """Every `snapshot_every` events, a snapshot written by a forked child (one at a time)."""
+        every = self.settings.snapshot_every
+        assert self.handler is not None and self.store is not None
+        self._reap_snapshot()
+        if not every or self._snapshot_child is not None or self.handler.state.last_seq - self._snapshot_tried < every:
+            return
+        key = self._snapshot_key()
+        self._snapshot_tried = self.handler.state.last_seq  # a failure is said once per period
+        if key is None:
+            return
+        self.handler.freeze_ended()
+        seq = self.handler.state.last_seq
+        try:
+            pid = snapshot.save_in_background(self.snapshot_path, self.handler.state, self.store, key)
+        except OSError as exc:
+            log.warning("state snapshot not written at seq %d (fork failed: %s)", seq, exc)
+            return
+        if pid is not None:
+            self._snapshot_child = (pid, seq)
+
+    def _reap_snapshot(self, block: bool = False) -> None:
+        if self._snapshot_child is None:
+            return
+        pid, seq = self._snapshot_child
+        wrote = snapshot.reaped(pid, block)
+        if wrote is None:
+            return
+        self._snapshot_child = None
+        if wrote:
+            self._snapshot_seq = seq
+            log.info("state snapshot written at seq %d", seq)
+        else:
+            log.warning("state snapshot at seq %d not written (its writer failed; the next one is tried later)", seq)
 
     def _start_intake(self, folder: Path) -> None:
         assert self.store is not None and self.handler is not None
@@ -321,6 +362,7 @@ class Daemon:
                 self.intake.rescan()
             self.notifier.watchdog(mono)
             self._maybe_status(mono)
+            self._maybe_snapshot()
             if busy or self._stop:
                 continue
             self._sleep(min(next_tick, next_rescan) - time.monotonic())

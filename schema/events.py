@@ -536,13 +536,29 @@ def event_to_data(event: Event) -> dict[str, Any]:
     return event.model_dump(mode="json")
 
 
+def fixed_stream(kind: type) -> str | None:
+    """The system stream every event of this type belongs to; None: its ticket's (or `system`)."""
+    try:
+        return _FIXED_STREAMS[kind]
+    except KeyError:
+        pass
+    found = next((stream for base, stream in _SYSTEM_TYPES if issubclass(kind, base)), None)
+    _FIXED_STREAMS[kind] = found
+    return found
+
+
+_SYSTEM_TYPES: tuple[tuple[type, str], ...] = (
+    (CorePromoted, CORE_STREAM),
+    (TicketRejected, INTAKE_STREAM),
+    (MilestonePlanned, PLAN_STREAM),
+)
+_FIXED_STREAMS: dict[type, str | None] = {}  # per event type, looked up once (the replay's hot path)
+
+
 def stream_of(event: Event) -> str:
     """The stream an event belongs to: its ticket's, or a system stream."""
-    if isinstance(event, CorePromoted):
-        return CORE_STREAM
-    if isinstance(event, TicketRejected):
-        return INTAKE_STREAM
-    if isinstance(event, MilestonePlanned):
-        return PLAN_STREAM
+    fixed = fixed_stream(type(event))
+    if fixed is not None:
+        return fixed
     ticket = getattr(event, "ticket", None)
     return ticket if isinstance(ticket, str) else SYSTEM_STREAM

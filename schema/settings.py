@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     # FULL survives power loss; NORMAL is faster in WAL mode but may lose the last commits on power loss.
     sqlite_synchronous: Literal["FULL", "NORMAL", "OFF"] = "FULL"
     rescan_seconds: float = 30.0
+    # The daemon writes a snapshot of its state every this many events (and at a clean stop), so a
+    # start after a crash replays at most this many; 0: only at a clean stop. docs/OPERATIONS.md.
+    snapshot_every: int = Field(default=20_000, ge=0, le=100_000_000)
     heartbeat_seconds: float = 2.0
     heartbeat_timeout_seconds: float = 20.0
     approvers: list[str] = Field(default_factory=list)

@@ -353,3 +353,28 @@ def test_a_restart_starts_from_the_state_snapshot_and_replays_the_tail(home: Pat
     assert second._snapshot_seq > 0 and second.handler is not None and second.store is not None
     assert "TICKET-2" in second.handler.state.tickets
     assert second.handler.state == load_state(second.store)
+
+
+@pytest.mark.integration
+def test_snapshots_every_n_events_bound_the_replay_after_a_crash(tmp_path: Path) -> None:
+    """`snapshot_every`: a daemon killed with -9 starts from its last periodic snapshot; one that is
+    corrupt is not used, and the log says why."""
+    daemon = DaemonProc(tmp_path, env={"JETBOX_SNAPSHOT_EVERY": "5"}).start()
+    try:
+        for i in range(1, 4):
+            atomic_write(daemon.tickets / f"TICKET-{i}.yaml", valid_ticket(f"TICKET-{i}"))
+        wait_for("a periodic snapshot", lambda: "state snapshot written at seq" in daemon.log_text(), timeout=30)
+    finally:
+        daemon.kill9()  # no clean stop: no snapshot at the end
+    text = daemon.log_text()
+    written = int(text.split("state snapshot written at seq ")[-1].split()[0])
+    assert written >= 5
+    daemon.start()
+    daemon.stop()
+    text = daemon.log_text()
+    assert f"state: snapshot at seq {written}, " in text, text[-3000:]
+    (tmp_path / "state.snapshot").write_bytes(b"torn")
+    (tmp_path / "state.snapshot.prev").unlink(missing_ok=True)
+    daemon.start()
+    daemon.stop()
+    assert "state snapshot not used (not a snapshot of this format): the whole log replayed" in daemon.log_text()

@@ -253,3 +253,36 @@ def test_jbctl_submit_lands_in_the_watched_folder(daemon: Daemon, tmp_path: Path
     out = subprocess.run([JBCTL, "submit", str(src)], env=daemon.env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     daemon.wait_event("TicketSubmitted", ticket="TICKET-112")
+
+
+def test_verdicts_loaded_at_start_are_each_files_last(tmp_path: Path) -> None:
+    """`load_verdicts` reads only each file's last decision whole: the same verdicts as folding
+    every decision in order."""
+    from daemon.handler import CommandHandler
+    from daemon.intake import _VERDICT_TYPES
+    from schema.migrations import upgrade
+    from schema.store import EventStore
+    from tests.helpers import make_ticket, submit
+
+    url = f"sqlite:///{tmp_path / 'j.db'}"
+    upgrade(url)
+    store = EventStore(url)
+    handler = CommandHandler(store)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    d = str(tmp_path / "tickets")
+    bad = SubmitTicket(now=now, path=f"{d}/a.yaml", content_hash="1" * 64, ticket_id="TICKET-1", errors=["a:1:1: no"])
+    handler.handle(bad)  # rejected, then fixed: the last verdict is the submission
+    handler.handle(submit(make_ticket("TICKET-1"), now, path=f"{d}/a.yaml"))
+    handler.handle(bad.model_copy(update={"path": f"{d}/b.yaml", "ticket_id": "TICKET-2"}))  # still rejected
+    handler.handle(submit(make_ticket("TICKET-3"), now, path=f"{d}/c.yaml"))  # a revision while it runs
+    handler.handle(submit(make_ticket("TICKET-3", extra="priority: 2\n"), now, path=f"{d}/c.yaml"))
+    every = Intake(tmp_path / "tickets", State())
+    for rec in store.read(0, types=_VERDICT_TYPES):
+        every._remember(rec)
+    last = Intake(tmp_path / "tickets", State())
+    last.load_verdicts(store)
+    assert last._verdicts == every._verdicts
+    assert last._verdicts[f"{d}/a.yaml"][1] is None
+    assert "was rejected" in str(last._verdicts[f"{d}/b.yaml"][1])
+    assert "revision that was refused" in str(last._verdicts[f"{d}/c.yaml"][1])
+    store.close()

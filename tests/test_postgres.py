@@ -115,3 +115,27 @@ def test_jbctl_against_postgres(pg_url: str, tmp_path: Path) -> None:
         assert proc.returncode == 0, (args, proc.stderr)
     refused = subprocess.run([JBCTL, "sql", "DELETE FROM events"], env=env, capture_output=True, text=True)
     assert refused.returncode == 1 and "read-only" in refused.stderr
+
+
+def test_cold_tickets_thaw_from_postgresql(pg_url: str) -> None:
+    """The cold-ticket scenario on PostgreSQL: a frozen ticket is read back from its stream (mid-
+    replay too) and every decision is the one a state that keeps everything makes."""
+    from daemon.decider import decide
+    from daemon.state import State, evolve
+    from tests.test_cold_tickets import _scenario
+
+    migrations.upgrade(pg_url)
+    store = EventStore(pg_url)
+    handler = CommandHandler(store)
+    whole = State()
+    for command in _scenario():
+        expected = decide(whole, command)
+        recorded = handler.handle(command)
+        assert [r.event for r in recorded] == expected, type(command).__name__
+        for r in recorded:
+            evolve(whole, r.event)
+    handler.freeze_ended()
+    assert handler.state.cold and load_state(store, freeze_batch=1) == handler.state
+    for tid in list(handler.state.cold):
+        assert handler.ticket(tid) == whole.tickets[tid]
+    store.close()

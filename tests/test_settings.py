@@ -40,6 +40,15 @@ def test_bad_settings_are_clear_errors(home: Path, monkeypatch: pytest.MonkeyPat
     (home / "jetbox.toml").write_text('colour = "blue"\n')
     with pytest.raises(ValueError, match="colour"):
         load_settings()
+    (home / "jetbox.toml").write_text("snapshot_every = -5\n")
+    with pytest.raises(ValueError, match="snapshot_every"):
+        load_settings()
+    (home / "jetbox.toml").unlink()
+    monkeypatch.setenv("JETBOX_SNAPSHOT_EVERY", "often")
+    with pytest.raises(ValueError, match="snapshot_every"):
+        load_settings()
+    monkeypatch.setenv("JETBOX_SNAPSHOT_EVERY", "0")  # only at a clean stop
+    assert load_settings().snapshot_every == 0
 
 
 def test_home_flag_wins(tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
