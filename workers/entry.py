@@ -24,7 +24,7 @@ from workers.context import JobCancelled
 from workers.jobs import JobFailed, JobResult, job_function
 from workers.netguard import NetworkDenied, network_denied
 from workers.netns import JobNamespace, available
-from workers.runtime import Heartbeat, Reporter, RuntimeContext, worker_name
+from workers.runtime import Pulse, Reporter, RuntimeContext, pulse, worker_name
 
 
 def _connection() -> redis.Redis:
@@ -142,11 +142,11 @@ def run_job(signed: dict[str, Any]) -> dict[str, Any]:
         )
         return {"status": "refused", "error": f"job kind {envelope.kind!r} is not allowed"}
     workdir = settings.home / "work" / envelope.ticket / envelope.task / f"attempt-{envelope.attempt}"
-    heartbeat = Heartbeat(conn, envelope.job_id, settings.heartbeat_seconds, settings.heartbeat_timeout_seconds)
-    heartbeat.beat()
-    heartbeat.start()
-    ctx = RuntimeContext(envelope, reporter, conn, workdir, ArtifactStore.from_settings(settings))
-    reporter.send("started")
+    ctx = RuntimeContext(envelope, reporter, conn, workdir, settings.artifacts_path)
+    beats = pulse()
+    beats.begin(reporter, envelope.job_id, settings.heartbeat_seconds, settings.heartbeat_timeout_seconds)
+    reporter.hold("started")  # goes out with the first beat, or with the result of a short job
+    ending = _Ending(beats, conn)
     try:
         if ctx.resume_error is not None:
             raise ctx.resume_error
@@ -157,21 +157,22 @@ def run_job(signed: dict[str, Any]) -> dict[str, Any]:
             raise NetworkDenied(f"network access denied by the ticket's policy (network: deny): {denied[0]}")
         if not isinstance(result, JobResult):
             result = JobResult.model_validate(result)
-        reporter.send("succeeded", metrics=result.metrics, outputs=result.outputs)
+        ending.send(reporter, "succeeded", metrics=result.metrics, outputs=result.outputs)
         return {"status": "succeeded", "metrics": result.metrics, "outputs": result.outputs}
     except JobCancelled as exc:
-        reporter.send("failed", error=str(exc), retryable=False)
+        ending.send(reporter, "failed", error=str(exc), retryable=False)
         return {"status": "cancelled", "error": str(exc)}
     except JobFailed as exc:
-        reporter.send("failed", error=f"{type(exc).__name__}: {exc}", retryable=False)
+        ending.send(reporter, "failed", error=f"{type(exc).__name__}: {exc}", retryable=False)
         return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
     except ValidationError as exc:  # bad `with:` parameters: retrying cannot help
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'with'}: {e['msg']}" for e in exc.errors())
-        reporter.send("failed", error=f"invalid parameters for {envelope.kind}: {problems}", retryable=False)
+        ending.send(reporter, "failed", error=f"invalid parameters for {envelope.kind}: {problems}", retryable=False)
         return {"status": "failed", "error": f"invalid parameters for {envelope.kind}: {problems}"}
     except Exception as exc:
         violation = getattr(exc, "violation", None)
-        reporter.send(
+        ending.send(
+            reporter,
             "failed",
             error=traceback.format_exc(limit=20)[-4000:],
             retryable=violation is None,
@@ -182,5 +183,34 @@ def run_job(signed: dict[str, Any]) -> dict[str, Any]:
         del exc
         return {"status": "failed", "error": last}
     finally:
-        heartbeat.stop()
+        ending.close()
         ctx.close()
+
+
+class _Ending:
+    """A job's last report: the beats stop first, and the heartbeat key (if a beat ever set one) is
+    deleted in the same pipeline as the report."""
+
+    def __init__(self, beats: Pulse, conn: redis.Redis) -> None:
+        self.beats, self.conn = beats, conn
+        self.key: str | None = None
+        self.ended = False
+
+    def _end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.key = self.beats.end()
+
+    def send(self, reporter: Reporter, kind: str, /, **body: Any) -> None:
+        self._end()
+        key = self.key
+        reporter.send_with(kind, (lambda pipe: pipe.delete(key)) if key else None, **body)
+        self.key = None  # deleted with the report
+
+    def close(self) -> None:
+        """After the job: stop the beats (if no report did) and drop a key no report deleted."""
+        self._end()
+        if self.key is not None:
+            with contextlib.suppress(redis.RedisError):
+                self.conn.delete(self.key)
+            self.key = None

@@ -2,8 +2,9 @@
 
 The in-process guard (workers/netguard.py) patches Python's sockets, which code that calls C
 directly (`ctypes`, a compiled extension) or a child process (`subprocess.run(["curl", ...])`) never
-goes through. Here the worker's thread unshares its network namespace for the job's duration: a fresh
-namespace has only a loopback interface, left down, so every connection or datagram to any address
+goes through. Here the worker's thread enters a network namespace of its own for the job's duration
+(made once per worker and kept while jobs leave it as they found it): such a namespace has only a
+loopback interface, left down, so every connection or datagram to any address
 (127.0.0.1 included) fails with "network unreachable", in the job, its threads and its children.
 Sockets opened before (the worker's Redis connection) keep working: a socket belongs to the
 namespace it was created in, and a unix socket path is reached through the file system.
@@ -19,11 +20,16 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
+import socket
+import struct
 import threading
 from pathlib import Path
 
 CLONE_NEWNET = 0x40000000
+SIOCGIFFLAGS = 0x8913
+IFF_UP = 0x1
 
 
 class IsolationError(RuntimeError):
@@ -81,32 +87,105 @@ def available() -> tuple[bool, str]:
     return _probe
 
 
+class _Kept:
+    """The namespace jobs enter, made once per worker process (making one costs about a millisecond of
+    kernel time and more to tear down, per job) and replaced whenever a job left it other than fresh."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.fd: int | None = None
+
+    def take(self) -> int:
+        """An fd of a pristine namespace for the calling thread to enter (the caller owns it)."""
+        with self.lock:
+            fd, self.fd = self.fd, None
+        return fd if fd is not None else _fresh()
+
+    def give_back(self, fd: int) -> None:
+        with self.lock:
+            if self.fd is None:
+                self.fd = fd
+                return
+        os.close(fd)
+
+
+def _fresh() -> int:
+    """A new network namespace, made in a short-lived thread (the caller's namespace never changes),
+    held open by the returned fd."""
+    out: list[int | IsolationError] = []
+
+    def make() -> None:
+        try:
+            if _libc().unshare(CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                why = "no CAP_SYS_ADMIN: run the worker as root, or under the systemd units (IPAddressDeny=)"
+                if err not in (errno.EPERM, errno.EACCES):
+                    why = "unexpected error"
+                raise IsolationError(f"cannot create a network namespace ({os.strerror(err)}): {why}")
+            out.append(os.open(_own_ns(), os.O_RDONLY | os.O_CLOEXEC))
+        except IsolationError as exc:
+            out.append(exc)
+
+    t = threading.Thread(target=make, name="netns-make")
+    t.start()
+    t.join()
+    found = out[0] if out else IsolationError("cannot create a network namespace: the thread failed")
+    if isinstance(found, IsolationError):
+        raise found
+    return found
+
+
+_kept = _Kept()
+
+
+def _pristine() -> bool:
+    """Whether the calling thread's namespace is as a fresh one is: only a loopback interface, down
+    (a root job can bring it up, or add interfaces; such a namespace is never entered again)."""
+    try:
+        names = [
+            line.split(":", 1)[0].strip()
+            for line in Path(f"/proc/self/task/{threading.get_native_id()}/net/dev").read_text().splitlines()[2:]
+        ]
+        if names != ["lo"]:
+            return False
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            flags = struct.unpack("16sH", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, struct.pack("16sH", b"lo", 0)))[1]
+        return not flags & IFF_UP
+    except OSError:
+        return False
+
+
 class JobNamespace:
-    """`with JobNamespace() as ns:` runs the block in a fresh network namespace; `ns.blocked` counts
-    the attempts the kernel refused (read when the block ends)."""
+    """`with JobNamespace() as ns:` runs the block in a network namespace with only a loopback
+    interface, left down; `ns.blocked` counts the attempts the kernel refused (read when the block
+    ends). The namespace is kept for the next job while it is still in that state, else dropped."""
 
     def __init__(self) -> None:
         self.blocked = 0
         self._home: int | None = None
+        self._job: int | None = None
         self._start = 0
 
     def __enter__(self) -> JobNamespace:
-        libc = _libc()
         self._home = os.open(_own_ns(), os.O_RDONLY | os.O_CLOEXEC)
-        if libc.unshare(CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
+        try:
+            self._job = _kept.take()
+            if _libc().setns(self._job, CLONE_NEWNET) != 0:
+                raise IsolationError(f"cannot enter a job's network namespace: {os.strerror(ctypes.get_errno())}")
+        except BaseException:
             os.close(self._home)
             self._home = None
-            why = "no CAP_SYS_ADMIN: run the worker as root, or under the systemd units (IPAddressDeny=)"
-            if err not in (errno.EPERM, errno.EACCES):
-                why = "unexpected error"
-            raise IsolationError(f"cannot create a network namespace ({os.strerror(err)}): {why}")
+            if self._job is not None:
+                os.close(self._job)
+                self._job = None
+            raise
         self._start = no_route_count()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.blocked = max(0, no_route_count() - self._start)
-        assert self._home is not None
+        clean = _pristine()
+        assert self._home is not None and self._job is not None
         try:
             if _libc().setns(self._home, CLONE_NEWNET) != 0:
                 # A worker stuck without network would fail every later job: better to stop it.
@@ -115,3 +194,8 @@ class JobNamespace:
         finally:
             os.close(self._home)
             self._home = None
+            job, self._job = self._job, None
+            if clean:
+                _kept.give_back(job)
+            else:
+                os.close(job)
