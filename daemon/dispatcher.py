@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -40,16 +41,8 @@ from schema.wire import (
 
 log = logging.getLogger("jetbox.dispatcher")
 CHECKPOINT = "dispatcher"
-_WATCHED = [
-    "AttemptScheduled",
-    "TicketCancelled",
-    "TicketFailed",
-    "TicketCompleted",
-    "CorePromoted",
-    "TicketHeld",
-    "WorkerGone",
-    "ShardsJoined",
-]
+_WATCHED = ["AttemptScheduled", "TicketCancelled", "TicketFailed", "TicketCompleted", "CorePromoted", "TicketHeld"]
+_WATCHED_SET = frozenset(_WATCHED)
 PAGE = 1000
 KEEP_S = 7 * 86400  # how long RQ keeps a finished job (and so remembers its id)
 
@@ -66,19 +59,26 @@ def queue(conn: redis.Redis, name: str) -> Queue:
 
 def enqueue(conn: redis.Redis, key: bytes, envelope: Envelope, queue_name: str) -> bool:
     """Put one attempt on its queue unless RQ already knows its job id; True if enqueued now."""
-    jid = envelope.job_id
-    if Job.exists(jid, connection=conn):
+    if Job.exists(envelope.job_id, connection=conn):
         return False
+    pipe = conn.pipeline()
+    _enqueue_on(pipe, conn, key, envelope, queue_name)
+    pipe.execute()
+    return True
+
+
+def _enqueue_on(pipe: Any, conn: redis.Redis, key: bytes, envelope: Envelope, queue_name: str) -> None:
+    """Queue the commands that enqueue one attempt on `pipe` (RQ's own job layout, run by `execute`)."""
     queue(conn, queue_name).enqueue_call(
         func=ENTRY_POINT,
         args=(envelope.signed(key),),
-        job_id=jid,
+        job_id=envelope.job_id,
         timeout=int(envelope.timeout) + 60,  # our own timeout fires first; RQ's is the backstop
         result_ttl=KEEP_S,
         failure_ttl=KEEP_S,
         description=f"{envelope.ticket}/{envelope.task} attempt {envelope.attempt} ({envelope.kind})",
+        pipeline=pipe,
     )
-    return True
 
 
 def envelope_from(e: ev.AttemptScheduled) -> Envelope:
@@ -96,20 +96,36 @@ def envelope_from(e: ev.AttemptScheduled) -> Envelope:
     )
 
 
-def queue_for(conn: redis.Redis, event: ev.AttemptScheduled) -> str:
-    """The queue of the worker the decider placed the attempt on; else the ticket's dedicated worker's
-    queue while one runs (`jbctl run --background`); else the step's."""
-    if event.worker is not None:
-        return worker_queue(event.worker)
-    if conn.exists(dedicated_key(event.ticket)):
-        return dedicated_queue(event.ticket)
-    return event.queue
+def dispatch_many(conn: redis.Redis, key: bytes, events: Sequence[ev.AttemptScheduled]) -> int:
+    """The one path from recorded `AttemptScheduled`s to RQ jobs, for the first dispatch and for the
+    reconciler's re-dispatch after Redis lost the job: what was recorded is what runs. Two round trips
+    however many: one asks which job ids RQ already knows (those are skipped: dispatch is idempotent)
+    and which tickets have a dedicated worker (`jbctl run --background`: its queue, not the step's);
+    the other enqueues the rest in one transaction. Returns how many were enqueued now."""
+    todo = list({job_id(e.ticket, e.task, e.attempt): e for e in events}.values())
+    if not todo:
+        return 0
+    pipe = conn.pipeline(transaction=False)
+    for e in todo:
+        pipe.exists(Job.key_for(job_id(e.ticket, e.task, e.attempt)))
+        pipe.exists(dedicated_key(e.ticket))
+    found = pipe.execute()
+    pipe = conn.pipeline()
+    n = 0
+    for i, e in enumerate(todo):
+        if found[2 * i]:
+            continue
+        name = dedicated_queue(e.ticket) if found[2 * i + 1] else e.queue
+        _enqueue_on(pipe, conn, key, envelope_from(e), name)
+        n += 1
+    if n:
+        pipe.execute()
+    return n
 
 
 def dispatch(conn: redis.Redis, key: bytes, event: ev.AttemptScheduled) -> bool:
-    """The one path from a recorded `AttemptScheduled` to an RQ job, for the first dispatch and for the
-    reconciler's re-dispatch after Redis lost the job: what was recorded is what runs."""
-    return enqueue(conn, key, envelope_from(event), queue_for(conn, event))
+    """`dispatch_many` for one attempt: True if it was enqueued now."""
+    return dispatch_many(conn, key, [event]) == 1
 
 
 class Dispatcher:
@@ -137,17 +153,21 @@ class Dispatcher:
         if head <= since:
             self._persist(force=False)
             return False
-        recs = list(self.store.read(since, types=_WATCHED, limit=PAGE))
-        if recs and recs[-1].seq > self.handler.state.last_seq:
+        if head > self.handler.state.last_seq:
             # Another writer (`jbctl approve`, `retry`) appended these: without catching up, `act`
             # would take a fresh attempt for a moot one and drop it (found by a CI failure).
             self.handler.refresh()
-        for rec in recs:
-            self.act(rec.event)
-        # A short page means every event up to `head` has been seen.
-        self.position = recs[-1].seq if len(recs) == PAGE else max(head, recs[-1].seq if recs else since)
+        fresh = self.handler.tail_after(since) if self.handler.state.last_seq == head else None
+        if fresh is not None:  # what this process just recorded: from memory, no read, no decoding
+            self.act_all([e for e in fresh if e.type in _WATCHED_SET])
+            self.position = head
+        else:
+            recs = list(self.store.read(since, types=_WATCHED, limit=PAGE))
+            self.act_all([rec.event for rec in recs])
+            # A short page means every event up to `head` has been seen.
+            self.position = recs[-1].seq if len(recs) == PAGE else max(head, recs[-1].seq if recs else since)
         self._persist(force=False)
-        return bool(recs)
+        return True
 
     def _persist(self, force: bool) -> None:
         """Save the position at most once a second: acting twice is harmless, a commit per job is not."""
@@ -156,13 +176,31 @@ class Dispatcher:
             self.store.set_checkpoint(CHECKPOINT, self.position)
             self.saved, self.saved_at = self.position, mono
 
+    def act_all(self, events: Sequence[ev.Event]) -> None:
+        """Act on events in log order; consecutive AttemptScheduled are enqueued together (two round
+        trips for the lot)."""
+        run: list[ev.AttemptScheduled] = []
+        for event in events:
+            if isinstance(event, ev.AttemptScheduled):
+                if self._live(event):
+                    run.append(event)
+                continue
+            if run:
+                self.enqueued += dispatch_many(self.conn, self.key, run)
+                run = []
+            self.act(event)
+        if run:
+            self.enqueued += dispatch_many(self.conn, self.key, run)
+
+    def _live(self, event: ev.AttemptScheduled) -> bool:
+        state = self.handler.state.tickets.get(event.ticket)
+        task = state.tasks.get(event.task) if state else None
+        # A later attempt or an ended ticket makes this one moot.
+        return task is not None and task.attempt == event.attempt and task.status in LIVE
+
     def act(self, event: ev.Event) -> None:
         if isinstance(event, ev.AttemptScheduled):
-            state = self.handler.state.tickets.get(event.ticket)
-            task = state.tasks.get(event.task) if state else None
-            # A later attempt or an ended ticket makes this one moot.
-            live = task is not None and task.attempt == event.attempt and task.status in LIVE
-            if live and dispatch(self.conn, self.key, event):
+            if self._live(event) and dispatch(self.conn, self.key, event):
                 self.enqueued += 1
         elif isinstance(event, ev.ShardsJoined):
             if self._artifacts is None:

@@ -13,6 +13,7 @@ import random
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +26,7 @@ from schema import events as ev
 from schema.store import ConcurrencyError, EventStore, Recorded
 
 MAX_CONFLICT_RETRIES = 50
+TAIL = 4096  # recent events kept in memory for the reactors (`CommandHandler.tail`)
 
 
 def local_actor() -> dict[str, Any]:
@@ -55,19 +57,14 @@ def ensure_home_owner(handler: CommandHandler, home: Path) -> None:
     handler.handle(command, meta={"actor": local_actor()})
 
 
-# Ended tickets are frozen (`daemon.state.freeze`) in batches, not at their last event: the events
-# a command records after a ticket ends (a proposal withdrawn, say) then find it still hot.
-FREEZE_BATCH = 1000
-_ENDS = (ev.TicketCompleted, ev.TicketFailed, ev.TicketCancelled)
-_ENDS_TYPES = frozenset(_ENDS)
-
-
 def load_state(
-    store: EventStore, state: State | None = None, before: int | None = None, freeze_batch: int = FREEZE_BATCH
+    store: EventStore,
+    state: State | None = None,
+    before: int | None = None,
+    sink: Callable[[tuple[int, ev.Event]], None] | None = None,
 ) -> State:
     """Fold every event after `state.last_seq` (and before seq `before`, when given) into `state`
-    (a fresh one by default). Tickets that end on the way are frozen, `freeze_batch` at a time:
-    replaying a year of history holds what is live, not every ticket ever run."""
+    (a fresh one by default), telling `sink` about each."""
     state = state or State()
     events = store.read_events(state.last_seq)
     ended: set[str] = set()
@@ -77,39 +74,10 @@ def load_state(
         for seq, event in events:
             if seq >= stop:
                 break
-            try:
-                evolve(state, event)
-            except ColdTicketNeeded as cold:  # a frozen ticket run again (a retry, a revision)
-                state.last_seq = last
-                thaw_ticket(store, state, cold.ticket)
-                evolve(state, event)
-            last = seq
-            if type(event) in _ENDS_TYPES:
-                ended.add(event.ticket)  # type: ignore[attr-defined]
-                if len(ended) >= freeze_batch:
-                    freeze_all(state, ended)
-    finally:
-        state.last_seq = last
-        events.close()  # type: ignore[attr-defined]
-    freeze_all(state, ended)
-    return state
-
-
-def freeze_all(state: State, ids: set[str]) -> None:
-    """Freeze those of `ids` that are over (the rest stay hot), and forget them all."""
-    for tid in ids:
-        freeze(state, tid)
-    ids.clear()
-
-
-def thaw_ticket(store: EventStore, state: State, tid: str) -> TicketState:
-    """Bring cold ticket `tid` back into `state`: its own stream, up to `state.last_seq`, folded
-    into an empty state (a ticket's state is a fold of its own stream alone)."""
-    alone = State()
-    events = store.read_events(0, stream=tid, until=state.last_seq)
-    try:
-        for _seq, event in events:
-            evolve(alone, event)
+            evolve(state, event)
+            state.last_seq = seq
+            if sink is not None:
+                sink((seq, event))
     finally:
         events.close()  # type: ignore[attr-defined]
     ticket = alone.tickets.get(tid)
@@ -130,18 +98,30 @@ class CommandHandler:
     ) -> None:
         self.store = store
         self.state = load_state(store, state)
-        # Effects that must be done before the events that announce them are recorded (the daemon
-        # writes joined manifests: daemon/manifests.py). Idempotent: a conflict decides again.
-        self.before_append = before_append
-        # Tickets that ended since the last command: frozen before the next one, so that right after
-        # a command its tickets can still be read whole. Tickets thawed to be read or acted on wait
-        # one command more (the command they were thawed for comes next).
-        self.ended: set[str] = set()
-        self.thawed: set[str] = set()
+        # The events folded into `state` since it was loaded, in log order and without gaps, up to
+        # `state.last_seq`: reactors in this process (the dispatcher) take new events from here
+        # instead of reading and decoding them again from the database.
+        self.tail: deque[tuple[int, ev.Event]] = deque(maxlen=TAIL)
 
     def refresh(self) -> None:
         """Catch up with events other writers appended."""
-        load_state(self.store, self.state)
+        load_state(self.store, self.state, sink=self.tail.append)
+
+    def tail_after(self, seq: int) -> list[ev.Event] | None:
+        """The events after `seq` up to `state.last_seq`, from memory; None when the tail does not
+        reach back that far (the caller reads the log)."""
+        tail = self.tail
+        if seq >= self.state.last_seq:
+            return []
+        if not tail or tail[0][0] > seq + 1 or tail[-1][0] != self.state.last_seq:
+            return None
+        out: list[ev.Event] = []
+        for at, event in reversed(tail):
+            if at <= seq:
+                break
+            out.append(event)
+        out.reverse()
+        return out
 
     def freeze_ended(self) -> None:
         """Move the tickets that ended since the last command out of the hot state."""
@@ -189,14 +169,12 @@ class CommandHandler:
                 # Other writers appended since this state last read the log (on other streams, or
                 # the append would have conflicted): fold theirs first, in log order. Skipping
                 # them left this state blind to them for good (a later refresh starts after ours).
-                load_state(self.store, self.state, before=recorded[0].seq)
+                load_state(self.store, self.state, before=recorded[0].seq, sink=self.tail.append)
             for rec in recorded:
-                evolve(self.state, rec.event)
+                event = rec.event  # decoded from what was stored (a property: decode once)
+                evolve(self.state, event)
                 self.state.last_seq = rec.seq
-                if isinstance(rec.event, _ENDS):
-                    self.ended.add(rec.event.ticket)
-            self.ended |= self.thawed
-            self.thawed.clear()
+                self.tail.append((rec.seq, event))
             return recorded
         raise ConcurrencyError(f"gave up after {MAX_CONFLICT_RETRIES} version conflicts")
 

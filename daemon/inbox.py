@@ -7,6 +7,7 @@ the attempt's report sequence number. A report whose signature fails becomes a S
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -97,6 +98,8 @@ class Inbox:
         self.consumer = consumer
         self.applied = 0
         self._watching = False
+        self._recover = True  # read our own pending messages first (start-up, or after a failure)
+        self._unacked: list[bytes] = []  # committed, acknowledged with the next read
         ensure_group(self.conn)
 
     def parse(self, fields: dict[bytes, bytes], now: datetime) -> cmd.Command:
@@ -155,17 +158,28 @@ class Inbox:
             )
 
     def _read(self, start: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        found = self.conn.xreadgroup(REPORT_GROUP, self.consumer, {REPORT_STREAM: start}, count=BATCH)
+        """Read after `start`; acknowledgements still owed ride in the same round trip."""
+        if self._unacked:
+            pipe = self.conn.pipeline(transaction=False)
+            pipe.xack(REPORT_STREAM, REPORT_GROUP, *self._unacked)
+            pipe.xreadgroup(REPORT_GROUP, self.consumer, {REPORT_STREAM: start}, count=BATCH)
+            found = pipe.execute()[1]
+            self._unacked = []
+        else:
+            found = self.conn.xreadgroup(REPORT_GROUP, self.consumer, {REPORT_STREAM: start}, count=BATCH)
         return list(found[0][1]) if found else []
 
     def poll(self, now: datetime) -> bool:
         try:
-            # Our own unacknowledged messages first (left by a crash), then new ones.
-            pending = self._read("0")
-            trimmed = [mid for mid, fields in pending if not fields]
-            if trimmed:  # trimmed away before we acknowledged them: nothing left to apply
-                self.conn.xack(REPORT_STREAM, REPORT_GROUP, *trimmed)
-            messages = [m for m in pending if m[1]]
+            messages: list[tuple[bytes, dict[bytes, bytes]]] = []
+            if self._recover:
+                # Our own unacknowledged messages first (left by a crash, or by a commit that failed).
+                pending = self._read("0")
+                trimmed = [mid for mid, fields in pending if not fields]
+                if trimmed:  # trimmed away before we acknowledged them: nothing left to apply
+                    self.conn.xack(REPORT_STREAM, REPORT_GROUP, *trimmed)
+                messages = [m for m in pending if m[1]]
+                self._recover = bool(messages)  # until none is left
             if not messages:
                 messages = self._read(">")
                 if messages and len(messages) < BATCH and not burst_over(messages[-1][1]):
@@ -178,13 +192,24 @@ class Inbox:
         except redis.ResponseError as exc:
             if "NOGROUP" in str(exc):  # Redis was flushed or restarted empty
                 ensure_group(self.conn)
+                self._unacked = []
                 return False
             raise
         if not messages:
             return False
         commands = [self.parse(fields, now) for _, fields in messages]
-        self.handler.handle_many(commands, meta={"source": "worker-report"})
-        self.conn.xack(REPORT_STREAM, REPORT_GROUP, *[mid for mid, _ in messages])
+        try:
+            self.handler.handle_many(commands, meta={"source": "worker-report"})
+        except BaseException:
+            self._recover = True  # read them again from the pending list, next poll
+            raise
+        # Committed: acknowledged with the next read (at-least-once either way; a crash before
+        # then redelivers them, and the decider drops what it has seen by the report's seq). A
+        # violation has no seq to be dropped by: acknowledged at once, as before.
+        self._unacked.extend(mid for mid, _ in messages)
+        if any(isinstance(c, cmd.RecordViolation) for c in commands):
+            self.conn.xack(REPORT_STREAM, REPORT_GROUP, *self._unacked)
+            self._unacked = []
         self.applied += len(messages)
         if self.applied % 5000 < len(messages):
             self.conn.xtrim(REPORT_STREAM, maxlen=STREAM_MAXLEN, approximate=True)
@@ -216,4 +241,7 @@ class Inbox:
 
     def close(self) -> None:
         self._watching = False
+        if self._unacked:
+            with contextlib.suppress(redis.RedisError):
+                self.conn.xack(REPORT_STREAM, REPORT_GROUP, *self._unacked)
         self.conn.close()

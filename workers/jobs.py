@@ -87,7 +87,8 @@ def run_diag(ctx: JobContext, params: dict[str, Any]) -> JobResult:
         ctx.raise_if_cancelled()
         if p.exit_on_step is not None and step == p.exit_on_step and ctx.attempt == 1:
             os._exit(3)  # simulates a crashed worker (tests)
-        time.sleep(p.sleep / p.steps)
+        if p.sleep:  # sleep(0) would still give up the CPU: a no-op job must not wait for it back
+            time.sleep(p.sleep / p.steps)
         done = step + 1
         ctx.progress(done, p.steps)
         if every and done % every == 0:

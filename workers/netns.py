@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 import socket
 import struct
@@ -36,6 +37,7 @@ class IsolationError(RuntimeError):
     """The worker could not enter or leave a job's network namespace."""
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
@@ -44,20 +46,34 @@ def _own_ns() -> str:
     return f"/proc/self/task/{threading.get_native_id()}/ns/net"
 
 
+def _read_proc(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+
+
 def no_route_count() -> int:
-    """Packets the calling thread's network namespace could not route (IPv4 + IPv6 `OutNoRoutes`)."""
-    net = Path(f"/proc/self/task/{threading.get_native_id()}/net")
+    """Packets the calling thread's network namespace could not route (IPv4 + IPv6 `OutNoRoutes`).
+    Read before and after every job, so it reads the two /proc files raw and parses only those two
+    counters."""
+    net = f"/proc/self/task/{threading.get_native_id()}/net"
     total = 0
     try:
-        lines = (net / "snmp").read_text().splitlines()
-        ip = [line.split() for line in lines if line.startswith("Ip:")]
-        if len(ip) >= 2:
-            total += int(dict(zip(ip[0][1:], ip[1][1:], strict=False)).get("OutNoRoutes", 0))
-        for line in (net / "snmp6").read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == "Ip6OutNoRoutes":
-                total += int(value.strip())
-    except (OSError, ValueError):
+        snmp = _read_proc(f"{net}/snmp")
+        head = snmp.find(b"Ip:")
+        values = snmp.find(b"\nIp:", head + 1)
+        if head >= 0 and values >= 0:
+            names = snmp[head : snmp.find(b"\n", head)].split()
+            numbers = snmp[values + 1 : snmp.find(b"\n", values + 1)].split()
+            if b"OutNoRoutes" in names:
+                total += int(numbers[names.index(b"OutNoRoutes")])
+        snmp6 = _read_proc(f"{net}/snmp6")
+        at = snmp6.find(b"Ip6OutNoRoutes")
+        if at >= 0:
+            total += int(snmp6[at + len(b"Ip6OutNoRoutes") : snmp6.find(b"\n", at)])
+    except (OSError, ValueError, IndexError):
         pass
     return total
 
