@@ -149,25 +149,29 @@ class Dispatcher:
         if self.position is None:
             self.position = self.store.checkpoint(CHECKPOINT)
         since = self.position
+        fresh = self.handler.tail_after(since)
+        if fresh:
+            # What this process just recorded (and what other writers appended before it, which the
+            # handler folded in first): from memory, with no query and no decoding.
+            self.act_all([e for e in fresh if e.type in _WATCHED_SET])
+            self.position = self.handler.state.last_seq
+            self._persist(force=False)
+            return True
+        # Nothing new here: has another writer (`jbctl approve`, `retry`) appended since?
         head = self.store.head()
         if head <= since:
             self._persist(force=False)
             return False
         if head > self.handler.state.last_seq:
-            # Another writer (`jbctl approve`, `retry`) appended these: without catching up, `act`
-            # would take a fresh attempt for a moot one and drop it (found by a CI failure).
+            # Without catching up, `act` would take a fresh attempt for a moot one and drop it
+            # (found by a CI failure).
             self.handler.refresh()
-        fresh = self.handler.tail_after(since) if self.handler.state.last_seq == head else None
-        if fresh is not None:  # what this process just recorded: from memory, no read, no decoding
-            self.act_all([e for e in fresh if e.type in _WATCHED_SET])
-            self.position = head
-        else:
-            recs = list(self.store.read(since, types=_WATCHED, limit=PAGE))
-            self.act_all([rec.event for rec in recs])
-            # A short page means every event up to `head` has been seen.
-            self.position = recs[-1].seq if len(recs) == PAGE else max(head, recs[-1].seq if recs else since)
+        recs = list(self.store.read(since, types=_WATCHED, limit=PAGE))
+        self.act_all([rec.event for rec in recs])
+        # A short page means every event up to `head` has been seen.
+        self.position = recs[-1].seq if len(recs) == PAGE else max(head, recs[-1].seq if recs else since)
         self._persist(force=False)
-        return True
+        return bool(recs)
 
     def _persist(self, force: bool) -> None:
         """Save the position at most once a second: acting twice is harmless, a commit per job is not."""
