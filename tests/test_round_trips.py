@@ -164,7 +164,8 @@ def test_the_handlers_tail_is_the_log_including_other_writers(store: object) -> 
     assert mine.tail_after(0) == logged
     assert mine.tail_after(first) == logged[first:]
     assert mine.tail_after(mine.state.last_seq) == []
-    assert {e.ticket for e in mine.tail_after(first) if isinstance(e, ev.TicketSubmitted)} == {"TICKET-2", "TICKET-3"}
+    after = mine.tail_after(first) or []
+    assert {e.ticket for e in after if isinstance(e, ev.TicketSubmitted)} == {"TICKET-2", "TICKET-3"}
     late = CommandHandler(store)  # type: ignore[arg-type]  # loaded from the log: no tail yet
     late.handle(submit(make_ticket("TICKET-4", steps="  - {id: a, kind: diag}\n"), T0))
     assert late.tail_after(0) is None  # does not reach back: the caller reads the log

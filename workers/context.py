@@ -42,10 +42,16 @@ class JobContext(Protocol):
     ticket: str
     task: str
     attempt: int
-    workdir: Path
     resume_from: Path | None  # the last checkpoint of an earlier attempt, if any
     network: str  # the ticket's network policy: "deny" or "allow"
-    store: ArtifactStore  # datasets and checkpoints are read from it; `artifact` adds to it
+
+    @property
+    def workdir(self) -> Path:
+        """The job's private work directory (made on first use by the runtime)."""
+
+    @property
+    def store(self) -> ArtifactStore:
+        """Datasets and checkpoints are read from it; `artifact` adds to it."""
 
     def progress(self, step: int, total: int | None = None, **metrics: float) -> None:
         """Report progress; rate-limited by the runtime, so calling it every step is fine."""
