@@ -66,7 +66,15 @@ def _wait_result(job: Job, timeout: float = 60) -> None:
         time.sleep(0.0005)
 
 
-def raw_rq(url: str, n: int, tmp: Path) -> tuple[list[float], float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def raw_rq(url: str, n: int, tmp: Path, cpu: dict[str, float] | None = None) -> tuple[list[float], float]:
+    """Raw RQ's per-job latency (enqueue, wait for the result, repeat) and throughput (n at once).
+    `cpu`, when given, receives the worker's CPU seconds per job of the throughput run ("worker")."""
     conn = redis.Redis.from_url(url)
     q = Queue("raw", connection=conn, serializer=JSONSerializer)
     env = dict(os.environ)
@@ -94,9 +102,12 @@ def raw_rq(url: str, n: int, tmp: Path) -> tuple[list[float], float]:
             _wait_result(q.enqueue_call(func="builtins.abs", args=(-1,)))
             latencies.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
+        before = cpu_seconds(worker.pid)
         jobs = [q.enqueue_call(func="builtins.abs", args=(-i,)) for i in range(n)]
         for job in jobs:
             _wait_result(job, timeout=600)
+        if cpu is not None:
+            cpu["worker"] = (cpu_seconds(worker.pid) - before) / n
         return latencies, n / (time.perf_counter() - t0)
     finally:
         _stop(worker)
@@ -138,9 +149,11 @@ def _wait_done(db: Path, tid: str, timeout: float) -> list[tuple[str, datetime, 
 
 
 def jetbox(
-    url: str, n: int, tmp: Path, queue_limits: str | None = None, placed: bool = False
+    url: str, n: int, tmp: Path, queue_limits: str | None = None, cpu: dict[str, float] | None = None
 ) -> tuple[list[float], float]:
-    home = tmp / ("home-placed" if placed else "home")
+    """Jetbox's per-job latency (a chain of n steps) and throughput (n independent steps).
+    `cpu`, when given, receives the CPU seconds per job of the throughput run ("worker", "daemon")."""
+    home = tmp / "home"
     (home / "tickets").mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("JETBOX_")}
     env.update(JETBOX_HOME=str(home), JETBOX_REDIS_URL=url)
@@ -162,8 +175,12 @@ def jetbox(
         starts = [at for t, at, _ in chain if t == "AttemptScheduled"]
         ends = [at for t, at, _ in chain if t == "AttemptSucceeded"]
         per_job = [(e - s).total_seconds() for s, e in zip(starts, ends, strict=True)]
-        (home / "tickets" / "TICKET-2.yaml").write_text(_ticket("TICKET-2", n, False, placed))
+        before = cpu_seconds(worker.pid), cpu_seconds(daemon.pid)
+        (home / "tickets" / "TICKET-2.yaml").write_text(_ticket("TICKET-2", n, False))
         wide = _wait_done(db, "TICKET-2", 60 + n)
+        if cpu is not None:  # (includes up to one 50 ms poll of _wait_done's)
+            cpu["worker"] = (cpu_seconds(worker.pid) - before[0]) / n
+            cpu["daemon"] = (cpu_seconds(daemon.pid) - before[1]) / n
         span = (wide[-1][1] - wide[0][1]).total_seconds()
         return per_job, n / span
     finally:
@@ -207,24 +224,17 @@ def main() -> None:
     if not 1 <= args.jobs <= MAX_STEPS:
         parser.error(f"--jobs {args.jobs}: the Jetbox side runs one ticket, which holds 1..{MAX_STEPS} steps")
     keep = os.environ.get("JETBOX_BENCH_KEEP")
+    raw_cpu: dict[str, float] = {}
+    jb_cpu: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="jetbox-dispatch-") as tmp_name:
         tmp_name = keep or tmp_name
         tmp = Path(tmp_name)
         server = start_redis(tmp / "run")
         try:
-            raw_lat, raw_tput = raw_rq(server.url, args.jobs, tmp)
+            raw_lat, raw_tput = raw_rq(server.url, args.jobs, tmp, raw_cpu)
             server.stop()
             server = start_redis(tmp / "run")
-            # `--placed-first`: the placed run before the plain one (the second run of a pair may gain
-            # from warm caches: alternate the order between rounds to see it).
-            order = [True, False] if args.placed_first else [False, True] if args.placement else [False]
-            for placed in order:
-                if placed:
-                    pl_lat, pl_tput = jetbox(server.url, args.jobs, tmp, args.queue_limits, placed=True)
-                else:
-                    jb_lat, jb_tput = jetbox(server.url, args.jobs, tmp, args.queue_limits)
-                server.stop()
-                server = start_redis(tmp / "run")
+            jb_lat, jb_tput = jetbox(server.url, args.jobs, tmp, args.queue_limits, jb_cpu)
         finally:
             server.stop()
         commit = durable_commit(tmp)
@@ -257,6 +267,11 @@ def main() -> None:
     print(f"  added latency per job (p50): {added:.2f} ms   goal <= 3 ms: {'met' if added <= 3 else 'not met'}")
     print(f"    of which one durable commit on this disk (SQLite WAL, synchronous=FULL, p50): {1000 * commit:.2f} ms")
     print(f"  throughput ratio (Jetbox/raw): {ratio:.2f}   goal >= 0.80: {'met' if ratio >= 0.8 else 'not met'}")
+    # CPU per job hardly depends on what else the machine runs; the wall figures above do.
+    print(
+        f"  CPU per job (throughput run): raw RQ worker {1000 * raw_cpu['worker']:.2f} ms; Jetbox worker "
+        f"{1000 * jb_cpu['worker']:.2f} ms, daemon {1000 * jb_cpu['daemon']:.2f} ms"
+    )
 
 
 if __name__ == "__main__":
