@@ -146,7 +146,7 @@ def run_job(signed: dict[str, Any]) -> dict[str, Any]:
     beats = pulse()
     beats.begin(reporter, envelope.job_id, settings.heartbeat_seconds, settings.heartbeat_timeout_seconds)
     reporter.hold("started")  # goes out with the first beat, or with the result of a short job
-    ending = _Ending(beats, conn)
+    ending = _Ending(beats, conn, envelope.job_id)
     try:
         if ctx.resume_error is not None:
             raise ctx.resume_error
@@ -191,15 +191,15 @@ class _Ending:
     """A job's last report: the beats stop first, and the heartbeat key (if a beat ever set one) is
     deleted in the same pipeline as the report."""
 
-    def __init__(self, beats: Pulse, conn: redis.Redis) -> None:
-        self.beats, self.conn = beats, conn
+    def __init__(self, beats: Pulse, conn: redis.Redis, jid: str) -> None:
+        self.beats, self.conn, self.jid = beats, conn, jid
         self.key: str | None = None
         self.ended = False
 
     def _end(self) -> None:
         if not self.ended:
             self.ended = True
-            self.key = self.beats.end()
+            self.key = self.beats.end(self.jid)
 
     def send(self, reporter: Reporter, kind: str, /, **body: Any) -> None:
         self._end()

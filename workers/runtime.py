@@ -138,46 +138,55 @@ class _Beating:
 
 
 class Pulse(threading.Thread):
-    """One per worker process: the running job's heartbeat, and the flush of its held reports.
+    """One per worker process: the running jobs' heartbeats, and the flush of their held reports.
 
     The first beat comes `HOLD_S` into a job (with its held `started`), then every `every` seconds; a
     beat refreshes `jetbox:hb:<job id>` with a TTL, so if the worker dies the key expires and the
     reconciler notices. `end()` stops the beats before the job's last report, which deletes the key
     in the same pipeline when there is one. The thread wakes at least every `HOLD_S` and looks: a
-    job's start costs it no signalling (a held report waits at most twice `HOLD_S`)."""
+    job's start costs it no signalling (a held report waits at most twice `HOLD_S`). RQ runs one job
+    at a time per worker; jobs run side by side in one process are each beaten all the same."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True, name="jetbox-pulse")
         self.lock = threading.Lock()  # held while beating: `end()` waits for a beat in flight
-        self.job: _Beating | None = None
+        self.jobs: dict[str, _Beating] = {}
 
     def begin(self, reporter: Reporter, jid: str, every: float, ttl: float) -> None:
-        self.job = _Beating(reporter, jid, every, ttl)
-
-    def end(self) -> str | None:
-        """No more beats for the current job; the heartbeat key to delete, if one was set. Waits for a
-        beat in flight, so no beat can land after the job's last report."""
+        job = _Beating(reporter, jid, every, ttl)
         with self.lock:
-            job, self.job = self.job, None
+            self.jobs[job.key] = job
+
+    def end(self, jid: str) -> str | None:
+        """No more beats for job `jid`; the heartbeat key to delete, if one was set. Waits for a beat
+        in flight, so no beat can land after the job's last report."""
+        with self.lock:
+            job = self.jobs.pop(heartbeat_key(jid), None)
         return job.key if job is not None and job.beaten else None
 
     def run(self) -> None:
         while True:
-            job = self.job
-            wait = HOLD_S if job is None else min(HOLD_S, job.due() - time.monotonic())
+            with self.lock:
+                jobs = list(self.jobs.values())
+            now = time.monotonic()
+            wait = min([HOLD_S, *(job.due() - now for job in jobs)])
             if wait > 0:
                 time.sleep(wait)
                 continue
             with self.lock:
-                if self.job is not job or job is None:
-                    continue  # ended meanwhile
-                job.beaten = True  # before the try: deleting a key that never got set is harmless
-                try:
-                    job.reporter.flush(job.set_key)  # held reports and the beat: one round trip
-                    job.next_beat = time.monotonic() + job.every
-                except redis.RedisError:
-                    # Redis restarting: the reconciler decides what a missing beat means.
-                    job.not_before = time.monotonic() + PULSE_RETRY_S
+                for job in jobs:
+                    if self.jobs.get(job.key) is job and job.due() <= time.monotonic():
+                        self._beat(job)
+
+    @staticmethod
+    def _beat(job: _Beating) -> None:
+        job.beaten = True  # before the try: deleting a key that never got set is harmless
+        try:
+            job.reporter.flush(job.set_key)  # held reports and the beat: one round trip
+            job.next_beat = time.monotonic() + job.every
+        except Exception:  # the pulse must outlive anything one beat runs into
+            # Redis restarting: the reconciler decides what a missing beat means.
+            job.not_before = time.monotonic() + PULSE_RETRY_S
 
 
 _pulse: Pulse | None = None
