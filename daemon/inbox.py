@@ -74,6 +74,11 @@ def to_command(report: Report, now: datetime) -> cmd.Command:
 TERMINAL = frozenset({"succeeded", "failed"})
 
 
+def _stream_id(mid: bytes) -> tuple[int, int]:
+    ms, _, n = mid.partition(b"-")
+    return int(ms), int(n or 0)
+
+
 def burst_over(fields: dict[bytes, bytes]) -> bool:
     """Whether a stream message is a job's result (`succeeded`/`failed`): the last of its burst.
     Only a hint for batching (the signature is checked later, in `parse`); unreadable is False."""
@@ -99,7 +104,12 @@ class Inbox:
         self.applied = 0
         self._watching = False
         self._recover = True  # read our own pending messages first (start-up, or after a failure)
+        self._recovered_upto: tuple[int, int] | None = None  # the last id a recovery read returned
+        self._lock = threading.Lock()
         self._unacked: list[bytes] = []  # committed, acknowledged with the next read
+        self._taken: list[tuple[bytes, dict[bytes, bytes]]] = []  # read by the watcher, not yet applied
+        self._watcher: threading.Thread | None = None
+        self._wakeup: threading.Event | None = None
         ensure_group(self.conn)
 
     def parse(self, fields: dict[bytes, bytes], now: datetime) -> cmd.Command:
@@ -159,15 +169,43 @@ class Inbox:
 
     def _read(self, start: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """Read after `start`; acknowledgements still owed ride in the same round trip."""
-        if self._unacked:
+        acks = self._owed()
+        if acks:
             pipe = self.conn.pipeline(transaction=False)
-            pipe.xack(REPORT_STREAM, REPORT_GROUP, *self._unacked)
+            pipe.xack(REPORT_STREAM, REPORT_GROUP, *acks)
             pipe.xreadgroup(REPORT_GROUP, self.consumer, {REPORT_STREAM: start}, count=BATCH)
             found = pipe.execute()[1]
-            self._unacked = []
         else:
             found = self.conn.xreadgroup(REPORT_GROUP, self.consumer, {REPORT_STREAM: start}, count=BATCH)
         return list(found[0][1]) if found else []
+
+    def _owed(self) -> list[bytes]:
+        with self._lock:
+            acks, self._unacked = self._unacked, []
+        return acks
+
+    def _take(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """What the watcher read for us (at most a batch), less what a recovery read already applied."""
+        with self._lock:
+            taken, self._taken = self._taken[:BATCH], self._taken[BATCH:]
+            more = bool(self._taken)
+        if more and self._wakeup is not None:
+            self._wakeup.set()  # the rest next time round
+        if self._recovered_upto is not None:
+            taken = [m for m in taken if _stream_id(m[0]) > self._recovered_upto]
+        return taken
+
+    def _fresh(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        watched = self._watcher is not None and self._watcher.is_alive()
+        read = self._take if watched else (lambda: self._read(">"))
+        messages = read()
+        if messages and len(messages) < BATCH and not burst_over(messages[-1][1]):
+            # A job's reports come in bursts (started, progress, result): wait a moment and take
+            # the rest of the burst into the same commit. Not after a result: that ends its burst,
+            # and what waits on it (the next step, a join, the ticket's end) would wait for nothing.
+            time.sleep(COALESCE_S)
+            messages += read()
+        return messages
 
     def poll(self, now: datetime) -> bool:
         try:
@@ -179,20 +217,15 @@ class Inbox:
                 if trimmed:  # trimmed away before we acknowledged them: nothing left to apply
                     self.conn.xack(REPORT_STREAM, REPORT_GROUP, *trimmed)
                 messages = [m for m in pending if m[1]]
+                if pending:  # the watcher may hold some of these too: it must not apply them again
+                    self._recovered_upto = max(_stream_id(mid) for mid, _ in pending)
                 self._recover = bool(messages)  # until none is left
             if not messages:
-                messages = self._read(">")
-                if messages and len(messages) < BATCH and not burst_over(messages[-1][1]):
-                    # A job's reports come in bursts (started, progress, result): wait a moment and
-                    # take the rest of the burst into the same commit. Not after a result: that
-                    # ends its burst, and what waits on it (the next step, a join, the ticket's
-                    # end) would wait for nothing.
-                    time.sleep(COALESCE_S)
-                    messages += self._read(">")
+                messages = self._fresh()
         except redis.ResponseError as exc:
             if "NOGROUP" in str(exc):  # Redis was flushed or restarted empty
                 ensure_group(self.conn)
-                self._unacked = []
+                self._owed()
                 return False
             raise
         if not messages:
@@ -206,42 +239,75 @@ class Inbox:
         # Committed: acknowledged with the next read (at-least-once either way; a crash before
         # then redelivers them, and the decider drops what it has seen by the report's seq). A
         # violation has no seq to be dropped by: acknowledged at once, as before.
-        self._unacked.extend(mid for mid, _ in messages)
+        with self._lock:
+            self._unacked.extend(mid for mid, _ in messages)
         if any(isinstance(c, cmd.RecordViolation) for c in commands):
-            self.conn.xack(REPORT_STREAM, REPORT_GROUP, *self._unacked)
-            self._unacked = []
+            acks = self._owed()
+            self.conn.xack(REPORT_STREAM, REPORT_GROUP, *acks)
         self.applied += len(messages)
         if self.applied % 5000 < len(messages):
             self.conn.xtrim(REPORT_STREAM, maxlen=STREAM_MAXLEN, approximate=True)
         return True
 
     def attach_wakeup(self, wakeup: threading.Event) -> None:
-        """Wake the daemon's loop as soon as a report arrives, instead of at its next idle poll."""
+        """Read new reports in a thread of their own, blocked on the stream, and wake the daemon's
+        loop the moment some arrive: the loop then takes them from memory, with no read of its own.
+        Acknowledgements owed ride with the thread's next read."""
         self._watching = True
+        self._wakeup = wakeup
 
         def watch() -> None:
             conn = redis.Redis(connection_pool=self.conn.connection_pool)
-            last = "$"
             while self._watching:
+                acks = self._owed()
                 try:
-                    found = conn.xread({REPORT_STREAM: last}, count=100, block=1000)
+                    pipe = conn.pipeline(transaction=False)
+                    if acks:
+                        pipe.xack(REPORT_STREAM, REPORT_GROUP, *acks)
+                    pipe.xreadgroup(REPORT_GROUP, self.consumer, {REPORT_STREAM: ">"}, count=BATCH, block=1000)
+                    found = pipe.execute()[-1]
+                except redis.ResponseError as exc:
+                    if not self._watching:
+                        return
+                    if "NOGROUP" in str(exc):  # Redis was flushed or restarted empty
+                        with contextlib.suppress(redis.RedisError):
+                            ensure_group(conn)
+                    else:
+                        self._give_back(acks)
+                    time.sleep(0.5)
+                    continue
                 except (redis.RedisError, OSError, ValueError):
                     # ValueError/OSError: `close()` pulled the socket from under this read at shutdown.
                     if not self._watching:
                         return
+                    self._give_back(acks)
                     time.sleep(0.5)
-                    last = "$"
                     continue
                 if found:
-                    last = found[0][1][-1][0]
+                    messages = list(found[0][1])
+                    if len(messages) < BATCH and not burst_over(messages[-1][1]):
+                        # Redis answers a blocked read after the first report of a pipeline: the
+                        # rest of a short job's burst is already there, one quick read away (else
+                        # the loop would wait COALESCE_S for it).
+                        with contextlib.suppress(redis.RedisError, OSError, ValueError):
+                            more = conn.xreadgroup(REPORT_GROUP, self.consumer, {REPORT_STREAM: ">"}, count=BATCH)
+                            messages += list(more[0][1]) if more else []
+                    with self._lock:
+                        self._taken.extend(messages)
                     wakeup.set()
 
         self._watcher = threading.Thread(target=watch, name="inbox-watch", daemon=True)
         self._watcher.start()
 
+    def _give_back(self, acks: list[bytes]) -> None:
+        """Acknowledgements that did not get through: owed again (they may well have, harmlessly)."""
+        with self._lock:
+            self._unacked[:0] = acks
+
     def close(self) -> None:
         self._watching = False
-        if self._unacked:
+        acks = self._owed()
+        if acks:
             with contextlib.suppress(redis.RedisError):
-                self.conn.xack(REPORT_STREAM, REPORT_GROUP, *self._unacked)
+                self.conn.xack(REPORT_STREAM, REPORT_GROUP, *acks)
         self.conn.close()

@@ -49,6 +49,8 @@ class Reconciler:
         self.missing_since: dict[str, float] = {}
         self.recorded: dict[str, ev.AttemptScheduled] = {}  # job id -> its AttemptScheduled, read from the log
         self.redispatched = 0
+        self.status: dict[str, bytes | None] = {}  # job id -> RQ status, as looked at in this pass
+        self.beating: dict[str, bool] = {}  # job id -> heartbeat key present, in this pass
 
     def poll(self, now: datetime) -> bool:
         mono = time.monotonic()
@@ -56,18 +58,18 @@ class Reconciler:
             return False
         self.last_run = mono
         commands: list[cmd.Command] = []
-        live: set[str] = set()
+        live: dict[str, tuple[TicketState, TaskState]] = {}
         state = self.handler.state
         for ticket in [state.tickets[tid] for tid in state.running]:
             for task in ticket.tasks.values():
                 if task.status in LIVE:
-                    jid = job_id(ticket.id, task.id, task.attempt)
-                    live.add(jid)
-                    found = self.check(ticket, task, jid, now, mono)
-                    if found is not None:
-                        commands.append(found)
-        commands.extend(self.check_workers(now, mono))
-        live.update(f"worker:{w}" for w in state.workers)
+                    live[job_id(ticket.id, task.id, task.attempt)] = (ticket, task)
+        self._look(list(live))
+        for jid, (ticket, task) in live.items():
+            found = self.check(ticket, task, jid, now, mono)
+            if found is not None:
+                commands.append(found)
+        self.status, self.beating = {}, {}
         self.missing_since = {k: v for k, v in self.missing_since.items() if k in live}
         self.recorded = {k: v for k, v in self.recorded.items() if k in live}
         if commands:
@@ -79,13 +81,18 @@ class Reconciler:
         if task.status == "running" and started is not None and (now - started).total_seconds() > task.timeout:
             self.conn.set(cancel_key(jid), "1", ex=86400)
             # A live worker still beating means the job itself ran too long; no beat, a dead worker.
-            if self.conn.exists(heartbeat_key(jid)):
+            if self._beats(jid):
                 return self._fail(ticket, task, f"timed out: ran longer than {task.timeout:g}s", now, "job")
             return self._fail(
                 ticket, task, f"timed out: ran longer than {task.timeout:g}s with no live worker", now, "infrastructure"
             )
-        job = self._job(jid)
-        if job is None:
+        if jid in self.status:  # looked at in this pass, with all the others
+            raw = self.status[jid]
+            status = raw.decode() if raw is not None else None
+        else:
+            job = self._job(jid)
+            status = job.get_status(refresh=False) if job is not None else None
+        if status is None:
             if task.status == "scheduled":
                 # Lost before any worker took it (Redis flushed or restarted empty): send it again.
                 scheduled = self._scheduled(ticket.id, jid)
@@ -93,9 +100,10 @@ class Reconciler:
                     self.redispatched += 1
                 return None
             return self._missing_beat(ticket, task, jid, now, mono, "its RQ job vanished")
-        status = job.get_status(refresh=False)
         if status in DEAD_JOB_STATES:
-            info = (job.latest_result().exc_string if job.latest_result() else None) or status
+            job = self._job(jid)  # only for a dead one: what it died of
+            result = job.latest_result() if job is not None else None
+            info = (result.exc_string if result else None) or status
             return self._fail(
                 ticket, task, f"worker lost the job ({status}): {str(info)[-500:]}", now, "infrastructure"
             )
@@ -107,37 +115,25 @@ class Reconciler:
             return self._missing_beat(ticket, task, jid, now, mono, "no heartbeat")
         return None
 
-    def check_workers(self, now: datetime, mono: float) -> list[cmd.Command]:
-        """An advertised worker whose liveness key has been gone for the grace period is lost: what it
-        had is no longer offered (the key's TTL is heartbeat_timeout, refreshed every heartbeat, and a
-        Redis restarted empty gets it back within a beat, so it is noticed within 2 x timeout)."""
-        lost: list[cmd.Command] = []
-        names = list(self.handler.state.workers)
-        if not names:
-            return lost
-        with self.conn.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.exists(worker_key(name))
-            alive = pipe.execute()
-        for name, here in zip(names, alive, strict=True):
-            mark = f"worker:{name}"
-            if here:
-                self.missing_since.pop(mark, None)
-                continue
-            first = self.missing_since.setdefault(mark, mono)
-            if mono - first >= self.grace:
-                self.missing_since.pop(mark, None)
-                lost.append(
-                    cmd.RecordWorkerGone(
-                        now=now, worker=name, reason="lost", detail=f"no sign of life for {self.grace:g}s"
-                    )
-                )
-        return lost
+    def _look(self, jids: list[str]) -> None:
+        """Each live job's RQ status and whether its heartbeat key exists, in one round trip for all
+        (a look per job, with hundreds running, held the daemon's loop for a round trip each)."""
+        pipe = self.conn.pipeline(transaction=False)
+        for jid in jids:
+            pipe.hget(Job.key_for(jid), "status")
+            pipe.exists(heartbeat_key(jid))
+        found = pipe.execute() if jids else []
+        self.status = {jid: found[2 * i] for i, jid in enumerate(jids)}
+        self.beating = {jid: bool(found[2 * i + 1]) for i, jid in enumerate(jids)}
+
+    def _beats(self, jid: str) -> bool:
+        seen = self.beating.get(jid)
+        return bool(self.conn.exists(heartbeat_key(jid))) if seen is None else seen
 
     def _missing_beat(
         self, ticket: TicketState, task: TaskState, jid: str, now: datetime, mono: float, why: str
     ) -> cmd.Command | None:
-        if self.conn.exists(heartbeat_key(jid)):
+        if self._beats(jid):
             self.missing_since.pop(jid, None)
             return None
         first = self.missing_since.setdefault(jid, mono)
