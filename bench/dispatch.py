@@ -4,15 +4,17 @@
     .venv/bin/python bench/dispatch.py --jobs 50  # a quick run
     .venv/bin/python bench/dispatch.py --placement  # also: the same with placement, in the same run
 
-Same Redis (a private redis-server on a unix socket), same worker class (RQ's SimpleWorker, which
-Jetbox's worker extends), one worker process each, in one run:
-- latency: jobs one after another. Raw RQ: enqueue, wait for the result, repeat. Jetbox: a ticket
-  whose steps form a chain, so each job is dispatched only after the previous one's report was
-  committed; per-job time = (last success - first schedule) / N, from the events' recorded times.
-- throughput: N independent jobs at once. Raw RQ: enqueue N, wait for all results. Jetbox: a
-  ticket with N independent steps, from TicketSubmitted to TicketCompleted.
-- the disk: the median durable SQLite commit in the same folder, since each job in the chain
-  includes one (raw RQ records nothing).
+`--placement` runs the Jetbox side a second time with the worker advertising one 256G card
+(`jbctl worker --queue gpu --gpus 1 --gpu-memory 256G`) and every step on the gpu queue asking for
+`gpu_memory: 1G`: each attempt is placed by the decider (worker and card recorded on
+AttemptScheduled, claims counted on the card) and goes to the worker's own queue. The card holds
+all 200 claims, so what differs from the plain run is the placement itself, not a memory limit
+(a smaller card bounds the attempts out, like `--queue-limits`, and so the throughput).
+
+Beside the wall figures it prints the CPU each process spent per job in the throughput runs (which the
+machine's load moves far less than the wall times), and the median durable SQLite commit measured in
+the same folder: each job of the Jetbox chain includes one (its events and the next step's
+AttemptScheduled), raw RQ none. Goals (issue 20): added latency p50 <= 3 ms, throughput >= 0.8x.
 """
 
 from __future__ import annotations
@@ -149,11 +151,16 @@ def _wait_done(db: Path, tid: str, timeout: float) -> list[tuple[str, datetime, 
 
 
 def jetbox(
-    url: str, n: int, tmp: Path, queue_limits: str | None = None, cpu: dict[str, float] | None = None
+    url: str,
+    n: int,
+    tmp: Path,
+    queue_limits: str | None = None,
+    placed: bool = False,
+    cpu: dict[str, float] | None = None,
 ) -> tuple[list[float], float]:
     """Jetbox's per-job latency (a chain of n steps) and throughput (n independent steps).
     `cpu`, when given, receives the CPU seconds per job of the throughput run ("worker", "daemon")."""
-    home = tmp / "home"
+    home = tmp / ("home-placed" if placed else "home")
     (home / "tickets").mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("JETBOX_")}
     env.update(JETBOX_HOME=str(home), JETBOX_REDIS_URL=url)
@@ -176,7 +183,7 @@ def jetbox(
         ends = [at for t, at, _ in chain if t == "AttemptSucceeded"]
         per_job = [(e - s).total_seconds() for s, e in zip(starts, ends, strict=True)]
         before = cpu_seconds(worker.pid), cpu_seconds(daemon.pid)
-        (home / "tickets" / "TICKET-2.yaml").write_text(_ticket("TICKET-2", n, False))
+        (home / "tickets" / "TICKET-2.yaml").write_text(_ticket("TICKET-2", n, False, placed))
         wide = _wait_done(db, "TICKET-2", 60 + n)
         if cpu is not None:  # (includes up to one 50 ms poll of _wait_done's)
             cpu["worker"] = (cpu_seconds(worker.pid) - before[0]) / n
@@ -186,6 +193,21 @@ def jetbox(
     finally:
         _stop(worker)
         _stop(daemon)
+
+
+def _wait_type(db: Path, type_: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            found = conn.execute("SELECT 1 FROM events WHERE type = ? LIMIT 1", (type_,)).fetchone()
+            conn.close()
+            if found:
+                return
+        except sqlite3.OperationalError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"no {type_} recorded")
 
 
 def durable_commit(folder: Path, n: int = 100) -> float:
@@ -219,6 +241,8 @@ def main() -> None:
     # The Jetbox side is one ticket with a step per job: at most a ticket's MAX_STEPS.
     parser.add_argument("--jobs", type=int, default=MAX_STEPS, help=f"jobs per side (1..{MAX_STEPS})")
     parser.add_argument("--queue-limits", help="JSON for the daemon's queue_limits, e.g. '{\"cpu\": 1}'")
+    parser.add_argument("--placement", action="store_true", help="also run Jetbox with placement (see above)")
+    parser.add_argument("--placed-first", action="store_true", help="with --placement: run the placed side first")
     args = parser.parse_args()
     args.placement = args.placement or args.placed_first
     if not 1 <= args.jobs <= MAX_STEPS:
@@ -234,7 +258,16 @@ def main() -> None:
             raw_lat, raw_tput = raw_rq(server.url, args.jobs, tmp, raw_cpu)
             server.stop()
             server = start_redis(tmp / "run")
-            jb_lat, jb_tput = jetbox(server.url, args.jobs, tmp, args.queue_limits, jb_cpu)
+            # `--placed-first`: the placed run before the plain one (the second run of a pair may gain
+            # from warm caches: alternate the order between rounds to see it).
+            order = [True, False] if args.placed_first else [False, True] if args.placement else [False]
+            for placed in order:
+                if placed:
+                    pl_lat, pl_tput = jetbox(server.url, args.jobs, tmp, args.queue_limits, placed=True)
+                else:
+                    jb_lat, jb_tput = jetbox(server.url, args.jobs, tmp, args.queue_limits, cpu=jb_cpu)
+                server.stop()
+                server = start_redis(tmp / "run")
         finally:
             server.stop()
         commit = durable_commit(tmp)

@@ -41,7 +41,15 @@ from schema.wire import (
 
 log = logging.getLogger("jetbox.dispatcher")
 CHECKPOINT = "dispatcher"
-_WATCHED = ["AttemptScheduled", "TicketCancelled", "TicketFailed", "TicketCompleted", "CorePromoted", "TicketHeld"]
+_WATCHED = [
+    "AttemptScheduled",
+    "TicketCancelled",
+    "TicketFailed",
+    "TicketCompleted",
+    "CorePromoted",
+    "TicketHeld",
+    "WorkerGone",
+]
 _WATCHED_SET = frozenset(_WATCHED)
 PAGE = 1000
 KEEP_S = 7 * 86400  # how long RQ keeps a finished job (and so remembers its id)
@@ -115,12 +123,22 @@ def dispatch_many(conn: redis.Redis, key: bytes, events: Sequence[ev.AttemptSche
     for i, e in enumerate(todo):
         if found[2 * i]:
             continue
-        name = dedicated_queue(e.ticket) if found[2 * i + 1] else e.queue
+        name = _queue_for(e, dedicated=bool(found[2 * i + 1]))
         _enqueue_on(pipe, conn, key, envelope_from(e), name)
         n += 1
     if n:
         pipe.execute()
     return n
+
+
+def _queue_for(event: ev.AttemptScheduled, dedicated: bool) -> str:
+    """The queue of the worker the decider placed the attempt on; else the ticket's dedicated worker's
+    queue while one runs (`jbctl run --background`); else the step's."""
+    if event.worker is not None:
+        return worker_queue(event.worker)
+    if dedicated:
+        return dedicated_queue(event.ticket)
+    return event.queue
 
 
 def dispatch(conn: redis.Redis, key: bytes, event: ev.AttemptScheduled) -> bool:

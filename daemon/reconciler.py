@@ -70,7 +70,9 @@ class Reconciler:
             if found is not None:
                 commands.append(found)
         self.status, self.beating = {}, {}
-        self.missing_since = {k: v for k, v in self.missing_since.items() if k in live}
+        commands.extend(self.check_workers(now, mono))
+        marks = set(live) | {f"worker:{w}" for w in state.workers}
+        self.missing_since = {k: v for k, v in self.missing_since.items() if k in marks}
         self.recorded = {k: v for k, v in self.recorded.items() if k in live}
         if commands:
             self.handler.handle_many(commands, meta={"source": "reconciler"})
@@ -114,6 +116,33 @@ class Reconciler:
         if status == "started" or task.status == "running":
             return self._missing_beat(ticket, task, jid, now, mono, "no heartbeat")
         return None
+
+    def check_workers(self, now: datetime, mono: float) -> list[cmd.Command]:
+        """An advertised worker whose liveness key has been gone for the grace period is lost: what it
+        had is no longer offered (the key's TTL is heartbeat_timeout, refreshed every heartbeat, and a
+        Redis restarted empty gets it back within a beat, so it is noticed within 2 x timeout)."""
+        lost: list[cmd.Command] = []
+        names = list(self.handler.state.workers)
+        if not names:
+            return lost
+        with self.conn.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.exists(worker_key(name))
+            alive = pipe.execute()
+        for name, here in zip(names, alive, strict=True):
+            mark = f"worker:{name}"
+            if here:
+                self.missing_since.pop(mark, None)
+                continue
+            first = self.missing_since.setdefault(mark, mono)
+            if mono - first >= self.grace:
+                self.missing_since.pop(mark, None)
+                lost.append(
+                    cmd.RecordWorkerGone(
+                        now=now, worker=name, reason="lost", detail=f"no sign of life for {self.grace:g}s"
+                    )
+                )
+        return lost
 
     def _look(self, jids: list[str]) -> None:
         """Each live job's RQ status and whether its heartbeat key exists, in one round trip for all

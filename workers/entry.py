@@ -142,7 +142,7 @@ def run_job(signed: dict[str, Any]) -> dict[str, Any]:
         )
         return {"status": "refused", "error": f"job kind {envelope.kind!r} is not allowed"}
     workdir = settings.home / "work" / envelope.ticket / envelope.task / f"attempt-{envelope.attempt}"
-    ctx = RuntimeContext(envelope, reporter, conn, workdir, settings.artifacts_path)
+    ctx = RuntimeContext(envelope, reporter, conn, workdir, ArtifactStore.from_settings(settings))
     beats = pulse()
     beats.begin(reporter, envelope.job_id, settings.heartbeat_seconds, settings.heartbeat_timeout_seconds)
     reporter.hold("started")  # goes out with the first beat, or with the result of a short job

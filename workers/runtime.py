@@ -218,8 +218,7 @@ class RuntimeContext:
         self.envelope = envelope
         self.ticket, self.task, self.attempt = envelope.ticket, envelope.task, envelope.attempt
         self._workdir = workdir
-        self._artifact_root = artifact_root
-        self.resume_from = Path(envelope.resume_checkpoint) if envelope.resume_checkpoint else None
+        self._artifacts = artifacts
         self.reporter = reporter
         self.conn = conn
         self.network: str = envelope.network
@@ -227,6 +226,13 @@ class RuntimeContext:
         self._last_cancel_check = 0.0
         self._cancelled = False
         self._log: IO[str] | None = None
+        # A store that cannot be reached now is the attempt's failure (reported, retried), raised by
+        # the entry point once the attempt has started: starting over would throw the progress away.
+        self.resume_error: ArtifactError | None = None
+        try:
+            self.resume_from = self._resume_path(envelope.resume_checkpoint)
+        except ArtifactError as exc:
+            self.resume_from, self.resume_error = None, exc
 
     @property
     def workdir(self) -> Path:
@@ -235,7 +241,26 @@ class RuntimeContext:
 
     @cached_property
     def store(self) -> ArtifactStore:
-        return ArtifactStore(self._artifact_root)
+        found = self._artifacts
+        return found if isinstance(found, ArtifactStore) else ArtifactStore(found)
+
+    def _resume_path(self, ref: str | None) -> Path | None:
+        """A local file with the checkpoint to resume from. Checkpoints are artifacts (`sha256:<id>`), so
+        any worker that shares the store can resume them; a bare path is from a log written before that."""
+        if not ref:
+            return None
+        if not ref.startswith("sha256:"):
+            return Path(ref)
+        artifact_id = ref.removeprefix("sha256:")
+        path = self.store.path(artifact_id)
+        if path.is_file():
+            return path
+        # Gone (gc'd, or a store this worker does not share): starting over is slower, never wrong.
+        self.log(
+            f"checkpoint {artifact_id[:12]} is not in the artifact store ({self.store.where(artifact_id)}); "
+            "starting from scratch"
+        )
+        return None
 
     def progress(self, step: int, total: int | None = None, **metrics: float) -> None:
         now = time.monotonic()
@@ -247,8 +272,16 @@ class RuntimeContext:
         self.reporter.hold("progress", step=int(step), total=total, metrics=clean)
 
     def checkpoint(self, path: Path, step: int) -> None:
-        # Sent at once: a worker that dies next must leave this checkpoint to resume from.
-        self.reporter.send("checkpoint", path=str(Path(path).resolve()), step=int(step))
+        # Into the artifact store: a retry on another host (sharing an object store) resumes from it.
+        try:
+            artifact_id = self.store.put_file(path)
+        except ArtifactError as exc:
+            # An object store away for a moment must not end hours of training: the next checkpoint tries
+            # again, and a retry meanwhile resumes from the last one that was stored.
+            self.log(f"checkpoint at step {step} not stored, training goes on: {exc}")
+            return
+        # Sent at once (not held): a worker that dies next must leave this checkpoint to resume from.
+        self.reporter.send("checkpoint", path=f"sha256:{artifact_id}", step=int(step))
 
     def artifact(self, path: Path, kind: str, meta: dict[str, Any] | None = None) -> str:
         lineage = Lineage(ticket=self.ticket, task=self.task, attempt=self.attempt)
