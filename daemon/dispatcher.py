@@ -108,8 +108,8 @@ def dispatch_many(conn: redis.Redis, key: bytes, events: Sequence[ev.AttemptSche
     """The one path from recorded `AttemptScheduled`s to RQ jobs, for the first dispatch and for the
     reconciler's re-dispatch after Redis lost the job: what was recorded is what runs. Two round trips
     however many: one asks which job ids RQ already knows (those are skipped: dispatch is idempotent)
-    and which tickets have a dedicated worker (`jbctl run --background`: its queue, not the step's);
-    the other enqueues the rest in one transaction. Returns how many were enqueued now."""
+    and which tickets have a dedicated worker (`jbctl run --background`); the other enqueues the rest
+    in one transaction, each on its queue (`_queue_for`). Returns how many were enqueued now."""
     todo = list({job_id(e.ticket, e.task, e.attempt): e for e in events}.values())
     if not todo:
         return 0
