@@ -49,6 +49,7 @@ _WATCHED = [
     "CorePromoted",
     "TicketHeld",
     "WorkerGone",
+    "ShardsJoined",
 ]
 _WATCHED_SET = frozenset(_WATCHED)
 PAGE = 1000

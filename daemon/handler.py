@@ -57,14 +57,23 @@ def ensure_home_owner(handler: CommandHandler, home: Path) -> None:
     handler.handle(command, meta={"actor": local_actor()})
 
 
+# Ended tickets are frozen (`daemon.state.freeze`) in batches, not at their last event: the events
+# a command records after a ticket ends (a proposal withdrawn, say) then find it still hot.
+FREEZE_BATCH = 1000
+_ENDS = (ev.TicketCompleted, ev.TicketFailed, ev.TicketCancelled)
+_ENDS_TYPES = frozenset(_ENDS)
+
+
 def load_state(
     store: EventStore,
     state: State | None = None,
     before: int | None = None,
+    freeze_batch: int = FREEZE_BATCH,
     sink: Callable[[tuple[int, ev.Event]], None] | None = None,
 ) -> State:
     """Fold every event after `state.last_seq` (and before seq `before`, when given) into `state`
-    (a fresh one by default), telling `sink` about each."""
+    (a fresh one by default), telling `sink` about each. Tickets that end on the way are frozen,
+    `freeze_batch` at a time: replaying a year of history holds what is live, not every ticket ever run."""
     state = state or State()
     events = store.read_events(state.last_seq)
     ended: set[str] = set()
@@ -74,10 +83,41 @@ def load_state(
         for seq, event in events:
             if seq >= stop:
                 break
-            evolve(state, event)
-            state.last_seq = seq
+            try:
+                evolve(state, event)
+            except ColdTicketNeeded as cold:  # a frozen ticket run again (a retry, a revision)
+                state.last_seq = last
+                thaw_ticket(store, state, cold.ticket)
+                evolve(state, event)
+            last = seq
             if sink is not None:
                 sink((seq, event))
+            if type(event) in _ENDS_TYPES:
+                ended.add(event.ticket)  # type: ignore[attr-defined]
+                if len(ended) >= freeze_batch:
+                    freeze_all(state, ended)
+    finally:
+        state.last_seq = last
+        events.close()  # type: ignore[attr-defined]
+    freeze_all(state, ended)
+    return state
+
+
+def freeze_all(state: State, ids: set[str]) -> None:
+    """Freeze those of `ids` that are over (the rest stay hot), and forget them all."""
+    for tid in ids:
+        freeze(state, tid)
+    ids.clear()
+
+
+def thaw_ticket(store: EventStore, state: State, tid: str) -> TicketState:
+    """Bring cold ticket `tid` back into `state`: its own stream, up to `state.last_seq`, folded
+    into an empty state (a ticket's state is a fold of its own stream alone)."""
+    alone = State()
+    events = store.read_events(0, stream=tid, until=state.last_seq)
+    try:
+        for _seq, event in events:
+            evolve(alone, event)
     finally:
         events.close()  # type: ignore[attr-defined]
     ticket = alone.tickets.get(tid)
@@ -98,6 +138,14 @@ class CommandHandler:
     ) -> None:
         self.store = store
         self.state = load_state(store, state)
+        # Effects that must be done before the events that announce them are recorded (the daemon
+        # writes joined manifests: daemon/manifests.py). Idempotent: a conflict decides again.
+        self.before_append = before_append
+        # Tickets that ended since the last command: frozen before the next one, so that right after
+        # a command its tickets can still be read whole. Tickets thawed to be read or acted on wait
+        # one command more (the command they were thawed for comes next).
+        self.ended: set[str] = set()
+        self.thawed: set[str] = set()
         # The events folded into `state` since it was loaded, in log order and without gaps, up to
         # `state.last_seq`: reactors in this process (the dispatcher) take new events from here
         # instead of reading and decoding them again from the database.
@@ -175,6 +223,10 @@ class CommandHandler:
                 evolve(self.state, event)
                 self.state.last_seq = rec.seq
                 self.tail.append((rec.seq, event))
+                if isinstance(event, _ENDS):
+                    self.ended.add(event.ticket)
+            self.ended |= self.thawed
+            self.thawed.clear()
             return recorded
         raise ConcurrencyError(f"gave up after {MAX_CONFLICT_RETRIES} version conflicts")
 
