@@ -28,6 +28,9 @@ from fastapi.templating import Jinja2Templates
 
 from console import auth, data
 from console.live import Broadcaster
+from console.playground import EXAMPLE, GRADIO_PATH, LazyGradio, Playground
+from console.playground import picture_params as picture_params
+from console.playground import sudoku_solved as sudoku_solved
 from schema import readmodel as rm
 from schema.settings import Settings
 from schema.store import EventStore, open_readonly
@@ -79,10 +82,15 @@ def create_app(config: Config) -> FastAPI:
     templates.env.filters["num"] = _num
     templates.env.filters["when"] = _when
 
+    gradio_playground = LazyGradio(
+        Playground(settings, engine), lambda scope: not config.login_to_read or session_of(Request(scope)) is not None
+    )
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> Any:
         broadcaster.start()
         yield
+        await gradio_playground.close()
         broadcaster.stop()
         engine.dispose()
 
@@ -469,111 +477,45 @@ def create_app(config: Config) -> FastAPI:
             return JSONResponse({"ok": True, "ticket": ticket.id, "path": str(dest), "message": message})
         return RedirectResponse(f"/tickets/{ticket.id}?{urlencode({'msg': message, 'ok': 1})}", 303)
 
-    example = "1 0 0 4\n0 0 1 0\n0 1 0 0\n4 0 0 1\n"
-
-    def playground_payload(puzzle: str, queue: str) -> dict[str, Any]:
-        from daemon.adhoc import current_core
-
-        core = current_core(engine)
-        reasoner = core["components"].get("reasoner")
-        return {
-            "core_version": core["version"],
-            "reasoner": reasoner,
-            "puzzle": puzzle,
-            "queue": queue,
-            "redis": settings.redis_url_or_private() is not None,
-            "result": None,
-            "error": None,
-            "grid": None,
-        }
+    play = gradio_playground.play
 
     @app.get("/playground", response_class=HTMLResponse)
     @app.get("/api/playground")
     def playground(request: Request) -> Any:
         if (r := reader_refused(request)) is not None:
             return r
-        return page(request, "playground.html", playground_payload(example, "gpu"))
+        return page(request, "playground.html", play.sudoku_payload(EXAMPLE, "gpu"))
 
     @app.post("/playground")
     @app.post("/api/playground")
     async def playground_solve(request: Request) -> Any:
         """Solve a sudoku with the current core's reasoner on a worker, through the queue like `jbctl infer`."""
-        from daemon.adhoc import InferenceError, infer, parse_puzzle_text
-
         if (r := reader_refused(request)) is not None:
             return r
         _, form = await writer_user(request)
-        puzzle = str(form.get("puzzle") or "")
-        queue = "cpu" if form.get("queue") == "cpu" else "gpu"
-        payload = playground_payload(puzzle, queue)
-        payload["adapter"] = str(form.get("adapter") or "").strip()
-        status = 200
-        try:
-            grid = parse_puzzle_text(puzzle, "puzzle")
-            payload["grid"] = grid
-            params: dict[str, Any] = {"component": "reasoner", "puzzle": grid}
-            if payload["adapter"]:
-                params["adapter"] = payload["adapter"]
-            payload["result"] = await asyncio.to_thread(infer, settings, engine, params, queue=queue, timeout=120)
-            answer = payload["result"].get("answer")
-            payload["solved"] = bool(answer) and sudoku_solved(grid, answer)
-        except ValueError as exc:
-            payload["error"], status = str(exc), 422
-        except InferenceError as exc:
-            payload["error"], status = str(exc), 409
+        payload, status = await asyncio.to_thread(play.solve, form)
         return page(request, "playground.html", payload, status)
-
-    def image_payload(form: dict[str, Any]) -> dict[str, Any]:
-        from daemon.adhoc import IMAGE_COMPONENTS, current_core, default_gallery
-
-        core = current_core(engine)
-        have = [name for name in IMAGE_COMPONENTS if name in core["components"]]
-        # The one asked for, else the core's image encoder, else its image-text encoder.
-        component = str(form.get("component") or (have[0] if have else IMAGE_COMPONENTS[0]))
-        return {
-            "core_version": core["version"],
-            "components": have,
-            "component": component,
-            "encoder": core["components"].get(component),
-            "default_gallery": default_gallery(engine, core, component),
-            "gallery": str(form.get("gallery") or "").strip(),
-            "adapter": str(form.get("adapter") or "").strip(),
-            "queue": "cpu" if form.get("queue") == "cpu" else "gpu",
-            "top_k": 5 if form.get("top_k") in (None, "") else form.get("top_k"),
-            "picture": None,
-            "redis": settings.redis_url_or_private() is not None,
-            "result": None,
-            "error": None,
-        }
 
     @app.get("/playground/image", response_class=HTMLResponse)
     @app.get("/api/playground/image")
     def image_playground(request: Request) -> Any:
         if (r := reader_refused(request)) is not None:
             return r
-        return page(request, "playground_image.html", image_payload({}))
+        return page(request, "playground_image.html", play.image_payload({}))
 
     @app.post("/playground/image")
     @app.post("/api/playground/image")
     async def image_look(request: Request) -> Any:
         """What the core's image encoder sees in a picture, on a warm worker through the queue."""
-        from daemon.adhoc import InferenceError, infer
-
         if (r := reader_refused(request)) is not None:
             return r
         _, form = await writer_user(request)
-        payload = image_payload(form)
-        status = 200
-        try:
-            params = picture_params(form, payload)
-            payload["result"] = await asyncio.to_thread(
-                infer, settings, engine, params, queue=payload["queue"], timeout=120
-            )
-        except ValueError as exc:
-            payload["error"], status = str(exc), 422
-        except InferenceError as exc:
-            payload["error"], status = str(exc), 409
+        payload, status = await asyncio.to_thread(play.look, form)
         return page(request, "playground_image.html", payload, status)
+
+    # The Gradio playground: the same `Playground` calls, built on its first visit (importing gradio
+    # takes seconds; a console that is never played with never pays them).
+    app.mount(GRADIO_PATH, gradio_playground)
 
     # --- login -----------------------------------------------------------------------------------
 
@@ -648,84 +590,6 @@ def create_app(config: Config) -> FastAPI:
         )
 
     return app
-
-
-def sudoku_solved(puzzle: list[list[int]], answer: list[list[int]]) -> bool:
-    """Whether `answer` keeps the givens and every row, column and box holds 1..n once."""
-    n = len(puzzle)
-    box_rows, box_cols = {4: (2, 2), 6: (2, 3), 9: (3, 3)}[n]
-    if len(answer) != n or any(len(r) != n for r in answer):
-        return False
-    if any(puzzle[r][c] and puzzle[r][c] != answer[r][c] for r in range(n) for c in range(n)):
-        return False
-    want = set(range(1, n + 1))
-    groups = [answer[r] for r in range(n)] + [[answer[r][c] for r in range(n)] for c in range(n)]
-    for br in range(0, n, box_rows):
-        for bc in range(0, n, box_cols):
-            groups.append([answer[r][c] for r in range(br, br + box_rows) for c in range(bc, bc + box_cols)])
-    return all(set(g) == want for g in groups)
-
-
-PICTURE_MAX_CHARS = 6 * 2**20  # base64 of the 4 MiB a worker accepts
-PICTURE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
-
-
-def picture_params(form: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
-    """The `infer` parameters of a playground picture (ValueError names what is wrong with the request).
-
-    The picture arrives as a base64 PNG or JPEG (`image_png`, a `data:` URL from the page's canvas), or as
-    `image`, HxWx3 numbers, from scripts. The console checks only its shape; the worker decodes it."""
-    import base64
-    import binascii
-    import re
-
-    from daemon.adhoc import IMAGE_COMPONENTS
-
-    if payload["component"] not in IMAGE_COMPONENTS:
-        raise ValueError(f"component: {payload['component']!r}; one of {', '.join(IMAGE_COMPONENTS)}")
-    params: dict[str, Any] = {"component": payload["component"]}
-    encoded, image = form.get("image_png"), form.get("image")
-    if encoded and image is not None:
-        raise ValueError("send either image_png or image, not both")
-    if encoded:
-        if not isinstance(encoded, str) or len(encoded) > PICTURE_MAX_CHARS:
-            raise ValueError(f"image_png: a base64 PNG or JPEG of at most {PICTURE_MAX_CHARS:,} characters")
-        body = encoded.split(",", 1)[1] if encoded.startswith("data:") else encoded
-        try:
-            head = base64.b64decode(body[:24], validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("image_png: not base64") from None
-        if not head.startswith(PICTURE_MAGIC):
-            raise ValueError("image_png: not a PNG or JPEG picture")
-        params["image_png"] = encoded
-        payload["picture"] = encoded if encoded.startswith("data:") else None
-    elif image is not None:
-        if not (
-            isinstance(image, list)
-            and 0 < len(image) <= 512
-            and all(isinstance(row, list) and len(row) == len(image[0]) for row in image)
-            and all(isinstance(px, list) and len(px) == 3 for row in image for px in row)
-            and all(type(v) is int and 0 <= v <= 255 for row in image for px in row for v in px)
-        ):
-            raise ValueError("image: HxWx3 whole numbers 0..255 (at most 512 rows), rows of equal length")
-        params["image"] = image
-    else:
-        raise ValueError("no picture: draw one or choose a PNG/JPEG file (image_png), or send `image`")
-    gallery = payload["gallery"] or payload["default_gallery"]
-    if gallery:
-        if not re.fullmatch(r"sha256:[0-9a-f]{8,64}", gallery):
-            raise ValueError(f"gallery: {gallery!r} is not sha256:<dataset id>")
-        params["gallery"] = gallery
-    try:
-        top_k = int(payload["top_k"])
-    except (TypeError, ValueError):
-        raise ValueError(f"top_k: {payload['top_k']!r} is not a whole number") from None
-    if not 1 <= top_k <= 50:
-        raise ValueError(f"top_k: {top_k} is out of range 1..50")
-    params["top_k"] = payload["top_k"] = top_k
-    if payload["adapter"]:
-        params["adapter"] = payload["adapter"]
-    return params
 
 
 def _pasted_name(text: str) -> str:
