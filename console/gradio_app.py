@@ -185,7 +185,10 @@ def build(play: Playground) -> Any:
                         with gr.Accordion("the whole answer (JSON)", open=False):
                             raw = gr.JSON()
                 solve.click(
-                    lambda p, q, a: solve_view(play, p, q, a), [puzzle, queue, adapter], [answer, who, steps, raw]
+                    lambda p, q, a: solve_view(play, p, q, a),
+                    [puzzle, queue, adapter],
+                    [answer, who, steps, raw],
+                    api_name="solve",
                 )
             with gr.Tab("Picture", id="picture"):
                 with gr.Row():
@@ -220,6 +223,7 @@ def build(play: Playground) -> Any:
                     lambda u, s, c, q, k, a: look_view(play, u, s, c, q, k, a),
                     [upload, sketch, component, pqueue, top_k, padapter],
                     [seen, captions, probes, texts, praw],
+                    api_name="look",
                 )
     return blocks
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -115,7 +116,7 @@ def token_for(home: Path, user: str) -> str:
 @pytest.mark.integration  # starts a python process
 def test_console_never_imports_torch_or_workers() -> None:
     code = (
-        "import sys, console.app, console.data, console.live, console.auth, cli.console_cmds;"
+        "import sys, console.app, console.data, console.live, console.auth, console.playground, cli.console_cmds;"
         "import daemon.gate, daemon.adhoc, cli.plans, cli.milestone_report, schema.milestones;"
         "bad = [k for k in sys.modules if k.split('.')[0] in ('torch', 'workers', 'timm', 'gradio')];"
         "print(bad); sys.exit(1 if bad else 0)"
@@ -555,8 +556,49 @@ def test_non_local_console_needs_login_to_read(store: EventStore, home: Path) ->
         assert code == 401
         code, _ = server.request("GET", "/api/tickets", headers={"Authorization": f"Bearer {token_for(home, 'bo')}"})
         assert code == 200
+        code, body = server.request("GET", "/playground/gradio/config")  # the Gradio playground too
+        assert code == 401 and b"log in first" in body
     finally:
         server.stop()
+
+
+def gradio_call(server: ConsoleServer, api: str, data: list[Any]) -> list[Any]:
+    """Call a Gradio playground event as its page does (POST, then read the answer from its event stream)."""
+    code, raw = server.request(
+        "POST",
+        f"/playground/gradio/gradio_api/call/{api}",
+        json.dumps({"data": data}).encode(),
+        {"Content-Type": "application/json"},
+    )
+    assert code == 200, raw
+    event = json.loads(raw)["event_id"]
+    with urllib.request.urlopen(f"{server.url}/playground/gradio/gradio_api/call/{api}/{event}", timeout=60) as r:
+        stream = r.read().decode()
+    assert "event: complete" in stream, stream
+    return json.loads(stream.split("event: complete\ndata: ", 1)[1].split("\n", 1)[0])  # type: ignore[no-any-return]
+
+
+@pytest.mark.integration
+def test_gradio_playground_is_mounted(store: EventStore, console: ConsoleServer) -> None:
+    """The Gradio app serves under /playground/gradio with its two tabs, and its calls are the playground's."""
+    code, page = console.request("GET", "/playground/gradio/")
+    assert code == 200 and b"gradio" in page
+    config = console.get_json("/playground/gradio/config")
+    assert config["title"] == "Jetbox playground"
+    tabs = [c["props"]["label"] for c in config["components"] if c["type"] == "tabitem"]
+    assert tabs == ["Sudoku", "Picture"] and config["analytics_enabled"] is False
+    assert {d.get("api_name") for d in config["dependencies"]} >= {"solve", "look"}
+    for path in ("/playground", "/playground/image"):  # the HTML playground links to it
+        code, html = console.request("GET", path)
+        assert code == 200 and b'href="/playground/gradio/" id="gradio-link"' in html
+    # The Sudoku tab's call, as the page makes it: a bad puzzle is refused with where it is wrong, and with
+    # no Redis it says so; the same messages as the HTML playground (both call console.playground).
+    answer, who, _, _ = gradio_call(console, "solve", ["1 2\n3 x\n", "cpu", ""])
+    assert "bad puzzle" in answer and "puzzle:2:2: &#x27;x&#x27; is not a digit" in answer and who == ""
+    answer, *_ = gradio_call(console, "solve", ["1 0 0 4\n0 0 1 0\n0 1 0 0\n4 0 0 1", "cpu", ""])
+    assert "could not run" in answer and "no Redis configured" in answer
+    seen, *_ = gradio_call(console, "look", [None, None, None, "cpu", 5, ""])
+    assert "no picture" in seen
 
 
 # --- in a real browser -------------------------------------------------------------------------------
