@@ -60,6 +60,7 @@ def grid_html(answer: list[list[int]], grid: list[list[int]] | None, solved: boo
         f'<p id="gr-verdict" style="font-weight:700;color:{colour}">{verdict}</p>'
         '<table id="gr-answer" style="width:auto;border:2px solid #10182b;border-collapse:collapse">'
         f"{''.join(rows)}</table>"
+        '<p style="font-size:smaller;color:#667085">bold: the givens · blue: the digits the reasoner filled in</p>'
     )
 
 
@@ -194,7 +195,11 @@ def build(play: Playground) -> Any:
                 with gr.Row():
                     with gr.Column():
                         upload = gr.Image(
-                            sources=["upload", "clipboard"], type="filepath", format="png", label="Upload a picture"
+                            sources=["upload", "clipboard"],
+                            type="filepath",
+                            format="png",
+                            label="Upload a picture",
+                            elem_id="gr-upload",
                         )
                         sketch = gr.Sketchpad(
                             type="filepath", format="png", label="or draw one", canvas_size=(256, 256)
@@ -204,17 +209,21 @@ def build(play: Playground) -> Any:
                             value=None,
                             label="Encoder (empty: the core's)",
                         )
-                        pqueue = gr.Radio(["gpu", "cpu"], value="gpu", label="Queue")
+                        pqueue = gr.Radio(["gpu", "cpu"], value="gpu", label="Queue", elem_id="gr-pqueue")
                         top_k = gr.Slider(1, 50, value=5, step=1, label="Neighbours (k)")
                         padapter = gr.Textbox("", label="Adapter (optional)", placeholder="none")
                         look = gr.Button("Look", variant="primary", elem_id="gr-look")
                     with gr.Column():
                         seen = gr.Markdown(elem_id="gr-seen")
                         probes = gr.Dataframe(
-                            headers=["probe", "prediction", "share", "votes"], label="Probe predictions (kNN vote)"
+                            headers=["probe", "prediction", "share", "votes"],
+                            label="Probe predictions (kNN vote)",
+                            elem_id="gr-probes",
                         )
                         captions = gr.Dataframe(
-                            headers=["image", "cosine", "caption"], label="Nearest captioned images"
+                            headers=["image", "cosine", "caption"],
+                            label="Nearest captioned images",
+                            elem_id="gr-captions",
                         )
                         texts = gr.Dataframe(headers=["caption", "cosine"], label="Captions it would write")
                         with gr.Accordion("the whole answer (JSON)", open=False):

@@ -802,5 +802,29 @@ def test_browser_train_approve_then_play(running: Any, browser: object) -> None:
         assert "core v1 reasoner" in page.locator("#answer").inner_text()
         assert page.locator("#verdict").inner_text() in ("a valid solution", "not a valid solution")
         shot(page, "playground", full_page=False)
+        # The same through the Gradio playground's Sudoku tab; the page never leaves the console's origin.
+        outside: list[str] = []
+        page.on(
+            "request",
+            lambda r: (
+                outside.append(r.url)
+                if r.url.split(":")[0] in ("http", "https") and not r.url.startswith(server.url)
+                else None
+            ),
+        )
+        page.goto(server.url + "/playground/gradio/")
+        page.locator("#gr-puzzle textarea").fill(PUZZLE)
+        page.locator("#gr-queue").get_by_label("cpu").check()
+        page.click("#gr-solve")
+        page.wait_for_selector("#gr-answer", timeout=120_000)
+        cells = page.locator("#gr-answer td")
+        assert cells.count() == 16 and cells.nth(0).inner_text() == "1" and cells.nth(3).inner_text() == "4"
+        who = page.locator("#gr-produced-by").inner_text()
+        assert "core v1 reasoner" in who and "adapter: none" in who, who
+        assert page.locator("#gr-verdict").inner_text() in ("a valid solution", "not a valid solution")
+        assert "segment(s) before it halted" in page.locator("#gr-steps").inner_text()
+        assert "Core v1" in page.locator("#gr-core").inner_text()
+        shot(page, "playground-gradio", full_page=False)
+        assert outside == [], outside
     finally:
         server.stop()

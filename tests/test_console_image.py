@@ -136,6 +136,25 @@ def in_browser(server: ConsoleServer) -> None:
         assert page.locator("#captions tbody tr").count() == 5
         assert page.locator("#text-matches tbody tr").count() == 5
         shot(page, "playground-image")
+        # The Gradio playground's Picture tab: the same call, the same answer's shape.
+        picture = Path(server.home) / "circle.png"
+        picture.write_bytes(base64.b64decode(png().split(",", 1)[1]))
+        page.goto(server.url + "/playground/gradio/")
+        page.get_by_role("tab", name="Picture").click()
+        page.locator("#gr-upload input[type=file]").set_input_files(str(picture))
+        page.locator("#gr-pqueue").get_by_label("cpu").check()
+        page.click("#gr-look")
+        page.wait_for_function("document.querySelector('#gr-seen')?.innerText.includes('Answered by')", timeout=120_000)
+        seen = page.locator("#gr-seen").inner_text()
+        assert "core v1 image-text-encoder" in seen and "adapter: none" in seen and "(64 images)" in seen, seen
+        probes = page.locator("#gr-probes").inner_text()
+        assert all(label in probes for label in ("shape", "colour", "count", "position")), probes
+        captions = page.locator("#gr-captions").inner_text()
+        assert (
+            "cosine" in captions
+            and sum(line.startswith(("a small ", "a large ")) for line in captions.split("\n")) >= 1
+        )
+        shot(page, "playground-gradio-picture")
         browser.close()
 
 
