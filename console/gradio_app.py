@@ -108,7 +108,9 @@ def look_view(
     play: Playground, upload: str | None, sketch: Any, component: str, queue: str, top_k: float, adapter: str
 ) -> tuple[str, list[list[Any]], list[list[Any]], list[list[Any]], dict[str, Any]]:
     """(who answered or the error, nearest captions, probe votes, captions it would write, the whole answer)."""
-    form: dict[str, Any] = {"queue": queue, "top_k": int(top_k), "adapter": adapter, "component": component or None}
+    # top_k as given (a slider's float, or whatever an API caller sent): `picture_params` checks it.
+    k = int(top_k) if isinstance(top_k, float) and top_k.is_integer() else top_k
+    form: dict[str, Any] = {"queue": queue, "top_k": k, "adapter": adapter, "component": component or None}
     path = picture_file(upload, sketch)
     if path:
         # Gradio saved the picture as a PNG (format="png"); the console passes it on undecoded.
