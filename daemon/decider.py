@@ -1149,11 +1149,31 @@ def _current(out: _Emitter, c: cmd._Report) -> tuple[TicketState, TaskState] | N
     if ticket is None or ticket.status != "running":
         return None
     task = ticket.tasks.get(c.task)
-    if task is None or task.attempt != c.attempt or task.status not in LIVE:
-        return None  # an old attempt's report: the attempt number is the fencing token
+    if task is None:
+        return None
+    if task.attempt != c.attempt or task.status not in LIVE:
+        # An old attempt's report: the attempt number is the fencing token.
+        late = c.attempt < task.attempt or c.report_seq > task.last_report_seq
+        if c.report_seq and late and 1 <= c.attempt <= task.attempt and not isinstance(c, cmd.RecordProgress):
+            out.emit(
+                ev.StaleReportRefused(
+                    **_about(c), current_attempt=task.attempt, report=_REPORT_KIND[type(c)], worker=c.sender
+                )
+            )
+        return None
     if c.report_seq and c.report_seq <= task.last_report_seq:
         return None  # delivered twice
     return ticket, out.task(ticket.id, task.id)
+
+
+_REPORT_KIND: dict[type, str] = {
+    cmd.RecordJobStarted: "started",
+    cmd.RecordProgress: "progress",
+    cmd.RecordCheckpoint: "checkpoint",
+    cmd.RecordArtifact: "artifact",
+    cmd.RecordJobSucceeded: "succeeded",
+    cmd.RecordJobFailed: "failed",
+}
 
 
 def _about(c: cmd._Report, report_seq: bool = True) -> dict[str, Any]:
