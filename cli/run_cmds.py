@@ -75,6 +75,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no live status lines")
     p.add_argument("--console-port", type=int, default=8470, help="the web console's port on 127.0.0.1 (0: none)")
     p.add_argument(
+        "--no-workers",
+        action="store_true",
+        help="start no worker here: this host only coordinates, workers join from others (`jbctl join-token`)",
+    )
+    p.add_argument(
         "--listen",
         metavar="ADDRESS:PORT",
         type=_address,
@@ -417,7 +422,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         if not stopping:
             children.start("daemon", [JBCTL, "daemon"], env, logs / "daemon.log")
-            for q in ("cpu", "gpu"):
+            for q in () if args.no_workers else ("cpu", "gpu"):
                 warm = ["--warm"] if q == "gpu" else []  # the inference worker keeps the core loaded, following it
                 children.start(f"worker-{q}", [JBCTL, "worker", "--queue", q, *warm], env, logs / f"worker-{q}.log")
             if args.console_port:
