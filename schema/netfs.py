@@ -4,7 +4,7 @@ SQLite's locking (and WAL's shared memory) relies on POSIX locks and mmap that N
 the like do not provide faithfully: two hosts writing one database file over such a mount corrupt
 it, silently. Several hosts share the event log through PostgreSQL instead (JETBOX_DATABASE_URL).
 
-Stdlib only; reads the mount table (`/proc/mounts`), whose path a test may replace.
+Stdlib only; reads the mount table (`MOUNTS`, /proc/mounts), which a test may point elsewhere.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def mount_of(path: Path, mounts: Path = MOUNTS) -> tuple[str, str] | None:
+def mount_of(path: Path, mounts: Path | None = None) -> tuple[str, str] | None:
     """The mount point and file system type holding `path` (which need not exist yet: its nearest
     existing parent is looked up), or None when the mount table cannot be read."""
     try:
-        lines = mounts.read_text().splitlines()
+        lines = (mounts or MOUNTS).read_text().splitlines()
     except OSError:
         return None
     target = Path(os.path.realpath(path))
@@ -54,7 +54,7 @@ def mount_of(path: Path, mounts: Path = MOUNTS) -> tuple[str, str] | None:
     return best
 
 
-def network_filesystem(path: Path, mounts: Path = MOUNTS) -> str | None:
+def network_filesystem(path: Path, mounts: Path | None = None) -> str | None:
     """A description of the network mount holding `path` (`nfs4 at /mnt/lab`), or None when local."""
     found = mount_of(path, mounts)
     if found is None:
@@ -63,7 +63,7 @@ def network_filesystem(path: Path, mounts: Path = MOUNTS) -> str | None:
     return f"{fstype} at {point}" if fstype in NETWORK_TYPES else None
 
 
-def refuse_network_sqlite(db_path: Path, mounts: Path = MOUNTS) -> None:
+def refuse_network_sqlite(db_path: Path, mounts: Path | None = None) -> None:
     """Raise NetworkFilesystemError, with the way out, when the SQLite file would be on a network mount."""
     where = network_filesystem(db_path, mounts)
     if where is not None:

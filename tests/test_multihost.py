@@ -173,6 +173,16 @@ def test_workers_join_in_one_command_and_run_the_steps(lab: Lab) -> None:
     env = _clean_env(lab.hosts.homes[w0], {"JETBOX_REDIS_URL": bare})
     refused = lab.run(w0, [JBCTL, "worker", "--burst"], env)
     assert refused.returncode == 1 and "without a password" in refused.stderr, refused.stderr
+    # A Redis that asks for no password, whatever password the URL gives, is refused too.
+    from cli.embedded import redis_binary
+
+    open_redis = [redis_binary(), "--port", str(PORT + 1), "--bind", MAIN_ADDRESS, "--save", "", "--appendonly", "no"]
+    lab.start(lab.hosts.main, open_redis, _clean_env(lab.main_home), "open-redis.log")
+    env = _clean_env(lab.hosts.homes[w0], {"JETBOX_REDIS_URL": f"redis://:guess@{MAIN_ADDRESS}:{PORT + 1}/0"})
+    log = lab.main_home / "open-redis.log"
+    wait_for("the open Redis", lambda: "Ready to accept connections" in log.read_text(errors="replace"), timeout=20)
+    refused = lab.run(w0, [JBCTL, "worker", "--burst"], env)
+    assert refused.returncode == 1 and "lets clients in without a password" in refused.stderr, refused.stderr
     token = json.loads(lab.join_file.read_text())
     assert token["redis_url"].startswith("redis://:") and token["queues"] == ["cpu"]
     assert token["heartbeat_timeout_seconds"] == 2.0 and "database_url" not in token
