@@ -25,6 +25,15 @@ from cli.common import settings_from
 from cli.main import CliError
 
 Queue = Literal["gpu", "cpu"]
+# What the object store's client reads (the standard AWS variables): the only environment a join file
+# may set. Anything else (PYTHONPATH, LD_PRELOAD...) would let whoever writes a join file run code.
+STORE_ENDPOINT = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+)  # not AWS_CA_BUNDLE: a path here
+STORE_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 class JoinToken(BaseModel):
@@ -40,6 +49,17 @@ class JoinToken(BaseModel):
     database_url: str | None = None
     heartbeat_seconds: float = Field(default=2.0, gt=0)
     heartbeat_timeout_seconds: float = Field(default=20.0, gt=0)
+    # The object store's endpoint and region (and, with --include-credentials, its keys).
+    store_environment: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("store_environment")
+    @classmethod
+    def _store_env(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if key not in STORE_ENDPOINT + STORE_CREDENTIALS:
+                allowed = ", ".join(STORE_ENDPOINT + STORE_CREDENTIALS)
+                raise ValueError(f"{key!r} is not an object-store variable a join file may set ({allowed})")
+        return value
 
     @field_validator("redis_url")
     @classmethod
@@ -87,6 +107,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--redis-url",
         help="the Redis URL as other hosts reach it (default: JETBOX_REDIS_URL, else `jbctl up --listen`'s)",
     )
+    p.add_argument(
+        "--include-credentials",
+        action="store_true",
+        help="put this host's object-store keys (AWS_ACCESS_KEY_ID, ...) in the file too (default: the "
+        "endpoint and region only; the new host brings its own keys)",
+    )
     p.set_defaults(func=cmd_join_token)
 
 
@@ -105,7 +131,7 @@ def _redis_for_others(settings: Any, explicit: str | None) -> str:
     )
 
 
-def build_token(settings: Any, redis_url: str, queues: list[str] | None) -> JoinToken:
+def build_token(settings: Any, redis_url: str, queues: list[str] | None, credentials: bool = False) -> JoinToken:
     from schema.wire import SecretError, load_secret
 
     parts = urlsplit(redis_url)
@@ -123,6 +149,8 @@ def build_token(settings: Any, redis_url: str, queues: list[str] | None) -> Join
     shared = settings.database_url and not settings.database_url.startswith("sqlite")
     database = settings.database_url if shared else None
     artifacts = os.environ.get("JETBOX_ARTIFACTS_URL") or getattr(settings, "artifacts_url", None)
+    names = STORE_ENDPOINT + (STORE_CREDENTIALS if credentials else ())
+    store_env = {k: os.environ[k] for k in names if os.environ.get(k)} if artifacts else {}
     try:
         return JoinToken(
             redis_url=redis_url,
@@ -132,6 +160,7 @@ def build_token(settings: Any, redis_url: str, queues: list[str] | None) -> Join
             database_url=database,
             heartbeat_seconds=settings.heartbeat_seconds,
             heartbeat_timeout_seconds=settings.heartbeat_timeout_seconds,
+            store_environment=store_env,
         )
     except ValidationError as exc:
         raise CliError(f"cannot make a join file: {_problems(exc)}") from None
@@ -152,7 +181,7 @@ def write_private(path: Path, text: str) -> None:
 
 def cmd_join_token(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    token = build_token(settings, _redis_for_others(settings, args.redis_url), args.queue)
+    token = build_token(settings, _redis_for_others(settings, args.redis_url), args.queue, args.include_credentials)
     text = token.model_dump_json(indent=2, exclude_none=True) + "\n"
     if args.output is None:
         sys.stdout.write(text)
@@ -209,9 +238,10 @@ def read_token(source: str, stdin: Any = None) -> JoinToken:
         raise CliError(f"--join {where}: {_problems(exc)}") from None
 
 
-def apply_token(token: JoinToken, settings: Any) -> dict[str, str]:
+def apply_token(token: JoinToken, settings: Any, own: dict[str, str] | None = None) -> dict[str, str]:
     """Install the HMAC key in this host's home (0600) and return the environment the worker (and the
-    jobs it runs, which read settings again) takes from the join file."""
+    jobs it runs, which read settings again) takes from the join file. Object-store variables that
+    this host's environment (`own`, default os.environ) already sets stay its own: per-host keys."""
     from schema.wire import SecretError, load_secret
 
     path = settings.secret_path
@@ -236,6 +266,8 @@ def apply_token(token: JoinToken, settings: Any) -> dict[str, str]:
         env["JETBOX_ARTIFACTS_URL"] = token.artifacts_url
     if token.database_url:
         env["JETBOX_DATABASE_URL"] = token.database_url
+    here = os.environ if own is None else own
+    env.update({k: v for k, v in token.store_environment.items() if not here.get(k)})
     return env
 
 
@@ -251,7 +283,7 @@ def check_redis_auth(url: str, insecure: bool) -> None:
     if not parts.password:
         raise CliError(
             f"Redis at {redact(url)} is reached over TCP without a password: anyone who reaches that port could "
-            f"queue jobs and read reports. {fix}, or pass --insecure on a network you trust"
+            f"queue jobs and read reports: {fix}, or pass --insecure on a network you trust"
         )
     probe = redis.Redis(
         host=parts.hostname or "", port=parts.port or 6379, socket_connect_timeout=5, socket_timeout=5,

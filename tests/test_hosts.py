@@ -94,6 +94,11 @@ def test_a_join_file_is_read_and_checked(tmp_path: Path) -> None:
         ({**GOOD, "database_url": "sqlite:////x.db"}, 0o600, "SQLite event log cannot be shared"),
         ({**GOOD, "extra": 1}, 0o600, "extra: Extra inputs are not permitted"),
         ({**GOOD, "heartbeat_seconds": -1}, 0o600, "heartbeat_seconds: Input should be greater than 0"),
+        (
+            {**GOOD, "store_environment": {"LD_PRELOAD": "/tmp/x.so"}},
+            0o600,
+            "'LD_PRELOAD' is not an object-store variable",
+        ),
     ],
 )
 def test_a_bad_join_file_is_refused_naming_the_problem(
@@ -128,6 +133,31 @@ def test_joining_installs_the_key_once_and_refuses_another_installations(tmp_pat
     apply_token(JoinToken.model_validate(GOOD), settings)  # the same key again: fine
     with pytest.raises(CliError, match="holds a different HMAC key"):
         apply_token(JoinToken.model_validate(GOOD | {"secret": "cd" * 32}), settings)
+
+
+def test_the_object_store_settings_travel_and_a_hosts_own_keys_win(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(home=tmp_path)
+    load_secret(settings.secret_path, create=True)
+    for key in ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {
+        "JETBOX_ARTIFACTS_URL": "s3://lab/jetbox",
+        "AWS_ENDPOINT_URL": "http://10.0.0.5:9000",
+        "AWS_ACCESS_KEY_ID": "main-key",
+        "AWS_SECRET_ACCESS_KEY": "main-secret",
+    }.items():
+        monkeypatch.setenv(key, value)
+    plain = build_token(settings, "redis://:pw@10.0.0.5:6379/0", None)
+    assert plain.artifacts_url == "s3://lab/jetbox"
+    assert plain.store_environment == {"AWS_ENDPOINT_URL": "http://10.0.0.5:9000"}  # keys only when asked
+    full = build_token(settings, "redis://:pw@10.0.0.5:6379/0", None, credentials=True)
+    assert full.store_environment["AWS_SECRET_ACCESS_KEY"] == "main-secret"
+    worker = Settings(home=tmp_path / "w")
+    env = apply_token(full, worker, own={"AWS_ACCESS_KEY_ID": "host-key"})
+    assert "AWS_ACCESS_KEY_ID" not in env and env["AWS_SECRET_ACCESS_KEY"] == "main-secret"
+    assert env["JETBOX_ARTIFACTS_URL"] == "s3://lab/jetbox" and env["AWS_ENDPOINT_URL"] == "http://10.0.0.5:9000"
 
 
 def test_join_token_needs_a_reachable_redis_with_a_password(tmp_path: Path) -> None:
