@@ -6,18 +6,23 @@ hostname, with every other host's folder hidden. Steps run on the worker hosts; 
 from Redis (its link down) longer than the heartbeat bound has its attempt retried on the other,
 and its late reports are refused and recorded when its link comes back.
 
-The artifact store is a parameter: `JETBOX_TEST_ARTIFACTS_URL` (an object store every host reaches)
-when set; without it the workers keep artifacts in their own homes, which the tests account for
-(a checkpoint on a cut host cannot be resumed elsewhere; the TICKET-1 pipeline needs a shared store).
+The artifact store is a parameter (`store`): `local` keeps each host's artifacts in its own home,
+which the tests account for (a checkpoint on a cut host cannot be resumed elsewhere); `s3` starts
+an S3-compatible server (moto's standalone server) on the main host's address, which every host
+reaches over the network: artifacts and checkpoints go there, the TICKET-1 pipeline runs across
+hosts and a retried attempt resumes from its checkpoint on another host. `s3` is skipped, with the
+reason, where the object-store backend or moto is not installed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +38,30 @@ WHY_NOT = unavailable()
 needs_hosts = pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))
 FAST = {"JETBOX_HEARTBEAT_SECONDS": "0.3", "JETBOX_HEARTBEAT_TIMEOUT_SECONDS": "2", "JETBOX_RESCAN_SECONDS": "1"}
 PORT = 6390
-ARTIFACTS_URL = os.environ.get("JETBOX_TEST_ARTIFACTS_URL")
+S3_PORT = 6399
+BUCKET = "jetbox-hosts"
+
+
+def _no_object_store() -> str | None:
+    """Why the `s3` parameter cannot run here, or None."""
+    if importlib.util.find_spec("schema.artifact_s3") is None:
+        return "no object-store artifact backend (schema/artifact_s3.py) in this tree"
+    for module in ("boto3", "moto.server"):
+        try:
+            found = importlib.util.find_spec(module)
+        except ModuleNotFoundError:
+            found = None
+        if found is None:
+            return f"{module} is not installed (pip install -e '.[s3,dev]')"
+    return None
+
+
+STORES = [
+    pytest.param("local", id="local-store"),
+    pytest.param(
+        "s3", id="s3-store", marks=pytest.mark.skipif(_no_object_store() is not None, reason=str(_no_object_store()))
+    ),
+]
 
 
 def _clean_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -44,11 +72,34 @@ def _clean_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str
 class Lab:
     """The hosts and the processes started on them (stopped by pid, then the namespaces deleted)."""
 
-    def __init__(self, hosts: Hosts) -> None:
+    def __init__(self, hosts: Hosts, store: str = "local") -> None:
         self.hosts = hosts
+        self.store = store
         self.main_home = hosts.homes[hosts.main]
         self.procs: list[subprocess.Popen[bytes]] = []
         self.join_file = self.main_home / "join.json"
+        self.store_env: dict[str, str] = {}
+
+    def object_store(self) -> None:
+        """moto's S3 server on the main host's address (every host reaches it over the network), a bucket."""
+        endpoint = f"http://{MAIN_ADDRESS}:{S3_PORT}"
+        self.store_env = {
+            "JETBOX_ARTIFACTS_URL": f"s3://{BUCKET}/jetbox",
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "jetbox-test-key",
+            "AWS_SECRET_ACCESS_KEY": "jetbox-test-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        server = [sys.executable, "-m", "moto.server", "-H", MAIN_ADDRESS, "-p", str(S3_PORT)]
+        self.start(self.hosts.main, server, _clean_env(self.main_home), "moto.log")
+        make = f"import boto3; boto3.client('s3', endpoint_url={endpoint!r}).create_bucket(Bucket={BUCKET!r})"
+        env = _clean_env(self.main_home, self.store_env)
+        wait_for(
+            "the S3 server and its bucket",
+            lambda: self.run(self.hosts.main, [sys.executable, "-c", make], env).returncode == 0,
+            timeout=60,
+            every=1.0,
+        )
 
     def start(self, host: str, argv: list[str], env: dict[str, str], log: str) -> subprocess.Popen[bytes]:
         with (self.hosts.homes[host] / log).open("ab") as out:
@@ -65,9 +116,13 @@ class Lab:
             self.hosts.argv(host, argv), env=env, capture_output=True, text=True, input=stdin, timeout=60
         )
 
+    def main_env(self) -> dict[str, str]:
+        return _clean_env(self.main_home, {**FAST, **self.store_env})
+
     def main_up(self) -> None:
-        extra = {**FAST, **({"JETBOX_ARTIFACTS_URL": ARTIFACTS_URL} if ARTIFACTS_URL else {})}
-        env = _clean_env(self.main_home, extra)
+        if self.store == "s3":
+            self.object_store()
+        env = self.main_env()
         listen = f"{MAIN_ADDRESS}:{PORT}"
         self.start(
             self.hosts.main,
@@ -77,7 +132,8 @@ class Lab:
         )
         wait_for("the main host's Redis on TCP", (self.main_home / "run" / "redis.tcp.url").exists, timeout=30)
         wait_for("the daemon's first events", self.rows, timeout=30)
-        made = self.run(self.hosts.main, [JBCTL, "join-token", "--output", str(self.join_file), "--queue", "cpu"], env)
+        queues = ["--queue", "cpu"] + (["--queue", "gpu", "--include-credentials"] if self.store == "s3" else [])
+        made = self.run(self.hosts.main, [JBCTL, "join-token", "--output", str(self.join_file), *queues], env)
         assert made.returncode == 0, made.stderr
 
     def join(self, host: str) -> subprocess.Popen[bytes]:
@@ -143,11 +199,11 @@ class Lab:
 
 
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
+def lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Lab]:
     hosts = Hosts(tmp_path / "hosts", workers=2)
     try:
         hosts.up()
-        lab = Lab(hosts)
+        lab = Lab(hosts, getattr(request, "param", "local"))
         try:
             lab.main_up()
             yield lab
@@ -202,6 +258,7 @@ def test_workers_join_in_one_command_and_run_the_steps(lab: Lab) -> None:
 
 
 @needs_hosts
+@pytest.mark.parametrize("lab", STORES, indirect=True)
 def test_a_cut_off_worker_is_replaced_and_its_late_reports_are_refused(lab: Lab) -> None:
     w0, w1 = lab.hosts.workers
     lab.join(w0)
@@ -236,7 +293,41 @@ def test_a_cut_off_worker_is_replaced_and_its_late_reports_are_refused(lab: Lab)
     done = lab.events("AttemptSucceeded", ticket="TICKET-2")
     assert [d["attempt"] for d in done] == [2]
     resumed = done[0]["metrics"]["resumed_from"]
-    if ARTIFACTS_URL:  # checkpoints in the shared store: the other host resumes where the first stopped
+    if lab.store == "s3":  # checkpoints in the shared store: the other host resumes where the first stopped
         assert resumed > 0
     else:  # the checkpoint stayed on the cut host's disk, which the other host cannot see
         assert resumed == 0
+
+
+TICKET_1_SMALL = """\
+  - id: shapes
+    kind: synthesize
+    shards: 2
+    with: {generator: shapes, count: 200, seed: 1, shard_size: 100, params: {size: 32, max_objects: 3}}
+  - id: train
+    kind: train
+    needs: [shapes]
+    with: {model: jepa, preset: tiny, data: shapes, steps: 20, seed: 1}
+  - id: eval
+    kind: evaluate
+    needs: [train, shapes]
+    with: {model: jepa, data: shapes, checkpoint: train}
+"""
+
+
+@needs_hosts
+@pytest.mark.parametrize("lab", [STORES[1]], indirect=True)
+def test_ticket_1_runs_on_the_worker_hosts_with_the_object_store(lab: Lab) -> None:
+    """TICKET-1's pipeline (synthesize, train, evaluate; small) with every step on a worker host and
+    every artifact in the object store; the main host's `jbctl artifacts verify` finds it all."""
+    w0, w1 = lab.hosts.workers
+    lab.join(w0)
+    lab.join(w1)
+    lab.drop("TICKET-1", TICKET_1_SMALL)
+    wait_for("TICKET-1 to end", lambda: lab.ended("TICKET-1"), timeout=400, every=0.5)
+    assert lab.ended("TICKET-1") == "TicketCompleted", lab.events("AttemptFailed", ticket="TICKET-1")
+    hosts_used = {e["worker"].split(":")[0] for e in lab.events("AttemptStarted", ticket="TICKET-1")}
+    assert hosts_used and hosts_used <= {w0, w1}, hosts_used
+    assert lab.events("ArtifactRecorded", ticket="TICKET-1")
+    verified = lab.run(lab.hosts.main, [JBCTL, "artifacts", "verify"], lab.main_env())
+    assert verified.returncode == 0, verified.stdout + verified.stderr
