@@ -14,14 +14,18 @@ Each round runs a ticket of N independent no-op steps (throughput: TicketSubmitt
 TicketCompleted, from the events' recorded times) and a chain of M steps (latency: each job is
 dispatched after the previous report was committed; per job = chain span / M).
 
-Artifact throughput (MB/s up and down through the object store) needs the S3 artifact backend
-(JETBOX_ARTIFACTS_URL); it is reported as not measured when this tree has none.
+Artifact throughput, when the S3 artifact backend and moto are installed: an S3-compatible server
+(moto's standalone server) on the main host's address; a 100 MB checkpoint (`--artifact-mb`) is put
+into the store (MB/s up) and fetched into an empty read cache (MB/s down), from the main host and
+from a worker host, alternating, each round. moto keeps objects in memory in one Python process: the
+figures measure the path (client, network namespace hop), not a production object store.
 Needs root (namespaces); prints one line and exits 2 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -42,11 +46,47 @@ from tests.netns_hosts import MAIN_ADDRESS, Hosts, unavailable  # noqa: E402
 
 JBCTL = str(Path(sys.executable).parent / "jbctl")
 PORT = 6392
+S3_PORT = 6393
+BUCKET = "jetbox-bench"
+# Run on a host: put a fresh random file of N MB into the store, then fetch it with an empty cache.
+TRANSFER = """
+import json, os, sys, time
+from pathlib import Path
+from schema.artifact_store import ArtifactStore
+from schema.settings import load_settings
+size = int(sys.argv[1]) << 20
+home = Path(os.environ["JETBOX_HOME"]) / f"transfer-{os.getpid()}"
+home.mkdir(parents=True)
+src = home / "checkpoint.bin"
+with src.open("wb") as f:
+    for _ in range(size >> 20):
+        f.write(os.urandom(1 << 20))
+store = ArtifactStore.from_settings(load_settings(home=home / "up"))
+t = time.perf_counter()
+aid = store.put_file(src)
+up = time.perf_counter() - t
+fresh = ArtifactStore.from_settings(load_settings(home=home / "down"))
+t = time.perf_counter()
+got = fresh.path(aid)
+down = time.perf_counter() - t
+assert got.stat().st_size == size, got
+print(json.dumps({"up": size / up / 1e6, "down": size / down / 1e6}))
+"""
+
+
+def _no_object_store() -> str | None:
+    if importlib.util.find_spec("schema.artifact_s3") is None:
+        return "no S3 artifact backend in this tree"
+    for module in ("boto3", "moto"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed"
+    return None
 
 
 def _env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JETBOX_", "NOTIFY_", "WATCHDOG_"))}
-    env.update(JETBOX_HOME=str(home), PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", NO_COLOR="1")
+    path = os.pathsep.join([str(ROOT), *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])
+    env.update(JETBOX_HOME=str(home), PYTHONPATH=path, PYTHONUNBUFFERED="1", NO_COLOR="1")
     return env
 
 
@@ -103,6 +143,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=MAX_STEPS, help=f"independent jobs per round (1..{MAX_STEPS})")
     parser.add_argument("--chain", type=int, default=50, help=f"chained jobs per round (0..{MAX_STEPS})")
     parser.add_argument("--rounds", type=int, default=2, help="alternating local/remote rounds")
+    parser.add_argument("--artifact-mb", type=int, default=100, help="checkpoint size for the store figures (0: none)")
     args = parser.parse_args()
     if not 1 <= args.workers <= 4:
         parser.error("--workers: 1 to 4")
@@ -112,7 +153,11 @@ def main() -> int:
     if why:
         print(f"bench/multihost.py: {why}", file=sys.stderr)
         return 2
-    results: dict[str, dict[str, list[float]]] = {m: {"tput": [], "lat": []} for m in ("local", "remote")}
+    results: dict[str, dict[str, list[float]]] = {
+        m: {"tput": [], "lat": [], "up": [], "down": []} for m in ("local", "remote")
+    }
+    no_store = _no_object_store() if args.artifact_mb else "--artifact-mb 0"
+    store_env: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="jetbox-multihost-") as tmp_name:
         hosts = Hosts(Path(tmp_name) / "hosts", workers=args.workers)
         procs: list[subprocess.Popen[bytes]] = []
@@ -120,7 +165,9 @@ def main() -> int:
             hosts.up()
             main_home = hosts.homes[hosts.main]
             (main_home / "tickets").mkdir(parents=True, exist_ok=True)
-            env = _env(main_home)
+            if no_store is None:
+                store_env = _object_store(hosts, main_home, procs)
+            env = {**_env(main_home), **store_env}
             up = [JBCTL, "up", "--listen", f"{MAIN_ADDRESS}:{PORT}", "--no-workers", "--console-port", "0", "--quiet"]
             procs.append(_start(hosts, hosts.main, up, env, main_home / "up.log"))
             deadline = time.monotonic() + 60
@@ -164,6 +211,11 @@ def main() -> int:
                     finally:
                         for proc in workers:
                             _stop(proc)
+                    if no_store is None:
+                        host = hosts.main if mode == "local" else hosts.workers[0]
+                        rates = _transfer(hosts, host, {**_env(hosts.homes[host]), **store_env}, args.artifact_mb)
+                        results[mode]["up"].append(rates["up"])
+                        results[mode]["down"].append(rates["down"])
         finally:
             for proc in procs:
                 _stop(proc)
@@ -185,8 +237,56 @@ def main() -> int:
     if args.chain:
         added = 1000 * (statistics.median(results["remote"]["lat"]) - statistics.median(results["local"]["lat"]))
         print(f"  added latency per chained job (remote - local): {added:+.1f} ms")
-    print("  artifact throughput (object store, 100 MB checkpoint): not measured: no S3 artifact backend in this tree")
+    if no_store is not None:
+        print(f"  artifact throughput (object store): not measured: {no_store}")
+        return 0
+    for mode in ("local", "remote"):
+        r = results[mode]
+        print(
+            f"  {mode:6} store, {args.artifact_mb} MB checkpoint: up {statistics.median(r['up']):7.1f} MB/s   "
+            f"down {statistics.median(r['down']):7.1f} MB/s   rounds up {json.dumps([round(x) for x in r['up']])} "
+            f"down {json.dumps([round(x) for x in r['down']])}"
+        )
+    for way in ("up", "down"):
+        ratio = statistics.median(results["remote"][way]) / statistics.median(results["local"][way])
+        print(f"  store {way} ratio (remote/local): {ratio:.2f}")
     return 0
+
+
+def _object_store(hosts: Hosts, main_home: Path, procs: list[subprocess.Popen[bytes]]) -> dict[str, str]:
+    """moto's S3 server on the main host's address, and a bucket; the variables every host uses."""
+    endpoint = f"http://{MAIN_ADDRESS}:{S3_PORT}"
+    store_env = {
+        "JETBOX_ARTIFACTS_URL": f"s3://{BUCKET}/jetbox",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "jetbox-bench-key",
+        "AWS_SECRET_ACCESS_KEY": "jetbox-bench-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    server = [sys.executable, "-m", "moto.server", "-H", MAIN_ADDRESS, "-p", str(S3_PORT)]
+    procs.append(_start(hosts, hosts.main, server, _env(main_home), main_home / "moto.log"))
+    make = f"import boto3; boto3.client('s3', endpoint_url={endpoint!r}).create_bucket(Bucket={BUCKET!r})"
+    deadline = time.monotonic() + 60
+    while True:
+        done = subprocess.run(
+            hosts.argv(hosts.main, [sys.executable, "-c", make]),
+            env={**_env(main_home), **store_env},
+            capture_output=True,
+        )
+        if done.returncode == 0:
+            return store_env
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the S3 server did not come up: {done.stderr.decode()[-500:]}")
+        time.sleep(1)
+
+
+def _transfer(hosts: Hosts, host: str, env: dict[str, str], mb: int) -> dict[str, float]:
+    done = subprocess.run(
+        hosts.argv(host, [sys.executable, "-c", TRANSFER, str(mb)]), env=env, capture_output=True, timeout=300
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"artifact transfer on {host} failed: {done.stderr.decode()[-1000:]}")
+    return {k: float(v) for k, v in json.loads(done.stdout.decode().strip().splitlines()[-1]).items()}
 
 
 if __name__ == "__main__":

@@ -207,11 +207,9 @@ def lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Lab]:
         try:
             lab.main_up()
             yield lab
-        except BaseException:
-            print(lab.logs())
-            raise
         finally:
             lab.stop()
+            print(lab.logs())  # pytest shows a test's output only when it failed
     finally:
         hosts.close()  # even when a step above failed: no namespace outlives the test
 
@@ -307,7 +305,8 @@ TICKET_1_SMALL = """\
   - id: train
     kind: train
     needs: [shapes]
-    with: {model: jepa, preset: tiny, data: shapes, steps: 20, seed: 1}
+    retries: 2
+    with: {model: jepa, preset: tiny, data: shapes, steps: 60, checkpoint_every: 10, seed: 1}
   - id: eval
     kind: evaluate
     needs: [train, shapes]
@@ -319,15 +318,44 @@ TICKET_1_SMALL = """\
 @pytest.mark.parametrize("lab", [STORES[1]], indirect=True)
 def test_ticket_1_runs_on_the_worker_hosts_with_the_object_store(lab: Lab) -> None:
     """TICKET-1's pipeline (synthesize, train, evaluate; small) with every step on a worker host and
-    every artifact in the object store; the main host's `jbctl artifacts verify` finds it all."""
+    every artifact and checkpoint in the object store. The training host's link is cut after its first
+    checkpoint: the other host resumes from it; the cut host's late reports are refused. The main
+    host's `jbctl artifacts verify` then finds everything intact."""
     w0, w1 = lab.hosts.workers
     lab.join(w0)
     lab.join(w1)
     lab.drop("TICKET-1", TICKET_1_SMALL)
+    first = wait_for(
+        "a training checkpoint",
+        lambda: lab.events("CheckpointSaved", ticket="TICKET-1", task="train", attempt=1),
+        timeout=300,
+        every=0.2,
+    )[0]
+    trainer = lab.events("AttemptStarted", ticket="TICKET-1", task="train", attempt=1)[0]["worker"].split(":")[0]
+    other = w1 if trainer == w0 else w0
+    lab.hosts.cut(trainer)
+    try:
+        again = wait_for(
+            "the training to start again",
+            lambda: lab.events("AttemptStarted", ticket="TICKET-1", task="train", attempt=2),
+            timeout=60,
+        )[0]
+        assert again["worker"].startswith(other + ":")
+    finally:
+        lab.hosts.mend(trainer)
     wait_for("TICKET-1 to end", lambda: lab.ended("TICKET-1"), timeout=400, every=0.5)
     assert lab.ended("TICKET-1") == "TicketCompleted", lab.events("AttemptFailed", ticket="TICKET-1")
     hosts_used = {e["worker"].split(":")[0] for e in lab.events("AttemptStarted", ticket="TICKET-1")}
-    assert hosts_used and hosts_used <= {w0, w1}, hosts_used
+    assert hosts_used == {w0, w1}, hosts_used
     assert lab.events("ArtifactRecorded", ticket="TICKET-1")
+    # Attempt 2 resumed from attempt 1's checkpoint, fetched from the store by the other host.
+    log = (lab.hosts.homes[other] / "worker.log").read_text(errors="replace")
+    assert "[TICKET-1/train#2] resumed from" in log and f"at step {first['step']}" in log, log[-2000:]
+    wait_for(
+        "the cut host's late reports to be refused",
+        lambda: lab.events("StaleReportRefused", ticket="TICKET-1", task="train", attempt=1),
+        timeout=120,
+    )
+    assert not lab.events("AttemptSucceeded", ticket="TICKET-1", task="train", attempt=1)
     verified = lab.run(lab.hosts.main, [JBCTL, "artifacts", "verify"], lab.main_env())
     assert verified.returncode == 0, verified.stdout + verified.stderr
