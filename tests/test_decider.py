@@ -132,6 +132,12 @@ def test_a_cut_off_workers_late_reports_are_fenced_and_recorded_not_applied() ->
     # The reconciler's own second verdict on attempt 1 (no report number) is no worker report: nothing.
     assert apply(s, report(c.RecordJobFailed, "a", 1, error="again", cause="infrastructure")) == []
     assert types(apply(s, report(c.RecordJobSucceeded, "a", 2, seq=1, sender="hostc:1")))[0] == "AttemptSucceeded"
+    assert s.tickets["TICKET-1"].status == "completed"
+    # Back after the ticket ended: still refused and recorded; a duplicate of an applied report is not.
+    assert types(apply(s, report(c.RecordJobFailed, "a", 1, seq=6, error="cancelled", sender="hostb:1"))) == [
+        "StaleReportRefused"
+    ]
+    assert apply(s, report(c.RecordJobSucceeded, "a", 2, seq=1, sender="hostc:1")) == []
 
 
 def test_loop_detection_blocks_and_retry_unblocks() -> None:

@@ -244,7 +244,7 @@ def test_workers_join_in_one_command_and_run_the_steps(lab: Lab) -> None:
     workers = [lab.join(w0), lab.join(w1)]
     lab.drop("TICKET-1", "  - {id: a, kind: diag, with: {sleep: 1}}\n  - {id: b, kind: diag, with: {sleep: 1}}\n"
              "  - {id: c, kind: diag, needs: [a, b]}\n")  # fmt: skip
-    wait_for("TICKET-1 to end", lambda: lab.ended("TICKET-1"), timeout=60)
+    wait_for("TICKET-1 to end", lambda: lab.ended("TICKET-1"), timeout=120)
     assert lab.ended("TICKET-1") == "TicketCompleted"
     hosts_used = {e["worker"].split(":")[0] for e in lab.events("AttemptStarted", ticket="TICKET-1")}
     assert hosts_used <= {w0, w1} and hosts_used, hosts_used  # every step ran on a worker host
@@ -269,11 +269,11 @@ def test_a_cut_off_worker_is_replaced_and_its_late_reports_are_refused(lab: Lab)
     try:
         # Heartbeat bound: 2 s without a beat, then 2 s of grace; the retry is on the other host.
         lost = wait_for(
-            "the attempt to be failed", lambda: lab.events("AttemptFailed", ticket="TICKET-2", attempt=1), timeout=30
+            "the attempt to be failed", lambda: lab.events("AttemptFailed", ticket="TICKET-2", attempt=1), timeout=60
         )[0]
         assert lost["cause"] == "infrastructure" and "worker lost" in lost["error"]
         second = wait_for(
-            "attempt 2 to start", lambda: lab.events("AttemptStarted", ticket="TICKET-2", attempt=2), timeout=30
+            "attempt 2 to start", lambda: lab.events("AttemptStarted", ticket="TICKET-2", attempt=2), timeout=60
         )[0]
         assert second["worker"].startswith(w1 + ":")
     finally:
@@ -283,10 +283,10 @@ def test_a_cut_off_worker_is_replaced_and_its_late_reports_are_refused(lab: Lab)
     stale = wait_for(
         "the late reports",
         lambda: lab.events("StaleReportRefused", ticket="TICKET-2", attempt=1, report="failed"),
-        timeout=90,
+        timeout=120,
     )
     assert stale[0]["worker"].startswith(w0 + ":") and stale[0]["current_attempt"] == 2
-    wait_for("TICKET-2 to end", lambda: lab.ended("TICKET-2"), timeout=60)
+    wait_for("TICKET-2 to end", lambda: lab.ended("TICKET-2"), timeout=120)
     assert lab.ended("TICKET-2") == "TicketCompleted"
     done = lab.events("AttemptSucceeded", ticket="TICKET-2")
     assert [d["attempt"] for d in done] == [2]
