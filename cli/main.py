@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "cli.daemon_cmds": ("daemon",),
     "cli.units": ("install-units", "uninstall-units"),
     "cli.run_cmds": ("worker", "run", "up"),
+    "cli.join_cmds": ("join-token",),
     "cli.gate_cmds": ("proposals", "approve", "reject", "core", "retry", "audit"),
     "cli.cache_cmds": ("cache",),
     "cli.infer_cmds": ("infer",),
@@ -98,10 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except Exception as exc:
         from schema.artifacts import ArtifactError
+        from schema.netfs import NetworkFilesystemError
         from schema.store import ConcurrencyError, StoreError
 
         # An artifact store that cannot be used as configured (JETBOX_ARTIFACTS_URL): the message says why.
-        if isinstance(exc, StoreError | ConcurrencyError | ArtifactError):
+        if isinstance(exc, StoreError | ConcurrencyError | ArtifactError | NetworkFilesystemError):
             print(f"jbctl: {exc}", file=sys.stderr)
             return 1
         raise

@@ -38,6 +38,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     adv = res.add_mutually_exclusive_group()
     adv.add_argument("--advertise", dest="advertise", action="store_true", default=None, help="even with no card")
     adv.add_argument("--no-advertise", dest="advertise", action="store_false", help="never (a plain queue worker)")
+    p.add_argument(
+        "--join",
+        metavar="FILE",
+        help="join another host's installation with the file `jbctl join-token` wrote there (- reads it from "
+        "standard input): Redis URL and password, HMAC key, artifacts URL, queues",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="accept a TCP Redis on another host that asks for no password (a network you trust)",
+    )
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("run", help="submit a ticket with a worker of its own (systemd-run, or --detach)")
@@ -63,21 +74,52 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exit-when-idle", action="store_true", help="stop once every ticket in the folder has ended")
     p.add_argument("--quiet", action="store_true", help="no live status lines")
     p.add_argument("--console-port", type=int, default=8470, help="the web console's port on 127.0.0.1 (0: none)")
+    p.add_argument(
+        "--no-workers",
+        action="store_true",
+        help="start no worker here: this host only coordinates, workers join from others (`jbctl join-token`)",
+    )
+    p.add_argument(
+        "--listen",
+        metavar="ADDRESS:PORT",
+        type=_address,
+        help="the private Redis also listens on this TCP address, with a password (HOME/redis.password), for "
+        "workers on other hosts (`jbctl join-token`)",
+    )
     p.set_defaults(func=cmd_up)
 
 
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected ADDRESS:PORT (e.g. 10.0.0.5:6380), got {text!r}")
+    return host, int(port)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
+    from cli.join_cmds import apply_token, check_redis_auth, read_token
+
     settings = settings_from(args)
+    queues = args.queue
+    if args.join:
+        token = read_token(args.join)
+        # The jobs this process runs read their settings again (workers/entry.py): hand them the file's.
+        os.environ.update(apply_token(token, settings))
+        settings = settings_from(args)
+        queues = queues or list(token.queues)
+        print(f"jetbox worker: joined {_redacted(token.redis_url)}, queues {', '.join(queues)}", file=sys.stderr)
     settings = settings.model_copy(update={"redis_url": settings.redis_url_or_private()})
     if not settings.redis_url:
         raise CliError("no Redis configured: set JETBOX_REDIS_URL (or run everything with `jbctl up`)")
+    check_redis_auth(settings.redis_url, args.insecure)
     from schema.wire import SecretError, load_secret
 
     try:
         load_secret(settings.secret_path, create=True)
     except SecretError as exc:
         raise CliError(str(exc)) from None
-    queues = args.queue or ["gpu", "cpu"]
+    queues = queues or ["gpu", "cpu"]
     advert = _advert(args, queues) if args.ticket is None else None  # `jbctl run`'s worker: never placed
     import faulthandler
     import signal
@@ -122,6 +164,12 @@ def _advert(args: argparse.Namespace, queues: list[str]) -> Any:
             flush=True,
         )
     return advert
+
+
+def _redacted(url: str) -> str:
+    from cli.join_cmds import redact
+
+    return redact(url)
 
 
 def _warm(settings: Any, name: str, queues: list[str]) -> None:
@@ -254,6 +302,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_private(path: Path, text: str) -> None:
+    from cli.join_cmds import write_private
+
+    write_private(path, text)
+
+
+def _redis_password(path: Path) -> str:
+    """The private Redis's password: made once (0600), then kept, so join files stay valid across restarts."""
+    import secrets
+    import stat
+
+    if not path.exists():
+        _write_private(path, secrets.token_urlsafe(32) + "\n")
+    info = path.stat()
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise CliError(f"{path} is readable by others (mode {stat.S_IMODE(info.st_mode):o}): chmod 600 {path}")
+    password = path.read_text().strip()
+    if len(password) < 16 or not password.isprintable() or " " in password:
+        raise CliError(f"{path}: the Redis password must be at least 16 printable characters without spaces")
+    return password
+
+
 class _Children:
     """Child processes started by `jbctl up`, stopped together."""
 
@@ -327,17 +397,32 @@ def cmd_up(args: argparse.Namespace) -> int:
     migrations.upgrade(settings.db_url)
     env = {**os.environ, "JETBOX_HOME": str(home), "JETBOX_TICKETS_DIR": str(tickets)}
     redis_server = None
+    if args.listen and settings.redis_url:
+        raise CliError("--listen starts the private Redis on TCP, but JETBOX_REDIS_URL names another Redis")
     if not settings.redis_url:
-        redis_server = start_redis(home / "run")
+        password = _redis_password(settings.redis_password_path) if args.listen else None
+        try:
+            redis_server = start_redis(home / "run", listen=args.listen, password=password)
+        except RuntimeError as exc:
+            raise CliError(f"cannot start the private Redis: {exc}") from None
         env["JETBOX_REDIS_URL"] = redis_server.url
-        settings.private_redis_file.write_text(redis_server.url + "\n")  # for jbctl infer/run/worker
-        print(f"jetbox: private Redis at {redis_server.url} (pid {redis_server.proc.pid})", flush=True)
+        # For jbctl infer/run/worker on this host; 0600: with --listen the URL holds the password.
+        _write_private(settings.private_redis_file, redis_server.url + "\n")
+        where = redis_server.url.replace(f":{password}@", ":***@") if password else redis_server.url
+        print(f"jetbox: private Redis at {where} (pid {redis_server.proc.pid})", flush=True)
+        if redis_server.tcp_url:
+            _write_private(settings.private_redis_tcp_file, redis_server.tcp_url + "\n")
+            host, port = args.listen
+            print(
+                f"jetbox: Redis also on {host}:{port} with a password; add a host with `jbctl join-token -o join.json`",
+                flush=True,
+            )
     children = _Children()
     code = 0
     try:
         if not stopping:
             children.start("daemon", [JBCTL, "daemon"], env, logs / "daemon.log")
-            for q in ("cpu", "gpu"):
+            for q in () if args.no_workers else ("cpu", "gpu"):
                 warm = ["--warm"] if q == "gpu" else []  # the inference worker keeps the core loaded, following it
                 children.start(f"worker-{q}", [JBCTL, "worker", "--queue", q, *warm], env, logs / f"worker-{q}.log")
             if args.console_port:
@@ -377,4 +462,5 @@ def cmd_up(args: argparse.Namespace) -> int:
         if redis_server is not None:
             redis_server.stop()
             settings.private_redis_file.unlink(missing_ok=True)
+            settings.private_redis_tcp_file.unlink(missing_ok=True)
     return code

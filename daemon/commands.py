@@ -77,6 +77,9 @@ class _Report(Command):
     task: str
     attempt: int
     report_seq: int = 0
+    # The sending worker (every worker report names it; the reconciler's commands do not): recorded
+    # when a late report is refused, so the log says which host came back.
+    sender: str | None = None
 
 
 class RecordJobStarted(_Report):

@@ -1146,14 +1146,37 @@ def _current(out: _Emitter, c: cmd._Report) -> tuple[TicketState, TaskState] | N
     if c.ticket in out.state.cold:
         return None  # a late report for a ticket that is over
     ticket = out.get_ticket(c.ticket)
-    if ticket is None or ticket.status != "running":
+    if ticket is None:
         return None
     task = ticket.tasks.get(c.task)
-    if task is None or task.attempt != c.attempt or task.status not in LIVE:
-        return None  # an old attempt's report: the attempt number is the fencing token
+    if task is None:
+        return None
+    if ticket.status != "running" or task.attempt != c.attempt or task.status not in LIVE:
+        # An old attempt's report: the attempt number is the fencing token. A worker that was cut off
+        # may come back after its ticket ended, too. Not after a cancel: the stopped jobs' last
+        # reports are expected then.
+        late = c.attempt < task.attempt or c.report_seq > task.last_report_seq
+        recorded = c.report_seq and late and 1 <= c.attempt <= task.attempt and ticket.status != "cancelled"
+        if recorded and not isinstance(c, cmd.RecordProgress):
+            out.emit(
+                ev.StaleReportRefused(
+                    **_about(c), current_attempt=task.attempt, report=_REPORT_KIND[type(c)], worker=c.sender
+                )
+            )
+        return None
     if c.report_seq and c.report_seq <= task.last_report_seq:
         return None  # delivered twice
     return ticket, out.task(ticket.id, task.id)
+
+
+_REPORT_KIND: dict[type, str] = {
+    cmd.RecordJobStarted: "started",
+    cmd.RecordProgress: "progress",
+    cmd.RecordCheckpoint: "checkpoint",
+    cmd.RecordArtifact: "artifact",
+    cmd.RecordJobSucceeded: "succeeded",
+    cmd.RecordJobFailed: "failed",
+}
 
 
 def _about(c: cmd._Report, report_seq: bool = True) -> dict[str, Any]:

@@ -48,6 +48,7 @@ def to_command(report: Report, now: datetime) -> cmd.Command:
         "task": report.task,
         "attempt": report.attempt,
         "report_seq": report.seq,
+        "sender": report.worker,
     }
     b = report.body
     if report.kind == "started":

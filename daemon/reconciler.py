@@ -169,6 +169,10 @@ class Reconciler:
         if mono - first < self.grace:
             return None  # a restarted Redis lost the key; a live worker sets it again within a beat
         self.missing_since.pop(jid, None)
+        # The worker may only be cut off (a network partition), not dead: when it comes back, this
+        # tells its job to stop at its next cancellation check instead of training on for nothing.
+        # Whatever it reports meanwhile is fenced by the attempt number (StaleReportRefused).
+        self.conn.set(cancel_key(jid), "1", ex=86400)
         worker = f" on {task.worker}" if task.worker else ""
         return self._fail(ticket, task, f"worker lost{worker}: {why} for {self.grace:g}s", now, "infrastructure")
 

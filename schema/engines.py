@@ -7,14 +7,27 @@ without importing the event classes and projections that only writers need.
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 
+from schema.netfs import refuse_network_sqlite
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file a sqlite:/// URL names (None for an in-memory database)."""
+    path = url.split("///", 1)[1] if "///" in url else ""
+    path = path.split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
 
 def _engine(url: str, synchronous: str = "FULL", readonly: bool = False) -> sa.Engine:
     if url.startswith("sqlite"):
+        db_file = sqlite_path(url)
+        if db_file is not None:
+            refuse_network_sqlite(db_file)
         if readonly:
             path = url.split("///", 1)[1]
             engine = sa.create_engine("sqlite://", creator=lambda: _sqlite_ro(path), poolclass=sa.pool.NullPool)

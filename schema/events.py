@@ -195,6 +195,18 @@ class AttemptFailed(AttemptEvent):
     cause: FailureCause = "job"
 
 
+class StaleReportRefused(AttemptEvent):
+    """A worker's report for an attempt the log has already ended (a later attempt took over, or the
+    reconciler failed it while its worker was cut off): fenced by the attempt number, recorded, never
+    applied. `attempt` is the report's; `current_attempt` the task's at the time. Progress reports
+    are refused without an event (they carry no result, and a worker that comes back may send many)."""
+
+    current_attempt: int
+    report: str  # started, checkpoint, artifact, succeeded or failed
+    report_seq: int = 0
+    worker: str | None = None
+
+
 class TaskFailed(TaskEvent):
     reason: str
 

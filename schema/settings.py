@@ -7,6 +7,7 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -228,6 +229,16 @@ class Settings(BaseSettings):
         """Where `jbctl up` writes the URL of the private Redis it started."""
         return self.home / "run" / "redis.url"
 
+    @property
+    def private_redis_tcp_file(self) -> Path:
+        """Where `jbctl up --listen` writes the TCP URL (with its password) that other hosts use."""
+        return self.home / "run" / "redis.tcp.url"
+
+    @property
+    def redis_password_path(self) -> Path:
+        """The private Redis's password (0600), made by the first `jbctl up --listen`."""
+        return self.home / "redis.password"
+
     def redis_url_or_private(self) -> str | None:
         """The configured Redis, else the private one a running `jbctl up` started for this home."""
         if self.redis_url:
@@ -236,7 +247,8 @@ class Settings(BaseSettings):
             url = self.private_redis_file.read_text().strip()
         except OSError:
             return None
-        return url if url.startswith("unix://") and Path(url.removeprefix("unix://")).exists() else None
+        path = urlsplit(url).path
+        return url if url.startswith("unix://") and Path(path).exists() else None
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -92,7 +92,8 @@ def test_old_attempt_and_duplicate_reports_are_ignored() -> None:
     apply(s, report(c.RecordJobStarted, "a", 1, seq=1, worker="w1"))
     failed = apply(s, report(c.RecordJobFailed, "a", 1, seq=2, error="x"))
     apply(s, c.Tick(now=failed[0].retry_at))
-    assert apply(s, report(c.RecordJobSucceeded, "a", 1, seq=3)) == []  # attempt 1 is fenced off
+    late = apply(s, report(c.RecordJobSucceeded, "a", 1, seq=3, sender="w1"))  # attempt 1 is fenced off
+    assert types(late) == ["StaleReportRefused"] and s.tickets["TICKET-1"].tasks["a"].status == "scheduled"
     assert types(apply(s, report(c.RecordProgress, "a", 2, seq=1, step=1))) == ["ProgressRecorded"]
     assert apply(s, report(c.RecordProgress, "a", 2, seq=1, step=1)) == []  # delivered twice
     assert types(apply(s, report(c.RecordJobSucceeded, "a", 2, seq=2))) == [
@@ -100,6 +101,43 @@ def test_old_attempt_and_duplicate_reports_are_ignored() -> None:
         "AcceptanceEvaluated",
         "TicketCompleted",
     ]
+
+
+def test_a_cut_off_workers_late_reports_are_fenced_and_recorded_not_applied() -> None:
+    """The reconciler failed attempt 1 (no heartbeat: its worker was cut off from Redis); the worker
+    comes back and its reports arrive late, before and after attempt 2 is scheduled."""
+    s = State()
+    apply(s, submit(make_ticket(steps="  - {id: a, kind: diag, retries: 3}\n"), T0))
+    apply(s, report(c.RecordJobStarted, "a", 1, seq=1, worker="hostb:1", sender="hostb:1"))
+    apply(s, report(c.RecordCheckpoint, "a", 1, seq=2, path="/ck/1", step=10, sender="hostb:1"))
+    lost = apply(s, report(c.RecordJobFailed, "a", 1, error="worker lost", cause="infrastructure"))
+    assert types(lost) == ["AttemptFailed"]
+    task = s.tickets["TICKET-1"].tasks["a"]
+    # Before the retry: same attempt number, but the attempt has ended.
+    early = apply(s, report(c.RecordCheckpoint, "a", 1, seq=3, path="/ck/2", step=20, sender="hostb:1"))
+    assert types(early) == ["StaleReportRefused"]
+    assert (early[0].attempt, early[0].current_attempt, early[0].report, early[0].worker) == (
+        1,
+        1,
+        "checkpoint",
+        "hostb:1",
+    )
+    assert task.status == "waiting_retry" and task.checkpoint == "/ck/1"  # not applied
+    apply(s, c.Tick(now=lost[0].retry_at))
+    assert s.tickets["TICKET-1"].tasks["a"].attempt == 2
+    assert apply(s, report(c.RecordProgress, "a", 1, seq=4, step=25, sender="hostb:1")) == []  # no event per progress
+    done = apply(s, report(c.RecordJobSucceeded, "a", 1, seq=5, sender="hostb:1"))
+    assert types(done) == ["StaleReportRefused"] and (done[0].report, done[0].current_attempt) == ("succeeded", 2)
+    assert s.tickets["TICKET-1"].status == "running" and s.tickets["TICKET-1"].tasks["a"].status == "scheduled"
+    # The reconciler's own second verdict on attempt 1 (no report number) is no worker report: nothing.
+    assert apply(s, report(c.RecordJobFailed, "a", 1, error="again", cause="infrastructure")) == []
+    assert types(apply(s, report(c.RecordJobSucceeded, "a", 2, seq=1, sender="hostc:1")))[0] == "AttemptSucceeded"
+    assert s.tickets["TICKET-1"].status == "completed"
+    # Back after the ticket ended: still refused and recorded; a duplicate of an applied report is not.
+    assert types(apply(s, report(c.RecordJobFailed, "a", 1, seq=6, error="cancelled", sender="hostb:1"))) == [
+        "StaleReportRefused"
+    ]
+    assert apply(s, report(c.RecordJobSucceeded, "a", 2, seq=1, sender="hostc:1")) == []
 
 
 def test_loop_detection_blocks_and_retry_unblocks() -> None:
