@@ -13,7 +13,14 @@ import torch
 from pydantic import ValidationError
 
 from workers.context import JobCancelled, LocalContext
-from workers.eval.encoders import EvalParams, collapse_stats, evaluate_encoder, recall_at, recall_chance
+from workers.eval.encoders import (
+    EvalParams,
+    attribute_keys,
+    collapse_stats,
+    evaluate_encoder,
+    recall_at,
+    recall_chance,
+)
 from workers.models.jepa import JEPA, make_config, sample_masks, sigreg
 from workers.models.text import TextConfig, TextEncoder, tokenize, train_tokenizer
 from workers.synth.shapes import ShapesGenerator, ShapesParams
@@ -165,6 +172,12 @@ def test_bad_params_are_clear() -> None:
         JepaTrainParams(arch={"masking": "grid"})
     with pytest.raises(ValidationError, match="labels"):
         EvalParams.model_validate({"labels": ["size"]})
+    with pytest.raises(ValidationError, match="align"):
+        JepaTrainParams(model="jepa-text", text={"align": "clip"})
+    with pytest.raises(ValidationError, match="temperature"):
+        JepaTrainParams(model="jepa-text", text={"temperature": 0})
+    with pytest.raises(ValidationError, match="infonce_weight"):
+        JepaTrainParams(model="jepa-text", text={"infonce_weight": -1})
     assert JepaTrainParams(preset="rtx3090", arch={"depth": 6}).image_config().depth == 6
 
 
@@ -194,9 +207,10 @@ train_jepa(ctx, params, ShapesGenerator().generate(ShapesParams(), 3, 0, 256))
 @pytest.mark.parametrize("extra", [
     {"model": "jepa"},
     {"model": "jepa-text", "arch": {**MICRO, "regularizer": "ema"}, "text": MICRO_TEXT},
+    {"model": "jepa-text", "arch": MICRO, "text": {**MICRO_TEXT, "align": "both"}},
     {"model": "jepa", "arch": {**MICRO, "regularizer": "ema", "target_centre": True, "masking": "random",
                                "loss": "l2"}},
-], ids=["jepa-sigreg", "jepa-text-ema", "jepa-ema-random-centred"])
+], ids=["jepa-sigreg", "jepa-text-ema", "jepa-text-infonce", "jepa-ema-random-centred"])
 def test_resume_is_bit_exact(tmp_path: Path, small_data: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
     import json
 
@@ -265,6 +279,20 @@ def test_recall_counts_duplicate_captions() -> None:
     assert recall_chance(caps, caps, ks=(1,))[1] == pytest.approx((0.5 + 0.5 + 0.25 + 0.25) / 4)
 
 
+def test_attribute_set_hits_need_every_label() -> None:
+    labels = {"shape": np.array([0, 0, 0, 1]), "colour": np.array([2, 2, 2, 2]),
+              "count": np.array([1, 1, 1, 1]), "position": np.array([4, 4, 5, 4])}
+    keys = attribute_keys(labels)
+    assert keys[0] == keys[1] == "0/2/1/4" and len(set(keys)) == 3  # 2 differs in position, 3 in shape
+    sim = np.eye(4)
+    sim[0, 0], sim[0, 1] = 0.0, 1.0  # query 0 ranks item 1 first: another caption, the same attributes
+    sim[1, 1], sim[1, 2] = 0.0, 1.0  # query 1 ranks item 2 first: only the position differs, a miss
+    assert recall_at(sim, keys, keys, ks=(1,))[1] == pytest.approx(3 / 4)
+    assert recall_chance(keys, keys, ks=(1,))[1] == pytest.approx((0.5 + 0.5 + 0.25 + 0.25) / 4)
+    with pytest.raises(ValueError, match=r"needs labels \['position'\]"):
+        attribute_keys({k: v for k, v in labels.items() if k != "position"})
+
+
 @pytest.mark.integration
 def test_tokenizer_and_text_encoder(small_data: dict[str, np.ndarray]) -> None:
     captions = [str(c) for c in small_data["caption"]]
@@ -311,9 +339,28 @@ def test_cross_modal_retrieval_beats_chance(tmp_path: Path) -> None:
     train_jepa(ctx, params, train)
     report = evaluate_encoder(ctx, {"labels": ["shape"]}, ctx.checkpoints[-1][0], held_out)
     print({k: round(v, 3) for k, v in report.items() if k[:3] in ("i2t", "t2i")})
-    chance = report["i2t_r5_chance"]
+    chance = report["i2t_caption_r5_chance"]
     assert 0 < chance < 0.1
     # measured at these seeds (150 held-out captions, chance 0.033): i2t_r5 0.107 (random init 0.040),
     # t2i_r5 0.047 (0.033); text->image is weak so far, see docs/MODELS.md
-    assert report["i2t_r5"] >= 2 * chance and report["i2t_r5_gain"] > 0, report
-    assert report["t2i_r5"] >= chance, report
+    assert report["i2t_caption_r5"] >= 2 * chance and report["i2t_caption_r5_gain"] > 0, report
+    assert report["t2i_caption_r5"] >= chance, report
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_infonce_alignment_learns_retrieval(tmp_path: Path, small_data: dict[str, np.ndarray]) -> None:
+    """Symmetric InfoNCE lifts attribute-set retrieval above chance in a few dozen steps on tiny data."""
+    ctx = LocalContext(tmp_path)
+    params = {"model": "jepa-text", "steps": 40, "batch_size": 32, "warmup_steps": 3, "lr": 3e-3,
+              "checkpoint_every": 1000, "arch": MICRO, "text": {**MICRO_TEXT, "align": "infonce"}}
+    metrics = train_jepa(ctx, params, small_data)
+    assert "infonce_loss" in metrics and "cross_loss" not in metrics
+    report = evaluate_encoder(ctx, {"labels": ["colour"], "test_fraction": 0.5}, ctx.checkpoints[-1][0],
+                              shapes(200, seed=4))
+    print({k: round(v, 3) for k, v in report.items() if "_attr_r" in k})
+    # measured at these seeds (100 held-out queries, chance 0.053): i2t_attr_r5 0.14 (random init 0.07),
+    # t2i_attr_r5 0.14 (0.05); the predictive objective at the same budget: 0.06 and 0.09
+    for d in ("i2t", "t2i"):
+        assert report[f"{d}_attr_r5"] >= 2 * report[f"{d}_attr_r5_chance"], report
+        assert report[f"{d}_attr_r5_gain"] > 0, report

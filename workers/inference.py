@@ -156,7 +156,8 @@ def embed_images(loaded: Loaded, images: np.ndarray) -> np.ndarray:
 
 
 def text_space(loaded: Loaded) -> tuple[Callable[[list[str]], np.ndarray], Callable[[np.ndarray], np.ndarray]] | None:
-    """For a jepa-text encoder: (captions -> text latents, image latents -> predicted text latents); else None."""
+    """For a jepa-text encoder: (captions -> text keys, image latents -> their queries), in the space its
+    objective trained (text latent and predicted latent, or the InfoNCE projections); else None."""
     tok = loaded.info.get("tokenizer")
     model = loaded.model
     if tok is None or not hasattr(model, "img2txt"):
@@ -171,13 +172,13 @@ def text_space(loaded: Loaded) -> tuple[Callable[[list[str]], np.ndarray], Calla
             for i in range(0, len(texts), 256):
                 ids, mask = tokenize(tok, texts[i : i + 256], model.text_cfg.max_len)
                 device = next(model.parameters()).device
-                out.append(model.embed_text(ids.to(device), mask.to(device)).float().cpu())
+                out.append(model.text_keys(model.embed_text(ids.to(device), mask.to(device))).float().cpu())
             return torch.cat(out).numpy()
 
     def predict(z: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             device = next(model.parameters()).device
-            return model.img2txt(torch.from_numpy(z).to(device)).float().cpu().numpy()
+            return model.image_to_text(torch.from_numpy(z).to(device)).float().cpu().numpy()
 
     return captions, predict
 

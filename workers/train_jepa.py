@@ -178,7 +178,11 @@ def make_optimizer(model: nn.Module, params: JepaTrainParams) -> torch.optim.Ada
 def load_model(path: Path | str) -> tuple[JEPA | CrossModalJEPA, JepaTrainParams, Any]:
     """Rebuild the trained model from a checkpoint: (model, params, tokenizer or None)."""
     ckpt = load_checkpoint(path)
-    params = JepaTrainParams.model_validate(ckpt["params"])
+    raw = ckpt["params"]
+    if raw.get("model") == "jepa-text" and "align" not in raw.get("text", {}) and "img_proj.0.weight" not in ckpt["model"]:
+        # written before `align` existed: those checkpoints were all trained with the predictors only
+        raw = {**raw, "text": {**raw.get("text", {}), "align": "predict"}}
+    params = JepaTrainParams.model_validate(raw)
     tok = Tokenizer.from_str(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
     model = build_model(params, tok.get_vocab_size() if tok else 0)
     model.load_state_dict(ckpt["model"])

@@ -12,8 +12,12 @@ features are a strong baseline on synthetic shapes, so only the gains say whethe
   would otherwise look healthy): mean per-dimension std of the normalised embeddings, scaled by sqrt(D)
   (1.0 means the spread is isotropic, 0 means collapse), and RankMe, the exponential of the entropy of
   the normalised singular values (effective rank, 1..D);
-- for `jepa-text` checkpoints, image->text and text->image recall@1/@5 through the cross predictors. Many
-  synthetic captions are identical, so a hit is any retrieved item whose caption equals the query's.
+- for `jepa-text` checkpoints, image->text and text->image recall@1/@5 in the space the objective
+  trained (the cross predictors, or the InfoNCE projections), with two definitions of a hit:
+  `<dir>_attr_r<k>`: the retrieved item's shape, colour, count and position labels all equal the
+  query's (an attribute-set hit); `<dir>_caption_r<k>`: its caption is identical to the query's (nearly
+  unique captions make this one strict). Each comes with `_random` (random-init twin), `_chance` (a
+  random ranking, from the held-out labels or captions themselves) and `_gain` (trained - random).
 """
 
 from __future__ import annotations
@@ -125,7 +129,8 @@ def collapse_stats(z: np.ndarray) -> dict[str, float]:
 def recall_at(
     sim: np.ndarray, query_caps: Sequence[str], gallery_caps: Sequence[str], ks: Sequence[int] = (1, 5)
 ) -> dict[int, float]:
-    """Share of queries whose top-k gallery items include one with the same caption."""
+    """Share of queries whose top-k gallery items include one with the same key (a caption, or an
+    attribute set as built by `attribute_keys`)."""
     order = np.argsort(-sim, axis=1, kind="stable")
     g = np.asarray(gallery_caps)
     q = np.asarray(query_caps)
@@ -135,7 +140,7 @@ def recall_at(
 def recall_chance(
     query_caps: Sequence[str], gallery_caps: Sequence[str], ks: Sequence[int] = (1, 5)
 ) -> dict[int, float]:
-    """Expected recall@k of a random ranking (accounts for duplicate captions)."""
+    """Expected recall@k of a random ranking (accounts for duplicate keys)."""
     counts: dict[str, int] = {}
     for c in gallery_caps:
         counts[c] = counts.get(c, 0) + 1
@@ -145,6 +150,17 @@ def recall_chance(
         miss = [math.comb(n - counts.get(c, 0), k) / math.comb(n, k) for c in query_caps]
         out[k] = 1.0 - float(np.mean(miss))
     return out
+
+
+RETRIEVAL_LABELS = ("shape", "colour", "count", "position")
+
+
+def attribute_keys(labels: Mapping[str, np.ndarray], names: Sequence[str] = RETRIEVAL_LABELS) -> list[str]:
+    """One key per example, equal for two examples iff all the named labels are equal ("3/5/2/4")."""
+    missing = [n for n in names if n not in labels]
+    if missing:
+        raise ValueError(f"attribute-set retrieval needs labels {missing}; the data has {sorted(labels)}")
+    return ["/".join(map(str, row)) for row in zip(*(np.asarray(labels[n]).tolist() for n in names), strict=True)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -165,16 +181,16 @@ def embed_images(model: JEPA | CrossModalJEPA, images: np.ndarray, batch: int, d
 def cross_embeddings(
     model: CrossModalJEPA, ds: Dataset, tok: Any, batch: int, device: torch.device
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(image latents, predicted text latents, text latents, predicted image latents)."""
+    """(image keys, image->text queries, text keys, text->image queries) in the model's retrieval space."""
     ids, mask = tokenize(tok, ds.captions, model.text_cfg.max_len)
     zi, pt, zt, pi = [], [], [], []
     for i in range(0, len(ds), batch):
         img = model.embed(preprocess(torch.from_numpy(ds.images[i : i + batch])).to(device))
         txt = model.embed_text(ids[i : i + batch].to(device), mask[i : i + batch].to(device))
-        zi.append(img.float().cpu())
-        pt.append(model.img2txt(img).float().cpu())
-        zt.append(txt.float().cpu())
-        pi.append(model.txt2img(txt).float().cpu())
+        zi.append(model.image_keys(img).float().cpu())
+        pt.append(model.image_to_text(img).float().cpu())
+        zt.append(model.text_keys(txt).float().cpu())
+        pi.append(model.text_to_image(txt).float().cpu())
     return tuple(torch.cat(v).numpy() for v in (zi, pt, zt, pi))  # type: ignore[return-value]
 
 
@@ -196,6 +212,32 @@ def _split(data: Any, params: EvalParams) -> tuple[Dataset, Dataset]:
         perm = perm[: params.max_examples]
     cut = int(len(perm) * (1 - params.test_fraction))
     return ds.subset(perm[:cut]), ds.subset(perm[cut:])
+
+
+def cross_modal_recall(
+    model: CrossModalJEPA, random_model: CrossModalJEPA, test: Dataset, tok: Any, batch: int, device: torch.device
+) -> dict[str, float]:
+    """i2t/t2i recall@1/@5, attribute-set (`attr`) and exact-caption (`caption`) hits, for the model and
+    its random-init twin, with chance from the held-out keys themselves and the gain."""
+    keys = {"caption": list(test.captions)}
+    if all(n in test.labels for n in RETRIEVAL_LABELS):
+        keys["attr"] = attribute_keys(test.labels)
+    report: dict[str, float] = {}
+    for suffix, m in (("", model), ("_random", random_model)):
+        m.to(device)
+        zi, pt, zt, pi = cross_embeddings(m, test, tok, batch, device)
+        for direction, sim in (("i2t", _cosine(pt, zt)), ("t2i", _cosine(pi, zi))):
+            for hit, key in keys.items():
+                for k, v in recall_at(sim, key, key).items():
+                    report[f"{direction}_{hit}_r{k}{suffix}"] = v
+    for hit, key in keys.items():
+        chance = recall_chance(key, key)
+        for direction in ("i2t", "t2i"):
+            for k in (1, 5):
+                name = f"{direction}_{hit}_r{k}"
+                report[f"{name}_chance"] = chance[k]
+                report[f"{name}_gain"] = report[name] - report[f"{name}_random"]
+    return report
 
 
 def bar_chart(report: dict[str, float], labels: Sequence[str], path: Path) -> Path:
@@ -270,17 +312,7 @@ def evaluate_encoder(
             report[f"{stat}{suffix}"] = value
 
     if isinstance(model, CrossModalJEPA) and isinstance(random_model, CrossModalJEPA) and test.captions:
-        chance = recall_chance(test.captions, test.captions)
-        for suffix, m in (("", model), ("_random", random_model)):
-            m.to(device)
-            zi, pt, zt, pi = cross_embeddings(m, test, tok, params.batch_size, device)
-            for direction, sim in (("i2t", _cosine(pt, zt)), ("t2i", _cosine(pi, zi))):
-                for k, v in recall_at(sim, test.captions, test.captions).items():
-                    report[f"{direction}_r{k}{suffix}"] = v
-        for direction in ("i2t", "t2i"):
-            for k in (1, 5):
-                report[f"{direction}_r{k}_chance"] = chance[k]
-                report[f"{direction}_r{k}_gain"] = report[f"{direction}_r{k}"] - report[f"{direction}_r{k}_random"]
+        report.update(cross_modal_recall(model, random_model, test, tok, params.batch_size, device))
 
     out = ctx.workdir / "eval"
     out.mkdir(parents=True, exist_ok=True)

@@ -1,20 +1,29 @@
 """A small text encoder for synthetic captions, and the cross-modal JEPA that ties it to images.
 
 The tokenizer (WordPiece, `tokenizers`) is fitted locally to the dataset's captions; the encoder is a
-`transformers` BERT built from a config, never from downloaded weights. `CrossModalJEPA` adds two small
-predictors, image latent -> caption latent and back, so the two encoders share a latent space; both
-latents are kept from collapsing by SIGReg (there is no EMA teacher on the text side).
+`transformers` BERT built from a config, never from downloaded weights. `CrossModalJEPA` ties the two
+encoders together by one of two objectives (`TextConfig.align`):
+
+- `predict`: two small predictors, image latent -> caption latent and back (MSE), both latents kept
+  from collapsing by SIGReg (there is no EMA teacher on the text side);
+- `infonce`: symmetric InfoNCE (CLIP): projections of the pooled image latent and of the caption latent
+  into a shared space, where each image's own caption must outscore the batch's other captions and
+  vice versa (temperature learnable or fixed); `both` adds the two.
+
+Retrieval goes through `image_to_text`/`text_keys` and `text_to_image`/`image_keys`, which pick the
+space the objective trained.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from torch import Tensor, nn
 
@@ -33,8 +42,13 @@ class TextConfig(BaseModel):
     layers: int = 2
     heads: int = 3
     max_len: int = 32
-    cross_weight: float = 1.0  # weight of the image<->text prediction losses
-    sigreg_weight: float = 1.0  # on the pooled image and text latents (0.05 let the text latent collapse)
+    align: Literal["predict", "infonce", "both"] = "predict"
+    cross_weight: float = Field(1.0, ge=0)  # weight of the image<->text prediction losses (predict, both)
+    infonce_weight: float = Field(1.0, ge=0)  # weight of the symmetric InfoNCE loss (infonce, both)
+    proj_dim: int = Field(64, ge=1)  # the shared space of InfoNCE
+    temperature: float = Field(0.07, gt=0, le=1)  # initial (or fixed) softmax temperature of InfoNCE
+    learn_temperature: bool = True
+    sigreg_weight: float = Field(1.0, ge=0)  # on the pooled image and text latents (0.05 let the text latent collapse)
     pred_hidden: int = 192
 
 
@@ -126,6 +140,16 @@ class CrossModalJEPA(nn.Module):
         self.text = TextEncoder(text_cfg, vocab_size)
         self.img2txt = _mlp(image_cfg.embed_dim, text_cfg.pred_hidden, text_cfg.hidden)
         self.txt2img = _mlp(text_cfg.hidden, text_cfg.pred_hidden, image_cfg.embed_dim)
+        self.contrastive = text_cfg.align != "predict"
+        if self.contrastive:
+            self.img_proj = _mlp(image_cfg.embed_dim, text_cfg.pred_hidden, text_cfg.proj_dim)
+            self.txt_proj = _mlp(text_cfg.hidden, text_cfg.pred_hidden, text_cfg.proj_dim)
+            log_scale = torch.tensor(math.log(1.0 / text_cfg.temperature))
+            self.logit_scale: Tensor
+            if text_cfg.learn_temperature:
+                self.logit_scale = nn.Parameter(log_scale)
+            else:
+                self.register_buffer("logit_scale", log_scale)
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:
@@ -134,6 +158,28 @@ class CrossModalJEPA(nn.Module):
     @torch.no_grad()
     def embed_text(self, ids: Tensor, mask: Tensor) -> Tensor:
         return self.text(ids, mask)
+
+    # the retrieval space: image->text compares image_to_text(images) with text_keys(captions),
+    # text->image compares text_to_image(captions) with image_keys(images) (cosine similarity)
+    def image_to_text(self, z_img: Tensor) -> Tensor:
+        return self.img_proj(z_img) if self.contrastive else self.img2txt(z_img)
+
+    def text_keys(self, z_txt: Tensor) -> Tensor:
+        return self.txt_proj(z_txt) if self.contrastive else z_txt
+
+    def text_to_image(self, z_txt: Tensor) -> Tensor:
+        return self.txt_proj(z_txt) if self.contrastive else self.txt2img(z_txt)
+
+    def image_keys(self, z_img: Tensor) -> Tensor:
+        return self.img_proj(z_img) if self.contrastive else z_img
+
+    def infonce(self, z_img: Tensor, z_txt: Tensor) -> Tensor:
+        """Symmetric InfoNCE over the batch: image i's positive is caption i, and caption i's is image i."""
+        a = F.normalize(self.img_proj(z_img).float(), dim=-1)
+        b = F.normalize(self.txt_proj(z_txt).float(), dim=-1)
+        logits = self.logit_scale.clamp(max=math.log(100.0)).exp() * a @ b.T  # CLIP's cap on the scale
+        target = torch.arange(len(a), device=a.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
     def update_target(self, momentum: float) -> None:
         self.image.update_target(momentum)
@@ -156,9 +202,16 @@ class CrossModalJEPA(nn.Module):
         # online encoder, so encode again with it
         z_img = (self.image.encoder(images) if self.image.target_encoder is not None else tokens).mean(1)
         z_txt = self.text(ids, mask)
-        cross = F.mse_loss(self.img2txt(z_img), z_txt) + F.mse_loss(self.txt2img(z_txt), z_img)
-        reg = sigreg(z_img, generator=generator) + sigreg(z_txt, generator=generator)
         t = self.text_cfg
-        loss = loss + t.cross_weight * cross + t.sigreg_weight * reg
-        out.update(cross_loss=cross.detach(), text_sigreg=reg.detach())
+        reg = sigreg(z_img, generator=generator) + sigreg(z_txt, generator=generator)
+        loss = loss + t.sigreg_weight * reg
+        out["text_sigreg"] = reg.detach()
+        if t.align in ("predict", "both"):
+            cross = F.mse_loss(self.img2txt(z_img), z_txt) + F.mse_loss(self.txt2img(z_txt), z_img)
+            loss = loss + t.cross_weight * cross
+            out["cross_loss"] = cross.detach()
+        if t.align in ("infonce", "both"):
+            nce = self.infonce(z_img, z_txt)
+            loss = loss + t.infonce_weight * nce
+            out.update(infonce_loss=nce.detach(), logit_scale=self.logit_scale.detach().exp())
         return loss, out
