@@ -75,6 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=10.0, help="training budget per seed")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1")
     ap.add_argument("--preset", default="tiny", choices=["tiny", "rtx3090"])
     ap.add_argument("--model", default="jepa", choices=["jepa", "jepa-text"])
     ap.add_argument("--arch", default="{}", help="JSON overrides of JepaConfig")
@@ -91,15 +92,16 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write all per-seed reports here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     if args.parallel > 1:
         from concurrent.futures import ProcessPoolExecutor
         from multiprocessing import get_context
 
         with ProcessPoolExecutor(args.parallel, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
                                  initargs=(args.threads,)) as pool:
-            reports = list(pool.map(run_seed, range(args.seeds), [args] * args.seeds))
+            reports = list(pool.map(run_seed, seeds, [args] * args.seeds))
     else:
-        reports = [run_seed(seed, args) for seed in range(args.seeds)]
+        reports = [run_seed(seed, args) for seed in seeds]
 
     def stat(key: str) -> str:
         vals = [r[key] for r in reports]

@@ -45,7 +45,13 @@ _ENCODER_JUDGED = ("shape_linear", "colour_linear", "count_linear", "position_li
 YARDSTICKS: dict[str, Yardstick] = {
     "image-encoder": Yardstick("shapes:32", "shapes", 1000, 90_001, _SHAPES, {"test_fraction": 0.3}, _ENCODER_JUDGED),
     "image-text-encoder": Yardstick(
-        "shapes:32", "shapes", 1000, 90_001, _SHAPES, {"test_fraction": 0.3}, (*_ENCODER_JUDGED, "i2t_attr_r1", "t2i_attr_r1")
+        "shapes:32",
+        "shapes",
+        1000,
+        90_001,
+        _SHAPES,
+        {"test_fraction": 0.3},
+        (*_ENCODER_JUDGED, "i2t_attr_r1", "t2i_attr_r1"),
     ),
     # Reasoners: a yardstick per grid. Held-out by symmetry class (the evaluate job keeps the test
     # split of the suite's puzzles, the same classes every training split holds out).

@@ -24,7 +24,7 @@ from workers.eval.encoders import (
 from workers.models.jepa import JEPA, make_config, sample_masks, sigreg
 from workers.models.text import TextConfig, TextEncoder, tokenize, train_tokenizer
 from workers.synth.shapes import ShapesGenerator, ShapesParams
-from workers.train_jepa import JepaTrainParams, load_checkpoint, train_jepa
+from workers.train_jepa import JepaTrainParams, load_checkpoint, load_model, train_jepa
 
 ROOT = Path(__file__).resolve().parent.parent
 # a model small enough that a few steps take well under a second
@@ -210,7 +210,7 @@ train_jepa(ctx, params, ShapesGenerator().generate(ShapesParams(), 3, 0, 256))
     {"model": "jepa-text", "arch": MICRO, "text": {**MICRO_TEXT, "align": "both"}},
     {"model": "jepa", "arch": {**MICRO, "regularizer": "ema", "target_centre": True, "masking": "random",
                                "loss": "l2"}},
-], ids=["jepa-sigreg", "jepa-text-ema", "jepa-text-infonce", "jepa-ema-random-centred"])
+], ids=["jepa-sigreg", "jepa-text-ema", "jepa-text-both", "jepa-ema-random-centred"])
 def test_resume_is_bit_exact(tmp_path: Path, small_data: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
     import json
 
@@ -258,6 +258,22 @@ def test_progress_checkpoints_plot_and_cancel(tmp_path: Path, small_data: dict[s
     assert metrics["step"] == 8 and done.progress_log[0]["step"] == 4
     plots = [a for a in done.artifacts if a["kind"] == "plot"]
     assert plots and Path(plots[0]["path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.integration
+def test_checkpoints_from_before_align_load_as_predict(tmp_path: Path, small_data: dict[str, np.ndarray]) -> None:
+    ctx = LocalContext(tmp_path)
+    train_jepa(ctx, _params(model="jepa-text", steps=2, text={**MICRO_TEXT, "align": "predict"}), small_data)
+    path = ctx.checkpoints[-1][0]
+    ckpt = load_checkpoint(path)
+    del ckpt["params"]["text"]["align"]  # as written before `align` existed (the default is now infonce)
+    torch.save(ckpt, path)
+    model, params, _ = load_model(path)
+    assert params.text_config().align == "predict" and not model.contrastive  # type: ignore[union-attr]
+    fresh = LocalContext(tmp_path / "new")
+    train_jepa(fresh, _params(model="jepa-text", steps=2, text=MICRO_TEXT), small_data)
+    model, params, _ = load_model(fresh.checkpoints[-1][0])
+    assert params.text_config().align == "infonce" and model.contrastive  # type: ignore[union-attr]
 
 
 @pytest.mark.integration
@@ -332,10 +348,12 @@ def test_training_learns_and_beats_baselines(tmp_path: Path) -> None:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_cross_modal_retrieval_beats_chance(tmp_path: Path) -> None:
+    """The predictive objective (`align: predict`, the default before InfoNCE) still works a little."""
     train, held_out = shapes(2000, seed=0), shapes(500, seed=1)
     ctx = LocalContext(tmp_path)
     params = {"model": "jepa-text", "steps": 150, "batch_size": 64, "warmup_steps": 20,
-              "checkpoint_every": 1000, "arch": {**MICRO, "embed_dim": 64, "num_heads": 4}, "text": MICRO_TEXT}
+              "checkpoint_every": 1000, "arch": {**MICRO, "embed_dim": 64, "num_heads": 4},
+              "text": {**MICRO_TEXT, "align": "predict"}}
     train_jepa(ctx, params, train)
     report = evaluate_encoder(ctx, {"labels": ["shape"]}, ctx.checkpoints[-1][0], held_out)
     print({k: round(v, 3) for k, v in report.items() if k[:3] in ("i2t", "t2i")})

@@ -179,7 +179,11 @@ def load_model(path: Path | str) -> tuple[JEPA | CrossModalJEPA, JepaTrainParams
     """Rebuild the trained model from a checkpoint: (model, params, tokenizer or None)."""
     ckpt = load_checkpoint(path)
     raw = ckpt["params"]
-    if raw.get("model") == "jepa-text" and "align" not in raw.get("text", {}) and "img_proj.0.weight" not in ckpt["model"]:
+    if (
+        raw.get("model") == "jepa-text"
+        and "align" not in raw.get("text", {})
+        and "img_proj.0.weight" not in ckpt["model"]
+    ):
         # written before `align` existed: those checkpoints were all trained with the predictors only
         raw = {**raw, "text": {**raw.get("text", {}), "align": "predict"}}
     params = JepaTrainParams.model_validate(raw)
