@@ -472,7 +472,7 @@ class Daemon:
         """The `queue_limits` setting into the log (QueueLimitsSet, only when it changed): the decider
         reads limits from its state, so a replay explains every wait."""
         assert self.handler is not None
-        from schema.ticket import parse_memory
+        from schema.sizes import parse_memory
 
         limits = dict(self.settings.queue_limits)
         gpu = {q: parse_memory(size) for q, size in self.settings.queue_gpu_memory.items()}

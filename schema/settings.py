@@ -154,7 +154,7 @@ class Settings(BaseSettings):
     @field_validator("artifacts_cache_size")
     @classmethod
     def _cache_size(cls, value: str) -> str:
-        from schema.ticket import parse_memory
+        from schema.sizes import parse_memory
 
         try:
             parse_memory(value)
@@ -167,7 +167,7 @@ class Settings(BaseSettings):
     def _gpu_memory(cls, value: dict[str, str]) -> dict[str, str]:
         if not value:  # the usual case: no import of the ticket models (every `jbctl` command loads settings)
             return value
-        from schema.ticket import parse_memory
+        from schema.sizes import parse_memory
 
         for queue, size in value.items():
             try:
@@ -212,7 +212,7 @@ class Settings(BaseSettings):
 
     @property
     def artifacts_cache_limit(self) -> int:
-        from schema.ticket import parse_memory
+        from schema.sizes import parse_memory
 
         return parse_memory(self.artifacts_cache_size)
 

@@ -33,6 +33,8 @@ from pydantic import (
     model_validator,
 )
 
+from schema.sizes import parse_memory as parse_memory  # re-exported: tickets name sizes the same way
+
 # Limits on one ticket file. Pure-Python YAML costs ~0.1 ms per value, so MAX_NODES bounds the
 # parse to well under a second; the rest keep any one ticket from bloating events, notes and the
 # scheduler (which walks every task on each event).
@@ -88,8 +90,6 @@ DATA_KEYS = ("data", "dataset", "train_data", "test_data", "checkpoint", "encode
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-
 
 def parse_duration(value: Any) -> float:
     """Seconds from a number or a string like `90`, `30s`, `15m`, `2h`, `7d`."""
@@ -105,19 +105,6 @@ def parse_duration(value: Any) -> float:
     if seconds <= 0:
         raise ValueError("duration must be positive")
     return seconds
-
-
-def parse_memory(value: Any) -> int:
-    """Bytes from `512M`, `8G`, `8GiB` or a plain number of bytes."""
-    match = _MEMORY.match(str(value))
-    if not match or isinstance(value, bool):
-        raise ValueError(f"invalid memory size {value!r}: expected e.g. 512M or 8G")
-    unit = (match.group(2) or "B").upper()[0]
-    factor = {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit]
-    size = int(float(match.group(1)) * factor)
-    if size <= 0:
-        raise ValueError("memory size must be positive")
-    return size
 
 
 Duration = Annotated[float, Field(gt=0)]

@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from schema.ticket import parse_memory
+from schema.sizes import parse_memory
 from schema.wire import WORKER_NAME, Advert
 
 MIB = 1 << 20
