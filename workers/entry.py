@@ -58,11 +58,21 @@ def _settings_and_key() -> tuple[Any, bytes]:
     return settings, load_secret(settings.secret_path, create=False)
 
 
-@functools.lru_cache(maxsize=1)
-def _store() -> ArtifactStore:
-    """One per worker process: an object store's client (and its I/O thread) made per job cost no-op
-    jobs 40 -> 5 jobs/s (bench/multihost.py). A failure to build it is not cached: the next job tries again."""
-    return ArtifactStore.from_settings(_settings_and_key()[0])
+_STORES: dict[tuple[str, ...], ArtifactStore] = {}
+
+
+def _store(settings: Any) -> ArtifactStore:
+    """One per worker process and store settings: an object store's client (and its I/O thread) made per
+    job cost no-op jobs 40 -> 5 jobs/s (bench/multihost.py). A failure to build it is not kept: the next
+    job tries again."""
+    key = tuple(
+        str(getattr(settings, name, ""))
+        for name in ("home", "artifacts_path", "artifacts_url", "artifacts_cache_path", "artifacts_cache_limit")
+    )
+    store = _STORES.get(key)
+    if store is None:
+        store = _STORES[key] = ArtifactStore.from_settings(settings)
+    return store
 
 
 @contextlib.contextmanager
@@ -149,7 +159,7 @@ def run_job(signed: dict[str, Any]) -> dict[str, Any]:
         )
         return {"status": "refused", "error": f"job kind {envelope.kind!r} is not allowed"}
     workdir = settings.home / "work" / envelope.ticket / envelope.task / f"attempt-{envelope.attempt}"
-    ctx = RuntimeContext(envelope, reporter, conn, workdir, _store())
+    ctx = RuntimeContext(envelope, reporter, conn, workdir, _store(settings))
     beats = pulse()
     beats.begin(reporter, envelope.job_id, settings.heartbeat_seconds, settings.heartbeat_timeout_seconds)
     reporter.hold("started")  # goes out with the first beat, or with the result of a short job
