@@ -663,25 +663,37 @@ def _judge_expectations(
     """Judge the step's `expect:` checks on a result joined without a job (one event each, attempt 0);
     the failed ones, as the reason names them ("" when all hold). Joining again would give the same
     result, so a failure is final whatever `retry:` says."""
-    failed = []
-    for exp in step.expect:
+    about = {"at": now, "ticket": ticket.id, "task": task.id}
+    failed, _ = _judge(out, about, step, metrics, outputs, final=True)
+    return "; ".join(failed)
+
+
+def _judge(
+    out: _Emitter,
+    about: dict[str, Any],
+    step: Step | None,
+    metrics: dict[str, float],
+    outputs: dict[str, Any],
+    *,
+    final: bool = False,
+) -> tuple[list[str], bool]:
+    """Judge a result against the step's `expect:` checks, one `StepCheckEvaluated` each (`about`: the
+    event's ticket, task, time and attempt). The failed ones as a reason names them, and whether any
+    failed one may be retried (never when `final`)."""
+    failed: list[str] = []
+    retryable = False
+    for exp in step.expect if step is not None else []:
         ok, observed, value = exp.judge(metrics, outputs)
+        may_retry = exp.retryable and not final
         out.emit(
             ev.StepCheckEvaluated(
-                at=now,
-                ticket=ticket.id,
-                task=task.id,
-                phase="expect",
-                check=exp.text(),
-                ok=ok,
-                observed=observed,
-                value=value,
-                retryable=False,
+                **about, phase="expect", check=exp.text(), ok=ok, observed=observed, value=value, retryable=may_retry
             )
         )
         if not ok:
             failed.append(f"{exp.text()} (observed {observed})")
-    return "; ".join(failed)
+            retryable = retryable or may_retry
+    return failed, retryable
 
 
 def _join_sweep(out: _Emitter, ticket: TicketState, task: TaskState, step: Step, now: datetime) -> bool:
@@ -1210,24 +1222,7 @@ def _succeeded(out: _Emitter, c: cmd.RecordJobSucceeded) -> None:
     if not found:
         return
     ticket, task = found
-    step = _step_spec(ticket, task.id)
-    failed, retryable = [], False
-    for exp in step.expect if step is not None else []:
-        ok, observed, value = exp.judge(c.metrics, c.outputs)
-        out.emit(
-            ev.StepCheckEvaluated(
-                **_about(c, report_seq=False),
-                phase="expect",
-                check=exp.text(),
-                ok=ok,
-                observed=observed,
-                value=value,
-                retryable=exp.retryable,
-            )
-        )
-        if not ok:
-            failed.append(f"{exp.text()} (observed {observed})")
-            retryable = retryable or exp.retryable
+    failed, retryable = _judge(out, _about(c, report_seq=False), _step_spec(ticket, task.id), c.metrics, c.outputs)
     if failed:
         # The job ran, but its result is not what the step promised: downstream steps must not use it.
         error = f"ExpectationFailed: {'; '.join(failed)}"
