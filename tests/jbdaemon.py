@@ -49,6 +49,21 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 15.0, every: 
         time.sleep(every)
 
 
+def event_rows(home: Path) -> list[dict[str, Any]]:
+    """Every event of a home's SQLite log, read-only ([] while there is no log yet)."""
+    db = home / "jetbox.db"
+    if not db.exists():
+        return []
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        found = conn.execute("SELECT seq, type, data FROM events ORDER BY seq").fetchall()
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        conn.close()
+    return [{"seq": s, "type": t, "data": json.loads(d)} for s, t, d in found]
+
+
 class Daemon:
     """A `jbctl daemon` subprocess on `home`, with its own notify socket to learn when it is ready."""
 
@@ -147,17 +162,7 @@ class Daemon:
 
     def rows(self) -> list[dict[str, Any]]:
         """Every event, read straight from SQLite (fast, for polling; assert with `jbctl_events`)."""
-        db = self.home / "jetbox.db"
-        if not db.exists():
-            return []
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            found = conn.execute("SELECT seq, type, data FROM events ORDER BY seq").fetchall()
-        except sqlite3.OperationalError:
-            return []
-        finally:
-            conn.close()
-        return [{"seq": s, "type": t, "data": json.loads(d)} for s, t, d in found]
+        return event_rows(self.home)
 
     def wait_event(self, type_: str, timeout: float = 15.0, **match: Any) -> dict[str, Any]:
         """The first event of `type_` whose data has every `match` item."""

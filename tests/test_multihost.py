@@ -21,7 +21,6 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.jbdaemon import JBCTL, atomic_write, wait_for
+from tests.jbdaemon import JBCTL, atomic_write, event_rows, wait_for
 from tests.netns_hosts import MAIN_ADDRESS, Hosts, unavailable
 
 pytestmark = pytest.mark.integration
@@ -146,17 +145,7 @@ class Lab:
         return self.start(host, [JBCTL, "worker", "--join", str(copy)], _clean_env(home), "worker.log")
 
     def rows(self) -> list[dict[str, Any]]:
-        db = self.main_home / "jetbox.db"
-        if not db.exists():
-            return []
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            found = conn.execute("SELECT seq, type, data FROM events ORDER BY seq").fetchall()
-        except sqlite3.OperationalError:
-            return []
-        finally:
-            conn.close()
-        return [{"seq": s, "type": t, "data": json.loads(d)} for s, t, d in found]
+        return event_rows(self.main_home)
 
     def events(self, type_: str, **match: Any) -> list[dict[str, Any]]:
         return [
