@@ -19,7 +19,7 @@ import stat
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -194,10 +194,11 @@ class Expectation(_Strict):
         return f"{self.name} {self.op} {self.value:g}"
 
 
-class MetricProbe(_Strict):
-    """`probe:` on a step's input: `<needed step>.<name> op value`, read before the step is dispatched."""
+class _StepMetric(_Strict):
+    """`<step>.<name> op value` on a metric another step reported; subclasses say where it is read."""
 
-    metric: str = Field(description="<step>.<name> of a step this one needs, e.g. data.count")
+    _example: ClassVar[str] = "eval.accuracy"
+    metric: str = Field(description="<step>.<name>: a step of this ticket and one of its metrics")
     op: Op
     value: float
 
@@ -206,7 +207,7 @@ class MetricProbe(_Strict):
     def _metric(cls, value: str) -> str:
         step, _, name = value.partition(".")
         if not step or not name:
-            raise ValueError(f"metric {value!r} must be written <step>.<name>, e.g. data.count")
+            raise ValueError(f"metric {value!r} must be written <step>.<name>, e.g. {cls._example}")
         return value
 
     @property
@@ -218,10 +219,17 @@ class MetricProbe(_Strict):
         return self.metric.partition(".")[2]
 
     def holds(self, observed: float) -> bool:
+        """Whether `observed` satisfies the check."""
         return bool(_OPS[self.op](observed, self.value))
 
     def text(self) -> str:
         return f"{self.metric} {self.op} {self.value:g}"
+
+
+class MetricProbe(_StepMetric):
+    """`probe:` on a step's input: `<needed step>.<name> op value`, read before the step is dispatched."""
+
+    _example: ClassVar[str] = "data.count"
 
 
 class CoreProbe(_Strict):
@@ -422,39 +430,8 @@ class Constraints(_Strict):
         return parse_memory(self.memory) if self.memory else None
 
 
-class MetricCheck(_Strict):
+class MetricCheck(_StepMetric):
     """`<step>.<name> op value`, evaluated on the metrics a step reported."""
-
-    metric: str
-    op: Literal[">=", "<=", ">", "<", "==", "!="]
-    value: float
-
-    @field_validator("metric")
-    @classmethod
-    def _metric(cls, value: str) -> str:
-        step, _, name = value.partition(".")
-        if not step or not name:
-            raise ValueError(f"metric {value!r} must be written <step>.<name>, e.g. eval.accuracy")
-        return value
-
-    @property
-    def step(self) -> str:
-        return self.metric.partition(".")[0]
-
-    @property
-    def name(self) -> str:
-        return self.metric.partition(".")[2]
-
-    def holds(self, observed: float) -> bool:
-        """Whether `observed` satisfies the check."""
-        return {
-            ">=": observed >= self.value,
-            "<=": observed <= self.value,
-            ">": observed > self.value,
-            "<": observed < self.value,
-            "==": observed == self.value,
-            "!=": observed != self.value,
-        }[self.op]
 
 
 class RunCheck(_Strict):
