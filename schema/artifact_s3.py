@@ -17,8 +17,8 @@ hash or nothing. Files larger than `PART_SIZE` go up in parts (several in flight
 is aborted by the transfer manager. A bucket should also have a lifecycle rule that aborts incomplete
 multipart uploads after a day (docs/OPERATIONS.md), for uploads cut by a killed process.
 
-Requests run on one long-lived I/O thread per process (`_IoThread`), started when the first backend is
-built: a job under `network: deny` runs in a network namespace of its own (workers/netns.py), which
+Requests run on one long-lived I/O thread per process (`schema.io_thread.IoThread`), started when the
+first backend is built: a job under `network: deny` runs in a network namespace of its own (workers/netns.py), which
 its thread and every thread it starts inherit, so its own sockets reach nothing; the store's requests,
 made on the I/O thread, still leave through the worker's network (and the in-process guard lets the
 store's endpoint through, as it does Redis: `S3Backend.endpoints`).
@@ -34,19 +34,18 @@ from __future__ import annotations
 import builtins
 import hashlib
 import os
-import queue
 import re
 import shutil
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar, cast
 from urllib.parse import urlparse
 
 from schema.artifacts import CHUNK, HEX64, ArtifactError, CorruptArtifactError, UnknownArtifactError
+from schema.io_thread import IoThread
 
 SETTING = "JETBOX_ARTIFACTS_URL"
 PART_SIZE = 16 * 1024 * 1024  # multipart above this, in parts of this size
@@ -77,42 +76,16 @@ def parse_url(url: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-class _IoThread:
-    """Runs callables on one daemon thread, created where this object is (see the module's docstring)."""
-
-    def __init__(self) -> None:
-        self.jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
-        self.pid = os.getpid()
-        self.thread = threading.Thread(target=self._loop, name="jetbox-artifact-io", daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            fn, future = self.jobs.get()
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:
-                    future.set_exception(exc)
-
-    def run(self, fn: Callable[[], T]) -> T:
-        if threading.current_thread() is self.thread:
-            return fn()
-        future: Future[T] = Future()
-        self.jobs.put((fn, future))
-        return future.result()
-
-
-_io: _IoThread | None = None
+_io: IoThread | None = None
 _io_lock = threading.Lock()
 
 
-def io_thread() -> _IoThread:
+def io_thread() -> IoThread:
     """The process's I/O thread (a new one in a forked child, where the parent's thread does not exist)."""
     global _io
     with _io_lock:
-        if _io is None or _io.pid != os.getpid() or not _io.thread.is_alive():
-            _io = _IoThread()
+        if _io is None or not _io.alive():
+            _io = IoThread("jetbox-artifact-io")
         return _io
 
 

@@ -23,9 +23,10 @@ FAST = {
 class Setup:
     """One home with its Redis, daemon and workers."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, listen: tuple[str, int] | None = None, password: str | None = None) -> None:
+        """`listen` (with `password`): Redis listens on that TCP address too, as `jbctl up --listen` has it."""
         self.home = home
-        self.redis: PrivateRedis = start_redis(home / "run")
+        self.redis: PrivateRedis = start_redis(home / "run", listen=listen, password=password)
         self.env_extra = {**FAST, "JETBOX_REDIS_URL": self.redis.url}
         self.daemon = Daemon(home, env=self.env_extra)
         self.workers: list[subprocess.Popen[bytes]] = []
@@ -37,10 +38,12 @@ class Setup:
     def conn(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis.url)
 
-    def worker(self, *queues: str) -> subprocess.Popen[bytes]:
+    def worker(self, *queues: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         args = [JBCTL, "worker"] + [a for q in (queues or ("cpu",)) for a in ("--queue", q)]
         with (self.home / "worker.log").open("ab") as log:
-            proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=log, start_new_session=True)
+            proc = subprocess.Popen(
+                args, env={**self.env, **(env or {})}, stdout=log, stderr=log, start_new_session=True
+            )
         self.workers.append(proc)
         return proc
 

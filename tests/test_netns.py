@@ -8,11 +8,15 @@ Only loopback addresses are used; the listener proves nothing got through.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import redis
 
 from tests.harness import Setup
 from tests.helpers import accepted
@@ -85,3 +89,120 @@ def test_network_allowed_jobs_keep_the_network(running: Setup, listener: socket.
     )
     assert running.wait_done("TICKET-2") == "TicketCompleted"
     assert accepted(listener)
+
+
+# --- a worker that reaches Redis over TCP (a joined host) -------------------------------------------
+
+
+@needs_isolation
+def test_the_workers_redis_connections_are_made_outside_the_jobs_namespace(tmp_path: Path) -> None:
+    """The cause of false network violations on joined hosts, and its fix: a Redis connection re-made
+    from a job's thread (or a thread the job started) is refused and counted when it is made in the
+    job's namespace; `redis_client` makes it in the worker's own."""
+    from cli.embedded import start_redis
+    from workers.netns import redis_client
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = start_redis(tmp_path / "run", listen=("127.0.0.1", port), password="pw")
+    try:
+        assert server.tcp_url is not None
+        admin = redis.Redis.from_url(server.url)
+        plain, ours = redis.Redis.from_url(server.tcp_url), redis_client(server.tcp_url)
+        plain.ping(), ours.ping()
+        seen: dict[str, object] = {}
+
+        def ping(name: str, conn: redis.Redis) -> None:
+            try:
+                seen[name] = conn.ping()
+            except redis.ConnectionError as exc:
+                seen[name] = type(exc).__name__
+
+        def job() -> None:
+            with JobNamespace() as ns:
+                admin.client_kill_filter(laddr=f"127.0.0.1:{port}")  # every TCP connection: all must be re-made
+                ping("plain", plain)
+                ping("ours", ours)
+                admin.client_kill_filter(laddr=f"127.0.0.1:{port}")
+                child = threading.Thread(target=ping, args=("ours from a job's thread", ours))
+                child.start()
+                child.join()
+            seen["blocked"] = ns.blocked
+
+        t = threading.Thread(target=job)
+        t.start()
+        t.join()
+        assert seen["plain"] == "ConnectionError" and seen["blocked"] == 1, seen  # plain's, and only plain's
+        assert seen["ours"] is True and seen["ours from a job's thread"] is True, seen
+    finally:
+        server.stop()
+
+
+# --- a worker that reaches Redis over TCP (a joined host) -------------------------------------------
+
+
+@pytest.fixture
+def tcp_running(tmp_path: Path) -> Iterator[Setup]:
+    """As `running`, but the worker reaches Redis over TCP with a password (a joined host), and Redis
+    drops connections idle for a second (`timeout 1`), so the worker's pool keeps reconnecting."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    s = Setup(tmp_path / "home", listen=("127.0.0.1", port), password="tcp-test-password")
+    try:
+        s.conn().config_set("timeout", 1)
+        s.daemon.start()
+        assert s.redis.tcp_url is not None
+        s.worker("cpu", env={"JETBOX_REDIS_URL": s.redis.tcp_url})
+        yield s
+    finally:
+        s.close()
+
+
+@needs_isolation
+def test_deny_jobs_on_a_tcp_redis_worker_survive_dropped_connections_and_its_own_are_flagged(
+    tcp_running: Setup, listener: socket.socket
+) -> None:
+    """A joined host's worker (Redis over TCP) whose connections are cut again and again while `network:
+    deny` jobs report progress and checkpoints: the connections are re-made, no job is flagged. A job
+    that does reach for the network (a child process, its error swallowed) is still flagged."""
+    assert tcp_running.redis.listen is not None
+    laddr = "{}:{}".format(*tcp_running.redis.listen)
+    admin = tcp_running.conn()
+    stop = threading.Event()
+    kills = [0]
+
+    def cut() -> None:
+        """Every TCP client (the worker's connections) dropped, again and again while a job runs (its
+        heartbeat key is set). Not between jobs: RQ waits 2 s before it dequeues again on a new one."""
+        while not stop.wait(0.3):
+            with contextlib.suppress(redis.RedisError):
+                if admin.keys("jetbox:hb:*"):
+                    kills[0] += int(admin.client_kill_filter(laddr=laddr))
+
+    port = listener.getsockname()[1]
+    steps = (
+        "  - {id: s0, kind: diag, with: {sleep: 1.2, steps: 6, checkpoints: 2}}\n"
+        "  - {id: s1, kind: diag, needs: [s0], with: {sleep: 1.2, steps: 6, checkpoints: 2}}\n"
+        f"  - {{id: s2, kind: diag, needs: [s1], with: {{connect: '127.0.0.1:{port}', connect_via: child, "
+        "swallow: true}}\n"
+    )
+    killer = threading.Thread(target=cut, daemon=True)
+    killer.start()
+    try:
+        tcp_running.drop("TICKET-3", steps)  # network: deny, the default
+        state = tcp_running.wait_done("TICKET-3", timeout=90)
+    finally:
+        stop.set()
+        killer.join()
+    rows = tcp_running.daemon.rows()
+    assert kills[0] > 0  # the connections were cut while the jobs ran
+    violations = [r["data"] for r in rows if r["type"] == "SafetyViolation"]
+    assert [(v["task"], v["what"]) for v in violations] == [("s2", "network")], violations
+    assert "refused by the kernel" in violations[0]["detail"]
+    failed = [r["data"] for r in rows if r["type"] == "AttemptFailed"]
+    assert [f["task"] for f in failed] == ["s2"], failed
+    assert {r["data"]["task"] for r in rows if r["type"] == "AttemptSucceeded"} == {"s0", "s1"}
+    assert state == "TicketFailed" and not accepted(listener)
+    tcp_running.assert_consistent()

@@ -23,7 +23,7 @@ from schema.wire import REPORT_STREAM, Envelope, Report, load_secret, verify
 from workers.context import JobCancelled
 from workers.jobs import JobFailed, JobResult, job_function
 from workers.netguard import NetworkDenied, network_denied
-from workers.netns import JobNamespace, available
+from workers.netns import JobNamespace, available, redis_client
 from workers.runtime import Pulse, Reporter, RuntimeContext, pulse, worker_name
 
 
@@ -34,7 +34,7 @@ def _connection() -> redis.Redis:
     settings = load_settings()
     if not settings.redis_url:
         raise RuntimeError("JETBOX_REDIS_URL is not set")
-    return redis.Redis.from_url(settings.redis_url)
+    return redis_client(settings.redis_url)
 
 
 def report_violation(conn: redis.Redis, key: bytes, what: str, detail: str) -> None:

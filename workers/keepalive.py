@@ -22,6 +22,7 @@ from typing import Any
 import redis
 
 from schema.wire import CORE_KEY, warm_key
+from workers.netns import redis_client
 
 PUBLISH_TTL_S = 15
 RETRY_S = 30.0  # how soon a core version that failed to load is tried again
@@ -44,7 +45,7 @@ class CoreFollower(threading.Thread):
         warm: Callable[..., int] | None = None,
     ) -> None:
         super().__init__(daemon=True, name="core-follower")
-        self.conn = redis.Redis.from_url(redis_url, socket_timeout=10)
+        self.conn = redis_client(redis_url, socket_timeout=10)
         self.name, self.root, self.queues, self.poll_s = name, artifact_root, queues, poll_s
         self.held: dict[str, Any] | None = None  # {version, components} fully loaded
         self.loading: int | None = None

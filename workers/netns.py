@@ -9,6 +9,16 @@ loopback interface, left down, so every connection or datagram to any address
 Sockets opened before (the worker's Redis connection) keep working: a socket belongs to the
 namespace it was created in, and a unix socket path is reached through the file system.
 
+The worker's own traffic made while a job runs must therefore never open a socket in the job's
+namespace: a Redis connection that the pool makes anew there (Redis closed an idle one, a connection
+was cut, two threads each wanted one) would be refused, and its refusal counted against the job as a
+network violation. Every Redis client the worker uses (`redis_client`) makes its sockets through
+`outside`: on the calling thread when that thread is in the worker's own namespace, else on one
+dialer thread that never enters a job's. The socket, once made, is used from any thread: its traffic
+leaves through the namespace it was made in. So a job's reports, heartbeats and cancel checks reach
+Redis over TCP (a joined host) however often the connection is re-made, and the counter still sees
+every attempt the job's own code makes.
+
 Each refused attempt increments the namespace's `OutNoRoutes` counter, which is read after the job:
 a job that hid its attempts (caught the error, or let a child fail) is still reported as a safety
 violation. Only the calling thread moves (network namespaces are per thread), and it moves back
@@ -26,7 +36,14 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
+
+import redis
+from redis.connection import AbstractConnection, Connection, parse_url
+
+from schema.io_thread import IoThread
 
 CLONE_NEWNET = 0x40000000
 SIOCGIFFLAGS = 0x8913
@@ -183,6 +200,7 @@ class JobNamespace:
         self._start = 0
 
     def __enter__(self) -> JobNamespace:
+        _keep_dialer()  # here, in the worker's namespace: the thread the worker's connections are made on
         self._home = os.open(_own_ns(), os.O_RDONLY | os.O_CLOEXEC)
         try:
             self._job = _kept.take()
@@ -215,3 +233,65 @@ class JobNamespace:
                 _kept.give_back(job)
             else:
                 os.close(job)
+
+
+# --- the worker's own connections: always made in the worker's namespace ---------------------------
+
+T = TypeVar("T")
+_dialer: IoThread | None = None
+_dialer_ns: int | None = None  # the inode of the namespace the dialer thread lives in
+_dialer_lock = threading.Lock()
+
+
+def _ns_inode() -> int:
+    return os.stat(_own_ns()).st_ino
+
+
+def _keep_dialer() -> None:
+    """Start the dialer thread if there is none, in the calling thread's namespace (called before a
+    thread enters a job's, so it is the worker's own)."""
+    global _dialer, _dialer_ns
+    with _dialer_lock:
+        if _dialer is None or not _dialer.alive():
+            _dialer = IoThread("jetbox-dialer")
+            _dialer_ns = _dialer.run(_ns_inode)
+
+
+def outside(fn: Callable[[], T]) -> T:
+    """Run `fn` (which makes a socket) in the worker's own network namespace: right here when the calling
+    thread is in it, else on the dialer thread. A thread the job started is in the job's namespace too:
+    the check is on the namespace, not on which thread calls. No job namespace was ever entered: here."""
+    dialer = _dialer
+    if dialer is None or not dialer.alive():
+        return fn()
+    try:
+        here = _ns_inode()
+    except OSError:
+        here = None
+    return fn() if here == _dialer_ns else dialer.run(fn)
+
+
+_CLASSES: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+
+def dialing_outside(base: type[AbstractConnection]) -> type[AbstractConnection]:
+    """`base` (redis-py's TCP, TLS or unix connection class) with its sockets made by `outside`; for TLS
+    the handshake too, so a certificate error is raised to the caller as redis-py raises it."""
+    found = _CLASSES.get(base)
+    if found is None:
+
+        class Outside(base):  # type: ignore[valid-type,misc]
+            def _connect(self) -> Any:
+                return outside(super()._connect)
+
+        Outside.__name__ = Outside.__qualname__ = f"Outside{base.__name__}"
+        found = _CLASSES[base] = Outside
+    return found
+
+
+def redis_client(url: str, **kwargs: Any) -> redis.Redis:
+    """`redis.Redis.from_url(url, **kwargs)` whose connections are made in the worker's own namespace,
+    even when a job's thread (or a thread it started) is the one that needs a new one."""
+    base = parse_url(url).get("connection_class", Connection)
+    pool = redis.ConnectionPool.from_url(url, connection_class=dialing_outside(base), **kwargs)
+    return redis.Redis(connection_pool=pool)  # a worker's clients live as long as its process

@@ -32,6 +32,7 @@ from schema.wire import (
     worker_queue,
 )
 from workers.entry import report_violation
+from workers.netns import redis_client
 
 
 class ForeignJobError(Exception):
@@ -108,7 +109,7 @@ class Advertiser(threading.Thread):
     def __init__(self, redis_url: str, advert: Advert) -> None:
         super().__init__(daemon=True, name="advertise")
         settings = load_settings()
-        self.conn = redis.Redis.from_url(redis_url)
+        self.conn = redis_client(redis_url)
         self.key = load_secret(settings.secret_path, create=False)
         self.advert = advert
         self.every = settings.heartbeat_seconds
@@ -165,7 +166,7 @@ def _run_worker(redis_url: str, queues: list[str], burst: bool = False, name: st
     """
     delay = 0.5
     while True:
-        conn = redis.Redis.from_url(redis_url, health_check_interval=30)
+        conn = redis_client(redis_url, health_check_interval=30)
         qs = [Queue(q, connection=conn, serializer=JSONSerializer) for q in queues]
         began = time.monotonic()
         worker: JetboxWorker | None = None
@@ -197,7 +198,7 @@ def run_dedicated_worker(redis_url: str, ticket: str, name: str | None = None, p
     Like `run_worker`, it rides out Redis going away (a `jbctl run` worker outlives a Redis restart);
     a stop request (SIGTERM, e.g. the transient unit's RuntimeMaxSec=) ends it.
     """
-    conn = redis.Redis.from_url(redis_url)
+    conn = redis_client(redis_url)
     stop = threading.Event()
 
     def advertise() -> None:
