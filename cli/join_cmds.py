@@ -1,9 +1,11 @@
 """jbctl join-token: what a worker on another host needs, in one small file; `jbctl worker --join` reads it.
 
 The join file is JSON (`JoinToken`): the Redis URL with its password, the HMAC key, the artifacts
-URL, the queues, the heartbeat bounds the daemon judges by, and the database URL when the event log
-is on PostgreSQL. It is a secret: written 0600, refused when others can read it, and read from a
-file or standard input, never from the command line (where `ps` and shell history would keep it).
+URL, the queues, the heartbeat bounds the daemon judges by, the database URL when the event log
+is on PostgreSQL, and, when Redis speaks TLS (`rediss://`) with a certificate from a private CA, that
+CA's certificate, so the worker verifies the server it sends its reports to. It is a secret: written
+0600, refused when others can read it, and read from a file or standard input, never from the command
+line (where `ps` and shell history would keep it).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import stat
 import sys
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -51,6 +53,9 @@ class JoinToken(BaseModel):
     heartbeat_timeout_seconds: float = Field(default=20.0, gt=0)
     # The object store's endpoint and region (and, with --include-credentials, its keys).
     store_environment: dict[str, str] = Field(default_factory=dict)
+    # With a rediss:// URL: the PEM certificate of the CA that signed the Redis server's certificate
+    # (None: the worker's system trust store must know it).
+    redis_ca: str | None = None
 
     @field_validator("store_environment")
     @classmethod
@@ -67,6 +72,17 @@ class JoinToken(BaseModel):
         parts = urlsplit(value)
         if parts.scheme not in ("redis", "rediss") or not parts.hostname:
             raise ValueError(f"expected a redis:// or rediss:// URL another host can reach, got {redact(value)!r}")
+        return value
+
+    @field_validator("redis_ca")
+    @classmethod
+    def _ca(cls, value: str | None, info: Any) -> str | None:
+        if value is None:
+            return value
+        if "-----BEGIN CERTIFICATE-----" not in value or "PRIVATE KEY" in value:
+            raise ValueError("expected the PEM certificate of the CA that signed the Redis server's certificate")
+        if urlsplit(str(info.data.get("redis_url", ""))).scheme != "rediss":
+            raise ValueError("a Redis CA is for a TLS Redis: the redis_url must be rediss://")
         return value
 
     @field_validator("database_url")
@@ -131,9 +147,37 @@ def _redis_for_others(settings: Any, explicit: str | None) -> str:
     )
 
 
+CA_PARAM = "ssl_ca_certs"  # redis-py's option (in a URL's query) naming the CA file it verifies TLS with
+
+
+def split_ca(redis_url: str) -> tuple[str, str | None]:
+    """A Redis URL without its `ssl_ca_certs=PATH` (a path on this host), and that CA file's PEM text."""
+    parts = urlsplit(redis_url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    paths = [v for k, v in query if k == CA_PARAM]
+    if not paths:
+        return redis_url, None
+    rest = urlencode([(k, v) for k, v in query if k != CA_PARAM])
+    path = Path(paths[-1])
+    try:
+        pem = path.read_text(encoding="ascii")
+    except (OSError, ValueError) as exc:
+        raise CliError(f"Redis URL's {CA_PARAM}={path}: cannot read the CA certificate: {exc}") from None
+    return urlunsplit(parts._replace(query=rest)), pem
+
+
+def with_ca(redis_url: str, ca_file: Path) -> str:
+    """The URL with `ssl_ca_certs=` naming `ca_file` (redis-py reads it from there, in every process)."""
+    parts = urlsplit(redis_url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != CA_PARAM]
+    query.append((CA_PARAM, str(ca_file)))
+    return urlunsplit(parts._replace(query=urlencode(query, safe="/", quote_via=quote)))
+
+
 def build_token(settings: Any, redis_url: str, queues: list[str] | None, credentials: bool = False) -> JoinToken:
     from schema.wire import SecretError, load_secret
 
+    redis_url, redis_ca = split_ca(redis_url)
     parts = urlsplit(redis_url)
     if is_loopback(parts.hostname):
         raise CliError(f"Redis at {redact(redis_url)} is a loopback address: other hosts cannot reach it")
@@ -161,6 +205,7 @@ def build_token(settings: Any, redis_url: str, queues: list[str] | None, credent
             heartbeat_seconds=settings.heartbeat_seconds,
             heartbeat_timeout_seconds=settings.heartbeat_timeout_seconds,
             store_environment=store_env,
+            redis_ca=redis_ca,
         )
     except ValidationError as exc:
         raise CliError(f"cannot make a join file: {_problems(exc)}") from None
@@ -257,8 +302,13 @@ def apply_token(token: JoinToken, settings: Any, own: dict[str, str] | None = No
             )
     else:
         write_private(path, token.secret + "\n")
+    redis_url = token.redis_url
+    if token.redis_ca:  # a file of this host's, named in the URL: every process here verifies the server with it
+        ca_file = settings.home / "redis-ca.pem"
+        write_private(ca_file, token.redis_ca)
+        redis_url = with_ca(redis_url, ca_file)
     env = {
-        "JETBOX_REDIS_URL": token.redis_url,
+        "JETBOX_REDIS_URL": redis_url,
         "JETBOX_HEARTBEAT_SECONDS": repr(token.heartbeat_seconds),
         "JETBOX_HEARTBEAT_TIMEOUT_SECONDS": repr(token.heartbeat_timeout_seconds),
     }
@@ -271,24 +321,46 @@ def apply_token(token: JoinToken, settings: Any, own: dict[str, str] | None = No
     return env
 
 
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return urlunsplit(parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host))
+
+
+def _tls_failure(exc: BaseException) -> str | None:
+    """The TLS reason a connection failed (a certificate that does not verify...), else None."""
+    import ssl
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return str(getattr(seen, "verify_message", None) or seen.reason or seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def check_redis_auth(url: str, insecure: bool) -> None:
     """Refuse a TCP Redis on another host that anyone can use (no password, or one that lets a client
-    in without it), unless `insecure`. A unix socket and a loopback address stay on this machine."""
+    in without it), unless `insecure`. A unix socket and a loopback address stay on this machine.
+    A TLS Redis (rediss://) must also show a certificate that verifies (with the join file's CA, or
+    this host's trust store), loopback or not, insecure or not: a wrong CA is refused here, in one line,
+    rather than retried for ever by the worker's loop."""
     import redis
 
     parts = urlsplit(url)
-    if parts.scheme == "unix" or insecure or is_loopback(parts.hostname):
+    tls = parts.scheme == "rediss"
+    need_password = parts.scheme != "unix" and not insecure and not is_loopback(parts.hostname)
+    if not (tls or need_password):
         return
     fix = "give Redis a password (requirepass; `jbctl up --listen` does) and join with `jbctl join-token`'s file"
-    if not parts.password:
+    if need_password and not parts.password:
         raise CliError(
             f"Redis at {redact(url)} is reached over TCP without a password: anyone who reaches that port could "
             f"queue jobs and read reports: {fix}, or pass --insecure on a network you trust"
         )
-    probe = redis.Redis(
-        host=parts.hostname or "", port=parts.port or 6379, socket_connect_timeout=5, socket_timeout=5,
-        ssl=parts.scheme == "rediss",
-    )  # fmt: skip
+    # Without the password: whether the server asks for one is the question.
+    probe = redis.Redis.from_url(_without_password(url), socket_connect_timeout=5, socket_timeout=5)
     try:
         probe.ping()
     except redis.AuthenticationError:
@@ -297,11 +369,21 @@ def check_redis_auth(url: str, insecure: bool) -> None:
         if "NOAUTH" in str(exc) or "AUTH" in str(exc).upper():
             return
         raise CliError(f"Redis at {redact(url)}: {exc}") from None
-    except (redis.ConnectionError, redis.TimeoutError):
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        why = _tls_failure(exc) if tls else None
+        if why is not None:
+            ca = dict(parse_qsl(parts.query)).get(CA_PARAM)
+            trusted = f"the CA in {ca}" if ca else "this host's trust store (the join file carried no CA)"
+            raise CliError(
+                f"Redis at {redact(url)}: TLS refused: {why}. The server's certificate is not signed by "
+                f"{trusted}, or does not name {parts.hostname}: get a fresh join file from the main host "
+                "(`jbctl join-token`)"
+            ) from None
         return  # not reachable now: the worker's loop waits for it and authenticates when it is
     finally:
         probe.close()
-    raise CliError(
-        f"Redis at {redact(url)} lets clients in without a password (the URL's is not checked): {fix}, "
-        "or pass --insecure on a network you trust"
-    )
+    if need_password:
+        raise CliError(
+            f"Redis at {redact(url)} lets clients in without a password (the URL's is not checked): {fix}, "
+            "or pass --insecure on a network you trust"
+        )

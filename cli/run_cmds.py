@@ -86,7 +86,40 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the private Redis also listens on this TCP address, with a password (HOME/redis.password), for "
         "workers on other hosts (`jbctl join-token`)",
     )
+    p.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        type=Path,
+        help="with --listen: that port speaks TLS only, with this PEM certificate (its subjectAltName must name "
+        "the address workers use); needs --tls-key (a redis-server built with TLS: Debian's is)",
+    )
+    p.add_argument("--tls-key", metavar="FILE", type=Path, help="the certificate's PEM private key")
+    p.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        type=Path,
+        help="the CA that signed --tls-cert: join files carry it, so workers verify the server (default: the "
+        "workers' own trust store)",
+    )
     p.set_defaults(func=cmd_up)
+
+
+def _tls(args: argparse.Namespace) -> Any:
+    """`jbctl up`'s --tls-* options as the private Redis's TLS settings (None without them)."""
+    from cli.embedded import RedisTls
+
+    if not (args.tls_cert or args.tls_key or args.tls_ca):
+        return None
+    if not args.listen:
+        raise CliError("--tls-cert/--tls-key/--tls-ca are for the TCP port: give --listen ADDRESS:PORT too")
+    if not (args.tls_cert and args.tls_key):
+        raise CliError("TLS needs both --tls-cert and --tls-key")
+    tls = RedisTls(args.tls_cert.absolute(), args.tls_key.absolute(), args.tls_ca.absolute() if args.tls_ca else None)
+    try:
+        tls.check()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return tls
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -378,6 +411,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from schema.store import EventStore
     from schema.wire import load_secret
 
+    tls = _tls(args)  # before anything is made or any signal taken: a bad option changes nothing
     stopping = False
 
     def _stop(_signo: int, _frame: Any) -> None:
@@ -402,8 +436,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not settings.redis_url:
         password = _redis_password(settings.redis_password_path) if args.listen else None
         try:
-            redis_server = start_redis(home / "run", listen=args.listen, password=password)
-        except RuntimeError as exc:
+            redis_server = start_redis(home / "run", listen=args.listen, password=password, tls=tls)
+        except (RuntimeError, ValueError) as exc:
             raise CliError(f"cannot start the private Redis: {exc}") from None
         env["JETBOX_REDIS_URL"] = redis_server.url
         # For jbctl infer/run/worker on this host; 0600: with --listen the URL holds the password.
@@ -413,8 +447,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         if redis_server.tcp_url:
             _write_private(settings.private_redis_tcp_file, redis_server.tcp_url + "\n")
             host, port = args.listen
+            how = "TLS and a password" if tls else "a password"
             print(
-                f"jetbox: Redis also on {host}:{port} with a password; add a host with `jbctl join-token -o join.json`",
+                f"jetbox: Redis also on {host}:{port} with {how}; add a host with `jbctl join-token -o join.json`",
                 flush=True,
             )
     children = _Children()

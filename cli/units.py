@@ -13,6 +13,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from cli.common import settings_from
@@ -40,6 +41,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "redis-server.service on localhost:6379; or a redis:// URL to use as it is",
     )
     p.add_argument(
+        "--listen",
+        metavar="ADDRESS:PORT",
+        type=_address,
+        help="with --redis private: Redis also listens on this TCP address, with a password (HOME/redis.password), "
+        "for workers on other hosts (`jbctl join-token`); the unit then has the network",
+    )
+    p.add_argument("--tls-cert", metavar="FILE", type=Path, help="with --listen: TLS only, with this PEM certificate")
+    p.add_argument("--tls-key", metavar="FILE", type=Path, help="the certificate's PEM private key")
+    p.add_argument("--tls-ca", metavar="FILE", type=Path, help="the CA that signed it (join files carry it)")
+    p.add_argument(
         "--workers",
         default=None,
         metavar="cpu=N,gpu=M",
@@ -60,6 +71,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("uninstall-units", help="stop jetbox.target and remove the units install-units wrote")
     _scope_args(p)
     p.set_defaults(func=cmd_uninstall_units)
+
+
+def _address(text: str) -> tuple[str, int]:
+    from cli.run_cmds import _address as parse
+
+    return parse(text)
 
 
 def _scope_args(p: argparse.ArgumentParser) -> None:
@@ -135,6 +152,38 @@ def _addresses(host: str) -> tuple[str, ...]:
     return tuple(sorted({str(info[4][0]) for info in infos}))
 
 
+@dataclass(frozen=True)
+class Listening:
+    """The private Redis's TCP side (`install-units --listen`): its configuration file and the URLs."""
+
+    conf: Path
+    conf_text: str
+    local_url: str  # the unix socket, with the password (Redis asks every client for it)
+    tcp_url: str  # what other hosts use (`jbctl join-token` reads it)
+    where: str
+
+
+def _listening(args: argparse.Namespace, redis: RedisChoice, settings: Any) -> Listening | None:
+    from cli.embedded import tcp_config, tcp_url, unix_url
+    from cli.run_cmds import _redis_password, _tls
+
+    tls = _tls(args)
+    if args.listen is None:
+        return None
+    if redis.mode != "private":
+        raise CliError("--listen is for the private Redis (--redis private); another Redis is configured on its own")
+    password = _redis_password(settings.redis_password_path) if not args.dry_run else "<password>"
+    conf = settings.home / "redis-tcp.conf"
+    host, port = args.listen
+    return Listening(
+        conf=conf,
+        conf_text="\n".join(tcp_config(args.listen, password, tls)) + "\n",
+        local_url=unix_url(settings.home / "run" / "redis.sock", password),
+        tcp_url=tcp_url(args.listen, password, tls),
+        where=f"{'TLS' if tls else 'TCP'} {host}:{port} and a unix socket",
+    )
+
+
 def detect_gpus() -> int:
     """GPUs on this machine, by their device nodes (no CUDA initialisation, no nvidia-smi)."""
     return len([p for p in glob.glob("/dev/nvidia*") if re.fullmatch(r"/dev/nvidia\d+", p)])
@@ -175,10 +224,14 @@ def render_units(
     redis_server: str | None = None,
     console: bool = True,
     console_port: int = CONSOLE_PORT,
+    redis_conf: Path | None = None,
+    redis_where: str = "unix socket",
 ) -> dict[str, str]:
-    """The unit files (name -> text) for this installation."""
+    """The unit files (name -> text) for this installation. `redis_conf`: the private Redis's TCP side
+    (`--listen`), a 0600 configuration file (cli.embedded.tcp_config); `redis_where` says where it listens."""
     private = redis.mode == "private"
     flags = {
+        "private_net": not user_mode and redis_conf is None,
         "system": not user_mode,
         "private_redis": private,
         "system_redis": redis.mode == "system",
@@ -201,7 +254,10 @@ def render_units(
     }
     names = [DAEMON, GPU_WORKER, CPU_WORKER, TARGET, *([CONSOLE] if console else [])]
     if private:
-        values["@REDIS_SERVER@"] = _safe("redis-server", redis_server or _redis_server())
+        binary = redis_server or _redis_server(tls=redis_where.startswith("TLS"))
+        values["@REDIS_SERVER@"] = _safe("redis-server", binary)
+        values["@REDIS_TCP@"] = _safe("Redis configuration", redis_conf) if redis_conf else "--port 0"
+        values["@REDIS_WHERE@"] = redis_where
         names.append(REDIS)
     flag_line = re.compile(r"^@([a-z_]+)@")
     out: dict[str, str] = {}
@@ -228,11 +284,11 @@ def render_units(
     return out
 
 
-def _redis_server() -> str:
-    from cli.embedded import redis_binary
+def _redis_server(tls: bool = False) -> str:
+    from cli.embedded import redis_binary, tls_binary
 
     try:
-        return redis_binary()
+        return tls_binary() if tls else redis_binary()
     except RuntimeError as exc:
         raise CliError(str(exc)) from None
 
@@ -292,6 +348,9 @@ def cmd_install_units(args: argparse.Namespace) -> int:
     if not 1 <= args.console_port <= 65535:
         raise CliError(f"--console-port {args.console_port}: expected 1..65535")
     redis = redis_choice(args.redis, settings.home)
+    listening = _listening(args, redis, settings)
+    if listening is not None:
+        redis = RedisChoice(redis.mode, listening.local_url, redis.allow)
     units = render_units(
         jbctl=_jbctl_path(),
         home=settings.home,
@@ -303,6 +362,8 @@ def cmd_install_units(args: argparse.Namespace) -> int:
         redis=redis,
         console=args.console,
         console_port=args.console_port,
+        redis_conf=listening.conf if listening else None,
+        redis_where=listening.where if listening else "unix socket",
     )
     env_path = settings.home / ENV_FILE_NAME
     existing = env_path.read_text() if env_path.exists() else ""
@@ -331,7 +392,20 @@ def cmd_install_units(args: argparse.Namespace) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0 and account.pw_uid != 0:
             os.chown(folder, account.pw_uid, account.pw_gid)
-    atomic_write_bytes(env_path, env_text.encode())
+    if listening is None:
+        atomic_write_bytes(env_path, env_text.encode())
+    else:  # the local URL holds the password: these files are the run-as account's alone
+        from cli.join_cmds import write_private
+
+        for path, text in (
+            (env_path, env_text),
+            (listening.conf, listening.conf_text),
+            (settings.private_redis_tcp_file, listening.tcp_url + "\n"),  # for `jbctl join-token`
+        ):
+            write_private(path, text)
+            if os.geteuid() == 0 and account.pw_uid != 0:
+                os.chown(path, account.pw_uid, account.pw_gid)
+        print(f"wrote {listening.conf} (mode 600: Redis's address and password); Redis on {listening.where}")
     for name in units:
         print(f"wrote {out / name}")
     print(f"wrote {env_path} (settings for every unit; add your own KEY=value lines there)")

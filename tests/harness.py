@@ -10,7 +10,7 @@ from pathlib import Path
 
 import redis
 
-from cli.embedded import PrivateRedis, start_redis
+from cli.embedded import PrivateRedis, RedisTls, start_redis
 from tests.jbdaemon import JBCTL, Daemon, atomic_write, wait_for
 
 FAST = {
@@ -23,10 +23,17 @@ FAST = {
 class Setup:
     """One home with its Redis, daemon and workers."""
 
-    def __init__(self, home: Path, listen: tuple[str, int] | None = None, password: str | None = None) -> None:
-        """`listen` (with `password`): Redis listens on that TCP address too, as `jbctl up --listen` has it."""
+    def __init__(
+        self,
+        home: Path,
+        listen: tuple[str, int] | None = None,
+        password: str | None = None,
+        tls: RedisTls | None = None,
+    ) -> None:
+        """`listen` (with `password`, and `tls`): Redis listens on that TCP address too, as `jbctl up
+        --listen` has it."""
         self.home = home
-        self.redis: PrivateRedis = start_redis(home / "run", listen=listen, password=password)
+        self.redis: PrivateRedis = start_redis(home / "run", listen=listen, password=password, tls=tls)
         self.env_extra = {**FAST, "JETBOX_REDIS_URL": self.redis.url}
         self.daemon = Daemon(home, env=self.env_extra)
         self.workers: list[subprocess.Popen[bytes]] = []

@@ -16,6 +16,7 @@ from schema.settings import Settings
 from schema.wire import load_secret
 
 KEY = "ab" * 32
+CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"  # its shape only: checked by TLS itself
 GOOD = {"jetbox_join": 1, "redis_url": "redis://:pw@10.0.0.5:6380/0", "secret": KEY, "queues": ["gpu"]}
 
 MOUNTS = """\
@@ -98,6 +99,12 @@ def test_a_join_file_is_read_and_checked(tmp_path: Path) -> None:
             {**GOOD, "store_environment": {"LD_PRELOAD": "/tmp/x.so"}},
             0o600,
             "'LD_PRELOAD' is not an object-store variable",
+        ),
+        ({**GOOD, "redis_ca": CA_PEM}, 0o600, "redis_ca: Value error, a Redis CA is for a TLS Redis"),
+        (
+            {**GOOD, "redis_url": "rediss://:pw@10.0.0.5:6380/0", "redis_ca": "hello"},
+            0o600,
+            "redis_ca: Value error, expected the PEM certificate",
         ),
     ],
 )
@@ -189,3 +196,42 @@ def test_a_worker_refuses_a_tcp_redis_without_a_password_unless_insecure() -> No
     check_redis_auth("unix:///run/jetbox/redis.sock", insecure=False)
     assert redact("redis://:s3cret@h:1/0") == "redis://:***@h:1/0"
     assert redact("postgresql://ann:s3cret@db/j") == "postgresql://ann:***@db/j"
+
+
+def test_a_tls_redis_url_travels_with_its_ca_not_its_path(tmp_path: Path) -> None:
+    """`jbctl up --listen --tls-ca` writes the CA's path into its rediss:// URL; the join file carries the
+    CA's certificate instead (the path means nothing on the other host), and joining writes it to the
+    worker's home and names it in the URL every process there uses."""
+    settings = Settings(home=tmp_path)
+    load_secret(settings.secret_path, create=True)
+    ca = tmp_path / "lab ca.pem"
+    ca.write_text(CA_PEM)
+    url = f"rediss://:pw@10.0.0.5:6380/0?ssl_ca_certs={ca}&socket_timeout=5"
+    token = build_token(settings, url, ["cpu"])
+    assert token.redis_ca == CA_PEM
+    assert token.redis_url == "rediss://:pw@10.0.0.5:6380/0?socket_timeout=5"  # other options stay
+    worker = Settings(home=tmp_path / "w")
+    env = apply_token(token, worker)
+    held = worker.home / "redis-ca.pem"
+    assert held.read_text() == CA_PEM and stat.S_IMODE(held.stat().st_mode) == 0o600
+    assert env["JETBOX_REDIS_URL"] == f"rediss://:pw@10.0.0.5:6380/0?socket_timeout=5&ssl_ca_certs={held}"
+    from redis.connection import parse_url
+
+    assert parse_url(env["JETBOX_REDIS_URL"])["ssl_ca_certs"] == str(held)  # as redis-py reads it
+    with pytest.raises(CliError, match="cannot read the CA certificate"):
+        build_token(settings, "rediss://:pw@10.0.0.5:6380/0?ssl_ca_certs=/nonexistent/ca.pem", None)
+    plain = build_token(settings, "rediss://:pw@10.0.0.5:6380/0", None)  # a CA the workers' trust store knows
+    assert plain.redis_ca is None and apply_token(plain, worker)["JETBOX_REDIS_URL"] == plain.redis_url
+
+
+def test_up_refuses_tls_options_that_cannot_work(tmp_path: Path) -> None:
+    from cli.embedded import RedisTls
+
+    home = str(tmp_path / "h")
+    assert main(["--home", home, "up", "--tls-cert", "c.pem", "--tls-key", "k.pem"]) == 1  # no --listen
+    assert main(["--home", home, "up", "--listen", "10.0.0.5:6380", "--tls-cert", "c.pem"]) == 1  # no key
+    (tmp_path / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
+    with pytest.raises(ValueError, match=r"TLS certificate .*nope\.pem: cannot read it"):
+        RedisTls(tmp_path / "nope.pem", tmp_path / "key.pem").check()
+    with pytest.raises(ValueError, match=r"TLS certificate .*key\.pem: not a PEM certificate"):
+        RedisTls(tmp_path / "key.pem", tmp_path / "key.pem").check()
