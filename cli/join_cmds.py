@@ -334,8 +334,10 @@ def _tls_failure(exc: BaseException) -> str | None:
 
     seen: BaseException | None = exc
     while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return f"certificate verify failed ({seen.verify_message})"
         if isinstance(seen, ssl.SSLError):
-            return str(getattr(seen, "verify_message", None) or seen.reason or seen)
+            return str(seen.reason or seen)
         seen = seen.__cause__ or seen.__context__
     return None
 

@@ -42,13 +42,18 @@ def tls_files(tmp_path: Path) -> TlsFiles:
     return make_tls(tmp_path / "tls", "127.0.0.1")
 
 
-@pytest.fixture
-def tls_main(tmp_path: Path, tls_files: TlsFiles) -> Iterator[Setup]:
+def _tls_setup(home: Path, tls_files: TlsFiles) -> Setup:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     tls = RedisTls(tls_files.cert, tls_files.key, tls_files.ca)
-    s = Setup(tmp_path / "main", listen=("127.0.0.1", port), password="tls-test-password", tls=tls)
+    return Setup(home, listen=("127.0.0.1", port), password="tls-test-password", tls=tls)
+
+
+@pytest.fixture
+def tls_main(tmp_path: Path, tls_files: TlsFiles) -> Iterator[Setup]:
+    """A main host: Redis (unix socket, and TLS on loopback) and the daemon."""
+    s = _tls_setup(tmp_path / "main", tls_files)
     try:
         s.daemon.start()
         yield s
@@ -62,7 +67,7 @@ def _join_file(main: Setup, folder: Path, ca_pem: str | None) -> Path:
     url, _ = split_ca(main.redis.tcp_url)  # the CA's path on the main host leaves the URL...
     token = JoinToken(
         redis_url=url,
-        secret=(main.home / "secret.key").read_text().strip(),
+        secret=_secret(main),
         queues=["cpu"],
         heartbeat_seconds=float(FAST["JETBOX_HEARTBEAT_SECONDS"]),
         heartbeat_timeout_seconds=float(FAST["JETBOX_HEARTBEAT_TIMEOUT_SECONDS"]),
@@ -73,6 +78,12 @@ def _join_file(main: Setup, folder: Path, ca_pem: str | None) -> Path:
     path.touch(mode=0o600)
     path.write_text(token.model_dump_json(exclude_none=True))
     return path
+
+
+def _secret(main: Setup) -> str:
+    from schema.wire import load_secret
+
+    return load_secret(main.home / "secret.key", create=True).decode()
 
 
 def _worker_env(home: Path) -> dict[str, str]:
@@ -109,17 +120,21 @@ def test_a_worker_joins_over_tls_and_runs_a_job(tls_main: Setup, tls_files: TlsF
 
 
 @needs_tls
-def test_a_join_file_with_another_ca_is_refused_clearly(tls_main: Setup, tmp_path: Path) -> None:
-    other = make_tls(tmp_path / "other", "127.0.0.1", label="other")
-    worker_home = tmp_path / "worker"
-    join = _join_file(tls_main, worker_home, other.ca.read_text())
-    done = subprocess.run(
-        [JBCTL, "worker", "--join", str(join), "--no-advertise"],
-        env=_worker_env(worker_home),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+def test_a_join_file_with_another_ca_is_refused_clearly(tls_files: TlsFiles, tmp_path: Path) -> None:
+    main = _tls_setup(tmp_path / "main", tls_files)  # Redis only: the worker never gets further
+    try:
+        other = make_tls(tmp_path / "other", "127.0.0.1", label="other")
+        worker_home = tmp_path / "worker"
+        join = _join_file(main, worker_home, other.ca.read_text())
+        done = subprocess.run(
+            [JBCTL, "worker", "--join", str(join), "--no-advertise"],
+            env=_worker_env(worker_home),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        main.close()
     assert done.returncode != 0
     assert "TLS refused" in done.stderr and "certificate verify failed" in done.stderr, done.stderr
     assert "tls-test-password" not in done.stderr  # the message names the server, not its password

@@ -8,6 +8,7 @@ of the daemon, the watchdog, kill -9 of a worker mid-job, `jbctl run --backgroun
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -38,8 +39,9 @@ class Install:
         self.box, self.home, self.tickets = box, home, home / "tickets"
 
     def jbctl(self, *args: str, check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        """jbctl inside the sandbox, on this home."""
-        return self.box.run([JBCTL, "--home", str(self.home), *args], check=check, timeout=timeout)
+        """jbctl inside the sandbox, on this home (with this checkout's code when PYTHONPATH names it)."""
+        env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else None
+        return self.box.run([JBCTL, "--home", str(self.home), *args], env=env, check=check, timeout=timeout)
 
     def events(self, where: str = "1=1") -> list[sqlite3.Row]:
         conn = sqlite3.connect(f"file:{self.home / 'jetbox.db'}?mode=ro", uri=True, timeout=10)
@@ -238,3 +240,32 @@ def _answers(sock: Path) -> bool:
         return False
     finally:
         s.close()
+
+
+def test_the_redis_unit_listens_on_tcp_with_its_password(box: SystemdSandbox, inst: Install) -> None:
+    """`install-units --listen` (for workers on other hosts) under systemd: the Redis unit starts with
+    its 0600 configuration file (the password is not on its command line), answers on TCP only to
+    the password, and the local URL in jetbox.env (which carries it) reaches it over the unix socket.
+    Run last: it re-installs the units of this module's home."""
+    import socket
+
+    import redis
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = ["--output", str(UNITS), "--workers", "cpu=1,gpu=1", "--run-as", "root", "--listen", f"127.0.0.1:{port}"]
+    inst.jbctl("install-units", *args)
+    box.systemctl("daemon-reload")
+    box.systemctl("start", REDIS)
+    try:
+        wait_for(f"{REDIS} active", lambda: box.show(REDIS, "ActiveState") == "active", timeout=60)
+        password = (inst.home / "redis.password").read_text().strip()
+        assert password not in box.show(REDIS, "ExecStart")
+        assert redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=5).ping()
+        with pytest.raises((redis.AuthenticationError, redis.ResponseError)):
+            redis.Redis(host="127.0.0.1", port=port, socket_timeout=5).ping()
+        env = dict(line.split("=", 1) for line in (inst.home / "jetbox.env").read_text().splitlines() if "=" in line)
+        assert redis.Redis.from_url(env["JETBOX_REDIS_URL"], socket_timeout=5).ping()
+    finally:
+        box.systemctl("stop", REDIS, check=False)

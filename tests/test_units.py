@@ -210,3 +210,45 @@ def test_console_unit_is_optional_and_binds_localhost(tmp_path: Path) -> None:
     assert "jetbox-console.service" not in (bare / "jetbox.target").read_text()
     done = _install(tmp_path, "--dry-run", "--console-port", "9001")
     assert "--port 9001" in done.stdout and "http://127.0.0.1:9001/" in done.stdout
+
+
+@pytest.mark.integration
+def test_the_private_redis_listens_on_tcp_with_a_password_kept_off_its_command_line(tmp_path: Path) -> None:
+    """`install-units --listen` (for workers on other hosts): the Redis unit reads a 0600 configuration
+    file with the address and the password, has the network, and the local URL carries the password;
+    with --tls-* the port is TLS only. The units still verify."""
+    from tests.tls_certs import make_tls
+
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    home = tmp_path / "home"
+    out = tmp_path / "tcp"
+    done = _install(tmp_path, "--output", str(out), "--listen", "10.11.12.13:6380", "--run-as", me)
+    assert done.returncode == 0, done.stderr
+    password = (home / "redis.password").read_text().strip()
+    conf = home / "redis-tcp.conf"
+    assert conf.read_text().splitlines() == ["port 6380", "bind 10.11.12.13", f"requirepass {password}"]
+    redis = (out / "jetbox-redis.service").read_text()
+    assert f"{conf} --unixsocket {home}/run/redis.sock" in redis and password not in redis
+    assert "PrivateNetwork=yes" not in redis.splitlines()  # it must reach the network now
+    env = (home / "jetbox.env").read_text().splitlines()
+    assert f"JETBOX_REDIS_URL=unix://:{password}@{home}/run/redis.sock" in env
+    assert (home / "run" / "redis.tcp.url").read_text().strip() == f"redis://:{password}@10.11.12.13:6380/0"
+    for secret in (conf, home / "jetbox.env", home / "run" / "redis.tcp.url", home / "redis.password"):
+        assert secret.stat().st_mode & 0o077 == 0, secret
+    if ANALYZE is not None:  # the changed unit only (the others are as in test_rendered_units_verify_cleanly)
+        check = subprocess.run([ANALYZE, "verify", str(out / "jetbox-redis.service")], capture_output=True, text=True)
+        assert check.returncode == 0 and (check.stdout + check.stderr).strip() == "", check.stderr
+
+    tls = make_tls(tmp_path / "tls", "10.11.12.13")
+    out = tmp_path / "tls-units"
+    args = ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--tls-ca", str(tls.ca)]
+    done = _install(tmp_path, "--output", str(out), "--listen", "10.11.12.13:6380", "--run-as", me, *args)
+    assert done.returncode == 0, done.stderr
+    lines = conf.read_text().splitlines()
+    assert "port 0" in lines and "tls-port 6380" in lines and f'tls-cert-file "{tls.cert}"' in lines
+    assert (home / "redis.password").read_text().strip() == password  # kept: join files stay valid
+    assert (home / "run" / "redis.tcp.url").read_text().startswith(f"rediss://:{password}@10.11.12.13:6380/0?")
+    redis = (out / "jetbox-redis.service").read_text()
+    assert "Description=Jetbox private Redis (TLS 10.11.12.13:6380 and a unix socket, no persistence)" in redis
+    bad = _install(tmp_path, "--output", str(out), "--redis", "system", "--listen", "10.11.12.13:6380")
+    assert bad.returncode != 0 and "--listen is for the private Redis" in bad.stderr
