@@ -31,6 +31,7 @@ import pytest
 
 from tests.jbdaemon import JBCTL, atomic_write, event_rows, wait_for
 from tests.netns_hosts import MAIN_ADDRESS, Hosts, unavailable
+from tests.tls_certs import make_tls, need_tls_redis
 
 pytestmark = pytest.mark.integration
 
@@ -72,9 +73,10 @@ def _clean_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str
 class Lab:
     """The hosts and the processes started on them (stopped by pid, then the namespaces deleted)."""
 
-    def __init__(self, hosts: Hosts, store: str = "local") -> None:
+    def __init__(self, hosts: Hosts, store: str = "local", tls: bool = False) -> None:
         self.hosts = hosts
         self.store = store
+        self.tls = tls
         self.main_home = hosts.homes[hosts.main]
         self.procs: list[subprocess.Popen[bytes]] = []
         self.join_file = self.main_home / "join.json"
@@ -124,9 +126,14 @@ class Lab:
             self.object_store()
         env = self.main_env()
         listen = f"{MAIN_ADDRESS}:{PORT}"
+        tls: list[str] = []
+        if self.tls:  # a throwaway CA and a certificate for the main host's address, in its home
+            need_tls_redis()
+            files = make_tls(self.main_home / "tls", MAIN_ADDRESS)
+            tls = ["--tls-cert", str(files.cert), "--tls-key", str(files.key), "--tls-ca", str(files.ca)]
         self.start(
             self.hosts.main,
-            [JBCTL, "up", "--listen", listen, "--no-workers", "--console-port", "0", "--quiet"],
+            [JBCTL, "up", "--listen", listen, *tls, "--no-workers", "--console-port", "0", "--quiet"],
             env,
             "up.log",
         )
@@ -193,7 +200,8 @@ def lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Lab]:
     hosts = Hosts(tmp_path / "hosts", workers=2)
     try:
         hosts.up()
-        lab = Lab(hosts, getattr(request, "param", "local"))
+        store, _, tls = str(getattr(request, "param", "local")).partition("+")
+        lab = Lab(hosts, store, tls=tls == "tls")
         try:
             lab.main_up()
             yield lab
@@ -308,12 +316,17 @@ TICKET_1_SMALL = """\
 
 
 @needs_hosts
-@pytest.mark.parametrize("lab", [STORES[1]], indirect=True)
+@pytest.mark.parametrize(
+    "lab", [pytest.param("s3+tls", id="s3-store-tls", marks=STORES[1].marks)], indirect=True
+)
 def test_ticket_1_runs_on_the_worker_hosts_with_the_object_store(lab: Lab) -> None:
     """TICKET-1's pipeline (synthesize, train, evaluate; small) with every step on a worker host and
-    every artifact and checkpoint in the object store. The training host's link is cut after its first
-    checkpoint: the other host resumes from it; the cut host's late reports are refused. The main
-    host's `jbctl artifacts verify` then finds everything intact."""
+    every artifact and checkpoint in the object store, Redis reached over TLS (`jbctl up --listen
+    --tls-*`, the CA in the join file) by `network: deny` jobs. The training host's link is cut after
+    its first checkpoint: the other host resumes from it; the cut host's late reports are refused.
+    The main host's `jbctl artifacts verify` then finds everything intact."""
+    token = json.loads(lab.join_file.read_text())
+    assert token["redis_url"].startswith("rediss://") and "BEGIN CERTIFICATE" in token["redis_ca"]
     w0, w1 = lab.hosts.workers
     lab.join(w0)
     lab.join(w1)
@@ -357,3 +370,4 @@ def test_ticket_1_runs_on_the_worker_hosts_with_the_object_store(lab: Lab) -> No
     assert not lab.events("AttemptSucceeded", ticket="TICKET-1", task="train", attempt=1)
     verified = lab.run(lab.hosts.main, [JBCTL, "artifacts", "verify"], lab.main_env())
     assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert lab.events("SafetyViolation") == []

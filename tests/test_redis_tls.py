@@ -17,28 +17,18 @@ from pathlib import Path
 import pytest
 import redis
 
-from cli.embedded import RedisTls, tls_binary
+from cli.embedded import RedisTls
 from cli.join_cmds import JoinToken, split_ca
 from tests.harness import FAST, Setup
 from tests.jbdaemon import JBCTL
-from tests.tls_certs import TlsFiles, make_tls
+from tests.tls_certs import TlsFiles, make_tls, need_tls_redis
 
 pytestmark = pytest.mark.integration
 
 
-def _why_not() -> str | None:
-    try:
-        tls_binary()
-    except RuntimeError as exc:
-        return str(exc)
-    return None
-
-
-needs_tls = pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))
-
-
 @pytest.fixture
 def tls_files(tmp_path: Path) -> TlsFiles:
+    need_tls_redis()
     return make_tls(tmp_path / "tls", "127.0.0.1")
 
 
@@ -91,7 +81,6 @@ def _worker_env(home: Path) -> dict[str, str]:
     return {**env, "JETBOX_HOME": str(home), "NO_COLOR": "1"}
 
 
-@needs_tls
 def test_a_worker_joins_over_tls_and_runs_a_job(tls_main: Setup, tls_files: TlsFiles, tmp_path: Path) -> None:
     assert tls_main.redis.tcp_url is not None and tls_main.redis.tcp_url.startswith("rediss://")
     assert tls_main.redis.listen is not None
@@ -119,7 +108,6 @@ def test_a_worker_joins_over_tls_and_runs_a_job(tls_main: Setup, tls_files: TlsF
     assert ca.read_text() == tls_files.ca.read_text() and ca.stat().st_mode & 0o077 == 0
 
 
-@needs_tls
 def test_a_join_file_with_another_ca_is_refused_clearly(tls_files: TlsFiles, tmp_path: Path) -> None:
     main = _tls_setup(tmp_path / "main", tls_files)  # Redis only: the worker never gets further
     try:

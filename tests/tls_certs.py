@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -68,3 +70,15 @@ def make_tls(folder: Path, address: str, label: str = "test") -> TlsFiles:
     files.key.touch(mode=0o600)
     files.key.write_bytes(_pem_key(key))
     return files
+
+
+def need_tls_redis() -> None:
+    """Skip (fail in CI, which installs Debian's redis-server) where no redis-server has TLS."""
+    from cli.embedded import tls_binary
+
+    try:
+        tls_binary()
+    except RuntimeError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"{exc} (.ci/run installs it)")
+        pytest.skip(str(exc))

@@ -289,9 +289,15 @@ def dialing_outside(base: type[AbstractConnection]) -> type[AbstractConnection]:
     return found
 
 
+CONNECT_TIMEOUT_S = 10.0  # a TCP connect to Redis taking longer is a lost Redis (the default is the kernel's ~2 min)
+
+
 def redis_client(url: str, **kwargs: Any) -> redis.Redis:
     """`redis.Redis.from_url(url, **kwargs)` whose connections are made in the worker's own namespace,
-    even when a job's thread (or a thread it started) is the one that needs a new one."""
+    even when a job's thread (or a thread it started) is the one that needs a new one. Connects give up
+    after `CONNECT_TIMEOUT_S`: on a partitioned network a job's cancel check or report must not hang for
+    the kernel's SYN retries (and the dialer serves one connect at a time)."""
+    kwargs.setdefault("socket_connect_timeout", CONNECT_TIMEOUT_S)
     base = parse_url(url).get("connection_class", Connection)
     pool = redis.ConnectionPool.from_url(url, connection_class=dialing_outside(base), **kwargs)
     return redis.Redis(connection_pool=pool)  # a worker's clients live as long as its process
