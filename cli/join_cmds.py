@@ -361,6 +361,12 @@ def check_redis_auth(url: str, insecure: bool) -> None:
             f"Redis at {redact(url)} is reached over TCP without a password: anyone who reaches that port could "
             f"queue jobs and read reports: {fix}, or pass --insecure on a network you trust"
         )
+    ca = dict(parse_qsl(parts.query)).get(CA_PARAM)
+    if tls and ca and not Path(ca).is_file():
+        raise CliError(
+            f"Redis at {redact(url)}: the CA certificate {ca} ({CA_PARAM} in the URL) is missing: "
+            "join again with a join file from the main host (`jbctl join-token`)"
+        )
     # Without the password: whether the server asks for one is the question.
     probe = redis.Redis.from_url(_without_password(url), socket_connect_timeout=5, socket_timeout=5)
     try:
@@ -374,7 +380,6 @@ def check_redis_auth(url: str, insecure: bool) -> None:
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         why = _tls_failure(exc) if tls else None
         if why is not None:
-            ca = dict(parse_qsl(parts.query)).get(CA_PARAM)
             trusted = f"the CA in {ca}" if ca else "this host's trust store (the join file carried no CA)"
             raise CliError(
                 f"Redis at {redact(url)}: TLS refused: {why}. The server's certificate is not signed by "

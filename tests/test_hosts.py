@@ -194,6 +194,8 @@ def test_a_worker_refuses_a_tcp_redis_without_a_password_unless_insecure() -> No
     check_redis_auth("redis://10.0.0.5:6379/0", insecure=True)
     check_redis_auth("redis://127.0.0.1:6379/0", insecure=False)  # loopback: this machine only
     check_redis_auth("unix:///run/jetbox/redis.sock", insecure=False)
+    with pytest.raises(CliError, match=r"CA certificate /nonexistent/ca\.pem \(ssl_ca_certs in the URL\) is missing"):
+        check_redis_auth("rediss://:pw@127.0.0.1:6380/0?ssl_ca_certs=/nonexistent/ca.pem", insecure=True)
     assert redact("redis://:s3cret@h:1/0") == "redis://:***@h:1/0"
     assert redact("postgresql://ann:s3cret@db/j") == "postgresql://ann:***@db/j"
 
