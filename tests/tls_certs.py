@@ -1,5 +1,5 @@
 """Throwaway TLS material for tests: a CA and a server certificate it signs, made with `cryptography`
-(a dependency of the S3 client, always installed with the dev extras), valid for an hour."""
+(installed with the dev extras, as a dependency of moto, the tests' S3 server), valid for an hour."""
 
 from __future__ import annotations
 
