@@ -9,6 +9,7 @@ and `wal_keeper` (SQLite only).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import sqlite3
@@ -305,6 +306,15 @@ class EventStore:
         """
         return decode_events(self.engine, since, stream=stream, until=until)
 
+    def read_rows(self, since: int = 0, *, until: int | None = None) -> Iterator[list[tuple[int, str, Any]]]:
+        """The stored (seq, type, data) rows after `since` (up to `until`), in seq order and in
+        batches, not decoded: `data` is the JSON text on SQLite (a dict on PostgreSQL). The start-up
+        replay decodes what it needs of them itself (`daemon.replay`); `decode_row` decodes one."""
+        sql, params = _events_sql(since, None, until)
+        if self.engine.dialect.name == "sqlite":
+            return _raw_batches_of(self.engine, sql, params)
+        return _batches_of(self.engine, sql, params)
+
     def field_rows(self, types: Sequence[str], *names: str) -> Iterator[tuple[Any, ...]]:
         """(seq, type, each named top-level field as text) of every event of `types`, in order,
         without decoding their bodies (a `TicketSubmitted` carries its whole ticket)."""
@@ -416,42 +426,86 @@ def decode_events(
     engine: sa.Engine, since: int = 0, *, stream: str | None = None, until: int | None = None
 ) -> Iterator[tuple[int, ev.Event]]:
     """`EventStore.read_events` on any engine (a read-only one too, as the console's)."""
-    registry = ev.Event.registry
-    where, params = "seq > :since", dict[str, Any](since=since)
-    if stream is not None:
-        where, params = where + " AND stream = :stream", params | {"stream": stream}
-    if until is not None:
-        where, params = where + " AND seq <= :until", params | {"until": until}
-    sql = f"SELECT seq, type, data FROM events WHERE {where} ORDER BY seq"  # fixed text, values bound
+    sql, params = _events_sql(since, stream, until)
     rows = _raw_rows_of(engine, sql, params) if engine.dialect.name == "sqlite" else _rows_of(engine, sql, params)
-    # Each type's validator itself: `model_validate_json`'s wrapper was a quarter of the decode.
-    decoders = {name: cls.__pydantic_validator__.validate_json for name, cls in registry.items()}
+    decoders = event_decoders()
     try:
         for seq, type_, data in rows:
+            decode = decoders.get(type_)
             try:
-                decode = decoders[type_]
-            except KeyError:
-                raise StoreError(f"seq {seq}: unknown event type {type_!r}") from None
-            try:
-                event = decode(data) if type(data) is str else registry[type_].model_validate(data)
-            except ValueError as exc:
-                first = " ".join(str(exc).splitlines()[:3])
-                raise StoreError(f"seq {seq}: stored {type_} event is unreadable: {first}") from None
+                if decode is None or type(data) is not str:
+                    raise ValueError  # `decode_row` says what is wrong
+                event = decode(data)
+            except ValueError:
+                event = decode_row(seq, type_, data, decoders)  # the error naming the seq, or a dict decoded
             yield seq, event
     finally:
         rows.close()  # type: ignore[attr-defined]
 
 
+Decoder = Callable[[Any], ev.Event]
+
+
+def event_decoders() -> dict[str, Decoder]:
+    """Each event type's decoder of its stored JSON text: the type's validator itself
+    (`model_validate_json`'s wrapper was a quarter of a replay's decode)."""
+    return {name: cls.__pydantic_validator__.validate_json for name, cls in ev.Event.registry.items()}
+
+
+def decode_row(seq: int, type_: str, data: Any, decoders: Mapping[str, Decoder]) -> ev.Event:
+    """The event stored at `seq` (its `data` as JSON text, or already a dict on PostgreSQL); a
+    `StoreError` naming the seq when it is of an unknown type or does not fit its type."""
+    try:
+        decode = decoders[type_]
+    except KeyError:
+        raise StoreError(f"seq {seq}: unknown event type {type_!r}") from None
+    try:
+        return decode(data) if type(data) is str else ev.Event.registry[type_].model_validate(data)  # type: ignore[no-any-return]
+    except ValueError as exc:
+        first = " ".join(str(exc).splitlines()[:3])
+        raise StoreError(f"seq {seq}: stored {type_} event is unreadable: {first}") from None
+
+
+def _events_sql(since: int, stream: str | None, until: int | None) -> tuple[str, dict[str, Any]]:
+    where, params = "seq > :since", dict[str, Any](since=since)
+    if stream is not None:
+        where, params = where + " AND stream = :stream", params | {"stream": stream}
+    if until is not None:
+        where, params = where + " AND seq <= :until", params | {"until": until}
+    return f"SELECT seq, type, data FROM events WHERE {where} ORDER BY seq", params  # fixed text, values bound
+
+
+_BATCH = 5000
+
+
 def _rows_of(engine: sa.Engine, sql: str, params: dict[str, Any]) -> Iterator[tuple[int, str, Any]]:
     with engine.connect() as conn:
-        result = conn.execution_options(stream_results=True, yield_per=5000).execute(
+        result = conn.execution_options(stream_results=True, yield_per=_BATCH).execute(
             sa.text(sql).columns(sa.column("seq"), sa.column("type"), sa.column("data", sa.Text)),
             params,
         )
         yield from result  # type: ignore[misc]
 
 
+def _batches_of(engine: sa.Engine, sql: str, params: dict[str, Any]) -> Iterator[list[tuple[int, str, Any]]]:
+    rows = _rows_of(engine, sql, params)
+    try:
+        while batch := list(itertools.islice(rows, _BATCH)):
+            yield batch
+    finally:
+        rows.close()  # type: ignore[attr-defined]
+
+
 def _raw_rows_of(engine: sa.Engine, sql: str, params: dict[str, Any]) -> Iterator[tuple[int, str, Any]]:
+    batches = _raw_batches_of(engine, sql, params)
+    try:
+        for batch in batches:
+            yield from batch
+    finally:
+        batches.close()  # type: ignore[attr-defined]
+
+
+def _raw_batches_of(engine: sa.Engine, sql: str, params: dict[str, Any]) -> Iterator[list[tuple[int, str, Any]]]:
     """SQLite: the driver's cursor, without SQLAlchemy's per-row work (a third of a replay's read),
     and outside a transaction: one SELECT reads one consistent snapshot by itself, and takes no
     write lock (a SQLAlchemy connection to the store begins IMMEDIATE), so writers are not held up
@@ -460,8 +514,8 @@ def _raw_rows_of(engine: sa.Engine, sql: str, params: dict[str, Any]) -> Iterato
     try:
         cursor = raw.driver_connection.execute(sql, params)  # type: ignore[union-attr]
         try:
-            while batch := cursor.fetchmany(5000):
-                yield from batch
+            while batch := cursor.fetchmany(_BATCH):
+                yield batch
         finally:
             cursor.close()
     finally:

@@ -1,0 +1,102 @@
+"""The start-up replay's shortcut: progress reports that a later one replaces are not decoded.
+
+Most of a long log is `ProgressRecorded` (94 % of bench/store.py's realistic one), and folding one
+does three things (`daemon.state.evolve`, `_progress`): its ticket's stream version goes up by one,
+its task's `progress` becomes the report's (step, total), and its task's `last_report_seq` becomes
+the report's when that is higher. So when the *next event of the same ticket* is another progress
+report of the same task with a `report_seq` at least as high, that later report sets `progress` and
+`last_report_seq` to what they would have been with the earlier one folded too: of the earlier one,
+only the version count is left. Between the two nothing can tell the difference, because only the
+handlers of a ticket's own events read or write its tasks' progress and report counters (events of
+other tickets and of the system streams never touch them; an event without a ticket ends every
+pending pair here all the same, to be safe).
+
+`plan` reads a batch of stored rows backwards and marks each such report; `load_state` then counts
+it in its stream's version and moves on, without decoding it or calling `evolve`. Everything else
+is decoded and folded as before, in log order, so the state is the one the full fold gives
+(`tests/test_replay_fast.py` compares them event by event on realistic and hostile logs;
+`jbctl replay --check` compares them on a real log). What is not done for a skipped report is its
+full validation: its ticket, task and report_seq are checked (they decide the skip), its other
+fields are not. `jbctl replay --check` decodes every stored event in full, and `jbctl verify`
+checks the hash chain over all of them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from pydantic_core import SchemaValidator
+from pydantic_core import core_schema as cs
+
+from schema import events as ev
+from schema.store import Decoder, decode_row, event_decoders
+
+PROGRESS = ev.ProgressRecorded.__name__
+
+# A skipped report: its ticket (whose stream version it counts in) and its stored data (decoded
+# after all when its ticket turns out to be cold: see `load_state`).
+Superseded = tuple[str, Any]
+Row = tuple[int, str, Any]
+
+# What a progress report's skip depends on, and only that (the rest of its JSON is stepped over,
+# not built): a third of the cost of decoding it whole.
+_KEY = SchemaValidator(
+    cs.typed_dict_schema(
+        {
+            "ticket": cs.typed_dict_field(cs.str_schema()),
+            "task": cs.typed_dict_field(cs.str_schema()),
+            "report_seq": cs.typed_dict_field(cs.with_default_schema(cs.int_schema(), default=0), required=False),
+        }
+    )
+)
+
+
+def plan(rows: list[Row], decoders: Mapping[str, Decoder]) -> list[ev.Event | Superseded]:
+    """For each stored (seq, type, data) row, in order: its event, decoded, or (ticket, data) for a
+    progress report that the next event of its ticket in `rows` supersedes (module docstring).
+    A row that does not decode raises `StoreError` naming its seq."""
+    out: list[ev.Event | Superseded] = []  # backwards, then turned round
+    append = out.append
+    # Per ticket, the next event of it after the row at hand: (task, report_seq) when that is a
+    # progress report, None when it is anything else.
+    later: dict[str, tuple[str, int] | None] = {}
+    key_of = _KEY.validate_json if rows and type(rows[0][2]) is str else _KEY.validate_python
+    for seq, type_, data in reversed(rows):
+        if type_ == PROGRESS:
+            try:
+                key = key_of(data)
+            except ValueError:
+                decode_row(seq, type_, data, decoders)  # raises, naming the seq and what is wrong
+                raise  # (never: the key's fields are the event's own)
+            ticket, task, report = key["ticket"], key["task"], key["report_seq"]
+            nxt = later.get(ticket)
+            if nxt is not None and nxt[0] == task and nxt[1] >= report:
+                append((ticket, data))
+            else:
+                append(decode_row(seq, type_, data, decoders))
+            later[ticket] = (task, report)
+        else:
+            event = decode_row(seq, type_, data, decoders)
+            append(event)
+            ticket = getattr(event, "ticket", None)
+            if isinstance(ticket, str):
+                later[ticket] = None
+            else:
+                later.clear()
+    out.reverse()
+    return out
+
+
+def items(batches: Iterable[list[Row]]) -> Iterator[tuple[int, ev.Event | Superseded]]:
+    """(seq, event or `Superseded`) for every row of `batches`, in order (`plan` of each batch: a
+    report last of its ticket in one batch is folded whole, whatever the next batch holds)."""
+    decoders = event_decoders()
+    planned = (zip([row[0] for row in rows], plan(rows, decoders), strict=True) for rows in batches)
+    return itertools.chain.from_iterable(planned)
+
+
+def decode_superseded(seq: int, item: Superseded) -> ev.Event:
+    """The report a `Superseded` item stands for, decoded whole."""
+    return decode_row(seq, PROGRESS, item[1], event_decoders())
