@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import fields
 from typing import Any
 
 from pydantic_core import SchemaValidator
 from pydantic_core import core_schema as cs
 
+from daemon.state import State
 from schema import events as ev
 from schema.store import Decoder, decode_row, event_decoders
 
@@ -100,3 +102,22 @@ def items(batches: Iterable[list[Row]]) -> Iterator[tuple[int, ev.Event | Supers
 def decode_superseded(seq: int, item: Superseded) -> ev.Event:
     """The report a `Superseded` item stands for, decoded whole."""
     return decode_row(seq, PROGRESS, item[1], event_decoders())
+
+
+def differences(fast: State, full: State, limit: int = 20) -> list[str]:
+    """How the start-up replay's state (`fast`) differs from the full fold's (`full`): each field
+    that differs (a ticket or stream by name), strictly: the same tickets frozen, in the same order."""
+    out: list[str] = []
+    for f in fields(State):
+        if not f.compare:
+            continue
+        a, b = getattr(fast, f.name), getattr(full, f.name)
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(a.keys() | b.keys(), key=repr):
+                if a.get(key) != b.get(key) or (key in a) != (key in b):
+                    out.append(f"state.{f.name}[{key!r}]: start-up replay {a.get(key)!r}, full fold {b.get(key)!r}")
+            if not out and list(a) != list(b):
+                out.append(f"state.{f.name}: the same entries in another order")
+        elif a != b:
+            out.append(f"state.{f.name}: start-up replay {a!r}, full fold {b!r}")
+    return out[:limit]
