@@ -220,9 +220,10 @@ def test_long_hostile_logs(template: Path, monkeypatch: pytest.MonkeyPatch, seed
     attempts interleaved, with everything else in between."""
     rng = random.Random(seed)
     log = Log()
-    for op in [("submit", 1, 0), ("submit", 2, 1), ("schedule", 1, 0), ("schedule", 2, 2)]:
-        log.add(op)
+    for first in [("submit", 1, 0), ("submit", 2, 1), ("schedule", 1, 0), ("schedule", 2, 2)]:
+        log.add(first)
     while len(log.events) < 150:
+        op: tuple[Any, ...]
         roll = rng.random()
         n = rng.choice([1, 1, 2, 2, 3])
         if roll < 0.75:
