@@ -100,14 +100,15 @@ def load_state(
     gc.disable()
     try:
         for seq, event in events:
-            if isinstance(event, tuple):  # a progress report the next one of its task supersedes
-                tid = event[0]
-                if tid not in cold:
-                    versions[tid] = versions.get(tid, 0) + 1  # all that is left of it (`evolve`)
+            if isinstance(event, list):  # progress reports that the next one of their task supersedes
+                tid, count = event[0], event[2]
+                if tid in cold:  # a frozen ticket's: the first is folded whole, to thaw it where the full fold does
+                    versions[tid] = versions.get(tid, 0) + count - 1
+                    event = replay.decode_first(event)
+                else:
+                    versions[tid] = versions.get(tid, 0) + count  # all that is left of them (`evolve`)
                     last = seq
                     continue
-                # A frozen ticket's: fold it whole, so that the ticket is thawed where the full fold does.
-                event = replay.decode_superseded(seq, event)
             try:
                 evolve(state, event)
             except ColdTicketNeeded as cold_ticket:  # a frozen ticket run again (a retry, a revision)

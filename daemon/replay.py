@@ -37,9 +37,11 @@ from schema.store import Decoder, decode_row, event_decoders
 
 PROGRESS = ev.ProgressRecorded.__name__
 
-# A skipped report: its ticket (whose stream version it counts in) and its stored data (decoded
-# after all when its ticket turns out to be cold: see `load_state`).
-Superseded = tuple[str, Any]
+# Skipped reports next to each other in the log, all of one ticket: [ticket, the first one's stored
+# data, how many, the first one's seq]. Only their count is folded (their stream's version), unless their ticket is cold
+# when they come: then the first is decoded and folded whole, to thaw the ticket where the full fold
+# does (see `load_state`), and the others are counted.
+Superseded = list[Any]
 Row = tuple[int, str, Any]
 
 # What a progress report's skip depends on, and only that (the rest of its JSON is stepped over,
@@ -55,15 +57,17 @@ _KEY = SchemaValidator(
 )
 
 
-def plan(rows: list[Row], decoders: Mapping[str, Decoder]) -> list[ev.Event | Superseded]:
-    """For each stored (seq, type, data) row, in order: its event, decoded, or (ticket, data) for a
-    progress report that the next event of its ticket in `rows` supersedes (module docstring).
+def plan(rows: list[Row], decoders: Mapping[str, Decoder]) -> list[tuple[int, ev.Event | Superseded]]:
+    """(seq, item) for the stored (seq, type, data) `rows`, in order: each row's event, decoded, except
+    the progress reports that the next event of their ticket in `rows` supersedes (module docstring):
+    each run of those next to each other is one `Superseded` item, at the seq of its last row.
     A row that does not decode raises `StoreError` naming its seq."""
-    out: list[ev.Event | Superseded] = []  # backwards, then turned round
+    out: list[tuple[int, ev.Event | Superseded]] = []  # backwards, then turned round
     append = out.append
     # Per ticket, the next event of it after the row at hand: (task, report_seq) when that is a
     # progress report, None when it is anything else.
     later: dict[str, tuple[str, int] | None] = {}
+    run: Superseded | None = None  # the item appended last, when it is a run of skipped reports
     key_of = _KEY.validate_json if rows and type(rows[0][2]) is str else _KEY.validate_python
     for seq, type_, data in reversed(rows):
         if type_ == PROGRESS:
@@ -74,34 +78,39 @@ def plan(rows: list[Row], decoders: Mapping[str, Decoder]) -> list[ev.Event | Su
                 raise  # (never: the key's fields are the event's own)
             ticket, task, report = key["ticket"], key["task"], key["report_seq"]
             nxt = later.get(ticket)
-            if nxt is not None and nxt[0] == task and nxt[1] >= report:
-                append((ticket, data))
-            else:
-                append(decode_row(seq, type_, data, decoders))
             later[ticket] = (task, report)
+            if nxt is not None and nxt[0] == task and nxt[1] >= report:
+                if run is not None and run[0] == ticket:  # an earlier report of the same run (read backwards)
+                    run[1], run[3] = data, seq
+                    run[2] += 1
+                else:
+                    run = [ticket, data, 1, seq]
+                    append((seq, run))
+                continue
+            event = decode_row(seq, type_, data, decoders)
         else:
             event = decode_row(seq, type_, data, decoders)
-            append(event)
             ticket = getattr(event, "ticket", None)
             if isinstance(ticket, str):
                 later[ticket] = None
             else:
                 later.clear()
+        append((seq, event))
+        run = None
     out.reverse()
     return out
 
 
 def items(batches: Iterable[list[Row]]) -> Iterator[tuple[int, ev.Event | Superseded]]:
-    """(seq, event or `Superseded`) for every row of `batches`, in order (`plan` of each batch: a
+    """(seq, event or `Superseded`) for the rows of `batches`, in order (`plan` of each batch: a
     report last of its ticket in one batch is folded whole, whatever the next batch holds)."""
     decoders = event_decoders()
-    planned = (zip([row[0] for row in rows], plan(rows, decoders), strict=True) for rows in batches)
-    return itertools.chain.from_iterable(planned)
+    return itertools.chain.from_iterable(plan(rows, decoders) for rows in batches)
 
 
-def decode_superseded(seq: int, item: Superseded) -> ev.Event:
-    """The report a `Superseded` item stands for, decoded whole."""
-    return decode_row(seq, PROGRESS, item[1], event_decoders())
+def decode_first(item: Superseded) -> ev.Event:
+    """The first report of a `Superseded` run, decoded whole."""
+    return decode_row(item[3], PROGRESS, item[1], event_decoders())
 
 
 def differences(fast: State, full: State, limit: int = 20) -> list[str]:
