@@ -94,8 +94,9 @@ def load_state(
     ended: set[str] = set()
     cold, versions = state.cold, state.versions
     last = state.last_seq  # set on the state once, at the end (a million attribute writes saved)
-    # No cyclic garbage collection while folding: the fold makes no cycles to collect, and the
-    # collector's passes over the growing state were a fifth of a 1M-event replay (bench/replay.py).
+    # No cyclic garbage collection while folding (on again after): what the fold drops is freed by
+    # reference counting, and the collector's passes over the growing state were a fifth of a
+    # 1M-event replay (bench/replay.py).
     collecting = gc.isenabled()
     gc.disable()
     try:
