@@ -25,6 +25,7 @@ from schema import store as store_module
 from schema.migrations import upgrade
 from schema.store import EventStore, StoreError
 from tests.helpers import make_ticket, property_examples
+from tests.test_postgres import pg_url as pg_url  # the fixture: a database of its own
 from tests.test_store import T0
 
 STEPS = {
@@ -215,10 +216,9 @@ def test_the_start_up_replay_is_the_full_fold_after_every_event(
             same(*both(store, before=before, freeze_batch=freeze_batch))
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_long_hostile_logs(template: Path, monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
-    """Longer logs than the property above draws (its lists stay short): reports of several tasks and
-    attempts interleaved, with everything else in between."""
+def long_log(seed: int) -> Log:
+    """A longer log than the property above draws (its lists stay short): reports of several tasks
+    and attempts interleaved, with everything else in between."""
     rng = random.Random(seed)
     log = Log()
     for first in [("submit", 1, 0), ("submit", 2, 1), ("schedule", 1, 0), ("schedule", 2, 2)]:
@@ -238,12 +238,35 @@ def test_long_hostile_logs(template: Path, monkeypatch: pytest.MonkeyPatch, seed
             log.events.append(worker_event(log, rng.randrange(2)))
             continue
         log.add(op)
-    monkeypatch.setattr(store_module, "_BATCH", rng.choice([3, 16, 5000]))
+    return log
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_long_hostile_logs(template: Path, monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    log = long_log(seed)
+    monkeypatch.setattr(store_module, "_BATCH", [3, 16, 5000][seed % 3])
     for store in fresh_store(template):
         store.append(log.events)
         assert skipped(store) > 10
         for before in range(2, len(log.events) + 2):
             same(*both(store, before=before, freeze_batch=1 + seed % 3))
+
+
+@pytest.mark.postgres
+def test_the_same_on_postgresql(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL hands the rows' data over decoded (dicts): the same skips, the same state."""
+    upgrade(pg_url)
+    store = EventStore(pg_url)
+    try:
+        log = long_log(1)
+        store.append(log.events)
+        monkeypatch.setattr(store_module, "_BATCH", 16)
+        assert isinstance(next(store.read_rows(0))[0][2], dict)
+        assert skipped(store) > 10
+        for before in range(2, len(log.events) + 2, 5):
+            same(*both(store, before=before, freeze_batch=2))
+    finally:
+        store.close()
 
 
 def test_what_the_skip_keeps(template: Path) -> None:
