@@ -432,12 +432,13 @@ def decode_events(
     try:
         for seq, type_, data in rows:
             decode = decoders.get(type_)
-            try:
-                if decode is None or type(data) is not str:
-                    raise ValueError  # `decode_row` says what is wrong
-                event = decode(data)
-            except ValueError:
-                event = decode_row(seq, type_, data, decoders)  # the error naming the seq, or a dict decoded
+            if decode is not None and type(data) is str:
+                try:
+                    event = decode(data)
+                except ValueError:
+                    event = decode_row(seq, type_, data, decoders)  # raises, naming the seq
+            else:
+                event = decode_row(seq, type_, data, decoders)  # a dict (PostgreSQL), or an unknown type
             yield seq, event
     finally:
         rows.close()  # type: ignore[attr-defined]
