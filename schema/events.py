@@ -544,8 +544,10 @@ def event_from(type_name: str, data: dict[str, Any]) -> Event:
 
 
 def event_to_data(event: Event) -> dict[str, Any]:
-    """The JSON body stored for an event."""
-    return event.model_dump(mode="json")
+    """The JSON body stored for an event: `model_dump(mode="json")`, through the model's serializer
+    itself (the wrapper's keyword handling was half the cost, on every append)."""
+    data: dict[str, Any] = event.__pydantic_serializer__.to_python(event, mode="json")
+    return data
 
 
 def fixed_stream(kind: type) -> str | None:

@@ -6,6 +6,7 @@ inside the append transaction (`SqlRows`) and rebuild them from the log in memor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -69,13 +70,18 @@ class SqlRows:
     A hundred progress reports in one group commit touch the same task row a hundred times; the
     row is written once, in one executemany per table, just before the commit. It works on the
     append transaction's DBAPI cursor with statements compiled once (`schema.rawsql`).
+
+    An existing row's UPDATE sets only the columns whose values changed: a progress report moves a
+    task's step and time, and rewriting its `state` too made SQLite rewrite a page of the state index
+    in every commit (one of six pages a single-event commit wrote), and re-encode its `needs` JSON.
     """
 
     def __init__(self, cur: Any, sql: StoreSql) -> None:
         self.cur = cur
         self.sql = sql
         self.cache: dict[tuple[str, Key], dict[str, Any] | None] = {}
-        self.existed: set[tuple[str, Key]] = set()
+        # Rows as they are in the database (read, or last written here): absent, the row is not there.
+        self.stored: dict[tuple[str, Key], dict[str, Any]] = {}
         self.dirty: dict[tuple[str, Key], dict[str, Any]] = {}
 
     def get(self, table: str, key: Key) -> dict[str, Any] | None:
@@ -84,47 +90,73 @@ class SqlRows:
             t = self.sql.table(table)
             self.cur.execute(t.select, key)
             found = self.cur.fetchone()
-            self.cache[ck] = t.decode(found, self.cur.description) if found is not None else None
-            if found is not None:
-                self.existed.add(ck)
+            if found is None:
+                self.cache[ck] = None
+            else:
+                # One dict for both: `put` replaces the cached row, it never changes it in place.
+                self.cache[ck] = self.stored[ck] = t.decode(found, self.cur.description)
         row = self.cache[ck]
         return dict(row) if row is not None else None
 
     def put(self, table: str, key: Key, row: dict[str, Any]) -> None:
-        if (table, key) not in self.cache:
+        ck = (table, key)
+        if ck not in self.cache:
             self.get(table, key)  # learn whether it exists in the database
-        self.cache[(table, key)] = dict(row)
-        self.dirty[(table, key)] = dict(row)
+        self.cache[ck] = self.dirty[ck] = dict(row)  # read back only through `get`, which copies
 
     def delete(self, table: str, key: Key) -> None:
-        self.dirty.pop((table, key), None)
+        ck = (table, key)
+        self.dirty.pop(ck, None)
         self.cur.execute(self.sql.table(table).delete, key)
-        self.cache[(table, key)] = None
-        self.existed.discard((table, key))
+        self.cache[ck] = None
+        self.stored.pop(ck, None)
 
     def stored_task_keys(self, ticket: str) -> set[Key]:
         self.cur.execute(self.sql.task_keys, (ticket,))
         return {(t, k) for t, k in self.cur.fetchall()}
 
     def flush(self) -> None:
-        """Write every changed row: one UPDATE executemany and INSERT executemany per table."""
-        by_table: dict[str, tuple[list[tuple[Any, ...]], dict[tuple[str, ...], list[tuple[Any, ...]]]]] = {}
-        for (table, key), row in self.dirty.items():
+        """Write every changed row: per table, an INSERT executemany per set of columns given and an
+        UPDATE executemany per set of columns changed (a row that did not change is not written)."""
+        writes: dict[str, tuple[dict[tuple[str, ...], list[tuple[Any, ...]]], ...]] = {}
+        for ck, row in self.dirty.items():
+            table, key = ck
             t = self.sql.table(table)
-            updates, inserts = by_table.setdefault(table, ([], {}))
-            if (table, key) in self.existed:
-                updates.append((*t.encode(t.rest, row), *key))
+            updates, inserts = writes.setdefault(table, ({}, {}))
+            old = self.stored.get(ck)
+            if old is not None:
+                changed = tuple(n for n in t.rest if not same_value(row[n], old[n]))
+                if changed:
+                    updates.setdefault(changed, []).append((*t.encode(changed, row), *key))
             else:
                 names = tuple(row)
                 inserts.setdefault(names, []).append(t.encode(names, row))
-                self.existed.add((table, key))
-        for table, (updates, inserts) in by_table.items():
+            self.stored[ck] = row
+        for table, (updates, inserts) in writes.items():
             t = self.sql.table(table)
             for names, values in inserts.items():
                 self.cur.executemany(t.insert(names), values)
-            if updates:
-                self.cur.executemany(t.update, updates)
+            for names, values in updates.items():
+                self.cur.executemany(t.update_of(names), values)
         self.dirty.clear()
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equal, and stored as the same text: the types match all the way down (1, 1.0 and True are
+    equal in Python but not in a JSON column), dicts in the same key order, and 0.0 is not -0.0.
+    NaN is never the same as itself: such a column is written again, which is always correct."""
+    kind = type(a)
+    if kind is not type(b):
+        return False
+    if kind is dict:
+        return len(a) == len(b) and all(
+            ka == kb and same_value(va, vb) for (ka, va), (kb, vb) in zip(a.items(), b.items(), strict=True)
+        )
+    if kind is list:
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
+    if kind is float:
+        return bool(a == b and math.copysign(1.0, a) == math.copysign(1.0, b))
+    return bool(a == b)
 
 
 def _naive(ts: datetime | None) -> datetime | None:

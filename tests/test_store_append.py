@@ -1,9 +1,11 @@
 """The append path (precompiled SQL on the DBAPI cursor, a writer connection of its own on SQLite)
-writes byte for byte what SQLAlchemy Core wrote, hashes what `chain_hash` hashes, and keeps the
-durability settings."""
+writes the rows SQLAlchemy Core wrote (projections byte for byte; an event's JSON compact, reading
+back as the same values), hashes what `chain_hash` hashes, and keeps the durability settings."""
 
 from __future__ import annotations
 
+import json
+import math
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +20,8 @@ from daemon import commands as c
 from daemon.handler import CommandHandler
 from schema import events as ev
 from schema.migrations import upgrade
-from schema.projections import MemoryRows, project
+from schema.projections import MemoryRows, project, same_value
+from schema.rawsql import json_text
 from schema.store import (
     ConcurrencyError,
     EventStore,
@@ -76,9 +79,24 @@ def _pipeline(handler: CommandHandler) -> None:
     handler.handle(c.CancelTicket(now=T0, ticket="TICKET-404"))  # no events: nothing to write
 
 
-def test_rows_are_byte_for_byte_what_sqlalchemy_writes(tmp_path: Path) -> None:
+def _strict(a: Any, b: Any) -> bool:
+    """Equal with the same types all the way down (1.0 is not 1, NaN is NaN), dicts in the same order."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_strict(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_strict(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and math.isnan(a):
+        return math.isnan(b)
+    return bool(a == b) and (not isinstance(a, float) or math.copysign(1, a) == math.copysign(1, b))
+
+
+def test_rows_are_what_sqlalchemy_writes(tmp_path: Path) -> None:
     """Events and projections written by the append path, against the same records and rows written
-    through SQLAlchemy Core into a second database: identical stored text (JSON null, timestamps)."""
+    through SQLAlchemy Core into a second database: projections with identical stored text (JSON
+    null, timestamps); events identical but for their JSON text, which is compact and reads back as
+    the same values in the same order."""
     live = tmp_path / "live.db"
     upgrade(f"sqlite:///{live}")
     store = EventStore(f"sqlite:///{live}")
@@ -100,9 +118,90 @@ def test_rows_are_byte_for_byte_what_sqlalchemy_writes(tmp_path: Path) -> None:
         )
         rows.flush(conn)
     engine.dispose()
-    for table in ["events", *PROJECTION_TABLES]:
+    for table in PROJECTION_TABLES:
         assert _raw(live, table) == _raw(ref, table), table
     assert any(None in row for row in _raw(live, "tasks"))  # the comparison covers NULLs
+    ours, theirs = _raw(live, "events"), _raw(ref, "events")
+    assert len(ours) == len(theirs)
+    for mine, ref_row in zip(ours, theirs, strict=True):
+        assert mine[:4] + mine[6:] == ref_row[:4] + ref_row[6:]  # seq, stream, version, type; time, hash
+        for text, ref_text in zip(mine[4:6], ref_row[4:6], strict=True):  # data, meta
+            assert _strict(json.loads(text), json.loads(ref_text)), (text, ref_text)
+            assert ", " not in text or len(text) < len(ref_text)  # compact
+    assert '"é":0.7' in next(r[4] for r in ours if r[3] == "AttemptSucceeded")  # UTF-8 as is
+
+
+_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**80), 2**80)
+    | st.floats()  # NaN and the infinities too: json.dumps writes them, so must json_text
+    | st.text(),  # lone surrogates included: the fallback
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=16,
+)
+
+
+@settings(max_examples=property_examples(500), deadline=None)
+@given(value=st.dictionaries(st.text(max_size=8), _values, max_size=6))
+def test_json_text_reads_back_as_json_dumps_does(value: dict[str, Any]) -> None:
+    """The chain hash covers the decoded body, so the stored text must decode to exactly what the
+    old encoding decoded to: same types, same floats (bit for bit), same key order."""
+    text = json_text(value)
+    assert _strict(json.loads(text), json.loads(json.dumps(value)))
+
+
+def test_event_to_data_is_model_dump() -> None:
+    events = [
+        ev.ProgressRecorded(
+            at=T0, ticket="T", task="t", attempt=1, step=3, total=None, metrics={"loss": float("nan"), "é": 1e-7}
+        ),
+        ev.TicketCancelled(at=T0, ticket="T", reason="x"),
+        ev.ArtifactRecorded(at=T0, ticket="T", task="t", attempt=1, artifact="a" * 64, kind="model", meta={"k": [1]}),
+    ]
+    for e in events:
+        assert _strict(ev.event_to_data(e), e.model_dump(mode="json"))
+
+
+def test_an_update_sets_only_the_columns_that_changed(store: EventStore) -> None:
+    """A progress report moves a task's step and time: its UPDATE sets those, not `state` (whose index
+    page SQLite would otherwise rewrite in every commit) nor `needs` (JSON encoded again for nothing)."""
+    handler = CommandHandler(store)
+    handler.handle(submit(make_ticket("TICKET-1"), T0))
+    handler.handle(c.RecordJobStarted(now=T0, ticket="TICKET-1", task="a", attempt=1, worker="w", report_seq=1))
+    writer = store._writer
+    assert writer is not None
+    seen: list[str] = []
+    writer.set_trace_callback(seen.append)
+    try:
+        for step in (1, 2):
+            handler.handle(
+                c.RecordProgress(now=T0, ticket="TICKET-1", task="a", attempt=1, step=step, total=2, report_seq=1 + step)
+            )
+        # The same values again: the row is not written at all.
+        version = store.stream_version("TICKET-1")
+        same = ev.ProgressRecorded(at=T0, ticket="TICKET-1", task="a", attempt=1, step=2, total=2, report_seq=9)
+        store.append([same], expected={"TICKET-1": version})
+    finally:
+        writer.set_trace_callback(None)
+    updates = [sql for sql in seen if sql.startswith("UPDATE tasks")]
+    assert len(updates) == 3 - 1 and all("SET progress_step = 1" in u or "SET progress_step = 2" in u for u in updates)
+    assert not any("state" in u or "needs" in u for u in updates), updates
+    with sqlite3.connect(store.url.split("///", 1)[1]) as conn:
+        assert conn.execute("SELECT progress_step, progress_total, state FROM tasks WHERE task = 'a'").fetchone() == (
+            2,
+            2,
+            "running",
+        )
+    assert store.verify()[1] is None and store.replay() == store.head()
+
+
+def test_same_value_is_same_stored_text() -> None:
+    assert same_value({"a": [1, 2.0]}, {"a": [1, 2.0]})
+    assert not same_value(1, 1.0) and not same_value(1, True) and not same_value(0.0, -0.0)
+    assert not same_value({"a": 1, "b": 2}, {"b": 2, "a": 1})  # equal dicts, different text
+    assert not same_value([1], [1, 2]) and not same_value(float("nan"), float("nan"))
+    assert same_value(datetime(2026, 1, 1), datetime(2026, 1, 1)) and same_value(None, None)
 
 
 def test_the_writer_connection_keeps_the_durability_settings(store: EventStore) -> None:
