@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from schema import readmodel as rm
 from schema.store import Recorded
 from schema.suite import suite_table
-from schema.tables import SQLModel
+from schema.tables import TYPE_INDEXED, SQLModel, type_indexed
 
 T = SQLModel.metadata.tables
 EVENT_COLUMNS: tuple[Any, ...] = (
@@ -252,7 +252,8 @@ def core(engine: sa.Engine) -> dict[str, Any]:
 def audit(engine: sa.Engine, limit: int, offset: int) -> dict[str, Any]:
     types = ", ".join(f"'{t}'" for t in rm.AUDIT_TYPES)  # constants, not user input
     with engine.connect() as conn:
-        rows = events_where(conn, f"type IN ({types})", {}, limit, offset)
+        where = f"type IN ({types})" + (f" AND {TYPE_INDEXED}" if type_indexed(rm.AUDIT_TYPES) else "")
+        rows = events_where(conn, where, {}, limit, offset)
     return {"rows": [rm.audit_row(r) for r in rows], "limit": limit, "offset": offset}
 
 
@@ -336,7 +337,9 @@ class Milestones:
 
         if not self.book.milestones:
             with self.engine.connect() as conn:
-                planned = conn.execute(sa.text("SELECT 1 FROM events WHERE type = 'MilestonePlanned' LIMIT 1")).first()
+                planned = conn.execute(
+                    sa.text(f"SELECT 1 FROM events WHERE type = 'MilestonePlanned' AND {TYPE_INDEXED} LIMIT 1")
+                ).first()
             if planned is None:
                 return False
         for seq, event in decode_events(self.engine, self.seq):

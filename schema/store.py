@@ -33,7 +33,7 @@ from schema.engines import open_readonly as open_readonly
 from schema.engines import sqlite_file, sqlite_writer
 from schema.projections import MemoryRows, SqlRows, project
 from schema.rawsql import StoreSql
-from schema.tables import PROJECTION_TABLES, SQLModel
+from schema.tables import PROJECTION_TABLES, TYPE_INDEXED, SQLModel, type_indexed
 
 GENESIS = "0" * 64
 _events = SQLModel.metadata.tables["events"]
@@ -299,6 +299,8 @@ class EventStore:
                 query = query.where(_events.c.stream == stream)
             if types:
                 query = query.where(_events.c.type.in_(list(types)))
+                if type_indexed(types):
+                    query = query.where(sa.text(TYPE_INDEXED))  # the partial index's own term
             with self.engine.connect() as conn:
                 batch = conn.execute(query).all()
             for row in batch:
@@ -335,6 +337,8 @@ class EventStore:
         data = _events.c.data
         columns = [data[name].as_string() for name in names]
         query = sa.select(_events.c.seq, _events.c.type, *columns).where(_events.c.type.in_(list(types)))
+        if type_indexed(types):
+            query = query.where(sa.text(TYPE_INDEXED))  # the partial index's own term
         with self.engine.connect() as conn:
             yield from conn.execute(query.order_by(_events.c.seq))  # type: ignore[misc]
 

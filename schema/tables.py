@@ -6,6 +6,7 @@ public interface (docs/EVENTS.md): users query them with plain SQL.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -21,9 +22,31 @@ def _ts(nullable: bool = True, index: bool = False) -> Any:
     return Field(default=None, sa_column=sa.Column(sa.DateTime(), nullable=nullable, index=index))
 
 
+# The event types the type index leaves out: the progress reports, 94% of a training log, which no
+# reader looks up by type (the console reads a ticket's through the stream index). Each indexed row
+# cost a leaf page of WAL per commit (a fifth of a single-event commit's bytes, docs/BENCHMARKS.md).
+UNINDEXED_TYPES = ("ProgressRecorded",)
+# The index's condition, as SQL text: a query by type must carry it, word for word, for SQLite to use
+# the partial index (its planner matches the term, it does not infer it from `type IN (...)`).
+TYPE_INDEXED = "type <> 'ProgressRecorded'"
+
+
+def type_indexed(types: Sequence[str]) -> bool:
+    """Whether a query for these event types can read ix_events_type (adding `TYPE_INDEXED`)."""
+    return not set(types) & set(UNINDEXED_TYPES)
+
+
 class EventRow(SQLModel, table=True):
     __tablename__ = "events"
-    __table_args__ = (sa.UniqueConstraint("stream", "version", name="uq_events_stream_version"),)
+    __table_args__ = (
+        sa.UniqueConstraint("stream", "version", name="uq_events_stream_version"),
+        sa.Index(
+            "ix_events_type",
+            "type",
+            sqlite_where=sa.text(TYPE_INDEXED),
+            postgresql_where=sa.text(TYPE_INDEXED),
+        ),
+    )
 
     # On SQLite `seq` is the rowid (INTEGER PRIMARY KEY: no separate key index); 64-bit either way.
     seq: int = Field(
@@ -31,7 +54,7 @@ class EventRow(SQLModel, table=True):
     )
     stream: str = Field(max_length=200)  # found through uq_events_stream_version (stream, version)
     version: int
-    type: str = Field(max_length=100, index=True)
+    type: str = Field(max_length=100)  # ix_events_type: every type but UNINDEXED_TYPES
     data: dict = Field(sa_column=sa.Column(sa.JSON, nullable=False))
     meta: dict = Field(sa_column=sa.Column(sa.JSON, nullable=False))
     recorded_at: datetime = Field(sa_column=sa.Column(sa.DateTime(), nullable=False))
