@@ -20,8 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
-from pathlib import Path
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -98,19 +98,18 @@ def chain_hash(prev: str, seq: int, stream: str, version: int, type_: str, data:
 
 
 _canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
-if c_make_encoder is not None:
-    # `_canonical`'s C encoder built once: `JSONEncoder.encode` builds one per call, with a dict to
-    # catch circular references, which JSON made of an event's body and a decision's meta cannot
-    # have (one would end in RecursionError). Half the time, the same text (a property test checks).
-    _encode_c = c_make_encoder(
-        None, json.JSONEncoder().default, encode_basestring, None, ":", ",", True, False, True
-    )
+# `_canonical`'s C encoder built once: `JSONEncoder.encode` builds one per call, with a dict to catch
+# circular references, which JSON made of an event's body (`event_to_data`) cannot have (one would
+# end in RecursionError). Half the time, the same text (a property test checks).
+_encode_c = (
+    None
+    if c_make_encoder is None
+    else c_make_encoder(None, json.JSONEncoder().default, encode_basestring, None, ":", ",", True, False, True)
+)
 
-    def _canonical_fast(value: Any) -> str:
-        return "".join(_encode_c(value, 0))
 
-else:  # pragma: no cover - CPython always has the C encoder
-    _canonical_fast = _canonical
+def _canonical_fast(value: Any) -> str:
+    return "".join(_encode_c(value, 0)) if _encode_c is not None else _canonical(value)
 
 
 def _chain_hash_tail(prev: str, seq: int, stream: str, version: int, type_: str, data: Any, tail: str) -> str:

@@ -40,7 +40,7 @@ _json = st.recursive(
     | st.integers()
     | st.floats()  # NaN and the infinities: json writes them, so must the append path's encoder
     | st.text()
-    | st.sampled_from(["\ud800 lone surrogate", "é\u2028\x00\"\\"]),
+    | st.sampled_from(["\ud800 lone surrogate", 'é\u2028\x00"\\']),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
@@ -188,7 +188,9 @@ def test_an_update_sets_only_the_columns_that_changed(store: EventStore) -> None
     try:
         for step in (1, 2):
             handler.handle(
-                c.RecordProgress(now=T0, ticket="TICKET-1", task="a", attempt=1, step=step, total=2, report_seq=1 + step)
+                c.RecordProgress(
+                    now=T0, ticket="TICKET-1", task="a", attempt=1, step=step, total=2, report_seq=1 + step
+                )
             )
         # The same values again: the row is not written at all.
         version = store.stream_version("TICKET-1")

@@ -26,9 +26,7 @@ WHERE = "type <> 'ProgressRecorded'"
 
 def upgrade() -> None:
     op.drop_index("ix_events_type", table_name="events")
-    op.create_index(
-        "ix_events_type", "events", ["type"], sqlite_where=sa.text(WHERE), postgresql_where=sa.text(WHERE)
-    )
+    op.create_index("ix_events_type", "events", ["type"], sqlite_where=sa.text(WHERE), postgresql_where=sa.text(WHERE))
 
 
 def downgrade() -> None:
