@@ -305,3 +305,33 @@ def test_a_forked_child_appends_on_its_own_connection(store: EventStore) -> None
     assert os.waitstatus_to_exitcode(status) == 0
     store.append([e], expected={"TICKET-1": 2})  # the parent's connection still works
     assert store._writer is parent_writer and store.verify() == (3, None, "ok")
+
+
+def test_a_log_of_old_and_new_rows_verifies_and_replays(tmp_path: Path) -> None:
+    """Rows written before the compact encoding (SQLAlchemy's `json.dumps` text, spaces and escaped
+    non-ASCII) and rows the append path writes now verify as one chain and decode alike."""
+    url = f"sqlite:///{tmp_path / 'mixed.db'}"
+    upgrade(url)
+    old = ev.ProgressRecorded(at=T0, ticket="T-1", task="t", attempt=1, step=1, metrics={"é": 8.925383791503035e-05})
+    data, meta = ev.event_to_data(old), {"command": "é"}
+    at = datetime(2026, 1, 1, 0, 0, 1)
+    digest = chain_hash("0" * 64, 1, "T-1", 1, old.type, data, meta, at)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # as the store wrote rows before: through SQLAlchemy's JSON type
+        conn.execute(
+            SQLModel.metadata.tables["events"].insert(),
+            [dict(seq=1, stream="T-1", version=1, type=old.type, data=data, meta=meta, recorded_at=at, hash=digest)],
+        )
+        head = SQLModel.metadata.tables["event_head"]
+        conn.execute(head.update().where(head.c.id == 1).values(seq=1, hash=digest))
+    engine.dispose()
+    store = EventStore(url)
+    new = old.model_copy(update={"step": 2})
+    store.append([new], expected={"T-1": 1}, meta=meta)
+    texts = [r[4] for r in _raw(tmp_path / "mixed.db", "events")]
+    assert "\\u00e9" in texts[0] and ", " in texts[0]  # the old text
+    assert '"é":0.00008925383791503035' in texts[1] and ", " not in texts[1]  # the new one
+    assert store.verify() == (2, None, "ok")
+    assert [e for _, e in store.read_events(0)] == [old, new]
+    assert [r.data for r in store.read(0)] == [data, ev.event_to_data(new)]
+    store.close()
