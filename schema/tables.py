@@ -24,7 +24,7 @@ def _ts(nullable: bool = True, index: bool = False) -> Any:
 
 # The event types the type index leaves out: the progress reports, 94% of a training log, which no
 # reader looks up by type (the console reads a ticket's through the stream index). Each indexed row
-# cost a leaf page of WAL per commit (a fifth of a single-event commit's bytes, docs/BENCHMARKS.md).
+# cost pages of WAL in every commit (one of the six a single-event commit wrote, docs/BENCHMARKS.md).
 UNINDEXED_TYPES = ("ProgressRecorded",)
 # The index's condition, as SQL text: a query by type must carry it, word for word, for SQLite to use
 # the partial index (its planner matches the term, it does not infer it from `type IN (...)`).
