@@ -150,7 +150,7 @@ class SqlRows:
             updates, inserts = writes.setdefault(table, ({}, {}))
             old = self.stored.get(ck)
             if old is not None:
-                changed = tuple(n for n in t.rest if not same_value(row[n], old[n]))
+                changed = tuple(n for n in t.rest if n not in old or not same_value(row[n], old[n]))
                 if changed:
                     updates.setdefault(changed, []).append((*t.encode(changed, row), *key))
             else:
@@ -181,6 +181,8 @@ def same_value(a: Any, b: Any) -> bool:
         return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
     if kind is float:
         return bool(a == b and math.copysign(1.0, a) == math.copysign(1.0, b))
+    if kind is datetime:  # the same instant at another offset is stored as other text
+        return bool(a == b and a.utcoffset() == b.utcoffset())
     return bool(a == b)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +216,8 @@ def test_same_value_is_same_stored_text() -> None:
     assert not same_value({"a": 1, "b": 2}, {"b": 2, "a": 1})  # equal dicts, different text
     assert not same_value([1], [1, 2]) and not same_value(float("nan"), float("nan"))
     assert same_value(datetime(2026, 1, 1), datetime(2026, 1, 1)) and same_value(None, None)
+    utc, later = datetime(2026, 1, 1, 12, tzinfo=UTC), datetime(2026, 1, 1, 14, tzinfo=timezone(timedelta(hours=2)))
+    assert utc == later and not same_value(utc, later) and not same_value(utc, utc.replace(tzinfo=None))
 
 
 def test_the_writer_connection_keeps_the_durability_settings(store: EventStore) -> None:
