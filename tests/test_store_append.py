@@ -337,3 +337,30 @@ def test_a_log_of_old_and_new_rows_verifies_and_replays(tmp_path: Path) -> None:
     assert [e for _, e in store.read_events(0)] == [old, new]
     assert [r.data for r in store.read(0)] == [data, ev.event_to_data(new)]
     store.close()
+
+
+def test_the_type_index_leaves_out_progress_and_readers_by_type_use_it(store: EventStore) -> None:
+    """0012's index is the models' (`TYPE_INDEXED`); a read by other types carries its term and reads
+    the index; a read of progress reports (left out of it) still finds them all."""
+    from schema.tables import TYPE_INDEXED, type_indexed
+
+    at = T0
+    store.append([ev.TicketCancelled(at=at, ticket="T-1", reason="x")], expected={"T-1": 0})
+    progress = [ev.ProgressRecorded(at=at, ticket="T-1", task="t", attempt=1, step=k) for k in range(3)]
+    store.append(progress, expected={"T-1": 1})
+    conn = sqlite3.connect(store.url.split("///", 1)[1])
+    try:
+        (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'ix_events_type'").fetchone()
+        assert sql.endswith(f"WHERE {TYPE_INDEXED}")
+        plan = conn.execute(
+            f"EXPLAIN QUERY PLAN SELECT seq FROM events WHERE type IN ('TicketCancelled') AND {TYPE_INDEXED}"
+        ).fetchall()
+        assert "ix_events_type" in str(plan)
+    finally:
+        conn.close()
+    assert type_indexed(["TicketCancelled"]) and not type_indexed(["TicketCancelled", "ProgressRecorded"])
+    assert [r.type for r in store.read(0, types=["TicketCancelled"])] == ["TicketCancelled"]
+    assert [r.data["step"] for r in store.read(0, types=["ProgressRecorded"])] == [0, 1, 2]
+    both = [r.type for r in store.read(0, types=["ProgressRecorded", "TicketCancelled"])]
+    assert both == ["TicketCancelled"] + ["ProgressRecorded"] * 3
+    assert [row[1] for row in store.field_rows(["ProgressRecorded"], "step")] == ["ProgressRecorded"] * 3
