@@ -154,7 +154,7 @@ _values = st.recursive(
 )
 
 
-@settings(max_examples=property_examples(500), deadline=None)
+@settings(max_examples=property_examples(200), deadline=None)
 @given(value=st.dictionaries(st.text(max_size=8), _values, max_size=6))
 def test_json_text_reads_back_as_json_dumps_does(value: dict[str, Any]) -> None:
     """The chain hash covers the decoded body, so the stored text must decode to exactly what the
