@@ -343,7 +343,8 @@ def test_a_skipped_report_is_still_checked_by_replay_check(template: Path) -> No
         assert path is not None
         conn = sqlite3.connect(path)
         with conn:
-            conn.execute('UPDATE events SET data = replace(data, \'"step": 2\', \'"step": "x"\') WHERE seq = 3')
+            # json_set, not a text replace: the stored text's spacing is the writer's (docs/EVENTS.md).
+            conn.execute("UPDATE events SET data = json_set(data, '$.step', 'x') WHERE seq = 3")
         conn.close()
         assert load_state(store).tickets["TICKET-1"].tasks["a"].progress == (4, 3)
         with pytest.raises(StoreError, match="seq 3: stored ProgressRecorded event is unreadable"):
@@ -353,7 +354,7 @@ def test_a_skipped_report_is_still_checked_by_replay_check(template: Path) -> No
         # The key a skip depends on, broken: the start-up replay stops there, naming the row.
         conn = sqlite3.connect(path)
         with conn:
-            conn.execute('UPDATE events SET data = replace(data, \'"task": "a"\', \'"task": 7\') WHERE seq = 4')
+            conn.execute("UPDATE events SET data = json_set(data, '$.task', 7) WHERE seq = 4")
         conn.close()
         with pytest.raises(StoreError, match="seq 4: stored ProgressRecorded event is unreadable"):
             load_state(store)
