@@ -243,6 +243,11 @@ def main() -> None:
     parser.add_argument("--queue-limits", help="JSON for the daemon's queue_limits, e.g. '{\"cpu\": 1}'")
     parser.add_argument("--placement", action="store_true", help="also run Jetbox with placement (see above)")
     parser.add_argument("--placed-first", action="store_true", help="with --placement: run the placed side first")
+    parser.add_argument(
+        "--dir",
+        help="where the homes, Redis socket and the fsync probe go (default: the system's temporary folder); "
+        "e.g. /dev/shm, a tmpfs, to see the code's cost without the disk's durable commit",
+    )
     args = parser.parse_args()
     args.placement = args.placement or args.placed_first
     if not 1 <= args.jobs <= MAX_STEPS:
@@ -250,7 +255,7 @@ def main() -> None:
     keep = os.environ.get("JETBOX_BENCH_KEEP")
     raw_cpu: dict[str, float] = {}
     jb_cpu: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="jetbox-dispatch-") as tmp_name:
+    with tempfile.TemporaryDirectory(prefix="jetbox-dispatch-", dir=args.dir) as tmp_name:
         tmp_name = keep or tmp_name
         tmp = Path(tmp_name)
         server = start_redis(tmp / "run")

@@ -163,6 +163,7 @@ class Dispatcher:
         self.position: int | None = None
         self.saved = -1
         self.saved_at = 0.0
+        self._looked = True  # whether the log was looked at since the last poll that acted
 
     def poll(self, now: datetime) -> bool:
         if self.position is None:
@@ -175,7 +176,15 @@ class Dispatcher:
             self.act_all([e for e in fresh if e.type in _WATCHED_SET])
             self.position = self.handler.state.last_seq
             self._persist(force=False)
+            self._looked = False
             return True
+        if fresh is not None and not self._looked:
+            # The poll right after acting (the loop goes round again at once when busy): other writers
+            # are looked for at the next one, at most the loop's idle wait later, not here. The query
+            # cost about 0.6 ms of the daemon's CPU per job on a chain of short jobs.
+            self._looked = True
+            self._persist(force=False)
+            return False
         # Nothing new here: has another writer (`jbctl approve`, `retry`) appended since?
         head = self.store.head()
         if head <= since:

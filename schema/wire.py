@@ -64,6 +64,20 @@ def verify(body: dict[str, Any], signature: str, key: bytes) -> bool:
     return hmac.compare_digest(sign(body, key), signature or "")
 
 
+def signed_text(data: dict[str, Any], key: bytes) -> tuple[str, str]:
+    """`data` as the canonical JSON its signature covers, and the signature: a report or advert is
+    sent as exactly that text, so the JSON is encoded once and the reader can check the signature on
+    the bytes it received (`verify_text`) instead of encoding them again."""
+    text = _canonical(data)
+    return text.decode(), hmac.new(key, text, hashlib.sha256).hexdigest()
+
+
+def verify_text(raw: bytes, signature: str, key: bytes) -> bool:
+    """Whether `raw` is itself the signed canonical JSON (what `signed_text` sends). False says nothing
+    about a message encoded otherwise (an older worker's `json.dumps` with spaces): `verify` it."""
+    return hmac.compare_digest(hmac.new(key, raw, hashlib.sha256).hexdigest(), signature or "")
+
+
 def job_id(ticket: str, task: str, attempt: int) -> str:
     """The RQ job id of an attempt: the same attempt always maps to the same job (idempotent dispatch)."""
     # RQ allows letters, digits, - and _ only; ids never contain "__" next to each other.
@@ -111,9 +125,9 @@ class Report(BaseModel):
     body: dict[str, Any] = Field(default_factory=dict)
 
     def signed(self, key: bytes) -> dict[str, str]:
-        """Fields for XADD: the JSON report and its signature."""
-        data = self.model_dump(mode="json")
-        return {"report": json.dumps(data, sort_keys=True), "sig": sign(data, key)}
+        """Fields for XADD: the report as the canonical JSON its signature covers, and the signature."""
+        text, sig = signed_text(self.model_dump(mode="json"), key)
+        return {"report": text, "sig": sig}
 
 
 WORKER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -136,8 +150,8 @@ class Advert(BaseModel):
     detected: bool = False
 
     def signed(self, key: bytes) -> dict[str, str]:
-        data = self.model_dump(mode="json")
-        return {"advert": json.dumps(data, sort_keys=True), "sig": sign(data, key)}
+        text, sig = signed_text(self.model_dump(mode="json"), key)
+        return {"advert": text, "sig": sig}
 
 
 def worker_queue(worker: str) -> str:

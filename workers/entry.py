@@ -59,12 +59,16 @@ def _settings_and_key() -> tuple[Any, bytes]:
 
 
 _STORES: dict[tuple[str, ...], ArtifactStore] = {}
+_LAST_STORE: list[tuple[Any, ArtifactStore]] = []
 
 
 def _store(settings: Any) -> ArtifactStore:
     """One per worker process and store settings: an object store's client (and its I/O thread) made per
     job cost no-op jobs 40 -> 5 jobs/s (bench/multihost.py). A failure to build it is not kept: the next
     job tries again."""
+    last = _LAST_STORE[0] if _LAST_STORE else None
+    if last is not None and last[0] is settings:
+        return last[1]  # the same settings as the last job's (read once per process): no key to build
     key = tuple(
         str(getattr(settings, name, ""))
         for name in ("home", "artifacts_path", "artifacts_url", "artifacts_cache_path", "artifacts_cache_limit")
@@ -72,6 +76,7 @@ def _store(settings: Any) -> ArtifactStore:
     store = _STORES.get(key)
     if store is None:
         store = _STORES[key] = ArtifactStore.from_settings(settings)
+    _LAST_STORE[:] = [(settings, store)]
     return store
 
 
@@ -158,7 +163,7 @@ def run_job(signed: dict[str, Any]) -> dict[str, Any]:
             violation="job_not_allowed",
         )
         return {"status": "refused", "error": f"job kind {envelope.kind!r} is not allowed"}
-    workdir = settings.home / "work" / envelope.ticket / envelope.task / f"attempt-{envelope.attempt}"
+    workdir = settings.home.joinpath("work", envelope.ticket, envelope.task, f"attempt-{envelope.attempt}")
     ctx = RuntimeContext(envelope, reporter, conn, workdir, _store(settings))
     beats = pulse()
     beats.begin(reporter, envelope.job_id, settings.heartbeat_seconds, settings.heartbeat_timeout_seconds)

@@ -106,7 +106,10 @@ class Reporter:
                 if len(batch) == 1 and extra is None:
                     self.conn.xadd(REPORT_STREAM, batch[0])  # type: ignore[arg-type]
                     return
-                pipe = self.conn.pipeline(transaction=False)
+                # MULTI/EXEC: Redis serves a blocked reader (the daemon's inbox) only after the whole
+                # transaction, so the burst reaches it in one read; a plain pipeline woke it after the first
+                # report, and it had to read again for the rest.
+                pipe = self.conn.pipeline(transaction=True)
                 for fields in batch:
                     pipe.xadd(REPORT_STREAM, fields)  # type: ignore[arg-type]
                 if extra is not None:
