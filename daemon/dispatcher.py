@@ -8,6 +8,7 @@ The daemon never imports `workers`: jobs name the entry point as a string.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -66,6 +67,13 @@ def queue(conn: redis.Redis, name: str) -> Queue:
     return Queue(name, connection=conn, serializer=JSONSerializer)
 
 
+@functools.lru_cache(maxsize=256)
+def _queue_object(conn: redis.Redis, name: str) -> Queue:
+    """A Queue to enqueue on, made once per connection and name (making one costs ~30 us; a chain
+    enqueues one job at a time). It holds no state of the queue itself: every call reads Redis."""
+    return queue(conn, name)
+
+
 def enqueue(conn: redis.Redis, key: bytes, envelope: Envelope, queue_name: str) -> bool:
     """Put one attempt on its queue unless RQ already knows its job id; True if enqueued now."""
     if Job.exists(envelope.job_id, connection=conn):
@@ -78,7 +86,7 @@ def enqueue(conn: redis.Redis, key: bytes, envelope: Envelope, queue_name: str) 
 
 def _enqueue_on(pipe: Any, conn: redis.Redis, key: bytes, envelope: Envelope, queue_name: str) -> None:
     """Queue the commands that enqueue one attempt on `pipe` (RQ's own job layout, run by `execute`)."""
-    queue(conn, queue_name).enqueue_call(
+    _queue_object(conn, queue_name).enqueue_call(
         func=ENTRY_POINT,
         args=(envelope.signed(key),),
         job_id=envelope.job_id,
@@ -105,26 +113,71 @@ def envelope_from(e: ev.AttemptScheduled) -> Envelope:
     )
 
 
-def dispatch_many(conn: redis.Redis, key: bytes, events: Sequence[ev.AttemptScheduled]) -> int:
+DEDICATED_KNOWN_S = 1.0  # how long the dispatcher trusts what it read of a ticket's dedicated worker
+
+
+class Dedicated:
+    """What the dispatcher last read of which tickets have a dedicated worker (`dedicated_key`), for
+    `DEDICATED_KNOWN_S`: a chain of short jobs asks once a second instead of once per job. The claim is
+    made before the ticket is submitted and lives for 30 s past its worker, so a second's delay in seeing
+    it come or go changes nothing that the claim's own timing does not."""
+
+    def __init__(self) -> None:
+        self.known: dict[str, tuple[bool, float]] = {}
+
+    def get(self, ticket: str, mono: float) -> bool | None:
+        found = self.known.get(ticket)
+        return found[0] if found is not None and mono - found[1] < DEDICATED_KNOWN_S else None
+
+    def put(self, ticket: str, value: bool, mono: float) -> None:
+        if len(self.known) > 10_000:  # tickets come and go: forget the stale ones now and then
+            self.known = {t: v for t, v in self.known.items() if mono - v[1] < DEDICATED_KNOWN_S}
+        self.known[ticket] = (value, mono)
+
+
+def dispatch_many(
+    conn: redis.Redis,
+    key: bytes,
+    events: Sequence[ev.AttemptScheduled],
+    unseen: bool = False,
+    dedicated: Dedicated | None = None,
+) -> int:
     """The one path from recorded `AttemptScheduled`s to RQ jobs, for the first dispatch and for the
     reconciler's re-dispatch after Redis lost the job: what was recorded is what runs. Two round trips
-    however many: one asks which job ids RQ already knows (those are skipped: dispatch is idempotent)
-    and which tickets have a dedicated worker (`jbctl run --background`); the other enqueues the rest
-    in one transaction, each on its queue (`_queue_for`). Returns how many were enqueued now."""
+    at most however many: one asks which job ids RQ already knows (those are skipped: dispatch is
+    idempotent) and which tickets have a dedicated worker (`jbctl run --background`); the other enqueues
+    the rest in one transaction, each on its queue (`_queue_for`). Returns how many were enqueued now.
+
+    `unseen`: the caller knows that no job of these attempts was ever enqueued (the dispatcher's first go
+    at events it has just seen recorded), so nobody asks RQ; `dedicated`: the caller's memory of the
+    dedicated workers. With both, a chain of short jobs costs one round trip per job here."""
     todo = list({job_id(e.ticket, e.task, e.attempt): e for e in events}.values())
     if not todo:
         return 0
-    pipe = conn.pipeline(transaction=False)
-    for e in todo:
-        pipe.exists(Job.key_for(job_id(e.ticket, e.task, e.attempt)))
-        pipe.exists(dedicated_key(e.ticket))
-    found = pipe.execute()
+    mono = time.monotonic()
+    claims = {e.ticket: dedicated.get(e.ticket, mono) if dedicated is not None else None for e in todo}
+    asked = [t for t, v in claims.items() if v is None]
+    known: list[Any] = [False] * len(todo)
+    if asked or not unseen:
+        pipe = conn.pipeline(transaction=False)
+        for ticket in asked:
+            pipe.exists(dedicated_key(ticket))
+        if not unseen:
+            for e in todo:
+                pipe.exists(Job.key_for(job_id(e.ticket, e.task, e.attempt)))
+        found = pipe.execute()
+        for ticket, value in zip(asked, found, strict=False):
+            claims[ticket] = bool(value)
+            if dedicated is not None:
+                dedicated.put(ticket, bool(value), mono)
+        if not unseen:
+            known = found[len(asked) :]
     pipe = conn.pipeline()
     n = 0
-    for i, e in enumerate(todo):
-        if found[2 * i]:
+    for e, exists in zip(todo, known, strict=True):
+        if exists:
             continue
-        name = _queue_for(e, dedicated=bool(found[2 * i + 1]))
+        name = _queue_for(e, dedicated=bool(claims[e.ticket]))
         _enqueue_on(pipe, conn, key, envelope_from(e), name)
         n += 1
     if n:
@@ -164,6 +217,8 @@ class Dispatcher:
         self.saved = -1
         self.saved_at = 0.0
         self._looked = True  # whether the log was looked at since the last poll that acted
+        self._unsure = False  # an act failed part-way: RQ may know some of the jobs it comes back to
+        self._dedicated = Dedicated()
 
     def poll(self, now: datetime) -> bool:
         if self.position is None:
@@ -173,7 +228,7 @@ class Dispatcher:
         if fresh:
             # What this process just recorded (and what other writers appended before it, which the
             # handler folded in first): from memory, with no query and no decoding.
-            self.act_all([e for e in fresh if e.type in _WATCHED_SET])
+            self.act_all([e for e in fresh if e.type in _WATCHED_SET], unseen=True)
             self.position = self.handler.state.last_seq
             self._persist(force=False)
             self._looked = False
@@ -208,9 +263,13 @@ class Dispatcher:
             self.store.set_checkpoint(CHECKPOINT, self.position)
             self.saved, self.saved_at = self.position, mono
 
-    def act_all(self, events: Sequence[ev.Event]) -> None:
+    def act_all(self, events: Sequence[ev.Event], unseen: bool = False) -> None:
         """Act on events in log order; consecutive AttemptScheduled are enqueued together (two round
-        trips for the lot)."""
+        trips for the lot at most). `unseen`: events this dispatcher never acted on (from the handler's
+        tail, after a poll that did not fail): RQ is not asked whether it knows their jobs. After a
+        failure part of a batch may have been enqueued: the next go asks again."""
+        unseen = unseen and not self._unsure
+        self._unsure = True  # until this go has ended well
         run: list[ev.AttemptScheduled] = []
         for event in events:
             if isinstance(event, ev.AttemptScheduled):
@@ -218,11 +277,12 @@ class Dispatcher:
                     run.append(event)
                 continue
             if run:
-                self.enqueued += dispatch_many(self.conn, self.key, run)
+                self.enqueued += dispatch_many(self.conn, self.key, run, unseen, self._dedicated)
                 run = []
             self.act(event)
         if run:
-            self.enqueued += dispatch_many(self.conn, self.key, run)
+            self.enqueued += dispatch_many(self.conn, self.key, run, unseen, self._dedicated)
+        self._unsure = False
 
     def _live(self, event: ev.AttemptScheduled) -> bool:
         state = self.handler.state.tickets.get(event.ticket)

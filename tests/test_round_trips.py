@@ -232,3 +232,141 @@ def test_cancel_is_still_seen_at_the_start_of_a_job(worker_env: tuple[redis.Redi
     conn.set(cancel_key("jetbox__TICKET-1__d__1"), "1")
     assert run_job(_signed(key, "d", sleep=30.0, steps=30))["status"] == "cancelled"
     assert [r["kind"] for r in _reports(conn, key)] == ["started", "failed"]
+
+
+@pytest.mark.integration  # starts redis-server
+def test_a_short_jobs_burst_reaches_a_blocked_reader_in_one_read(worker_env: tuple[redis.Redis, bytes]) -> None:
+    """The reports go out in one MULTI/EXEC: Redis serves the daemon's blocked read after the whole
+    transaction (a plain pipeline woke it after the first report, and it had to read again)."""
+    from daemon.inbox import ensure_group
+    from schema.wire import REPORT_GROUP
+    from workers.entry import run_job
+
+    conn, key = worker_env
+    ensure_group(conn)
+    got: list[Any] = []
+    reader = redis.Redis(connection_pool=conn.connection_pool)
+    blocked = threading.Thread(
+        target=lambda: got.append(reader.xreadgroup(REPORT_GROUP, "t", {REPORT_STREAM: ">"}, count=500, block=10_000))
+    )
+    blocked.start()
+    wait_for("the reader to block", lambda: conn.info("clients")["blocked_clients"] == 1, 5)
+    assert run_job(_signed(key, "e"))["status"] == "succeeded"
+    blocked.join(10)
+    kinds = [json.loads(fields[b"report"])["kind"] for _, fields in got[0][0][1]]
+    assert kinds == ["started", "progress", "succeeded"]
+
+
+@pytest.mark.integration  # starts redis-server
+def test_reports_are_signed_on_the_text_sent_and_older_encodings_still_verify(home: Path, store: object) -> None:
+    from daemon import commands as cmd
+    from daemon.inbox import Inbox
+    from schema.settings import load_settings
+    from schema.wire import Report, sign
+
+    server = start_redis(home / "run")
+    try:
+        conn = redis.Redis.from_url(server.url)
+        inbox = Inbox(CommandHandler(store), load_settings(), conn)  # type: ignore[arg-type]
+        report = Report(kind="started", ticket="TICKET-1", task="a", attempt=1, seq=1, worker="w", body={"é": 1})
+        fields = report.signed(inbox.key)
+        data = report.model_dump(mode="json")
+        # Sent as the canonical JSON the signature covers (one encoding, checked on the bytes received).
+        assert fields["report"] == json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        as_sent = {k.encode(): v.encode() for k, v in fields.items()}
+        assert isinstance(inbox.parse(as_sent, T0), cmd.RecordJobStarted)
+        # A worker of the release before sends `json.dumps(data, sort_keys=True)`, signed the same way.
+        older = {b"report": json.dumps(data, sort_keys=True).encode(), b"sig": sign(data, inbox.key).encode()}
+        assert isinstance(inbox.parse(older, T0), cmd.RecordJobStarted)
+        # Changed by one byte, either way: a forged report.
+        for forged in (
+            {**as_sent, b"report": as_sent[b"report"].replace(b'"attempt":1', b'"attempt":2')},
+            {**older, b"report": older[b"report"].replace(b'"attempt": 1', b'"attempt": 2')},
+            {**as_sent, b"sig": b"0" * 64},
+        ):
+            found = inbox.parse(forged, T0)
+            assert isinstance(found, cmd.RecordViolation) and found.what == "forged_report"
+        inbox.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.integration  # starts redis-server
+def test_the_dispatcher_asks_rq_nothing_about_attempts_it_has_just_seen_recorded(home: Path, store: object) -> None:
+    """Attempts from the handler's tail, first time round: no EXISTS per job id, and the ticket's
+    dedicated worker is asked about once a second: one round trip per job for a chain."""
+    from daemon import commands as cmd
+    from daemon.dispatcher import Dispatcher
+    from schema.settings import load_settings
+
+    server = start_redis(home / "run")
+    try:
+        conn = redis.Redis.from_url(server.url)
+        handler = CommandHandler(store)  # type: ignore[arg-type]
+        dispatcher = Dispatcher(handler, load_settings(), conn)
+        handler.handle(
+            submit(make_ticket("TICKET-1", steps="  - {id: a, kind: diag}\n  - {id: b, kind: diag, needs: [a]}\n"), T0)
+        )
+        conn.config_resetstat()
+        assert dispatcher.poll(T0)
+        assert _commands(conn).get("exists") == 1  # the ticket's dedicated worker, nothing per job
+        base = {"now": T0, "ticket": "TICKET-1", "task": "a", "attempt": 1, "sender": "w"}
+        handler.handle_many(
+            [cmd.RecordJobStarted(**base, report_seq=1, worker="w"), cmd.RecordJobSucceeded(**base, report_seq=2)]
+        )
+        conn.config_resetstat()
+        assert dispatcher.poll(T0)
+        calls = _commands(conn)
+        assert "exists" not in calls and calls.get("exec") == 1  # one transaction: the enqueue
+        assert [Job.exists(f"jetbox__TICKET-1__{t}__1", connection=conn) for t in "ab"] == [True, True]
+        assert dispatcher.enqueued == 2
+    finally:
+        server.stop()
+
+
+@pytest.mark.integration  # starts redis-server
+def test_an_enqueue_that_failed_part_way_is_retried_without_enqueuing_twice(home: Path, store: object) -> None:
+    """Redis refuses part of the enqueue transaction (its other commands are applied): the next poll
+    asks RQ which jobs it knows before enqueuing again, so the job is in its queue once."""
+    from daemon.dispatcher import Dispatcher
+    from schema.settings import load_settings
+
+    server = start_redis(home / "run")
+    try:
+        conn = redis.Redis.from_url(server.url)
+        handler = CommandHandler(store)  # type: ignore[arg-type]
+        dispatcher = Dispatcher(handler, load_settings(), conn)
+        handler.handle(submit(make_ticket("TICKET-1", steps="  - {id: a, kind: diag}\n"), T0))
+        conn.set("rq:queues", "not a set")  # RQ's SADD of the queue's name fails: WRONGTYPE
+        with pytest.raises(redis.ResponseError):
+            dispatcher.poll(T0)
+        assert conn.llen("rq:queue:cpu") == 1  # the rest of the transaction was applied
+        conn.delete("rq:queues")
+        dispatcher.poll(T0)
+        assert conn.llen("rq:queue:cpu") == 1 and dispatcher.enqueued == 0  # known: not enqueued twice
+        assert Job.fetch("jetbox__TICKET-1__a__1", connection=conn, serializer=JSONSerializer).origin == "cpu"
+    finally:
+        server.stop()
+
+
+@pytest.mark.integration  # starts redis-server
+def test_other_writers_attempts_are_dispatched_by_the_poll_after_next(home: Path, store: object) -> None:
+    """The poll right after one that acted does not look at the log (the loop goes round again at once
+    when busy); the one after it does, and dispatches what another writer recorded meanwhile."""
+    from daemon.dispatcher import Dispatcher
+    from schema.settings import load_settings
+
+    server = start_redis(home / "run")
+    try:
+        conn = redis.Redis.from_url(server.url)
+        mine = CommandHandler(store)  # type: ignore[arg-type]
+        dispatcher = Dispatcher(mine, load_settings(), conn)
+        mine.handle(submit(make_ticket("TICKET-1", steps="  - {id: a, kind: diag}\n"), T0))
+        assert dispatcher.poll(T0)
+        other = CommandHandler(store)  # type: ignore[arg-type]  # e.g. `jbctl retry`, in its own process
+        other.handle(submit(make_ticket("TICKET-2", steps="  - {id: a, kind: diag}\n"), T0))
+        assert not dispatcher.poll(T0)
+        assert dispatcher.poll(T0) and Job.exists("jetbox__TICKET-2__a__1", connection=conn)
+        assert dispatcher.enqueued == 2
+    finally:
+        server.stop()
