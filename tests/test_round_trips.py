@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import redis
+from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -370,3 +371,52 @@ def test_other_writers_attempts_are_dispatched_by_the_poll_after_next(home: Path
         assert dispatcher.enqueued == 2
     finally:
         server.stop()
+
+
+def _work_one(conn: redis.Redis, key: bytes, task: str, **params: Any) -> None:
+    """Enqueue one attempt as the dispatcher does and let a `JetboxWorker` (burst, in this process) run it."""
+    from daemon.dispatcher import dispatch_many
+    from workers.worker import JetboxWorker
+
+    scheduled = ev.AttemptScheduled(
+        at=T0, ticket="TICKET-1", task=task, attempt=1, kind="diag", queue="cpu", params=params, timeout=60
+    )
+    assert dispatch_many(conn, key, [scheduled]) == 1
+    queue = Queue("cpu", connection=conn, serializer=JSONSerializer)
+    JetboxWorker([queue], connection=conn, serializer=JSONSerializer).work(burst=True, logging_level="WARNING")
+
+
+@pytest.mark.integration  # starts redis-server
+def test_the_worker_looks_at_the_cancel_key_in_rqs_own_round_trip(worker_env: tuple[redis.Redis, bytes]) -> None:
+    """A job cancelled while it waited in its queue stops at its start, and a job that was not makes
+    no round trip of its own to find out: the look rides with RQ's bookkeeping before the job."""
+    from schema.wire import cancel_key
+
+    conn, key = worker_env
+    conn.set(cancel_key("jetbox__TICKET-1__f__1"), "1")
+    _work_one(conn, key, "f", sleep=30.0, steps=30)
+    assert [r["kind"] for r in _reports(conn, key)] == ["started", "failed"]
+    assert "cancelled" in _reports(conn, key)[-1]["body"]["error"]
+
+    conn.delete(REPORT_STREAM)
+    seen: list[str] = []
+
+    def watch() -> None:  # every command Redis runs, until the marker
+        with redis.Redis(connection_pool=conn.connection_pool).monitor() as monitor:
+            ready.set()
+            for command in monitor.listen():
+                seen.append(command["command"])
+                if command["command"] == "ECHO done":
+                    return
+
+    ready = threading.Event()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    ready.wait(5)
+    _work_one(conn, key, "g", steps=1)
+    conn.echo("done")
+    watcher.join(10)
+    assert [r["kind"] for r in _reports(conn, key)] == ["started", "progress", "succeeded"]
+    looks = [c for c in seen if c.startswith("EXISTS jetbox:cancel:")]
+    assert looks == ["EXISTS jetbox:cancel:jetbox__TICKET-1__g__1"]  # one, in RQ's MULTI before the job
+    assert seen[seen.index(looks[0]) + 1] == "EXEC"

@@ -37,6 +37,19 @@ def _connection() -> redis.Redis:
     return redis_client(settings.redis_url)
 
 
+# Set on the RQ job by `JetboxWorker.prepare_job_execution`: whether the job's cancel key existed as it
+# started (looked up in RQ's own round trip before the job).
+CANCEL_SEEN = "jetbox_cancel_seen"
+
+
+def _cancel_seen() -> bool | None:
+    """What the worker saw of the running job's cancel key as it started; None when nobody looked (the
+    job runs outside `JetboxWorker`: its first `cancelled()` asks Redis)."""
+    job = get_current_job()
+    found = getattr(job, CANCEL_SEEN, None) if job is not None else None
+    return found if isinstance(found, bool) else None
+
+
 def report_violation(conn: redis.Redis, key: bytes, what: str, detail: str) -> None:
     """Tell the daemon something untrustworthy reached this worker."""
     report = Report(
@@ -164,7 +177,7 @@ def run_job(signed: dict[str, Any]) -> dict[str, Any]:
         )
         return {"status": "refused", "error": f"job kind {envelope.kind!r} is not allowed"}
     workdir = settings.home.joinpath("work", envelope.ticket, envelope.task, f"attempt-{envelope.attempt}")
-    ctx = RuntimeContext(envelope, reporter, conn, workdir, _store(settings))
+    ctx = RuntimeContext(envelope, reporter, conn, workdir, _store(settings), cancel_seen=_cancel_seen())
     beats = pulse()
     beats.begin(reporter, envelope.job_id, settings.heartbeat_seconds, settings.heartbeat_timeout_seconds)
     reporter.hold("started")  # goes out with the first beat, or with the result of a short job

@@ -217,6 +217,7 @@ class RuntimeContext:
         conn: redis.Redis,
         workdir: Path,
         artifacts: ArtifactStore | Path,
+        cancel_seen: bool | None = None,
     ) -> None:
         self.envelope = envelope
         self.ticket, self.task, self.attempt = envelope.ticket, envelope.task, envelope.attempt
@@ -226,8 +227,10 @@ class RuntimeContext:
         self.conn = conn
         self.network: str = envelope.network
         self._last_progress = 0.0
-        self._last_cancel_check = 0.0
-        self._cancelled = False
+        # `cancel_seen`: the worker looked at the cancel key as the job started (in RQ's own round trip),
+        # so the next look is due one interval later; None: nobody did, the first `cancelled()` asks.
+        self._last_cancel_check = 0.0 if cancel_seen is None else time.monotonic()
+        self._cancelled = bool(cancel_seen)
         self._log: IO[str] | None = None
         # A store that cannot be reached now is the attempt's failure (reported, retried), raised by
         # the entry point once the attempt has started: starting over would throw the progress away.
