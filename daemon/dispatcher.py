@@ -113,6 +113,7 @@ def envelope_from(e: ev.AttemptScheduled) -> Envelope:
     )
 
 
+ENQUEUE_CHUNK = 16  # attempts per enqueue transaction
 DEDICATED_KNOWN_S = 1.0  # how long the dispatcher trusts what it read of a ticket's dedicated worker
 
 
@@ -143,10 +144,11 @@ def dispatch_many(
     dedicated: Dedicated | None = None,
 ) -> int:
     """The one path from recorded `AttemptScheduled`s to RQ jobs, for the first dispatch and for the
-    reconciler's re-dispatch after Redis lost the job: what was recorded is what runs. Two round trips
-    at most however many: one asks which job ids RQ already knows (those are skipped: dispatch is
-    idempotent) and which tickets have a dedicated worker (`jbctl run --background`); the other enqueues
-    the rest in one transaction, each on its queue (`_queue_for`). Returns how many were enqueued now.
+    reconciler's re-dispatch after Redis lost the job: what was recorded is what runs. The attempts are
+    enqueued each on its queue (`_queue_for`) in transactions of `ENQUEUE_CHUNK` (one for a short
+    batch), after one pipeline that asks which job ids RQ already knows (those are skipped: dispatch is
+    idempotent) and which tickets have a dedicated worker (`jbctl run --background`). Returns how many
+    were enqueued now.
 
     `unseen`: the caller knows that no job of these attempts was ever enqueued (the dispatcher's first go
     at events it has just seen recorded), so nobody asks RQ; `dedicated`: the caller's memory of the
@@ -180,7 +182,11 @@ def dispatch_many(
         name = _queue_for(e, dedicated=bool(claims[e.ticket]))
         _enqueue_on(pipe, conn, key, envelope_from(e), name)
         n += 1
-    if n:
+        if n % ENQUEUE_CHUNK == 0:
+            # A wide ticket's first jobs reach the workers while the rest are still being built (200 RQ
+            # jobs take the daemon ~50 ms to build, which the workers spent waiting).
+            pipe.execute()
+    if n % ENQUEUE_CHUNK:
         pipe.execute()
     return n
 

@@ -420,3 +420,27 @@ def test_the_worker_looks_at_the_cancel_key_in_rqs_own_round_trip(worker_env: tu
     looks = [c for c in seen if c.startswith("EXISTS jetbox:cancel:")]
     assert looks == ["EXISTS jetbox:cancel:jetbox__TICKET-1__g__1"]  # one, in RQ's MULTI before the job
     assert seen[seen.index(looks[0]) + 1] == "EXEC"
+
+
+@pytest.mark.integration  # starts redis-server
+def test_a_wide_batch_is_enqueued_in_chunks_in_order(home: Path) -> None:
+    from daemon.dispatcher import ENQUEUE_CHUNK
+
+    server = start_redis(home / "run")
+    try:
+        conn = redis.Redis.from_url(server.url)
+        n = 2 * ENQUEUE_CHUNK + 3
+        batch = [
+            ev.AttemptScheduled(
+                at=T0, ticket="TICKET-1", task=f"s{i}", attempt=1, kind="diag", queue="cpu", params={}, timeout=60
+            )
+            for i in range(n)
+        ]
+        conn.config_resetstat()
+        assert dispatch_many(conn, b"k" * 64, batch, unseen=True) == n
+        assert _commands(conn).get("exec") == 3  # the workers get the first chunk while the rest is built
+        queued = [j.decode() for j in conn.lrange("rq:queue:cpu", 0, -1)]
+        assert queued == [f"jetbox__TICKET-1__s{i}__1" for i in range(n)]
+        assert dispatch_many(conn, b"k" * 64, batch) == 0  # asked: all known
+    finally:
+        server.stop()
