@@ -202,7 +202,8 @@ class Inbox:
         watched = self._watcher is not None and self._watcher.is_alive()
         read = self._take if watched else (lambda: self._read(">"))
         messages = read()
-        if messages and len(messages) < BATCH and not burst_over(messages[-1][1]):
+        # (The watcher has read the rest of a burst already: the loop does not wait for it.)
+        if not watched and messages and len(messages) < BATCH and not burst_over(messages[-1][1]):
             # A job's reports come in bursts (started, progress, result): wait a moment and take
             # the rest of the burst into the same commit. Not after a result: that ends its burst,
             # and what waits on it (the next step, a join, the ticket's end) would wait for nothing.
@@ -289,9 +290,9 @@ class Inbox:
                 if found:
                     messages = list(found[0][1])
                     if len(messages) < BATCH and not burst_over(messages[-1][1]):
-                        # Redis answers a blocked read after the first report of a pipeline: the
-                        # rest of a short job's burst is already there, one quick read away (else
-                        # the loop would wait COALESCE_S for it).
+                        # Workers send a burst in one transaction, which arrives whole; a burst sent
+                        # as a plain pipeline (an older worker) wakes this read after its first
+                        # report, and the rest is already there, one quick read away.
                         with contextlib.suppress(redis.RedisError, OSError, ValueError):
                             more = conn.xreadgroup(REPORT_GROUP, self.consumer, {REPORT_STREAM: ">"}, count=BATCH)
                             messages += list(more[0][1]) if more else []
