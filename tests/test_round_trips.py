@@ -444,3 +444,30 @@ def test_a_wide_batch_is_enqueued_in_chunks_in_order(home: Path) -> None:
         assert dispatch_many(conn, b"k" * 64, batch) == 0  # asked: all known
     finally:
         server.stop()
+
+
+@pytest.mark.integration  # starts redis-server
+def test_the_workers_heartbeat_is_one_round_trip(home: Path) -> None:
+    """RQ's worker heartbeat (last_heartbeat, and the TTLs of the worker's keys), pipelined: RQ beats
+    three times per job outside a pipeline, three round trips each."""
+    from workers.worker import JetboxWorker
+
+    class Counting(redis.Redis):  # counts the commands sent one round trip each (pipelines are not)
+        sent: list[str] = []
+
+        def execute_command(self, *args: Any, **options: Any) -> Any:
+            self.sent.append(str(args[0]))
+            return super().execute_command(*args, **options)
+
+    server = start_redis(home / "run")
+    try:
+        conn = Counting.from_url(server.url)
+        worker = JetboxWorker([Queue("cpu", connection=conn, serializer=JSONSerializer)], connection=conn)
+        worker.register_birth()
+        conn.persist(worker.key)
+        Counting.sent.clear()
+        worker.heartbeat()
+        assert Counting.sent == []  # one pipeline, no single commands
+        assert conn.hget(worker.key, "last_heartbeat") and conn.ttl(worker.key) > 0
+    finally:
+        server.stop()

@@ -54,6 +54,17 @@ class JetboxWorker(SimpleWorker):
             return False
         return bool(super().perform_job(job, queue, execution))
 
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """RQ's worker heartbeat (the same three commands) in one round trip instead of three: RQ beats
+        three times per job outside a pipeline (after the job, and before and after taking the next),
+        nine round trips that sat between a job's result and the start of the next."""
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline=pipeline)
+            return
+        with self.connection.pipeline(transaction=False) as batch:
+            super().heartbeat(timeout, pipeline=batch)
+            batch.execute()
+
     def prepare_job_execution(self, job: Any, remove_from_intermediate_queue: bool = False) -> None:
         """RQ's bookkeeping before a job (rq 3.0's `BaseWorker.prepare_job_execution`: the same commands
         in the same pipeline), with one command more in its round trip: whether the job's cancel key
