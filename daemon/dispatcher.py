@@ -234,7 +234,9 @@ class Dispatcher:
         if fresh:
             # What this process just recorded (and what other writers appended before it, which the
             # handler folded in first): from memory, with no query and no decoding.
-            self.act_all([e for e in fresh if e.type in _WATCHED_SET], unseen=True)
+            # Recorded by this process: no job of theirs was ever enqueued (another writer's events
+            # might have been, by another daemon on the same database: those are asked about).
+            self.act_all([e for e in fresh if e.type in _WATCHED_SET], unseen=self.handler.recorded_here(since))
             self.position = self.handler.state.last_seq
             self._persist(force=False)
             self._looked = False

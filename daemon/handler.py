@@ -179,10 +179,27 @@ class CommandHandler:
         # `state.last_seq`: reactors in this process (the dispatcher) take new events from here
         # instead of reading and decoding them again from the database.
         self.tail: deque[tuple[int, ev.Event]] = deque(maxlen=TAIL)
+        # The seqs in the tail that other writers recorded (folded in by `refresh` or before a commit):
+        # what this process recorded itself it knows it never acted on before (`recorded_here`).
+        self.foreign: set[int] = set()
+
+    def _fold_foreign(self, item: tuple[int, ev.Event]) -> None:
+        self.tail.append(item)
+        self.foreign.add(item[0])
+        if len(self.foreign) > TAIL:  # forget those the tail no longer holds
+            self.foreign = {seq for seq in self.foreign if seq >= self.tail[0][0]}
+
+    def recorded_here(self, after: int) -> bool:
+        """Whether every event in the tail after seq `after` was recorded by this handler (none was
+        folded in from another writer: another process, perhaps another daemon, may have acted on those).
+        Forgets the other writers' seqs up to `after`: the caller (the dispatcher) moves only forward."""
+        if self.foreign:
+            self.foreign = {seq for seq in self.foreign if seq > after}
+        return not self.foreign
 
     def refresh(self) -> None:
         """Catch up with events other writers appended."""
-        load_state(self.store, self.state, sink=self.tail.append)
+        load_state(self.store, self.state, sink=self._fold_foreign)
 
     def tail_after(self, seq: int) -> list[ev.Event] | None:
         """The events after `seq` up to `state.last_seq`, from memory; None when the tail does not
@@ -246,7 +263,7 @@ class CommandHandler:
                 # Other writers appended since this state last read the log (on other streams, or
                 # the append would have conflicted): fold theirs first, in log order. Skipping
                 # them left this state blind to them for good (a later refresh starts after ours).
-                load_state(self.store, self.state, before=recorded[0].seq, sink=self.tail.append)
+                load_state(self.store, self.state, before=recorded[0].seq, sink=self._fold_foreign)
             for rec in recorded:
                 event = rec.event  # decoded from what was stored (a property: decode once)
                 evolve(self.state, event)

@@ -471,3 +471,30 @@ def test_the_workers_heartbeat_is_one_round_trip(home: Path) -> None:
         assert conn.hget(worker.key, "last_heartbeat") and conn.ttl(worker.key) > 0
     finally:
         server.stop()
+
+
+@pytest.mark.integration  # starts redis-server
+def test_attempts_another_writer_recorded_are_checked_against_rq(home: Path, store: object) -> None:
+    """Only what this process recorded skips the question to RQ: an attempt folded in from another
+    writer (another daemon on the same database may have enqueued it) is enqueued once."""
+    from daemon.dispatcher import Dispatcher
+    from schema.settings import load_settings
+
+    server = start_redis(home / "run")
+    try:
+        conn = redis.Redis.from_url(server.url)
+        mine = CommandHandler(store)  # type: ignore[arg-type]
+        dispatcher = Dispatcher(mine, load_settings(), conn)
+        mine.handle(submit(make_ticket("TICKET-1", steps="  - {id: a, kind: diag}\n"), T0))
+        assert dispatcher.poll(T0)
+        other = CommandHandler(store)  # type: ignore[arg-type]
+        other.handle(submit(make_ticket("TICKET-2", steps="  - {id: a, kind: diag}\n"), T0))
+        scheduled = [r.event for r in store.read(0, types=["AttemptScheduled"])]  # type: ignore[attr-defined]
+        assert dispatch_many(conn, dispatcher.key, scheduled[1:]) == 1  # the other daemon's enqueue
+        mine.refresh()  # as the loop's tick does: the other writer's events enter the tail
+        assert not mine.recorded_here(dispatcher.position or 0)
+        dispatcher.poll(T0)
+        assert conn.llen("rq:queue:cpu") == 2 and dispatcher.enqueued == 1  # TICKET-2's job once
+        assert mine.recorded_here(mine.state.last_seq)
+    finally:
+        server.stop()
