@@ -366,3 +366,70 @@ def _train(ctx: JobContext, params: JepaTrainParams, data: Any, device: torch.de
         train_seconds=time.perf_counter() - t0,
     )
     return metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# the supervised reference (what self-supervision is measured against in bench/jepa_quality.py)
+
+
+def train_supervised(
+    params: JepaTrainParams | Mapping[str, Any],
+    data: Any,
+    label: str,
+    path: Path,
+    clock: Any = time.process_time,
+) -> dict[str, Any]:
+    """Train the JEPA's image encoder with cross-entropy on one label instead of the JEPA loss.
+
+    Same encoder (built by `build_model` from the same seed), same data order (`batch_indices`), same
+    optimiser, schedule and clipping as `train_jepa`, so a probe of it is the supervised ceiling at equal
+    steps. The head is a linear layer on the mean-pooled final tokens (what the probes read). Writes a
+    checkpoint `load_model` (and so `evaluate_encoder`) reads, with an encoder-only architecture
+    (`regularizer: sigreg` on tokens: no EMA copy, no projector). Returns metrics, with `step_times`:
+    `clock()` after each step (CPU seconds by default), for budget calibration.
+    """
+    params = JepaTrainParams.model_validate(params)
+    if params.model != "jepa":
+        raise ValueError(f"the supervised reference trains an image encoder; model {params.model!r} is not one")
+    params = params.model_copy(update={"arch": {**params.arch, "regularizer": "sigreg", "sigreg_on": "tokens"}})
+    params = JepaTrainParams.model_validate(params.model_dump())
+    ds = load_data(data)
+    if label not in ds.labels:
+        raise ValueError(f"data has no label {label!r}; it has {sorted(ds.labels)}")
+    cfg = params.image_config()
+    if ds.images.shape[1] != cfg.img_size:
+        raise ValueError(f"images are {ds.images.shape[1]}px but the model expects img_size {cfg.img_size}")
+    device = pick_device(params.device)
+    model = build_model(params)
+    assert isinstance(model, JEPA)
+    classes = int(ds.labels[label].max()) + 1
+    head = nn.Linear(cfg.embed_dim, classes)
+    both = nn.ModuleDict({"encoder": model.encoder, "head": head}).to(device)
+    opt = make_optimizer(both, params)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, params) / params.lr)
+    targets = torch.from_numpy(ds.labels[label])
+    losses: list[float] = []
+    times: list[float] = []
+    both.train()
+    for step in range(params.steps):
+        idx = batch_indices(len(ds), params.batch_size, step, params.seed)
+        images = preprocess(torch.from_numpy(ds.images[idx])).to(device)
+        logits = head(model.encoder(images).mean(dim=1))
+        loss = nn.functional.cross_entropy(logits, targets[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(both.parameters(), params.grad_clip)
+        opt.step()
+        sched.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"supervised loss is {value} at step {step + 1}")
+        losses.append(value)
+        times.append(clock())
+    save_atomic(
+        {"step": params.steps, "params": params.model_dump(exclude={"stop_at_step"}), "model": model.state_dict(),
+         "tokenizer": None, "history": list(enumerate(losses, 1))},
+        path,
+    )
+    tail = losses[-50:]
+    return {"final_loss": float(np.mean(tail)), "first_loss": losses[0], "step_times": times}

@@ -55,7 +55,11 @@ class JepaConfig(BaseModel):
     sigreg_weight: float = 0.5  # measured best of {0.1, 0.5} on shapes (docs/MODELS.md)
     sigreg_slices: int = 64  # the cost is N x slices x knots; 64 halved the step time at 32x32
     sigreg_knots: int = 17
-    sigreg_on: Literal["tokens", "pooled"] = "tokens"
+    # `projected`: SIGReg on a small MLP projection of the mean-pooled full-image embedding (LeJEPA's
+    # projector); the projector is trained by SIGReg alone and is not part of the probed encoder
+    sigreg_on: Literal["tokens", "pooled", "projected"] = "tokens"
+    sigreg_proj_dim: int = 64
+    sigreg_proj_hidden: int = 256
     target_centre: bool = False
     masking: Literal["multiblock", "random"] = "multiblock"
     mask_ratio: float = 0.5
@@ -77,6 +81,13 @@ class JepaConfig(BaseModel):
             raise ValueError(f"target_layers must be in 1..depth ({self.depth}), got {self.target_layers}")
         if not 0 <= self.sigreg_weight <= 1:
             raise ValueError("sigreg_weight is a mixing weight in [0, 1]")
+        if self.sigreg_proj_dim < 1 or self.sigreg_proj_hidden < 1:
+            raise ValueError(
+                f"sigreg_proj_dim and sigreg_proj_hidden must be >= 1, got {self.sigreg_proj_dim}, "
+                f"{self.sigreg_proj_hidden}"
+            )
+        if self.sigreg_on == "projected" and self.regularizer != "sigreg":
+            raise ValueError("sigreg_on: projected needs regularizer: sigreg (EMA has no SIGReg term)")
         return self
 
     @property
@@ -318,6 +329,13 @@ class JEPA(nn.Module):
         self.encoder = ImageEncoder(cfg)
         self.predictor = Predictor(cfg)
         self.target_encoder: ImageEncoder | None = None
+        self.sigreg_proj: nn.Sequential | None = None
+        if cfg.regularizer == "sigreg" and cfg.sigreg_on == "projected":
+            self.sigreg_proj = nn.Sequential(
+                nn.Linear(cfg.embed_dim, cfg.sigreg_proj_hidden),
+                nn.GELU(),
+                nn.Linear(cfg.sigreg_proj_hidden, cfg.sigreg_proj_dim),
+            )
         if cfg.regularizer == "ema":
             self.target_encoder = copy.deepcopy(self.encoder)
             self.target_encoder.requires_grad_(False)
@@ -371,7 +389,12 @@ class JEPA(nn.Module):
             pred_loss = F.smooth_l1_loss(pred.float(), target.float())
         out = {"pred_loss": pred_loss.detach(), "tokens": full}
         if cfg.regularizer == "sigreg":
-            emb = full.reshape(-1, full.shape[-1]) if cfg.sigreg_on == "tokens" else full.mean(dim=1)
+            if cfg.sigreg_on == "tokens":
+                emb = full.reshape(-1, full.shape[-1])
+            elif self.sigreg_proj is not None:
+                emb = self.sigreg_proj(full.mean(dim=1))
+            else:
+                emb = full.mean(dim=1)
             reg = sigreg(emb, cfg.sigreg_slices, cfg.sigreg_knots, generator=generator)
             out["sigreg"] = reg.detach()
             loss = (1.0 - cfg.sigreg_weight) * pred_loss + cfg.sigreg_weight * reg
