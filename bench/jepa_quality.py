@@ -179,8 +179,9 @@ def main() -> None:
               f"steps≈{statistics.mean(r['sup_steps'] for r in reports):.0f}):")
         print(f"{'label':17s} {'supervised':>15s} {'gain vs random':>15s} {'JEPA gain':>15s}")
         for lab in LABELS:
-            k = f"{lab}_linear"
-            print(f"{k:17s} {stat('sup_' + k):>15s} {stat('sup_' + k + '_gain'):>15s} {stat(k + '_gain'):>15s}")
+            key = f"{lab}_linear"
+            print(f"{key:17s} {stat('sup_' + key):>15s} {stat('sup_' + key + '_gain'):>15s} "
+                  f"{stat(key + '_gain'):>15s}")
         mean_ratio = statistics.mean(r["shape_linear_gain"] for r in reports) / statistics.mean(
             r["sup_shape_linear_gain"] for r in reports)
         per_seed = ", ".join(f"{r['shape_linear_ratio']:.2f}" for r in reports)

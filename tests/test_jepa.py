@@ -24,7 +24,7 @@ from workers.eval.encoders import (
 from workers.models.jepa import JEPA, make_config, sample_masks, sigreg
 from workers.models.text import TextConfig, TextEncoder, tokenize, train_tokenizer
 from workers.synth.shapes import ShapesGenerator, ShapesParams
-from workers.train_jepa import JepaTrainParams, load_checkpoint, load_model, train_jepa
+from workers.train_jepa import JepaTrainParams, load_checkpoint, load_model, train_jepa, train_supervised
 
 ROOT = Path(__file__).resolve().parent.parent
 # a model small enough that a few steps take well under a second
@@ -127,6 +127,28 @@ def test_model_output_shapes() -> None:
             p.add_(1.0)
     ema.update_target(0.5)
     assert torch.allclose(next(iter(ema.target_encoder.parameters())), before + 0.5)
+
+
+def test_projected_sigreg_term() -> None:
+    """`sigreg_on: projected`: SIGReg on an MLP projection of the pooled full-image embedding, mixed in
+    with the small weight, and the projector (trained by SIGReg alone) gets gradients."""
+    cfg = make_config(**{**MICRO, "sigreg_on": "projected", "sigreg_weight": 0.05, "sigreg_proj_dim": 8,
+                         "sigreg_proj_hidden": 16})
+    torch.manual_seed(0)
+    model = JEPA(cfg)
+    assert model.sigreg_proj is not None and model.sigreg_proj[-1].out_features == 8
+    images = torch.randn(6, 3, 32, 32)
+    ctx_idx, tgt_idx = sample_masks(cfg, 6, torch.Generator().manual_seed(0))
+    loss, out = model(images, ctx_idx, tgt_idx, torch.Generator().manual_seed(1))
+    assert torch.isfinite(loss) and float(out["sigreg"]) > 0
+    assert float(loss.detach()) == pytest.approx(0.95 * float(out["pred_loss"]) + 0.05 * float(out["sigreg"]), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.sigreg_proj.parameters())
+    assert JEPA(make_config(**MICRO)).sigreg_proj is None  # other recipes carry no projector
+    with pytest.raises(ValidationError, match="projected needs regularizer: sigreg"):
+        make_config(regularizer="ema", sigreg_on="projected")
+    with pytest.raises(ValidationError, match="sigreg_proj_dim and sigreg_proj_hidden must be >= 1"):
+        make_config(sigreg_on="projected", sigreg_proj_dim=0)
 
 
 def test_sigreg_gaussian_vs_collapsed() -> None:
@@ -274,6 +296,30 @@ def test_checkpoints_from_before_align_load_as_predict(tmp_path: Path, small_dat
     train_jepa(fresh, _params(model="jepa-text", steps=2, text=MICRO_TEXT), small_data)
     model, params, _ = load_model(fresh.checkpoints[-1][0])
     assert params.text_config().align == "infonce" and model.contrastive  # type: ignore[union-attr]
+
+
+@pytest.mark.integration
+def test_projected_recipe_trains_and_supervised_reference(
+    tmp_path: Path, small_data: dict[str, np.ndarray]
+) -> None:
+    arch = {**MICRO, "sigreg_on": "projected", "sigreg_weight": 0.05, "sigreg_proj_dim": 8}
+    ctx = LocalContext(tmp_path / "jepa")
+    metrics = train_jepa(ctx, _params(steps=2, arch=arch), small_data)
+    assert all(np.isfinite(e["loss"]) and e["sigreg"] > 0 for e in ctx.progress_log)
+    assert np.isfinite(metrics["final_loss"])
+    model, _, _ = load_model(ctx.checkpoints[-1][0])
+    assert model.sigreg_proj is not None  # type: ignore[union-attr]
+
+    # the bench's supervised reference: same encoder, cross-entropy on a label, a checkpoint the probes read
+    sup = train_supervised(_params(steps=3, arch=arch), small_data, "shape", tmp_path / "sup.pt")
+    assert len(sup["step_times"]) == 3 and sup["step_times"] == sorted(sup["step_times"])
+    assert np.isfinite(sup["final_loss"])
+    ref, ref_params, _ = load_model(tmp_path / "sup.pt")
+    assert ref_params.image_config().sigreg_on == "tokens" and ref.sigreg_proj is None  # type: ignore[union-attr]
+    fresh = JEPA(ref_params.image_config())
+    assert not torch.equal(ref.encoder.vit.patch_embed.proj.weight, fresh.encoder.vit.patch_embed.proj.weight)
+    with pytest.raises(ValueError, match="no label 'size'"):
+        train_supervised(_params(steps=1), small_data, "size", tmp_path / "bad.pt")
 
 
 @pytest.mark.integration
