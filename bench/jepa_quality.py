@@ -191,8 +191,8 @@ def main() -> None:
         print(f"{'retrieval':17s} {'trained':>15s} {'random init':>15s} {'chance':>15s} {'gain vs random':>15s}")
         for d in ("i2t", "t2i"):
             for hit in ("attr", "caption"):
-                for k in (1, 5):
-                    n = f"{d}_{hit}_r{k}"
+                for rank in (1, 5):
+                    n = f"{d}_{hit}_r{rank}"
                     print(f"{n:17s} {stat(n):>15s} {stat(n + '_random'):>15s} {stat(n + '_chance'):>15s} "
                           f"{stat(n + '_gain'):>15s}")
     if args.json:
