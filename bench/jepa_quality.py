@@ -5,6 +5,16 @@ For each seed: generate a training set and a disjoint held-out set of shapes, ti
 evaluation job (trained vs random init vs pixels, same split, same run). Prints mean and spread over
 seeds per label.
 
+The budget is counted in CPU seconds of this process by default (`--budget-clock cpu`,
+`time.process_time`, one torch thread): on a shared machine a wall-clock budget buys fewer steps the
+busier it is, a CPU budget buys the same number whatever else runs. `--budget-clock wall` restores the
+old behaviour.
+
+The supervised reference (on by default for `--model jepa`; `--no-supervised` skips it): the same
+encoder, same seed, data order, optimiser and schedule, trained with cross-entropy on the shape label
+for the same budget (its steps calibrated on its own, cheaper, step), then probed by the same evaluation
+job. The last line prints the JEPA's shape gain over random init as a ratio of the supervised gain.
+
     python bench/jepa_quality.py --minutes 10 --seeds 3
     python bench/jepa_quality.py --minutes 10 --seeds 3 --parallel 3   # needs 3 free cores
     python bench/jepa_quality.py --minutes 2 --seeds 1 --arch '{"sigreg_weight": 0.3}'
