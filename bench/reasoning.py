@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -112,6 +113,9 @@ def train_glyph_jepa(args: argparse.Namespace, arch: dict[str, Any]) -> tuple[An
         m = train_jepa(LocalContext(Path(tmp)), params, {"images": images})
         path = next(Path(tmp, "checkpoints").glob("jepa-step*.pt"))
         trained = _load_jepa(path)[0]
+        if args.save_jepa:  # reusable with --jepa (and by a ticket: it is an ordinary JEPA checkpoint)
+            args.save_jepa.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, args.save_jepa)
     cpu, wall = time.process_time() - c0, time.monotonic() - t0
     info = {"steps": m["step"], "final_loss": m["final_loss"], "cpu_s": cpu, "wall_s": wall,
             "glyphs": float(len(images))}  # fmt: skip
@@ -152,9 +156,16 @@ def make_encoders(args: argparse.Namespace, names: list[str]) -> tuple[dict[str,
 
 
 @torch.no_grad()
-def digit_probe(encoder: torch.nn.Module | None, n: int, size: int, count: int) -> float:
-    """Held-out accuracy of a ridge probe reading the symbol (blank, 1..n) from an encoder's glyph latent
-    (None: from raw pixels); fresh renderings, the probe's train and test glyphs drawn apart."""
+def digit_probe(encoder: torch.nn.Module | None, n: int, size: int, count: int) -> dict[str, float]:
+    """How readable the symbol (blank, 1..n) is from an encoder's glyph latent (None: from raw pixels), on
+    fresh renderings, the probe's train and test glyphs drawn apart:
+
+    - `acc`: held-out accuracy of a ridge probe on standardised latents (information, whatever its scale);
+    - `digit_var`: the share of the latents' variance (unstandardised, summed over dimensions) that lies
+      between the symbols' means: what a reasoner's linear input projection sees, which standardises nothing;
+    - `spread`: RMS deviation of the latents from their mean over their RMS (near 0: every glyph maps to
+      nearly the same vector, a common offset the projection must learn to ignore).
+    """
     from workers.eval.encoders import linear_probe
 
     rng = np.random.default_rng(12345)
@@ -167,7 +178,15 @@ def digit_probe(encoder: torch.nn.Module | None, n: int, size: int, count: int) 
         encoder.eval()
         z = torch.cat([encoder(x[i : i + 512]).float() for i in range(0, len(x), 512)]).numpy()
     cut = 2 * count // 3
-    return linear_probe(z[:cut], digits[:cut], z[cut:], digits[cut:])
+    zc = z.astype(np.float64) - z.mean(0)
+    total = float((zc**2).sum(1).mean())
+    means = np.stack([zc[digits == d].mean(0) for d in range(n + 1)])
+    between = float(((means[digits]) ** 2).sum(1).mean())
+    return {
+        "acc": linear_probe(z[:cut], digits[:cut], z[cut:], digits[cut:]),
+        "digit_var": between / max(total, 1e-30),
+        "spread": float(np.sqrt(total / max(float((z.astype(np.float64) ** 2).sum(1).mean()), 1e-30))),
+    }
 
 
 def _load() -> str:
@@ -199,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cell", type=int, default=16, help="glyph size in pixels (= the JEPA's img_size)")
     ap.add_argument("--bank", type=int, default=0, help="train on K pre-encoded renderings per symbol (0: fresh)")
     ap.add_argument("--jepa", type=Path, help="a trained JEPA checkpoint to read glyphs with (else one is trained)")
+    ap.add_argument("--save-jepa", type=Path, help="keep the glyph JEPA trained here (a checkpoint for --jepa)")
     ap.add_argument("--jepa-steps", type=int, default=600, help="training steps of the glyph JEPA")
     ap.add_argument("--jepa-glyphs", type=int, default=20_000, help="training glyphs of the glyph JEPA")
     ap.add_argument("--jepa-arch", action="append", default=[], metavar="KEY=VALUE",
@@ -231,14 +251,15 @@ def main(argv: list[str] | None = None) -> None:
         j = enc_info["jepa"]
         print(f"glyph JEPA: {j['steps']:.0f} steps on {j['glyphs']:.0f} glyphs ({args.cell} px), loss "
               f"{j['final_loss']:.4f}, {j['cpu_s']:.0f} CPU s / {j['wall_s']:.0f} s wall", flush=True)  # fmt: skip
-    probes: dict[str, float] = {}
+    probes: dict[str, dict[str, float]] = {}
     if encoders:
         probes["pixels"] = digit_probe(None, args.n, args.cell, args.probe)
         for name in encoders:
             torch.manual_seed(0)
             probes[name] = digit_probe(made[name](), args.n, args.cell, args.probe)
-        print("digit probe (ridge, held-out glyphs, blank + 1.." + str(args.n) + "): "
-              + "  ".join(f"{k} {v:.3f}" for k, v in probes.items()), flush=True)  # fmt: skip
+        print(f"digit probe (ridge, held-out glyphs, blank + 1..{args.n}): accuracy / digit share of the "
+              "variance / spread: " + "  ".join(f"{k} {v['acc']:.3f} / {v['digit_var']:.3f} / {v['spread']:.3f}"
+                                                for k, v in probes.items()), flush=True)  # fmt: skip
 
     rows: list[dict[str, Any]] = []
 

@@ -102,14 +102,21 @@ def test_bench_visual_encoders_smoke(tmp_path: Path, capsys: pytest.CaptureFixtu
           "--visual-encoder", "jepa,random", "--bank", "4", "--jepa-steps", "2", "--jepa-glyphs", "128",
           "--jepa-arch", "embed_dim=32", "--jepa-arch", "depth=1", "--jepa-arch", "num_heads=2",
           "--probe", "90", "--set", "d_model=16", "--set", "n_heads=2", "--set", "batch_size=4",
-          "--json", str(out)])  # fmt: skip
+          "--save-jepa", str(tmp_path / "glyph-jepa.pt"), "--json", str(out)])  # fmt: skip
     printed = capsys.readouterr().out
     assert "glyph JEPA: 2 steps on 128 glyphs (16 px)" in printed
     assert "digit probe" in printed and "| trm+jepa |" in printed and "| trm+random |" in printed
     res = json.loads(out.read_text())
     assert [r["model"] for r in res["rows"]] == ["trm", "trm+jepa", "trm+random"]
     assert set(res["probes"]) == {"pixels", "jepa", "random"}
+    assert all(0 <= v["acc"] <= 1 and 0 <= v["digit_var"] <= 1 for v in res["probes"].values())
     assert all(r["cpu_s"] > 0 for r in res["rows"])
     assert "exact_acc_bank" in res["rows"][1] and "exact_acc_bank" not in res["rows"][0]
+    # the kept JEPA reads glyphs again: loaded, not retrained
+    main(["--n", "4", "--train", "50", "--test", "10", "--models", "trm", "--seeds", "1", "--steps", "1",
+          "--visual-encoder", "jepa", "--jepa", str(tmp_path / "glyph-jepa.pt"), "--probe", "90",
+          "--set", "d_model=16", "--set", "n_heads=2", "--set", "batch_size=4"])  # fmt: skip
+    again = capsys.readouterr().out
+    assert "glyph JEPA:" not in again and "| trm+jepa |" in again
     with pytest.raises(SystemExit):
         main(["--visual-encoder", "vit"])  # an unknown encoder is refused before any work
