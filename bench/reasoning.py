@@ -164,7 +164,9 @@ def digit_probe(encoder: torch.nn.Module | None, n: int, size: int, count: int) 
     - `digit_var`: the share of the latents' variance (unstandardised, summed over dimensions) that lies
       between the symbols' means: what a reasoner's linear input projection sees, which standardises nothing;
     - `spread`: RMS deviation of the latents from their mean over their RMS (near 0: every glyph maps to
-      nearly the same vector, a common offset the projection must learn to ignore).
+      nearly the same vector, a common offset the projection must learn to ignore);
+    - `std`: the latents' standard deviation per dimension (the reasoner's input projection is initialised
+      for O(1) inputs, as digit-token embeddings are).
     """
     from workers.eval.encoders import linear_probe
 
@@ -186,6 +188,7 @@ def digit_probe(encoder: torch.nn.Module | None, n: int, size: int, count: int) 
         "acc": linear_probe(z[:cut], digits[:cut], z[cut:], digits[cut:]),
         "digit_var": between / max(total, 1e-30),
         "spread": float(np.sqrt(total / max(float((z.astype(np.float64) ** 2).sum(1).mean()), 1e-30))),
+        "std": float(np.sqrt(total / z.shape[1])),
     }
 
 
@@ -257,9 +260,10 @@ def main(argv: list[str] | None = None) -> None:
         for name in encoders:
             torch.manual_seed(0)
             probes[name] = digit_probe(made[name](), args.n, args.cell, args.probe)
-        print(f"digit probe (ridge, held-out glyphs, blank + 1..{args.n}): accuracy / digit share of the "
-              "variance / spread: " + "  ".join(f"{k} {v['acc']:.3f} / {v['digit_var']:.3f} / {v['spread']:.3f}"
-                                                for k, v in probes.items()), flush=True)  # fmt: skip
+        print(f"digit probe (held-out glyphs, blank + 1..{args.n}; ridge accuracy, digit share of the variance, "
+              "spread, std per dim):", flush=True)  # fmt: skip
+        for k, v in probes.items():
+            print(f"  {k:7s} {v['acc']:.3f}  {v['digit_var']:.3f}  {v['spread']:.3f}  {v['std']:.3f}", flush=True)
 
     rows: list[dict[str, Any]] = []
 

@@ -105,7 +105,9 @@ def test_bench_visual_encoders_smoke(tmp_path: Path, capsys: pytest.CaptureFixtu
           "--save-jepa", str(tmp_path / "glyph-jepa.pt"), "--json", str(out)])  # fmt: skip
     printed = capsys.readouterr().out
     assert "glyph JEPA: 2 steps on 128 glyphs (16 px)" in printed
-    assert "digit probe" in printed and "| trm+jepa |" in printed and "| trm+random |" in printed
+    assert (
+        "digit probe" in printed and "  jepa " in printed and "| trm+jepa |" in printed and "| trm+random |" in printed
+    )
     res = json.loads(out.read_text())
     assert [r["model"] for r in res["rows"]] == ["trm", "trm+jepa", "trm+random"]
     assert set(res["probes"]) == {"pixels", "jepa", "random"}
