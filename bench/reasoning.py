@@ -192,6 +192,20 @@ def digit_probe(encoder: torch.nn.Module | None, n: int, size: int, count: int) 
     }
 
 
+@torch.no_grad()
+def standardised(encoder: torch.nn.Module, n: int, size: int, count: int = 2000) -> torch.nn.Module:
+    """The encoder followed by a frozen per-dimension standardisation (statistics of `count` fresh glyphs,
+    drawn apart from the probe's and the puzzles'), so every encoder hands the reasoner O(1), centred latents."""
+    digits = np.random.default_rng(777).integers(0, n + 1, size=count)
+    x = torch.from_numpy(glyph_images(digits, size, seed=778).astype(np.float32)[:, None] / 255.0)
+    encoder.eval()
+    z = torch.cat([encoder(x[i : i + 512]).float() for i in range(0, len(x), 512)])
+    norm = torch.nn.BatchNorm1d(z.shape[1], affine=False, eps=1e-8).eval()  # eval: fixed running statistics
+    norm.running_mean.copy_(z.mean(0))  # type: ignore[union-attr]
+    norm.running_var.copy_(z.var(0))  # type: ignore[union-attr]
+    return torch.nn.Sequential(encoder, norm)
+
+
 def _load() -> str:
     """The 1-minute load average (the machine is shared: CPU seconds are the budget, not wall time)."""
     try:
@@ -227,6 +241,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--jepa-arch", action="append", default=[], metavar="KEY=VALUE",
                     help="JepaConfig overrides of the glyph JEPA (tiny preset; default patch_size=4)")  # fmt: skip
     ap.add_argument("--probe", type=int, default=3000, help="glyphs of the digit probe (2/3 fit, 1/3 scored)")
+    ap.add_argument(
+        "--standardise",
+        action="store_true",
+        help="standardise each latent dimension (mean and std of 2,000 glyphs) before the reasoner",
+    )
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
+    ap.add_argument("--no-tokens", action="store_true", help="visual runs only (no digit-token run)")
     args = ap.parse_args(argv)
     if not any(s.startswith("patch_size=") for s in args.jepa_arch):
         args.jepa_arch.append("patch_size=4")
@@ -237,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     bad = [e for e in encoders if e not in ENCODERS]
     if bad:
         ap.error(f"--visual-encoder: unknown encoder(s) {bad}; choose from {list(ENCODERS)}")
-    variants: list[tuple[str, str | None]] = [(m, None) for m in models] + [(m, e) for e in encoders for m in models]
+    variants: list[tuple[str, str | None]] = [] if args.no_tokens else [(m, None) for m in models]
+    variants += [(m, e) for e in encoders for m in models]
     if encoders:
         overrides.setdefault("loss_on", "all")
     budget = {"max_steps": args.steps} if args.steps else {"max_steps": 10**9, "max_seconds": 60 * args.minutes}
@@ -273,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
             args.json.write_text(json.dumps({"args": meta, "encoders": enc_info, "probes": probes, "rows": rows},
                                             indent=1, default=str))  # fmt: skip
 
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for model, enc in variants:
             kw = {**COMMON, **PRESETS.get(model, {}), **overrides, "model": model, "seed": seed, **budget,
                   "device": args.device, "log_every": 50, "checkpoint_every": 10**9}  # fmt: skip
@@ -282,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
             if enc is not None:
                 torch.manual_seed(seed)  # the linear encoder's draw; the JEPA ones are fixed modules
                 encoder = made[enc]()
+                if args.standardise:
+                    encoder = standardised(encoder, args.n, args.cell)
                 vis = Visual(encoder, glyph_render(args.cell), bank=args.bank)
                 fresh = Visual(encoder, glyph_render(args.cell))
             c0, w0 = time.process_time(), time.monotonic()
@@ -293,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
                     m = {**m, **{f"{k}_bank": m[k] for k in ("exact_acc", "blank_acc")}, **ev,
                          "params": m["params"]}  # fmt: skip
             cpu, wall = time.process_time() - c0, time.monotonic() - w0
-            name = model + (f"+{enc}" if enc else "")
+            name = model + (f"+{enc}" if enc else "") + ("+std" if enc and args.standardise else "")
             row = {"model": name, "seed": seed, **m, "cpu_s": cpu, "wall_s": wall, "loadavg": _load()}
             rows.append(row)
             dump()

@@ -114,11 +114,12 @@ def test_bench_visual_encoders_smoke(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert all(0 <= v["acc"] <= 1 and 0 <= v["digit_var"] <= 1 for v in res["probes"].values())
     assert all(r["cpu_s"] > 0 for r in res["rows"])
     assert "exact_acc_bank" in res["rows"][1] and "exact_acc_bank" not in res["rows"][0]
-    # the kept JEPA reads glyphs again: loaded, not retrained
+    # the kept JEPA reads glyphs again (loaded, not retrained), standardised, without a token run
     main(["--n", "4", "--train", "50", "--test", "10", "--models", "trm", "--seeds", "1", "--steps", "1",
-          "--visual-encoder", "jepa", "--jepa", str(tmp_path / "glyph-jepa.pt"), "--probe", "90",
+          "--first-seed", "3", "--visual-encoder", "jepa", "--jepa", str(tmp_path / "glyph-jepa.pt"),
+          "--standardise", "--no-tokens", "--probe", "90",
           "--set", "d_model=16", "--set", "n_heads=2", "--set", "batch_size=4"])  # fmt: skip
     again = capsys.readouterr().out
-    assert "glyph JEPA:" not in again and "| trm+jepa |" in again
+    assert "glyph JEPA:" not in again and "trm+jepa+std seed 3:" in again and "| trm |" not in again
     with pytest.raises(SystemExit):
         main(["--visual-encoder", "vit"])  # an unknown encoder is refused before any work
