@@ -89,30 +89,15 @@ def _visual(ctx: JobContext, params: dict[str, Any]) -> Any:
     """Visual sudoku (`visual: true`): cells drawn as glyphs and read through the core's image encoder."""
     if not params.get("visual"):
         return None
-    import torch  # torch: only when a job runs (resolving the allowlist stays light)
-    from torch import nn
-
-    from workers.train_jepa import load_model
+    from workers.train_jepa import load_model  # torch: only when a job runs (the allowlist stays light)
     from workers.train_reasoning import Visual, glyph_render
+    from workers.visual import GlyphEncoder
 
     path = core_checkpoint(ctx, params, "image-encoder")
     if path is None:
         raise JobFailed("visual sudoku reads cells through the core's image-encoder: approve one first")
     jepa, jparams, _ = load_model(path)
-    size = jparams.image_config().img_size
-
-    class GlyphEncoder(nn.Module):
-        """Grey glyphs [B, 1, S, S] in [0, 1] -> the JEPA's pooled embedding [B, D], frozen."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.jepa = jepa.eval().requires_grad_(False)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = x.expand(-1, 3, -1, -1)
-            return self.jepa.embed((x - 0.5) / 0.25)  # the normalisation the encoder was trained with
-
-    return Visual(encoder=GlyphEncoder(), render=glyph_render(size))
+    return Visual(encoder=GlyphEncoder(jepa), render=glyph_render(jparams.image_config().img_size))
 
 
 # --- train -------------------------------------------------------------------------------------

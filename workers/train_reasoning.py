@@ -127,6 +127,15 @@ class Visual:
 
     encoder: nn.Module
     render: Render = field(default_factory=glyph_render)
+    # > 0: encode this many renderings of each symbol (blank and every digit) once, and give each cell the
+    # latent of a random one of its symbol's renderings. Reading a cell is then a lookup instead of an
+    # encoder pass: a ViT encoder over every cell of every new puzzle costs ~8x a TRM step on CPU
+    # (bench/reasoning.py). Evaluate with a bank-less Visual to score on renderings never seen in training.
+    bank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bank < 0:
+            raise ValueError(f"Visual.bank must be >= 0 renderings per symbol, got {self.bank}")
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -267,14 +276,31 @@ class Inputs:
         self.device = device
         self.rng = np.random.default_rng(seed + 7919)  # glyph style draws, separate from the data stream
         self.input_dim: int | None = None
+        self.bank: Tensor | None = None  # [symbols, renderings, D] latents (Visual.bank)
         if visual is not None:
             visual.encoder.to(device).eval().requires_grad_(False)  # frozen: it is the core's encoder
+            if visual.bank:
+                # its own generator: the bank must not shift the draws of the per-cell choices below
+                self.bank = self._encode_bank(visual, task.vocab_size, np.random.default_rng([seed, 7919, 1]))
             self.input_dim = int(self(np.zeros((1, task.height, task.width), dtype=np.int64)).shape[-1])
+
+    @torch.no_grad()
+    def _encode_bank(self, visual: Visual, symbols: int, rng: np.random.Generator, chunk: int = 1024) -> Tensor:
+        cells = np.repeat(np.arange(symbols, dtype=np.int64), visual.bank)[:, None, None]  # [m, 1, 1] grids
+        out = []
+        for lo in range(0, len(cells), chunk):
+            images = torch.as_tensor(np.asarray(visual.render(cells[lo : lo + chunk], rng)), dtype=torch.float32)
+            out.append(visual.encoder(images.flatten(0, 1).to(self.device)).float())
+        return torch.cat(out).reshape(symbols, visual.bank, -1)
 
     @torch.no_grad()
     def __call__(self, puzzles: np.ndarray) -> Tensor:
         if self.visual is None:
             return torch.from_numpy(puzzles.reshape(len(puzzles), -1)).to(self.device)
+        if self.bank is not None:
+            digits = torch.from_numpy(puzzles.reshape(len(puzzles), -1)).to(self.device)
+            pick = torch.from_numpy(self.rng.integers(self.bank.shape[1], size=digits.shape)).to(self.device)
+            return self.bank[digits, pick]
         images = torch.as_tensor(np.asarray(self.visual.render(puzzles, self.rng)), dtype=torch.float32)
         k, cells = images.shape[:2]
         z = self.visual.encoder(images.flatten(0, 1).to(self.device))
