@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,39 @@ def test_trm_full_backprop_through_last_recursion_only() -> None:
     assert calls == [False] * 6 + [True] * 3  # T=3 recursions of n+1 = 3 calls; the last with gradient
     out.logits.sum().backward()
     assert all(p.grad is not None for p in model.net.parameters())
+
+
+def test_gradient_rule_swaps() -> None:
+    """The ablations: hrm backpropagating through its last H cycle (TRM's rule), trm through its last z and y
+    updates only (HRM's one-step rule). Same forward computation, only the graph differs."""
+    hrm = build_reasoner(replace(SMALL, kind="hrm", h_cycles=3, l_cycles=4, grad="recursion"))
+    assert isinstance(hrm, HRM)
+    calls_h: list[bool] = []
+    calls_l: list[bool] = []
+    _record_calls(hrm.H, calls_h)
+    _record_calls(hrm.L, calls_l)
+    x = hrm.embed_input(tokens(hrm.cfg, 2))
+    state = hrm.initial_state(2)
+    _, out = hrm.segment(state, x)
+    assert calls_l == [False] * 8 + [True] * 4 and calls_h == [False, False, True]
+    out.logits.sum().backward()
+    one_step = build_reasoner(replace(hrm.cfg, grad="paper"))
+    one_step.load_state_dict(hrm.state_dict())
+    _, out2 = one_step.segment(state, one_step.embed_input(tokens(hrm.cfg, 2)))
+    torch.testing.assert_close(out.logits, out2.logits)  # the forward pass is the same
+    out2.logits.sum().backward()
+    g_rec = [p.grad for p in hrm.L.parameters()]
+    g_one = [p.grad for p in one_step.L.parameters()]
+    assert any(not torch.allclose(a, b) for a, b in zip(g_rec, g_one, strict=True))  # the gradient is not
+
+    trm = build_reasoner(replace(SMALL, kind="trm", h_cycles=3, l_cycles=2, grad="one_step"))
+    assert isinstance(trm, TRM)
+    calls: list[bool] = []
+    _record_calls(trm.net, calls)
+    _, out = trm.segment(trm.initial_state(2), trm.embed_input(tokens(trm.cfg, 2)))
+    assert calls == [False] * 6 + [False, True, True]  # last recursion: z (no grad), z, y
+    out.logits.sum().backward()
+    assert all(p.grad is not None for p in trm.net.parameters())
 
 
 def test_direct_is_one_pass() -> None:
@@ -446,6 +480,33 @@ def test_maze_task_trains_and_never_scores_walls(tmp_path: Path) -> None:
     assert again["blank_acc"] == metrics["blank_acc"]
     with pytest.raises(ValueError, match="checkpoint is for"):
         evaluate_reasoner(LocalContext(tmp_path / "x"), _tiny("trm"), ctx.checkpoints[-1][0], sudoku(4, 8, 8)[1])
+
+
+@dataclass
+class SlowContext(LocalContext):
+    """A machine under load: between steps the job waits (descheduled), which costs wall time, not CPU."""
+
+    wait: float = 0.02
+
+    def cancelled(self) -> bool:
+        time.sleep(self.wait)
+        return super().cancelled()
+
+
+@pytest.mark.integration
+def test_cpu_budget_clock_ignores_waiting(tmp_path: Path) -> None:
+    """budget_clock cpu: max_seconds counts the process's CPU time, so waiting does not eat the budget."""
+    train, test = sudoku(4, 64, 8)
+    budget = 0.3
+    wall = train_reasoner(SlowContext(tmp_path / "w"), _tiny("trm", max_steps=10**6, max_seconds=budget), train, test)
+    cpu = train_reasoner(
+        SlowContext(tmp_path / "c"), _tiny("trm", max_steps=10**6, max_seconds=budget, budget_clock="cpu"), train, test
+    )
+    assert wall["train_seconds"] == wall["train_wall_seconds"] >= budget
+    assert cpu["train_seconds"] == cpu["train_cpu_seconds"] >= budget
+    # every step of the CPU-clocked run waited 0.02 s that its budget did not count
+    assert cpu["train_wall_seconds"] >= cpu["train_cpu_seconds"] + 0.9 * 0.02 * cpu["steps"]
+    assert cpu["steps"] > wall["steps"]
 
 
 @pytest.mark.integration

@@ -63,6 +63,9 @@ class ReasonerTrainParams(BaseModel):
     eval_segments: int | None = Field(None, ge=1, le=256, description="test-time segments (default: max)")
     halt_explore: float = Field(0.1, ge=0, le=1)
     q_continue: bool = True
+    grad: Literal["paper", "one_step", "recursion"] = Field(
+        "paper", description="updates with gradient: the paper's rule, or the other paper's (an ablation)"
+    )
     # optimisation
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0, le=1)
@@ -78,7 +81,10 @@ class ReasonerTrainParams(BaseModel):
     augment: bool = True
     # budget and bookkeeping
     max_steps: int = Field(2000, ge=1)
-    max_seconds: float | None = Field(None, gt=0, description="wall-clock budget of the training loop")
+    max_seconds: float | None = Field(None, gt=0, description="time budget of the training loop (see budget_clock)")
+    # What max_seconds counts. "cpu": CPU seconds of this process (time.process_time, all its threads), so a
+    # budget buys the same work on a loaded machine as on a quiet one (benchmarks); "wall": elapsed time.
+    budget_clock: Literal["wall", "cpu"] = "wall"
     seed: int = 0
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(10, ge=1)
@@ -105,7 +111,7 @@ class ReasonerTrainParams(BaseModel):
             input_dim=input_dim,
             d_model=self.d_model, n_heads=self.n_heads, n_layers=self.n_layers, expansion=self.expansion,
             pos=self.pos, h_cycles=self.h_cycles, l_cycles=self.l_cycles, max_segments=self.max_segments,
-            halt_explore=self.halt_explore, q_continue=self.q_continue,
+            halt_explore=self.halt_explore, q_continue=self.q_continue, grad=self.grad,
         )  # fmt: skip
 
 
@@ -394,7 +400,9 @@ class Trainer:
         x0 = self.inputs(np.zeros((1, self.task.height, self.task.width), dtype=np.int64))
         self.x = x0.new_zeros((b, *x0.shape[1:]))  # the slots' model inputs (tokens or latents)
         self.step = 0
-        self.elapsed = 0.0  # training seconds, summed over attempts
+        self.elapsed = 0.0  # training seconds on the budget clock, summed over attempts
+        self.wall_seconds = 0.0  # both clocks, summed over attempts (reported beside each other)
+        self.cpu_seconds = 0.0
         self.halt_hist = torch.zeros(self.cfg.segments + 1, dtype=torch.long)  # segments used per puzzle
         self.history: list[tuple[int, float, float]] = []  # (step, loss, lr) every log_every steps
 
@@ -486,6 +494,7 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "step": self.step,
             "elapsed": self.elapsed,
+            "clocks": {"wall": self.wall_seconds, "cpu": self.cpu_seconds},
             "carry": {"state": self.state, "steps": self.steps, "halted": self.halted,
                       "puzzles": self.puzzles, "solutions": self.solutions, "x": self.x},
             "halt_hist": self.halt_hist,
@@ -498,13 +507,16 @@ class Trainer:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         if sd.get("format") != "jetbox-reasoner/1":
             raise ValueError("not a jetbox reasoner checkpoint")
-        if sd["model_config"] != self.cfg.__dict__:
+        # fields added since (e.g. grad) take their defaults, so older checkpoints still load
+        if ReasonerConfig(**sd["model_config"]).__dict__ != self.cfg.__dict__:
             raise ValueError("checkpoint was trained with a different model configuration")
         self.model.load_state_dict(sd["model"])
         if self.ema is not None and sd["ema"] is not None:
             self.ema.model.load_state_dict(sd["ema"])
         self.opt.load_state_dict(sd["optimizer"])
         self.step, self.elapsed = sd["step"], sd["elapsed"]
+        clocks = sd.get("clocks", {"wall": sd["elapsed"], "cpu": 0.0})  # older checkpoints: wall only
+        self.wall_seconds, self.cpu_seconds = clocks["wall"], clocks["cpu"]
         c = sd["carry"]
         self.state = {k: v.to(self.device) for k, v in c["state"].items()}
         self.steps, self.halted = c["steps"].to(self.device), c["halted"].to(self.device)
@@ -646,15 +658,16 @@ def train_reasoner(
         tr.load_state_dict(load_checkpoint(Path(ctx.resume_from)))
         ctx.log(f"resumed from {ctx.resume_from} at step {tr.step}")
     ctx.log(f"{params.model}: {count_params(tr.model):,} parameters on {tr.device}")
-    start_step, start_seen, t0 = tr.step, tr.stream.seen, time.monotonic()
-    elapsed0 = tr.elapsed
+    start_step, start_seen, t0, c0 = tr.step, tr.stream.seen, time.monotonic(), time.process_time()
+    elapsed0, wall0, cpu0 = tr.elapsed, tr.wall_seconds, tr.cpu_seconds
     loss_sum, loss_n = 0.0, 0
     while tr.step < params.max_steps and (params.max_seconds is None or tr.elapsed < params.max_seconds):
         if ctx.cancelled():
             ctx.checkpoint(tr.save(ckpt), tr.step)
             raise JobCancelled(f"cancelled at step {tr.step}")
         stats = tr.train_step()
-        tr.elapsed = elapsed0 + time.monotonic() - t0
+        tr.wall_seconds, tr.cpu_seconds = wall0 + time.monotonic() - t0, cpu0 + time.process_time() - c0
+        tr.elapsed = elapsed0 + (tr.cpu_seconds - cpu0 if params.budget_clock == "cpu" else tr.wall_seconds - wall0)
         loss_sum, loss_n = loss_sum + stats["loss"], loss_n + 1
         if tr.step % params.log_every == 0 or tr.step == params.max_steps:
             tr.history.append((tr.step, loss_sum / loss_n, stats["lr"]))
@@ -663,7 +676,10 @@ def train_reasoner(
             rate = (tr.step - start_step) / max(run, 1e-9)
             eta = (params.max_steps - tr.step) / max(rate, 1e-9)
             if params.max_seconds is not None:
-                eta = min(eta, max(0.0, params.max_seconds - tr.elapsed))
+                left = max(0.0, params.max_seconds - tr.elapsed)
+                if params.budget_clock == "cpu":  # CPU seconds left, in wall seconds at this attempt's share
+                    left *= run / max(tr.cpu_seconds - cpu0, 1e-9)
+                eta = min(eta, left)
             ctx.progress(
                 tr.step, params.max_steps, loss=stats["loss"], lr=stats["lr"], train_exact=stats["train_exact"],
                 puzzles_per_s=(tr.stream.seen - start_seen) / max(run, 1e-9), eta_s=eta,
@@ -685,7 +701,9 @@ def train_reasoner(
     extra = {
         "steps": float(tr.step),
         "puzzles_seen": float(tr.stream.seen),
-        "train_seconds": tr.elapsed,
+        "train_seconds": tr.elapsed,  # on the budget clock
+        "train_wall_seconds": tr.wall_seconds,
+        "train_cpu_seconds": tr.cpu_seconds,
         "params": float(count_params(tr.model)),
         "train_mean_segments": float((hist * torch.arange(len(hist))).sum() / hist.sum().clamp(min=1)),
     }

@@ -58,6 +58,11 @@ class ReasonerConfig:
     max_segments: int = 8  # deep-supervision segments (ACT's maximum); direct always uses 1
     halt_explore: float = 0.1  # probability of forcing a random minimum number of segments in training
     q_continue: bool = True  # hrm: learn Q(continue) by bootstrapping (one extra no-grad segment)
+    # Which updates of a segment carry gradient. "paper": each paper's own (hrm one-step, trm the last
+    # recursion). The swaps are ablations: hrm "recursion" backpropagates through its whole last H cycle
+    # (l_cycles L updates and the H update, TRM's rule); trm "one_step" only through the last z and y updates
+    # (HRM's rule).
+    grad: Literal["paper", "one_step", "recursion"] = "paper"
     norm_eps: float = 1e-5
 
     @property
@@ -282,12 +287,16 @@ class HRM(Reasoner):
     def segment(self, state: State, x_emb: Tensor) -> tuple[State, SegmentOut]:
         cfg, rope = self.cfg, self._rope()
         zH, zL = state["zH"], state["zL"]
-        with torch.no_grad():  # every update but the last L and the last H: no graph kept (O(1) memory)
-            for i in range(cfg.h_cycles * cfg.l_cycles - 1):
+        # one-step gradient (the paper): only the last L and the last H update build a graph (O(1) memory);
+        # "recursion" (ablation): the whole last H cycle does
+        with_grad = cfg.l_cycles if cfg.grad == "recursion" else 1
+        with torch.no_grad():
+            for i in range(cfg.h_cycles * cfg.l_cycles - with_grad):
                 zL = self.L(zL, zH + x_emb, rope)
                 if (i + 1) % cfg.l_cycles == 0:
                     zH = self.H(zH, zL, rope)
-        zL = self.L(zL, zH + x_emb, rope)  # one-step gradient: the final fixed-point-ish updates only
+        for _ in range(with_grad):
+            zL = self.L(zL, zH + x_emb, rope)
         zH = self.H(zH, zL, rope)
         q = self.q_head(zH[:, 0]).float()
         out = SegmentOut(self.head(zH[:, 1:]), q[:, 0], q[:, 1])
@@ -310,10 +319,13 @@ class TRM(Reasoner):
         nn.init.constant_(self.q_head.bias, -5.0)
         self._init_linears()
 
-    def _recursion(self, y: Tensor, z: Tensor, x_emb: Tensor) -> tuple[Tensor, Tensor]:
+    def _recursion(self, y: Tensor, z: Tensor, x_emb: Tensor, one_step: bool = False) -> tuple[Tensor, Tensor]:
         rope = self._rope()
-        for _ in range(self.cfg.l_cycles):
-            z = self.net(z, y + x_emb, rope)  # refine the reasoning latent from the question and answer
+        for i in range(self.cfg.l_cycles):
+            # refine the reasoning latent from the question and answer; with one_step (HRM's rule, an
+            # ablation) all but the last latent update run without a graph
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not (one_step and i < self.cfg.l_cycles - 1)):
+                z = self.net(z, y + x_emb, rope)
         y = self.net(y, z, rope)  # then the answer from the latent (no x: that tells the net which task)
         return y, z
 
@@ -322,7 +334,7 @@ class TRM(Reasoner):
         with torch.no_grad():
             for _ in range(self.cfg.h_cycles - 1):
                 y, z = self._recursion(y, z, x_emb)
-        y, z = self._recursion(y, z, x_emb)
+        y, z = self._recursion(y, z, x_emb, one_step=self.cfg.grad == "one_step")
         out = SegmentOut(self.head(y[:, 1:]), self.q_head(y[:, 0]).float()[:, 0], None)
         return {"y": y.detach(), "z": z.detach()}, out
 
