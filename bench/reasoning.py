@@ -53,7 +53,10 @@ COMMON: dict[str, Any] = {"d_model": 64, "n_heads": 4, "n_layers": 2, "batch_siz
                           "warmup_steps": 100, "loss_on": "blanks", "pos": "learned"}  # fmt: skip
 PRESETS: dict[str, dict[str, Any]] = {
     "direct": {},
-    "hrm": {"max_segments": 4, "segment_ramp": 400, "h_cycles": 2, "l_cycles": 2},
+    # hrm as trm for EMA (the reference HRM has none; without it the comparison measured EMA too), and without
+    # the Q(continue) head (the TRM paper's simplification): its bootstrap target costs one more forward
+    # segment per optimiser step. Both measured in docs/BENCHMARKS.md#reasoning.
+    "hrm": {"max_segments": 4, "segment_ramp": 400, "h_cycles": 2, "l_cycles": 2, "ema": 0.999, "q_continue": False},
     "trm": {"max_segments": 4, "segment_ramp": 400, "h_cycles": 1, "l_cycles": 2},
 }
 

@@ -303,6 +303,12 @@ def test_evaluation_counts_only_blank_cells(copy_givens: bool) -> None:
 # ------------------------------------------------------------------------------------------------ params
 
 
+def test_ema_is_on_for_both_recursive_kinds() -> None:
+    assert ReasonerTrainParams(model="hrm").ema_decay == ReasonerTrainParams(model="trm").ema_decay == 0.999
+    assert ReasonerTrainParams(model="direct").ema_decay is None
+    assert ReasonerTrainParams(model="hrm", ema=0.99).ema_decay == 0.99
+
+
 def test_bad_params_give_clear_errors() -> None:
     with pytest.raises(ValidationError, match="lr_rate"):
         ReasonerTrainParams.model_validate({"lr_rate": 0.1})

@@ -74,7 +74,7 @@ class ReasonerTrainParams(BaseModel):
     weight_decay: float = Field(0.1, ge=0)
     beta2: float = Field(0.95, gt=0, lt=1)
     grad_clip: float | None = Field(1.0, gt=0)
-    ema: float | None = Field(None, ge=0, lt=1, description="EMA decay of weights; default 0.999 for trm")
+    ema: float | None = Field(None, ge=0, lt=1, description="EMA decay of weights; default 0.999 for hrm and trm")
     loss_on: Literal["all", "blanks"] = Field(
         "blanks", description="blanks: loss on blank cells only, givens are copied into the answer"
     )
@@ -103,7 +103,9 @@ class ReasonerTrainParams(BaseModel):
 
     @property
     def ema_decay(self) -> float | None:
-        return self.ema if self.ema is not None else (0.999 if self.model == "trm" else None)
+        # Both recursive kinds: the TRM paper adds the EMA, the HRM reference has none, but without it here hrm
+        # lost 0.045 exact / 0.07 blank accuracy (docs/BENCHMARKS.md#reasoning) and a comparison measured the EMA
+        return self.ema if self.ema is not None else (0.999 if self.model in ("hrm", "trm") else None)
 
     def model_config_for(self, task: Task, input_dim: int | None = None) -> ReasonerConfig:
         return ReasonerConfig(
