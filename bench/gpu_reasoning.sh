@@ -8,6 +8,6 @@ PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 OUT=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-exec "$PY" bench/reasoning.py --n 9 --train 1000 --test 200 --minutes 2 --seeds 1 --device cuda --threads 16 \
+exec "$PY" bench/reasoning.py --n 9 --train 1000 --test 200 --minutes 2 --seeds 1 --device cuda --clock wall --threads 16 \
   --set d_model=256 --set n_heads=8 --set batch_size=256 --set lr=1e-3 --set warmup_steps=200 \
   --set eval_batch_size=512 --json "$OUT/gpu_reasoning.json" "$@"
