@@ -87,7 +87,6 @@ def per_segment(m: dict[str, float]) -> str:
     return " ".join(f"{m[k]:.3f}" for k in keys)
 
 
-
 def _value(text: str) -> Any:
     try:
         return json.loads(text)
