@@ -79,13 +79,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="start no worker here: this host only coordinates, workers join from others (`jbctl join-token`)",
     )
-    p.add_argument(
-        "--listen",
-        metavar="ADDRESS:PORT",
-        type=_address,
-        help="the private Redis also listens on this TCP address, with a password (HOME/redis.password), for "
+    add_listen_arguments(
+        p,
+        "the private Redis also listens on this TCP address, with a password (HOME/redis.password), for "
         "workers on other hosts (`jbctl join-token`)",
     )
+    p.set_defaults(func=cmd_up)
+
+
+def add_listen_arguments(p: argparse.ArgumentParser, listen_help: str) -> None:
+    """--listen and the --tls-* options that go with it (`jbctl up`, `jbctl install-units`); `_tls` reads them."""
+    p.add_argument("--listen", metavar="ADDRESS:PORT", type=_address, help=listen_help)
     p.add_argument(
         "--tls-cert",
         metavar="FILE",
@@ -101,7 +105,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the CA that signed --tls-cert: join files carry it, so workers verify the server (default: the "
         "workers' own trust store)",
     )
-    p.set_defaults(func=cmd_up)
 
 
 def _tls(args: argparse.Namespace) -> Any:

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from cli.common import settings_from
 from cli.main import CliError
+from cli.run_cmds import add_listen_arguments
 
 ROOT = Path(__file__).resolve().parent.parent
 RENDERED_MARK = "# Rendered by `jbctl install-units"
@@ -40,16 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="private: a Redis unit of its own on a unix socket (default); system: the distribution's "
         "redis-server.service on localhost:6379; or a redis:// URL to use as it is",
     )
-    p.add_argument(
-        "--listen",
-        metavar="ADDRESS:PORT",
-        type=_address,
-        help="with --redis private: Redis also listens on this TCP address, with a password (HOME/redis.password), "
+    add_listen_arguments(
+        p,
+        "with --redis private: Redis also listens on this TCP address, with a password (HOME/redis.password), "
         "for workers on other hosts (`jbctl join-token`); the unit then has the network",
     )
-    p.add_argument("--tls-cert", metavar="FILE", type=Path, help="with --listen: TLS only, with this PEM certificate")
-    p.add_argument("--tls-key", metavar="FILE", type=Path, help="the certificate's PEM private key")
-    p.add_argument("--tls-ca", metavar="FILE", type=Path, help="the CA that signed it (join files carry it)")
     p.add_argument(
         "--workers",
         default=None,
@@ -71,12 +67,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("uninstall-units", help="stop jetbox.target and remove the units install-units wrote")
     _scope_args(p)
     p.set_defaults(func=cmd_uninstall_units)
-
-
-def _address(text: str) -> tuple[str, int]:
-    from cli.run_cmds import _address as parse
-
-    return parse(text)
 
 
 def _scope_args(p: argparse.ArgumentParser) -> None:
