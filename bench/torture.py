@@ -21,7 +21,6 @@ import os
 import random
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cli.embedded import PrivateRedis, start_redis  # noqa: E402
+from tests.jbdaemon import event_rows  # noqa: E402
 
 JBCTL = str(Path(sys.executable).parent / "jbctl")
 VICTIMS = ("daemon", "worker-1", "worker-2", "redis")
@@ -155,17 +155,7 @@ class Rig:
         os.replace(tmp, self.tickets / f"{tid}.yaml")
 
     def rows(self) -> list[tuple[int, str, dict[str, Any]]]:
-        db = self.home / "jetbox.db"
-        if not db.exists():
-            return []
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-        try:
-            found = conn.execute("SELECT seq, type, data FROM events ORDER BY seq").fetchall()
-        except sqlite3.OperationalError:
-            return []
-        finally:
-            conn.close()
-        return [(s, t, json.loads(d)) for s, t, d in found]
+        return [(r["seq"], r["type"], r["data"]) for r in event_rows(self.home)]
 
     def jbctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([JBCTL, *args], env=self.env, capture_output=True, text=True, timeout=300)
