@@ -127,7 +127,14 @@ def _reports(url: str) -> list[tuple[float, dict]]:
     import redis
 
     conn = redis.Redis.from_url(url)
-    return [(int(mid.split(b"-")[0]) / 1000, json.loads(f[b"report"])) for mid, f in conn.xrange(REPORT_STREAM)]
+    out = []
+    for mid, f in conn.xrange(REPORT_STREAM):
+        at = int(mid.split(b"-")[0]) / 1000
+        if b"bundle" in f:  # a job's reports sent together (docs/DISPATCH.md, "Bundled reports")
+            out += [(at, report) for report in json.loads(f[b"bundle"])]
+        elif b"report" in f:
+            out.append((at, json.loads(f[b"report"])))
+    return out
 
 
 def _same_as_one_job(store: ArtifactStore, manifest_id: str, scratch: Path) -> bool:

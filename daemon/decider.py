@@ -377,8 +377,9 @@ def _fill(out: _Emitter, now: datetime, candidates: list[tuple[str, str]], every
         keys = candidates
     else:
         keys = [k for k, rule in st.deferred.items() if rule in ev.CAPACITY_RULES] + candidates
-    use = usage(st)
-    out_per_queue = use.out_per_queue
+    # The counts of what is out (a walk over every live attempt) are made only when something needs
+    # them: a finished step of a wide ticket usually leaves nothing to rank.
+    use: Usage | None = None
     ranked: list[tuple[int, int, str, str]] = []
     tickets = st.tickets
     fresh = set(candidates)  # asked about now: always looked at in full (a hold may have changed why)
@@ -389,13 +390,11 @@ def _fill(out: _Emitter, now: datetime, candidates: list[tuple[str, str]], every
         task = ticket.tasks.get(key[1]) if ticket is not None else None
         if task is None or ticket is None or ticket.status != "running" or ticket.awaiting:
             continue
-        if (
-            not everything
-            and key not in fresh
-            and task.deferred_rule == "queue_limit"
-            and _full(st, task.queue, out_per_queue)
-        ):
-            continue  # its queue is still full: it keeps waiting, for the same reason
+        if not everything and key not in fresh and task.deferred_rule == "queue_limit":
+            if use is None:
+                use = usage(st)
+            if _full(st, task.queue, use.out_per_queue):
+                continue  # its queue is still full: it keeps waiting, for the same reason
         if st.paused is None and ticket.held is not None and task.deferred == _held_reason(ticket):
             continue  # still held, and already says so
         since = task.deferred_since
@@ -403,6 +402,9 @@ def _fill(out: _Emitter, now: datetime, candidates: list[tuple[str, str]], every
         ranked.append((-(ticket.priority + aging), ticket.arrival, *key))
     if not ranked:
         return
+    if use is None:
+        use = usage(st)
+    out_per_queue = use.out_per_queue
     ranked.sort(key=lambda r: (r[0], r[1]))  # stable: a ticket's tasks keep their plan order
     advance: list[str] = []
     gpu_behind: dict[str, str] = {}  # queue -> the first task that waits for its GPU memory
@@ -534,13 +536,26 @@ def _advance(out: _Emitter, ticket: TicketState, now: datetime) -> None:
     """Schedule what became runnable; end the ticket when nothing more can happen."""
     if ticket.status != "running" or ticket.awaiting:
         return
-    _fill(out, now, [(ticket.id, t.id) for t in ticket.tasks.values() if _runnable(ticket, t)])
+    tasks = ticket.tasks
+    # `_runnable`, inlined: this walks every task of the ticket each time one of its steps ends.
+    runnable = [
+        (ticket.id, t.id)
+        for t in tasks.values()
+        if t.status == "pending" and all(tasks[n].status == "succeeded" for n in t.needs)
+    ]
+    _fill(out, now, runnable)
     ticket = out.ticket(ticket.id)
     if ticket.status != "running" or ticket.awaiting:
         return  # a reused result let `_fill` advance it to its end already
-    failed = [t for t in ticket.tasks.values() if t.status == "failed"]
-    if failed:
-        first = failed[0]
+    first: TaskState | None = None  # the first failed task, in plan order
+    done = True  # every task succeeded
+    for t in ticket.tasks.values():
+        if t.status == "failed":
+            first = t
+            break
+        if t.status != "succeeded":
+            done = False
+    if first is not None:
         what = "acceptance check" if first.id.startswith(ACCEPT_PREFIX) else "task"
         if first.parent is not None:
             what = f"subtask {first.id} of step"
@@ -553,7 +568,7 @@ def _advance(out: _Emitter, ticket: TicketState, now: datetime) -> None:
             )
         )
         return
-    if all(t.status == "succeeded" for t in ticket.tasks.values()):
+    if done:
         _accept(out, ticket, now)
 
 

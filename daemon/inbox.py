@@ -23,7 +23,17 @@ from daemon.dispatcher import redis_connection
 from daemon.handler import CommandHandler
 from schema.events import GpuCard
 from schema.settings import Settings
-from schema.wire import REPORT_GROUP, REPORT_STREAM, Advert, Report, load_secret, verify, verify_text
+from schema.wire import (
+    BUNDLES_KEY,
+    BUNDLES_TTL_S,
+    REPORT_GROUP,
+    REPORT_STREAM,
+    Advert,
+    Report,
+    load_secret,
+    verify,
+    verify_text,
+)
 
 log = logging.getLogger("jetbox.inbox")
 BATCH = 500
@@ -81,12 +91,16 @@ def _stream_id(mid: bytes) -> tuple[int, int]:
 
 
 def burst_over(fields: dict[bytes, bytes]) -> bool:
-    """Whether a stream message is a job's result (`succeeded`/`failed`): the last of its burst.
-    Only a hint for batching (the signature is checked later, in `parse`); unreadable is False."""
+    """Whether a stream message is (or, for a bundle, ends with) a job's result (`succeeded`/`failed`):
+    the last of its burst. Only a hint for batching (the signature is checked later, in `parse`);
+    unreadable is False."""
+    bundled = b"bundle" in fields
     try:
-        data = json.loads(fields.get(b"report", b""))
+        data = json.loads(fields.get(b"bundle" if bundled else b"report", b""))
     except (ValueError, UnicodeDecodeError):
         return False
+    if bundled:
+        data = data[-1] if isinstance(data, list) and data else None
     return isinstance(data, dict) and data.get("kind") in TERMINAL
 
 
@@ -111,7 +125,57 @@ class Inbox:
         self._taken: list[tuple[bytes, dict[bytes, bytes]]] = []  # read by the watcher, not yet applied
         self._watcher: threading.Thread | None = None
         self._wakeup: threading.Event | None = None
+        self._caps_at = 0.0  # when `BUNDLES_KEY` was last set (monotonic; 0: never)
         ensure_group(self.conn)
+        self._renew_caps(self.conn)
+
+    def commands_of(self, fields: dict[bytes, bytes], now: datetime) -> list[cmd.Command]:
+        """The commands one stream message stands for: a bundle's reports in order, else one."""
+        if b"bundle" in fields:
+            return self.parse_bundle(fields, now)
+        return [self.parse(fields, now)]
+
+    def _renew_caps(self, conn: Any, force: bool = True) -> None:
+        """Tell workers that this daemon reads bundled reports (`BUNDLES_KEY`, with a TTL renewed every
+        third of it: a Redis restarted empty has it again within seconds, and a daemon gone without
+        `close` stops vouching once it expires). `conn` may be a pipeline: it rides with that round trip."""
+        mono = time.monotonic()
+        if force or mono - self._caps_at >= BUNDLES_TTL_S / 3:
+            conn.set(BUNDLES_KEY, "1", ex=BUNDLES_TTL_S)
+            self._caps_at = mono
+
+    def parse_bundle(self, fields: dict[bytes, bytes], now: datetime) -> list[cmd.Command]:
+        """A job's reports sent together as one message (docs/DISPATCH.md, "Bundled reports"): one
+        signature over the JSON list of them. Each report then becomes the very command it would as a
+        message of its own (a report that does not parse: a violation of its own); a bad signature
+        makes the whole bundle one `forged_report`."""
+        raw = fields.get(b"bundle", b"")
+        sig = fields.get(b"sig", b"").decode(errors="replace")
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return [cmd.RecordViolation(now=now, what="forged_report", detail=f"unreadable bundle: {raw[:200]!r}")]
+        if not isinstance(data, list) or not (verify_text(raw, sig, self.key) or verify(data, sig, self.key)):
+            first = data[0] if isinstance(data, list) and data else None
+            claimed = first.get("ticket") if isinstance(first, dict) else None
+            return [
+                cmd.RecordViolation(
+                    now=now,
+                    what="forged_report",
+                    detail=f"bad signature on bundled reports {str(data)[:300]}",
+                    ticket=claimed if isinstance(claimed, str) and self.handler.known(claimed) else None,
+                )
+            ]
+        return [self._command(item, now) for item in data]
+
+    def _command(self, data: Any, now: datetime) -> cmd.Command:
+        """The command a report whose signature verified stands for."""
+        try:
+            return to_command(Report.model_validate(data), now)
+        except (ValidationError, KeyError, TypeError) as exc:
+            return cmd.RecordViolation(
+                now=now, what="malformed_report", detail=f"signed report does not parse: {str(exc)[:300]}"
+            )
 
     def parse(self, fields: dict[bytes, bytes], now: datetime) -> cmd.Command:
         if b"advert" in fields:
@@ -132,12 +196,7 @@ class Inbox:
                 detail=f"bad signature on report {str(data)[:300]}",
                 ticket=claimed if isinstance(claimed, str) and self.handler.known(claimed) else None,
             )
-        try:
-            return to_command(Report.model_validate(data), now)
-        except (ValidationError, KeyError, TypeError) as exc:
-            return cmd.RecordViolation(
-                now=now, what="malformed_report", detail=f"signed report does not parse: {str(exc)[:300]}"
-            )
+        return self._command(data, now)
 
     def parse_advert(self, fields: dict[bytes, bytes], now: datetime) -> cmd.Command:
         """A worker's advert (what it has) or farewell, signed like a report."""
@@ -226,6 +285,8 @@ class Inbox:
                 self._recover = bool(messages)  # until none is left
             if not messages:
                 messages = self._fresh()
+            if self._watcher is None:  # (the watcher renews it itself, in its reads' round trips)
+                self._renew_caps(self.conn, force=False)
         except redis.ResponseError as exc:
             if "NOGROUP" in str(exc):  # Redis was flushed or restarted empty
                 ensure_group(self.conn)
@@ -234,7 +295,7 @@ class Inbox:
             raise
         if not messages:
             return False
-        commands = [self.parse(fields, now) for _, fields in messages]
+        commands = [c for _, fields in messages for c in self.commands_of(fields, now)]
         try:
             self.handler.handle_many(commands, meta={"source": "worker-report"})
         except BaseException:
@@ -268,6 +329,7 @@ class Inbox:
                     pipe = conn.pipeline(transaction=False)
                     if acks:
                         pipe.xack(REPORT_STREAM, REPORT_GROUP, *acks)
+                    self._renew_caps(pipe, force=False)
                     pipe.xreadgroup(REPORT_GROUP, self.consumer, {REPORT_STREAM: ">"}, count=BATCH, block=1000)
                     found = pipe.execute()[-1]
                 except redis.ResponseError as exc:
@@ -311,7 +373,10 @@ class Inbox:
     def close(self) -> None:
         self._watching = False
         acks = self._owed()
-        if acks:
-            with contextlib.suppress(redis.RedisError):
+        with contextlib.suppress(redis.RedisError):
+            if acks:
                 self.conn.xack(REPORT_STREAM, REPORT_GROUP, *acks)
+            # Workers send one message per report from their next job on: whatever daemon reads the
+            # stream next (an earlier release, after a downgrade) reads those.
+            self.conn.delete(BUNDLES_KEY)
         self.conn.close()

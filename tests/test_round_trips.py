@@ -14,6 +14,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -419,7 +420,8 @@ def test_the_worker_looks_at_the_cancel_key_in_rqs_own_round_trip(worker_env: tu
     assert [r["kind"] for r in _reports(conn, key)] == ["started", "progress", "succeeded"]
     looks = [c for c in seen if c.startswith("EXISTS jetbox:cancel:")]
     assert looks == ["EXISTS jetbox:cancel:jetbox__TICKET-1__g__1"]  # one, in RQ's MULTI before the job
-    assert seen[seen.index(looks[0]) + 1] == "EXEC"
+    # and with it whether the daemon reads bundled reports
+    assert seen[seen.index(looks[0]) + 1 : seen.index(looks[0]) + 3] == ["EXISTS jetbox:caps:bundles", "EXEC"]
 
 
 @pytest.mark.integration  # starts redis-server
@@ -450,7 +452,7 @@ def test_a_wide_batch_is_enqueued_in_chunks_in_order(home: Path) -> None:
 def test_the_workers_heartbeat_is_one_round_trip(home: Path) -> None:
     """RQ's worker heartbeat (last_heartbeat, and the TTLs of the worker's keys), pipelined: RQ beats
     three times per job outside a pipeline, three round trips each."""
-    from workers.worker import JetboxWorker
+    from workers.worker import PLAIN_BEAT_S, JetboxWorker
 
     class Counting(redis.Redis):  # counts the commands sent one round trip each (pipelines are not)
         sent: list[str] = []
@@ -469,6 +471,24 @@ def test_the_workers_heartbeat_is_one_round_trip(home: Path) -> None:
         worker.heartbeat()
         assert Counting.sent == []  # one pipeline, no single commands
         assert conn.hget(worker.key, "last_heartbeat") and conn.ttl(worker.key) > 0
+
+        # Once per job: a plain beat right after a plain one is skipped; one after a beat that set
+        # another TTL (RQ's, before a job, in its pipeline) goes out, and so does one a while later.
+        def beats(*calls: Any) -> int:
+            conn.config_resetstat()
+            for call in calls:
+                call()
+            return _commands(conn).get("hset", 0)
+
+        assert beats(worker.heartbeat, worker.heartbeat) == 0
+        with_ttl = conn.pipeline()
+        assert beats(lambda: worker.heartbeat(30, pipeline=with_ttl), with_ttl.execute) == 1
+        assert 0 < conn.ttl(worker.key) <= 30
+        assert beats(worker.heartbeat, worker.heartbeat) == 1  # the TTL set just before is not RQ's default
+        assert conn.ttl(worker.key) > 30
+        assert beats(lambda: worker.heartbeat(30)) == 1  # another TTL, outside a pipeline
+        worker._plain_beat_at = time.monotonic() - PLAIN_BEAT_S  # a while later
+        assert beats(worker.heartbeat) == 1
     finally:
         server.stop()
 
@@ -496,5 +516,104 @@ def test_attempts_another_writer_recorded_are_checked_against_rq(home: Path, sto
         dispatcher.poll(T0)
         assert conn.llen("rq:queue:cpu") == 2 and dispatcher.enqueued == 1  # TICKET-2's job once
         assert mine.recorded_here(mine.state.last_seq)
+    finally:
+        server.stop()
+
+
+def _stream(conn: redis.Redis) -> list[dict[bytes, bytes]]:
+    return [fields for _, fields in conn.xrange(REPORT_STREAM)]
+
+
+def _recorded(tmp: Path, name: str, messages: list[dict[bytes, bytes]]) -> list[tuple[str, dict[str, Any]]]:
+    """The events an inbox records for these stream messages, on a fresh log holding TICKET-1's attempt
+    of step `a` (what a daemon of this release would record for them)."""
+    from daemon.inbox import Inbox
+    from schema.migrations import upgrade
+    from schema.settings import load_settings
+    from schema.store import EventStore
+
+    url = f"sqlite:///{tmp / f'{name}.db'}"
+    upgrade(url)
+    log = EventStore(url)
+    server = start_redis(tmp / f"run-{name}")
+    try:
+        handler = CommandHandler(log)
+        handler.handle(submit(make_ticket("TICKET-1", steps="  - {id: a, kind: diag}\n"), T0))
+        before = log.head()
+        inbox = Inbox(handler, load_settings(), redis.Redis.from_url(server.url))
+        conn = redis.Redis.from_url(server.url)
+        for fields in messages:
+            conn.xadd(REPORT_STREAM, fields)  # type: ignore[arg-type]
+        while inbox.poll(T0):
+            pass
+        inbox.close()
+        return [(r.type, ev.event_to_data(r.event)) for r in log.read(before)]
+    finally:
+        server.stop()
+        log.close()
+
+
+@pytest.mark.integration  # starts redis-server
+def test_a_short_jobs_reports_go_out_as_one_bundle_while_the_daemon_reads_bundles(
+    worker_env: tuple[redis.Redis, bytes], home: Path
+) -> None:
+    """One stream message and one signature for a short job's burst while the daemon says it reads
+    bundles; one message per report otherwise (a daemon of an earlier release would take a bundle
+    for a forged report). Either way the daemon records exactly the same events."""
+    from daemon.inbox import burst_over
+    from schema.wire import BUNDLES_KEY, verify_text
+
+    conn, key = worker_env
+    conn.config_resetstat()
+    _work_one(conn, key, "a", steps=1)  # no BUNDLES_KEY: the form every daemon reads
+    sent_plain = _commands(conn)
+    plain = _stream(conn)
+    assert [json.loads(f[b"report"])["kind"] for f in plain] == ["started", "progress", "succeeded"]
+
+    conn.delete(REPORT_STREAM, "rq:job:jetbox__TICKET-1__a__1")
+    conn.set(BUNDLES_KEY, "1", ex=30)
+    conn.config_resetstat()
+    _work_one(conn, key, "a", steps=1)
+    sent = _commands(conn)
+    # Two XADDs and the transaction around the three fewer (RQ's own XADD of the job's result stays).
+    assert sent["xadd"] == sent_plain["xadd"] - 2 and sent["multi"] == sent_plain["multi"] - 1
+    bundled = _stream(conn)
+    assert len(bundled) == 1 and set(bundled[0]) == {b"bundle", b"sig"} and burst_over(bundled[0])
+    assert verify_text(bundled[0][b"bundle"], bundled[0][b"sig"].decode(), key)
+    reports = json.loads(bundled[0][b"bundle"])
+    assert [r["kind"] for r in reports] == ["started", "progress", "succeeded"]
+    assert [r["seq"] for r in reports] == [1, 2, 3]
+    # What was sent one by one is exactly what was bundled, and is recorded alike.
+    assert [json.loads(f[b"report"]) for f in plain] == reports
+    one_by_one = _recorded(home, "plain", plain)
+    assert [t for t, _ in one_by_one][:3] == ["AttemptStarted", "ProgressRecorded", "AttemptSucceeded"]
+    assert _recorded(home, "bundled", bundled) == one_by_one
+
+    # A bundle changed by one byte, or signed with another key, is one forged report and nothing else.
+    tampered = {**bundled[0], b"bundle": bundled[0][b"bundle"].replace(b'"seq":3', b'"seq":4')}
+    for forged in (tampered, {**bundled[0], b"sig": b"0" * 64}):
+        assert [(t, d["what"]) for t, d in _recorded(home, "forged", [forged])] == [
+            ("SafetyViolation", "forged_report")
+        ]
+        (home / "forged.db").unlink()
+
+
+@pytest.mark.integration  # starts redis-server
+def test_the_daemon_says_it_reads_bundles_while_it_runs(home: Path, store: object) -> None:
+    from daemon.inbox import Inbox
+    from schema.settings import load_settings
+    from schema.wire import BUNDLES_KEY, BUNDLES_TTL_S
+
+    server = start_redis(home / "run")
+    try:
+        conn = redis.Redis.from_url(server.url)
+        inbox = Inbox(CommandHandler(store), load_settings(), conn)  # type: ignore[arg-type]
+        assert conn.exists(BUNDLES_KEY) and 0 < conn.ttl(BUNDLES_KEY) <= BUNDLES_TTL_S  # gone if it dies
+        conn.delete(BUNDLES_KEY)  # as in a Redis restarted empty
+        inbox._caps_at -= BUNDLES_TTL_S
+        inbox.poll(T0)
+        assert conn.exists(BUNDLES_KEY)  # said again, within a third of its TTL
+        inbox.close()
+        assert not redis.Redis.from_url(server.url).exists(BUNDLES_KEY)  # stopped: workers send the old form
     finally:
         server.stop()

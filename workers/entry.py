@@ -42,12 +42,24 @@ def _connection() -> redis.Redis:
 CANCEL_SEEN = "jetbox_cancel_seen"
 
 
+# Set beside it: whether the daemon's `BUNDLES_KEY` existed then (it reads bundled reports).
+BUNDLES_SEEN = "jetbox_bundles_seen"
+
+
 def _cancel_seen() -> bool | None:
     """What the worker saw of the running job's cancel key as it started; None when nobody looked (the
     job runs outside `JetboxWorker`: its first `cancelled()` asks Redis)."""
     job = get_current_job()
     found = getattr(job, CANCEL_SEEN, None) if job is not None else None
     return found if isinstance(found, bool) else None
+
+
+def _bundles_seen() -> bool:
+    """Whether the daemon read bundled reports as this job started (looked up in RQ's own round trip
+    before the job); nobody looked (another RQ release, a job run outside `JetboxWorker`): one message
+    per report, which every daemon reads."""
+    job = get_current_job()
+    return getattr(job, BUNDLES_SEEN, None) is True if job is not None else False
 
 
 def report_violation(conn: redis.Redis, key: bytes, what: str, detail: str) -> None:
@@ -166,7 +178,7 @@ def run_job(signed: dict[str, Any]) -> dict[str, Any]:
         report_violation(conn, key, "forged_envelope", f"envelope signature does not verify: {str(signed)[:300]}")
         return {"status": "refused", "error": "bad signature"}
     envelope = Envelope.model_validate(body)
-    reporter = Reporter(conn, key, envelope, worker_name())
+    reporter = Reporter(conn, key, envelope, worker_name(), bundles=_bundles_seen())
     fn = job_function(envelope.kind)
     if fn is None:
         reporter.send(

@@ -26,7 +26,7 @@ import redis
 
 from schema.artifact_store import ArtifactStore
 from schema.artifacts import ArtifactError, Lineage
-from schema.wire import REPORT_STREAM, Envelope, Report, cancel_key, heartbeat_key
+from schema.wire import REPORT_STREAM, Envelope, bundle_text, cancel_key, heartbeat_key, report_text, signed_fields
 from workers.context import JobCancelled
 
 PROGRESS_INTERVAL_S = 1.0
@@ -48,8 +48,12 @@ def worker_name() -> str:
 class Reporter:
     """Signs and sends one attempt's reports, numbered in order (the inbox drops duplicates).
 
-    `send` ships at once (with any held reports before it, in one pipeline); `hold` keeps a report
-    for the next send or the pulse's flush, whichever comes first (about `HOLD_S` later)."""
+    `send` ships at once (with any held reports before it, in one round trip); `hold` keeps a report
+    for the next send or the pulse's flush, whichever comes first (about `HOLD_S` later). Each report
+    is encoded as it is made and signed as it is shipped. `bundles`: the daemon reads bundled reports
+    (`BUNDLES_KEY` was set as the job started), so reports shipped together go out as one stream
+    message with one signature; otherwise each is a message of its own, as a daemon of any release
+    reads them."""
 
     def __init__(
         self,
@@ -57,29 +61,32 @@ class Reporter:
         key: bytes,
         envelope: Envelope,
         worker: str,
+        bundles: bool = False,
     ) -> None:
         self.conn, self.key, self.env, self.worker = conn, key, envelope, worker
+        self.bundles = bundles
         self.seq = 0
         self.lock = threading.Lock()
-        self.held: list[dict[str, str]] = []
+        self.held: list[str] = []  # the held reports' canonical texts
         self.held_since: float | None = None  # monotonic time the oldest held report was made
 
-    def _signed(self, report_kind: str, body: dict[str, Any]) -> dict[str, str]:
+    def _text(self, report_kind: str, body: dict[str, Any]) -> str:
         self.seq += 1
-        report = Report(
-            kind=report_kind,  # type: ignore[arg-type]
-            ticket=self.env.ticket,
-            task=self.env.task,
-            attempt=self.env.attempt,
-            seq=self.seq,
-            worker=self.worker,
-            body=body,
-        )
-        return report.signed(self.key)
+        env = self.env
+        data = {
+            "kind": report_kind,
+            "ticket": env.ticket,
+            "task": env.task,
+            "attempt": env.attempt,
+            "seq": self.seq,
+            "worker": self.worker,
+            "body": body,
+        }
+        return report_text(data)
 
     def hold(self, report_kind: str, /, **body: Any) -> None:
         with self.lock:
-            self.held.append(self._signed(report_kind, body))
+            self.held.append(self._text(report_kind, body))
             if self.held_since is None:
                 self.held_since = time.monotonic()
 
@@ -87,9 +94,9 @@ class Reporter:
         self.send_with(report_kind, None, **body)
 
     def send_with(self, report_kind: str, extra: Extra | None, /, **body: Any) -> None:
-        """Send a report now, after the held ones, with `extra` commands in the same pipeline."""
+        """Send a report now, after the held ones, with `extra` commands in the same round trip."""
         with self.lock:
-            self._ship([*self.held, self._signed(report_kind, body)], extra)
+            self._ship([*self.held, self._text(report_kind, body)], extra)
             self.held, self.held_since = [], None
 
     def flush(self, extra: Extra | None = None) -> None:
@@ -98,13 +105,23 @@ class Reporter:
             self._ship(list(self.held), extra)
             self.held, self.held_since = [], None
 
-    def _ship(self, batch: Sequence[dict[str, str]], extra: Extra | None) -> None:
+    def messages(self, texts: Sequence[str]) -> list[dict[str, str]]:
+        """The stream messages that carry these reports: one bundle (one signature) where the daemon
+        reads bundles and there are several, else one signed message per report."""
+        if self.bundles and len(texts) > 1:
+            return [signed_fields("bundle", bundle_text(list(texts)), self.key)]
+        return [signed_fields("report", text, self.key) for text in texts]
+
+    def _ship(self, texts: Sequence[str], extra: Extra | None) -> None:
+        batch = self.messages(texts)
         # Ride out a Redis restart (well under a second) instead of failing the job over it; a report
         # that got through before the connection dropped and is sent again is dropped by its seq.
         for delay in (*SEND_RETRIES_S, None):
             try:
                 if len(batch) == 1 and extra is None:
                     self.conn.xadd(REPORT_STREAM, batch[0])  # type: ignore[arg-type]
+                    return
+                if not batch and extra is None:
                     return
                 # MULTI/EXEC: Redis serves a blocked reader (the daemon's inbox) only after the whole
                 # transaction, so the burst reaches it in one read; a plain pipeline woke it after the first

@@ -23,6 +23,7 @@ from rq.version import VERSION as RQ_VERSION
 
 from schema.settings import load_settings
 from schema.wire import (
+    BUNDLES_KEY,
     ENTRY_POINT,
     REPORT_STREAM,
     Advert,
@@ -34,9 +35,10 @@ from schema.wire import (
     worker_key,
     worker_queue,
 )
-from workers.entry import CANCEL_SEEN, report_violation
+from workers.entry import BUNDLES_SEEN, CANCEL_SEEN, report_violation
 from workers.netns import redis_client
 
+PLAIN_BEAT_S = 1.0  # see JetboxWorker.heartbeat
 # The RQ release whose `prepare_job_execution` the override below repeats (checked: 3.0.0).
 _RQ_PREPARE_KNOWN = RQ_VERSION.split(".")[:2] == ["3", "0"]
 
@@ -54,23 +56,39 @@ class JetboxWorker(SimpleWorker):
             return False
         return bool(super().perform_job(job, queue, execution))
 
+    # When the worker's last beat was a plain one (RQ's default TTL, minutes) less than this long ago,
+    # another plain beat changes nothing that matters: it is skipped.
+    _plain_beat_at: float | None = None
+
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
-        """RQ's worker heartbeat (the same three commands) in one round trip instead of three: RQ beats
-        three times per job outside a pipeline (after the job, and before and after taking the next),
-        nine round trips that sat between a job's result and the start of the next."""
+        """RQ's worker heartbeat (the same three commands) in one round trip instead of three, and only
+        once per job: RQ beats three times per job outside a pipeline (after the job, and before and
+        after taking the next), nine round trips that sat between a job's result and the start of the
+        next. A plain beat (RQ's default TTL, `worker_ttl` + 60 s) within `PLAIN_BEAT_S` of the last
+        plain one is skipped: the worker key's TTL it would set is the one just set, minutes long. A
+        beat with another TTL (RQ's, before a job, in its own pipeline) always goes out, and the next
+        plain beat after it too."""
         if pipeline is not None:
+            self._plain_beat_at = None  # this pipeline sets another TTL
             super().heartbeat(timeout, pipeline=pipeline)
             return
+        mono = time.monotonic()
+        if timeout is None and self._plain_beat_at is not None and mono - self._plain_beat_at < PLAIN_BEAT_S:
+            return
+        self._plain_beat_at = None  # until this beat has gone out
         with self.connection.pipeline(transaction=False) as batch:
             super().heartbeat(timeout, pipeline=batch)
             batch.execute()
+        if timeout is None:
+            self._plain_beat_at = mono
 
     def prepare_job_execution(self, job: Any, remove_from_intermediate_queue: bool = False) -> None:
         """RQ's bookkeeping before a job (rq 3.0's `BaseWorker.prepare_job_execution`: the same commands
         in the same pipeline), with one command more in its round trip: whether the job's cancel key
-        exists. The job's first look at it (a job cancelled while it waited in its queue stops at its
-        start) then costs no round trip of its own: `run_job` reads what was seen. Another RQ release
-        gets RQ's own method, and the job its own look."""
+        exists, and one more: whether the daemon reads bundled reports (`BUNDLES_KEY`). The job's first
+        look at its cancel key (a job cancelled while it waited in its queue stops at its start) then
+        costs no round trip of its own: `run_job` reads what was seen. Another RQ release gets RQ's own
+        method, the job its own look, and one stream message per report."""
         if not _RQ_PREPARE_KNOWN:
             super().prepare_job_execution(job, remove_from_intermediate_queue)
             return
@@ -83,8 +101,10 @@ class JetboxWorker(SimpleWorker):
             if remove_from_intermediate_queue:
                 pipeline.lrem(Queue(job.origin, connection=self.connection).intermediate_queue_key, 1, job.id)
             pipeline.exists(cancel_key(job.id))
+            pipeline.exists(BUNDLES_KEY)
             found = pipeline.execute()
-        setattr(job, CANCEL_SEEN, bool(found[-1]))
+        setattr(job, CANCEL_SEEN, bool(found[-2]))
+        setattr(job, BUNDLES_SEEN, bool(found[-1]))
         self.procline(f"Processing {job.func_name} from {job.origin} since {time.time()}")
 
     def register_birth(self) -> None:
