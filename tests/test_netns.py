@@ -58,6 +58,33 @@ def test_a_job_namespace_refuses_and_counts_and_the_thread_comes_back(listener: 
 
 
 @needs_isolation
+def test_a_kept_namespace_counts_each_jobs_own_attempts(listener: socket.socket) -> None:
+    """A namespace kept for the next job starts its count where the job before left it (read once, as
+    that job ended): each job is blamed for its own attempts, none for the ones before."""
+    port = listener.getsockname()[1]
+    seen: list[tuple[int, int]] = []
+
+    def one_job(attempts: int) -> None:
+        with JobNamespace() as ns:
+            inode = os.stat(f"/proc/self/task/{threading.get_native_id()}/ns/net").st_ino
+            for _ in range(attempts):
+                with contextlib.suppress(OSError):
+                    socket.create_connection(("127.0.0.1", port), timeout=1)
+        seen.append((inode, ns.blocked))
+
+    def jobs() -> None:
+        for attempts in (1, 0, 2, 0):
+            one_job(attempts)
+
+    t = threading.Thread(target=jobs)
+    t.start()
+    t.join()
+    assert [blocked for _, blocked in seen] == [1, 0, 2, 0]
+    assert len({inode for inode, _ in seen}) == 1  # one namespace, kept
+    assert not accepted(listener)
+
+
+@needs_isolation
 @pytest.mark.parametrize("via", ["ctypes", "child"])
 @pytest.mark.parametrize("swallow", [False, True])
 def test_c_code_and_child_processes_cannot_reach_the_network(

@@ -126,17 +126,20 @@ class _Kept:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.fd: int | None = None
+        self.count: int | None = None  # its refused-attempt counter as the last job left it
 
-    def take(self) -> int:
-        """An fd of a pristine namespace for the calling thread to enter (the caller owns it)."""
+    def take(self) -> tuple[int, int | None]:
+        """An fd of a pristine namespace for the calling thread to enter (the caller owns it), and its
+        counter as the job before left it (None: a fresh one, or not known)."""
         with self.lock:
             fd, self.fd = self.fd, None
-        return fd if fd is not None else _fresh()
+            count, self.count = self.count, None
+        return (fd, count) if fd is not None else (_fresh(), None)
 
-    def give_back(self, fd: int) -> None:
+    def give_back(self, fd: int, count: int) -> None:
         with self.lock:
             if self.fd is None:
-                self.fd = fd
+                self.fd, self.count = fd, count
                 return
         os.close(fd)
 
@@ -200,8 +203,9 @@ class JobNamespace:
     def __enter__(self) -> JobNamespace:
         _keep_dialer()  # here, in the worker's namespace: the thread the worker's connections are made on
         self._home = os.open(_own_ns(), os.O_RDONLY | os.O_CLOEXEC)
+        count: int | None = None
         try:
-            self._job = _kept.take()
+            self._job, count = _kept.take()
             if _libc().setns(self._job, CLONE_NEWNET) != 0:
                 raise IsolationError(f"cannot enter a job's network namespace: {os.strerror(ctypes.get_errno())}")
         except BaseException:
@@ -211,11 +215,15 @@ class JobNamespace:
                 os.close(self._job)
                 self._job = None
             raise
-        self._start = no_route_count()
+        # A kept namespace's counter is where the job before left it (read as it ended): nothing but
+        # what that job left running can be in it meanwhile, and an attempt of that is counted against
+        # this job, as one it makes while this job runs always was. Two /proc reads fewer per job.
+        self._start = count if count is not None else no_route_count()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.blocked = max(0, no_route_count() - self._start)
+        end = no_route_count()
+        self.blocked = max(0, end - self._start)
         clean = _pristine()
         assert self._home is not None and self._job is not None
         try:
@@ -228,7 +236,7 @@ class JobNamespace:
             self._home = None
             job, self._job = self._job, None
             if clean:
-                _kept.give_back(job)
+                _kept.give_back(job, end)
             else:
                 os.close(job)
 
