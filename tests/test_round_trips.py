@@ -481,6 +481,8 @@ def test_the_workers_heartbeat_is_one_round_trip(home: Path) -> None:
             return _commands(conn).get("hset", 0)
 
         assert beats(worker.heartbeat, worker.heartbeat) == 0
+        suspension = conn.pipeline()  # RQ's suspension check beats in its pipeline: skipped as well
+        assert beats(lambda: worker.heartbeat(pipeline=suspension), suspension.execute) == 0
         with_ttl = conn.pipeline()
         assert beats(lambda: worker.heartbeat(30, pipeline=with_ttl), with_ttl.execute) == 1
         assert 0 < conn.ttl(worker.key) <= 30
@@ -489,6 +491,9 @@ def test_the_workers_heartbeat_is_one_round_trip(home: Path) -> None:
         assert beats(lambda: worker.heartbeat(30)) == 1  # another TTL, outside a pipeline
         worker._plain_beat_at = time.monotonic() - PLAIN_BEAT_S  # a while later
         assert beats(worker.heartbeat) == 1
+        worker._plain_beat_at = time.monotonic() - PLAIN_BEAT_S
+        assert beats(lambda: worker.heartbeat(pipeline=suspension), suspension.execute) == 1
+        assert beats(worker.heartbeat) == 0  # the one in that pipeline counts
     finally:
         server.stop()
 

@@ -62,18 +62,17 @@ class JetboxWorker(SimpleWorker):
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         """RQ's worker heartbeat (the same three commands) in one round trip instead of three, and only
-        once per job: RQ beats three times per job outside a pipeline (after the job, and before and
-        after taking the next), nine round trips that sat between a job's result and the start of the
-        next. A plain beat (RQ's default TTL, `worker_ttl` + 60 s) within `PLAIN_BEAT_S` of the last
-        plain one is skipped: the worker key's TTL it would set is the one just set, minutes long. A
-        beat with another TTL (RQ's, before a job, in its own pipeline) always goes out, and the next
-        plain beat after it too."""
-        if pipeline is not None:
-            self._plain_beat_at = None  # this pipeline sets another TTL
-            super().heartbeat(timeout, pipeline=pipeline)
-            return
+        once per job: RQ beats four times per job with its default TTL (after the job, with its
+        suspension check, and before and after taking the next), three of them as round trips of their
+        own. A beat with the default TTL (`worker_ttl` + 60 s: minutes) within `PLAIN_BEAT_S` of the
+        last one is skipped: the TTL it would set is the one just set. A beat with another TTL (RQ's,
+        before a job) always goes out, and the next default one after it too."""
         mono = time.monotonic()
         if timeout is None and self._plain_beat_at is not None and mono - self._plain_beat_at < PLAIN_BEAT_S:
+            return
+        if pipeline is not None:  # goes out with the caller's pipeline
+            super().heartbeat(timeout, pipeline=pipeline)
+            self._plain_beat_at = mono if timeout is None else None
             return
         self._plain_beat_at = None  # until this beat has gone out
         with self.connection.pipeline(transaction=False) as batch:
