@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
@@ -184,15 +184,41 @@ def jetbox(
         per_job = [(e - s).total_seconds() for s, e in zip(starts, ends, strict=True)]
         before = cpu_seconds(worker.pid), cpu_seconds(daemon.pid)
         (home / "tickets" / "TICKET-2.yaml").write_text(_ticket("TICKET-2", n, False, placed))
+        # The intake (the file read and parsed, the ticket decided, its n + 1 events appended in one
+        # commit) ends where its events become visible: what the daemon spent until then is the
+        # intake's, what it spends after is dispatch's.
+        seen_at, intake_cpu = _wait_visible(db, "TICKET-2", daemon.pid, 60)
         wide = _wait_done(db, "TICKET-2", 60 + n)
         if cpu is not None:  # (includes up to one 50 ms poll of _wait_done's)
             cpu["worker"] = (cpu_seconds(worker.pid) - before[0]) / n
             cpu["daemon"] = (cpu_seconds(daemon.pid) - before[1]) / n
+            cpu["intake"] = (intake_cpu - before[1]) / n
+            # Throughput from the moment the intake's commit was seen (at most a poll, ~2 ms, late):
+            # dispatch alone, without the intake of the n-step ticket; raw RQ's span does include its
+            # client's n enqueues.
+            cpu["tput_after_intake"] = n / (wide[-1][1] - seen_at).total_seconds()
         span = (wide[-1][1] - wide[0][1]).total_seconds()
         return per_job, n / span
     finally:
         _stop(worker)
         _stop(daemon)
+
+
+def _wait_visible(db: Path, tid: str, pid: int, timeout: float) -> tuple[datetime, float]:
+    """Poll (every ~2 ms) until ticket `tid`'s first event is committed; then the time (UTC, naive, as
+    events record theirs) and the CPU seconds process `pid` had used by then."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            found = conn.execute("SELECT 1 FROM events WHERE stream = ? LIMIT 1", (tid,)).fetchone()
+            conn.close()
+        except sqlite3.OperationalError:
+            found = None
+        if found:
+            return datetime.now(UTC).replace(tzinfo=None), cpu_seconds(pid)
+        time.sleep(0.002)
+    raise TimeoutError(f"{tid} was not taken in")
 
 
 def _wait_type(db: Path, type_: str, timeout: float) -> None:
@@ -323,10 +349,19 @@ def main() -> None:
     print(f"    of which one durable commit on this disk (SQLite WAL, synchronous=FULL, p50): {1000 * commit:.2f} ms")
     print(f"    added latency less that commit: {added - 1000 * commit:.2f} ms")
     print(f"  throughput ratio (Jetbox/raw): {ratio:.2f}   goal >= 0.80: {'met' if ratio >= 0.8 else 'not met'}")
+    # The span above starts at the ticket's first event, whose time is taken as its intake's append
+    # begins: the append and commit of its n + 1 events are inside it. Both figures, plainly:
+    after = jb_cpu["tput_after_intake"]
+    print(
+        f"    from the intake's commit on (dispatch alone): {after:.1f} jobs/s, ratio {after / raw_tput:.2f} "
+        "(raw RQ's span includes its client's enqueues)"
+    )
     # CPU per job hardly depends on what else the machine runs; the wall figures above do.
     print(
         f"  CPU per job (throughput run): raw RQ worker {1000 * raw_cpu['worker']:.2f} ms; Jetbox worker "
-        f"{1000 * jb_cpu['worker']:.2f} ms, daemon {1000 * jb_cpu['daemon']:.2f} ms"
+        f"{1000 * jb_cpu['worker']:.2f} ms, daemon {1000 * jb_cpu['daemon']:.2f} ms (of which the intake of "
+        f"the {args.jobs}-step ticket {1000 * jb_cpu['intake']:.2f} ms, dispatch "
+        f"{1000 * (jb_cpu['daemon'] - jb_cpu['intake']):.2f} ms)"
     )
 
 
