@@ -52,15 +52,15 @@ def load_secret(path: Path, create: bool = True) -> bytes:
     return key.encode()
 
 
-def _canonical(body: dict[str, Any]) -> bytes:
+def _canonical(body: Any) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def sign(body: dict[str, Any], key: bytes) -> str:
+def sign(body: Any, key: bytes) -> str:
     return hmac.new(key, _canonical(body), hashlib.sha256).hexdigest()
 
 
-def verify(body: dict[str, Any], signature: str, key: bytes) -> bool:
+def verify(body: Any, signature: str, key: bytes) -> bool:
     return hmac.compare_digest(sign(body, key), signature or "")
 
 
