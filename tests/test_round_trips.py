@@ -622,3 +622,80 @@ def test_the_daemon_says_it_reads_bundles_while_it_runs(home: Path, store: objec
         assert not redis.Redis.from_url(server.url).exists(BUNDLES_KEY)  # stopped: workers send the old form
     finally:
         server.stop()
+
+
+@pytest.mark.integration  # starts redis-server
+def test_rqs_bookkeeping_around_a_job_takes_few_round_trips_and_rq_suspend_still_stops_it(
+    worker_env: tuple[redis.Redis, bytes],
+) -> None:
+    """After a job, RQ's state change, its worker beat and its suspension check go out as one round trip
+    (three before), and the `idle` it writes again as it waits is not sent twice: ten round trips per
+    short job in all (RQ's own SimpleWorker makes twenty). `rq suspend` still keeps the next job from
+    being taken, and the worker's state is `idle` between jobs as RQ keeps it."""
+    from redis.connection import AbstractConnection
+    from rq.suspension import WORKERS_SUSPENDED
+
+    from daemon.dispatcher import dispatch_many
+    from workers.worker import JetboxWorker
+
+    conn, key = worker_env
+
+    def enqueue(*tasks: str) -> None:
+        scheduled = [
+            ev.AttemptScheduled(
+                at=T0, ticket="TICKET-1", task=t, attempt=1, kind="diag", queue="cpu", params={}, timeout=60
+            )
+            for t in tasks
+        ]
+        assert dispatch_many(conn, key, scheduled) == len(tasks)
+
+    states: list[bytes | None] = []
+
+    class Watched(JetboxWorker):
+        def perform_job(self, job: Any, queue: Queue, execution: Any) -> bool:
+            states.append(conn.hget(self.key, "state"))
+            return super().perform_job(job, queue, execution)
+
+    def work() -> Watched:
+        worker = Watched(
+            [Queue("cpu", connection=conn, serializer=JSONSerializer)], connection=conn, serializer=JSONSerializer
+        )
+        worker.work(burst=True, logging_level="WARNING")
+        return worker
+
+    enqueue("warm")
+    work()
+    sends: list[int] = []
+    send = AbstractConnection.send_packed_command
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        sends.append(1)
+        return send(self, *args, **kwargs)
+
+    enqueue(*(f"t{i}" for i in range(5)))
+    AbstractConnection.send_packed_command = counted  # type: ignore[method-assign]
+    try:
+        work()
+    finally:
+        AbstractConnection.send_packed_command = send  # type: ignore[method-assign]
+    empty = len(sends)
+    sends.clear()
+    AbstractConnection.send_packed_command = counted  # type: ignore[method-assign]
+    try:
+        work()  # nothing queued: what a worker's start and end cost
+    finally:
+        AbstractConnection.send_packed_command = send  # type: ignore[method-assign]
+    assert (empty - len(sends) - 5) / 5 <= 10  # (less the test's own look at the state, once a job)
+    assert states[-5:] == [b"busy"] * 5  # set in RQ's pipeline before each job
+
+    class Suspending(Watched):
+        def perform_job(self, job: Any, queue: Queue, execution: Any) -> bool:
+            conn.set(WORKERS_SUSPENDED, 1)  # `rq suspend` while the first job runs
+            return super().perform_job(job, queue, execution)
+
+    enqueue("u1", "u2")
+    suspending = Suspending(
+        [Queue("cpu", connection=conn, serializer=JSONSerializer)], connection=conn, serializer=JSONSerializer
+    )
+    suspending.work(burst=True, logging_level="WARNING")
+    assert [j.decode() for j in conn.lrange("rq:queue:cpu", 0, -1)] == ["jetbox__TICKET-1__u2__1"]

@@ -18,8 +18,10 @@ from typing import Any
 import redis
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
+from rq.suspension import WORKERS_SUSPENDED
 from rq.utils import now as rq_now
 from rq.version import VERSION as RQ_VERSION
+from rq.worker import WorkerStatus
 
 from schema.settings import load_settings
 from schema.wire import (
@@ -80,6 +82,51 @@ class JetboxWorker(SimpleWorker):
             batch.execute()
         if timeout is None:
             self._plain_beat_at = mono
+
+    # When the last round trip after a job found the workers not suspended (monotonic), and the state
+    # this worker last wrote (with when): RQ's next suspension check and an unchanged state are not asked
+    # or written again within `PLAIN_BEAT_S`.
+    _not_suspended_at: float | None = None
+    _state_written: tuple[str, float] | None = None
+
+    def execute_job(self, job: Any, queue: Queue) -> None:
+        """rq 3.0's `SimpleWorker.execute_job`, with RQ's bookkeeping after the job in one round trip
+        (`_after_job`) instead of three: the state back to idle, the worker's beat, and the suspension
+        check the loop makes before taking the next job. Another RQ release gets RQ's own."""
+        if not _RQ_PREPARE_KNOWN:
+            super().execute_job(job, queue)
+            return
+        execution = self.prepare_execution(job)
+        self.perform_job(job, queue, execution)
+        self._after_job()
+
+    def _after_job(self) -> None:
+        mono = time.monotonic()
+        with self.connection.pipeline(transaction=False) as pipeline:
+            self.set_state(WorkerStatus.IDLE, pipeline=pipeline)
+            self.heartbeat(pipeline=pipeline)  # the loop's beat right after this is then skipped
+            pipeline.exists(WORKERS_SUSPENDED)
+            suspended = pipeline.execute()[-1]
+        self._not_suspended_at = None if suspended else mono
+
+    def check_for_suspension(self, burst: bool) -> None:
+        """RQ's check (`rq suspend`), unless the round trip after the job just made it: a suspension is
+        seen before the next job is taken either way."""
+        seen, self._not_suspended_at = self._not_suspended_at, None
+        if seen is not None and time.monotonic() - seen < PLAIN_BEAT_S:
+            return
+        super().check_for_suspension(burst)
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        """RQ's, less a write of the state this worker wrote less than `PLAIN_BEAT_S` ago (RQ sets `idle`
+        after each job and again as it waits for the next)."""
+        mono = time.monotonic()
+        last = self._state_written
+        if pipeline is None and last is not None and last[0] == state and mono - last[1] < PLAIN_BEAT_S:
+            self._state = state
+            return
+        super().set_state(state, pipeline=pipeline)
+        self._state_written = (state, mono)
 
     def prepare_job_execution(self, job: Any, remove_from_intermediate_queue: bool = False) -> None:
         """RQ's bookkeeping before a job (rq 3.0's `BaseWorker.prepare_job_execution`: the same commands
