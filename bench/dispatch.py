@@ -204,36 +204,32 @@ def jetbox(
         _stop(daemon)
 
 
+def _found(db: Path, sql: str, arg: str, timeout: float, every: float) -> None:
+    """Poll the log (read-only) every `every` s until `sql` finds a row."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            try:
+                if conn.execute(sql, (arg,)).fetchone():
+                    return
+            finally:
+                conn.close()
+        except sqlite3.OperationalError:
+            pass
+        time.sleep(every)
+    raise TimeoutError(f"no row for {sql!r} with {arg!r}")
+
+
 def _wait_visible(db: Path, tid: str, pid: int, timeout: float) -> tuple[datetime, float]:
     """Poll (every ~2 ms) until ticket `tid`'s first event is committed; then the time (UTC, naive, as
     events record theirs) and the CPU seconds process `pid` had used by then."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-            found = conn.execute("SELECT 1 FROM events WHERE stream = ? LIMIT 1", (tid,)).fetchone()
-            conn.close()
-        except sqlite3.OperationalError:
-            found = None
-        if found:
-            return datetime.now(UTC).replace(tzinfo=None), cpu_seconds(pid)
-        time.sleep(0.002)
-    raise TimeoutError(f"{tid} was not taken in")
+    _found(db, "SELECT 1 FROM events WHERE stream = ? LIMIT 1", tid, timeout, 0.002)
+    return datetime.now(UTC).replace(tzinfo=None), cpu_seconds(pid)
 
 
 def _wait_type(db: Path, type_: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-            found = conn.execute("SELECT 1 FROM events WHERE type = ? LIMIT 1", (type_,)).fetchone()
-            conn.close()
-            if found:
-                return
-        except sqlite3.OperationalError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"no {type_} recorded")
+    _found(db, "SELECT 1 FROM events WHERE type = ? LIMIT 1", type_, timeout, 0.05)
 
 
 def durable_commit(folder: Path, n: int = 100) -> float:
