@@ -23,6 +23,7 @@ from rq.serializers import JSONSerializer
 
 from daemon.handler import CommandHandler
 from daemon.manifests import write_joined_manifest
+from daemon.rqjobs import RQ_LAYOUT_KNOWN, JobWriter
 from schema import events as ev
 from schema.artifact_store import ArtifactStore
 from schema.plan import LIVE
@@ -78,23 +79,45 @@ def enqueue(conn: redis.Redis, key: bytes, envelope: Envelope, queue_name: str) 
     """Put one attempt on its queue unless RQ already knows its job id; True if enqueued now."""
     if Job.exists(envelope.job_id, connection=conn):
         return False
-    pipe = conn.pipeline()
-    _enqueue_on(pipe, conn, key, envelope, queue_name)
-    pipe.execute()
+    writer = _writer(conn)
+    _enqueue_on(writer, conn, key, envelope, queue_name)
+    writer.execute()
     return True
 
 
-def _enqueue_on(pipe: Any, conn: redis.Redis, key: bytes, envelope: Envelope, queue_name: str) -> None:
-    """Queue the commands that enqueue one attempt on `pipe` (RQ's own job layout, run by `execute`)."""
+def _writer(conn: redis.Redis) -> Any:
+    """Where `_enqueue_on` queues its commands: a `JobWriter` on a `MULTI` pipeline where RQ's layout is
+    known (rq 3.0), else the bare pipeline for RQ's own `enqueue_call`. Either has `execute`."""
+    pipe = conn.pipeline()
+    return JobWriter(pipe) if RQ_LAYOUT_KNOWN else pipe
+
+
+def _enqueue_on(writer: Any, conn: redis.Redis, key: bytes, envelope: Envelope, queue_name: str) -> None:
+    """Queue the commands that enqueue one attempt on `writer` (`_writer`; RQ's own job layout, sent by
+    its `execute`)."""
+    timeout = int(envelope.timeout) + 60  # our own timeout fires first; RQ's is the backstop
+    description = f"{envelope.ticket}/{envelope.task} attempt {envelope.attempt} ({envelope.kind})"
+    if isinstance(writer, JobWriter):
+        writer.add(
+            queue_name,
+            envelope.job_id,
+            ENTRY_POINT,
+            (envelope.signed(key),),
+            timeout=timeout,
+            result_ttl=KEEP_S,
+            failure_ttl=KEEP_S,
+            description=description,
+        )
+        return
     _queue_object(conn, queue_name).enqueue_call(
         func=ENTRY_POINT,
         args=(envelope.signed(key),),
         job_id=envelope.job_id,
-        timeout=int(envelope.timeout) + 60,  # our own timeout fires first; RQ's is the backstop
+        timeout=timeout,
         result_ttl=KEEP_S,
         failure_ttl=KEEP_S,
-        description=f"{envelope.ticket}/{envelope.task} attempt {envelope.attempt} ({envelope.kind})",
-        pipeline=pipe,
+        description=description,
+        pipeline=writer,
     )
 
 
@@ -174,20 +197,20 @@ def dispatch_many(
                 dedicated.put(ticket, bool(value), mono)
         if not unseen:
             known = found[len(asked) :]
-    pipe = conn.pipeline()
+    writer = _writer(conn)
     n = 0
     for e, exists in zip(todo, known, strict=True):
         if exists:
             continue
         name = _queue_for(e, dedicated=bool(claims[e.ticket]))
-        _enqueue_on(pipe, conn, key, envelope_from(e), name)
+        _enqueue_on(writer, conn, key, envelope_from(e), name)
         n += 1
         if n % ENQUEUE_CHUNK == 0:
             # A wide ticket's first jobs reach the workers while the rest are still being built (200 RQ
-            # jobs take the daemon ~50 ms to build, which the workers spent waiting).
-            pipe.execute()
+            # jobs took the daemon ~50 ms to build, which the workers spent waiting).
+            writer.execute()
     if n % ENQUEUE_CHUNK:
-        pipe.execute()
+        writer.execute()
     return n
 
 
