@@ -86,10 +86,9 @@ def enqueue(conn: redis.Redis, key: bytes, envelope: Envelope, queue_name: str) 
 
 
 def _writer(conn: redis.Redis) -> Any:
-    """Where `_enqueue_on` queues its commands: a `JobWriter` on a `MULTI` pipeline where RQ's layout is
-    known (rq 3.0), else the bare pipeline for RQ's own `enqueue_call`. Either has `execute`."""
-    pipe = conn.pipeline()
-    return JobWriter(pipe) if RQ_LAYOUT_KNOWN else pipe
+    """Where `_enqueue_on` queues its commands: a `JobWriter` (one `MULTI`/`EXEC`) where RQ's layout is
+    known (rq 3.0), else a `MULTI` pipeline for RQ's own `enqueue_call`. Either has `execute`."""
+    return JobWriter(conn) if RQ_LAYOUT_KNOWN else conn.pipeline()
 
 
 def _enqueue_on(writer: Any, conn: redis.Redis, key: bytes, envelope: Envelope, queue_name: str) -> None:

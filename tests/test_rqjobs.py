@@ -100,13 +100,13 @@ def test_a_batch_adds_each_queue_once_per_transaction(home: Path) -> None:
     server = start_redis(home / "run")
     try:
         conn = redis.Redis.from_url(server.url)
-        writer = JobWriter(conn.pipeline())
+        writer = JobWriter(conn)
         for i, name in enumerate(["cpu", "gpu", "cpu"]):
             writer.add(name, f"j{i}", ENTRY_POINT, ({"x": i},), timeout=1, result_ttl=2, failure_ttl=3, description="d")
-        assert [c[0][0] for c in writer.pipe.command_stack].count("SADD") == 2
+        assert writer.commands.count(b"SADD") == 2
         writer.execute()
         writer.add("cpu", "j3", ENTRY_POINT, ({},), timeout=1, result_ttl=2, failure_ttl=3, description="d")
-        assert [c[0][0] for c in writer.pipe.command_stack].count("SADD") == 1
+        assert writer.commands.count(b"SADD") == 1
         writer.execute()
         assert conn.smembers("rq:queues") == {b"rq:queue:cpu", b"rq:queue:gpu"}
         assert conn.lrange("rq:queue:cpu", 0, -1) == [b"j0", b"j2", b"j3"]
@@ -119,5 +119,23 @@ def test_a_batch_adds_each_queue_once_per_transaction(home: Path) -> None:
         ).stdout
         print(info)
         assert "queue cpu 3" in info and "queue gpu 1" in info
+    finally:
+        server.stop()
+
+
+@pytest.mark.integration  # starts redis-server
+def test_an_error_reply_is_raised_and_the_connection_is_left_clean(home: Path) -> None:
+    server = start_redis(home / "run")
+    try:
+        conn = redis.Redis.from_url(server.url)
+        conn.set("rq:queue:cpu", "not a list")  # the RPUSH fails inside the transaction (WRONGTYPE)
+        writer = JobWriter(conn)
+        writer.add("cpu", "j1", ENTRY_POINT, ({},), timeout=1, result_ttl=2, failure_ttl=3, description="d")
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            writer.execute()
+        assert conn.ping() and conn.get("rq:queue:cpu") == b"not a list"  # every reply was read
+        writer.add("gpu", "j2", ENTRY_POINT, ({},), timeout=1, result_ttl=2, failure_ttl=3, description="d")
+        writer.execute()  # the writer is empty again after a failure, and works
+        assert conn.lrange("rq:queue:gpu", 0, -1) == [b"j2"]
     finally:
         server.stop()
