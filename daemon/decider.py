@@ -43,9 +43,13 @@ class _Emitter:
     caller's state is never changed. `out.state.tickets` may be scanned to read, never to act on.
     """
 
-    def __init__(self, state: State) -> None:
-        self.state = state.scratch([])
-        self._copied: set[str] = set()
+    def __init__(self, state: State, own: set[str] | None = None) -> None:
+        if own is None:
+            self.state = state.scratch([])
+            self._copied: set[str] = set()
+        else:  # `decide_on`: the caller's scratch state, and the tickets already its own copies
+            self.state = state
+            self._copied = own
         self.events: list[ev.Event] = []
         self.filled = False  # a pass over waiting tasks ran (`_fill`)
         self.placing: dict[tuple[str, str], Placement] = {}  # chosen by `_fill`, recorded by `_schedule`
@@ -85,9 +89,18 @@ def decide(state: State, command: cmd.Command) -> list[ev.Event]:
     return _run(state, command).events
 
 
-def _run(state: State, command: cmd.Command) -> _Emitter:
+def decide_on(scratch: State, own: set[str], command: cmd.Command) -> list[ev.Event]:
+    """`decide` on a scratch state the caller owns (made with `State.scratch`; `own`: the tickets in it
+    that are already its own copies, kept up to date here): the rules work on it directly, and it ends
+    as `scratch` with the events applied, as `decide`'s own scratch would (tested: `_run`'s state is
+    its events applied to the state). The command handler decides a batch of commands in turn on one
+    such state, instead of a scratch of a scratch per command and every event applied twice."""
+    return _run(scratch, command, own).events
+
+
+def _run(state: State, command: cmd.Command, own: set[str] | None = None) -> _Emitter:
     """`decide`, keeping the scratch state the rules worked on (tests compare it with a replay)."""
-    out = _Emitter(state)
+    out = _Emitter(state, own)
     _DECIDERS[type(command)](out, command)
     _release_waiters(out, command.now)
     if out.state.deferred and type(command) not in _NO_FREED_SLOT:
@@ -574,7 +587,7 @@ def _advance(out: _Emitter, ticket: TicketState, now: datetime) -> None:
 
 def _step_spec(ticket: TicketState, task_id: str) -> Step | None:
     """The ticket's step of that id (None for subtasks and acceptance checks)."""
-    return next((s for s in ticket.spec.steps if s.id == task_id), None)
+    return ticket.spec.steps_by_id.get(task_id)
 
 
 def _start(out: _Emitter, ticket: TicketState, task: TaskState, now: datetime) -> bool:

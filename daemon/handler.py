@@ -21,7 +21,7 @@ from typing import Any
 
 from daemon import replay
 from daemon.commands import Command, RecordHomeOwner
-from daemon.decider import decide
+from daemon.decider import decide_on
 from daemon.state import ColdTicketNeeded, State, TicketState, evolve, freeze, thaw
 from schema import events as ev
 from schema.store import ConcurrencyError, EventStore, Recorded
@@ -282,23 +282,21 @@ class CommandHandler:
         """Each command's events and the stream versions they expect, decided in turn on one scratch
         state. Raises `ColdTicketNeeded` when a command needs an ended ticket whole."""
         scratch = self.state.scratch([])
-        copied: set[str] = set()
+        own: set[str] = set()  # the tickets the scratch holds copies of
         batches: list[tuple[list[ev.Event], dict[str, int], Mapping[str, Any] | None]] = []
-        for n, command in enumerate(commands):
-            events = decide(scratch, command)
-            expected = {ev.stream_of(e): scratch.versions.get(ev.stream_of(e), 0) for e in events}
+        for command in commands:
+            # The rules apply their events to the scratch as they emit them: later commands see this
+            # one's effect.
+            events = decide_on(scratch, own, command)
+            if not events:
+                continue
+            # The versions the streams had before these events (each event moved its stream's by one).
+            streams = [ev.stream_of(e) for e in events]
+            expected = {st: scratch.versions.get(st, 0) - streams.count(st) for st in streams}
             # Decisions read the core (proposal bases, `_core` in jobs): if another writer
             # promoted meanwhile, the append conflicts and we decide again on fresh state.
             expected.setdefault(ev.CORE_STREAM, scratch.versions.get(ev.CORE_STREAM, 0))
-            if events:
-                batches.append((events, expected, _meta(command, meta)))
-            if n + 1 < len(commands):  # later commands must see this one's effect
-                for event in events:
-                    tid = getattr(event, "ticket", None)
-                    if isinstance(tid, str) and tid not in copied and tid in scratch.tickets:
-                        scratch.tickets[tid] = scratch.tickets[tid].copy()
-                        copied.add(tid)
-                    evolve(scratch, event)
+            batches.append((events, expected, _meta(command, meta)))
         return batches
 
 

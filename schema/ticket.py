@@ -18,6 +18,7 @@ import re
 import stat
 import unicodedata
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
@@ -613,7 +614,13 @@ class Ticket(_Strict):
         return self
 
     def step(self, step_id: str) -> Step:
-        return next(s for s in self.steps if s.id == step_id)
+        return self.steps_by_id[step_id]
+
+    @cached_property
+    def steps_by_id(self) -> dict[str, Step]:
+        """The steps by id, made on first use (the model is frozen: it never goes stale). The decider
+        looks a step up for every report: a scan of a 200-step ticket's list each time."""
+        return {s.id: s for s in self.steps}
 
 
 class LocatedError(ValueError):
