@@ -162,3 +162,25 @@ def test_a_handler_folds_what_other_writers_appended_before_its_own(store: Event
     daemon.refresh()
     assert list(daemon.state.tickets) == ["TICKET-1", "TICKET-2"]
     assert daemon.state.last_seq == store.head()
+
+
+def test_known_stream_versions_are_used_only_while_nobody_else_appended(store: EventStore) -> None:
+    """An append takes the stream versions its store's last commit left (no `max(version)` query) only
+    while the log's head is where that commit left it: another writer's append makes it ask again."""
+    other = EventStore(store.url)
+    e = ev.TicketCancelled(at=T0, ticket="TICKET-7", reason="x")
+    try:
+        store.append([e], expected={"TICKET-7": 0})
+        asked: list[str] = []
+        store._writer.set_trace_callback(asked.append)  # type: ignore[union-attr]
+        store.append([e], expected={"TICKET-7": 1})  # known: the head is where this store left it
+        assert not any("max(version)" in sql for sql in asked)
+        other.append([e, e], expected={"TICKET-7": 2})  # another writer moves the stream on
+        with pytest.raises(ConcurrencyError, match="at version 4, expected 2"):
+            store.append([e], expected={"TICKET-7": 2})
+        assert any("max(version)" in sql for sql in asked)
+        recs = store.append([e], expected={"TICKET-7": 4})
+        assert [(r.seq, r.version) for r in recs] == [(5, 5)] and store.stream_version("TICKET-7") == 5
+        assert [r.version for r in store.read(0, stream="TICKET-7")] == [1, 2, 3, 4, 5]
+    finally:
+        other.close()
