@@ -139,3 +139,39 @@ def test_an_error_reply_is_raised_and_the_connection_is_left_clean(home: Path) -
         assert conn.lrange("rq:queue:gpu", 0, -1) == [b"j2"]
     finally:
         server.stop()
+
+
+@pytest.mark.integration  # starts redis-server
+def test_an_enqueue_lost_with_its_connection_is_made_by_the_next_poll(
+    home: Path, store: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The transaction is not sent again blindly (it could push a job twice): the dispatcher's next go
+    asks RQ which jobs exist and enqueues the rest, once."""
+    from daemon.dispatcher import Dispatcher
+    from daemon.handler import CommandHandler
+    from schema.settings import load_settings
+    from tests.helpers import make_ticket, submit
+
+    server = start_redis(home / "run")
+    try:
+        conn = redis.Redis.from_url(server.url)
+        handler = CommandHandler(store)  # type: ignore[arg-type]
+        dispatcher = Dispatcher(handler, load_settings(), conn)
+        handler.handle(submit(make_ticket("TICKET-1", steps="  - {id: a, kind: diag}\n  - {id: b, kind: diag}\n"), T0))
+        sent = JobWriter.execute
+
+        def lost(self: JobWriter) -> None:
+            monkeypatch.setattr(JobWriter, "execute", sent)
+            self._parts = []
+            raise redis.ConnectionError("lost")
+
+        monkeypatch.setattr(JobWriter, "execute", lost)
+        with pytest.raises(redis.ConnectionError):
+            dispatcher.poll(T0)
+        assert conn.llen("rq:queue:cpu") == 0
+        dispatcher.poll(T0)
+        assert sorted(conn.lrange("rq:queue:cpu", 0, -1)) == [b"jetbox__TICKET-1__a__1", b"jetbox__TICKET-1__b__1"]
+        dispatcher.poll(T0)
+        assert conn.llen("rq:queue:cpu") == 2 and dispatcher.enqueued == 2
+    finally:
+        server.stop()
