@@ -21,7 +21,7 @@ from workers.eval.encoders import (
     recall_at,
     recall_chance,
 )
-from workers.models.jepa import JEPA, make_config, sample_masks, sigreg
+from workers.models.jepa import JEPA, colour_augment, make_config, sample_masks, sigreg
 from workers.models.text import TextConfig, TextEncoder, tokenize, train_tokenizer
 from workers.synth.shapes import ShapesGenerator, ShapesParams
 from workers.train_jepa import JepaTrainParams, load_checkpoint, load_model, train_jepa, train_supervised
@@ -149,6 +149,43 @@ def test_projected_sigreg_term() -> None:
         make_config(regularizer="ema", sigreg_on="projected")
     with pytest.raises(ValidationError, match="sigreg_proj_dim and sigreg_proj_hidden must be >= 1"):
         make_config(sigreg_on="projected", sigreg_proj_dim=0)
+
+
+def test_colour_augment_keeps_outlines() -> None:
+    """Recolouring changes colours, never where the objects are, and is a function of the generator."""
+    images = torch.from_numpy(shapes(8, seed=5)["images"]).permute(0, 3, 1, 2).float() / 255.0
+    x = (images - 0.5) / 0.25
+    a = colour_augment(x, torch.Generator().manual_seed(0))
+    assert torch.equal(a, colour_augment(x, torch.Generator().manual_seed(0)))
+    assert a.shape == x.shape and not torch.allclose(a, x)
+    # a pixel far from the background level stays far from it: the outline survives recolouring
+    bright = (images.amax(dim=1) > 0.6)
+    recoloured = (a * 0.25 + 0.5).amax(dim=1)
+    assert float(recoloured[bright].mean()) > float(recoloured[~bright].mean()) + 0.2
+
+
+def test_view_objective_learns(tmp_path: Path, small_data: dict[str, np.ndarray]) -> None:
+    """`views`: the invariance + SIGReg term trains (its SIGReg falls, the projections spread instead of
+    collapsing to a point) alongside the masked prediction, on a run of a few seconds."""
+    arch = {**MICRO, "regularizer": "ema", "masking": "random", "loss": "l2", "views": 2, "view_keep": 0.5,
+            "view_proj_dim": 16, "view_proj_hidden": 32, "colour_aug": True}
+    ctx = LocalContext(tmp_path)
+    train_jepa(ctx, _params(steps=60, batch_size=32, warmup_steps=5, lr=2e-3, checkpoint_every=1000, arch=arch),
+               small_data)
+    log = ctx.progress_log
+
+    def early_late(key: str) -> tuple[float, float]:
+        return float(np.mean([e[key] for e in log[:10]])), float(np.mean([e[key] for e in log[-10:]]))
+
+    pred0, pred1 = early_late("pred_loss")
+    reg0, reg1 = early_late("view_sigreg")
+    assert pred1 < 0.7 * pred0, (pred0, pred1)
+    assert reg1 < 0.8 * reg0, (reg0, reg1)
+    model, _, _ = load_model(ctx.checkpoints[-1][0])
+    assert model.view_proj is not None  # type: ignore[union-attr]
+    assert JEPA(make_config(**MICRO)).view_proj is None
+    with pytest.raises(ValidationError, match="views must be 0"):
+        make_config(views=1)
 
 
 def test_sigreg_gaussian_vs_collapsed() -> None:

@@ -64,6 +64,20 @@ class JepaConfig(BaseModel):
     masking: Literal["multiblock", "random"] = "multiblock"
     mask_ratio: float = 0.5
     target_layers: int = 1
+    # `colour_aug`: the context and target branches see independently colour-augmented copies of the
+    # image (channel permutation, per-channel gain, sometimes greyscale), so the colour of a hidden patch
+    # cannot be predicted and the encoder is pushed to describe what survives recolouring: outlines
+    colour_aug: bool = False
+    # multi-view invariance (LeJEPA): `views` colour-augmented copies of each whole image through the
+    # online encoder, mean-pooled and projected (`view_proj_hidden` -> `view_proj_dim`); the views of
+    # one image are pulled to their mean, with SIGReg (weight `view_sigreg`) on the projections against
+    # collapse. The total loss is (1 - view_weight) * prediction + view_weight * that. 0 views: off.
+    views: int = 0
+    view_weight: float = 0.5
+    view_sigreg: float = 0.5  # our SIGReg is not multiplied by N, so LeJEPA's 0.05 is far too weak here
+    view_proj_dim: int = 64
+    view_proj_hidden: int = 256
+    view_keep: float = 1.0  # share of patches each view keeps (random per view): patch dropout
 
     @model_validator(mode="after")
     def _check(self) -> JepaConfig:
@@ -86,6 +100,12 @@ class JepaConfig(BaseModel):
                 f"sigreg_proj_dim and sigreg_proj_hidden must be >= 1, got {self.sigreg_proj_dim}, "
                 f"{self.sigreg_proj_hidden}"
             )
+        if self.views == 1 or self.views < 0:
+            raise ValueError(f"views must be 0 (off) or at least 2, got {self.views}")
+        if not 0 < self.view_keep <= 1:
+            raise ValueError(f"view_keep must be in (0, 1], got {self.view_keep}")
+        if not 0 <= self.view_weight <= 1 or not 0 <= self.view_sigreg <= 1:
+            raise ValueError("view_weight and view_sigreg are mixing weights in [0, 1]")
         if self.sigreg_on == "projected" and self.regularizer != "sigreg":
             raise ValueError("sigreg_on: projected needs regularizer: sigreg (EMA has no SIGReg term)")
         return self
@@ -288,6 +308,21 @@ def sample_masks(cfg: JepaConfig, batch: int, gen: torch.Generator) -> tuple[Ten
     return torch.tensor(trimmed, dtype=torch.long), torch.tensor(targets, dtype=torch.long)
 
 
+def colour_augment(images: Tensor, gen: torch.Generator, grey_p: float = 0.2) -> Tensor:
+    """Recolour normalised images [B, 3, H, W]: a random channel order and a per-channel gain in
+    [0.6, 1.4] per image, greyscale with probability `grey_p`. Outlines, positions and counts survive;
+    the palette colour does not (red can become blue or grey). Draws from `gen` on the CPU."""
+    b = images.shape[0]
+    pix = images * 0.25 + 0.5  # undo `preprocess`
+    perm = torch.rand(b, 3, generator=gen).argsort(dim=1).to(images.device)
+    pix = torch.gather(pix, 1, perm[:, :, None, None].expand_as(pix))
+    gain = (0.6 + 0.8 * torch.rand(b, 3, 1, 1, generator=gen)).to(images)
+    grey = (torch.rand(b, 1, 1, 1, generator=gen) < grey_p).to(images.device)
+    pix = pix * gain
+    pix = torch.where(grey, pix.mean(dim=1, keepdim=True).expand_as(pix), pix)
+    return (pix.clamp(0.0, 1.0) - 0.5) / 0.25
+
+
 # ----------------------------------------------------------------------------------------------------
 # SIGReg
 
@@ -336,6 +371,16 @@ class JEPA(nn.Module):
                 nn.GELU(),
                 nn.Linear(cfg.sigreg_proj_hidden, cfg.sigreg_proj_dim),
             )
+        self.view_proj: nn.Sequential | None = None
+        if cfg.views:
+            # batch norm as in LeJEPA's projector: pooled embeddings of different images differ little at
+            # first, and without it the projections start near a point, where SIGReg's pull is weak
+            self.view_proj = nn.Sequential(
+                nn.Linear(cfg.embed_dim, cfg.view_proj_hidden),
+                nn.BatchNorm1d(cfg.view_proj_hidden),
+                nn.GELU(),
+                nn.Linear(cfg.view_proj_hidden, cfg.view_proj_dim),
+            )
         if cfg.regularizer == "ema":
             self.target_encoder = copy.deepcopy(self.encoder)
             self.target_encoder.requires_grad_(False)
@@ -367,21 +412,26 @@ class JEPA(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss for one batch of normalised images and its masks; also returns the full-image tokens."""
         cfg = self.cfg
+        ctx_images = tgt_images = images
+        if cfg.colour_aug:
+            if generator is None:
+                raise ValueError("colour_aug needs the step's generator")
+            ctx_images, tgt_images = colour_augment(images, generator), colour_augment(images, generator)
         if self.target_encoder is not None:
             with torch.no_grad():
                 if cfg.target_layers > 1:
-                    full = self.target_encoder.layer_targets(images, cfg.target_layers)
+                    full = self.target_encoder.layer_targets(tgt_images, cfg.target_layers)
                 else:
-                    full = self.target_encoder(images)
+                    full = self.target_encoder(tgt_images)
         else:
-            full = self.encoder(images)  # gradients flow into the targets too: SIGReg prevents collapse
+            full = self.encoder(tgt_images)  # gradients flow into the targets too: SIGReg prevents collapse
         target = F.layer_norm(full, (full.shape[-1],))
         if cfg.target_centre:
             target = target - target.mean(dim=0, keepdim=True)
         n_blocks, batch, n_tgt = tgt_idx.shape
         target = gather_tokens(target.repeat(n_blocks, 1, 1), tgt_idx.reshape(n_blocks * batch, n_tgt))
         target = target.reshape(n_blocks, batch, n_tgt, -1)
-        ctx = self.encoder(images, keep=ctx_idx)
+        ctx = self.encoder(ctx_images, keep=ctx_idx)
         pred = self.predictor(ctx, ctx_idx, tgt_idx)
         if cfg.loss == "l2":
             pred_loss = F.mse_loss(pred.float(), target.float())
@@ -400,4 +450,27 @@ class JEPA(nn.Module):
             loss = (1.0 - cfg.sigreg_weight) * pred_loss + cfg.sigreg_weight * reg
         else:
             loss = pred_loss
+        if self.view_proj is not None:
+            if generator is None:
+                raise ValueError("views need the step's generator")
+            view_loss, parts = self._view_loss(images, generator)
+            out.update(parts)
+            loss = (1.0 - cfg.view_weight) * loss + cfg.view_weight * view_loss
         return loss, out
+
+    def _view_loss(self, images: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        """LeJEPA's objective on colour-augmented whole-image views: invariance + SIGReg on projections."""
+        assert self.view_proj is not None
+        cfg, batch = self.cfg, images.shape[0]
+        views = torch.cat([colour_augment(images, generator) for _ in range(cfg.views)])
+        keep = None
+        if cfg.view_keep < 1:
+            n = cfg.num_patches
+            k = max(1, round(cfg.view_keep * n))
+            keep = torch.rand(len(views), n, generator=generator).argsort(dim=1)[:, :k].sort(dim=1).values
+            keep = keep.to(images.device)
+        z = self.view_proj(self.encoder(views, keep=keep).mean(dim=1)).reshape(cfg.views, batch, -1)
+        inv = (z - z.mean(dim=0, keepdim=True)).square().mean()
+        reg = torch.stack([sigreg(v, cfg.sigreg_slices, cfg.sigreg_knots, generator=generator) for v in z]).mean()
+        view_loss = (1.0 - cfg.view_sigreg) * inv + cfg.view_sigreg * reg
+        return view_loss, {"view_inv": inv.detach(), "view_sigreg": reg.detach()}
