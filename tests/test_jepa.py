@@ -22,7 +22,7 @@ from workers.eval.encoders import (
     recall_chance,
 )
 from workers.models.jepa import JEPA, colour_augment, make_config, sample_masks, sigreg
-from workers.models.text import TextConfig, TextEncoder, tokenize, train_tokenizer
+from workers.models.text import CrossModalJEPA, TextConfig, TextEncoder, tokenize, train_tokenizer
 from workers.synth.shapes import ShapesGenerator, ShapesParams
 from workers.train_jepa import JepaTrainParams, load_checkpoint, load_model, train_jepa, train_supervised
 
@@ -168,7 +168,7 @@ def test_view_objective_learns(tmp_path: Path, small_data: dict[str, np.ndarray]
     """`views`: the invariance + SIGReg term trains (its SIGReg falls, the projections spread instead of
     collapsing to a point) alongside the masked prediction, on a run of a few seconds."""
     arch = {**MICRO, "regularizer": "ema", "masking": "random", "loss": "l2", "views": 2, "view_keep": 0.5,
-            "view_proj_dim": 16, "view_proj_hidden": 32, "colour_aug": True}
+            "view_proj_dim": 16, "view_proj_hidden": 32, "view_shift": 2, "colour_aug": True}
     ctx = LocalContext(tmp_path)
     train_jepa(ctx, _params(steps=60, batch_size=32, warmup_steps=5, lr=2e-3, checkpoint_every=1000, arch=arch),
                small_data)
@@ -186,6 +186,14 @@ def test_view_objective_learns(tmp_path: Path, small_data: dict[str, np.ndarray]
     assert JEPA(make_config(**MICRO)).view_proj is None
     with pytest.raises(ValidationError, match="views must be 0"):
         make_config(views=1)
+    # the view objective alone skips the masked prediction (no predictor gradient, no pred_loss)
+    alone = JEPA(make_config(**{**arch, "view_weight": 1.0}))
+    ctx_idx, tgt_idx = sample_masks(alone.cfg, 8, torch.Generator().manual_seed(0))
+    loss, out = alone(torch.randn(8, 3, 32, 32), ctx_idx, tgt_idx, torch.Generator().manual_seed(1))
+    loss.backward()
+    assert "pred_loss" not in out and alone.predictor.proj.weight.grad is None
+    with pytest.raises(ValueError, match="view_weight 1 skips them"):
+        CrossModalJEPA(alone.cfg, TextConfig(**MICRO_TEXT), 64)
 
 
 def test_sigreg_gaussian_vs_collapsed() -> None:

@@ -78,6 +78,7 @@ class JepaConfig(BaseModel):
     view_proj_dim: int = 64
     view_proj_hidden: int = 256
     view_keep: float = 1.0  # share of patches each view keeps (random per view): patch dropout
+    view_shift: int = 0  # each view moved by up to this many pixels in x and y (wrapping round)
 
     @model_validator(mode="after")
     def _check(self) -> JepaConfig:
@@ -102,6 +103,8 @@ class JepaConfig(BaseModel):
             )
         if self.views == 1 or self.views < 0:
             raise ValueError(f"views must be 0 (off) or at least 2, got {self.views}")
+        if self.view_shift < 0:
+            raise ValueError(f"view_shift must be >= 0, got {self.view_shift}")
         if not 0 < self.view_keep <= 1:
             raise ValueError(f"view_keep must be in (0, 1], got {self.view_keep}")
         if not 0 <= self.view_weight <= 1 or not 0 <= self.view_sigreg <= 1:
@@ -412,6 +415,12 @@ class JEPA(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss for one batch of normalised images and its masks; also returns the full-image tokens."""
         cfg = self.cfg
+        if self.view_proj is not None and cfg.view_weight == 1.0:
+            # the view objective alone (LeJEPA without prediction): skip the masked-prediction branch
+            if generator is None:
+                raise ValueError("views need the step's generator")
+            view_loss, parts = self._view_loss(images, generator)
+            return view_loss, parts
         ctx_images = tgt_images = images
         if cfg.colour_aug:
             if generator is None:
@@ -463,6 +472,9 @@ class JEPA(nn.Module):
         assert self.view_proj is not None
         cfg, batch = self.cfg, images.shape[0]
         views = torch.cat([colour_augment(images, generator) for _ in range(cfg.views)])
+        if cfg.view_shift:
+            shifts = torch.randint(-cfg.view_shift, cfg.view_shift + 1, (len(views), 2), generator=generator)
+            views = torch.stack([v.roll((int(dy), int(dx)), dims=(1, 2)) for v, (dy, dx) in zip(views, shifts, strict=True)])
         keep = None
         if cfg.view_keep < 1:
             n = cfg.num_patches

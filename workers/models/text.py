@@ -136,6 +136,8 @@ class CrossModalJEPA(nn.Module):
 
     def __init__(self, image_cfg: JepaConfig, text_cfg: TextConfig, vocab_size: int) -> None:
         super().__init__()
+        if image_cfg.views and image_cfg.view_weight == 1.0:
+            raise ValueError("jepa-text reads the image JEPA's full-image tokens; view_weight 1 skips them")
         self.cfg = image_cfg
         self.text_cfg = text_cfg
         self.image = JEPA(image_cfg)
