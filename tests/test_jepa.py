@@ -159,7 +159,7 @@ def test_colour_augment_keeps_outlines() -> None:
     assert torch.equal(a, colour_augment(x, torch.Generator().manual_seed(0)))
     assert a.shape == x.shape and not torch.allclose(a, x)
     # a pixel far from the background level stays far from it: the outline survives recolouring
-    bright = (images.amax(dim=1) > 0.6)
+    bright = images.amax(dim=1) > 0.6
     recoloured = (a * 0.25 + 0.5).amax(dim=1)
     assert float(recoloured[bright].mean()) > float(recoloured[~bright].mean()) + 0.2
 

@@ -474,7 +474,9 @@ class JEPA(nn.Module):
         views = torch.cat([colour_augment(images, generator) for _ in range(cfg.views)])
         if cfg.view_shift:
             shifts = torch.randint(-cfg.view_shift, cfg.view_shift + 1, (len(views), 2), generator=generator)
-            views = torch.stack([v.roll((int(dy), int(dx)), dims=(1, 2)) for v, (dy, dx) in zip(views, shifts, strict=True)])
+            views = torch.stack(
+                [v.roll((int(dy), int(dx)), dims=(1, 2)) for v, (dy, dx) in zip(views, shifts, strict=True)]
+            )
         keep = None
         if cfg.view_keep < 1:
             n = cfg.num_patches
