@@ -43,7 +43,7 @@ import torch
 
 from workers.context import LocalContext
 from workers.eval.encoders import evaluate_encoder
-from workers.synth.shapes import ShapesGenerator, ShapesParams
+from workers.synth.shapes import MAX_OBJECTS, ShapesGenerator, ShapesParams
 from workers.train_jepa import JepaTrainParams, train_jepa, train_supervised
 
 LABELS = ["shape", "count", "position", "colour"]
@@ -91,8 +91,9 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, float]:
                            arch=json.loads(args.arch), text=json.loads(args.text), model=args.model)
     size = base.image_config().img_size
     gen = ShapesGenerator()
-    train = gen.generate(ShapesParams(size=size), 1000 + seed, 0, args.train_size)
-    held_out = gen.generate(ShapesParams(size=size), 2000 + seed, 0, args.eval_size)
+    shapes = ShapesParams(size=size, **({"max_objects": args.objects} if args.objects else {}))
+    train = gen.generate(shapes, 1000 + seed, 0, args.train_size)
+    held_out = gen.generate(shapes, 2000 + seed, 0, args.eval_size)
     clock = clock_of(args.budget_clock)
     steps = budget_steps(args, 0.0 if args.steps else seconds_per_step(base, train, args.budget_clock))
     params = base.model_copy(update={"steps": steps, "warmup_steps": max(10, steps // 10),
@@ -149,6 +150,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--train-size", type=int, default=8000)
     ap.add_argument("--eval-size", type=int, default=3000)
+    ap.add_argument("--objects", type=int, choices=range(1, MAX_OBJECTS + 1), default=None,
+                    help="at most this many objects per image (the generator's default: 1-3); with 1 the "
+                         "shape label names the only object, not the largest of several")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per seed")
     ap.add_argument("--parallel", type=int, default=1,
                     help="seeds trained at once in separate processes (each calibrates its steps while the "
