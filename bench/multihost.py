@@ -28,7 +28,6 @@ import argparse
 import importlib.util
 import json
 import os
-import signal
 import sqlite3
 import statistics
 import subprocess
@@ -41,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.dispatch import _stop  # noqa: E402
 from schema.ticket import MAX_STEPS  # noqa: E402
 from tests.netns_hosts import MAIN_ADDRESS, Hosts, unavailable  # noqa: E402
 
@@ -93,16 +93,6 @@ def _env(home: Path) -> dict[str, str]:
 def _start(hosts: Hosts, host: str, argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(hosts.argv(host, argv), env=env, stdout=out, stderr=out, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _events(db: Path, tid: str) -> list[tuple[str, datetime]]:
