@@ -9,8 +9,12 @@ import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import redis
 
 # One torch thread: on 2 cores it is several times faster than the default.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -110,6 +114,20 @@ def store(home: Path) -> Iterator[object]:
     s = EventStore(url)
     yield s
     s.close()
+
+
+@pytest.fixture
+def conn(home: Path) -> Iterator[redis.Redis]:
+    """A connection to a private redis-server of its own (a socket under `home`), stopped after."""
+    import redis as redis_py
+
+    from cli.embedded import start_redis
+
+    server = start_redis(home / "run")
+    try:
+        yield redis_py.Redis.from_url(server.url)
+    finally:
+        server.stop()
 
 
 class Clock:

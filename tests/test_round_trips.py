@@ -126,32 +126,29 @@ def test_a_failed_job_still_reports_its_start_first(worker_env: tuple[redis.Redi
 
 
 @pytest.mark.integration  # starts redis-server
-def test_dispatch_many_is_idempotent_and_honours_dedicated_workers(home: Path, store: object) -> None:
+def test_dispatch_many_is_idempotent_and_honours_dedicated_workers(
+    home: Path, store: object, conn: redis.Redis
+) -> None:
     from daemon.dispatcher import Dispatcher
     from schema.settings import load_settings
 
-    server = start_redis(home / "run")
-    try:
-        conn = redis.Redis.from_url(server.url)
-        handler = CommandHandler(store)  # type: ignore[arg-type]
-        steps = "".join(f"  - {{id: s{i}, kind: diag}}\n" for i in range(5))
-        handler.handle(submit(make_ticket("TICKET-1", steps=steps), T0))
-        handler.handle(submit(make_ticket("TICKET-2", steps="  - {id: a, kind: diag}\n"), T0))
-        conn.set(dedicated_key("TICKET-2"), "1", ex=30)
-        dispatcher = Dispatcher(handler, load_settings(), conn)
-        dispatcher.poll(T0)
-        assert dispatcher.enqueued == 6
-        scheduled = [r.event for r in store.read(0, types=["AttemptScheduled"])]  # type: ignore[attr-defined]
-        assert dispatch_many(conn, dispatcher.key, scheduled) == 0  # all known: nothing enqueued twice
-        assert dispatch_many(conn, dispatcher.key, []) == 0
-        for i in range(5):
-            job = Job.fetch(f"jetbox__TICKET-1__s{i}__1", connection=conn, serializer=JSONSerializer)
-            assert job.origin == "cpu" and job.func_name == "workers.entry.run_job"
-        job = Job.fetch("jetbox__TICKET-2__a__1", connection=conn, serializer=JSONSerializer)
-        assert job.origin == dedicated_queue("TICKET-2")
-        assert conn.llen("rq:queue:cpu") == 5
-    finally:
-        server.stop()
+    handler = CommandHandler(store)  # type: ignore[arg-type]
+    steps = "".join(f"  - {{id: s{i}, kind: diag}}\n" for i in range(5))
+    handler.handle(submit(make_ticket("TICKET-1", steps=steps), T0))
+    handler.handle(submit(make_ticket("TICKET-2", steps="  - {id: a, kind: diag}\n"), T0))
+    conn.set(dedicated_key("TICKET-2"), "1", ex=30)
+    dispatcher = Dispatcher(handler, load_settings(), conn)
+    dispatcher.poll(T0)
+    assert dispatcher.enqueued == 6
+    scheduled = [r.event for r in store.read(0, types=["AttemptScheduled"])]  # type: ignore[attr-defined]
+    assert dispatch_many(conn, dispatcher.key, scheduled) == 0  # all known: nothing enqueued twice
+    assert dispatch_many(conn, dispatcher.key, []) == 0
+    for i in range(5):
+        job = Job.fetch(f"jetbox__TICKET-1__s{i}__1", connection=conn, serializer=JSONSerializer)
+        assert job.origin == "cpu" and job.func_name == "workers.entry.run_job"
+    job = Job.fetch("jetbox__TICKET-2__a__1", connection=conn, serializer=JSONSerializer)
+    assert job.origin == dedicated_queue("TICKET-2")
+    assert conn.llen("rq:queue:cpu") == 5
 
 
 def test_the_handlers_tail_is_the_log_including_other_writers(store: object) -> None:
@@ -260,118 +257,106 @@ def test_a_short_jobs_burst_reaches_a_blocked_reader_in_one_read(worker_env: tup
 
 
 @pytest.mark.integration  # starts redis-server
-def test_reports_are_signed_on_the_text_sent_and_older_encodings_still_verify(home: Path, store: object) -> None:
+def test_reports_are_signed_on_the_text_sent_and_older_encodings_still_verify(
+    home: Path, store: object, conn: redis.Redis
+) -> None:
     from daemon import commands as cmd
     from daemon.inbox import Inbox
     from schema.settings import load_settings
     from schema.wire import Report, sign
 
-    server = start_redis(home / "run")
-    try:
-        conn = redis.Redis.from_url(server.url)
-        inbox = Inbox(CommandHandler(store), load_settings(), conn)  # type: ignore[arg-type]
-        report = Report(kind="started", ticket="TICKET-1", task="a", attempt=1, seq=1, worker="w", body={"é": 1})
-        fields = report.signed(inbox.key)
-        data = report.model_dump(mode="json")
-        # Sent as the canonical JSON the signature covers (one encoding, checked on the bytes received).
-        assert fields["report"] == json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        as_sent = {k.encode(): v.encode() for k, v in fields.items()}
-        assert isinstance(inbox.parse(as_sent, T0), cmd.RecordJobStarted)
-        # A worker of the release before sends `json.dumps(data, sort_keys=True)`, signed the same way.
-        older = {b"report": json.dumps(data, sort_keys=True).encode(), b"sig": sign(data, inbox.key).encode()}
-        assert isinstance(inbox.parse(older, T0), cmd.RecordJobStarted)
-        # Changed by one byte, either way: a forged report.
-        for forged in (
-            {**as_sent, b"report": as_sent[b"report"].replace(b'"attempt":1', b'"attempt":2')},
-            {**older, b"report": older[b"report"].replace(b'"attempt": 1', b'"attempt": 2')},
-            {**as_sent, b"sig": b"0" * 64},
-        ):
-            found = inbox.parse(forged, T0)
-            assert isinstance(found, cmd.RecordViolation) and found.what == "forged_report"
-        inbox.close()
-    finally:
-        server.stop()
+    inbox = Inbox(CommandHandler(store), load_settings(), conn)  # type: ignore[arg-type]
+    report = Report(kind="started", ticket="TICKET-1", task="a", attempt=1, seq=1, worker="w", body={"é": 1})
+    fields = report.signed(inbox.key)
+    data = report.model_dump(mode="json")
+    # Sent as the canonical JSON the signature covers (one encoding, checked on the bytes received).
+    assert fields["report"] == json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    as_sent = {k.encode(): v.encode() for k, v in fields.items()}
+    assert isinstance(inbox.parse(as_sent, T0), cmd.RecordJobStarted)
+    # A worker of the release before sends `json.dumps(data, sort_keys=True)`, signed the same way.
+    older = {b"report": json.dumps(data, sort_keys=True).encode(), b"sig": sign(data, inbox.key).encode()}
+    assert isinstance(inbox.parse(older, T0), cmd.RecordJobStarted)
+    # Changed by one byte, either way: a forged report.
+    for forged in (
+        {**as_sent, b"report": as_sent[b"report"].replace(b'"attempt":1', b'"attempt":2')},
+        {**older, b"report": older[b"report"].replace(b'"attempt": 1', b'"attempt": 2')},
+        {**as_sent, b"sig": b"0" * 64},
+    ):
+        found = inbox.parse(forged, T0)
+        assert isinstance(found, cmd.RecordViolation) and found.what == "forged_report"
+    inbox.close()
 
 
 @pytest.mark.integration  # starts redis-server
-def test_the_dispatcher_asks_rq_nothing_about_attempts_it_has_just_seen_recorded(home: Path, store: object) -> None:
+def test_the_dispatcher_asks_rq_nothing_about_attempts_it_has_just_seen_recorded(
+    home: Path, store: object, conn: redis.Redis
+) -> None:
     """Attempts from the handler's tail, first time round: no EXISTS per job id, and the ticket's
     dedicated worker is asked about once a second: one round trip per job for a chain."""
     from daemon import commands as cmd
     from daemon.dispatcher import Dispatcher
     from schema.settings import load_settings
 
-    server = start_redis(home / "run")
-    try:
-        conn = redis.Redis.from_url(server.url)
-        handler = CommandHandler(store)  # type: ignore[arg-type]
-        dispatcher = Dispatcher(handler, load_settings(), conn)
-        handler.handle(
-            submit(make_ticket("TICKET-1", steps="  - {id: a, kind: diag}\n  - {id: b, kind: diag, needs: [a]}\n"), T0)
-        )
-        conn.config_resetstat()
-        assert dispatcher.poll(T0)
-        assert _commands(conn).get("exists") == 1  # the ticket's dedicated worker, nothing per job
-        base = {"now": T0, "ticket": "TICKET-1", "task": "a", "attempt": 1, "sender": "w"}
-        handler.handle_many(
-            [cmd.RecordJobStarted(**base, report_seq=1, worker="w"), cmd.RecordJobSucceeded(**base, report_seq=2)]
-        )
-        conn.config_resetstat()
-        assert dispatcher.poll(T0)
-        calls = _commands(conn)
-        assert "exists" not in calls and calls.get("exec") == 1  # one transaction: the enqueue
-        assert [Job.exists(f"jetbox__TICKET-1__{t}__1", connection=conn) for t in "ab"] == [True, True]
-        assert dispatcher.enqueued == 2
-    finally:
-        server.stop()
+    handler = CommandHandler(store)  # type: ignore[arg-type]
+    dispatcher = Dispatcher(handler, load_settings(), conn)
+    handler.handle(
+        submit(make_ticket("TICKET-1", steps="  - {id: a, kind: diag}\n  - {id: b, kind: diag, needs: [a]}\n"), T0)
+    )
+    conn.config_resetstat()
+    assert dispatcher.poll(T0)
+    assert _commands(conn).get("exists") == 1  # the ticket's dedicated worker, nothing per job
+    base = {"now": T0, "ticket": "TICKET-1", "task": "a", "attempt": 1, "sender": "w"}
+    handler.handle_many(
+        [cmd.RecordJobStarted(**base, report_seq=1, worker="w"), cmd.RecordJobSucceeded(**base, report_seq=2)]
+    )
+    conn.config_resetstat()
+    assert dispatcher.poll(T0)
+    calls = _commands(conn)
+    assert "exists" not in calls and calls.get("exec") == 1  # one transaction: the enqueue
+    assert [Job.exists(f"jetbox__TICKET-1__{t}__1", connection=conn) for t in "ab"] == [True, True]
+    assert dispatcher.enqueued == 2
 
 
 @pytest.mark.integration  # starts redis-server
-def test_an_enqueue_that_failed_part_way_is_retried_without_enqueuing_twice(home: Path, store: object) -> None:
+def test_an_enqueue_that_failed_part_way_is_retried_without_enqueuing_twice(
+    home: Path, store: object, conn: redis.Redis
+) -> None:
     """Redis refuses part of the enqueue transaction (its other commands are applied): the next poll
     asks RQ which jobs it knows before enqueuing again, so the job is in its queue once."""
     from daemon.dispatcher import Dispatcher
     from schema.settings import load_settings
 
-    server = start_redis(home / "run")
-    try:
-        conn = redis.Redis.from_url(server.url)
-        handler = CommandHandler(store)  # type: ignore[arg-type]
-        dispatcher = Dispatcher(handler, load_settings(), conn)
-        handler.handle(submit(make_ticket("TICKET-1", steps="  - {id: a, kind: diag}\n"), T0))
-        conn.set("rq:queues", "not a set")  # RQ's SADD of the queue's name fails: WRONGTYPE
-        with pytest.raises(redis.ResponseError):
-            dispatcher.poll(T0)
-        assert conn.llen("rq:queue:cpu") == 1  # the rest of the transaction was applied
-        conn.delete("rq:queues")
+    handler = CommandHandler(store)  # type: ignore[arg-type]
+    dispatcher = Dispatcher(handler, load_settings(), conn)
+    handler.handle(submit(make_ticket("TICKET-1", steps="  - {id: a, kind: diag}\n"), T0))
+    conn.set("rq:queues", "not a set")  # RQ's SADD of the queue's name fails: WRONGTYPE
+    with pytest.raises(redis.ResponseError):
         dispatcher.poll(T0)
-        assert conn.llen("rq:queue:cpu") == 1 and dispatcher.enqueued == 0  # known: not enqueued twice
-        assert Job.fetch("jetbox__TICKET-1__a__1", connection=conn, serializer=JSONSerializer).origin == "cpu"
-    finally:
-        server.stop()
+    assert conn.llen("rq:queue:cpu") == 1  # the rest of the transaction was applied
+    conn.delete("rq:queues")
+    dispatcher.poll(T0)
+    assert conn.llen("rq:queue:cpu") == 1 and dispatcher.enqueued == 0  # known: not enqueued twice
+    assert Job.fetch("jetbox__TICKET-1__a__1", connection=conn, serializer=JSONSerializer).origin == "cpu"
 
 
 @pytest.mark.integration  # starts redis-server
-def test_other_writers_attempts_are_dispatched_by_the_poll_after_next(home: Path, store: object) -> None:
+def test_other_writers_attempts_are_dispatched_by_the_poll_after_next(
+    home: Path, store: object, conn: redis.Redis
+) -> None:
     """The poll right after one that acted does not look at the log (the loop goes round again at once
     when busy); the one after it does, and dispatches what another writer recorded meanwhile."""
     from daemon.dispatcher import Dispatcher
     from schema.settings import load_settings
 
-    server = start_redis(home / "run")
-    try:
-        conn = redis.Redis.from_url(server.url)
-        mine = CommandHandler(store)  # type: ignore[arg-type]
-        dispatcher = Dispatcher(mine, load_settings(), conn)
-        mine.handle(submit(make_ticket("TICKET-1", steps="  - {id: a, kind: diag}\n"), T0))
-        assert dispatcher.poll(T0)
-        other = CommandHandler(store)  # type: ignore[arg-type]  # e.g. `jbctl retry`, in its own process
-        other.handle(submit(make_ticket("TICKET-2", steps="  - {id: a, kind: diag}\n"), T0))
-        assert not dispatcher.poll(T0)
-        assert dispatcher.poll(T0) and Job.exists("jetbox__TICKET-2__a__1", connection=conn)
-        assert dispatcher.enqueued == 2
-    finally:
-        server.stop()
+    mine = CommandHandler(store)  # type: ignore[arg-type]
+    dispatcher = Dispatcher(mine, load_settings(), conn)
+    mine.handle(submit(make_ticket("TICKET-1", steps="  - {id: a, kind: diag}\n"), T0))
+    assert dispatcher.poll(T0)
+    other = CommandHandler(store)  # type: ignore[arg-type]  # e.g. `jbctl retry`, in its own process
+    other.handle(submit(make_ticket("TICKET-2", steps="  - {id: a, kind: diag}\n"), T0))
+    assert not dispatcher.poll(T0)
+    assert dispatcher.poll(T0) and Job.exists("jetbox__TICKET-2__a__1", connection=conn)
+    assert dispatcher.enqueued == 2
 
 
 def _work_one(conn: redis.Redis, key: bytes, task: str, **params: Any) -> None:
@@ -425,27 +410,22 @@ def test_the_worker_looks_at_the_cancel_key_in_rqs_own_round_trip(worker_env: tu
 
 
 @pytest.mark.integration  # starts redis-server
-def test_a_wide_batch_is_enqueued_in_chunks_in_order(home: Path) -> None:
+def test_a_wide_batch_is_enqueued_in_chunks_in_order(home: Path, conn: redis.Redis) -> None:
     from daemon.dispatcher import ENQUEUE_CHUNK
 
-    server = start_redis(home / "run")
-    try:
-        conn = redis.Redis.from_url(server.url)
-        n = 2 * ENQUEUE_CHUNK + 3
-        batch = [
-            ev.AttemptScheduled(
-                at=T0, ticket="TICKET-1", task=f"s{i}", attempt=1, kind="diag", queue="cpu", params={}, timeout=60
-            )
-            for i in range(n)
-        ]
-        conn.config_resetstat()
-        assert dispatch_many(conn, b"k" * 64, batch, unseen=True) == n
-        assert _commands(conn).get("exec") == 3  # the workers get the first chunk while the rest is built
-        queued = [j.decode() for j in conn.lrange("rq:queue:cpu", 0, -1)]
-        assert queued == [f"jetbox__TICKET-1__s{i}__1" for i in range(n)]
-        assert dispatch_many(conn, b"k" * 64, batch) == 0  # asked: all known
-    finally:
-        server.stop()
+    n = 2 * ENQUEUE_CHUNK + 3
+    batch = [
+        ev.AttemptScheduled(
+            at=T0, ticket="TICKET-1", task=f"s{i}", attempt=1, kind="diag", queue="cpu", params={}, timeout=60
+        )
+        for i in range(n)
+    ]
+    conn.config_resetstat()
+    assert dispatch_many(conn, b"k" * 64, batch, unseen=True) == n
+    assert _commands(conn).get("exec") == 3  # the workers get the first chunk while the rest is built
+    queued = [j.decode() for j in conn.lrange("rq:queue:cpu", 0, -1)]
+    assert queued == [f"jetbox__TICKET-1__s{i}__1" for i in range(n)]
+    assert dispatch_many(conn, b"k" * 64, batch) == 0  # asked: all known
 
 
 @pytest.mark.integration  # starts redis-server
@@ -499,30 +479,25 @@ def test_the_workers_heartbeat_is_one_round_trip(home: Path) -> None:
 
 
 @pytest.mark.integration  # starts redis-server
-def test_attempts_another_writer_recorded_are_checked_against_rq(home: Path, store: object) -> None:
+def test_attempts_another_writer_recorded_are_checked_against_rq(home: Path, store: object, conn: redis.Redis) -> None:
     """Only what this process recorded skips the question to RQ: an attempt folded in from another
     writer (another daemon on the same database may have enqueued it) is enqueued once."""
     from daemon.dispatcher import Dispatcher
     from schema.settings import load_settings
 
-    server = start_redis(home / "run")
-    try:
-        conn = redis.Redis.from_url(server.url)
-        mine = CommandHandler(store)  # type: ignore[arg-type]
-        dispatcher = Dispatcher(mine, load_settings(), conn)
-        mine.handle(submit(make_ticket("TICKET-1", steps="  - {id: a, kind: diag}\n"), T0))
-        assert dispatcher.poll(T0)
-        other = CommandHandler(store)  # type: ignore[arg-type]
-        other.handle(submit(make_ticket("TICKET-2", steps="  - {id: a, kind: diag}\n"), T0))
-        scheduled = [r.event for r in store.read(0, types=["AttemptScheduled"])]  # type: ignore[attr-defined]
-        assert dispatch_many(conn, dispatcher.key, scheduled[1:]) == 1  # the other daemon's enqueue
-        mine.refresh()  # as the loop's tick does: the other writer's events enter the tail
-        assert not mine.recorded_here(dispatcher.position or 0)
-        dispatcher.poll(T0)
-        assert conn.llen("rq:queue:cpu") == 2 and dispatcher.enqueued == 1  # TICKET-2's job once
-        assert mine.recorded_here(mine.state.last_seq)
-    finally:
-        server.stop()
+    mine = CommandHandler(store)  # type: ignore[arg-type]
+    dispatcher = Dispatcher(mine, load_settings(), conn)
+    mine.handle(submit(make_ticket("TICKET-1", steps="  - {id: a, kind: diag}\n"), T0))
+    assert dispatcher.poll(T0)
+    other = CommandHandler(store)  # type: ignore[arg-type]
+    other.handle(submit(make_ticket("TICKET-2", steps="  - {id: a, kind: diag}\n"), T0))
+    scheduled = [r.event for r in store.read(0, types=["AttemptScheduled"])]  # type: ignore[attr-defined]
+    assert dispatch_many(conn, dispatcher.key, scheduled[1:]) == 1  # the other daemon's enqueue
+    mine.refresh()  # as the loop's tick does: the other writer's events enter the tail
+    assert not mine.recorded_here(dispatcher.position or 0)
+    dispatcher.poll(T0)
+    assert conn.llen("rq:queue:cpu") == 2 and dispatcher.enqueued == 1  # TICKET-2's job once
+    assert mine.recorded_here(mine.state.last_seq)
 
 
 def _stream(conn: redis.Redis) -> list[dict[bytes, bytes]]:

@@ -46,51 +46,46 @@ def test_rq_time_is_rqs_format() -> None:
 
 
 @pytest.mark.integration  # starts redis-server
-def test_a_job_is_the_hash_rq_writes_field_for_field(home: Path) -> None:
-    server = start_redis(home / "run")
-    try:
-        conn = redis.Redis.from_url(server.url)
-        scheduled = _scheduled("a", n=1, text="é")
-        envelope = dsp.envelope_from(scheduled)
-        timeout = int(envelope.timeout) + 60
-        description = f"TICKET-1/a attempt 2 ({envelope.kind})"
-        # RQ's own: what the dispatcher did before (and does with another RQ release).
-        pipe = conn.pipeline()
-        dsp.queue(conn, "cpu").enqueue_call(
-            func=ENTRY_POINT,
-            args=(envelope.signed(KEY),),
-            job_id=envelope.job_id,
-            timeout=timeout,
-            result_ttl=dsp.KEEP_S,
-            failure_ttl=dsp.KEEP_S,
-            description=description,
-            pipeline=pipe,
-        )
-        pipe.execute()
-        rqs = conn.hgetall(Job.key_for(envelope.job_id))
-        rq_queue = conn.lrange("rq:queue:cpu", 0, -1)
-        rq_queues = conn.smembers("rq:queues")
-        conn.flushdb()
+def test_a_job_is_the_hash_rq_writes_field_for_field(home: Path, conn: redis.Redis) -> None:
+    scheduled = _scheduled("a", n=1, text="é")
+    envelope = dsp.envelope_from(scheduled)
+    timeout = int(envelope.timeout) + 60
+    description = f"TICKET-1/a attempt 2 ({envelope.kind})"
+    # RQ's own: what the dispatcher did before (and does with another RQ release).
+    pipe = conn.pipeline()
+    dsp.queue(conn, "cpu").enqueue_call(
+        func=ENTRY_POINT,
+        args=(envelope.signed(KEY),),
+        job_id=envelope.job_id,
+        timeout=timeout,
+        result_ttl=dsp.KEEP_S,
+        failure_ttl=dsp.KEEP_S,
+        description=description,
+        pipeline=pipe,
+    )
+    pipe.execute()
+    rqs = conn.hgetall(Job.key_for(envelope.job_id))
+    rq_queue = conn.lrange("rq:queue:cpu", 0, -1)
+    rq_queues = conn.smembers("rq:queues")
+    conn.flushdb()
 
-        assert dsp.dispatch_many(conn, KEY, [scheduled], unseen=True) == 1
-        ours = conn.hgetall(Job.key_for(envelope.job_id))
-        assert set(ours) == set(rqs)  # the same fields
-        for field in TIMES:  # its own clock, in RQ's format
-            assert datetime.strptime(ours.pop(field).decode(), "%Y-%m-%dT%H:%M:%S.%fZ")
-            rqs.pop(field)
-        assert zlib.decompress(ours[b"data"]) == zlib.decompress(rqs[b"data"])
-        assert ours == rqs
-        assert conn.lrange("rq:queue:cpu", 0, -1) == rq_queue
-        assert conn.smembers("rq:queues") == rq_queues
+    assert dsp.dispatch_many(conn, KEY, [scheduled], unseen=True) == 1
+    ours = conn.hgetall(Job.key_for(envelope.job_id))
+    assert set(ours) == set(rqs)  # the same fields
+    for field in TIMES:  # its own clock, in RQ's format
+        assert datetime.strptime(ours.pop(field).decode(), "%Y-%m-%dT%H:%M:%S.%fZ")
+        rqs.pop(field)
+    assert zlib.decompress(ours[b"data"]) == zlib.decompress(rqs[b"data"])
+    assert ours == rqs
+    assert conn.lrange("rq:queue:cpu", 0, -1) == rq_queue
+    assert conn.smembers("rq:queues") == rq_queues
 
-        job = Job.fetch(envelope.job_id, connection=conn, serializer=JSONSerializer)
-        assert job.func_name == ENTRY_POINT and job.origin == "cpu" and job.get_status() == "queued"
-        assert job.timeout == timeout and job.result_ttl == dsp.KEEP_S and job.description == description
-        (signed,) = job.args
-        assert verify(signed["body"], signed["sig"], KEY) and signed["body"]["params"] == {"n": 1, "text": "é"}
-        assert Queue("cpu", connection=conn, serializer=JSONSerializer).job_ids == [envelope.job_id]
-    finally:
-        server.stop()
+    job = Job.fetch(envelope.job_id, connection=conn, serializer=JSONSerializer)
+    assert job.func_name == ENTRY_POINT and job.origin == "cpu" and job.get_status() == "queued"
+    assert job.timeout == timeout and job.result_ttl == dsp.KEEP_S and job.description == description
+    (signed,) = job.args
+    assert verify(signed["body"], signed["sig"], KEY) and signed["body"]["params"] == {"n": 1, "text": "é"}
+    assert Queue("cpu", connection=conn, serializer=JSONSerializer).job_ids == [envelope.job_id]
 
 
 @pytest.mark.integration  # starts redis-server
@@ -113,9 +108,20 @@ def test_a_batch_adds_each_queue_once_per_transaction(home: Path) -> None:
         assert conn.lrange("rq:queue:gpu", 0, -1) == [b"j1"]
         # `rq info` (RQ's own CLI) counts them.
         info = subprocess.run(
-            [str(Path(sys.executable).parent / "rq"), "info", "--url", server.url, "--serializer",
-             "rq.serializers.JSONSerializer", "--only-queues", "--raw"],
-            capture_output=True, text=True, timeout=60, check=True,
+            [
+                str(Path(sys.executable).parent / "rq"),
+                "info",
+                "--url",
+                server.url,
+                "--serializer",
+                "rq.serializers.JSONSerializer",
+                "--only-queues",
+                "--raw",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
         ).stdout
         print(info)
         assert "queue cpu 3" in info and "queue gpu 1" in info
@@ -124,26 +130,21 @@ def test_a_batch_adds_each_queue_once_per_transaction(home: Path) -> None:
 
 
 @pytest.mark.integration  # starts redis-server
-def test_an_error_reply_is_raised_and_the_connection_is_left_clean(home: Path) -> None:
-    server = start_redis(home / "run")
-    try:
-        conn = redis.Redis.from_url(server.url)
-        conn.set("rq:queue:cpu", "not a list")  # the RPUSH fails inside the transaction (WRONGTYPE)
-        writer = JobWriter(conn)
-        writer.add("cpu", "j1", ENTRY_POINT, ({},), timeout=1, result_ttl=2, failure_ttl=3, description="d")
-        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
-            writer.execute()
-        assert conn.ping() and conn.get("rq:queue:cpu") == b"not a list"  # every reply was read
-        writer.add("gpu", "j2", ENTRY_POINT, ({},), timeout=1, result_ttl=2, failure_ttl=3, description="d")
-        writer.execute()  # the writer is empty again after a failure, and works
-        assert conn.lrange("rq:queue:gpu", 0, -1) == [b"j2"]
-    finally:
-        server.stop()
+def test_an_error_reply_is_raised_and_the_connection_is_left_clean(home: Path, conn: redis.Redis) -> None:
+    conn.set("rq:queue:cpu", "not a list")  # the RPUSH fails inside the transaction (WRONGTYPE)
+    writer = JobWriter(conn)
+    writer.add("cpu", "j1", ENTRY_POINT, ({},), timeout=1, result_ttl=2, failure_ttl=3, description="d")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        writer.execute()
+    assert conn.ping() and conn.get("rq:queue:cpu") == b"not a list"  # every reply was read
+    writer.add("gpu", "j2", ENTRY_POINT, ({},), timeout=1, result_ttl=2, failure_ttl=3, description="d")
+    writer.execute()  # the writer is empty again after a failure, and works
+    assert conn.lrange("rq:queue:gpu", 0, -1) == [b"j2"]
 
 
 @pytest.mark.integration  # starts redis-server
 def test_an_enqueue_lost_with_its_connection_is_made_by_the_next_poll(
-    home: Path, store: object, monkeypatch: pytest.MonkeyPatch
+    home: Path, store: object, monkeypatch: pytest.MonkeyPatch, conn: redis.Redis
 ) -> None:
     """The transaction is not sent again blindly (it could push a job twice): the dispatcher's next go
     asks RQ which jobs exist and enqueues the rest, once."""
@@ -152,26 +153,21 @@ def test_an_enqueue_lost_with_its_connection_is_made_by_the_next_poll(
     from schema.settings import load_settings
     from tests.helpers import make_ticket, submit
 
-    server = start_redis(home / "run")
-    try:
-        conn = redis.Redis.from_url(server.url)
-        handler = CommandHandler(store)  # type: ignore[arg-type]
-        dispatcher = Dispatcher(handler, load_settings(), conn)
-        handler.handle(submit(make_ticket("TICKET-1", steps="  - {id: a, kind: diag}\n  - {id: b, kind: diag}\n"), T0))
-        sent = JobWriter.execute
+    handler = CommandHandler(store)  # type: ignore[arg-type]
+    dispatcher = Dispatcher(handler, load_settings(), conn)
+    handler.handle(submit(make_ticket("TICKET-1", steps="  - {id: a, kind: diag}\n  - {id: b, kind: diag}\n"), T0))
+    sent = JobWriter.execute
 
-        def lost(self: JobWriter) -> None:
-            monkeypatch.setattr(JobWriter, "execute", sent)
-            self._parts = []
-            raise redis.ConnectionError("lost")
+    def lost(self: JobWriter) -> None:
+        monkeypatch.setattr(JobWriter, "execute", sent)
+        self._parts = []
+        raise redis.ConnectionError("lost")
 
-        monkeypatch.setattr(JobWriter, "execute", lost)
-        with pytest.raises(redis.ConnectionError):
-            dispatcher.poll(T0)
-        assert conn.llen("rq:queue:cpu") == 0
+    monkeypatch.setattr(JobWriter, "execute", lost)
+    with pytest.raises(redis.ConnectionError):
         dispatcher.poll(T0)
-        assert sorted(conn.lrange("rq:queue:cpu", 0, -1)) == [b"jetbox__TICKET-1__a__1", b"jetbox__TICKET-1__b__1"]
-        dispatcher.poll(T0)
-        assert conn.llen("rq:queue:cpu") == 2 and dispatcher.enqueued == 2
-    finally:
-        server.stop()
+    assert conn.llen("rq:queue:cpu") == 0
+    dispatcher.poll(T0)
+    assert sorted(conn.lrange("rq:queue:cpu", 0, -1)) == [b"jetbox__TICKET-1__a__1", b"jetbox__TICKET-1__b__1"]
+    dispatcher.poll(T0)
+    assert conn.llen("rq:queue:cpu") == 2 and dispatcher.enqueued == 2
