@@ -56,20 +56,16 @@ def _canonical(body: Any) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def _mac(key: bytes, raw: bytes) -> str:
+    return hmac.new(key, raw, hashlib.sha256).hexdigest()
+
+
 def sign(body: Any, key: bytes) -> str:
-    return hmac.new(key, _canonical(body), hashlib.sha256).hexdigest()
+    return _mac(key, _canonical(body))
 
 
 def verify(body: Any, signature: str, key: bytes) -> bool:
     return hmac.compare_digest(sign(body, key), signature or "")
-
-
-def signed_text(data: dict[str, Any], key: bytes) -> tuple[str, str]:
-    """`data` as the canonical JSON its signature covers, and the signature: a report or advert is
-    sent as exactly that text, so the JSON is encoded once and the reader can check the signature on
-    the bytes it received (`verify_text`) instead of encoding them again."""
-    text = _canonical(data)
-    return text.decode(), hmac.new(key, text, hashlib.sha256).hexdigest()
 
 
 def report_text(data: dict[str, Any]) -> str:
@@ -84,8 +80,10 @@ def report_text(data: dict[str, Any]) -> str:
 
 
 def signed_fields(field: str, text: str, key: bytes) -> dict[str, str]:
-    """The fields of one stream message: `text` (canonical JSON) under `field`, and its signature."""
-    return {field: text, "sig": hmac.new(key, text.encode(), hashlib.sha256).hexdigest()}
+    """The fields of one stream message: `text` (canonical JSON) under `field`, and its signature. A
+    report, bundle or advert is sent as exactly the text its signature covers, so the JSON is encoded
+    once and the reader checks the signature on the bytes it received (`verify_text`)."""
+    return {field: text, "sig": _mac(key, text.encode())}
 
 
 def bundle_text(texts: list[str]) -> str:
@@ -95,9 +93,9 @@ def bundle_text(texts: list[str]) -> str:
 
 
 def verify_text(raw: bytes, signature: str, key: bytes) -> bool:
-    """Whether `raw` is itself the signed canonical JSON (what `signed_text` sends). False says nothing
+    """Whether `raw` is itself the signed canonical JSON (what `signed_fields` sends). False says nothing
     about a message encoded otherwise (an older worker's `json.dumps` with spaces): `verify` it."""
-    return hmac.compare_digest(hmac.new(key, raw, hashlib.sha256).hexdigest(), signature or "")
+    return hmac.compare_digest(_mac(key, raw), signature or "")
 
 
 def job_id(ticket: str, task: str, attempt: int) -> str:
@@ -148,8 +146,7 @@ class Report(BaseModel):
 
     def signed(self, key: bytes) -> dict[str, str]:
         """Fields for XADD: the report as the canonical JSON its signature covers, and the signature."""
-        text, sig = signed_text(self.model_dump(mode="json"), key)
-        return {"report": text, "sig": sig}
+        return signed_fields("report", _canonical(self.model_dump(mode="json")).decode(), key)
 
 
 WORKER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -172,8 +169,7 @@ class Advert(BaseModel):
     detected: bool = False
 
     def signed(self, key: bytes) -> dict[str, str]:
-        text, sig = signed_text(self.model_dump(mode="json"), key)
-        return {"advert": text, "sig": sig}
+        return signed_fields("advert", _canonical(self.model_dump(mode="json")).decode(), key)
 
 
 def worker_queue(worker: str) -> str:
